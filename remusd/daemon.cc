@@ -1,0 +1,221 @@
+#include "remusd/daemon.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/log.h"
+
+namespace remus {
+
+using nlohmann::json;
+
+namespace {
+
+json Error(const Status& s) { return {{"ok", false}, {"code", std::string(CodeName(s.code()))}, {"error", s.message()}}; }
+json Ok(json result = json::object()) { return {{"ok", true}, {"result", std::move(result)}}; }
+
+bool ValidDomain(const std::string& d) {
+  if (d.empty() || d.size() > 64 || d[0] == '.' || d[0] == '-') return false;
+  for (char c : d)
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
+  return true;
+}
+
+StatusOr<std::string> DomainArg(const json& req) {
+  if (!req.contains("domain") || !req["domain"].is_string()) return InvalidArgument("missing domain name");
+  std::string d = req["domain"].get<std::string>();
+  if (!ValidDomain(d))
+    return InvalidArgument("invalid domain name '" + d + "': use 1-64 letters, digits, '.', '-' or '_'");
+  return d;
+}
+
+}  // namespace
+
+Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)), clock_(clock) {}
+
+Daemon::~Daemon() { Shutdown(); }
+
+Status Daemon::Start() {
+  ASSIGN_OR_RETURN(key_, wire::LoadKey(opts_.key_file));
+  RETURN_IF_ERROR(MakeDirs(opts_.state_dir, 0700));
+  RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
+  std::string cdir = opts_.control_socket.substr(0, opts_.control_socket.rfind('/'));
+  if (!cdir.empty()) RETURN_IF_ERROR(MakeDirs(cdir, 0755));
+  if (opts_.listen) {
+    BackupOptions bo;
+    bo.state_dir = opts_.state_dir;
+    bo.key = key_;
+    bo.heartbeat = opts_.heartbeat;
+    bo.ack_delay_ms = opts_.ack_delay_ms;
+    bo.qemu_binary = opts_.qemu_binary;
+    bo.auto_promote = opts_.auto_promote;
+    backup_ = std::make_unique<BackupServer>(bo, clock_, std::make_unique<FailStopArbiter>());
+    RETURN_IF_ERROR(backup_->Listen(*opts_.listen).Annotate("listening for primaries"));
+  }
+  ASSIGN_OR_RETURN(control_fd_, ListenUnix(opts_.control_socket, 0600));
+  control_thread_ = std::thread([this] { ControlLoop(); });
+  LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
+                     << ", key fingerprint " << wire::KeyFingerprint(key_);
+  return OkStatus();
+}
+
+void Daemon::Wait() {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return stopping_.load(); });
+}
+
+void Daemon::Shutdown() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_.exchange(true)) return;
+    cv_.notify_all();
+  }
+  if (control_fd_.valid()) ::shutdown(control_fd_.get(), SHUT_RDWR);
+  if (control_thread_.joinable()) control_thread_.join();
+  ::unlink(opts_.control_socket.c_str());
+  std::map<std::string, std::unique_ptr<PrimaryReplicator>> ps;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    ps.swap(primaries_);
+  }
+  ps.clear();  // each ends protection and leaves its guest running
+  backup_.reset();
+}
+
+void Daemon::ControlLoop() {
+  while (!stopping_) {
+    auto fd = Accept(control_fd_.get());
+    if (!fd.ok()) return;
+    std::thread([this, f = std::move(fd).value()]() mutable { ServeClient(std::move(f)); }).detach();
+  }
+}
+
+void Daemon::ServeClient(Fd fd) {
+  auto cred = GetPeerCred(fd.get());
+  if (!cred.ok() || (cred->uid != 0 && !opts_.allow_any_uid)) {
+    std::string m = Error(PermissionDenied("the remusd control socket is for root only")).dump() + "\n";
+    (void)WriteFull(fd.get(), m.data(), m.size());
+    return;
+  }
+  std::string buf;
+  char tmp[4096];
+  for (;;) {
+    size_t nl;
+    while ((nl = buf.find('\n')) == std::string::npos) {
+      ssize_t r = ::read(fd.get(), tmp, sizeof tmp);
+      if (r <= 0) return;
+      buf.append(tmp, static_cast<size_t>(r));
+      if (buf.size() > (1 << 20)) return;
+    }
+    std::string line = buf.substr(0, nl);
+    buf.erase(0, nl + 1);
+    json reply;
+    if (!json::accept(line)) reply = Error(InvalidArgument("request is not JSON"));
+    else reply = Handle(json::parse(line));
+    std::string out = reply.dump() + "\n";
+    if (!WriteFull(fd.get(), out.data(), out.size()).ok()) return;
+  }
+}
+
+json Daemon::Handle(const json& req) {
+  std::string cmd = req.is_object() ? req.value("command", "") : "";
+  if (cmd == "protect") return Protect(req);
+  if (cmd == "unprotect") return Unprotect(req);
+  if (cmd == "status") return StatusOf(req);
+  if (cmd == "failover") return Failover(req);
+  if (cmd == "tune") return Tune(req);
+  if (cmd == "ping") return Ok({{"version", "0.1.0"}, {"backup", backup_ != nullptr}});
+  return Error(InvalidArgument("unknown command '" + cmd + "'"));
+}
+
+json Daemon::Protect(const json& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = primaries_.find(*d);
+    if (it != primaries_.end()) {
+      PrimaryState s = it->second->state();
+      if (s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting)
+        return Error(AlreadyExists("domain " + *d + " is already protected (" + std::string(PrimaryStateName(s)) +
+                                   "); run `remusctl unprotect " + *d + "` first"));
+    }
+  }
+  PrimaryOptions po;
+  po.domain = *d;
+  po.qmp_socket = req.value("qmp", "");
+  if (po.qmp_socket.empty())
+    return Error(InvalidArgument("domain " + *d + ": --qmp SOCKET is required (libvirt domains are not supported yet)"));
+  auto hp = ParseHostPort(req.value("backup", ""), 7788);
+  if (!hp.ok()) return Error(hp.status().Annotate("domain " + *d + ": --backup"));
+  po.backup = *hp;
+  po.run_dir = opts_.state_dir + "/run";
+  po.interval_ms = req.value("interval_ms", 100);
+  po.key = key_;
+  po.heartbeat = opts_.heartbeat;
+  po.netbuf = req.value("netbuf", "none");
+  po.fault = opts_.fault;
+  auto p = PrimaryReplicator::Start(std::move(po), clock_);
+  if (!p.ok()) return Error(p.status());
+  std::lock_guard<std::mutex> g(mu_);
+  primaries_[*d] = std::move(p).value();
+  return Ok(primaries_[*d]->StatusJson());
+}
+
+json Daemon::Unprotect(const json& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  std::unique_ptr<PrimaryReplicator> p;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = primaries_.find(*d);
+    if (it == primaries_.end())
+      return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
+    p = std::move(it->second);
+    primaries_.erase(it);
+  }
+  Status s = p->Unprotect();
+  json last = p->StatusJson();
+  p.reset();
+  if (!s.ok()) return Error(s);
+  return Ok(last);
+}
+
+json Daemon::StatusOf(const json& req) {
+  std::string d = req.value("domain", "");
+  json arr = json::array();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (const auto& [name, p] : primaries_)
+      if (d.empty() || name == d) arr.push_back(p->StatusJson());
+  }
+  if (backup_)
+    for (auto& j : backup_->StatusJson(d)) arr.push_back(j);
+  if (!d.empty() && arr.empty())
+    return Error(NotFound("unknown domain " + d + ": not protected from or replicated to this host"));
+  return Ok({{"domains", arr}});
+}
+
+json Daemon::Failover(const json& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  if (!backup_) return Error(FailedPrecondition("this remusd is not a backup (start it with --listen)"));
+  Status s = backup_->Failover(*d);
+  if (!s.ok()) return Error(s);
+  return Ok(backup_->StatusJson(*d));
+}
+
+json Daemon::Tune(const json& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = primaries_.find(*d);
+  if (it == primaries_.end())
+    return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
+  if (!req.contains("interval_ms")) return Error(InvalidArgument("tune needs --interval MS"));
+  Status s = it->second->SetInterval(req["interval_ms"].get<int>());
+  if (!s.ok()) return Error(s);
+  return Ok(it->second->StatusJson());
+}
+
+}  // namespace remus

@@ -1,0 +1,69 @@
+// remusd: thin main; the daemon lives in daemon.cc.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <thread>
+
+#include "common/log.h"
+#include "remusd/daemon.h"
+
+int main(int argc, char** argv) {
+  remus::DaemonOptions o;
+  std::string listen, log_level = "info";
+  int hb_interval = 100, hb_timeout = 1000;
+  CLI::App app{"remusd: Remus-style high availability for QEMU/KVM guests"};
+  app.add_option("--state-dir", o.state_dir, "where page stores and run files live")->capture_default_str();
+  app.add_option("--key-file", o.key_file, "shared key (remusctl keygen --out PATH), mode 0600")->capture_default_str();
+  app.add_option("--control", o.control_socket, "control socket path (root only)")->capture_default_str();
+  app.add_option("--listen", listen, "act as a backup, accepting primaries on HOST:PORT (port 7788 by default)");
+  app.add_option("--heartbeat-interval-ms", hb_interval, "heartbeat period")->capture_default_str()->check(CLI::Range(1, 60000));
+  app.add_option("--heartbeat-timeout-ms", hb_timeout, "peer counts as lost after this much silence")
+      ->capture_default_str()->check(CLI::Range(2, 600000));
+  app.add_option("--qemu", o.qemu_binary, "QEMU binary for restored guests (default: the primary's)");
+  app.add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");
+  app.add_option("--ack-delay-ms", o.ack_delay_ms, "backup: hold each ACK this long (tests and benchmarks)")
+      ->check(CLI::Range(0, 60000));
+  app.add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");
+  app.add_option("--log-level", log_level, "debug, info, warn or error")->check(CLI::IsMember({"debug", "info", "warn", "error"}));
+  CLI11_PARSE(app, argc, argv);
+  if (hb_interval >= hb_timeout) {
+    std::fprintf(stderr, "remusd: --heartbeat-interval-ms must be less than --heartbeat-timeout-ms\n");
+    return 2;
+  }
+  o.heartbeat = {std::chrono::milliseconds(hb_interval), std::chrono::milliseconds(hb_timeout)};
+  remus::SetLogLevel(log_level == "debug" ? remus::LogLevel::kDebug
+                     : log_level == "warn" ? remus::LogLevel::kWarn
+                     : log_level == "error" ? remus::LogLevel::kError
+                                            : remus::LogLevel::kInfo);
+  if (!listen.empty()) {
+    auto hp = remus::ParseHostPort(listen, 7788);
+    if (!hp.ok()) {
+      std::fprintf(stderr, "remusd: --listen: %s\n", hp.status().message().c_str());
+      return 2;
+    }
+    o.listen = *hp;
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);  // threads inherit this; one thread waits for them
+  remus::Daemon d(o);
+  remus::Status s = d.Start();
+  if (!s.ok()) {
+    std::fprintf(stderr, "remusd: %s\n", s.message().c_str());
+    return 1;
+  }
+  std::thread sig([&] {
+    int sno = 0;
+    sigwait(&set, &sno);
+    LOG_INFO("remusd") << "signal " << sno << ": shutting down";
+    d.Shutdown();
+  });
+  d.Wait();
+  d.Shutdown();
+  sig.detach();
+  return 0;
+}

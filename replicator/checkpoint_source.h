@@ -1,0 +1,83 @@
+// The checkpoint source: everything QEMU-specific on the primary, behind one
+// class. It drives QEMU's COLO engine over QMP and terminates the migration
+// stream QEMU sends to a local unix socket, answering its COLO messages.
+//
+// One checkpoint, as seen by the caller (see docs/formats/qemu-colo-stream.md):
+//   WaitForRequest()        QEMU's timer fired (guest running)
+//   BeginPause()            we send REPLY; QEMU stops the guest
+//   ReadCheckpoint(sink)    dirty pages to sink, then the device blob
+//   EndPause()              we send RECEIVED + LOADED; QEMU resumes the guest
+//
+// Thread-safety: the epoch loop thread calls the stream methods; Abort() and
+// GiveUp() may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/io.h"
+#include "replicator/qemu_stream.h"
+#include "replicator/qmp.h"
+
+namespace remus {
+
+struct CheckpointSourceOptions {
+  std::string domain;
+  std::string migration_socket;  // where QEMU connects (we listen)
+  int interval_ms = 100;
+  int accept_timeout_ms = 10000;
+};
+
+class CheckpointSource {
+ public:
+  // monitor must outlive this.
+  CheckpointSource(QemuMonitor* monitor, CheckpointSourceOptions opts);
+  ~CheckpointSource();
+
+  // Enables x-colo (return path off), sets x-checkpoint-delay, lifts the
+  // bandwidth limit, and starts `migrate` to our socket; waits for QEMU to
+  // connect.
+  Status Start();
+  // The initial full copy: pages to sink; returns configuration, blocks and
+  // device state. QEMU then waits (guest stopped) until SendReady().
+  Status ReadInitial(qemu::PageSink* sink, qemu::InitialInfo* info);
+  Status SendReady();
+
+  Status WaitForRequest();
+  Status BeginPause();
+  // Reads the epoch's RAM pages into sink and returns the device blob.
+  StatusOr<std::string> ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages);
+  Status EndPause();
+
+  // Changes the interval (QEMU also checkpoints at once).
+  Status SetInterval(int ms);
+  // Verifies QEMU reports the "colo" migration state (QEMU 10.0 never gets there).
+  Status CheckInColo();
+
+  // The RAM blocks from the stream's ram START section (empty before it).
+  const std::vector<qemu::RamBlock>& blocks() const;
+
+  // Unblocks any stream read in progress (it then fails with Cancelled/Unavailable).
+  void Abort();
+  // Ends COLO on QEMU's side so the guest runs unprotected: x-colo-lost-heartbeat,
+  // then makes sure the guest is not left stopped by us.
+  Status GiveUp();
+
+ private:
+  Status Send(qemu::ColoMessage m);
+
+  QemuMonitor* monitor_;
+  CheckpointSourceOptions opts_;
+  Fd listen_fd_;
+  Fd conn_;
+  std::unique_ptr<FdSource> source_;
+  std::unique_ptr<BufferedReader> reader_;
+  std::unique_ptr<qemu::StreamParser> parser_;
+  std::atomic<bool> aborted_{false};
+  std::mutex give_up_mu_;
+  bool gave_up_ = false;  // guarded by give_up_mu_
+};
+
+}  // namespace remus

@@ -1,0 +1,472 @@
+#include "replicator/primary.h"
+
+#include <signal.h>
+
+#include <cinttypes>
+
+#include "common/log.h"
+
+namespace remus {
+
+using nlohmann::json;
+using wire::MsgType;
+
+namespace {
+
+constexpr size_t kBatchBytes = 4u << 20;          // PAGES payload target
+constexpr uint64_t kInitialQueueBound = 64u << 20;  // flow control during the initial copy
+
+std::string HexString(std::string_view s) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  out.reserve(s.size() * 2);
+  for (unsigned char c : s) {
+    out.push_back(d[c >> 4]);
+    out.push_back(d[c & 15]);
+  }
+  return out;
+}
+
+// Collects page records into PAGES payloads of about kBatchBytes.
+class BatchingSink final : public qemu::PageSink {
+ public:
+  using Flush = std::function<void(std::string&&)>;
+  BatchingSink(Flush flush) : flush_(std::move(flush)) { cur_.reserve(kBatchBytes + 8192); }
+  Status OnPage(uint32_t block, uint64_t offset, const uint8_t* data) override {
+    if (first_page_) {
+      first_page_();
+      first_page_ = nullptr;
+    }
+    wire::AppendPageRecord(&cur_, block, offset, data);
+    pages_++;
+    if (data == nullptr) zero_pages_++;
+    if (cur_.size() >= kBatchBytes) Drain();
+    return OkStatus();
+  }
+  void Drain() {
+    if (cur_.empty()) return;
+    bytes_ += cur_.size();
+    flush_(std::move(cur_));
+    cur_ = std::string();
+    cur_.reserve(kBatchBytes + 8192);
+  }
+  void OnFirstPage(std::function<void()> f) { first_page_ = std::move(f); }
+  uint64_t pages() const { return pages_; }
+  uint64_t zero_pages() const { return zero_pages_; }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  Flush flush_;
+  std::function<void()> first_page_;
+  std::string cur_;
+  uint64_t pages_ = 0, zero_pages_ = 0, bytes_ = 0;
+};
+
+}  // namespace
+
+std::string_view PrimaryStateName(PrimaryState s) {
+  switch (s) {
+    case PrimaryState::kStarting: return "starting";
+    case PrimaryState::kSyncing: return "syncing";
+    case PrimaryState::kProtected: return "protected";
+    case PrimaryState::kUnprotected: return "unprotected";
+    case PrimaryState::kFailedOver: return "failed-over";
+    case PrimaryState::kStopped: return "stopped";
+  }
+  return "unknown";
+}
+
+PrimaryReplicator::PrimaryReplicator(PrimaryOptions opts, const Clock& clock)
+    : opts_(std::move(opts)),
+      clock_(clock),
+      interval_ms_(opts_.interval_ms),
+      checkpoints_(clock, std::chrono::seconds(10)) {}
+
+StatusOr<std::unique_ptr<PrimaryReplicator>> PrimaryReplicator::Start(PrimaryOptions opts, const Clock& clock) {
+  if (opts.interval_ms < 1 || opts.interval_ms > 600000)
+    return InvalidArgument("domain " + opts.domain + ": interval " + std::to_string(opts.interval_ms) +
+                           " ms is out of range (1..600000)");
+  std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
+  RETURN_IF_ERROR(p->Connect());
+  return p;
+}
+
+Status PrimaryReplicator::Connect() {
+  const std::string& d = opts_.domain;
+  std::string tag = "primary[" + d + "]";
+  auto qmp = QmpClient::Connect(opts_.qmp_socket);
+  if (!qmp.ok())
+    return Status(qmp.status().code(), "domain " + d + ": cannot reach QEMU's monitor at " + opts_.qmp_socket +
+                                           ": " + qmp.status().message() + " (is QEMU running with -qmp?)");
+  qmp_ = std::move(qmp).value();
+  ASSIGN_OR_RETURN(probe_, ProbeColo(*qmp_));
+  RETURN_IF_ERROR(CheckColoSupported(probe_, d));
+  if (!IsColoVersionTested(probe_))
+    LOG_WARN(tag) << "QEMU " << probe_.version << " is untested with remus; COLO entry is verified after the initial copy";
+  ASSIGN_OR_RETURN(json st, qmp_->Execute("query-migrate"));
+  std::string mstatus = st.value("status", "none");
+  if (mstatus == "active" || mstatus == "colo" || mstatus == "setup")
+    return AlreadyExists("domain " + d + ": QEMU already has a migration in progress (" + mstatus +
+                         "); is it protected by another remusd?");
+  ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
+  ASSIGN_OR_RETURN(netbuf_, MakeOutputBuffer(opts_.netbuf));
+
+  auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
+  if (!fd.ok())
+    return Status(Code::kUnavailable, "domain " + d + ": backup " + opts_.backup.ToString() +
+                                          " is unreachable: " + fd.status().message() +
+                                          " (is remusd --listen running there?)");
+  link_ = std::make_unique<wire::Link>(std::move(fd).value());
+  Status hs = wire::ClientHandshake(*link_, opts_.key, d, opts_.connect_timeout_ms);
+  if (!hs.ok()) return Status(hs.code(), "domain " + d + ": " + hs.message());
+
+  json config = {{"domain", d},
+                 {"argv", qemu_argv_},
+                 {"qemu_version", probe_.version},
+                 {"qemu_package", probe_.package},
+                 {"accelerator", probe_.accelerator},
+                 {"interval_ms", opts_.interval_ms},
+                 {"heartbeat_interval_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count()},
+                 {"heartbeat_timeout_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()}};
+  RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
+
+  hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
+  qmp_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
+  qmp_->SetDisconnectHandler([this] { qemu_dead_ = true; });
+
+  source_ = std::make_unique<CheckpointSource>(
+      qmp_.get(), CheckpointSourceOptions{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000});
+  RETURN_IF_ERROR(source_->Start());
+  state_ = PrimaryState::kSyncing;
+  LOG_INFO(tag) << "protecting: QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
+                << opts_.backup.ToString() << ", interval " << opts_.interval_ms << " ms, netbuf " << netbuf_->mode();
+
+  ack_thread_ = std::thread([this] { AckLoop(); });
+  sender_thread_ = std::thread([this] { SenderLoop(); });
+  hb_thread_ = std::thread([this] { HeartbeatLoop(); });
+  epoch_thread_ = std::thread([this] { EpochLoop(); });
+  return OkStatus();
+}
+
+PrimaryReplicator::~PrimaryReplicator() {
+  Stop(Cancelled("daemon shutting down"), false);
+  for (auto* t : {&epoch_thread_, &sender_thread_, &ack_thread_, &hb_thread_})
+    if (t->joinable()) t->join();
+}
+
+void PrimaryReplicator::OnQemuEvent(const json& ev) {
+  std::string name = ev.value("event", "");
+  const json& ts = ev.contains("timestamp") ? ev["timestamp"] : json::object();
+  int64_t us = ts.value("seconds", int64_t{0}) * 1000000 + ts.value("microseconds", int64_t{0});
+  if (name == "STOP") {
+    stop_ts_us_ = us;
+  } else if (name == "RESUME") {
+    int64_t s = stop_ts_us_.exchange(-1);
+    if (s >= 0 && state_ == PrimaryState::kProtected) pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
+  } else if (name == "SHUTDOWN") {
+    LOG_INFO("primary[" + opts_.domain + "]") << "guest shut down; protection ends with it";
+    Stop(Cancelled("the guest shut down"), false);
+  }
+}
+
+void PrimaryReplicator::Enqueue(OutFrame f) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return stopping_ || queued_bytes_ < kInitialQueueBound; });
+  queued_bytes_ += f.payload.size();
+  queue_.push_back(std::move(f));
+  cv_.notify_all();
+}
+
+void PrimaryReplicator::SenderLoop() {
+  for (;;) {
+    OutFrame f;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      f = std::move(queue_.front());
+      queue_.pop_front();
+      queued_bytes_ -= f.payload.size();
+      cv_.notify_all();
+    }
+    Status s = f.type == MsgType::kDevice ? link_->SendSplit(f.type, f.epoch, f.payload)
+                                          : link_->Send(f.type, f.epoch, f.payload, f.flags);
+    if (!s.ok()) {
+      Stop(Unavailable("lost the backup " + opts_.backup.ToString() + ": " + s.message()), false);
+      return;
+    }
+  }
+}
+
+void PrimaryReplicator::AckLoop() {
+  std::string tag = "primary[" + opts_.domain + "]";
+  for (;;) {
+    auto f = link_->Recv();
+    if (!f.ok()) {
+      if (!stopping_) Stop(Unavailable("lost the backup " + opts_.backup.ToString() + ": " + f.status().message()), false);
+      return;
+    }
+    hb_->Received();
+    switch (f->type) {
+      case MsgType::kAck: {
+        uint64_t e = f->epoch;
+        TimePoint now = clock_.Now();
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          if (static_cast<int64_t>(e) > last_acked_epoch_) last_acked_epoch_ = static_cast<int64_t>(e);
+          while (!unacked_.empty() && unacked_.front().first <= e) {
+            unacked_bytes_ -= unacked_.front().second;
+            unacked_.pop_front();
+          }
+          while (!loaded_at_.empty() && loaded_at_.front().first <= e) {
+            if (loaded_at_.front().first == e) ack_ms_.Add(ToMillis(now - loaded_at_.front().second));
+            loaded_at_.pop_front();
+          }
+          cv_.notify_all();
+        }
+        Status r = netbuf_->Release(e);
+        if (!r.ok()) LOG_ERROR(tag) << "netbuf release of epoch " << e << ": " << r.ToString();
+        if (e == 0) {
+          PrimaryState expect = PrimaryState::kSyncing;
+          if (state_.compare_exchange_strong(expect, PrimaryState::kProtected))
+            LOG_INFO(tag) << "protected: the backup committed the initial copy";
+        }
+        break;
+      }
+      case MsgType::kHeartbeat:
+        break;
+      case MsgType::kError:
+        Stop(wire::DecodeError(f->payload).Annotate("the backup refused the stream"), false);
+        return;
+      default:
+        LOG_WARN(tag) << "ignoring unexpected " << wire::MsgTypeName(f->type) << " from the backup";
+    }
+  }
+}
+
+void PrimaryReplicator::HeartbeatLoop() {
+  std::unique_lock<std::mutex> l(mu_);
+  while (!stopping_) {
+    auto wait = std::min<Nanos>(hb_->NextCheckIn(), std::chrono::milliseconds(50));
+    cv_.wait_for(l, wait);
+    if (stopping_) return;
+    l.unlock();
+    if (hb_->PeerLost()) {
+      Stop(DeadlineExceeded("the backup " + opts_.backup.ToString() + " has been silent for " +
+                            std::to_string(static_cast<int>(ToMillis(hb_->SinceLastReceived()))) + " ms"),
+           false);
+      return;
+    }
+    if (hb_->SendDue()) {
+      hb_->Sent();
+      (void)link_->Send(MsgType::kHeartbeat, 0, "");  // a failure shows up in AckLoop
+    }
+    l.lock();
+  }
+}
+
+Status PrimaryReplicator::RunInitialSync() {
+  std::string tag = "primary[" + opts_.domain + "]";
+  qemu::InitialInfo info;
+  BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); });
+  sink.OnFirstPage([&] {
+    uint64_t total = 0;
+    json blocks = json::array();
+    for (const auto& b : source_->blocks()) {
+      total += b.used_length;
+      blocks.push_back({{"id", b.id}, {"used_length", b.used_length}});
+    }
+    sync_total_bytes_ = total;
+    json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexString(info.configuration)}};
+    Enqueue({MsgType::kSyncBegin, 0, begin.dump()});
+  });
+  // Progress in guest bytes covered, counted as pages pass through the sink.
+  struct ProgressSink final : qemu::PageSink {
+    BatchingSink* inner;
+    std::atomic<uint64_t>* done;
+    Status OnPage(uint32_t b, uint64_t o, const uint8_t* d) override {
+      *done += wire::kPageSize;
+      return inner->OnPage(b, o, d);
+    }
+  } progress;
+  progress.inner = &sink;
+  progress.done = &sync_done_bytes_;
+  RETURN_IF_ERROR(source_->ReadInitial(&progress, &info));
+  sink.Drain();
+  // QEMU stopped the guest for the device state; let it run again right away.
+  Enqueue({MsgType::kDevice, 0, info.device_state});
+  wire::CommitInfo ci{sink.pages(), sink.bytes(), info.device_state.size()};
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    unacked_.push_back({0, 0});
+  }
+  Enqueue({MsgType::kCommit, 0, wire::EncodeCommit(ci)});
+  RETURN_IF_ERROR(source_->SendReady());
+  LOG_INFO(tag) << "initial copy sent: " << sink.pages() << " pages (" << sink.zero_pages() << " zero), "
+                << info.device_state.size() << " bytes of device state";
+  // QEMU 10.0 completes the migration here instead of entering COLO.
+  Status colo;
+  for (int i = 0; i < 50; i++) {
+    colo = source_->CheckInColo();
+    if (colo.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return colo;
+}
+
+Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
+  RETURN_IF_ERROR(source_->WaitForRequest());
+  RETURN_IF_ERROR(source_->BeginPause());  // QEMU stops the guest now
+  if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
+    LOG_WARN("primary[" + opts_.domain + "]") << "fault injection: stalling after REPLY of epoch " << epoch;
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return stopping_.load(); });
+    return Cancelled("stopped during injected stall");
+  }
+  std::vector<std::string> batches;
+  BatchingSink sink([&](std::string&& b) { batches.push_back(std::move(b)); });
+  uint64_t pages = 0;
+  ASSIGN_OR_RETURN(std::string blob, source_->ReadCheckpoint(&sink, &pages));
+  sink.Drain();
+  RETURN_IF_ERROR(netbuf_->Barrier(epoch));
+  uint64_t bytes = sink.bytes() + blob.size();
+  wire::CommitInfo ci{sink.pages(), sink.bytes(), blob.size()};
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    auto room = [&] {
+      return stopping_ || (unacked_.size() < opts_.max_unacked_epochs &&
+                           (unacked_.empty() || unacked_bytes_ + bytes <= opts_.max_unacked_bytes));
+    };
+    if (!room()) {
+      backpressure_waits_++;
+      cv_.wait(l, room);  // the guest stays paused: the backup is behind
+    }
+    if (stopping_) return Cancelled("stopped");
+    unacked_.push_back({epoch, bytes});
+    unacked_bytes_ += bytes;
+    for (auto& b : batches) {
+      queued_bytes_ += b.size();
+      queue_.push_back({MsgType::kPages, epoch, std::move(b)});
+    }
+    queued_bytes_ += blob.size();
+    queue_.push_back({MsgType::kDevice, epoch, std::move(blob)});
+    queue_.push_back({MsgType::kCommit, epoch, wire::EncodeCommit(ci)});
+    last_staged_epoch_ = epoch;
+    loaded_at_.push_back({epoch, clock_.Now()});
+    cv_.notify_all();
+  }
+  RETURN_IF_ERROR(source_->EndPause());  // the guest resumes: speculative execution
+  dirty_pages_.Add(static_cast<double>(pages));
+  epoch_bytes_.Add(static_cast<double>(bytes));
+  checkpoints_.Mark();
+  checkpoints_total_++;
+  return OkStatus();
+}
+
+void PrimaryReplicator::EpochLoop() {
+  std::string tag = "primary[" + opts_.domain + "]";
+  Status s = RunInitialSync();
+  for (uint64_t epoch = 1; s.ok(); epoch++) s = RunCheckpoint(epoch);
+  if (stopping_) return;
+  // Did QEMU die, or did the stream break under a live QEMU? The monitor
+  // closes with the process; give it a moment to notice.
+  for (int i = 0; i < 50 && !qemu_dead_; i++) {
+    if (qmp_->pid() > 0 && ::kill(qmp_->pid(), 0) < 0 && errno == ESRCH) qemu_dead_ = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (qemu_dead_) {
+    Stop(Unavailable("QEMU exited: " + s.message()), true);
+  } else {
+    Stop(s.Annotate("checkpoint stream from QEMU"), false);
+  }
+}
+
+void PrimaryReplicator::SetError(const std::string& e) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (error_.empty()) error_ = e;
+}
+
+void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
+  if (stopping_.exchange(true)) return;
+  std::string tag = "primary[" + opts_.domain + "]";
+  bool on_purpose = why.code() == Code::kCancelled;
+  if (!on_purpose) SetError(why.message());
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    cv_.notify_all();
+  }
+  if (qemu_dead) {
+    LOG_ERROR(tag) << why.message() << "; telling the backup to take over";
+    if (link_) (void)link_->Send(MsgType::kFailover, 0, json{{"reason", why.message()}}.dump());
+    state_ = PrimaryState::kFailedOver;
+    (void)netbuf_->Finish(false);
+  } else {
+    if (on_purpose) LOG_INFO(tag) << "protection ends: " << why.message();
+    else LOG_ERROR(tag) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
+    if (link_) (void)link_->Send(MsgType::kGoodbye, 0, json{{"reason", why.message()}}.dump());
+    if (source_) {
+      Status g = source_->GiveUp();
+      if (!g.ok()) {
+        LOG_ERROR(tag) << g.ToString();
+        SetError(g.message());
+      }
+    }
+    if (netbuf_) (void)netbuf_->Finish(true);
+    state_ = on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected;
+  }
+  if (link_) link_->Shutdown();
+  if (source_) source_->Abort();
+}
+
+Status PrimaryReplicator::Unprotect() {
+  Stop(Cancelled("unprotected by the operator"), false);
+  std::lock_guard<std::mutex> g(mu_);
+  return error_.empty() || state_ != PrimaryState::kUnprotected ? OkStatus() : Internal(error_);
+}
+
+Status PrimaryReplicator::SetInterval(int ms) {
+  if (ms < 1 || ms > 600000)
+    return InvalidArgument("domain " + opts_.domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
+  if (stopping_) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  RETURN_IF_ERROR(source_->SetInterval(ms));
+  interval_ms_ = ms;
+  return OkStatus();
+}
+
+json PrimaryReplicator::StatusJson() const {
+  json j;
+  j["domain"] = opts_.domain;
+  j["role"] = "primary";
+  j["state"] = PrimaryStateName(state_);
+  uint64_t total = sync_total_bytes_, done = sync_done_bytes_;
+  j["sync"] = {{"total_bytes", total}, {"done_bytes", done},
+               {"percent", total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0}};
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    j["last_acked_epoch"] = last_acked_epoch_;
+    j["last_staged_epoch"] = last_staged_epoch_;
+    j["unacked_epochs"] = unacked_.size();
+    j["unacked_bytes"] = unacked_bytes_;
+    j["error"] = error_;
+  }
+  j["backup"] = opts_.backup.ToString();
+  j["qmp_socket"] = opts_.qmp_socket;
+  j["interval_ms"] = interval_ms_.load();
+  j["checkpoints_total"] = checkpoints_total_.load();
+  j["checkpoints_per_sec"] = checkpoints_.PerSecond();
+  j["pause_ms"] = {{"p50", pause_ms_.Quantile(0.5)}, {"p99", pause_ms_.Quantile(0.99)},
+                   {"mean", pause_ms_.Mean()}, {"samples", pause_ms_.size()}};
+  j["ack_ms"] = {{"p50", ack_ms_.Quantile(0.5)}, {"p99", ack_ms_.Quantile(0.99)}};
+  j["dirty_pages_per_epoch"] = {{"p50", dirty_pages_.Quantile(0.5)}, {"mean", dirty_pages_.Mean()}};
+  j["bytes_per_epoch"] = {{"p50", epoch_bytes_.Quantile(0.5)}, {"mean", epoch_bytes_.Mean()}};
+  j["backpressure_waits"] = backpressure_waits_.load();
+  j["netbuf"] = {{"mode", netbuf_ ? std::string(netbuf_->mode()) : "none"},
+                 {"guarantee", netbuf_ ? std::string(netbuf_->guarantee()) : ""},
+                 {"buffered_packets", netbuf_ ? netbuf_->buffered_packets() : 0}};
+  j["qemu"] = {{"version", probe_.version}, {"accelerator", probe_.accelerator},
+               {"pid", qmp_ ? qmp_->pid() : -1}};
+  j["link"] = {{"bytes_sent", link_ ? link_->bytes_sent() : 0}};
+  return j;
+}
+
+}  // namespace remus

@@ -1,0 +1,146 @@
+// The primary side of one protected domain: the epoch loop.
+//
+//   QEMU --(COLO stream, unix socket)--> CheckpointSource --> staging
+//        --> sender thread --(Link, TCP)--> backup
+//   backup --ACK(epoch)--> ack reader --> netbuf release, backpressure release
+//
+// Speculative execution: LOADED is sent (the guest resumes) as soon as a
+// checkpoint is staged, never after a network round trip. Backpressure: while
+// more than max_unacked_epochs checkpoints or max_unacked_bytes are unacked,
+// LOADED is held, so the guest waits and nothing is dropped.
+//
+// When protection ends for any reason other than the death of QEMU itself,
+// the guest is left running unprotected (CheckpointSource::GiveUp).
+//
+// Thread-safety: public methods are thread-safe.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "common/io.h"
+#include "common/stats.h"
+#include "heartbeat/heartbeat.h"
+#include "netbuf/netbuf.h"
+#include "replicator/checkpoint_source.h"
+#include "replicator/qmp.h"
+#include "replicator/wire.h"
+
+namespace remus {
+
+struct PrimaryOptions {
+  std::string domain;
+  std::string qmp_socket;
+  HostPort backup;
+  std::string run_dir;  // for the migration socket
+  int interval_ms = 100;
+  wire::Key key;
+  HeartbeatConfig heartbeat;
+  std::string netbuf = "none";
+  uint64_t max_unacked_epochs = 8;
+  uint64_t max_unacked_bytes = 1ull << 30;
+  int connect_timeout_ms = 5000;
+  // Test-only fault injection: "stall-after-reply@EPOCH" makes the epoch loop
+  // stop forever right after REPLY of that epoch (the guest is then paused),
+  // so tests can kill processes in that protocol phase.
+  std::string fault;
+};
+
+enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped };
+std::string_view PrimaryStateName(PrimaryState s);
+
+class PrimaryReplicator {
+ public:
+  // Connects to QEMU and the backup, checks QEMU's COLO support,
+  // authenticates, and starts the initial copy in the background. Errors come
+  // back here for bad input: an unreachable monitor or backup, a key
+  // mismatch, an unsupported QEMU.
+  static StatusOr<std::unique_ptr<PrimaryReplicator>> Start(PrimaryOptions opts, const Clock& clock);
+  ~PrimaryReplicator();
+
+  // Ends protection on purpose: tells the backup not to promote, leaves the
+  // guest running. Idempotent.
+  Status Unprotect();
+  Status SetInterval(int ms);
+
+  PrimaryState state() const { return state_.load(); }
+  nlohmann::json StatusJson() const;
+  const std::string& domain() const { return opts_.domain; }
+
+ private:
+  PrimaryReplicator(PrimaryOptions opts, const Clock& clock);
+  Status Connect();
+  void EpochLoop();
+  Status RunInitialSync();
+  Status RunCheckpoint(uint64_t epoch);
+  void SenderLoop();
+  void AckLoop();
+  void HeartbeatLoop();
+  void OnQemuEvent(const nlohmann::json& ev);
+
+  struct OutFrame {
+    wire::MsgType type;
+    uint64_t epoch;
+    std::string payload;
+    uint16_t flags = 0;
+  };
+  // Blocks while the queue holds more than the bound (initial sync flow control).
+  void Enqueue(OutFrame f);
+  // Ends protection because of `why`. If qemu_dead, the backup is told to
+  // promote; otherwise the guest is left running unprotected.
+  void Stop(const Status& why, bool qemu_dead);
+  void SetError(const std::string& e);
+
+  PrimaryOptions opts_;
+  const Clock& clock_;
+  std::unique_ptr<QmpClient> qmp_;
+  std::unique_ptr<CheckpointSource> source_;
+  std::unique_ptr<wire::Link> link_;
+  std::unique_ptr<OutputBuffer> netbuf_;
+  std::unique_ptr<HeartbeatMonitor> hb_;
+  std::vector<std::string> qemu_argv_;
+  ColoProbe probe_;
+
+  std::atomic<PrimaryState> state_{PrimaryState::kStarting};
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> qemu_dead_{false};
+  std::atomic<int> interval_ms_;
+
+  // Send queue and ack accounting.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<OutFrame> queue_;             // guarded by mu_
+  uint64_t queued_bytes_ = 0;              // guarded by mu_
+  uint64_t last_staged_epoch_ = 0;         // guarded by mu_
+  int64_t last_acked_epoch_ = -1;          // guarded by mu_
+  std::deque<std::pair<uint64_t, uint64_t>> unacked_;  // (epoch, bytes), guarded by mu_
+  uint64_t unacked_bytes_ = 0;             // guarded by mu_
+  std::deque<std::pair<uint64_t, TimePoint>> loaded_at_;  // guarded by mu_
+  std::string error_;                      // guarded by mu_
+
+  // Initial sync progress.
+  std::atomic<uint64_t> sync_total_bytes_{0};
+  std::atomic<uint64_t> sync_done_bytes_{0};
+
+  // Metrics.
+  SampleWindow pause_ms_;     // from QMP STOP/RESUME timestamps
+  SampleWindow ack_ms_;       // LOADED -> ACK
+  SampleWindow dirty_pages_;  // pages per epoch
+  SampleWindow epoch_bytes_;  // wire bytes per epoch
+  RateMeter checkpoints_;
+  std::atomic<int64_t> stop_ts_us_{-1};
+  std::atomic<uint64_t> checkpoints_total_{0};
+  std::atomic<uint64_t> backpressure_waits_{0};
+
+  std::thread epoch_thread_, sender_thread_, ack_thread_, hb_thread_;
+};
+
+}  // namespace remus

@@ -1,0 +1,175 @@
+// The QMP boundary: commands to and events from a running QEMU.
+//
+// QemuMonitor is the interface the rest of the replicator talks to, so that a
+// libvirt-backed monitor (virDomainQemuMonitorCommand) can replace the direct
+// socket client, and tests can use a fake. QmpClient speaks QMP over QEMU's
+// unix socket (`-qmp unix:PATH,server=on,wait=off`).
+//
+// Threads: QmpClient owns one reader thread, started by Connect and joined by
+// the destructor. Execute may be called from any number of threads at once;
+// each command carries a unique "id" and its response is routed back to its
+// caller. The event and disconnect handlers run on the reader thread: they must
+// not block for long and must not call Execute synchronously (Execute from the
+// reader thread returns FailedPrecondition instead of deadlocking).
+//
+// Errors: a QMP "error" reply becomes FailedPrecondition (InvalidArgument for
+// CommandNotFound/DeviceNotFound) naming the command, the QMP class and desc;
+// a timeout is DeadlineExceeded naming the command; a closed monitor (QEMU
+// exited) is Unavailable("QEMU monitor at PATH closed") for pending and all
+// later commands.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/io.h"
+#include "common/status.h"
+
+namespace remus {
+
+class QemuMonitor {
+ public:
+  virtual ~QemuMonitor() = default;
+
+  // Runs one QMP command and returns its "return" value.
+  virtual StatusOr<nlohmann::json> Execute(const std::string& command,
+                                           const nlohmann::json& args = nlohmann::json::object(),
+                                           int timeout_ms = 10000) = 0;
+
+  // Installs the handler for asynchronous events. Each event is QMP's object as
+  // sent: {"event": NAME, "data": {...}, "timestamp": {"seconds", "microseconds"}}.
+  // Called on the monitor's reader thread. Replaces any previous handler.
+  virtual void SetEventHandler(std::function<void(const nlohmann::json& event)> handler) = 0;
+
+  // HMP through QMP ("human-monitor-command"); returns the HMP output text.
+  virtual StatusOr<std::string> HumanMonitorCommand(const std::string& command_line);
+};
+
+class QmpClient final : public QemuMonitor {
+ public:
+  // Connects to QEMU's QMP unix socket, reads the greeting and negotiates
+  // capabilities (qmp_capabilities), each bounded by timeout_ms.
+  static StatusOr<std::unique_ptr<QmpClient>> Connect(const std::string& socket_path,
+                                                      int timeout_ms = 5000);
+
+  // Shuts the socket down and joins the reader thread. The disconnect handler
+  // does not fire for this clean shutdown. REQUIRES: no Execute in flight.
+  ~QmpClient() override;
+
+  QmpClient(const QmpClient&) = delete;
+  QmpClient& operator=(const QmpClient&) = delete;
+
+  StatusOr<nlohmann::json> Execute(const std::string& command,
+                                   const nlohmann::json& args = nlohmann::json::object(),
+                                   int timeout_ms = 10000) override;
+  void SetEventHandler(std::function<void(const nlohmann::json& event)> handler) override;
+
+  // Fires once, on the reader thread, when the monitor connection is lost
+  // (QEMU exited or closed it). If already lost, fires at once on the caller's thread.
+  void SetDisconnectHandler(std::function<void()> handler);
+
+  // False once the connection is lost.
+  bool connected() const;
+
+  const std::string& socket_path() const { return path_; }
+  // QEMU's process id (SO_PEERCRED of the monitor socket).
+  int pid() const { return pid_; }
+  // From the greeting: "7.2.22" and QMP's "package" string.
+  const std::string& version() const { return version_; }
+  const std::string& package() const { return package_; }
+  // The greeting's full "QMP" object (version, capabilities).
+  const nlohmann::json& greeting() const { return greeting_; }
+
+  // QEMU's command line from /proc/<pid>/cmdline, argv[0] first.
+  StatusOr<std::vector<std::string>> QemuArgv() const;
+
+ private:
+  struct Pending {
+    std::string command;  // for error messages
+    bool done = false;
+    Status status;
+    nlohmann::json result;
+  };
+
+  QmpClient(std::string path, Fd fd, int pid);
+  void ReaderLoop(std::string buffered);
+  void HandleMessage(const std::string& line);
+  void MarkClosed();
+  Status ClosedStatus() const;
+
+  const std::string path_;
+  Fd fd_;
+  const int pid_;
+  std::string version_;
+  std::string package_;
+  nlohmann::json greeting_;
+
+  std::mutex write_mu_;  // serializes whole commands on the socket
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false;       // guarded by mu_
+  bool shutting_down_ = false;  // guarded by mu_
+  bool disconnect_fired_ = false;  // guarded by mu_
+  uint64_t next_id_ = 1;       // guarded by mu_
+  std::map<std::string, std::shared_ptr<Pending>> pending_;  // guarded by mu_
+  std::function<void(const nlohmann::json&)> event_handler_;  // guarded by mu_
+  std::function<void()> disconnect_handler_;                  // guarded by mu_
+
+  std::thread reader_;
+};
+
+// ---- COLO support probe ----------------------------------------------------
+
+// query-version's "package" of a QEMU built by scripts/build-qemu.sh, which
+// configures it with --with-pkgversion containing this marker. That build
+// carries the fix that takes the BQL around qemu_savevm_live_state().
+inline constexpr char kPatchedMarker[] = "remus colo patches";
+
+struct ColoProbe {
+  std::string version;  // "7.2.22"
+  int major = 0;
+  int minor = 0;
+  int micro = 0;
+  std::string package;       // query-version "package", e.g. "Debian 1:7.2+dfsg-7+deb12u18"
+  bool has_x_colo = false;   // migration capability x-colo exists
+  std::string accelerator;   // "kvm" or "tcg"
+  bool patched_tcg_fix = false;  // package contains kPatchedMarker
+};
+
+// Asks the running QEMU: query-version, query-migrate-capabilities, query-kvm.
+StatusOr<ColoProbe> ProbeColo(QemuMonitor& monitor);
+
+// Whether this QEMU's COLO primary can be used to protect `domain`.
+//
+// Support table (measured; also in the README):
+//
+//   QEMU                 accel  x-colo  result
+//   -------------------  -----  ------  ------------------------------------------
+//   any                  any    no      refused: no COLO support
+//   7.2                  kvm    yes     supported
+//   7.2 (remus patches) tcg   yes     supported (patched build, scripts/build-qemu.sh)
+//   7.2 (stock)          tcg    yes     refused: deadlocks after the first checkpoint
+//                                       (BQL not held around qemu_savevm_live_state)
+//   10.0, 10.1           any    yes     refused: never enters COLO (migration completes)
+//   < 7.2, 8.x, 9.x,     any    yes     allowed, untested: the caller warns; COLO entry
+//   >= 10.2                             is verified after the initial sync anyway
+//
+// Refusals are FailedPrecondition with one sentence naming the domain, the
+// problem and what to do.
+Status CheckColoSupported(const ColoProbe& probe, const std::string& domain);
+
+// True for the versions the table above lists as measured (7.2); false for the
+// "allowed, untested" rows, where the caller should log a warning.
+bool IsColoVersionTested(const ColoProbe& probe);
+
+}  // namespace remus

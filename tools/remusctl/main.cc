@@ -1,0 +1,203 @@
+// remusctl: the operator's CLI. Thin: parses flags, calls remusd over its
+// control socket (control_client.cc), prints tables or JSON.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+#include "replicator/wire.h"
+#include "tools/remusctl/control_client.h"
+
+using nlohmann::json;
+
+namespace {
+
+int Fail(const remus::Status& s) {
+  std::fprintf(stderr, "remusctl: %s\n", s.message().c_str());
+  switch (s.code()) {
+    case remus::Code::kNotFound: return 3;
+    case remus::Code::kUnavailable: return 4;
+    case remus::Code::kPermissionDenied:
+    case remus::Code::kUnauthenticated: return 5;
+    case remus::Code::kFailedPrecondition:
+    case remus::Code::kAlreadyExists: return 6;
+    default: return 1;
+  }
+}
+
+std::string Fixed(double v, int prec) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.*f", prec, v);
+  return b;
+}
+
+std::string StateCell(const json& d) {
+  std::string s = d.value("state", "?");
+  if (s == "syncing") s += " " + Fixed(d["sync"].value("percent", 0.0), 0) + "%";
+  return s;
+}
+
+void PrintTable(const json& domains) {
+  std::printf("%-16s %-18s %-16s %8s %8s %10s %10s %12s\n", "DOMAIN", "ROLE", "STATE", "EPOCH", "CKPT/S",
+              "PAUSE p50", "PAUSE p99", "DIRTY/EPOCH");
+  for (const auto& d : domains) {
+    bool primary = d.value("role", "") == "primary";
+    int64_t epoch = primary ? d.value("last_acked_epoch", int64_t{-1}) : d.value("last_committed_epoch", int64_t{-1});
+    std::string p50 = primary ? Fixed(d["pause_ms"].value("p50", 0.0), 1) + "ms" : "-";
+    std::string p99 = primary ? Fixed(d["pause_ms"].value("p99", 0.0), 1) + "ms" : "-";
+    std::string rate = primary ? Fixed(d.value("checkpoints_per_sec", 0.0), 1) : "-";
+    std::string dirty = primary ? Fixed(d["dirty_pages_per_epoch"].value("mean", 0.0), 0) : "-";
+    std::printf("%-16s %-18s %-16s %8s %8s %10s %10s %12s\n", d.value("domain", "?").c_str(),
+                d.value("role", "?").c_str(), StateCell(d).c_str(), epoch < 0 ? "-" : std::to_string(epoch).c_str(),
+                rate.c_str(), p50.c_str(), p99.c_str(), dirty.c_str());
+    std::string err = d.value("error", "");
+    if (!err.empty()) std::printf("  error: %s\n", err.c_str());
+    if (primary && d.contains("netbuf") && d["netbuf"].value("mode", "") == "none")
+      std::printf("  netbuf none: %s\n", d["netbuf"].value("guarantee", "").c_str());
+    if (!primary && !d.value("qmp_socket", "").empty())
+      std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
+  }
+}
+
+// Shows initial-copy progress until the domain is protected: a bar on a
+// terminal, plain lines otherwise.
+int WaitProtected(const std::string& sock, const std::string& domain, int timeout_s) {
+  bool tty = ::isatty(STDOUT_FILENO);
+  auto start = std::chrono::steady_clock::now();
+  int last_pct = -1;
+  for (;;) {
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    if (!r.ok()) return Fail(r.status());
+    const json& d = (*r)["domains"][0];
+    std::string st = d.value("state", "");
+    int pct = static_cast<int>(d["sync"].value("percent", 0.0));
+    if (st == "protected") {
+      if (tty) std::printf("\r[%s] 100%%\n", std::string(40, '#').c_str());
+      std::printf("%s: protected (backup %s, interval %d ms)\n", domain.c_str(), d.value("backup", "").c_str(),
+                  d.value("interval_ms", 0));
+      return 0;
+    }
+    if (st != "syncing" && st != "starting") {
+      std::fprintf(stderr, "remusctl: domain %s: protection did not start: %s (%s)\n", domain.c_str(), st.c_str(),
+                   d.value("error", "").c_str());
+      return 1;
+    }
+    if (tty) {
+      int n = pct * 40 / 100;
+      std::printf("\rinitial copy [%s%s] %3d%%", std::string(static_cast<size_t>(n), '#').c_str(),
+                  std::string(static_cast<size_t>(40 - n), '.').c_str(), pct);
+      std::fflush(stdout);
+    } else if (pct / 10 != last_pct / 10) {
+      std::printf("%s: initial copy %d%%\n", domain.c_str(), pct);
+      std::fflush(stdout);
+    }
+    last_pct = pct;
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(timeout_s)) {
+      std::fprintf(stderr, "\nremusctl: domain %s: initial copy still running after %d s (see remusctl status)\n",
+                   domain.c_str(), timeout_s);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"remusctl: control Remus-style protection of QEMU/KVM guests"};
+  app.require_subcommand(1);
+  std::string sock = "/run/remus/remusd.sock";
+  if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
+  app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
+
+  std::string domain, qmp, backup, netbuf = "none", out;
+  int interval = 100, timeout_s = 600;
+  bool json_out = false, no_wait = false;
+
+  auto* protect = app.add_subcommand("protect", "start replicating a running guest to a backup");
+  protect->add_option("domain", domain, "domain name")->required();
+  protect->add_option("--qmp", qmp, "QEMU's QMP unix socket")->required();
+  protect->add_option("--backup", backup, "backup remusd, HOST[:PORT] (port 7788 by default)")->required();
+  protect->add_option("--interval", interval, "checkpoint interval in ms")->capture_default_str()->check(CLI::Range(1, 600000));
+  protect->add_option("--netbuf", netbuf, "output commit: none (plug and nfqueue come later)")->capture_default_str();
+  protect->add_flag("--no-wait", no_wait, "return once the initial copy has started");
+  protect->add_option("--timeout", timeout_s, "seconds to wait for the initial copy")->capture_default_str();
+
+  auto* unprotect = app.add_subcommand("unprotect", "stop protection; the guest keeps running here");
+  unprotect->add_option("domain", domain, "domain name")->required();
+
+  auto* status = app.add_subcommand("status", "show protected domains");
+  status->add_option("domain", domain, "only this domain");
+  status->add_flag("--json", json_out, "machine-readable output");
+
+  auto* failover = app.add_subcommand("failover", "on the backup: start the guest here from the last checkpoint");
+  failover->add_option("domain", domain, "domain name")->required();
+
+  auto* tune = app.add_subcommand("tune", "change a protected domain's checkpoint interval");
+  tune->add_option("domain", domain, "domain name")->required();
+  tune->add_option("--interval", interval, "checkpoint interval in ms")->required()->check(CLI::Range(1, 600000));
+
+  auto* keygen = app.add_subcommand("keygen", "write a new shared key (copy it to both hosts)");
+  keygen->add_option("--out", out, "key file to create (mode 0600)")->required();
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (*keygen) {
+    auto k = remus::wire::GenerateKeyHex();
+    if (!k.ok()) return Fail(k.status());
+    int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return Fail(remus::ErrnoStatus("create " + out, errno));
+    std::string data = *k + "\n";
+    remus::Status s = remus::WriteFull(fd, data.data(), data.size());
+    ::close(fd);
+    if (!s.ok()) return Fail(s);
+    std::printf("wrote %s; copy it to the other host with the same mode (0600)\n", out.c_str());
+    return 0;
+  }
+  if (*protect) {
+    auto r = remus::ControlCall(sock, {{"command", "protect"}, {"domain", domain}, {"qmp", qmp},
+                                       {"backup", backup}, {"interval_ms", interval}, {"netbuf", netbuf}});
+    if (!r.ok()) return Fail(r.status());
+    if (no_wait) {
+      std::printf("%s: initial copy started\n", domain.c_str());
+      return 0;
+    }
+    return WaitProtected(sock, domain, timeout_s);
+  }
+  if (*unprotect) {
+    auto r = remus::ControlCall(sock, {{"command", "unprotect"}, {"domain", domain}});
+    if (!r.ok()) return Fail(r.status());
+    std::printf("%s: unprotected; the guest keeps running on this host\n", domain.c_str());
+    return 0;
+  }
+  if (*status) {
+    json req = {{"command", "status"}};
+    if (!domain.empty()) req["domain"] = domain;
+    auto r = remus::ControlCall(sock, req);
+    if (!r.ok()) return Fail(r.status());
+    if (json_out) std::cout << (*r)["domains"].dump(2) << "\n";
+    else PrintTable((*r)["domains"]);
+    return 0;
+  }
+  if (*failover) {
+    std::printf("%s: promoting from the last committed checkpoint...\n", domain.c_str());
+    std::fflush(stdout);
+    auto r = remus::ControlCall(sock, {{"command", "failover"}, {"domain", domain}});
+    if (!r.ok()) return Fail(r.status());
+    const json& d = (*r)[0];
+    std::printf("%s: running here (QMP %s) after %lld ms\n", domain.c_str(), d.value("qmp_socket", "").c_str(),
+                static_cast<long long>(d["promotion"].value("failover_ms", int64_t{-1})));
+    return 0;
+  }
+  if (*tune) {
+    auto r = remus::ControlCall(sock, {{"command", "tune"}, {"domain", domain}, {"interval_ms", interval}});
+    if (!r.ok()) return Fail(r.status());
+    std::printf("%s: interval now %d ms\n", domain.c_str(), interval);
+    return 0;
+  }
+  return 0;
+}
