@@ -62,8 +62,7 @@ int main(int argc, char** argv) {
     LOG_INFO("remusd") << "signal " << sno << ": shutting down";
     d.Shutdown();
   });
-  d.Wait();
-  d.Shutdown();
-  sig.detach();
+  d.Wait();  // returns once the signal thread has begun Shutdown()
+  sig.join();
   return 0;
 }

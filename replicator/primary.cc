@@ -438,9 +438,13 @@ json PrimaryReplicator::StatusJson() const {
   j["domain"] = opts_.domain;
   j["role"] = "primary";
   j["state"] = PrimaryStateName(state_);
-  uint64_t total = sync_total_bytes_, done = sync_done_bytes_;
-  j["sync"] = {{"total_bytes", total}, {"done_bytes", done},
-               {"percent", total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0}};
+  // Pages dirtied during the first pass are sent again, so the bytes sent can
+  // pass the guest's size before the copy is complete.
+  uint64_t total = sync_total_bytes_, done = std::min<uint64_t>(sync_done_bytes_, sync_total_bytes_);
+  double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
+  if (state_ == PrimaryState::kSyncing || state_ == PrimaryState::kStarting) pct = std::min(pct, 99.0);
+  else if (state_ == PrimaryState::kProtected) pct = 100.0;
+  j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   {
     std::lock_guard<std::mutex> g(mu_);
     j["last_acked_epoch"] = last_acked_epoch_;

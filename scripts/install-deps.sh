@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs every package remus needs from Debian 12's archive, and enables
+# deb-src (scripts/build-qemu.sh builds QEMU from Debian's source package).
+# Idempotent: does nothing when everything is present. Needs root.
+set -euo pipefail
+
+PKGS=(
+  # build
+  build-essential cmake ninja-build pkg-config
+  # libraries
+  libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
+  liburing-dev libnl-route-3-dev libnetfilter-queue-dev libvirt-dev
+  # the hypervisor and tools the tests drive
+  qemu-system-x86 qemu-utils socat iproute2
+  # the test guest (scripts/build-guest.sh)
+  busybox-static cpio
+  # QEMU source build (scripts/build-qemu.sh)
+  dpkg-dev meson libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison libfdt-dev libslirp-dev
+  # end-to-end tests
+  python3 python3-pytest
+)
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  log "must run as root (it installs packages with apt-get)"; exit 1
+fi
+
+SRC=/etc/apt/sources.list.d/remus-debian-src.sources
+need_update=0
+if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+  log "enabling deb-src for bookworm in $SRC"
+  cat > "$SRC" <<'EOS'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
+  need_update=1
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ] && [ $need_update = 0 ]; then
+  log "all packages present"; exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+log "apt-get update"
+apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+log "done"

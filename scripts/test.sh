@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds and runs every test: unit tests (CTest/GoogleTest) and the end-to-end
+# tests against a real QEMU (tests/e2e, pytest). Sets everything up first:
+# packages, the patched QEMU (cached in /var/cache/remus), the test guest.
+# Idempotent. Needs root (packages, QEMU processes, network namespaces).
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --unit     unit tests only
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=${REMUS_BUILD_DIR:-$ROOT/build}
+say() { printf '\n==== %s\n' "$*"; }
+
+say "dependencies"
+"$ROOT/scripts/install-deps.sh"
+say "build"
+"$ROOT/scripts/build.sh"
+say "unit tests"
+(cd "$BUILD" && ctest --output-on-failure -j2 --timeout 300)
+[ "${1:-}" = "--unit" ] && exit 0
+
+say "patched QEMU (COLO under TCG)"
+REMUS_QEMU=$("$ROOT/scripts/build-qemu.sh" | tail -n1)
+export REMUS_QEMU
+say "test guest"
+"$ROOT/scripts/build-guest.sh" "$BUILD/guest"
+say "QEMU COLO self-test (1000 checkpoints)"
+python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU" --count 1000
+say "end-to-end tests"
+REMUS_BUILD_DIR="$BUILD" python3 -m pytest -v -p no:cacheprovider "$ROOT/tests/e2e"
