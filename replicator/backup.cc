@@ -136,12 +136,13 @@ std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& a
 // One protected domain on the backup.
 class BackupDomain {
  public:
-  enum class State { kWaiting, kSyncing, kStandby, kUnprotected, kPromoting, kFailedOver, kFailed };
+  enum class State { kWaiting, kSyncing, kStandby, kPrimaryLost, kUnprotected, kPromoting, kFailedOver, kFailed };
   static std::string_view StateName(State s) {
     switch (s) {
       case State::kWaiting: return "waiting";
       case State::kSyncing: return "syncing";
       case State::kStandby: return "protected";
+      case State::kPrimaryLost: return "primary-lost";
       case State::kUnprotected: return "unprotected";
       case State::kPromoting: return "promoting";
       case State::kFailedOver: return "failed-over";
@@ -284,6 +285,8 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   {
     std::lock_guard<std::mutex> g(mu_);
     error_ = "lost the primary: " + s.message();
+    State st = state_;
+    if (st == State::kStandby || st == State::kSyncing || st == State::kWaiting) state_ = State::kPrimaryLost;
   }
   if (!opts_.auto_promote) return;
   // Fail-stop detection: the primary is dead once it has been silent for the

@@ -144,7 +144,12 @@ int main(int argc, char** argv) {
   auto* keygen = app.add_subcommand("keygen", "write a new shared key (copy it to both hosts)");
   keygen->add_option("--out", out, "key file to create (mode 0600)")->required();
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);  // prints help or the usage error
+    return rc == 0 ? 0 : 2;
+  }
 
   if (*keygen) {
     auto k = remus::wire::GenerateKeyHex();
