@@ -74,12 +74,6 @@ Status FsyncPath(const std::string& path, bool directory) {
 
 }  // namespace
 
-void AppendBatchPage(std::string* batch, uint32_t block, uint64_t offset, const uint8_t* data) {
-  PutU32(batch, block);
-  PutU64(batch, offset | (data ? 0 : kBatchFlagZero));
-  if (data) batch->append(reinterpret_cast<const char*>(data), kPageSize);
-}
-
 bool IsZeroPage(const uint8_t* p) {
   // Overlapping compare: byte 0 is zero and every byte equals its successor.
   return p[0] == 0 && std::memcmp(p, p + 1, kPageSize - 1) == 0;

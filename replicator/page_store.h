@@ -51,18 +51,16 @@
 #include <vector>
 
 #include "common/status.h"
+#include "replicator/page_batch.h"
 #include "replicator/qemu_stream.h"
 
 namespace remus {
 
-inline constexpr uint64_t kBatchFlagZero = 0x1;
-inline constexpr uint64_t kBatchFlagMask = 0xfff;
-inline constexpr size_t kBatchRecordHeader = 12;  // be32 block + be64 offset|flags
+inline constexpr uint64_t kBatchFlagZero = wire::kPageFlagZero;
+inline constexpr uint64_t kBatchFlagMask = wire::kPageFlagMask;
+inline constexpr size_t kBatchRecordHeader = wire::kPageRecordHeader;
 // Sanity bound on the sum of all blocks' used_length.
 inline constexpr uint64_t kMaxGuestRam = 16ull << 40;
-
-// Appends one page record to a page batch; data == nullptr encodes a zero page.
-void AppendBatchPage(std::string* batch, uint32_t block, uint64_t offset, const uint8_t* data);
 
 // True if the kPageSize bytes at p are all zero.
 bool IsZeroPage(const uint8_t* p);

@@ -174,10 +174,10 @@ TEST(PageStore, CommitAppliesPagesAndZeroPages) {
   Staging st;
   std::string b1, b2;
   auto p7 = Pattern(7), p8 = Pattern(8);
-  AppendBatchPage(&b1, 0, 0, nullptr);  // data page becomes zero
-  AppendBatchPage(&b1, 0, 15 * kPageSize, p7.data());
-  AppendBatchPage(&b2, 2, kPageSize, p8.data());
-  AppendBatchPage(&b2, 2, 2 * kPageSize, nullptr);  // zero page over a hole
+  wire::AppendPageRecord(&b1, 0, 0, nullptr);  // data page becomes zero
+  wire::AppendPageRecord(&b1, 0, 15 * kPageSize, p7.data());
+  wire::AppendPageRecord(&b2, 2, kPageSize, p8.data());
+  wire::AppendPageRecord(&b2, 2, 2 * kPageSize, nullptr);  // zero page over a hole
   st.AddPageBatch(b1);
   st.AddPageBatch(b2);
   st.SetDeviceBlob(Blob("dev1"));
@@ -225,21 +225,21 @@ TEST(PageStore, BadRecordAppliesNothing) {
   std::vector<Case> cases;
   auto bad = [&](const char* name, const std::function<void(std::string*)>& f) {
     std::string b;
-    AppendBatchPage(&b, 0, 3 * kPageSize, p.data());
+    wire::AppendPageRecord(&b, 0, 3 * kPageSize, p.data());
     f(&b);
     cases.push_back({name, b});
   };
-  bad("block out of range", [&](std::string* b) { AppendBatchPage(b, 3, 0, p.data()); });
+  bad("block out of range", [&](std::string* b) { wire::AppendPageRecord(b, 3, 0, p.data()); });
   bad("offset beyond used_length",
-      [&](std::string* b) { AppendBatchPage(b, 1, 2 * kPageSize, p.data()); });
-  bad("huge offset", [&](std::string* b) { AppendBatchPage(b, 1, 1ull << 62, nullptr); });
+      [&](std::string* b) { wire::AppendPageRecord(b, 1, 2 * kPageSize, p.data()); });
+  bad("huge offset", [&](std::string* b) { wire::AppendPageRecord(b, 1, 1ull << 62, nullptr); });
   bad("misaligned", [&](std::string* b) {
     PutU32(b, 0);
     PutU64(b, 4 * kPageSize + 0x200);
     b->append(kPageSize, 'x');
   });
   bad("truncated data", [&](std::string* b) {
-    AppendBatchPage(b, 0, 4 * kPageSize, p.data());
+    wire::AppendPageRecord(b, 0, 4 * kPageSize, p.data());
     b->resize(b->size() - 1);
   });
   bad("truncated header", [&](std::string* b) { b->append("\0\0\0\0\0", 5); });
@@ -250,7 +250,7 @@ TEST(PageStore, BadRecordAppliesNothing) {
     auto s = Synced(dir);
     Staging st;
     std::string good;
-    AppendBatchPage(&good, 0, 2 * kPageSize, p.data());
+    wire::AppendPageRecord(&good, 0, 2 * kPageSize, p.data());
     st.AddPageBatch(good);
     st.AddPageBatch(c.batch);
     st.SetDeviceBlob(Blob("dev1"));
@@ -278,7 +278,7 @@ TEST(PageStore, DeviceBlobWithoutEofIsRejected) {
   auto p = Pattern(2);
   Staging st;
   std::string b;
-  AppendBatchPage(&b, 0, 0, p.data());
+  wire::AppendPageRecord(&b, 0, 0, p.data());
   st.AddPageBatch(b);
   st.SetDeviceBlob("no eof");
   EXPECT_EQ(s->Commit(1, std::move(st)).code(), Code::kDataLoss);
@@ -429,7 +429,7 @@ TEST(PageStoreBench, ApplyRate) {
     std::string batch;
     for (uint64_t i = 0; i < 8192; ++i) {
       uint64_t pg = sequential ? (start + i) % pages : r() % pages;
-      AppendBatchPage(&batch, 0, pg * kPageSize, page.data());
+      wire::AppendPageRecord(&batch, 0, pg * kPageSize, page.data());
       if (batch.size() >= (1u << 20)) st.AddPageBatch(std::move(batch)), batch.clear();
     }
     if (!batch.empty()) st.AddPageBatch(std::move(batch));

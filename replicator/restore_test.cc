@@ -99,9 +99,9 @@ TEST(Restore, TinyTwoBlockLayout) {
   ASSERT_TRUE(s.CompleteInitialSync(Blob()).ok());
   Staging st;
   std::string batch;
-  AppendBatchPage(&batch, 0, 2 * kPageSize, nullptr);  // written once, now zero
-  AppendBatchPage(&batch, 0, 3 * kPageSize, p2.data());
-  AppendBatchPage(&batch, 1, 0, p3.data());
+  wire::AppendPageRecord(&batch, 0, 2 * kPageSize, nullptr);  // written once, now zero
+  wire::AppendPageRecord(&batch, 0, 3 * kPageSize, p2.data());
+  wire::AppendPageRecord(&batch, 1, 0, p3.data());
   st.AddPageBatch(batch);
   st.SetDeviceBlob(Blob());
   ASSERT_TRUE(s.Commit(1, std::move(st)).ok());

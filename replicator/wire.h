@@ -32,6 +32,7 @@
 
 #include "common/io.h"
 #include "common/status.h"
+#include "replicator/page_batch.h"
 
 namespace remus::wire {
 
@@ -186,24 +187,7 @@ StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms
 
 // ---- Checkpoint payloads ----------------------------------------------------
 
-inline constexpr size_t kPageSize = 4096;
-inline constexpr uint64_t kPageFlagZero = 0x1;
-inline constexpr uint64_t kPageFlagMask = kPageSize - 1;  // low bits of the offset word
-inline constexpr size_t kPageRecordHeader = 12;           // be32 block + be64 offset|flags
-
-// Appends one record to a kPages payload. data == nullptr means a zero page
-// (no data bytes follow). REQUIRES: offset % kPageSize == 0.
-void AppendPageRecord(std::string* out, uint32_t block, uint64_t offset, const uint8_t* data);
-// Bytes AppendPageRecord adds.
-inline size_t PageRecordSize(bool zero) { return kPageRecordHeader + (zero ? 0 : kPageSize); }
-
-// Calls fn for each record in order; data points into payload (kPageSize
-// bytes) or is nullptr for a zero page. Stops at the first error from fn and
-// returns it. A truncated record or unknown flag bits in the offset word
-// (i.e. an offset that is not page-aligned) is DataLoss.
-Status ForEachPageRecord(
-    std::string_view payload,
-    const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn);
+// Page records (kPages payloads): replicator/page_batch.h.
 
 // kCommit payload (JSON; unknown fields are ignored so fields can be added).
 struct CommitInfo {
