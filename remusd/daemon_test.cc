@@ -1,0 +1,109 @@
+#include "remusd/daemon.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "tools/remusctl/control_client.h"
+
+namespace remus {
+namespace {
+
+using nlohmann::json;
+
+class DaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/remus-daemon-test.XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    ASSERT_TRUE(WriteFileAtomic(dir_ + "/key", std::string(64, 'a')).ok());
+    ::chmod((dir_ + "/key").c_str(), 0600);
+    DaemonOptions o;
+    o.state_dir = dir_ + "/state";
+    o.control_socket = dir_ + "/control.sock";
+    o.key_file = dir_ + "/key";
+    daemon_ = std::make_unique<Daemon>(o);
+    Status s = daemon_->Start();
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  void TearDown() override {
+    daemon_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  json Call(const json& req) { return daemon_->Handle(req); }
+  static void ExpectError(const json& r, const std::string& code, const std::string& text) {
+    EXPECT_FALSE(r.value("ok", true)) << r.dump();
+    EXPECT_EQ(r.value("code", ""), code) << r.dump();
+    EXPECT_NE(r.value("error", "").find(text), std::string::npos) << r.dump();
+  }
+
+  std::string dir_;
+  std::unique_ptr<Daemon> daemon_;
+};
+
+TEST_F(DaemonTest, ErrorsNameTheDomainAndTheFix) {
+  ExpectError(Call({{"command", "bogus"}}), "INVALID_ARGUMENT", "unknown command 'bogus'");
+  ExpectError(Call({{"command", "protect"}, {"domain", "../etc"}}), "INVALID_ARGUMENT", "invalid domain name");
+  ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"backup", "b:1"}}), "INVALID_ARGUMENT",
+              "--qmp SOCKET is required");
+  ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"qmp", dir_ + "/nope.qmp"}, {"backup", "b:99999"}}),
+              "INVALID_ARGUMENT", "port out of range");
+  json r = Call({{"command", "protect"}, {"domain", "web1"}, {"qmp", dir_ + "/nope.qmp"}, {"backup", "127.0.0.1:1"}});
+  ExpectError(r, "UNAVAILABLE", "domain web1: cannot reach QEMU's monitor at " + dir_ + "/nope.qmp");
+  ExpectError(Call({{"command", "status"}, {"domain", "web9"}}), "NOT_FOUND", "unknown domain web9");
+  ExpectError(Call({{"command", "unprotect"}, {"domain", "web9"}}), "NOT_FOUND", "unknown domain web9");
+  ExpectError(Call({{"command", "tune"}, {"domain", "web9"}, {"interval_ms", 5}}), "NOT_FOUND", "unknown domain web9");
+  ExpectError(Call({{"command", "failover"}, {"domain", "web9"}}), "FAILED_PRECONDITION", "not a backup");
+  json st = Call({{"command", "status"}});
+  EXPECT_TRUE(st.value("ok", false));
+  EXPECT_TRUE(st["result"]["domains"].empty());
+}
+
+TEST_F(DaemonTest, ControlSocketIsRootOnly) {
+  struct stat sb {};
+  ASSERT_EQ(::stat((dir_ + "/control.sock").c_str(), &sb), 0);
+  EXPECT_EQ(sb.st_mode & 0777, 0600u);
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a client as another user";
+  // Even with the file mode opened up, the daemon checks the peer's uid.
+  ::chmod((dir_ + "/control.sock").c_str(), 0666);
+  ::chmod(dir_.c_str(), 0755);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) _exit(10);
+    auto r = ControlCall(dir_ + "/control.sock", {{"command", "status"}});
+    if (r.ok()) _exit(11);
+    if (r.status().code() != Code::kPermissionDenied) _exit(12);
+    if (r.status().message().find("root only") == std::string::npos) _exit(13);
+    _exit(0);
+  }
+  int st = 0;
+  ASSERT_EQ(::waitpid(pid, &st, 0), pid);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 0) << "10: setuid failed, 11: accepted, 12: wrong code, 13: wrong message";
+  // Root is served.
+  auto r = ControlCall(dir_ + "/control.sock", {{"command", "ping"}});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ((*r)["backup"], false);
+}
+
+TEST(DaemonStart, RefusesAWorldReadableKey) {
+  char tmpl[] = "/tmp/remus-daemon-test.XXXXXX";
+  std::string dir = mkdtemp(tmpl);
+  ASSERT_TRUE(WriteFileAtomic(dir + "/key", std::string(64, 'a')).ok());
+  ::chmod((dir + "/key").c_str(), 0644);
+  DaemonOptions o;
+  o.state_dir = dir + "/state";
+  o.control_socket = dir + "/control.sock";
+  o.key_file = dir + "/key";
+  Daemon d(o);
+  Status s = d.Start();
+  EXPECT_EQ(s.code(), Code::kPermissionDenied) << s.ToString();
+  EXPECT_NE(s.message().find("chmod 600"), std::string::npos) << s.message();
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace remus
