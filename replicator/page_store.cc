@@ -128,6 +128,7 @@ Status PageStore::MapBlocks(bool create) {
     if (create) {
       if (::ftruncate(m.fd, static_cast<off_t>(m.len)) < 0)
         return ErrnoStatus("ftruncate " + path, errno);
+      RETURN_IF_ERROR(Reserve(m.fd, m.len, path));
     } else {
       struct stat st;
       if (::fstat(m.fd, &st) < 0) return ErrnoStatus("fstat " + path, errno);
@@ -145,6 +146,21 @@ Status PageStore::MapBlocks(bool create) {
     total_bytes_ += m.len;
   }
   return OkStatus();
+}
+
+// Reserves the blocks a memory image needs up front. A write through a shared
+// mapping into a file that cannot grow kills the process with SIGBUS, so a
+// full disk must surface here, as an error, before any page is applied. The
+// reserved extents stay unwritten, so they still read as holes for restore.
+Status PageStore::Reserve(int fd, uint64_t len, const std::string& path) {
+  // fallocate(2), not posix_fallocate: glibc's fallback writes every block.
+  int r = ::fallocate(fd, 0, 0, static_cast<off_t>(len)) == 0 ? 0 : errno;
+  if (r == 0) return OkStatus();
+  if (r == ENOSPC || r == EDQUOT)
+    return ResourceExhausted("page store " + dir_ + ": no room for " + std::to_string(len) +
+                             " bytes of guest memory in " + path + "; free space or point --state-dir elsewhere");
+  if (r == EOPNOTSUPP || r == EINVAL) return OkStatus();  // filesystem without fallocate
+  return ErrnoStatus("fallocate " + path, r);
 }
 
 PageStore::Meta PageStore::CurrentMeta() const {
@@ -336,6 +352,7 @@ Status PageStore::PunchAll() {
     // mapping stays valid once the file has its length back.
     if (::ftruncate(m.fd, 0) < 0 || ::ftruncate(m.fd, static_cast<off_t>(m.len)) < 0)
       return ErrnoStatus("ftruncate " + Join(dir_, m.file), errno);
+    RETURN_IF_ERROR(Reserve(m.fd, m.len, Join(dir_, m.file)));
     written_[i].assign((m.len / kPageSize + 63) / 64, 0);
   }
   return OkStatus();

@@ -194,6 +194,7 @@ class PageStore {
   void ApplyBatch(std::string_view batch);
   void RemoveStaleBlobs(const std::string& keep);
   Status PunchAll();
+  Status Reserve(int fd, uint64_t len, const std::string& path);
 
   // During the initial sync: pages written since the image was last emptied,
   // so a ZERO record for a never-written page touches nothing (a fresh image
