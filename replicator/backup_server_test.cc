@@ -251,3 +251,49 @@ TEST_F(BackupServerTest, FailoverWithoutCommittedStateFails) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// A backup whose state directory is full refuses the domain with a clear
+// error instead of dying of SIGBUS on its first page.
+TEST(BackupFullDisk, RefusesWithResourceExhausted) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to mount a small tmpfs";
+  char tmpl[] = "/tmp/remus-fulldisk.XXXXXX";
+  std::string dir = mkdtemp(tmpl);
+  ASSERT_EQ(::system(("mount -t tmpfs -o size=256k tmpfs " + dir).c_str()), 0);
+  {
+    BackupOptions o;
+    o.state_dir = dir;
+    o.key = wire::Key(std::string(32, 'k'));
+    o.auto_promote = false;
+    BackupServer server(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    uint16_t port = 0;
+    for (uint16_t p = 27100; p < 27200 && !port; p++)
+      if (server.Listen({"127.0.0.1", p}).ok()) port = p;
+    ASSERT_NE(port, 0);
+    auto fd = ConnectTcp({"127.0.0.1", port}, 2000);
+    ASSERT_TRUE(fd.ok());
+    wire::Link l(std::move(fd).value());
+    ASSERT_TRUE(wire::ClientHandshake(l, o.key, "vm1", 2000).ok());
+    ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, nlohmann::json{{"argv", {"qemu"}}}.dump()).ok());
+    nlohmann::json begin = {{"total_bytes", 16 << 20},
+                            {"blocks", {{{"id", "pc.ram"}, {"used_length", 16 << 20}}}},
+                            {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l.Send(wire::MsgType::kSyncBegin, 0, begin.dump()).ok());
+    StatusOr<wire::Frame> f = Unavailable("none");
+    do {
+      f = l.RecvUntil(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    } while (f.ok() && f->type == wire::MsgType::kHeartbeat);
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    ASSERT_EQ(f->type, wire::MsgType::kError);
+    remus::Status err = wire::DecodeError(f->payload);
+    EXPECT_EQ(err.code(), Code::kResourceExhausted) << err.ToString();
+    EXPECT_NE(err.message().find("no room"), std::string::npos) << err.message();
+  }
+  ASSERT_EQ(::system(("umount " + dir).c_str()), 0);
+  ::rmdir(dir.c_str());
+}
+
+}  // namespace
+}  // namespace remus
