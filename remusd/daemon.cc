@@ -39,8 +39,8 @@ Status Daemon::Start() {
   ASSIGN_OR_RETURN(key_, wire::LoadKey(opts_.key_file));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir, 0700));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
-  std::string cdir = opts_.control_socket.substr(0, opts_.control_socket.rfind('/'));
-  if (!cdir.empty()) RETURN_IF_ERROR(MakeDirs(cdir, 0755));
+  size_t slash = opts_.control_socket.rfind('/');
+  if (slash != std::string::npos && slash > 0) RETURN_IF_ERROR(MakeDirs(opts_.control_socket.substr(0, slash), 0755));
   if (opts_.listen) {
     BackupOptions bo;
     bo.state_dir = opts_.state_dir;
@@ -154,6 +154,10 @@ json Daemon::Protect(const json& req) {
   po.key = key_;
   po.heartbeat = opts_.heartbeat;
   po.netbuf = req.value("netbuf", "none");
+  std::string compress = req.value("compress", "none");
+  if (compress != "none" && compress != "lz4")
+    return Error(InvalidArgument("domain " + *d + ": unknown --compress '" + compress + "'; expected lz4 or none"));
+  po.compress = compress == "lz4";
   po.fault = opts_.fault;
   auto p = PrimaryReplicator::Start(std::move(po), clock_);
   if (!p.ok()) return Error(p.status());

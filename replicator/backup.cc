@@ -386,6 +386,9 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       return OkStatus();
     }
     case MsgType::kPages: {
+      if (f.flags & wire::kFlagLz4) {
+        ASSIGN_OR_RETURN(f.payload, wire::DecompressBatch(f.payload, wire::kMaxPayload));
+      }
       if (f.epoch == 0) {
         PageStore* store;
         {
@@ -519,6 +522,10 @@ Status BackupDomain::DoPromote() {
   pid_t pid = ::fork();
   if (pid < 0) return ErrnoStatus("fork", errno);
   if (pid == 0) {
+    // remusd blocks SIGINT/SIGTERM for its signal thread; QEMU must not inherit that.
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::setsid();
     int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd >= 0) {

@@ -148,6 +148,21 @@ TEST_F(BackupServerTest, CommitsCompleteCheckpointsInOrder) {
   EXPECT_EQ(DomainStatus()["state"], "protected");
 }
 
+TEST_F(BackupServerTest, AcceptsLz4CompressedPages) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  InitialSync(*l);
+  std::string p = CheckpointPages(2, 'Q');
+  std::string z = wire::CompressBatch(p);
+  ASSERT_TRUE(l->Send(MsgType::kPages, 1, z, wire::kFlagLz4).ok());
+  ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
+  // Counts are of the uncompressed batch.
+  ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+  ExpectAck(*l, 1);
+  EXPECT_EQ(StoreByte(2), 'Q');
+}
+
 TEST_F(BackupServerTest, CorruptCheckpointIsRefusedAndNotApplied) {
   remus::Status hs;
   auto l = Connect(TestKey('k'), &hs);

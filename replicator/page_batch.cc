@@ -3,6 +3,8 @@
 #include <cassert>
 #include <cstdio>
 
+#include <lz4.h>
+
 #include "common/io.h"
 
 namespace remus::wire {
@@ -44,6 +46,29 @@ Status ForEachPageRecord(
     RETURN_IF_ERROR(fn(block, offset, data));
   }
   return OkStatus();
+}
+
+std::string CompressBatch(std::string_view batch) {
+  std::string out;
+  int bound = LZ4_compressBound(static_cast<int>(batch.size()));
+  out.resize(4 + static_cast<size_t>(bound));
+  StoreU32(out.data(), static_cast<uint32_t>(batch.size()));
+  int n = LZ4_compress_default(batch.data(), out.data() + 4, static_cast<int>(batch.size()), bound);
+  out.resize(4 + static_cast<size_t>(n > 0 ? n : 0));
+  return out;
+}
+
+StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size) {
+  if (compressed.size() < 4) return DataLoss("compressed PAGES payload is truncated");
+  uint32_t raw = LoadU32(compressed.data());
+  if (raw > max_size)
+    return DataLoss("compressed PAGES payload claims " + std::to_string(raw) + " bytes, over the limit of " +
+                    std::to_string(max_size));
+  std::string out(raw, '\0');
+  int n = LZ4_decompress_safe(compressed.data() + 4, out.data(), static_cast<int>(compressed.size() - 4),
+                              static_cast<int>(raw));
+  if (n < 0 || static_cast<uint32_t>(n) != raw) return DataLoss("compressed PAGES payload is corrupt");
+  return out;
 }
 
 }  // namespace remus::wire

@@ -36,4 +36,12 @@ Status ForEachPageRecord(
     std::string_view payload,
     const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn);
 
+// LZ4 compression of a batch for the link (frames flagged kFlagLz4):
+// be32 uncompressed size, then one LZ4 block. Guest memory is often highly
+// compressible (zeroed and repeated pages), and a replication network is the
+// bottleneck a backup shares with everything else.
+std::string CompressBatch(std::string_view batch);
+// DataLoss if the block is corrupt or claims more than max_size bytes.
+StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size);
+
 }  // namespace remus::wire

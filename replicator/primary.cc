@@ -189,6 +189,13 @@ void PrimaryReplicator::SenderLoop() {
       queued_bytes_ -= f.payload.size();
       cv_.notify_all();
     }
+    if (opts_.compress && f.type == MsgType::kPages) {
+      std::string z = wire::CompressBatch(f.payload);
+      if (z.size() < f.payload.size()) {
+        f.payload = std::move(z);
+        f.flags |= wire::kFlagLz4;
+      }
+    }
     Status s = f.type == MsgType::kDevice ? link_->SendSplit(f.type, f.epoch, f.payload)
                                           : link_->Send(f.type, f.epoch, f.payload, f.flags);
     if (!s.ok()) {
@@ -456,6 +463,7 @@ json PrimaryReplicator::StatusJson() const {
   j["backup"] = opts_.backup.ToString();
   j["qmp_socket"] = opts_.qmp_socket;
   j["interval_ms"] = interval_ms_.load();
+  j["compress"] = opts_.compress ? "lz4" : "none";
   j["checkpoints_total"] = checkpoints_total_.load();
   j["checkpoints_per_sec"] = checkpoints_.PerSecond();
   j["pause_ms"] = {{"p50", pause_ms_.Quantile(0.5)}, {"p99", pause_ms_.Quantile(0.99)},

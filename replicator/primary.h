@@ -45,6 +45,7 @@ struct PrimaryOptions {
   wire::Key key;
   HeartbeatConfig heartbeat;
   std::string netbuf = "none";
+  bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
   int connect_timeout_ms = 5000;

@@ -48,6 +48,7 @@ inline constexpr size_t kMinKeySize = 32;
 
 // Frame flags.
 inline constexpr uint16_t kFlagMore = 0x1;  // more frames of this logical message follow
+inline constexpr uint16_t kFlagLz4 = 0x2;   // PAGES payload is LZ4-compressed (page_batch.h)
 
 enum class MsgType : uint16_t {
   kHello = 1,       // primary -> backup, handshake

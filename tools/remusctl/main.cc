@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, backup, netbuf = "none", out;
+  std::string domain, qmp, backup, netbuf = "none", compress = "none", out;
   int interval = 100, timeout_s = 600;
   bool json_out = false, no_wait = false;
 
@@ -124,6 +124,8 @@ int main(int argc, char** argv) {
   protect->add_option("--backup", backup, "backup remusd, HOST[:PORT] (port 7788 by default)")->required();
   protect->add_option("--interval", interval, "checkpoint interval in ms")->capture_default_str()->check(CLI::Range(1, 600000));
   protect->add_option("--netbuf", netbuf, "output commit: none (plug and nfqueue come later)")->capture_default_str();
+  protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
+      ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
   protect->add_flag("--no-wait", no_wait, "return once the initial copy has started");
   protect->add_option("--timeout", timeout_s, "seconds to wait for the initial copy")->capture_default_str();
 
@@ -165,7 +167,8 @@ int main(int argc, char** argv) {
   }
   if (*protect) {
     auto r = remus::ControlCall(sock, {{"command", "protect"}, {"domain", domain}, {"qmp", qmp},
-                                       {"backup", backup}, {"interval_ms", interval}, {"netbuf", netbuf}});
+                                       {"backup", backup}, {"interval_ms", interval}, {"netbuf", netbuf},
+                                       {"compress", compress}});
     if (!r.ok()) return Fail(r.status());
     if (no_wait) {
       std::printf("%s: initial copy started\n", domain.c_str());

@@ -1,0 +1,89 @@
+"""remusctl's error paths against real daemons: exit codes and messages an
+operator can act on."""
+
+import os
+
+from conftest import DOMAIN, record, setup_protected
+
+
+def _out(r):
+    return (r.stdout + r.stderr).strip()
+
+
+def test_cli_errors(world, request):
+    seen = {}
+
+    # No daemon behind the socket.
+    missing = world.dir / "nobody.sock"
+    r = world.remusctl("--socket", str(missing), "status")
+    assert r.returncode == 4, f"rc {r.returncode}: {_out(r)}"
+    assert "remusd" in r.stderr and str(missing) in r.stderr, _out(r)
+    seen["missing_socket"] = r.stderr.strip()
+
+    # keygen refuses to overwrite an existing key.
+    before = world.key.read_bytes()
+    mode = os.stat(world.key).st_mode & 0o777
+    assert mode == 0o600, oct(mode)
+    r = world.remusctl("keygen", "--out", str(world.key))
+    assert r.returncode != 0, f"keygen overwrote {world.key}: {_out(r)}"
+    assert "exist" in r.stderr.lower(), _out(r)
+    assert world.key.read_bytes() == before, "keygen changed the existing key file"
+    seen["keygen_exists"] = r.stderr.strip()
+
+    pr = setup_protected(world, interval_ms=100, wait_epochs=5)
+    a, b = pr.primary, pr.backup
+
+    # Bad --backup values: refused before anything is touched.
+    for bad in ["127.0.0.1:notaport", "127.0.0.1:70000", ":7788"]:
+        r = a.ctl("protect", "web2", "--qmp", str(pr.guest.qmp_sock), "--backup", bad)
+        assert r.returncode != 0, f"--backup {bad} accepted: {_out(r)}"
+        assert "--backup" in r.stderr and bad in r.stderr, _out(r)
+        seen[f"bad_backup {bad}"] = r.stderr.strip()
+    assert a.status("web2") is None
+
+    # A monitor socket that does not exist.
+    r = a.ctl("protect", "web3", "--qmp", str(world.dir / "no-such-qmp.sock"), "--backup", b.listen)
+    assert r.returncode != 0 and "monitor" in r.stderr, _out(r)
+    seen["bad_qmp"] = r.stderr.strip()
+
+    # Protecting an already protected domain.
+    r = a.ctl("protect", DOMAIN, "--qmp", str(pr.guest.qmp_sock), "--backup", b.listen)
+    assert r.returncode == 6, f"rc {r.returncode}: {_out(r)}"
+    assert "already protected" in r.stderr, _out(r)
+    assert a.status()["state"] == "protected", "the refused protect disturbed the running protection"
+    seen["already_protected"] = r.stderr.strip()
+
+    # Status of an unknown domain: exit code 3, on both daemons.
+    for d in (a, b):
+        r = d.ctl("status", "nosuchdomain")
+        assert r.returncode == 3, f"{d.name}: rc {r.returncode}: {_out(r)}"
+        assert "nosuchdomain" in r.stderr, _out(r)
+    seen["unknown_domain"] = r.stderr.strip()
+
+    # Failover asked of the primary daemon (not a backup).
+    r = a.ctl("failover", DOMAIN)
+    assert r.returncode == 6, f"rc {r.returncode}: {_out(r)}"
+    assert "not a backup" in r.stderr, _out(r)
+    seen["failover_on_primary"] = r.stderr.strip()
+    # ... and of a domain the backup does not have.
+    r = b.ctl("failover", "nosuchdomain")
+    assert r.returncode == 3, f"rc {r.returncode}: {_out(r)}"
+
+    # Invalid domain names and intervals.
+    r = a.ctl("status", "../etc")
+    assert r.returncode != 0, _out(r)
+    r = a.ctl("tune", DOMAIN, "--interval", "0")
+    assert r.returncode != 0, _out(r)
+
+    # The happy paths still work and print what they should.
+    r = a.ctl("status")
+    assert r.returncode == 0 and DOMAIN in r.stdout and "protected" in r.stdout, _out(r)
+    r = b.ctl("status", DOMAIN)
+    assert r.returncode == 0 and DOMAIN in r.stdout, _out(r)
+
+    # None of this disturbed the protection.
+    assert a.status()["state"] == "protected"
+    assert b.status()["state"] == "protected"
+    pr.wait_acked(a.status()["last_acked_epoch"] + 5, timeout=15)
+    for k, v in seen.items():
+        record(request, **{k.replace(" ", "_").replace(":", "_").replace(".", "_"): v})

@@ -1,0 +1,85 @@
+"""Failover end to end: kill the primary QEMU after checkpoints and check that
+the backup resumes the guest from a state no older than anything acked and no
+newer than the kill, and that the restored guest is consistent."""
+
+import time
+
+import pytest
+
+from conftest import DEFAULT_HB_TIMEOUT_MS, DOMAIN, check_promoted, read_text, record, setup_protected
+
+
+def test_failover_after_checkpoints(world, request):
+    pr = setup_protected(world, interval_ms=100, wait_epochs=50)
+    c0 = pr.acked_reference()
+    st = pr.pstatus()
+    assert st["state"] == "protected" and st["last_acked_epoch"] >= 50, st
+    assert st["checkpoints_total"] >= 50, st
+    assert pr.bstatus()["state"] == "protected", pr.bstatus()
+
+    p_kill = pr.guest.counter()
+    pr.guest.kill()
+    t_kill = time.monotonic()
+
+    m = check_promoted(world, pr.backup, c0, p_kill, window_s=20)
+    pst = pr.pstatus()
+    assert pst["state"] == "failed-over", f"primary after its QEMU died: {pst}"
+    record(request, failover_ms=m["failover_ms"], promoted_epoch=m["epoch"],
+           acked_at_kill=st["last_acked_epoch"], c0=c0, committed=m["committed_counter"], p_kill=p_kill,
+           restored_start=m["restored_counter_start"], detect_to_failed_over_s=round(m["detect_s"], 2),
+           kill_to_check_s=round(time.monotonic() - t_kill, 1), pause_p50=st["pause_ms"]["p50"],
+           pause_p99=st["pause_ms"]["p99"])
+
+
+def _manual_failover(world, backup):
+    r = backup.ctl("failover", DOMAIN, timeout=60)
+    assert r.returncode == 0, f"remusctl failover failed: {r.stdout}{r.stderr}" + world.diagnostics()
+    assert "running here" in r.stdout and "qmp.sock" in r.stdout, r.stdout
+    return r.stdout.strip()
+
+
+def test_manual_failover_after_primary_remusd_loss(world, request):
+    """--no-auto-promote: the backup notices the primary's loss but waits for the
+    operator; `remusctl failover` then promotes from the last committed epoch."""
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=20)
+    c0 = pr.acked_reference()
+    p_kill = pr.guest.counter()
+    pr.primary.kill()
+    # Fail-stop assumption as in test_kill_primary_remusd: the old QEMU keeps
+    # running until cleanup.
+    st = world.wait_status(pr.backup, lambda s: not s["connected"], 5, "the backup to lose the primary")
+    time.sleep(DEFAULT_HB_TIMEOUT_MS / 1000 + 1.5)  # well past the heartbeat timeout
+    st = pr.backup.status()
+    assert st["state"] not in ("promoting", "failed-over"), f"promoted despite --no-auto-promote: {st}"
+    assert st["state"] == "primary-lost", st
+    assert st["qemu"]["pid"] == -1 and st["promotion"]["failover_ms"] == -1, st
+    assert "lost the primary" in st["error"], st
+    out = _manual_failover(world, pr.backup)
+    m = check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=5)
+    # A second failover is refused: it cannot promote twice.
+    r = pr.backup.ctl("failover", DOMAIN)
+    assert r.returncode != 0, f"second failover accepted: {r.stdout}{r.stderr}"
+    record(request, failover_ms=m["failover_ms"], promoted_epoch=m["epoch"], output=out,
+           second_failover=r.stderr.strip())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: --no-auto-promote ('never promote by itself; wait for remusctl failover') is "
+    "ignored when the primary sends FAILOVER because its QEMU died: replicator/backup.cc "
+    "BackupDomain::HandleFrame case kFailover calls Promote() without checking opts_.auto_promote"))
+def test_no_auto_promote_when_primary_qemu_dies(world, request):
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=5)
+    c0 = pr.acked_reference()
+    p_kill = pr.guest.counter()
+    pr.guest.kill()
+    time.sleep(2.0)
+    st = pr.backup.status()
+    if "primary reports its guest lost" not in read_text(pr.backup.log):
+        # The FAILOVER frame itself got lost (the link was reset under it, see
+        # the report on Stop()'s shutdown), so this run cannot show the bug.
+        pytest.skip("the primary's FAILOVER frame did not arrive in this run: " + st["error"])
+    assert st["state"] not in ("promoting", "failed-over"), (
+        f"promoted on the primary's FAILOVER despite --no-auto-promote: {st['promotion']}")
+    assert st["qemu"]["pid"] == -1, st
+    _manual_failover(world, pr.backup)
+    check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=5)
