@@ -34,14 +34,20 @@ class Line {
   std::string tag_;
   std::ostringstream os_;
 };
+// Lets the macro below be one expression, so `if (x) LOG_INFO(t) << y; else`
+// binds the way it reads (glog's LogMessageVoidify).
+struct Voidify {
+  void operator&(const Line&) {}
+};
 }  // namespace log_internal
 
 }  // namespace remus
 
-#define REMUS_LOG(level, tag)                                  \
-  if (::remus::LogLevel::level < ::remus::GetLogLevel()) {     \
-  } else                                                       \
-    ::remus::log_internal::Line(::remus::LogLevel::level, tag)
+#define REMUS_LOG(level, tag)                                 \
+  (::remus::LogLevel::level < ::remus::GetLogLevel())         \
+      ? (void)0                                               \
+      : ::remus::log_internal::Voidify() & ::remus::log_internal::Line(::remus::LogLevel::level, tag)
+
 #define LOG_DEBUG(tag) REMUS_LOG(kDebug, tag)
 #define LOG_INFO(tag) REMUS_LOG(kInfo, tag)
 #define LOG_WARN(tag) REMUS_LOG(kWarn, tag)

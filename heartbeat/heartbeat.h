@@ -24,17 +24,25 @@ class HeartbeatMonitor {
 
   void Received();  // a frame arrived from the peer
   void Sent();      // we sent a heartbeat
+  // While busy (the receiver is applying a frame rather than reading the
+  // socket), the peer's silence is ours, not its: PeerLost stays false and
+  // the silence is counted from the end of the busy spell.
+  void SetBusy(bool busy);
+  // Adopts the peer's settings (from its CONFIG). REQUIRES: 0 < interval < timeout.
+  void Reconfigure(HeartbeatConfig cfg);
 
   bool SendDue() const;
   bool PeerLost() const;
   Nanos SinceLastReceived() const;
   // How long a caller may sleep before it must check SendDue/PeerLost again.
   Nanos NextCheckIn() const;
-  const HeartbeatConfig& config() const { return cfg_; }
+  HeartbeatConfig config() const { return {Nanos(interval_ns_.load()), Nanos(timeout_ns_.load())}; }
 
  private:
   const Clock& clock_;
-  HeartbeatConfig cfg_;
+  std::atomic<int64_t> interval_ns_;
+  std::atomic<int64_t> timeout_ns_;
+  std::atomic<bool> busy_{false};
   std::atomic<int64_t> last_rx_ns_;
   std::atomic<int64_t> last_tx_ns_;
 };

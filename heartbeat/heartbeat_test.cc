@@ -51,5 +51,34 @@ TEST(Heartbeat, NextCheckInIsTheEarlierDeadline) {
   EXPECT_EQ(hb.NextCheckIn(), Nanos(0));
 }
 
+TEST(Heartbeat, BusyReceiverNeverDeclaresThePeerLost) {
+  FakeClock clock;
+  HeartbeatMonitor hb(clock, {milliseconds(100), milliseconds(500)});
+  hb.SetBusy(true);  // applying a large frame: the peer's bytes wait in our socket
+  clock.Advance(milliseconds(5000));
+  EXPECT_FALSE(hb.PeerLost());
+  hb.SetBusy(false);  // silence counts from the end of the busy spell
+  clock.Advance(milliseconds(500));
+  EXPECT_FALSE(hb.PeerLost());
+  clock.Advance(milliseconds(1));
+  EXPECT_TRUE(hb.PeerLost());
+}
+
+TEST(Heartbeat, ReconfigureAdoptsThePeersTimeout) {
+  FakeClock clock;
+  HeartbeatMonitor hb(clock, {milliseconds(100), milliseconds(500)});
+  hb.Reconfigure({milliseconds(200), milliseconds(3000)});
+  EXPECT_EQ(hb.config().timeout, Nanos(milliseconds(3000)));
+  clock.Advance(milliseconds(2999));
+  EXPECT_FALSE(hb.PeerLost());
+  clock.Advance(milliseconds(2));
+  EXPECT_TRUE(hb.PeerLost());
+  hb.Sent();
+  clock.Advance(milliseconds(199));
+  EXPECT_FALSE(hb.SendDue());
+  clock.Advance(milliseconds(1));
+  EXPECT_TRUE(hb.SendDue());
+}
+
 }  // namespace
 }  // namespace remus

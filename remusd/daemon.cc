@@ -131,6 +131,7 @@ json Daemon::Handle(const json& req) {
 json Daemon::Protect(const json& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
+  std::unique_ptr<PrimaryReplicator> ended;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto it = primaries_.find(*d);
@@ -139,8 +140,14 @@ json Daemon::Protect(const json& req) {
       if (s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting)
         return Error(AlreadyExists("domain " + *d + " is already protected (" + std::string(PrimaryStateName(s)) +
                                    "); run `remusctl unprotect " + *d + "` first"));
+      // Protection of this domain ended earlier (backup lost, say). Its
+      // replicator still holds QEMU's monitor connection, and QEMU's -qmp
+      // socket serves one client: release it before connecting again.
+      ended = std::move(it->second);
+      primaries_.erase(it);
     }
   }
+  ended.reset();
   PrimaryOptions po;
   po.domain = *d;
   po.qmp_socket = req.value("qmp", "");

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -161,6 +162,10 @@ class BackupDomain {
 
   // Runs one session on an authenticated link until it ends.
   void Serve(std::unique_ptr<wire::Link> link);
+  // After a restart of remusd: reopens the committed checkpoint kept in the
+  // state dir, so `remusctl failover` can still restore it. NotFound when
+  // there is none. Never promotes by itself: the primary may be alive.
+  Status Recover();
   Status Promote(const std::string& reason);
   json StatusJson() const;
 
@@ -168,8 +173,8 @@ class BackupDomain {
   Status HandleFrame(wire::Frame& f);
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
   Status DoPromote();
-  void AckLoop();
-  void SessionHeartbeat();
+  void AckLoop(wire::Link* link);
+  void SessionHeartbeat(wire::Link* link);
 
   const std::string name_;
   const BackupOptions& opts_;
@@ -179,7 +184,6 @@ class BackupDomain {
   const std::string tag_;
 
   mutable std::mutex mu_;  // stores, session state, config
-  std::condition_variable cv_;
   std::atomic<State> state_{State::kWaiting};
   json config_;                                // guarded by mu_
   std::string configuration_section_;          // guarded by mu_ (for the session's store)
@@ -198,10 +202,17 @@ class BackupDomain {
   uint64_t staged_page_bytes_ = 0;
   uint64_t staged_pages_ = 0;
 
-  wire::Link* link_ = nullptr;  // valid during a session
+  wire::Link* link_ = nullptr;  // valid during a session; guarded by mu_
+  // Made before a session's threads start and kept until they are joined;
+  // CONFIG only reconfigures it.
   std::unique_ptr<HeartbeatMonitor> hb_;
-  std::deque<std::pair<uint64_t, TimePoint>> acks_;  // guarded by mu_
-  bool session_over_ = false;                        // guarded by mu_
+  // The session's ack and heartbeat threads wait on their own lock, so store
+  // I/O done under mu_ (a commit, a large apply) never delays a heartbeat or
+  // an ACK: the primary would take that for a dead backup.
+  std::mutex sess_mu_;
+  std::condition_variable sess_cv_;
+  std::deque<std::pair<uint64_t, TimePoint>> acks_;  // guarded by sess_mu_
+  bool session_over_ = false;                        // guarded by sess_mu_
 
   std::atomic<uint64_t> sync_total_{0}, sync_done_{0};
   std::atomic<int64_t> last_committed_{-1};
@@ -229,16 +240,21 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       return;
     }
     session_active_ = true;
-    session_over_ = false;
     goodbye_ = false;
     error_.clear();
     primary_ = link->PeerName();
     link_ = link.get();
   }
+  {
+    std::lock_guard<std::mutex> g(sess_mu_);
+    session_over_ = false;
+    acks_.clear();
+  }
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
   LOG_INFO(tag_) << "primary " << link->PeerName() << " connected";
-  std::thread acker([this] { AckLoop(); });
-  std::thread beat([this] { SessionHeartbeat(); });
+  wire::Link* l = link.get();
+  std::thread acker([this, l] { AckLoop(l); });
+  std::thread beat([this, l] { SessionHeartbeat(l); });
   Status s;
   for (;;) {
     auto f = link->Recv();
@@ -246,16 +262,22 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       s = f.status();
       break;
     }
-    hb_->Received();
+    // Liveness is counted on receipt, and the time spent applying is ours:
+    // the primary's frames wait in our socket meanwhile.
+    hb_->SetBusy(true);
     s = HandleFrame(*f);
+    hb_->SetBusy(false);
     if (!s.ok()) break;
   }
   bool goodbye;
   {
     std::lock_guard<std::mutex> g(mu_);
     goodbye = goodbye_;
+  }
+  {
+    std::lock_guard<std::mutex> g(sess_mu_);
     session_over_ = true;
-    cv_.notify_all();
+    sess_cv_.notify_all();
   }
   if (!goodbye && s.code() != Code::kAborted && s.code() != Code::kCancelled) {
     if (s.code() == Code::kDataLoss || s.code() == Code::kResourceExhausted || s.code() == Code::kInvalidArgument) {
@@ -297,12 +319,43 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   if (!p.ok()) LOG_ERROR(tag_) << "promotion failed: " << p.ToString();
 }
 
-void BackupDomain::SessionHeartbeat() {
-  std::unique_lock<std::mutex> l(mu_);
+Status BackupDomain::Recover() {
+  auto cur = ReadFileToString(dir_ + "/current");
+  if (!cur.ok()) return NotFound("domain " + name_ + " has no committed store");
+  std::string store_name = *cur;
+  while (!store_name.empty() && (store_name.back() == '\n' || store_name.back() == ' ')) store_name.pop_back();
+  if (store_name.rfind("store-", 0) != 0 || store_name.find('/') != std::string::npos)
+    return DataLoss(dir_ + "/current names '" + store_name + "', not a store");
+  ASSIGN_OR_RETURN(std::string cfg_text, ReadFileToString(dir_ + "/config.json"));
+  if (!json::accept(cfg_text)) return DataLoss(dir_ + "/config.json is not JSON");
+  ASSIGN_OR_RETURN(auto store, PageStore::Open(dir_ + "/" + store_name));
+  if (!store->has_committed())
+    return DataLoss("domain " + name_ + ": store " + store->dir() + " holds no restorable checkpoint: " +
+                    store->invalid_reason());
+  ASSIGN_OR_RETURN(std::string configuration, ReadFileToString(store->dir() + "/configuration.bin"));
+  // Stores of sessions that never committed are of no use any more.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
+    std::string n = e.path().filename().string();
+    if (n.rfind("store-", 0) == 0 && n != store_name) std::filesystem::remove_all(e.path(), ec);
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  config_ = json::parse(cfg_text);
+  committed_configuration_ = std::move(configuration);
+  last_committed_ = static_cast<int64_t>(store->committed_epoch());
+  committed_ = std::move(store);
+  state_ = State::kPrimaryLost;
+  error_ = "remusd restarted; checkpoint " + std::to_string(last_committed_.load()) +
+           " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
+  LOG_WARN(tag_) << error_;
+  return OkStatus();
+}
+
+void BackupDomain::SessionHeartbeat(wire::Link* link) {
+  std::unique_lock<std::mutex> l(sess_mu_);
   while (!session_over_) {
-    cv_.wait_for(l, std::min<Nanos>(hb_->NextCheckIn(), std::chrono::milliseconds(50)));
+    sess_cv_.wait_for(l, std::min<Nanos>(hb_->NextCheckIn(), std::chrono::milliseconds(50)));
     if (session_over_) return;
-    wire::Link* link = link_;
     l.unlock();
     if (hb_->PeerLost()) {
       LOG_WARN(tag_) << "primary silent for " << static_cast<int>(ToMillis(hb_->SinceLastReceived())) << " ms";
@@ -318,22 +371,21 @@ void BackupDomain::SessionHeartbeat() {
   }
 }
 
-void BackupDomain::AckLoop() {
+void BackupDomain::AckLoop(wire::Link* link) {
   // ACKs go out from here so an --ack-delay-ms never slows down receiving.
-  std::unique_lock<std::mutex> l(mu_);
+  std::unique_lock<std::mutex> l(sess_mu_);
   for (;;) {
-    cv_.wait(l, [&] { return session_over_ || !acks_.empty(); });
+    sess_cv_.wait(l, [&] { return session_over_ || !acks_.empty(); });
     if (session_over_) {
       acks_.clear();
       return;
     }
     auto [epoch, due] = acks_.front();
     if (clock_.Now() < due) {
-      cv_.wait_until(l, std::chrono::steady_clock::time_point(due.time_since_epoch()));
+      sess_cv_.wait_until(l, std::chrono::steady_clock::time_point(due.time_since_epoch()));
       continue;
     }
     acks_.pop_front();
-    wire::Link* link = link_;
     l.unlock();
     (void)link->Send(MsgType::kAck, epoch, "");
     l.lock();
@@ -355,7 +407,7 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       if (c.contains("heartbeat_interval_ms") && c.contains("heartbeat_timeout_ms")) {
         HeartbeatConfig hc{std::chrono::milliseconds(c["heartbeat_interval_ms"].get<int64_t>()),
                            std::chrono::milliseconds(c["heartbeat_timeout_ms"].get<int64_t>())};
-        if (hc.interval.count() > 0 && hc.interval < hc.timeout) hb_ = std::make_unique<HeartbeatMonitor>(clock_, hc);
+        if (hc.interval.count() > 0 && hc.interval < hc.timeout) hb_->Reconfigure(hc);
       }
       std::lock_guard<std::mutex> g(mu_);
       config_ = std::move(c);
@@ -418,6 +470,13 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       std::string reason = "primary reports its guest lost";
       if (json::accept(f.payload)) reason += ": " + json::parse(f.payload).value("reason", "");
       LOG_WARN(tag_) << reason;
+      if (!opts_.auto_promote) {
+        std::lock_guard<std::mutex> g(mu_);
+        error_ = reason + "; not promoting by itself (--no-auto-promote): run `remusctl failover " + name_ + "`";
+        State st = state_;
+        if (st == State::kStandby || st == State::kSyncing || st == State::kWaiting) state_ = State::kPrimaryLost;
+        return Aborted("primary lost");
+      }
       Status p = Promote(reason);
       if (!p.ok()) LOG_ERROR(tag_) << "promotion failed: " << p.ToString();
       return Aborted("promoted");
@@ -475,9 +534,9 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   apply_ms_.Add(ms);
   if (ms > 0 && epoch > 0) apply_mb_s_ = static_cast<double>(page_bytes) / 1e6 / (ms / 1000.0);
   last_committed_ = static_cast<int64_t>(epoch);
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::mutex> g(sess_mu_);
   acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
-  cv_.notify_all();
+  sess_cv_.notify_all();
   return OkStatus();
 }
 
@@ -519,27 +578,32 @@ Status BackupDomain::DoPromote() {
   argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary);
   LOG_INFO(tag_) << "restoring epoch " << committed_->committed_epoch() << " into a new QEMU";
   std::string log = run + "/qemu.log";
-  pid_t pid = ::fork();
-  if (pid < 0) return ErrnoStatus("fork", errno);
-  if (pid == 0) {
-    // remusd blocks SIGINT/SIGTERM for its signal thread; QEMU must not inherit that.
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    ::setsid();
-    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    if (fd >= 0) {
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-    }
-    int nul = ::open("/dev/null", O_RDONLY);
-    if (nul >= 0) ::dup2(nul, 0);
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    ::execvp(cargv[0], cargv.data());
-    _exit(127);
-  }
+  // posix_spawn rather than fork: remusd is multithreaded, and a forked child
+  // may not allocate (another thread may hold malloc's lock). The child gets
+  // an empty signal mask and default dispositions (remusd blocks SIGINT and
+  // SIGTERM for its signal thread and ignores SIGPIPE), its own session, and
+  // the log file as stdout and stderr.
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawnattr_init(&attr);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+  posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  sigset_t none, all;
+  sigemptyset(&none);
+  sigfillset(&all);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &all);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSID);
+  pid_t pid = -1;
+  int rc = ::posix_spawnp(&pid, cargv[0], &fa, &attr, cargv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&attr);
+  if (rc != 0) return ErrnoStatus("starting " + argv[0], rc);
   qemu_pid_ = pid;
   qemu_reaper_ = std::thread([pid, tag = tag_, this] {
     int st = 0;
@@ -632,6 +696,20 @@ BackupServer::~BackupServer() {
 Status BackupServer::Listen(const HostPort& addr) {
   ASSIGN_OR_RETURN(listen_fd_, ListenTcp(addr));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/domains", 0700));
+  // Checkpoints committed before a restart stay restorable.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(opts_.state_dir + "/domains", ec)) {
+    std::string name = e.path().filename().string();
+    if (!e.is_directory() || !ValidDomainName(name)) continue;
+    auto d = std::make_shared<BackupDomain>(name, opts_, clock_, arbiter_.get());
+    Status r = d->Recover();
+    if (r.ok()) {
+      std::lock_guard<std::mutex> g(mu_);
+      domains_[name] = std::move(d);
+    } else if (r.code() != Code::kNotFound) {
+      LOG_ERROR("backup") << "domain " << name << ": cannot recover its checkpoint: " << r.message();
+    }
+  }
   accept_thread_ = std::thread([this] { AcceptLoop(); });
   LOG_INFO("backup") << "listening on " << addr.ToString();
   return OkStatus();

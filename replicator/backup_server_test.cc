@@ -272,6 +272,57 @@ namespace {
 
 // A backup whose state directory is full refuses the domain with a clear
 // error instead of dying of SIGBUS on its first page.
+TEST_F(BackupServerTest, FailoverFrameWithoutAutoPromoteWaitsForTheOperator) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  InitialSync(*l);
+  ASSERT_TRUE(l->Send(MsgType::kFailover, 0, json{{"reason", "QEMU exited"}}.dump()).ok());
+  WaitState("primary-lost");
+  json st = DomainStatus();
+  EXPECT_NE(st["error"].get<std::string>().find("remusctl failover vm1"), std::string::npos) << st.dump();
+  EXPECT_EQ(st["promotion"]["state"], "standby") << st.dump();  // never began
+}
+
+TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
+  {
+    remus::Status hs;
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    InitialSync(*l);
+    std::string p = CheckpointPages(1, 'R');
+    ASSERT_TRUE(l->Send(MsgType::kPages, 1, p).ok());
+    ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
+    ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+    ExpectAck(*l, 1);
+    // A partial epoch 2 that is never committed.
+    ASSERT_TRUE(l->Send(MsgType::kPages, 2, CheckpointPages(1, 'X')).ok());
+  }
+  WaitState("primary-lost");
+  // remusd restarts on the same state dir.
+  server_.reset();
+  BackupOptions o;
+  o.state_dir = dir_;
+  o.key = TestKey('k');
+  o.auto_promote = false;
+  o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
+  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+  ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  ASSERT_TRUE(server_->HasDomain("vm1"));
+  json st = DomainStatus();
+  EXPECT_EQ(st["state"], "primary-lost") << st.dump();
+  EXPECT_EQ(st["last_committed_epoch"], 1) << st.dump();
+  EXPECT_NE(st["error"].get<std::string>().find("remusctl failover vm1"), std::string::npos) << st.dump();
+  EXPECT_EQ(StoreByte(1), 'R');
+  // A primary that comes back starts a new session over it.
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok()) << hs.ToString();
+  InitialSync(*l);
+  EXPECT_EQ(DomainStatus()["state"], "protected");
+  EXPECT_EQ(StoreByte(1), 'b');
+}
+
 TEST(BackupFullDisk, RefusesWithResourceExhausted) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to mount a small tmpfs";
   char tmpl[] = "/tmp/remus-fulldisk.XXXXXX";

@@ -132,7 +132,13 @@ Status PrimaryReplicator::Connect() {
 
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
   qmp_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
-  qmp_->SetDisconnectHandler([this] { qemu_dead_ = true; });
+  // QEMU's death must wake every wait in the epoch loop (the stall fault,
+  // backpressure), or the backup would never be told to take over.
+  qmp_->SetDisconnectHandler([this] {
+    std::lock_guard<std::mutex> g(mu_);
+    qemu_dead_ = true;
+    cv_.notify_all();
+  });
 
   source_ = std::make_unique<CheckpointSource>(
       qmp_.get(), CheckpointSourceOptions{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000});
@@ -150,6 +156,7 @@ Status PrimaryReplicator::Connect() {
 
 PrimaryReplicator::~PrimaryReplicator() {
   Stop(Cancelled("daemon shutting down"), false);
+  if (link_) link_->Shutdown();  // the ack reader may still be draining the link
   for (auto* t : {&epoch_thread_, &sender_thread_, &ack_thread_, &hb_thread_})
     if (t->joinable()) t->join();
 }
@@ -209,6 +216,7 @@ void PrimaryReplicator::AckLoop() {
   std::string tag = "primary[" + opts_.domain + "]";
   for (;;) {
     auto f = link_->Recv();
+    if (f.ok() && stopping_) continue;  // draining after FAILOVER/GOODBYE until the backup closes
     if (!f.ok()) {
       if (!stopping_) Stop(Unavailable("lost the backup " + opts_.backup.ToString() + ": " + f.status().message()), false);
       return;
@@ -327,8 +335,8 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN("primary[" + opts_.domain + "]") << "fault injection: stalling after REPLY of epoch " << epoch;
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return stopping_.load(); });
-    return Cancelled("stopped during injected stall");
+    cv_.wait(l, [&] { return stopping_ || qemu_dead_; });
+    return Aborted("the injected stall ended: " + std::string(qemu_dead_ ? "QEMU exited" : "stopped"));
   }
   std::vector<std::string> batches;
   BatchingSink sink([&](std::string&& b) { batches.push_back(std::move(b)); });
@@ -341,7 +349,7 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   {
     std::unique_lock<std::mutex> l(mu_);
     auto room = [&] {
-      return stopping_ || (unacked_.size() < opts_.max_unacked_epochs &&
+      return stopping_ || qemu_dead_ || (unacked_.size() < opts_.max_unacked_epochs &&
                            (unacked_.empty() || unacked_bytes_ + bytes <= opts_.max_unacked_bytes));
     };
     if (!room()) {
@@ -349,6 +357,7 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
       cv_.wait(l, room);  // the guest stays paused: the backup is behind
     }
     if (stopping_) return Cancelled("stopped");
+    if (qemu_dead_) return Unavailable("QEMU exited while the checkpoint waited for the backup");
     unacked_.push_back({epoch, bytes});
     unacked_bytes_ += bytes;
     for (auto& b : batches) {
@@ -421,13 +430,20 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
     if (netbuf_) (void)netbuf_->Finish(true);
     state_ = on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected;
   }
-  if (link_) link_->Shutdown();
+  // The ack reader keeps reading until the backup closes its end, so the
+  // last frame is delivered, not reset (see Link::ShutdownWrite).
+  if (link_) link_->ShutdownWrite();
   if (source_) source_->Abort();
 }
 
 Status PrimaryReplicator::Unprotect() {
+  // Protection that already ended (the backup was lost, say) has nothing
+  // left to undo: the guest runs unprotected, so unprotect succeeds and the
+  // earlier error stays visible in the status.
+  bool was_running = !stopping_.load();
   Stop(Cancelled("unprotected by the operator"), false);
   std::lock_guard<std::mutex> g(mu_);
+  if (!was_running) return OkStatus();
   return error_.empty() || state_ != PrimaryState::kUnprotected ? OkStatus() : Internal(error_);
 }
 

@@ -313,6 +313,7 @@ StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_
 }
 
 void Link::Shutdown() { ::shutdown(fd_.get(), SHUT_RDWR); }
+void Link::ShutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
 
 std::string Link::PeerName() const {
   sockaddr_storage ss{};

@@ -119,6 +119,10 @@ class Link {
   // shutdown(2) both directions: a blocked Recv or Send returns with an error.
   // The fd stays open until the Link is destroyed.
   void Shutdown();
+  // Sends FIN after everything queued, but keeps reading: the last frame
+  // (FAILOVER, GOODBYE) reaches the peer instead of being cut off by a reset
+  // when unread data meets a closed socket.
+  void ShutdownWrite();
   int fd() const { return fd_.get(); }
   // "10.0.0.2:7800", "unix socket" or "unknown peer": for error messages.
   std::string PeerName() const;

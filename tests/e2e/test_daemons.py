@@ -98,11 +98,6 @@ def test_kill_backup_during_checkpoints_loop(world, request):
     record(request, unprotected_after_s=results, unprotect_after_loss=unprotect_results)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: after the backup is lost the PrimaryReplicator stays in Daemon::primaries_ "
-    "(state unprotected) and keeps its QMP connection; QEMU's -qmp chardev serves one client, "
-    "so a new `remusctl protect` of the same domain fails after 5 s with "
-    "'no QMP greeting from QEMU monitor' (remusd/daemon.cc Daemon::Protect)"))
 def test_reprotect_after_backup_loss(world, request):
     primary = world.start_primary()
     guest = world.start_guest()

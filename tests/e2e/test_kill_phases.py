@@ -113,11 +113,6 @@ def _stall_mid_checkpoint(world):
     return pr, c0, p_kill, evidence
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: the stall-after-reply fault only waits for stopping_ (replicator/primary.cc "
-    "RunCheckpoint); QEMU's death is noticed (QMP disconnect sets qemu_dead_) but nothing wakes "
-    "the epoch thread, so the primary never sends FAILOVER and keeps heartbeating: the backup "
-    "never promotes"))
 def test_kill_between_request_and_loaded(world, request):
     pr, c0, p_kill, evidence = _stall_mid_checkpoint(world)
     pr.guest.kill()
