@@ -52,6 +52,9 @@ Status Daemon::Start() {
     backup_ = std::make_unique<BackupServer>(bo, clock_, std::make_unique<FailStopArbiter>());
     RETURN_IF_ERROR(backup_->Listen(*opts_.listen).Annotate("listening for primaries"));
   }
+  // Output-buffering rules left by a remusd that died must not keep holding
+  // (or dropping) a guest's packets.
+  if (Status c = CleanupStaleNetbuf(); !c.ok()) LOG_WARN("remusd") << "netbuf cleanup: " << c.message();
   ASSIGN_OR_RETURN(control_fd_, ListenUnix(opts_.control_socket, 0600));
   control_thread_ = std::thread([this] { ControlLoop(); });
   LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
@@ -160,7 +163,22 @@ json Daemon::Protect(const json& req) {
   po.interval_ms = req.value("interval_ms", 100);
   po.key = key_;
   po.heartbeat = opts_.heartbeat;
-  po.netbuf = req.value("netbuf", "none");
+  po.netbuf.mode = req.value("netbuf", "plug");
+  if (req.contains("netbuf_interfaces")) {
+    if (!req["netbuf_interfaces"].is_array())
+      return Error(InvalidArgument("domain " + *d + ": netbuf_interfaces must be a list of device names"));
+    for (const auto& i : req["netbuf_interfaces"]) {
+      if (!i.is_string() || i.get<std::string>().empty() || i.get<std::string>().size() >= 16 ||
+          i.get<std::string>().find('/') != std::string::npos)
+        return Error(InvalidArgument("domain " + *d + ": --netbuf-if " + i.dump() + " is not a network device name"));
+      po.netbuf.interfaces.push_back(i.get<std::string>());
+    }
+  }
+  po.netbuf_fallback = req.value("netbuf_fallback", false);
+  po.netbuf.queue_maxlen = req.value("netbuf_queue_maxlen", po.netbuf.queue_maxlen);
+  if (po.netbuf.queue_maxlen < 1)
+    return Error(InvalidArgument("domain " + *d + ": --netbuf-queue-len must be at least 1"));
+  po.netbuf.fail_open = req.value("netbuf_fail_open", false);
   std::string compress = req.value("compress", "none");
   if (compress != "none" && compress != "lz4")
     return Error(InvalidArgument("domain " + *d + ": unknown --compress '" + compress + "'; expected lz4 or none"));

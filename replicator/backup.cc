@@ -13,6 +13,7 @@
 #include <deque>
 #include <filesystem>
 
+#include "common/hex.h"
 #include "common/log.h"
 #include "replicator/restore.h"
 
@@ -28,24 +29,6 @@ bool ValidDomainName(const std::string& d) {
   for (char c : d)
     if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
   return true;
-}
-
-StatusOr<std::string> Unhex(const std::string& h) {
-  if (h.size() % 2) return DataLoss("odd-length hex string");
-  std::string out;
-  out.reserve(h.size() / 2);
-  auto nib = [](char c) -> int {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  };
-  for (size_t i = 0; i < h.size(); i += 2) {
-    int a = nib(h[i]), b = nib(h[i + 1]);
-    if (a < 0 || b < 0) return DataLoss("bad hex digit");
-    out.push_back(static_cast<char>(a << 4 | b));
-  }
-  return out;
 }
 
 // Replaces the value of key=VALUE inside a QEMU option string.
@@ -419,7 +402,9 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       std::vector<qemu::RamBlock> blocks;
       for (const auto& x : b.value("blocks", json::array()))
         blocks.push_back({x.value("id", ""), x.value("used_length", uint64_t{0})});
-      ASSIGN_OR_RETURN(std::string config, Unhex(b.value("configuration", "")));
+      auto config_bytes = HexDecode(b.value("configuration", ""));
+      if (!config_bytes) return DataLoss("SYNC_BEGIN: the configuration section is not hex");
+      std::string config = std::move(*config_bytes);
       int seq;
       {
         std::lock_guard<std::mutex> g(mu_);

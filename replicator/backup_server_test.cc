@@ -85,6 +85,13 @@ class BackupServerTest : public ::testing::Test {
     return pages;
   }
 
+  // PAGES, DEVICE and COMMIT of checkpoint `epoch` with honest counts.
+  static void SendCheckpoint(wire::Link& l, uint64_t epoch, const std::string& pages) {
+    ASSERT_TRUE(l.Send(MsgType::kPages, epoch, pages).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, epoch, Blob()).ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, epoch, wire::EncodeCommit({1, pages.size(), Blob().size()})).ok());
+  }
+
   void ExpectAck(wire::Link& l, uint64_t epoch) {
     for (;;) {
       auto f = l.RecvUntil(std::chrono::steady_clock::now() + std::chrono::seconds(5));
@@ -138,9 +145,7 @@ TEST_F(BackupServerTest, CommitsCompleteCheckpointsInOrder) {
   EXPECT_EQ(StoreByte(3), 0);  // zero page
   for (uint64_t e = 1; e <= 5; e++) {
     std::string p = CheckpointPages(e % 4, static_cast<char>('A' + e));
-    ASSERT_TRUE(l->Send(MsgType::kPages, e, p).ok());
-    ASSERT_TRUE(l->Send(MsgType::kDevice, e, Blob()).ok());
-    ASSERT_TRUE(l->Send(MsgType::kCommit, e, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+    SendCheckpoint(*l, e, p);
     ExpectAck(*l, e);
   }
   EXPECT_EQ(DomainStatus()["last_committed_epoch"], 5);
@@ -190,9 +195,7 @@ TEST_F(BackupServerTest, OutOfRangePageIsRefused) {
   ASSERT_TRUE(hs.ok());
   InitialSync(*l);
   std::string p = CheckpointPages(99, 'Z');  // beyond the 4-page block
-  ASSERT_TRUE(l->Send(MsgType::kPages, 1, p).ok());
-  ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
-  ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+  SendCheckpoint(*l, 1, p);
   auto f = NextNonHeartbeat(*l);
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(f->type, MsgType::kError);
@@ -291,9 +294,7 @@ TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
     ASSERT_TRUE(hs.ok());
     InitialSync(*l);
     std::string p = CheckpointPages(1, 'R');
-    ASSERT_TRUE(l->Send(MsgType::kPages, 1, p).ok());
-    ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
-    ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+    SendCheckpoint(*l, 1, p);
     ExpectAck(*l, 1);
     // A partial epoch 2 that is never committed.
     ASSERT_TRUE(l->Send(MsgType::kPages, 2, CheckpointPages(1, 'X')).ok());

@@ -1,9 +1,13 @@
 #include "replicator/primary.h"
 
 #include <signal.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cinttypes>
+#include <cstdio>
 
+#include "common/hex.h"
 #include "common/log.h"
 
 namespace remus {
@@ -16,15 +20,14 @@ namespace {
 constexpr size_t kBatchBytes = 4u << 20;          // PAGES payload target
 constexpr uint64_t kInitialQueueBound = 64u << 20;  // flow control during the initial copy
 
-std::string HexString(std::string_view s) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  out.reserve(s.size() * 2);
-  for (unsigned char c : s) {
-    out.push_back(d[c >> 4]);
-    out.push_back(d[c & 15]);
-  }
-  return out;
+// Wall-clock seconds with microseconds, for debug lines that tests line up
+// with packet timestamps taken elsewhere on the host.
+std::string WallSeconds() {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+                std::chrono::system_clock::now().time_since_epoch()).count();
+  char b[32];
+  std::snprintf(b, sizeof b, "%lld.%06lld", static_cast<long long>(us / 1000000), static_cast<long long>(us % 1000000));
+  return b;
 }
 
 // Collects page records into PAGES payloads of about kBatchBytes.
@@ -109,7 +112,7 @@ Status PrimaryReplicator::Connect() {
     return AlreadyExists("domain " + d + ": QEMU already has a migration in progress (" + mstatus +
                          "); is it protected by another remusd?");
   ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
-  ASSIGN_OR_RETURN(netbuf_, MakeOutputBuffer(opts_.netbuf));
+  RETURN_IF_ERROR(ResolveNetbuf());
 
   auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
   if (!fd.ok())
@@ -145,7 +148,7 @@ Status PrimaryReplicator::Connect() {
   RETURN_IF_ERROR(source_->Start());
   state_ = PrimaryState::kSyncing;
   LOG_INFO(tag) << "protecting: QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
-                << opts_.backup.ToString() << ", interval " << opts_.interval_ms << " ms, netbuf " << netbuf_->mode();
+                << opts_.backup.ToString() << ", interval " << opts_.interval_ms << " ms, netbuf " << netbuf_opts_.mode;
 
   ack_thread_ = std::thread([this] { AckLoop(); });
   sender_thread_ = std::thread([this] { SenderLoop(); });
@@ -239,8 +242,11 @@ void PrimaryReplicator::AckLoop() {
           }
           cv_.notify_all();
         }
-        Status r = netbuf_->Release(e);
-        if (!r.ok()) LOG_ERROR(tag) << "netbuf release of epoch " << e << ": " << r.ToString();
+        if (OutputBuffer* nb = netbuf_.load()) {
+          LOG_DEBUG(tag) << "epoch " << e << ": acked, releasing output, wall " << WallSeconds();
+          Status r = nb->Release(e);
+          if (!r.ok()) LOG_ERROR(tag) << "netbuf release of epoch " << e << ": " << r.ToString();
+        }
         if (e == 0) {
           PrimaryState expect = PrimaryState::kSyncing;
           if (state_.compare_exchange_strong(expect, PrimaryState::kProtected))
@@ -280,6 +286,35 @@ void PrimaryReplicator::HeartbeatLoop() {
   }
 }
 
+Status PrimaryReplicator::ResolveNetbuf() {
+  const std::string& d = opts_.domain;
+  netbuf_opts_ = opts_.netbuf;
+  netbuf_opts_.domain = d;
+  NetbufOptions& nb = netbuf_opts_;
+  if (nb.mode != "none" && nb.mode != "plug" && nb.mode != "nfqueue")
+    return InvalidArgument("domain " + d + ": unknown --netbuf '" + nb.mode + "'; expected plug, nfqueue or none");
+  if (nb.mode == "none") return OkStatus();
+  if (nb.interfaces.empty()) {
+    ASSIGN_OR_RETURN(nb.interfaces, GuestTapDevices(*qmp_, qmp_->pid(), d));
+  }
+  if (nb.interfaces.empty()) {
+    LOG_INFO("primary[" + d + "]") << "the guest has no network devices: no output to hold";
+    nb.mode = "none";
+    return OkStatus();
+  }
+  for (const auto& i : nb.interfaces)
+    if (::access(("/sys/class/net/" + i).c_str(), F_OK) != 0)
+      return NotFound("domain " + d + ": network device " + i + " does not exist in remusd's network namespace");
+  Status sup = CheckNetbufSupport(nb.mode);
+  if (!sup.ok() && nb.mode == "plug" && opts_.netbuf_fallback) {
+    LOG_WARN("primary[" + d + "]") << sup.message() << "; using nfqueue (--netbuf-fallback)";
+    nb.mode = "nfqueue";
+    sup = CheckNetbufSupport(nb.mode);
+  }
+  if (!sup.ok()) return Status(sup.code(), "domain " + d + ": " + sup.message());
+  return OkStatus();
+}
+
 Status PrimaryReplicator::RunInitialSync() {
   std::string tag = "primary[" + opts_.domain + "]";
   qemu::InitialInfo info;
@@ -292,7 +327,7 @@ Status PrimaryReplicator::RunInitialSync() {
       blocks.push_back({{"id", b.id}, {"used_length", b.used_length}});
     }
     sync_total_bytes_ = total;
-    json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexString(info.configuration)}};
+    json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexEncode(info.configuration)}};
     Enqueue({MsgType::kSyncBegin, 0, begin.dump()});
   });
   // Progress in guest bytes covered, counted as pages pass through the sink.
@@ -308,6 +343,12 @@ Status PrimaryReplicator::RunInitialSync() {
   progress.done = &sync_done_bytes_;
   RETURN_IF_ERROR(source_->ReadInitial(&progress, &info));
   sink.Drain();
+  // The guest is paused for its device state: output buffering starts here,
+  // so everything the guest sends from now on waits for its checkpoint.
+  auto nb = MakeOutputBuffer(netbuf_opts_);
+  if (!nb.ok()) return nb.status().Annotate("domain " + opts_.domain + ": output buffering");
+  netbuf_owner_ = std::move(nb).value();
+  netbuf_ = netbuf_owner_.get();
   // QEMU stopped the guest for the device state; let it run again right away.
   Enqueue({MsgType::kDevice, 0, info.device_state});
   wire::CommitInfo ci{sink.pages(), sink.bytes(), info.device_state.size()};
@@ -343,7 +384,8 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   uint64_t pages = 0;
   ASSIGN_OR_RETURN(std::string blob, source_->ReadCheckpoint(&sink, &pages));
   sink.Drain();
-  RETURN_IF_ERROR(netbuf_->Barrier(epoch));
+  RETURN_IF_ERROR(netbuf_.load()->Barrier(epoch));
+  LOG_DEBUG("primary[" + opts_.domain + "]") << "epoch " << epoch << ": output barrier, wall " << WallSeconds();
   uint64_t bytes = sink.bytes() + blob.size();
   wire::CommitInfo ci{sink.pages(), sink.bytes(), blob.size()};
   {
@@ -415,7 +457,9 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
     LOG_ERROR(tag) << why.message() << "; telling the backup to take over";
     if (link_) (void)link_->Send(MsgType::kFailover, 0, json{{"reason", why.message()}}.dump());
     state_ = PrimaryState::kFailedOver;
-    (void)netbuf_->Finish(false);
+    // The guest is gone: what it sent after the last ACK is dropped, since
+    // the backup resumes from a state that never sent it.
+    if (OutputBuffer* nb = netbuf_.load()) (void)nb->Finish(false);
   } else {
     if (on_purpose) LOG_INFO(tag) << "protection ends: " << why.message();
     else LOG_ERROR(tag) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
@@ -427,7 +471,8 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
         SetError(g.message());
       }
     }
-    if (netbuf_) (void)netbuf_->Finish(true);
+    // The guest runs on unprotected: release everything it sent.
+    if (OutputBuffer* nb = netbuf_.load()) (void)nb->Finish(true);
     state_ = on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected;
   }
   // The ack reader keeps reading until the backup closes its end, so the
@@ -488,9 +533,15 @@ json PrimaryReplicator::StatusJson() const {
   j["dirty_pages_per_epoch"] = {{"p50", dirty_pages_.Quantile(0.5)}, {"mean", dirty_pages_.Mean()}};
   j["bytes_per_epoch"] = {{"p50", epoch_bytes_.Quantile(0.5)}, {"mean", epoch_bytes_.Mean()}};
   j["backpressure_waits"] = backpressure_waits_.load();
-  j["netbuf"] = {{"mode", netbuf_ ? std::string(netbuf_->mode()) : "none"},
-                 {"guarantee", netbuf_ ? std::string(netbuf_->guarantee()) : ""},
-                 {"buffered_packets", netbuf_ ? netbuf_->buffered_packets() : 0}};
+  OutputBuffer* nb = netbuf_.load();
+  j["netbuf"] = {{"mode", netbuf_opts_.mode},
+                 {"interfaces", netbuf_opts_.interfaces},
+                 {"active", nb != nullptr},
+                 {"guarantee", nb ? std::string(nb->guarantee()) : (netbuf_opts_.mode == "none"
+                                         ? std::string(NoOutputBuffer().guarantee())
+                                         : "output is held from the end of the initial copy on")},
+                 {"buffered_packets", nb ? nb->buffered_packets() : 0},
+                 {"dropped_packets", nb ? nb->dropped_packets() : 0}};
   j["qemu"] = {{"version", probe_.version}, {"accelerator", probe_.accelerator},
                {"pid", qmp_ ? qmp_->pid() : -1}};
   j["link"] = {{"bytes_sent", link_ ? link_->bytes_sent() : 0}};

@@ -44,7 +44,11 @@ struct PrimaryOptions {
   int interval_ms = 100;
   wire::Key key;
   HeartbeatConfig heartbeat;
-  std::string netbuf = "none";
+  // Output commit. interfaces empty: the guest's taps, asked from QEMU.
+  NetbufOptions netbuf;
+  // With netbuf.mode "plug": use nfqueue instead where the kernel lacks
+  // sch_plug, rather than refusing.
+  bool netbuf_fallback = false;
   bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
@@ -81,6 +85,7 @@ class PrimaryReplicator {
   Status Connect();
   void EpochLoop();
   Status RunInitialSync();
+  Status ResolveNetbuf();
   Status RunCheckpoint(uint64_t epoch);
   void SenderLoop();
   void AckLoop();
@@ -105,7 +110,12 @@ class PrimaryReplicator {
   std::unique_ptr<QmpClient> qmp_;
   std::unique_ptr<CheckpointSource> source_;
   std::unique_ptr<wire::Link> link_;
-  std::unique_ptr<OutputBuffer> netbuf_;
+  // Made while the guest is paused at the end of the initial copy (output
+  // before protection is established is not held). netbuf_ is what other
+  // threads read; the epoch thread sets it once.
+  std::unique_ptr<OutputBuffer> netbuf_owner_;
+  std::atomic<OutputBuffer*> netbuf_{nullptr};
+  NetbufOptions netbuf_opts_;  // resolved at Connect
   std::unique_ptr<HeartbeatMonitor> hb_;
   std::vector<std::string> qemu_argv_;
   ColoProbe probe_;

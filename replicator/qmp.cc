@@ -327,4 +327,71 @@ Status CheckColoSupported(const ColoProbe& p, const std::string& domain) {
 
 bool IsColoVersionTested(const ColoProbe& p) { return p.major == 7 && p.minor == 2; }
 
+// ---- the guest's network backends -----------------------------------------
+
+std::vector<GuestNic> ParseInfoNetwork(std::string_view text) {
+  std::vector<GuestNic> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t eol = text.find('\n', pos);
+    if (eol == std::string_view::npos) eol = text.size();
+    std::string_view line = text.substr(pos, eol - pos);
+    pos = eol + 1;
+    while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.remove_suffix(1);
+    size_t b = line.find("\\ ");
+    if (b == std::string_view::npos) continue;  // a NIC (frontend) line, not a backend
+    line.remove_prefix(b + 2);
+    size_t colon = line.find(": ");
+    if (colon == std::string_view::npos) continue;
+    GuestNic n;
+    n.netdev = std::string(line.substr(0, colon));
+    std::string_view opts = line.substr(colon + 2);
+    while (!opts.empty()) {
+      size_t c = opts.find(',');
+      std::string_view kv = opts.substr(0, c);
+      opts = c == std::string_view::npos ? std::string_view() : opts.substr(c + 1);
+      size_t eq = kv.find('=');
+      if (eq == std::string_view::npos) continue;
+      std::string_view k = kv.substr(0, eq), v = kv.substr(eq + 1);
+      if (k == "type") n.type = std::string(v);
+      else if (k == "ifname") n.ifname = std::string(v);
+      else if (k == "fd") n.fd = std::string(v);
+    }
+    if (!n.type.empty()) out.push_back(std::move(n));
+  }
+  return out;
+}
+
+StatusOr<std::vector<std::string>> GuestTapDevices(QemuMonitor& monitor, int qemu_pid, const std::string& domain) {
+  ASSIGN_OR_RETURN(json r, monitor.Execute("human-monitor-command", {{"command-line", "info network"}}));
+  if (!r.is_string()) return Internal("info network returned an unexpected answer: " + Dump(r));
+  std::vector<std::string> taps;
+  for (GuestNic& n : ParseInfoNetwork(r.get<std::string>())) {
+    if (n.type == "tap" || n.type == "bridge") {
+      if (n.ifname.empty() && !n.fd.empty() && qemu_pid > 0) {
+        // "-netdev tap,fd=N": the kernel names the device in the fd's info.
+        auto info = ReadFileToString("/proc/" + std::to_string(qemu_pid) + "/fdinfo/" + n.fd);
+        if (info.ok()) {
+          size_t k = info->find("iff:");
+          if (k != std::string::npos) {
+            size_t s = info->find_first_not_of(" \t", k + 4), e = info->find('\n', k);
+            if (s != std::string::npos) n.ifname = info->substr(s, e == std::string::npos ? std::string::npos : e - s);
+          }
+        }
+      }
+      if (n.ifname.empty())
+        return FailedPrecondition("domain " + domain + ": cannot tell which host device NIC backend " + n.netdev +
+                                  " uses; name it with --netbuf-if");
+      taps.push_back(n.ifname);
+    } else if (n.type == "hubport") {
+      continue;  // a hub's ports lead to one of the backends listed anyway
+    } else {
+      return FailedPrecondition("domain " + domain + ": NIC backend " + n.netdev + " is " + n.type +
+                                " networking, whose packets cannot be held on the host; use a tap backend, "
+                                "or --netbuf none to run without output buffering");
+    }
+  }
+  return taps;
+}
+
 }  // namespace remus

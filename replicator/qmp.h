@@ -172,4 +172,23 @@ Status CheckColoSupported(const ColoProbe& probe, const std::string& domain);
 // "allowed, untested" rows, where the caller should log a warning.
 bool IsColoVersionTested(const ColoProbe& probe);
 
+// ---- the guest's network backends (for netbuf) ------------------------------
+
+struct GuestNic {
+  std::string netdev;  // backend id, e.g. "n0"
+  std::string type;    // "tap", "user", "socket", "bridge", ...
+  std::string ifname;  // host device for tap/bridge backends, "" if unknown
+  std::string fd;      // tap opened by the caller (libvirt): the fd in QEMU
+};
+
+// Parses HMP `info network` (QEMU has no QMP command that names a tap's host
+// device in 7.2). Only backend lines ("\ id: index=..,type=..") count.
+std::vector<GuestNic> ParseInfoNetwork(std::string_view text);
+
+// The host-side devices of the guest's NICs, for output buffering. A tap
+// passed in by fd (libvirt) is named through /proc/PID/fdinfo ("iff:").
+// FailedPrecondition when a NIC's packets cannot be held on the host
+// (user-mode networking leaves through QEMU's own sockets).
+StatusOr<std::vector<std::string>> GuestTapDevices(QemuMonitor& monitor, int qemu_pid, const std::string& domain);
+
 }  // namespace remus

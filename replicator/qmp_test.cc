@@ -432,6 +432,49 @@ TEST(CheckColoSupportedTest, OtherVersionsAreAllowedButUntested) {
 
 constexpr char kQemu[] = "/usr/bin/qemu-system-x86_64";
 
+// ---- the guest's NICs (netbuf) ------------------------------------------------
+
+// Captured from QEMU 7.2 with a tap and a user-mode NIC.
+constexpr char kInfoNetwork[] =
+    "virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
+    " \\ n0: index=0,type=tap,ifname=tapq,script=no,downscript=no\r\n"
+    "e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:57\r\n"
+    " \\ n1: index=0,type=user,net=10.0.2.0,restrict=off\r\n";
+
+TEST(GuestNicsTest, ParsesBackendsOfInfoNetwork) {
+  auto nics = ParseInfoNetwork(kInfoNetwork);
+  ASSERT_EQ(nics.size(), 2u);
+  EXPECT_EQ(nics[0].netdev, "n0");
+  EXPECT_EQ(nics[0].type, "tap");
+  EXPECT_EQ(nics[0].ifname, "tapq");
+  EXPECT_EQ(nics[1].netdev, "n1");
+  EXPECT_EQ(nics[1].type, "user");
+  EXPECT_TRUE(ParseInfoNetwork("").empty());
+  EXPECT_TRUE(ParseInfoNetwork("garbage\n \\ nocolon\n").empty());
+}
+
+TEST(GuestNicsTest, TapsAreListedAndUserNetworkingIsRefused) {
+  CannedMonitor m;
+  m.answers["human-monitor-command"] = std::string(
+      "virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
+      " \\ n0: index=0,type=tap,ifname=tap0,script=no,downscript=no\r\n"
+      "virtio-net-pci.1: index=1,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:58\r\n"
+      " \\ n2: index=0,type=tap,ifname=tap1,script=no,downscript=no\r\n");
+  auto taps = GuestTapDevices(m, -1, "vm1");
+  ASSERT_TRUE(taps.ok()) << taps.status().ToString();
+  EXPECT_EQ(*taps, (std::vector<std::string>{"tap0", "tap1"}));
+  m.answers["human-monitor-command"] = std::string(kInfoNetwork);
+  auto refused = GuestTapDevices(m, -1, "vm1");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), Code::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("n1 is user networking"));
+  EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("--netbuf none"));
+  m.answers["human-monitor-command"] = std::string("");  // no NICs: nothing to hold
+  auto none = GuestTapDevices(m, -1, "vm1");
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+}
+
 TEST(RealQemuTest, ProbeRefusesStock72UnderTcgAndQuitClosesTheMonitor) {
   if (::access(kQemu, X_OK) != 0) GTEST_SKIP() << kQemu << " is not installed (apt-get install qemu-system-x86)";
   std::string dir = MakeTempDir();

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/crc32c.h"
+#include "common/hex.h"
 #include "common/log.h"
 
 namespace remus::wire {
@@ -38,36 +39,6 @@ uint16_t LoadU16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[
 
 std::string FrameDesc(uint16_t type, uint64_t epoch) {
   return "frame " + MsgTypeName(type) + " epoch " + std::to_string(epoch);
-}
-
-std::string Hex(std::string_view bytes) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(bytes.size() * 2);
-  for (unsigned char c : bytes) {
-    out.push_back(kDigits[c >> 4]);
-    out.push_back(kDigits[c & 0xf]);
-  }
-  return out;
-}
-
-int HexVal(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-// Decodes hex; nullopt on odd length or a non-hex character.
-std::optional<std::string> Unhex(std::string_view hex) {
-  if (hex.size() % 2 != 0) return std::nullopt;
-  std::string out(hex.size() / 2, '\0');
-  for (size_t i = 0; i < out.size(); i++) {
-    int hi = HexVal(hex[2 * i]), lo = HexVal(hex[2 * i + 1]);
-    if (hi < 0 || lo < 0) return std::nullopt;
-    out[i] = static_cast<char>(hi << 4 | lo);
-  }
-  return out;
 }
 
 StatusOr<std::string> RandomBytes(size_t n) {
@@ -119,7 +90,7 @@ std::optional<json> ParseObject(std::string_view payload) {
 std::optional<std::string> HexField(const json& j, const char* field, size_t n) {
   auto s = JsonString(j, field);
   if (!s || s->size() != 2 * n) return std::nullopt;
-  return Unhex(*s);
+  return HexDecode(*s);
 }
 
 bool ValidDomain(std::string_view d) {
@@ -401,13 +372,13 @@ StatusOr<Key> LoadKey(const std::string& path) {
   while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.remove_suffix(1);
   while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front()))) text.remove_prefix(1);
   bool all_hex = !text.empty();
-  for (char c : text) all_hex = all_hex && HexVal(c) >= 0;
+  for (char c : text) all_hex = all_hex && std::isxdigit(static_cast<unsigned char>(c));
   Key key;
   if (all_hex) {
     if (text.size() < 2 * kMinKeySize)
       return InvalidArgument("key file " + path + " holds only " + std::to_string(text.size()) +
                              " hex digits" + too_short);
-    auto raw = Unhex(text);
+    auto raw = HexDecode(text);
     if (!raw)
       return InvalidArgument("key file " + path + " holds an odd number of hex digits (" +
                              std::to_string(text.size()) + ")");
@@ -424,13 +395,13 @@ StatusOr<Key> LoadKey(const std::string& path) {
 
 StatusOr<std::string> GenerateKeyHex() {
   ASSIGN_OR_RETURN(std::string raw, RandomBytes(kMinKeySize));
-  std::string hex = Hex(raw);
+  std::string hex = HexEncode(raw);
   OPENSSL_cleanse(raw.data(), raw.size());
   return hex;
 }
 
 std::string KeyFingerprint(const Key& key) {
-  return Hex(Proof(key, "remus-fingerprint", "", "", "")).substr(0, 16);
+  return HexEncode(Proof(key, "remus-fingerprint", "", "", "")).substr(0, 16);
 }
 
 // ---- Handshake ----------------------------------------------------------------
@@ -454,7 +425,7 @@ Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int 
     return InvalidArgument("domain name '" + dom + "' is empty, too long or has control characters");
   ASSIGN_OR_RETURN(std::string nonce_c, RandomBytes(kNonceSize));
 
-  json hello = {{"version", kProtocolVersion}, {"domain", dom}, {"nonce", Hex(nonce_c)}};
+  json hello = {{"version", kProtocolVersion}, {"domain", dom}, {"nonce", HexEncode(nonce_c)}};
   RETURN_IF_ERROR(link.Send(MsgType::kHello, 0, hello.dump()));
   LOG_DEBUG(kTag) << "[" << dom << "] HELLO sent to " << peer;
 
@@ -487,7 +458,7 @@ Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int 
   }
   LOG_DEBUG(kTag) << "[" << dom << "] " << peer << " proved it holds the key";
 
-  json auth = {{"proof", Hex(Proof(key, "remus-client", dom, *nonce_s, nonce_c))}};
+  json auth = {{"proof", HexEncode(Proof(key, "remus-client", dom, *nonce_s, nonce_c))}};
   RETURN_IF_ERROR(link.Send(MsgType::kAuth, 0, auth.dump()));
 
   ASSIGN_OR_RETURN(Frame ok, RecvHandshake(link, deadline, timeout_ms, peer, "AUTH_OK"));
@@ -535,8 +506,8 @@ StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms
 
   ASSIGN_OR_RETURN(std::string nonce_s, RandomBytes(kNonceSize));
   json challenge = {{"version", kProtocolVersion},
-                    {"nonce", Hex(nonce_s)},
-                    {"proof", Hex(Proof(key, "remus-server", dom, *nonce_c, nonce_s))}};
+                    {"nonce", HexEncode(nonce_s)},
+                    {"proof", HexEncode(Proof(key, "remus-server", dom, *nonce_c, nonce_s))}};
   RETURN_IF_ERROR(link.Send(MsgType::kChallenge, 0, challenge.dump()));
   LOG_DEBUG(kTag) << "[" << dom << "] CHALLENGE sent to " << peer;
 

@@ -9,9 +9,9 @@ PKGS=(
   build-essential cmake ninja-build pkg-config
   # libraries
   libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
-  liburing-dev libnl-route-3-dev libnetfilter-queue-dev libvirt-dev
+  liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev
   # the hypervisor and tools the tests drive
-  qemu-system-x86 qemu-utils socat iproute2
+  qemu-system-x86 qemu-utils socat iproute2 iptables
   # the test guest (scripts/build-guest.sh)
   busybox-static cpio
   # QEMU source build (scripts/build-qemu.sh)

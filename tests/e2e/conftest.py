@@ -338,6 +338,7 @@ class World:
         self.daemons = []
         self.extra_pids = []     # (name, pid) not started by us directly
         self._closers = []
+        self.netns = None        # set by NetWorld: daemons and QEMUs run inside it
         self.key = self.dir / "key"
         r = self.remusctl("keygen", "--out", str(self.key))
         assert r.returncode == 0, f"remusctl keygen failed: {r.stdout}{r.stderr}"
@@ -347,6 +348,8 @@ class World:
         return subprocess.run([str(REMUSCTL), *args], capture_output=True, text=True, timeout=timeout)
 
     def _spawn(self, name, argv, log):
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         f = open(log, "ab")
         try:
             p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -400,19 +403,21 @@ class World:
     def start_primary(self, name="A", **kw):
         return self.start_remusd(name, listen=False, **kw)
 
-    def start_guest(self, name="g", mem_mb=256, wss_mib=64, dirty=10000, check=True, wait_boot=True):
+    def start_guest(self, name="g", mem_mb=256, wss_mib=64, dirty=10000, check=True, wait_boot=True,
+                    extra_args=(), extra_append=""):
         gdir = self.dir / name
         gdir.mkdir()
         serial = gdir / "serial.log"
         qmp_sock = gdir / "q.sock"
         test_qmp = gdir / "t.sock"
         append = (f"console=ttyS0 memmap=64K${COUNTER_GPA:#x} remus.counter={COUNTER_GPA:#x} "
-                  f"remus.dirty={dirty} remus.wss={wss_mib} remus.check={1 if check else 0} quiet")
+                  f"remus.dirty={dirty} remus.wss={wss_mib} remus.check={1 if check else 0} quiet"
+                  + (" " + extra_append if extra_append else ""))
         argv = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", str(mem_mb), "-nodefaults",
                 "-nographic", "-vga", "none", "-serial", f"file:{serial}",
                 "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", append,
                 "-qmp", f"unix:{qmp_sock},server=on,wait=off",
-                "-qmp", f"unix:{test_qmp},server=on,wait=off"]
+                "-qmp", f"unix:{test_qmp},server=on,wait=off", *extra_args]
         p = self._spawn(f"qemu {name}", argv, gdir / "qemu.log")
         self.logs.append((f"serial {name}", serial))
         g = Guest(self, name, gdir, p, serial, qmp_sock, test_qmp)
@@ -430,9 +435,10 @@ class World:
             raise AssertionError(f"QEMU for guest {g.name} exited with {g.proc.returncode}")
         return marker in read_text(g.serial)
 
-    def protect(self, primary, backup, guest, interval_ms=100, no_wait=False, domain=DOMAIN, timeout=120):
+    def protect(self, primary, backup, guest, interval_ms=100, no_wait=False, domain=DOMAIN, timeout=120,
+                extra=()):
         args = ["protect", domain, "--qmp", str(guest.qmp_sock), "--backup", backup.listen,
-                "--interval", str(interval_ms)]
+                "--interval", str(interval_ms), *extra]
         if no_wait:
             args.append("--no-wait")
         r = primary.ctl(*args, timeout=timeout)
@@ -590,12 +596,12 @@ class Protected:
 
 
 def setup_protected(world, interval_ms=100, backup_kw=None, primary_kw=None, guest_kw=None,
-                    wait_epochs=50):
+                    wait_epochs=50, protect_extra=()):
     guest = world.start_guest(wait_boot=False, **(guest_kw or {}))  # boots while the daemons start
     backup = world.start_backup(**(backup_kw or {}))
     primary = world.start_primary(**(primary_kw or {}))
     world.wait_booted(guest)
-    world.protect(primary, backup, guest, interval_ms=interval_ms)
+    world.protect(primary, backup, guest, interval_ms=interval_ms, extra=protect_extra)
     st = primary.status()
     assert st["state"] == "protected", f"after protect returned: {st}" + world.diagnostics()
     pr = Protected(world, primary, backup, guest)

@@ -4,7 +4,6 @@ newer than the kill, and that the restored guest is consistent."""
 
 import time
 
-
 from conftest import DEFAULT_HB_TIMEOUT_MS, DOMAIN, check_promoted, read_text, record, setup_protected
 
 

@@ -56,8 +56,17 @@ void PrintTable(const json& domains) {
                 rate.c_str(), p50.c_str(), p99.c_str(), dirty.c_str());
     std::string err = d.value("error", "");
     if (!err.empty()) std::printf("  error: %s\n", err.c_str());
-    if (primary && d.contains("netbuf") && d["netbuf"].value("mode", "") == "none")
-      std::printf("  netbuf none: %s\n", d["netbuf"].value("guarantee", "").c_str());
+    if (primary && d.contains("netbuf")) {
+      const json& nb = d["netbuf"];
+      std::string ifs;
+      for (const auto& i : nb.value("interfaces", json::array())) ifs += (ifs.empty() ? "" : ",") + i.get<std::string>();
+      if (nb.value("mode", "") == "none")
+        std::printf("  netbuf none: %s\n", nb.value("guarantee", "").c_str());
+      else
+        std::printf("  netbuf %s on %s: %llu packets held, %llu dropped\n", nb.value("mode", "").c_str(), ifs.c_str(),
+                    static_cast<unsigned long long>(nb.value("buffered_packets", uint64_t{0})),
+                    static_cast<unsigned long long>(nb.value("dropped_packets", uint64_t{0})));
+    }
     if (!primary && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
   }
@@ -114,16 +123,27 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, backup, netbuf = "none", compress = "none", out;
+  std::string domain, qmp, backup, netbuf = "plug", compress = "none", out;
+  std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
-  bool json_out = false, no_wait = false;
+  uint32_t queue_len = 65536;
+  bool json_out = false, no_wait = false, netbuf_fallback = false, fail_open = false;
 
   auto* protect = app.add_subcommand("protect", "start replicating a running guest to a backup");
   protect->add_option("domain", domain, "domain name")->required();
   protect->add_option("--qmp", qmp, "QEMU's QMP unix socket")->required();
   protect->add_option("--backup", backup, "backup remusd, HOST[:PORT] (port 7788 by default)")->required();
   protect->add_option("--interval", interval, "checkpoint interval in ms")->capture_default_str()->check(CLI::Range(1, 600000));
-  protect->add_option("--netbuf", netbuf, "output commit: none (plug and nfqueue come later)")->capture_default_str();
+  protect->add_option("--netbuf", netbuf,
+                      "output commit: plug (sch_plug qdisc), nfqueue (NFQUEUE), or none (packets not held)")
+      ->capture_default_str()->check(CLI::IsMember({"plug", "nfqueue", "none"}));
+  protect->add_option("--netbuf-if", netbuf_ifs,
+                      "host device of a guest NIC (repeat for several); default: the taps QEMU reports");
+  protect->add_flag("--netbuf-fallback", netbuf_fallback, "with --netbuf plug: use nfqueue where the kernel lacks sch_plug");
+  protect->add_option("--netbuf-queue-len", queue_len, "nfqueue: packets the kernel may hold")
+      ->capture_default_str()->check(CLI::Range(1u, 1u << 24));
+  protect->add_flag("--netbuf-fail-open", fail_open,
+                    "nfqueue: when the queue is full, let packets out unheld (default: drop them)");
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
   protect->add_flag("--no-wait", no_wait, "return once the initial copy has started");
@@ -166,9 +186,11 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (*protect) {
-    auto r = remus::ControlCall(sock, {{"command", "protect"}, {"domain", domain}, {"qmp", qmp},
-                                       {"backup", backup}, {"interval_ms", interval}, {"netbuf", netbuf},
-                                       {"compress", compress}});
+    json req = {{"command", "protect"}, {"domain", domain}, {"qmp", qmp}, {"backup", backup},
+                {"interval_ms", interval}, {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
+                {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress}};
+    if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
+    auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
     if (no_wait) {
       std::printf("%s: initial copy started\n", domain.c_str());
