@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "common/log.h"
+#include "netbuf/netbuf.h"
 #include "remusd/daemon.h"
 
 int main(int argc, char** argv) {
@@ -25,6 +26,12 @@ int main(int argc, char** argv) {
   app.add_option("--ack-delay-ms", o.ack_delay_ms, "backup: hold each ACK this long (tests and benchmarks)")
       ->check(CLI::Range(0, 60000));
   app.add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");
+  bool cleanup_only = false;
+  std::string check_mode;
+  app.add_flag("--cleanup-netbuf", cleanup_only,
+               "remove output-buffering rules and devices left by a dead remusd, then exit");
+  app.add_option("--check-netbuf", check_mode, "say whether this kernel can run a netbuf mode (plug, nfqueue), then exit")
+      ->check(CLI::IsMember({"plug", "nfqueue"}));
   app.add_option("--log-level", log_level, "debug, info, warn or error")->check(CLI::IsMember({"debug", "info", "warn", "error"}));
   CLI11_PARSE(app, argc, argv);
   if (hb_interval >= hb_timeout) {
@@ -36,6 +43,16 @@ int main(int argc, char** argv) {
                      : log_level == "warn" ? remus::LogLevel::kWarn
                      : log_level == "error" ? remus::LogLevel::kError
                                             : remus::LogLevel::kInfo);
+  if (cleanup_only) {
+    remus::Status c = remus::CleanupStaleNetbuf();
+    if (!c.ok()) std::fprintf(stderr, "remusd: %s\n", c.message().c_str());
+    return c.ok() ? 0 : 1;
+  }
+  if (!check_mode.empty()) {
+    remus::Status c = remus::CheckNetbufSupport(check_mode);
+    std::printf("%s: %s\n", check_mode.c_str(), c.ok() ? "supported" : c.message().c_str());
+    return c.ok() ? 0 : 1;
+  }
   if (!listen.empty()) {
     auto hp = remus::ParseHostPort(listen, 7788);
     if (!hp.ok()) {

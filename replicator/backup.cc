@@ -642,9 +642,14 @@ json BackupDomain::StatusJson() const {
   j["domain"] = name_;
   j["role"] = state_ == State::kFailedOver ? "primary (promoted)" : "backup";
   j["state"] = StateName(state_);
-  uint64_t total = sync_total_, done = sync_done_;
-  j["sync"] = {{"total_bytes", total}, {"done_bytes", done},
-               {"percent", total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0}};
+  // Pages the guest dirtied during the first pass arrive twice, so the bytes
+  // received can pass the guest's size before the copy is complete.
+  uint64_t total = sync_total_, done = std::min<uint64_t>(sync_done_, sync_total_);
+  double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
+  State st = state_;
+  if (st == State::kSyncing || st == State::kWaiting) pct = std::min(pct, 99.0);
+  else if (last_committed_ >= 0) pct = 100.0;
+  j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   j["last_committed_epoch"] = last_committed_.load();
   j["apply_ms"] = {{"p50", apply_ms_.Quantile(0.5)}, {"p99", apply_ms_.Quantile(0.99)}};
   j["promotion"] = {{"state", PromotionStateName(gate_.state())}, {"reason", gate_.reason()},

@@ -171,3 +171,27 @@ def test_unprotect(world, request):
     r2 = pr.primary.ctl("unprotect", DOMAIN)
     assert r2.returncode == 3 and "not protected" in r2.stderr, r2
     record(request, backup_state=st["state"], migration_status=mig.get("status"))
+
+
+def test_backup_restart_keeps_checkpoint_for_manual_failover(world, request):
+    """Kill -9 the backup remusd, then lose the primary too: a backup remusd
+    restarted on the same state dir still restores the last committed
+    checkpoint with `remusctl failover` (it never promotes by itself then)."""
+    pr = setup_protected(world, interval_ms=100, wait_epochs=20)
+    c0 = pr.acked_reference()
+    acked = pr.pstatus()["last_acked_epoch"]
+    _kill_backup_and_check(world, pr.primary, pr.backup, pr.guest, running_s=1)
+    p_kill = pr.guest.counter()
+    pr.guest.kill()
+    b = world.start_backup(name=pr.backup.name)  # same state dir and control socket
+    st = b.status()
+    assert st is not None, "the restarted backup forgot the domain"
+    assert st["state"] == "primary-lost", st
+    assert st["last_committed_epoch"] >= acked, (st, acked)
+    assert "remusctl failover" in st["error"], st
+    time.sleep(HB_S + 0.5)
+    assert b.status()["state"] == "primary-lost", "a restarted backup promoted by itself"
+    r = b.ctl("failover", DOMAIN, timeout=60)
+    assert r.returncode == 0, f"remusctl failover failed: {r.stdout}{r.stderr}" + world.diagnostics()
+    m = check_promoted(world, b, c0, p_kill, window_s=5, timeout=10)
+    record(request, failover_ms=m["failover_ms"], promoted_epoch=m["epoch"], acked_before_backup_kill=acked)
