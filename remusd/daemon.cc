@@ -98,6 +98,14 @@ void Daemon::ServeClient(Fd fd) {
   if (!cred.ok() || (cred->uid != 0 && !opts_.allow_any_uid)) {
     std::string m = Error(PermissionDenied("the remusd control socket is for root only")).dump() + "\n";
     (void)WriteFull(fd.get(), m.data(), m.size());
+    // Closing with the client's request unread would reset the connection
+    // and could destroy the answer in flight: end our side, then drain.
+    ::shutdown(fd.get(), SHUT_WR);
+    char sink[4096];
+    for (int i = 0; i < 16; i++) {
+      auto readable = WaitReadable(fd.get(), 1000);
+      if (!readable.ok() || !*readable || ::read(fd.get(), sink, sizeof sink) <= 0) break;
+    }
     return;
   }
   std::string buf;
