@@ -1,5 +1,9 @@
-// Rolling sample windows for status: percentiles over the last N samples and
-// a rate over a time window.
+// Statistics for status and metrics:
+//  - SampleWindow: percentiles over the last N samples (status p50/p99);
+//  - RateMeter: events per second over a time window;
+//  - Histogram: a cumulative histogram in the Prometheus sense, bucket
+//    counters kept as samples arrive and never forgotten, so a scraper (or
+//    `remusctl watch`) can subtract two snapshots.
 //
 // Thread-safety: all methods are thread-safe.
 #pragma once
@@ -8,9 +12,13 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "common/clock.h"
+#include "common/status.h"
 
 namespace remus {
 
@@ -44,5 +52,50 @@ class RateMeter {
   mutable std::mutex mu_;
   mutable std::deque<TimePoint> marks_;
 };
+
+// One reading of a Histogram. cumulative[i] counts the samples <= bounds[i]
+// ("le"); count is the +Inf bucket. Both only grow over a Histogram's life.
+struct HistogramSnapshot {
+  std::vector<double> bounds;
+  std::vector<uint64_t> cumulative;
+  uint64_t count = 0;
+  double sum = 0;
+
+  // Samples in bucket i alone (i == bounds.size(): above the last bound).
+  uint64_t BucketCount(size_t i) const;
+  // Estimated q-quantile, linear within the bucket (as Prometheus's
+  // histogram_quantile); 0 when empty, the last bound when it falls above it.
+  double Quantile(double q) const;
+  // This snapshot minus an earlier one of the same histogram (the samples in
+  // between). InvalidArgument if the bounds differ or a counter went down
+  // (the histogram was replaced, e.g. protection restarted).
+  StatusOr<HistogramSnapshot> Minus(const HistogramSnapshot& earlier) const;
+};
+
+class Histogram {
+ public:
+  // REQUIRES: bounds strictly increasing and finite.
+  explicit Histogram(std::vector<double> bounds);
+  void Observe(double v);  // NaN is ignored
+  HistogramSnapshot Snapshot() const;
+
+  // Bucket layouts used by remus (docs/formats/control.md).
+  static std::vector<double> LatencySeconds();  // 0.5 ms .. 10 s
+  static std::vector<double> PageCounts();      // 16 .. 1M pages (4 KiB .. 4 GiB)
+
+ private:
+  const std::vector<double> bounds_;
+  mutable std::mutex mu_;
+  std::vector<uint64_t> counts_;  // per bucket, not cumulative; last is +Inf; guarded by mu_
+  double sum_ = 0;                // guarded by mu_
+};
+
+// The status-JSON form of a snapshot:
+//   {"le": [bounds...], "cumulative": [counts...], "count": N, "sum": S}
+// (JSON has no +Inf: the +Inf bucket is "count").
+nlohmann::json HistogramToJson(const HistogramSnapshot& h);
+// InvalidArgument when j is not of that form (lengths differ, counts not
+// cumulative, bounds not increasing).
+StatusOr<HistogramSnapshot> HistogramFromJson(const nlohmann::json& j);
 
 }  // namespace remus

@@ -57,6 +57,15 @@ Status Daemon::Start() {
   if (Status c = CleanupStaleNetbuf(); !c.ok()) LOG_WARN("remusd") << "netbuf cleanup: " << c.message();
   ASSIGN_OR_RETURN(control_fd_, ListenUnix(opts_.control_socket, 0600));
   control_thread_ = std::thread([this] { ControlLoop(); });
+  // Last: a scrape reads backup_, which must be set by then.
+  if (!opts_.metrics_listen.empty()) {
+    ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(opts_.metrics_listen, [this] {
+                       json r = StatusOf(json::object());
+                       return r.value("ok", false) ? r["result"]["domains"] : json::array();
+                     }));
+    LOG_INFO("remusd") << "metrics: http://" << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":"
+                       << metrics_->port() << "/metrics";
+  }
   LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
                      << ", key fingerprint " << wire::KeyFingerprint(key_);
   return OkStatus();
@@ -73,6 +82,7 @@ void Daemon::Shutdown() {
     if (stopping_.exchange(true)) return;
     cv_.notify_all();
   }
+  metrics_.reset();  // no scrape runs past here
   if (control_fd_.valid()) ::shutdown(control_fd_.get(), SHUT_RDWR);
   if (control_thread_.joinable()) control_thread_.join();
   ::unlink(opts_.control_socket.c_str());

@@ -20,6 +20,7 @@
 #include "common/io.h"
 #include "replicator/backup.h"
 #include "replicator/primary.h"
+#include "remusd/metrics.h"
 
 namespace remus {
 
@@ -37,6 +38,8 @@ struct DaemonOptions {
   // Allow non-root control clients (tests run unprivileged unit tests only;
   // never set in production).
   bool allow_any_uid = false;
+  // Prometheus endpoint, "ADDR:PORT" (remusd/metrics.h); empty: off.
+  std::string metrics_listen;
 };
 
 class Daemon {
@@ -52,6 +55,8 @@ class Daemon {
 
   // The control protocol, callable directly (tests).
   nlohmann::json Handle(const nlohmann::json& request);
+  // The port /metrics is served on; 0 when --metrics is off.
+  int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
 
  private:
   void ControlLoop();
@@ -68,6 +73,7 @@ class Daemon {
   std::unique_ptr<BackupServer> backup_;
   Fd control_fd_;
   std::thread control_thread_;
+  std::unique_ptr<MetricsServer> metrics_;  // set in Start, reset first in Shutdown
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
   std::condition_variable cv_;

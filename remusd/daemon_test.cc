@@ -1,6 +1,9 @@
 #include "remusd/daemon.h"
 
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -102,6 +105,76 @@ TEST(DaemonStart, RefusesAWorldReadableKey) {
   Status s = d.Start();
   EXPECT_EQ(s.code(), Code::kPermissionDenied) << s.ToString();
   EXPECT_NE(s.message().find("chmod 600"), std::string::npos) << s.message();
+  std::filesystem::remove_all(dir);
+}
+
+// One HTTP/1.0 GET on 127.0.0.1:port; everything the server sent.
+std::string HttpGet(int port, const std::string& path) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return "connect failed";
+  std::string req = "GET " + path + " HTTP/1.0\r\n\r\n";
+  if (!WriteFull(fd.get(), req.data(), req.size()).ok()) return "write failed";
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    pollfd p{fd.get(), POLLIN, 0};
+    if (::poll(&p, 1, 10000) != 1) return out + "<timeout>";
+    ssize_t r = ::read(fd.get(), buf, sizeof buf);
+    if (r <= 0) return out;
+    out.append(buf, static_cast<size_t>(r));
+  }
+}
+
+TEST(DaemonMetrics, ServesPrometheusTextWhileRunning) {
+  char tmpl[] = "/tmp/remus-daemon-test.XXXXXX";
+  std::string dir = mkdtemp(tmpl);
+  ASSERT_TRUE(WriteFileAtomic(dir + "/key", std::string(64, 'a')).ok());
+  ::chmod((dir + "/key").c_str(), 0600);
+  DaemonOptions o;
+  o.state_dir = dir + "/state";
+  o.control_socket = dir + "/control.sock";
+  o.key_file = dir + "/key";
+  o.listen = HostPort{"127.0.0.1", 0};  // a backup, so the role="backup" count is there
+  o.metrics_listen = "127.0.0.1:0";
+  {
+    Daemon d(o);
+    Status s = d.Start();
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_GT(d.metrics_port(), 0);
+    std::string r = HttpGet(d.metrics_port(), "/metrics");
+    EXPECT_EQ(r.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << r;
+    EXPECT_NE(r.find("Content-Type: text/plain; version=0.0.4"), std::string::npos) << r;
+    EXPECT_NE(r.find("# TYPE remus_domains gauge\n"), std::string::npos) << r;
+    EXPECT_NE(r.find("remus_domains{role=\"primary\"} 0\n"), std::string::npos) << r;
+    EXPECT_NE(r.find("remus_domains{role=\"backup\"} 0\n"), std::string::npos) << r;
+    EXPECT_EQ(HttpGet(d.metrics_port(), "/").rfind("HTTP/1.1 404", 0), 0u);
+    // The control socket keeps working alongside.
+    EXPECT_TRUE(d.Handle({{"command", "ping"}}).value("ok", false));
+    auto t0 = std::chrono::steady_clock::now();
+    d.Shutdown();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2)) << "--metrics slowed the shutdown";
+  }
+  // A port that is taken: Start fails naming the address and the fix.
+  Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(holder.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(holder.get(), 1), 0);
+  socklen_t len = sizeof a;
+  ::getsockname(holder.get(), reinterpret_cast<sockaddr*>(&a), &len);
+  o.listen.reset();
+  o.metrics_listen = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  Daemon d(o);
+  Status s = d.Start();
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.ToString();
+  EXPECT_NE(s.message().find("cannot serve metrics on " + o.metrics_listen), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("--metrics"), std::string::npos) << s.message();
+  d.Shutdown();
   std::filesystem::remove_all(dir);
 }
 

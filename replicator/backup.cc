@@ -201,6 +201,11 @@ class BackupDomain {
   std::atomic<int64_t> last_committed_{-1};
   SampleWindow apply_ms_;
   std::atomic<double> apply_mb_s_{0};
+  // Cumulative, for metrics and `remusctl stats --histogram`.
+  Histogram apply_hist_{Histogram::LatencySeconds()};  // seconds per commit
+  std::atomic<uint64_t> checkpoints_total_{0};         // committed epochs after the initial copy
+  std::atomic<uint64_t> failovers_total_{0};           // successful promotions
+  uint64_t bytes_received_done_ = 0;                   // by ended sessions; guarded by mu_
 
   PromotionGate gate_;
   std::atomic<int64_t> failover_ms_{-1};
@@ -275,6 +280,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   device_buf_.clear();
   {
     std::lock_guard<std::mutex> g(mu_);
+    bytes_received_done_ += link->bytes_received();
     link_ = nullptr;
     session_active_ = false;
     syncing_.reset();
@@ -517,6 +523,8 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   }
   double ms = ToMillis(clock_.Now() - t0);
   apply_ms_.Add(ms);
+  apply_hist_.Observe(ms / 1000.0);
+  if (epoch > 0) checkpoints_total_++;
   if (ms > 0 && epoch > 0) apply_mb_s_ = static_cast<double>(page_bytes) / 1e6 / (ms / 1000.0);
   last_committed_ = static_cast<int64_t>(epoch);
   std::lock_guard<std::mutex> g(sess_mu_);
@@ -546,6 +554,7 @@ Status BackupDomain::Promote(const std::string& reason) {
     return s.Annotate("domain " + name_);
   }
   state_ = State::kFailedOver;
+  failovers_total_++;
   LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now";
   return OkStatus();
 }
@@ -655,7 +664,11 @@ json BackupDomain::StatusJson() const {
   j["promotion"] = {{"state", PromotionStateName(gate_.state())}, {"reason", gate_.reason()},
                     {"error", gate_.error()}, {"failover_ms", failover_ms_.load()}};
   j["ack_delay_ms"] = opts_.ack_delay_ms;
+  j["checkpoints_total"] = checkpoints_total_.load();
+  j["failovers_total"] = failovers_total_.load();
+  j["histograms"] = {{"apply_seconds", HistogramToJson(apply_hist_.Snapshot())}};
   std::lock_guard<std::mutex> g(mu_);
+  j["link"] = {{"bytes_received", bytes_received_done_ + (link_ ? link_->bytes_received() : 0)}};
   j["primary"] = primary_;
   j["connected"] = session_active_;
   j["error"] = error_;

@@ -172,7 +172,10 @@ void PrimaryReplicator::OnQemuEvent(const json& ev) {
     stop_ts_us_ = us;
   } else if (name == "RESUME") {
     int64_t s = stop_ts_us_.exchange(-1);
-    if (s >= 0 && state_ == PrimaryState::kProtected) pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
+    if (s >= 0 && state_ == PrimaryState::kProtected) {
+      pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
+      pause_hist_.Observe(static_cast<double>(us - s) / 1e6);
+    }
   } else if (name == "SHUTDOWN") {
     LOG_INFO("primary[" + opts_.domain + "]") << "guest shut down; protection ends with it";
     Stop(Cancelled("the guest shut down"), false);
@@ -237,7 +240,10 @@ void PrimaryReplicator::AckLoop() {
             unacked_.pop_front();
           }
           while (!loaded_at_.empty() && loaded_at_.front().first <= e) {
-            if (loaded_at_.front().first == e) ack_ms_.Add(ToMillis(now - loaded_at_.front().second));
+            if (loaded_at_.front().first == e) {
+              ack_ms_.Add(ToMillis(now - loaded_at_.front().second));
+              ack_hist_.Observe(ToMillis(now - loaded_at_.front().second) / 1000.0);
+            }
             loaded_at_.pop_front();
           }
           cv_.notify_all();
@@ -416,6 +422,9 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   RETURN_IF_ERROR(source_->EndPause());  // the guest resumes: speculative execution
   dirty_pages_.Add(static_cast<double>(pages));
   epoch_bytes_.Add(static_cast<double>(bytes));
+  dirty_hist_.Observe(static_cast<double>(pages));
+  dirty_pages_total_ += pages;
+  epoch_bytes_total_ += bytes;
   checkpoints_.Mark();
   checkpoints_total_++;
   return OkStatus();
@@ -533,6 +542,11 @@ json PrimaryReplicator::StatusJson() const {
   j["dirty_pages_per_epoch"] = {{"p50", dirty_pages_.Quantile(0.5)}, {"mean", dirty_pages_.Mean()}};
   j["bytes_per_epoch"] = {{"p50", epoch_bytes_.Quantile(0.5)}, {"mean", epoch_bytes_.Mean()}};
   j["backpressure_waits"] = backpressure_waits_.load();
+  j["dirty_pages_total"] = dirty_pages_total_.load();
+  j["epoch_bytes_total"] = epoch_bytes_total_.load();
+  j["histograms"] = {{"pause_seconds", HistogramToJson(pause_hist_.Snapshot())},
+                     {"ack_seconds", HistogramToJson(ack_hist_.Snapshot())},
+                     {"dirty_pages", HistogramToJson(dirty_hist_.Snapshot())}};
   OutputBuffer* nb = netbuf_.load();
   j["netbuf"] = {{"mode", netbuf_opts_.mode},
                  {"interfaces", netbuf_opts_.interfaces},
@@ -541,7 +555,8 @@ json PrimaryReplicator::StatusJson() const {
                                          ? std::string(NoOutputBuffer().guarantee())
                                          : "output is held from the end of the initial copy on")},
                  {"buffered_packets", nb ? nb->buffered_packets() : 0},
-                 {"dropped_packets", nb ? nb->dropped_packets() : 0}};
+                 {"dropped_packets", nb ? nb->dropped_packets() : 0},
+                 {"released_packets", nb ? nb->released_packets() : 0}};
   j["qemu"] = {{"version", probe_.version}, {"accelerator", probe_.accelerator},
                {"pid", qmp_ ? qmp_->pid() : -1}};
   j["link"] = {{"bytes_sent", link_ ? link_->bytes_sent() : 0}};

@@ -147,8 +147,15 @@ class PrimaryReplicator {
   SampleWindow dirty_pages_;  // pages per epoch
   SampleWindow epoch_bytes_;  // wire bytes per epoch
   RateMeter checkpoints_;
+  // Cumulative, for metrics and `remusctl stats --histogram` (the windows
+  // above forget; these never do).
+  Histogram pause_hist_{Histogram::LatencySeconds()};  // seconds
+  Histogram ack_hist_{Histogram::LatencySeconds()};    // seconds
+  Histogram dirty_hist_{Histogram::PageCounts()};      // pages per epoch
   std::atomic<int64_t> stop_ts_us_{-1};
   std::atomic<uint64_t> checkpoints_total_{0};
+  std::atomic<uint64_t> dirty_pages_total_{0};
+  std::atomic<uint64_t> epoch_bytes_total_{0};
   std::atomic<uint64_t> backpressure_waits_{0};
 
   std::thread epoch_thread_, sender_thread_, ack_thread_, hb_thread_;

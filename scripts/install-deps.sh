@@ -10,6 +10,8 @@ PKGS=(
   # libraries
   libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
   liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev
+  # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb
+  prometheus-cpp-dev libcivetweb-dev
   # the hypervisor and tools the tests drive
   qemu-system-x86 qemu-utils socat iproute2 iptables
   # the test guest (scripts/build-guest.sh)
@@ -18,6 +20,8 @@ PKGS=(
   dpkg-dev meson libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison libfdt-dev libslirp-dev
   # end-to-end tests
   python3 python3-pytest
+  # NBD clients for diskmirror's interoperability tests (nbdinfo, nbdcopy)
+  libnbd-bin
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -6,11 +6,13 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <iostream>
 #include <thread>
 
 #include "replicator/wire.h"
 #include "tools/remusctl/control_client.h"
+#include "tools/remusctl/views.h"
 
 using nlohmann::json;
 
@@ -27,6 +29,13 @@ int Fail(const remus::Status& s) {
     case remus::Code::kAlreadyExists: return 6;
     default: return 1;
   }
+}
+
+// As Fail, for commands about a named domain: an unknown one also gets the fix.
+int FailDomain(const remus::Status& s) {
+  if (s.code() != remus::Code::kNotFound) return Fail(s);
+  return Fail(remus::Status(s.code(), s.message() + " (run `remusctl status` to list the domains this remusd knows, "
+                                                    "or --socket to ask another remusd)"));
 }
 
 std::string Fixed(double v, int prec) {
@@ -114,6 +123,61 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
   }
 }
 
+std::string ClockNow() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  ::localtime_r(&t, &tm);
+  char b[16];
+  std::strftime(b, sizeof b, "%H:%M:%S", &tm);
+  return b;
+}
+
+// Refreshes every interval: rates over the interval from two status calls.
+// On a terminal the screen is redrawn in place; otherwise one line per domain
+// per refresh, under one header. count 0: until interrupted.
+int Watch(const std::string& sock, const std::string& domain, double interval_s, int count) {
+  bool tty = ::isatty(STDOUT_FILENO);
+  json req = {{"command", "status"}};
+  if (!domain.empty()) req["domain"] = domain;
+  auto poll = [&]() -> remus::StatusOr<json> {
+    auto r = remus::ControlCall(sock, req);
+    if (!r.ok()) return r.status();
+    return (*r)["domains"];
+  };
+  auto prev = poll();
+  if (!prev.ok()) return FailDomain(prev.status());
+  auto prev_t = std::chrono::steady_clock::now();
+  auto interval = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(interval_s));
+  if (!tty) {
+    std::printf("%-8s %s\n", "TIME", remus::WatchHeader().c_str());
+    std::fflush(stdout);
+  }
+  for (int n = 0; count == 0 || n < count; n++) {
+    std::this_thread::sleep_until(prev_t + interval);
+    auto cur = poll();
+    if (!cur.ok()) return FailDomain(cur.status());
+    auto now = std::chrono::steady_clock::now();
+    auto rows = remus::WatchRows(*prev, *cur, std::chrono::duration<double>(now - prev_t).count());
+    std::string t = ClockNow();
+    if (tty) {
+      std::printf("\033[H\033[2J");  // home, clear screen
+      std::printf("remusctl watch: every %g s, Ctrl-C to stop   %s\n\n%s\n", interval_s, t.c_str(),
+                  remus::WatchHeader().c_str());
+      for (const auto& r : rows) std::printf("%s\n", remus::WatchLine(r).c_str());
+      if (rows.empty()) std::printf("(no domains)\n");
+      std::printf("\nrates over the last %g s; pause p50/p99 over the last 1024 checkpoints\n", interval_s);
+    } else {
+      for (const auto& r : rows) std::printf("%-8s %s\n", t.c_str(), remus::WatchLine(r).c_str());
+      if (rows.empty()) std::printf("%-8s (no domains)\n", t.c_str());
+    }
+    std::fflush(stdout);
+    prev = std::move(cur);
+    prev_t = now;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -163,6 +227,21 @@ int main(int argc, char** argv) {
   tune->add_option("domain", domain, "domain name")->required();
   tune->add_option("--interval", interval, "checkpoint interval in ms")->required()->check(CLI::Range(1, 600000));
 
+  double watch_interval_s = 1.0;
+  int watch_count = 0;
+  auto* watch = app.add_subcommand("watch", "live view: epochs/s, pause, dirty and wire MB/s, unacked epochs, held packets");
+  watch->add_option("domain", domain, "only this domain");
+  watch->add_option("--interval-s", watch_interval_s, "seconds between refreshes")
+      ->capture_default_str()->check(CLI::Range(0.1, 3600.0));
+  watch->add_option("--count", watch_count, "stop after N refreshes (default: until interrupted)")
+      ->check(CLI::Range(1, 100000000));
+
+  bool histogram = false;
+  auto* stats = app.add_subcommand("stats", "a domain's counters; with --histogram its pause and ack latency distributions");
+  stats->add_option("domain", domain, "domain name")->required();
+  stats->add_flag("--histogram", histogram, "also the distributions (cumulative since protection started)");
+  stats->add_flag("--json", json_out, "machine-readable output");
+
   auto* keygen = app.add_subcommand("keygen", "write a new shared key (copy it to both hosts)");
   keygen->add_option("--out", out, "key file to create (mode 0600)")->required();
 
@@ -211,6 +290,21 @@ int main(int argc, char** argv) {
     if (!r.ok()) return Fail(r.status());
     if (json_out) std::cout << (*r)["domains"].dump(2) << "\n";
     else PrintTable((*r)["domains"]);
+    return 0;
+  }
+  if (*watch) return Watch(sock, domain, watch_interval_s, watch_count);
+  if (*stats) {
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    if (!r.ok()) return FailDomain(r.status());
+    // One entry, or two where this remusd is both the domain's primary and its backup.
+    json list = json::array();
+    std::string text;
+    for (const auto& d : (*r)["domains"]) {
+      list.push_back(remus::StatsJson(d, histogram));
+      text += (text.empty() ? "" : "\n") + remus::StatsText(d, histogram);
+    }
+    if (json_out) std::cout << list.dump(2) << "\n";  // a list, as status --json
+    else std::cout << text;
     return 0;
   }
   if (*failover) {

@@ -1,0 +1,253 @@
+#include "tools/remusctl/views.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+
+namespace remus {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr double kPageBytes = 4096;
+
+std::string Fmt(const char* f, double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, f, v);
+  return b;
+}
+
+const json& Obj(const json& j, const char* k) {
+  static const json kEmpty = json::object();
+  return j.is_object() && j.contains(k) && j[k].is_object() ? j[k] : kEmpty;
+}
+
+double Num(const json& j, const char* k, double dflt = 0) {
+  return j.is_object() && j.contains(k) && j[k].is_number() ? j[k].get<double>() : dflt;
+}
+
+bool IsPrimary(const json& d) { return d.value("role", "") == "primary"; }
+
+// The counters rates are taken from.
+struct Counters {
+  double checkpoints, dirty_pages, wire_bytes;
+};
+Counters CountersOf(const json& d) {
+  bool p = IsPrimary(d);
+  return {Num(d, "checkpoints_total"), Num(d, "dirty_pages_total"),
+          Num(Obj(d, "link"), p ? "bytes_sent" : "bytes_received")};
+}
+
+const json* FindDomain(const json& arr, const std::string& name, const std::string& role) {
+  if (!arr.is_array()) return nullptr;
+  for (const auto& d : arr)
+    if (d.is_object() && d.value("domain", "") == name && d.value("role", "") == role) return &d;
+  return nullptr;
+}
+
+struct HistInfo {
+  const char* title;
+  const char* unit;
+};
+const std::map<std::string, HistInfo>& HistInfos() {
+  static const std::map<std::string, HistInfo> m = {
+      {"pause_seconds", {"guest pause per checkpoint", "seconds"}},
+      {"ack_seconds", {"ack latency (checkpoint staged to acknowledged)", "seconds"}},
+      {"dirty_pages", {"dirty pages per checkpoint", "pages"}},
+      {"apply_seconds", {"time to commit a checkpoint", "seconds"}},
+  };
+  return m;
+}
+// Order of the histograms in stats: the ones above first, then any other.
+std::vector<std::string> HistOrder(const json& hs) {
+  std::vector<std::string> out;
+  for (const char* k : {"pause_seconds", "ack_seconds", "dirty_pages", "apply_seconds"})
+    if (hs.contains(k)) out.push_back(k);
+  for (const auto& [k, v] : hs.items())
+    if (std::find(out.begin(), out.end(), k) == out.end()) out.push_back(k);
+  return out;
+}
+
+std::string Bound(double v, const std::string& unit) {
+  if (unit == "seconds") return v < 1 ? Fmt("%g ms", v * 1000) : Fmt("%g s", v);
+  return v == std::floor(v) && std::fabs(v) < 1e15 ? Fmt("%.0f", v) : Fmt("%g", v);
+}
+
+std::string Amount(double v, const std::string& unit) {
+  if (unit == "seconds") return v < 1 ? Fmt("%.2f ms", v * 1000) : Fmt("%.3f s", v);
+  return Fmt("%.0f", v);
+}
+
+std::string Bytes(double b) {
+  if (b >= 1024.0 * 1024 * 1024) return Fmt("%.2f GiB", b / (1024.0 * 1024 * 1024));
+  if (b >= 1024.0 * 1024) return Fmt("%.1f MiB", b / (1024.0 * 1024));
+  if (b >= 1024) return Fmt("%.1f KiB", b / 1024);
+  return Fmt("%.0f B", b);
+}
+
+}  // namespace
+
+std::vector<WatchRow> WatchRows(const json& prev, const json& cur, double dt_s) {
+  std::vector<WatchRow> rows;
+  if (!cur.is_array()) return rows;
+  for (const auto& d : cur) {
+    if (!d.is_object()) continue;
+    WatchRow r;
+    r.domain = d.value("domain", "?");
+    r.role = d.value("role", "?");
+    r.state = d.value("state", "?");
+    r.primary = IsPrimary(d);
+    r.epoch = static_cast<long long>(Num(d, r.primary ? "last_acked_epoch" : "last_committed_epoch", -1));
+    if (r.primary) {
+      r.pause_p50_ms = Num(Obj(d, "pause_ms"), "p50");
+      r.pause_p99_ms = Num(Obj(d, "pause_ms"), "p99");
+      r.unacked_epochs = static_cast<long long>(Num(d, "unacked_epochs"));
+      r.buffered_packets = static_cast<long long>(Num(Obj(d, "netbuf"), "buffered_packets"));
+    }
+    const json* p = FindDomain(prev, r.domain, r.role);
+    if (p && dt_s > 0) {
+      Counters a = CountersOf(*p), b = CountersOf(d);
+      if (b.checkpoints >= a.checkpoints && b.dirty_pages >= a.dirty_pages && b.wire_bytes >= a.wire_bytes) {
+        r.has_rates = true;
+        r.epochs_per_s = (b.checkpoints - a.checkpoints) / dt_s;
+        r.dirty_mb_per_s = (b.dirty_pages - a.dirty_pages) * kPageBytes / 1e6 / dt_s;
+        r.wire_mb_per_s = (b.wire_bytes - a.wire_bytes) / 1e6 / dt_s;
+      }
+    }
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+std::string WatchHeader() {
+  char b[256];
+  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s", "DOMAIN", "ROLE", "STATE", "EPOCH",
+                "EPOCHS/S", "PAUSE p50", "PAUSE p99", "DIRTY MB/s", "WIRE MB/s", "UNACKED", "BUFFERED");
+  return b;
+}
+
+std::string WatchLine(const WatchRow& r) {
+  auto rate = [&](double v, const char* f) { return r.has_rates ? Fmt(f, v) : std::string("-"); };
+  std::string role = r.primary ? "primary" : "backup";
+  std::string p50 = r.primary ? Fmt("%.1fms", r.pause_p50_ms) : "-";
+  std::string p99 = r.primary ? Fmt("%.1fms", r.pause_p99_ms) : "-";
+  std::string dirty = r.primary ? rate(r.dirty_mb_per_s, "%.2f") : "-";
+  std::string unacked = r.primary ? std::to_string(r.unacked_epochs) : "-";
+  std::string buffered = r.primary ? std::to_string(r.buffered_packets) : "-";
+  char b[512];
+  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s", r.domain.c_str(), role.c_str(),
+                r.state.c_str(), r.epoch < 0 ? "-" : std::to_string(r.epoch).c_str(),
+                rate(r.epochs_per_s, "%.1f").c_str(), p50.c_str(), p99.c_str(), dirty.c_str(),
+                rate(r.wire_mb_per_s, "%.2f").c_str(), unacked.c_str(), buffered.c_str());
+  return b;
+}
+
+std::string FormatHistogram(const std::string& title, const std::string& unit, const HistogramSnapshot& h) {
+  std::string out = title + ": " + std::to_string(h.count) + " samples";
+  if (h.count > 0)
+    out += ", mean " + Amount(h.sum / static_cast<double>(h.count), unit) + ", p50 ~" + Amount(h.Quantile(0.5), unit) +
+           ", p99 ~" + Amount(h.Quantile(0.99), unit);
+  out += "\n";
+  uint64_t most = 0;
+  for (size_t i = 0; i <= h.bounds.size(); i++) most = std::max(most, h.BucketCount(i));
+  constexpr int kBar = 40;
+  for (size_t i = 0; i <= h.bounds.size(); i++) {
+    std::string label = i < h.bounds.size() ? "<= " + Bound(h.bounds[i], unit)
+                                            : "> " + (h.bounds.empty() ? std::string("-") : Bound(h.bounds.back(), unit));
+    uint64_t c = h.BucketCount(i);
+    // A bucket with samples shows at least one mark.
+    int n = most ? static_cast<int>((c * kBar + most - 1) / most) : 0;
+    char b[256];
+    std::snprintf(b, sizeof b, "  %12s %10llu  %s\n", label.c_str(), static_cast<unsigned long long>(c),
+                  std::string(static_cast<size_t>(n), '#').c_str());
+    out += b;
+  }
+  return out;
+}
+
+json StatsJson(const json& d, bool histograms) {
+  bool p = IsPrimary(d);
+  json out = {{"domain", d.value("domain", "")}, {"role", d.value("role", "")}, {"state", d.value("state", "")}};
+  json c = {{"checkpoints_total", Num(d, "checkpoints_total")}};
+  if (p) {
+    const json& nb = Obj(d, "netbuf");
+    c["last_acked_epoch"] = Num(d, "last_acked_epoch", -1);
+    c["dirty_pages_total"] = Num(d, "dirty_pages_total");
+    c["epoch_bytes_total"] = Num(d, "epoch_bytes_total");
+    c["wire_bytes_sent"] = Num(Obj(d, "link"), "bytes_sent");
+    c["backpressure_waits"] = Num(d, "backpressure_waits");
+    c["unacked_epochs"] = Num(d, "unacked_epochs");
+    c["netbuf_buffered_packets"] = Num(nb, "buffered_packets");
+    c["netbuf_dropped_packets"] = Num(nb, "dropped_packets");
+    c["netbuf_released_packets"] = Num(nb, "released_packets");
+  } else {
+    c["last_committed_epoch"] = Num(d, "last_committed_epoch", -1);
+    c["wire_bytes_received"] = Num(Obj(d, "link"), "bytes_received");
+    c["failovers_total"] = Num(d, "failovers_total");
+  }
+  // Counters are integers; JSON numbers from doubles would print "12.0".
+  for (auto& [k, v] : c.items()) v = static_cast<long long>(v.get<double>());
+  out["counters"] = c;
+  if (!histograms) return out;
+  json hs = json::object();
+  const json& src = Obj(d, "histograms");
+  for (const auto& name : HistOrder(src)) {
+    auto h = HistogramFromJson(src[name]);
+    if (!h.ok()) continue;
+    auto info = HistInfos().count(name) ? HistInfos().at(name) : HistInfo{"", ""};
+    json buckets = json::array();
+    for (size_t i = 0; i <= h->bounds.size(); i++) {
+      json b = {{"count", h->BucketCount(i)}, {"cumulative", i < h->bounds.size() ? h->cumulative[i] : h->count}};
+      if (i < h->bounds.size()) b["le"] = h->bounds[i];
+      else b["le"] = "+Inf";
+      buckets.push_back(b);
+    }
+    hs[name] = {{"title", info.title}, {"unit", info.unit},    {"count", h->count},
+                {"sum", h->sum},       {"p50", h->Quantile(0.5)}, {"p99", h->Quantile(0.99)},
+                {"buckets", buckets}};
+  }
+  out["histograms"] = hs;
+  return out;
+}
+
+std::string StatsText(const json& d, bool histograms) {
+  bool p = IsPrimary(d);
+  std::string out = d.value("domain", "?") + " (" + d.value("role", "?") + ", " + d.value("state", "?") + ")\n";
+  auto line = [&](const char* k, const std::string& v) {
+    char b[256];
+    std::snprintf(b, sizeof b, "  %-22s %s\n", k, v.c_str());
+    out += b;
+  };
+  auto count = [&](double v) { return Fmt("%.0f", v); };
+  line("checkpoints", count(Num(d, "checkpoints_total")));
+  if (p) {
+    double pages = Num(d, "dirty_pages_total");
+    line("last acked epoch", count(Num(d, "last_acked_epoch", -1)));
+    line("dirty pages", count(pages) + " (" + Bytes(pages * kPageBytes) + ")");
+    line("checkpoint bytes", Bytes(Num(d, "epoch_bytes_total")));
+    line("sent to the backup", Bytes(Num(Obj(d, "link"), "bytes_sent")));
+    line("unacked epochs", count(Num(d, "unacked_epochs")));
+    line("backpressure waits", count(Num(d, "backpressure_waits")));
+    const json& nb = Obj(d, "netbuf");
+    line("netbuf packets", nb.value("mode", std::string("?")) + ": held " + count(Num(nb, "buffered_packets")) +
+                               ", released " + count(Num(nb, "released_packets")) + ", dropped " +
+                               count(Num(nb, "dropped_packets")));
+  } else {
+    line("last committed epoch", count(Num(d, "last_committed_epoch", -1)));
+    line("received from primary", Bytes(Num(Obj(d, "link"), "bytes_received")));
+    line("failovers", count(Num(d, "failovers_total")));
+  }
+  if (!histograms) return out;
+  const json& src = Obj(d, "histograms");
+  for (const auto& name : HistOrder(src)) {
+    auto h = HistogramFromJson(src[name]);
+    if (!h.ok()) continue;
+    auto info = HistInfos().count(name) ? HistInfos().at(name) : HistInfo{name.c_str(), ""};
+    out += "\n" + FormatHistogram(info.title, info.unit, *h);
+  }
+  return out;
+}
+
+}  // namespace remus
