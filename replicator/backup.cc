@@ -278,6 +278,8 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   beat.join();
   staging_.Clear();  // a partial checkpoint is discarded
   device_buf_.clear();
+  staged_page_bytes_ = 0;
+  staged_pages_ = 0;
   {
     std::lock_guard<std::mutex> g(mu_);
     bytes_received_done_ += link->bytes_received();
@@ -309,6 +311,36 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
 }
 
 Status BackupDomain::Recover() {
+  if (auto m = ReadFileToString(dir_ + "/promoted.json"); m.ok() && json::accept(*m)) {
+    json marker = json::parse(*m);
+    int pid = marker.value("pid", -1);
+    // Ours only if it is a live process started for this domain's run dir.
+    std::string argv;
+    if (pid > 0) {
+      auto cmdline = ReadFileToString("/proc/" + std::to_string(pid) + "/cmdline");
+      if (cmdline.ok()) argv = std::move(*cmdline);
+    }
+    bool alive = argv.find(dir_ + "/run/") != std::string::npos;
+    RETURN_IF_ERROR(gate_.Begin("promoted before remusd restarted"));
+    std::lock_guard<std::mutex> g(mu_);
+    last_committed_ = marker.value("epoch", int64_t{-1});
+    if (alive) {
+      gate_.Finish(OkStatus());
+      qemu_pid_ = pid;
+      qmp_socket_ = marker.value("qmp_socket", "");
+      state_ = State::kFailedOver;
+      LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << pid << ")";
+    } else {
+      error_ = "the guest promoted here before remusd restarted (pid " + std::to_string(pid) +
+               ") is gone; its checkpoint " + std::to_string(last_committed_.load()) +
+               " is older than what that guest ran, so it is not restored again; remove " + dir_ +
+               " to protect this domain here anew";
+      gate_.Finish(FailedPrecondition(error_));
+      state_ = State::kFailed;
+      LOG_ERROR(tag_) << error_;
+    }
+    return OkStatus();
+  }
   auto cur = ReadFileToString(dir_ + "/current");
   if (!cur.ok()) return NotFound("domain " + name_ + " has no committed store");
   std::string store_name = *cur;
@@ -512,6 +544,7 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
       std::error_code ec;
       std::filesystem::remove_all(old->dir(), ec);
     }
+    ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
     LOG_INFO(tag_) << "initial copy committed (" << ci.page_count << " pages); standing by";
   } else {
     Staging st = std::move(staging_);
@@ -555,6 +588,15 @@ Status BackupDomain::Promote(const std::string& reason) {
   }
   state_ = State::kFailedOver;
   failovers_total_++;
+  {
+    // Remembered across a restart of remusd: the guest runs here now, and
+    // restoring the (older) checkpoint again would make a second copy.
+    std::lock_guard<std::mutex> g(mu_);
+    json marker = {{"pid", qemu_pid_.load()}, {"qmp_socket", qmp_socket_}, {"epoch", last_committed_.load()},
+                   {"reason", reason}};
+    Status w = WriteFileAtomic(dir_ + "/promoted.json", marker.dump());
+    if (!w.ok()) LOG_ERROR(tag_) << "cannot record the promotion: " << w.ToString();
+  }
   LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now";
   return OkStatus();
 }

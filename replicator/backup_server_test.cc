@@ -2,7 +2,10 @@
 // complete checkpoints, refuses corrupt ones, discards partial ones, and never
 // lets an unauthenticated peer create state.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <thread>
@@ -322,6 +325,74 @@ TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
   InitialSync(*l);
   EXPECT_EQ(DomainStatus()["state"], "protected");
   EXPECT_EQ(StoreByte(1), 'b');
+}
+
+TEST_F(BackupServerTest, PartialCheckpointDoesNotLeakIntoTheNextSession) {
+  {
+    remus::Status hs;
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    InitialSync(*l);
+    ASSERT_TRUE(l->Send(MsgType::kPages, 1, CheckpointPages(2, 'P')).ok());  // never committed
+  }
+  WaitState("primary-lost");
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok()) << hs.ToString();
+  InitialSync(*l);  // its COMMIT(0) counts only this session's pages
+  EXPECT_EQ(DomainStatus()["state"], "protected") << DomainStatus().dump();
+}
+
+class BackupRecoverTest : public BackupServerTest {
+ protected:
+  // Restarts the server after marking the domain promoted by process `pid`.
+  void RestartPromotedBy(int pid) {
+    remus::Status hs;
+    {
+      auto l = Connect(TestKey('k'), &hs);
+      ASSERT_TRUE(hs.ok());
+      InitialSync(*l);
+    }
+    WaitState("primary-lost");
+    server_.reset();
+    std::string dir = dir_ + "/domains/vm1";
+    ASSERT_TRUE(WriteFileAtomic(dir + "/promoted.json",
+                                json{{"pid", pid}, {"qmp_socket", dir + "/run/qmp.sock"}, {"epoch", 0}}.dump())
+                    .ok());
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.key = TestKey('k');
+    o.auto_promote = false;
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  }
+};
+
+TEST_F(BackupRecoverTest, APromotedGuestStillRunningIsNotRestoredAgain) {
+  std::string run = dir_ + "/domains/vm1/run/";
+  pid_t child = ::fork();
+  if (child == 0) {
+    execl("/bin/sh", "sh", "-c", "sleep 30", run.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // exec done
+  RestartPromotedBy(child);
+  json st = DomainStatus();
+  EXPECT_EQ(st["state"], "failed-over") << st.dump();
+  EXPECT_EQ(st["qemu"]["pid"], child) << st.dump();
+  EXPECT_FALSE(server_->Failover("vm1").ok());  // no second copy
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+}
+
+TEST_F(BackupRecoverTest, APromotedGuestThatIsGoneLeavesAClearError) {
+  pid_t child = ::fork();
+  if (child == 0) _exit(0);
+  ::waitpid(child, nullptr, 0);  // a pid that no longer runs
+  RestartPromotedBy(child);
+  json st = DomainStatus();
+  EXPECT_EQ(st["state"], "failed") << st.dump();
+  EXPECT_NE(st["error"].get<std::string>().find("not restored again"), std::string::npos) << st.dump();
 }
 
 TEST(BackupFullDisk, RefusesWithResourceExhausted) {

@@ -452,7 +452,7 @@ Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int 
     return SendErrorAndFail(
         link,
         Unauthenticated(peer + " failed authentication for domain " + dom +
-                        ": the key files differ (compare `remusctl` key fingerprints; this host's is " +
+                        ": the key files differ (compare the key fingerprints remusd logs at start, \"ready: ... key fingerprint\"; this host's is " +
                         KeyFingerprint(key) + ")"),
         Unauthenticated("authentication failed"));
   }
