@@ -379,9 +379,6 @@ Status PrimaryReplicator::RunInitialSync() {
 Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   RETURN_IF_ERROR(source_->WaitForRequest());
   RETURN_IF_ERROR(source_->BeginPause());  // QEMU stops the guest now
-  auto TRACE_now = [] { timespec t; clock_gettime(CLOCK_REALTIME, &t); return (long long)t.tv_sec * 1000000 + t.tv_nsec / 1000; };
-  auto TRACE_cpu = [] { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return (long long)t.tv_sec * 1000000 + t.tv_nsec / 1000; };
-  long long TR_reply = TRACE_now(), TR_cpu0 = TRACE_cpu();
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN("primary[" + opts_.domain + "]") << "fault injection: stalling after REPLY of epoch " << epoch;
     std::unique_lock<std::mutex> l(mu_);
@@ -393,7 +390,6 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   uint64_t pages = 0;
   ASSIGN_OR_RETURN(std::string blob, source_->ReadCheckpoint(&sink, &pages));
   sink.Drain();
-  long long TR_read = TRACE_now(), TR_cpu1 = TRACE_cpu();
   RETURN_IF_ERROR(netbuf_.load()->Barrier(epoch));
   LOG_DEBUG("primary[" + opts_.domain + "]") << "epoch " << epoch << ": output barrier, wall " << WallSeconds();
   uint64_t bytes = sink.bytes() + blob.size();
@@ -423,13 +419,7 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
     loaded_at_.push_back({epoch, clock_.Now()});
     cv_.notify_all();
   }
-  long long TR_pre = TRACE_now();
   RETURN_IF_ERROR(source_->EndPause());  // the guest resumes: speculative execution
-  {
-    long long TR_loaded = TRACE_now();
-    static FILE* tf = [] { return std::fopen(("/tmp/rb/trace/ckpt." + std::to_string(getpid()) + ".log").c_str(), "a"); }();
-    if (tf) { std::fprintf(tf, "%llu %lld %lld %lld %lld %lld %llu\n", (unsigned long long)epoch, TR_reply, TR_read, TR_pre, TR_loaded, TR_cpu1 - TR_cpu0, (unsigned long long)pages); std::fflush(tf); }
-  }
   dirty_pages_.Add(static_cast<double>(pages));
   epoch_bytes_.Add(static_cast<double>(bytes));
   dirty_hist_.Observe(static_cast<double>(pages));
