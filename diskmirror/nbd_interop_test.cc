@@ -23,27 +23,14 @@
 
 #include "common/io.h"
 #include "diskmirror/nbd_server.h"
+#include "tests/fakes/temp_dir.h"
 
 namespace remus {
 namespace {
 
 constexpr uint64_t kSize = 4 << 20;
 
-std::string TempDir() {
-  struct Dirs {
-    std::vector<std::string> paths;
-    ~Dirs() {
-      for (const auto& p : paths) std::filesystem::remove_all(p);
-    }
-  };
-  static Dirs dirs;
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string t = std::string(base && *base ? base : "/tmp") + "/nbd-interop-XXXXXX";
-  char* d = ::mkdtemp(t.data());
-  EXPECT_NE(d, nullptr);
-  dirs.paths.push_back(t);
-  return t;
-}
+std::string TempDir() { return remus::testing::MakeTempDir("nbd-interop"); }
 
 bool HaveTool(const std::string& name) {
   const char* path = std::getenv("PATH");

@@ -17,6 +17,7 @@
 #include <random>
 
 #include "common/io.h"
+#include "tests/fakes/temp_dir.h"
 
 namespace remus {
 namespace {
@@ -25,21 +26,7 @@ constexpr uint64_t kSize = 1 << 20;   // the export
 constexpr uint64_t kGuard = 64 << 10; // file bytes after it that must never change
 constexpr uint8_t kGuardByte = 0xc7;
 
-std::string TempDir() {
-  struct Dirs {
-    std::vector<std::string> paths;
-    ~Dirs() {
-      for (const auto& p : paths) std::filesystem::remove_all(p);
-    }
-  };
-  static Dirs dirs;
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string t = std::string(base && *base ? base : "/tmp") + "/nbd-XXXXXX";
-  char* d = ::mkdtemp(t.data());
-  EXPECT_NE(d, nullptr);
-  dirs.paths.push_back(t);
-  return t;
-}
+std::string TempDir() { return remus::testing::MakeTempDir("nbd"); }
 
 uint16_t Load16(const void* p) {
   const auto* b = static_cast<const uint8_t*>(p);

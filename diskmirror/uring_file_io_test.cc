@@ -10,25 +10,12 @@
 
 #include "diskmirror/file_io.h"
 #include "diskmirror/journal.h"
+#include "tests/fakes/temp_dir.h"
 
 namespace remus {
 namespace {
 
-std::string TempDir() {
-  struct Dirs {
-    std::vector<std::string> paths;
-    ~Dirs() {
-      for (const auto& p : paths) std::filesystem::remove_all(p);
-    }
-  };
-  static Dirs dirs;
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string t = std::string(base && *base ? base : "/tmp") + "/diskmirror-XXXXXX";
-  char* d = ::mkdtemp(t.data());
-  EXPECT_NE(d, nullptr);
-  dirs.paths.push_back(t);
-  return t;
-}
+std::string TempDir() { return remus::testing::MakeTempDir("diskmirror"); }
 
 std::vector<uint8_t> ReadAll(const std::string& path) {
   std::vector<uint8_t> v;

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/io.h"
+#include "tests/fakes/temp_dir.h"
 
 namespace remus {
 namespace {
@@ -22,21 +23,7 @@ using qemu::kPageSize;
 using qemu::RamBlock;
 
 // Temporary directories, removed when the test binary exits.
-std::string TempDir() {
-  struct Dirs {
-    std::vector<std::string> paths;
-    ~Dirs() {
-      for (const auto& p : paths) std::filesystem::remove_all(p);
-    }
-  };
-  static Dirs dirs;
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string t = std::string(base && *base ? base : "/tmp") + "/pagestore-XXXXXX";
-  char* d = ::mkdtemp(t.data());
-  EXPECT_NE(d, nullptr);
-  dirs.paths.push_back(t);
-  return t;
-}
+std::string TempDir() { return remus::testing::MakeTempDir("pagestore"); }
 
 std::vector<uint8_t> Pattern(uint8_t seed) {
   std::vector<uint8_t> p(kPageSize);

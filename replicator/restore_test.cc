@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "common/io.h"
+#include "tests/fakes/temp_dir.h"
 
 namespace remus {
 namespace {
@@ -18,21 +19,7 @@ namespace {
 using qemu::kPageSize;
 using qemu::RamBlock;
 
-std::string TempDir() {
-  struct Dirs {
-    std::vector<std::string> paths;
-    ~Dirs() {
-      for (const auto& p : paths) std::filesystem::remove_all(p);
-    }
-  };
-  static Dirs dirs;
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string t = std::string(base && *base ? base : "/tmp") + "/restore-XXXXXX";
-  char* d = ::mkdtemp(t.data());
-  EXPECT_NE(d, nullptr);
-  dirs.paths.push_back(t);
-  return t;
-}
+std::string TempDir() { return remus::testing::MakeTempDir("restore"); }
 
 std::vector<uint8_t> Pattern(uint8_t seed) {
   std::vector<uint8_t> p(kPageSize);
