@@ -14,17 +14,10 @@ namespace {
 json Error(const Status& s) { return {{"ok", false}, {"code", std::string(CodeName(s.code()))}, {"error", s.message()}}; }
 json Ok(json result = json::object()) { return {{"ok", true}, {"result", std::move(result)}}; }
 
-bool ValidDomain(const std::string& d) {
-  if (d.empty() || d.size() > 64 || d[0] == '.' || d[0] == '-') return false;
-  for (char c : d)
-    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
-  return true;
-}
-
 StatusOr<std::string> DomainArg(const json& req) {
   if (!req.contains("domain") || !req["domain"].is_string()) return InvalidArgument("missing domain name");
   std::string d = req["domain"].get<std::string>();
-  if (!ValidDomain(d))
+  if (!ValidDomainName(d))
     return InvalidArgument("invalid domain name '" + d + "': use 1-64 letters, digits, '.', '-' or '_'");
   return d;
 }

@@ -22,14 +22,14 @@ namespace remus {
 using nlohmann::json;
 using wire::MsgType;
 
-namespace {
-
-bool ValidDomainName(const std::string& d) {
+bool ValidDomainName(std::string_view d) {
   if (d.empty() || d.size() > 64 || d[0] == '.' || d[0] == '-') return false;
   for (char c : d)
     if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
   return true;
 }
+
+namespace {
 
 // Replaces the value of key=VALUE inside a QEMU option string.
 std::string ReplaceOpt(const std::string& opts, const std::string& key, const std::string& value) {

@@ -53,6 +53,10 @@ std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& a
 
 class BackupDomain;
 
+// A domain name remus accepts (it names a directory in the state dir):
+// 1-64 letters, digits, '.', '-' or '_', not starting with '.' or '-'.
+bool ValidDomainName(std::string_view d);
+
 class BackupServer {
  public:
   BackupServer(BackupOptions opts, const Clock& clock, std::unique_ptr<Arbiter> arbiter);
