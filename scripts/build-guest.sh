@@ -138,7 +138,7 @@ MODDIR=$KX/lib/modules/$KVER
 # ------------------------------------------------------------ stage the root
 ST=$OUT/.staging
 rm -rf "$ST"
-mkdir -p "$ST"/{bin,sbin,dev,proc,sys,tmp,etc,root,lib/modules/"$KVER"}
+mkdir -p "$ST"/{bin,sbin,dev,proc,sys,tmp,etc,root,mnt/disk,lib/modules/"$KVER"}
 cp "$BUSYBOX" "$ST/bin/busybox"
 for app in $("$BUSYBOX" --list); do
 	[ "$app" = busybox ] || ln -sf busybox "$ST/bin/$app"

@@ -20,6 +20,17 @@
  *       if given, else an internal per-process request counter. <s> is a
  *       per-connection sequence number starting at 1.
  *
+ *   remus-guest disk raw|fs DEV RATE VERIFY_SEC WINDOW SYNC [GPA]
+ *       Disk record writer and verifier. raw: 4 KiB records written with
+ *       O_DIRECT (+O_DSYNC if SYNC) to the block device DEV at seq*4096.
+ *       fs: DEV is mounted as ext4 on /mnt/disk and the records go to
+ *       /mnt/disk/records with pwrite (+fdatasync if SYNC). RATE records/s.
+ *       After each completed write last_durable = seq is stored in memory (at
+ *       GPA if given); every VERIFY_SEC seconds records 0..last_durable are
+ *       read back with O_DIRECT (the newest WINDOW every time, older ones
+ *       rolling, all of them within ~10 s). Record format: README.md and
+ *       tests/guest/diskcheck.py.
+ *
  * All output goes to stdout (the serial console), one write() per line.
  */
 #define _GNU_SOURCE
@@ -35,8 +46,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h> /* also BLKGETSIZE64, BLKSSZGET */
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,7 +102,7 @@ static void nap(double sec)
 static volatile uint64_t *map_gpa(uint64_t gpa, int writable)
 {
 	if (gpa & 7) {
-		say("FATAL counter GPA 0x%" PRIx64 " not 8-byte aligned", gpa);
+		say("FATAL GPA 0x%" PRIx64 " not 8-byte aligned", gpa);
 		return NULL;
 	}
 	int fd = open("/dev/mem", (writable ? O_RDWR : O_RDONLY) | O_SYNC);
@@ -430,6 +445,463 @@ static _Noreturn void run_tcp(int port, uint64_t gpa, int have_gpa)
 	}
 }
 
+/* --------------------------------------------------------------------- disk */
+
+/*
+ * A record is one 4 KiB block at offset seq*4096, little-endian:
+ *   0 magic "RMSDREC1", 8 seq, 16 run id, 24 version (u32, 1), 28 kind (u32,
+ *   1 raw device, 2 file), 32 write time (CLOCK_REALTIME ns, informational),
+ *   40..4091 payload (the first 4052 bytes of the splitmix64 stream seeded
+ *   with seq), 4092 crc32 (zlib's) of bytes 0..4091.
+ * The host-side twin is tests/guest/diskcheck.py.
+ */
+#define REC 4096UL
+#define RHDR 40
+#define RPAY (REC - RHDR - 4)
+#define RMAGIC 0x3143455244534d52ULL /* "RMSDREC1" */
+#define SMAGIC 0x5441545344534d52ULL /* "RMSDSTAT" */
+#define NONE (~(uint64_t)0)
+#define RCHUNK 64 /* records per read while verifying */
+#define MAXBADLINES 10
+
+struct rec {
+	uint64_t magic;
+	uint64_t seq;
+	uint64_t run;
+	uint32_t version;
+	uint32_t kind;
+	uint64_t wtime;
+	unsigned char payload[RPAY];
+	uint32_t crc;
+};
+_Static_assert(sizeof(struct rec) == REC, "record size");
+
+/* The writer's memory state; at the GPA of remus.diskgpa if given, so the
+ * host can read it from a memory dump ("xp /4xg GPA"). */
+struct diskstate {
+	uint64_t last;     /* last durable seq (write returned), NONE: none yet */
+	uint64_t inflight; /* seq being written, NONE between writes */
+	uint64_t run;      /* run id of this boot */
+	uint64_t magic;    /* "RMSDSTAT" */
+};
+
+/* crc32 as zlib computes it (reflected 0xedb88320), slicing-by-8: about 4x
+ * the byte-wise speed, which matters under TCG (a verification pass over
+ * 4096 records checksums 16 MiB). */
+static uint32_t crctab[8][256];
+
+static void crc_init(void)
+{
+	for (uint32_t i = 0; i < 256; i++) {
+		uint32_t c = i;
+		for (int k = 0; k < 8; k++)
+			c = c & 1 ? 0xedb88320U ^ (c >> 1) : c >> 1;
+		crctab[0][i] = c;
+	}
+	for (uint32_t i = 0; i < 256; i++)
+		for (int t = 1; t < 8; t++)
+			crctab[t][i] = (crctab[t - 1][i] >> 8) ^
+				       crctab[0][crctab[t - 1][i] & 0xff];
+}
+
+static uint32_t crc32_buf(const void *p, size_t n)
+{
+	const unsigned char *b = p;
+	uint32_t c = 0xffffffffU;
+	for (; n >= 8; n -= 8, b += 8) { /* little-endian host (x86) */
+		uint32_t lo, hi;
+		memcpy(&lo, b, 4);
+		memcpy(&hi, b + 4, 4);
+		lo ^= c;
+		c = crctab[7][lo & 0xff] ^ crctab[6][(lo >> 8) & 0xff] ^
+		    crctab[5][(lo >> 16) & 0xff] ^ crctab[4][lo >> 24] ^
+		    crctab[3][hi & 0xff] ^ crctab[2][(hi >> 8) & 0xff] ^
+		    crctab[1][(hi >> 16) & 0xff] ^ crctab[0][hi >> 24];
+	}
+	while (n--)
+		c = crctab[0][(c ^ *b++) & 0xff] ^ (c >> 8);
+	return c ^ 0xffffffffU;
+}
+
+static uint64_t splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+static void fill_payload(unsigned char *p, uint64_t seq)
+{
+	uint64_t s = seq;
+	for (size_t i = 0; i < RPAY; i += 8) {
+		uint64_t v = splitmix64(&s);
+		memcpy(p + i, &v, RPAY - i < 8 ? RPAY - i : 8);
+	}
+}
+
+static void make_rec(struct rec *r, uint64_t seq, uint64_t run, uint32_t kind)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	r->magic = RMAGIC;
+	r->seq = seq;
+	r->run = run;
+	r->version = 1;
+	r->kind = kind;
+	r->wtime = (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+	fill_payload(r->payload, seq);
+	r->crc = crc32_buf(r, REC - 4);
+}
+
+/* NULL if r is record seq of run, else why not (in why). */
+static const char *bad_rec(const struct rec *r, uint64_t seq, uint64_t run,
+			   char *why, size_t len)
+{
+	static unsigned char want[RPAY];
+	if (r->magic != RMAGIC) {
+		const unsigned char *b = (const void *)r;
+		size_t i = 0;
+		while (i < REC && !b[i])
+			i++;
+		snprintf(why, len, i == REC ? "zero" : "magic(got=0x%016" PRIx64 ")",
+			 r->magic);
+		return why;
+	}
+	uint32_t c = crc32_buf(r, REC - 4);
+	if (c != r->crc) {
+		snprintf(why, len, "crc(got=%08x want=%08x seq=%" PRIu64 ")", r->crc,
+			 c, r->seq);
+		return why;
+	}
+	if (r->seq != seq) {
+		snprintf(why, len, "seq(got=%" PRIu64 ")", r->seq);
+		return why;
+	}
+	if (r->run != run) {
+		snprintf(why, len, "run(got=%016" PRIx64 " want=%016" PRIx64 ")",
+			 r->run, run);
+		return why;
+	}
+	fill_payload(want, seq);
+	if (memcmp(r->payload, want, RPAY)) {
+		snprintf(why, len, "payload");
+		return why;
+	}
+	return NULL;
+}
+
+struct disk {
+	const char *dev;
+	int fs;
+	int wfd, rfd;
+	uint64_t cap; /* records that fit, NONE: unknown (file) */
+	volatile struct diskstate *st;
+	struct rec *rbuf; /* RCHUNK records, 4 KiB aligned */
+	uint64_t roll;    /* rolling cursor in the older records */
+	unsigned long passes, failed, mismatches, errors;
+};
+
+/* Check records [a, b); count the bad ones in *bad, return read errors. */
+static unsigned long verify_range(struct disk *d, uint64_t a, uint64_t b,
+				  uint64_t last, unsigned long *bad,
+				  uint64_t *firstbad)
+{
+	unsigned long errs = 0;
+	char why[160];
+	while (a < b) {
+		uint64_t n = b - a < RCHUNK ? b - a : RCHUNK;
+		ssize_t got = pread(d->rfd, d->rbuf, n * REC, (off_t)(a * REC));
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			say("DISK ERROR read records %" PRIu64 "..%" PRIu64 ": %s dev=%s",
+			    a, a + n - 1, strerror(errno), d->dev);
+			errs++;
+			a += n;
+			continue;
+		}
+		for (uint64_t j = 0; j < n; j++) {
+			const char *w;
+			if ((uint64_t)got < (j + 1) * REC) {
+				snprintf(why, sizeof why, "missing(eof)");
+				w = why;
+			} else {
+				w = bad_rec(d->rbuf + j, a + j, d->st->run, why, sizeof why);
+			}
+			if (!w)
+				continue;
+			if (*bad < MAXBADLINES)
+				say("DISK MISMATCH seq=%" PRIu64 " last=%" PRId64
+				    " reason=%s dev=%s",
+				    a + j, (int64_t)last, w, d->dev);
+			if (*firstbad == NONE)
+				*firstbad = a + j;
+			(*bad)++;
+		}
+		a += n;
+	}
+	return errs;
+}
+
+/* One verification pass over 0..last (see the header comment). */
+static void verify(struct disk *d, unsigned long window, double vint,
+		   double achieved, double rate)
+{
+	uint64_t last = d->st->last;
+	uint64_t n = last == NONE ? 0 : last + 1;
+	unsigned long bad = 0, errs = 0, checked = 0;
+	uint64_t firstbad = NONE;
+	int full = 1;
+	double t0 = now();
+	if (n <= window) {
+		errs += verify_range(d, 0, n, last, &bad, &firstbad);
+		checked = n;
+	} else {
+		uint64_t old = n - window;
+		/* the older records rolling: all of them within ~10 s */
+		uint64_t step = (uint64_t)(old * (vint / 10.0)) + 1;
+		if (step >= old) {
+			step = old;
+			d->roll = 0;
+		} else {
+			full = 0;
+		}
+		if (d->roll >= old)
+			d->roll = 0;
+		uint64_t a = d->roll, b = a + step;
+		if (b > old) {
+			errs += verify_range(d, a, old, last, &bad, &firstbad);
+			b -= old;
+			a = 0;
+		}
+		errs += verify_range(d, a, b, last, &bad, &firstbad);
+		d->roll = b;
+		errs += verify_range(d, old, n, last, &bad, &firstbad);
+		checked = step + window;
+	}
+	d->passes++;
+	d->mismatches += bad;
+	d->errors += errs;
+	if (bad || errs)
+		d->failed++;
+	if (bad)
+		say("DISK MISMATCH summary bad=%lu checked=%lu first=%" PRIu64
+		    " last=%" PRId64 " fails=%lu passes=%lu dev=%s",
+		    bad, checked, firstbad, (int64_t)last, d->failed, d->passes,
+		    d->dev);
+	if (errs)
+		say("DISK ERROR verify read_errors=%lu last=%" PRId64
+		    " fails=%lu passes=%lu dev=%s",
+		    errs, (int64_t)last, d->failed, d->passes, d->dev);
+	if (!bad && !errs)
+		say("DISK OK last=%" PRId64 " checked=%lu full=%d took=%.3fs "
+		    "rate=%.0f/s target=%.0f/s fails=%lu dev=%s",
+		    (int64_t)last, checked, full, now() - t0, achieved, rate,
+		    d->failed, d->dev);
+}
+
+static int wait_dev(const char *dev)
+{
+	struct stat sb;
+	for (int i = 0; i < 300; i++) { /* virtio_blk probes asynchronously */
+		if (stat(dev, &sb) == 0)
+			return 0;
+		if (i == 10)
+			say("disk: waiting for %s", dev);
+		nap(0.1);
+	}
+	say("DISK ERROR no device node after 30 s (virtio-blk device attached?) dev=%s",
+	    dev);
+	return -1;
+}
+
+static int open_raw(struct disk *d, int dsync)
+{
+	d->wfd = open(d->dev, O_RDWR | O_DIRECT | (dsync ? O_DSYNC : 0));
+	if (d->wfd < 0) {
+		say("DISK ERROR open O_DIRECT: %s dev=%s", strerror(errno), d->dev);
+		return -1;
+	}
+	d->rfd = d->wfd;
+	uint64_t size = 0;
+	int lbs = 0;
+	if (ioctl(d->wfd, BLKGETSIZE64, &size) < 0 ||
+	    ioctl(d->wfd, BLKSSZGET, &lbs) < 0) {
+		say("DISK ERROR not a block device? (%s) dev=%s", strerror(errno), d->dev);
+		return -1;
+	}
+	if (lbs <= 0 || REC % lbs) {
+		say("DISK ERROR logical block size %d does not divide 4096 dev=%s",
+		    lbs, d->dev);
+		return -1;
+	}
+	d->cap = size / REC;
+	if (d->cap == 0) {
+		say("DISK ERROR %" PRIu64 " bytes, smaller than one record dev=%s",
+		    size, d->dev);
+		return -1;
+	}
+	return 0;
+}
+
+#define MNT "/mnt/disk"
+
+static int open_fs(struct disk *d)
+{
+	mkdir("/mnt", 0755);
+	mkdir(MNT, 0755);
+	if (mount(d->dev, MNT, "ext4", 0, "") < 0) {
+		int e = errno;
+		say("DISK ERROR mount -t ext4 %s %s: %s%s dev=%s", d->dev, MNT,
+		    strerror(e),
+		    e == ENODEV ? " (ext4 module not loaded?)" :
+		    e == EINVAL ? " (no ext4 filesystem on it? mkfs.ext4 it on the host)" : "",
+		    d->dev);
+		return -1;
+	}
+	d->wfd = open(MNT "/records", O_RDWR | O_CREAT | O_TRUNC, 0644);
+	if (d->wfd < 0) {
+		say("DISK ERROR open " MNT "/records: %s dev=%s", strerror(errno), d->dev);
+		return -1;
+	}
+	/* make the new directory entry durable before the first record */
+	int dfd = open(MNT, O_RDONLY | O_DIRECTORY);
+	if (dfd < 0 || fsync(d->wfd) < 0 || fsync(dfd) < 0) {
+		say("DISK ERROR fsync " MNT ": %s dev=%s", strerror(errno), d->dev);
+		return -1;
+	}
+	close(dfd);
+	d->rfd = open(MNT "/records", O_RDONLY | O_DIRECT);
+	if (d->rfd < 0) {
+		say("DISK ERROR open " MNT "/records O_DIRECT: %s dev=%s",
+		    strerror(errno), d->dev);
+		return -1;
+	}
+	d->cap = NONE;
+	return 0;
+}
+
+static _Noreturn void run_disk(int fs, const char *dev, double rate, double vint,
+			       unsigned long window, int dsync, uint64_t gpa,
+			       int have_gpa)
+{
+	static char devpath[256];
+	static struct diskstate local;
+	struct disk d = { .fs = fs, .wfd = -1, .rfd = -1, .st = &local };
+	const char *name = fs ? "diskfs" : "disk";
+	snprintf(devpath, sizeof devpath, "%s%s", strchr(dev, '/') ? "" : "/dev/", dev);
+	d.dev = devpath;
+	if (vint <= 0)
+		vint = 1.0;
+	crc_init();
+
+	if (have_gpa) {
+		if ((gpa & (PAGE - 1)) + sizeof(struct diskstate) > PAGE) {
+			say("FATAL %s: state at GPA 0x%" PRIx64 " crosses a page", name, gpa);
+			park();
+		}
+		d.st = (volatile struct diskstate *)map_gpa(gpa, 1);
+		if (!d.st)
+			park();
+	}
+	uint64_t run;
+	if (getrandom(&run, sizeof run, 0) != sizeof run)
+		run = (uint64_t)(now() * 1e9) ^ ((uint64_t)getpid() << 48);
+	d.st->magic = SMAGIC;
+	d.st->run = run;
+	d.st->inflight = NONE;
+	d.st->last = NONE;
+
+	struct rec *w;
+	if (posix_memalign((void **)&w, REC, REC) ||
+	    posix_memalign((void **)&d.rbuf, REC, RCHUNK * REC)) {
+		say("FATAL %s: out of memory", name);
+		park();
+	}
+	if (wait_dev(d.dev) < 0 || (fs ? open_fs(&d) : open_raw(&d, dsync)) < 0) {
+		say("FATAL %s: giving up on %s", name, d.dev);
+		park();
+	}
+	char capbuf[32] = "until ENOSPC";
+	if (d.cap != NONE)
+		snprintf(capbuf, sizeof capbuf, "%" PRIu64, d.cap);
+	char where[48] = "memory";
+	if (have_gpa)
+		snprintf(where, sizeof where, "GPA 0x%" PRIx64, gpa);
+	say("%s started: %s%s rate=%.0f/s verify=%.1fs window=%lu sync=%d "
+	    "records=%s run=%016" PRIx64 " state=%s",
+	    name, fs ? MNT "/records on " : "", d.dev, rate, vint, window, dsync,
+	    capbuf, run, where);
+
+	double t0 = now();
+	double next_write = t0, next_verify = t0 + vint, last_report = t0;
+	uint64_t writes = 0, writes_at_report = 0;
+	int full = 0;
+	for (;;) {
+		double t = now();
+		if (!full && rate > 0 && t >= next_write) {
+			/* continue after the last durable record, as memory says
+			 * (after a failover too: never re-scan the disk) */
+			uint64_t seq = d.st->last + 1; /* NONE + 1 == 0 */
+			if (seq >= d.cap) {
+				full = 1;
+				say("DISK FULL last=%" PRId64 " records=%" PRIu64
+				    " (writing stopped, verifying goes on) dev=%s",
+				    (int64_t)d.st->last, d.cap, d.dev);
+			} else {
+				make_rec(w, seq, run, fs ? 2 : 1);
+				d.st->inflight = seq;
+				ssize_t r = pwrite(d.wfd, w, REC, (off_t)(seq * REC));
+				int e = errno;
+				if (r == (ssize_t)REC && fs && dsync && fdatasync(d.wfd) < 0) {
+					e = errno;
+					r = -2;
+				}
+				if (r == (ssize_t)REC) {
+					d.st->last = seq; /* durable now */
+					writes++;
+				} else if (fs && (r >= 0 || e == ENOSPC || e == EFBIG)) {
+					full = 1;
+					say("DISK FULL last=%" PRId64 " (record %" PRIu64
+					    ": %s; writing stopped, verifying goes on) dev=%s",
+					    (int64_t)d.st->last, seq,
+					    r >= 0 ? "short write" : strerror(e), d.dev);
+				} else {
+					d.errors++;
+					say("DISK ERROR %s seq=%" PRIu64 ": %s (retry in 1 s) dev=%s",
+					    r == -2 ? "fdatasync" : "write", seq,
+					    r >= 0 ? "short write" : strerror(e), d.dev);
+					next_write = t + 1.0;
+				}
+				d.st->inflight = NONE;
+			}
+			next_write += 1.0 / rate;
+			/* behind by more than 100 ms (frozen, restored
+			 * elsewhere, slow device): no catch-up burst */
+			if (next_write < now() - 0.1)
+				next_write = now();
+		}
+		t = now();
+		if (t >= next_verify) {
+			double span = t - last_report;
+			verify(&d, window, vint,
+			       span > 0 ? (writes - writes_at_report) / span : 0, rate);
+			last_report = t;
+			writes_at_report = writes;
+			next_verify += vint;
+			if (next_verify < now())
+				next_verify = now() + vint;
+		}
+		double wake = next_verify;
+		if (!full && rate > 0 && next_write < wake)
+			wake = next_write;
+		t = now();
+		if (wake > t)
+			nap(wake - t);
+	}
+}
+
 /* --------------------------------------------------------------------- main */
 
 static _Noreturn void usage(void)
@@ -437,7 +909,8 @@ static _Noreturn void usage(void)
 	fprintf(stderr,
 		"usage: remus-guest counter GPA\n"
 		"       remus-guest dirty PAGES_PER_SEC WSS_MIB CHECK(0|1)\n"
-		"       remus-guest tcp PORT [GPA]\n");
+		"       remus-guest tcp PORT [GPA]\n"
+		"       remus-guest disk raw|fs DEV RATE VERIFY_SEC WINDOW SYNC(0|1) [GPA]\n");
 	exit(2);
 }
 
@@ -454,5 +927,11 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "tcp") && (argc == 3 || argc == 4))
 		run_tcp(atoi(argv[2]), argc == 4 ? strtoull(argv[3], NULL, 0) : 0,
 			argc == 4);
+	if (!strcmp(argv[1], "disk") && (argc == 8 || argc == 9) &&
+	    (!strcmp(argv[2], "raw") || !strcmp(argv[2], "fs")))
+		run_disk(!strcmp(argv[2], "fs"), argv[3], strtod(argv[4], NULL),
+			 strtod(argv[5], NULL), strtoul(argv[6], NULL, 0),
+			 atoi(argv[7]), argc == 9 ? strtoull(argv[8], NULL, 0) : 0,
+			 argc == 9);
 	usage();
 }
