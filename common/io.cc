@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 namespace remus {
 
@@ -311,14 +312,60 @@ StatusOr<size_t> MemorySource::ReadSome(void* buf, size_t n) {
 
 BufferedReader::BufferedReader(Source* src, size_t bufsize) : src_(src), buf_(bufsize) {}
 
+BufferPool::BufferPool(size_t buffer_size, size_t max_pooled) : size_(buffer_size), max_(max_pooled) {}
+
+std::vector<uint8_t> BufferPool::Get() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!free_.empty()) {
+      std::vector<uint8_t> b = std::move(free_.back());
+      free_.pop_back();
+      return b;
+    }
+  }
+  return std::vector<uint8_t>(size_);
+}
+
+void BufferPool::Put(std::vector<uint8_t> b) {
+  if (b.size() != size_) return;
+  std::lock_guard<std::mutex> g(mu_);
+  if (free_.size() < max_) free_.push_back(std::move(b));
+}
+
+size_t BufferPool::pooled() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return free_.size();
+}
+
+void BufferedReader::StartRetaining(BufferPool* pool) { retain_pool_ = pool; }
+
+void BufferedReader::Rotate() {
+  std::vector<uint8_t> next = retain_pool_->Get();
+  size_t rem = end_ - pos_;
+  std::memcpy(next.data(), buf_.data() + pos_, rem);
+  retained_.push_back(std::move(buf_));
+  buf_ = std::move(next);
+  pos_ = 0;
+  end_ = rem;
+}
+
+std::vector<std::vector<uint8_t>> BufferedReader::TakeRetained() {
+  if (retain_pool_ == nullptr) return {};
+  Rotate();
+  retain_pool_ = nullptr;
+  return std::exchange(retained_, {});
+}
+
 Status BufferedReader::Fill(size_t want) {
   if (end_ - pos_ >= want) return OkStatus();
-  if (pos_ > 0) {
+  if (retain_pool_ != nullptr) {
+    if (buf_.size() - pos_ < want) Rotate();  // never overwrite bytes already handed out
+  } else if (pos_ > 0) {
     std::memmove(buf_.data(), buf_.data() + pos_, end_ - pos_);
     end_ -= pos_;
     pos_ = 0;
   }
-  while (end_ < want) {
+  while (end_ - pos_ < want) {
     ASSIGN_OR_RETURN(size_t r, src_->ReadSome(buf_.data() + end_, buf_.size() - end_));
     if (r == 0) return Unavailable("stream ended after " + std::to_string(offset_ + (end_ - pos_)) + " bytes");
     end_ += r;

@@ -194,6 +194,11 @@ json Daemon::Protect(const json& req) {
   if (compress != "none" && compress != "lz4")
     return Error(InvalidArgument("domain " + *d + ": unknown --compress '" + compress + "'; expected lz4 or none"));
   po.compress = compress == "lz4";
+  po.disks = req.value("disks", "all");
+  if (po.disks.empty() || po.disks.find_first_not_of(
+                              "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") != std::string::npos)
+    return Error(InvalidArgument("domain " + *d + ": --disks '" + po.disks +
+                                 "' is not all, none, or a comma-separated list of drive ids"));
   po.fault = opts_.fault;
   auto p = PrimaryReplicator::Start(std::move(po), clock_);
   if (!p.ok()) return Error(p.status());

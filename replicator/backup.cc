@@ -15,6 +15,8 @@
 
 #include "common/hex.h"
 #include "common/log.h"
+#include "diskmirror/disk_replica.h"
+#include "replicator/disk_source.h"
 #include "replicator/restore.h"
 
 namespace remus {
@@ -66,7 +68,8 @@ std::string OptValue(const std::string& opts, const std::string& key) {
 }  // namespace
 
 std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& argv, const std::string& run_dir,
-                                               const std::string& qemu_binary) {
+                                               const std::string& qemu_binary,
+                                               const std::map<std::string, std::string>& drive_images) {
   std::vector<std::string> out;
   if (argv.empty()) return out;
   out.push_back(qemu_binary.empty() ? argv[0] : qemu_binary);
@@ -100,6 +103,17 @@ std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& a
       if (backend == "socket" && !OptValue(v, "path").empty()) v = ReplaceOpt(v, "path", run_dir + "/" + id + ".sock");
       if (backend == "file") v = ReplaceOpt(v, "path", run_dir + "/" + id + ".log");
       out.insert(out.end(), {"-chardev", v});
+      continue;
+    }
+    if (o == "-drive" && has_val) {
+      i++;
+      auto it = drive_images.find(OptValue(v, "id"));
+      if (it != drive_images.end()) {
+        // The backup's copy is a raw image, whatever the primary's format.
+        v = ReplaceOpt(v, "file", it->second);
+        v = v.find("format=") != std::string::npos ? ReplaceOpt(v, "format", "raw") : v + ",format=raw";
+      }
+      out.insert(out.end(), {"-drive", v});
       continue;
     }
     if (o == "-serial" && has_val) {
@@ -178,6 +192,24 @@ class BackupDomain {
   std::string primary_;                        // guarded by mu_
   bool goodbye_ = false;                       // guarded by mu_
   bool session_active_ = false;                // guarded by mu_
+
+  // Mirrored disks (diskmirror/disk_replica.h). The session's set is made at
+  // SYNC_BEGIN with journals in the new store; at COMMIT 0 it becomes the
+  // committed one. Both are touched by the session thread, and by promotion
+  // and recovery when no session runs.
+  Status OpenSessionDisks(const std::string& store_dir);
+  StatusOr<std::unique_ptr<DiskReplicaSet>> OpenDisks(const std::string& store_dir, std::optional<uint64_t> discard_after);
+  FileIo* Io();
+  std::unique_ptr<FileIo> io_;
+  // Held around every use of a DiskReplicaSet (not thread-safe): an
+  // operator's failover may run while the session thread ends. Order: mu_
+  // before disk_mu_.
+  std::mutex disk_mu_;
+  std::shared_ptr<DiskReplicaSet> session_disks_;    // session thread
+  std::shared_ptr<DiskReplicaSet> committed_disks_;  // guarded by mu_
+  int64_t disk_synced_epoch_ = -1;                   // guarded by mu_ (of the committed store)
+  int64_t session_disk_synced_ = -1;                 // session thread: DISK_SYNCED of this session
+  uint64_t staged_disk_records_ = 0;                 // session thread
 
   // Per-session receive state (session thread only).
   Staging staging_;
@@ -280,6 +312,13 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   device_buf_.clear();
   staged_page_bytes_ = 0;
   staged_pages_ = 0;
+  staged_disk_records_ = 0;
+  if (session_disks_) {
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    Status d = session_disks_->DropUncommitted();
+    if (!d.ok()) LOG_ERROR(tag_) << "dropping a partial checkpoint's disk writes: " << d.ToString();
+    session_disks_.reset();
+  }
   {
     std::lock_guard<std::mutex> g(mu_);
     bytes_received_done_ += link->bytes_received();
@@ -354,6 +393,17 @@ Status BackupDomain::Recover() {
     return DataLoss("domain " + name_ + ": store " + store->dir() + " holds no restorable checkpoint: " +
                     store->invalid_reason());
   ASSIGN_OR_RETURN(std::string configuration, ReadFileToString(store->dir() + "/configuration.bin"));
+  // The disks: replay what the journals committed up to the page store's
+  // epoch, and drop what they committed after it.
+  std::shared_ptr<DiskReplicaSet> disks;
+  int64_t synced = -1;
+  if (std::filesystem::exists(store->dir() + "/disks.json")) {
+    ASSIGN_OR_RETURN(auto set, OpenDisks(store->dir(), store->committed_epoch()));
+    RETURN_IF_ERROR(set->ApplyAll().Annotate("domain " + name_ + ": replaying the disk journals"));
+    disks = std::move(set);
+    if (auto t = ReadFileToString(store->dir() + "/disks-synced"); t.ok()) synced = std::atoll(t->c_str());
+    LOG_INFO(tag_) << "disk images replayed to checkpoint " << store->committed_epoch();
+  }
   // Stores of sessions that never committed are of no use any more.
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
@@ -365,6 +415,8 @@ Status BackupDomain::Recover() {
   committed_configuration_ = std::move(configuration);
   last_committed_ = static_cast<int64_t>(store->committed_epoch());
   committed_ = std::move(store);
+  committed_disks_ = std::move(disks);
+  disk_synced_epoch_ = synced;
   state_ = State::kPrimaryLost;
   error_ = "remusd restarted; checkpoint " + std::to_string(last_committed_.load()) +
            " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
@@ -423,6 +475,12 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       json c = json::parse(f.payload);
       if (!c.contains("argv") || !c["argv"].is_array() || c["argv"].empty())
         return InvalidArgument("CONFIG carries no QEMU argv");
+      if (c.contains("disks") && !c["disks"].is_array()) return InvalidArgument("CONFIG: disks is not a list");
+      for (const auto& d : c.value("disks", json::array())) {
+        auto g = GuestDisk::FromJson(d);
+        if (!g.ok()) return InvalidArgument("CONFIG: " + g.status().message());
+        if (!ValidDomainName(g->id)) return InvalidArgument("CONFIG: disk id '" + g->id + "' is not a usable name");
+      }
       RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
       RETURN_IF_ERROR(WriteFileAtomic(dir_ + "/config.json", c.dump(2)));
       if (c.contains("heartbeat_interval_ms") && c.contains("heartbeat_timeout_ms")) {
@@ -451,6 +509,7 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       }
       ASSIGN_OR_RETURN(auto store, PageStore::Create(dir_ + "/store-" + std::to_string(seq), blocks));
       RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", config));
+      RETURN_IF_ERROR(OpenSessionDisks(store->dir()));
       std::lock_guard<std::mutex> g(mu_);
       configuration_section_ = config;
       syncing_ = std::move(store);
@@ -483,6 +542,25 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       staging_.AddPageBatch(std::move(f.payload));
       return OkStatus();
     }
+    case MsgType::kDisk: {
+      if (!session_disks_) return FailedPrecondition("DISK for a domain without mirrored disks, or before SYNC_BEGIN");
+      ASSIGN_OR_RETURN(wire::DiskRecord r, wire::DecodeDiskRecord(f.payload));
+      staged_disk_records_++;
+      std::lock_guard<std::mutex> dg(disk_mu_);
+      switch (r.op) {
+        case wire::DiskOp::kWrite:
+          return session_disks_->Write(
+              r.disk, f.epoch, r.offset,
+              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.data.data()), r.data.size()));
+        case wire::DiskOp::kZero: return session_disks_->Zero(r.disk, f.epoch, r.offset, r.length);
+        case wire::DiskOp::kTrim: return session_disks_->Trim(r.disk, f.epoch, r.offset, r.length);
+      }
+      return DataLoss("DISK record with an unknown op");
+    }
+    case MsgType::kDiskSynced:
+      if (!session_disks_) return FailedPrecondition("DISK_SYNCED for a domain without mirrored disks");
+      session_disk_synced_ = static_cast<int64_t>(f.epoch);
+      return OkStatus();
     case MsgType::kDevice:
       if (device_buf_.size() + f.payload.size() > qemu::kMaxDeviceState) return DataLoss("device state too large");
       device_buf_ += f.payload;
@@ -521,13 +599,26 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   std::string blob = std::move(device_buf_);
   device_buf_.clear();
   uint64_t page_bytes = staged_page_bytes_;
+  uint64_t disk_records = staged_disk_records_;
   staged_page_bytes_ = 0;
   staged_pages_ = 0;
-  if (ci.page_bytes != page_bytes || ci.device_bytes != blob.size())
+  staged_disk_records_ = 0;
+  if (ci.page_bytes != page_bytes || ci.device_bytes != blob.size() || ci.disk_records != disk_records)
     return DataLoss("checkpoint " + std::to_string(epoch) + " is incomplete: got " + std::to_string(page_bytes) +
-                    " page bytes and " + std::to_string(blob.size()) + " device bytes, the primary sent " +
-                    std::to_string(ci.page_bytes) + " and " + std::to_string(ci.device_bytes));
+                    " page bytes, " + std::to_string(blob.size()) + " device bytes and " +
+                    std::to_string(disk_records) + " disk writes, the primary sent " + std::to_string(ci.page_bytes) +
+                    ", " + std::to_string(ci.device_bytes) + " and " + std::to_string(ci.disk_records));
   TimePoint t0 = clock_.Now();
+  // The disk writes are durable before the memory part commits: a crash in
+  // between leaves a disk epoch the page store never committed, which
+  // recovery drops (discard_after). Never ack what is not durable.
+  if (session_disks_) {
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    Status ds = session_disks_->Commit(epoch);
+    if (!ds.ok())
+      return Status(ds.code(), "checkpoint " + std::to_string(epoch) + ": disk writes not durable, not acking: " +
+                                   ds.message());
+  }
   if (epoch == 0) {
     std::unique_ptr<PageStore> old;
     {
@@ -538,14 +629,17 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
       old = std::move(committed_);
       committed_ = std::move(syncing_);
       committed_configuration_ = configuration_section_;
-      state_ = State::kStandby;
+      committed_disks_ = session_disks_;
+      disk_synced_epoch_ = -1;
+      state_ = committed_disks_ ? State::kSyncing : State::kStandby;
     }
     if (old) {
       std::error_code ec;
       std::filesystem::remove_all(old->dir(), ec);
     }
     ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
-    LOG_INFO(tag_) << "initial copy committed (" << ci.page_count << " pages); standing by";
+    LOG_INFO(tag_) << "initial copy committed (" << ci.page_count << " pages)"
+                   << (committed_disks_ ? "; disks still copying" : "; standing by");
   } else {
     Staging st = std::move(staging_);
     staging_ = Staging();
@@ -553,6 +647,22 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
     std::lock_guard<std::mutex> g(mu_);
     if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
     RETURN_IF_ERROR(committed_->Commit(epoch, std::move(st)));
+  }
+  if (session_disks_) {
+    if (session_disk_synced_ >= 0 && static_cast<uint64_t>(session_disk_synced_) <= epoch) {
+      std::lock_guard<std::mutex> g(mu_);
+      if (disk_synced_epoch_ < 0) {
+        disk_synced_epoch_ = session_disk_synced_;
+        RETURN_IF_ERROR(WriteFileAtomic(committed_->dir() + "/disks-synced", std::to_string(disk_synced_epoch_)));
+        if (state_ == State::kSyncing) state_ = State::kStandby;
+        LOG_INFO(tag_) << "disk copies complete as of checkpoint " << disk_synced_epoch_ << "; standing by";
+      }
+    }
+    // The committed epochs reach the images now and then (batched: each
+    // apply syncs the images); promotion applies the rest.
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    Status a = session_disks_->MaybeApply();
+    if (!a.ok()) return Status(a.code(), "applying disk writes: " + a.message());
   }
   double ms = ToMillis(clock_.Now() - t0);
   apply_ms_.Add(ms);
@@ -563,6 +673,55 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   std::lock_guard<std::mutex> g(sess_mu_);
   acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
   sess_cv_.notify_all();
+  return OkStatus();
+}
+
+FileIo* BackupDomain::Io() {
+  if (!io_) {
+    auto io = NewUringFileIo();
+    if (!io.ok()) return nullptr;
+    io_ = std::move(io).value();
+  }
+  return io_.get();
+}
+
+StatusOr<std::unique_ptr<DiskReplicaSet>> BackupDomain::OpenDisks(const std::string& store_dir,
+                                                                  std::optional<uint64_t> discard_after) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(store_dir + "/disks.json"));
+  if (!json::accept(text)) return DataLoss(store_dir + "/disks.json is not JSON");
+  std::vector<ReplicaDisk> disks;
+  for (const auto& d : json::parse(text)) {
+    auto g = GuestDisk::FromJson(d);
+    if (!g.ok()) return DataLoss(store_dir + "/disks.json: " + g.status().message());
+    disks.push_back({g->id, g->size});
+  }
+  FileIo* io = Io();
+  if (!io) return Unavailable("domain " + name_ + ": io_uring is unavailable for the disk journals");
+  RETURN_IF_ERROR(MakeDirs(dir_ + "/disks", 0700));
+  return DiskReplicaSet::Open(io, dir_ + "/disks", store_dir, std::move(disks), discard_after);
+}
+
+Status BackupDomain::OpenSessionDisks(const std::string& store_dir) {
+  json disks;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    disks = config_.value("disks", json::array());
+  }
+  session_disks_.reset();
+  session_disk_synced_ = -1;
+  if (disks.empty()) return OkStatus();
+  // The images are shared by sessions: the last committed session's journals
+  // go onto them in full before this one's writes can.
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    if (committed_disks_) RETURN_IF_ERROR(committed_disks_->ApplyAll().Annotate("domain " + name_));
+  }
+  RETURN_IF_ERROR(WriteFileAtomic(store_dir + "/disks.json", disks.dump()));
+  ASSIGN_OR_RETURN(auto set, OpenDisks(store_dir, std::nullopt));
+  std::lock_guard<std::mutex> dg(disk_mu_);
+  session_disks_ = std::move(set);
+  LOG_INFO(tag_) << "mirroring " << disks.size() << " disk(s) into " << dir_ << "/disks";
   return OkStatus();
 }
 
@@ -606,12 +765,23 @@ Status BackupDomain::DoPromote() {
   if (!committed_ || !committed_->has_committed())
     return FailedPrecondition("domain " + name_ + " has no committed checkpoint (the initial copy never completed); "
                               "nothing to restore");
+  std::map<std::string, std::string> drive_images;
+  if (committed_disks_) {
+    if (disk_synced_epoch_ < 0 || static_cast<uint64_t>(disk_synced_epoch_) > committed_->committed_epoch())
+      return FailedPrecondition("domain " + name_ + ": the disk copy to this backup never completed, so its disk "
+                                "does not match any checkpoint; not restoring");
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    RETURN_IF_ERROR(committed_disks_->ApplyAll().Annotate("domain " + name_ + ": bringing the disk images to checkpoint " +
+                                                          std::to_string(committed_->committed_epoch())));
+    for (size_t i = 0; i < committed_disks_->size(); i++)
+      drive_images[committed_disks_->disk(i).id] = committed_disks_->ImagePath(i);
+  }
   std::vector<std::string> argv;
   for (const auto& a : config_.value("argv", json::array())) argv.push_back(a.get<std::string>());
   std::string run = dir_ + "/run";
   RETURN_IF_ERROR(MakeDirs(run, 0700));
   for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
-  argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary);
+  argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, drive_images);
   LOG_INFO(tag_) << "restoring epoch " << committed_->committed_epoch() << " into a new QEMU";
   std::string log = run + "/qemu.log";
   // posix_spawn rather than fork: remusd is multithreaded, and a forked child
@@ -717,6 +887,12 @@ json BackupDomain::StatusJson() const {
   j["qmp_socket"] = qmp_socket_;
   j["qemu"] = {{"pid", qemu_pid_.load()}};
   if (committed_) j["store"] = committed_->dir();
+  if (committed_disks_) {
+    json ids = json::array();
+    for (size_t i = 0; i < committed_disks_->size(); i++)
+      ids.push_back({{"id", committed_disks_->disk(i).id}, {"image", committed_disks_->ImagePath(i)}});
+    j["disks"] = {{"images", ids}, {"synced_epoch", disk_synced_epoch_}};
+  }
   return j;
 }
 

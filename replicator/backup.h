@@ -48,8 +48,11 @@ struct BackupOptions {
 // Rewrites the primary's QEMU command line for a restore on this host: its own
 // monitor, pidfile and serial/chardev paths under run_dir, `-incoming defer`,
 // no -daemonize, -S, -incoming or monitors of the primary. Pure; unit-tested.
+// drive_images maps -drive ids to the backup's raw images: their file= is
+// replaced and format= set to raw.
 std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& argv, const std::string& run_dir,
-                                               const std::string& qemu_binary);
+                                               const std::string& qemu_binary,
+                                               const std::map<std::string, std::string>& drive_images = {});
 
 class BackupDomain;
 

@@ -11,8 +11,14 @@ namespace remus {
 
 using nlohmann::json;
 
+namespace {
+constexpr size_t kReadBuffer = 1 << 20;
+}  // namespace
+
 CheckpointSource::CheckpointSource(QemuMonitor* monitor, CheckpointSourceOptions opts)
-    : monitor_(monitor), opts_(std::move(opts)) {}
+    : monitor_(monitor),
+      opts_(std::move(opts)),
+      pool_(std::make_shared<BufferPool>(kReadBuffer, opts_.buffer_pool_bytes / kReadBuffer)) {}
 
 CheckpointSource::~CheckpointSource() {
   Abort();
@@ -45,7 +51,7 @@ Status CheckpointSource::Start() {
   listen_fd_.Reset();
   ::unlink(opts_.migration_socket.c_str());
   source_ = std::make_unique<FdSource>(conn_.get());
-  reader_ = std::make_unique<BufferedReader>(source_.get(), 1 << 20);
+  reader_ = std::make_unique<BufferedReader>(source_.get(), kReadBuffer);
   parser_ = std::make_unique<qemu::StreamParser>(reader_.get());
   LOG_INFO(tag) << "QEMU connected; initial copy starting";
   return OkStatus();
@@ -70,10 +76,13 @@ Status CheckpointSource::WaitForRequest() { return parser_->ExpectColoMessage(qe
 Status CheckpointSource::BeginPause() { return Send(qemu::ColoMessage::kCheckpointReply); }
 
 StatusOr<std::string> CheckpointSource::ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages) {
+  reader_->StartRetaining(pool_.get());
   RETURN_IF_ERROR(parser_->ExpectColoMessage(qemu::ColoMessage::kVmstateSend));
   ASSIGN_OR_RETURN(*pages, parser_->ReadCheckpointRam(sink));
   return parser_->ReadCheckpointDevices();
 }
+
+std::vector<std::vector<uint8_t>> CheckpointSource::TakeRetained() { return reader_->TakeRetained(); }
 
 Status CheckpointSource::EndPause() {
   if (aborted_) return Cancelled("checkpoint source aborted");

@@ -6,6 +6,7 @@
 //   WaitForRequest()        QEMU's timer fired (guest running)
 //   BeginPause()            we send REPLY; QEMU stops the guest
 //   ReadCheckpoint(sink)    dirty pages to sink, then the device blob
+//   TakeRetained()          the buffers the sink's page pointers point into
 //   EndPause()              we send RECEIVED + LOADED; QEMU resumes the guest
 //
 // Thread-safety: the epoch loop thread calls the stream methods; Abort() and
@@ -28,6 +29,9 @@ struct CheckpointSourceOptions {
   std::string migration_socket;  // where QEMU connects (we listen)
   int interval_ms = 100;
   int accept_timeout_ms = 10000;
+  // Read buffers kept warm for the next checkpoints (see BufferPool), in
+  // 1 MiB buffers: at most this many bytes stay allocated between checkpoints.
+  size_t buffer_pool_bytes = 256u << 20;
 };
 
 class CheckpointSource {
@@ -47,8 +51,12 @@ class CheckpointSource {
 
   Status WaitForRequest();
   Status BeginPause();
-  // Reads the epoch's RAM pages into sink and returns the device blob.
+  // Reads the epoch's RAM pages into sink and returns the device blob. The
+  // page pointers the sink gets stay valid (no copy is made) until the
+  // buffers TakeRetained returns next are given back to pool().
   StatusOr<std::string> ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages);
+  std::vector<std::vector<uint8_t>> TakeRetained();
+  const std::shared_ptr<BufferPool>& pool() const { return pool_; }
   Status EndPause();
 
   // Changes the interval (QEMU also checkpoints at once).
@@ -75,6 +83,7 @@ class CheckpointSource {
   std::unique_ptr<FdSource> source_;
   std::unique_ptr<BufferedReader> reader_;
   std::unique_ptr<qemu::StreamParser> parser_;
+  std::shared_ptr<BufferPool> pool_;
   std::atomic<bool> aborted_{false};
   std::mutex give_up_mu_;
   bool gave_up_ = false;  // guarded by give_up_mu_

@@ -1,6 +1,7 @@
 #include "replicator/page_batch.h"
 
 #include <cassert>
+#include <algorithm>
 #include <cstdio>
 
 #include <lz4.h>
@@ -14,6 +15,33 @@ void AppendPageRecord(std::string* out, uint32_t block, uint64_t offset, const u
   PutU32(out, block);
   PutU64(out, offset | (data ? 0 : kPageFlagZero));
   if (data) out->append(reinterpret_cast<const char*>(data), kPageSize);
+}
+
+DeferredPages::~DeferredPages() {
+  if (release_) release_(std::move(buffers_));
+}
+
+void DeferredPages::Add(uint32_t block, uint64_t offset, const uint8_t* data_or_null) {
+  refs_.push_back({offset, data_or_null, block});
+  if (data_or_null == nullptr) zero_pages_++;
+  bytes_ += PageRecordSize(data_or_null == nullptr);
+}
+
+void DeferredPages::Adopt(std::vector<std::vector<uint8_t>> buffers,
+                          std::function<void(std::vector<std::vector<uint8_t>>)> release) {
+  for (auto& b : buffers) buffers_.push_back(std::move(b));
+  release_ = std::move(release);
+}
+
+bool DeferredPages::NextBatch(size_t target, std::string* out) {
+  out->clear();
+  if (next_ >= refs_.size()) return false;
+  out->reserve(std::min<uint64_t>(target + PageRecordSize(false), bytes_));
+  while (next_ < refs_.size() && (out->empty() || out->size() < target)) {
+    const Ref& r = refs_[next_++];
+    AppendPageRecord(out, r.block, r.offset, r.data);
+  }
+  return true;
 }
 
 Status ForEachPageRecord(

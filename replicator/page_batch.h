@@ -12,6 +12,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -35,6 +36,52 @@ inline size_t PageRecordSize(bool zero) { return kPageRecordHeader + (zero ? 0 :
 Status ForEachPageRecord(
     std::string_view payload,
     const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn);
+
+// The page records of one checkpoint whose data still lies in the buffers it
+// was read into (BufferedReader::StartRetaining). The epoch loop records them
+// while the guest is paused, without copying a page; the sender builds the
+// PAGES payloads from them after the guest has resumed. Copying ~4 KiB per
+// dirty page inside the pause was the largest part of what remus added to
+// QEMU's own pause (docs/performance.md).
+//
+// Not thread-safe; handed from one thread to the next.
+class DeferredPages {
+ public:
+  DeferredPages() = default;
+  // Gives the buffers back (the on_release callback) when dropped.
+  ~DeferredPages();
+  DeferredPages(const DeferredPages&) = delete;
+  DeferredPages& operator=(const DeferredPages&) = delete;
+
+  void Reserve(size_t records) { refs_.reserve(records); }
+  // data_or_null must stay valid while this lives (or until Adopt'ed buffers go).
+  void Add(uint32_t block, uint64_t offset, const uint8_t* data_or_null);
+  // Takes ownership of the buffers the data points into; release is called
+  // with them when this is destroyed.
+  void Adopt(std::vector<std::vector<uint8_t>> buffers,
+             std::function<void(std::vector<std::vector<uint8_t>>)> release);
+
+  size_t pages() const { return refs_.size(); }
+  size_t zero_pages() const { return zero_pages_; }
+  // Payload bytes of all batches together (sum of PageRecordSize).
+  uint64_t bytes() const { return bytes_; }
+  // Replaces *out with the next batch of about target bytes (at least one
+  // record); false when every record has been batched.
+  bool NextBatch(size_t target, std::string* out);
+
+ private:
+  struct Ref {
+    uint64_t offset;
+    const uint8_t* data;
+    uint32_t block;
+  };
+  std::vector<Ref> refs_;
+  size_t next_ = 0;
+  size_t zero_pages_ = 0;
+  uint64_t bytes_ = 0;
+  std::vector<std::vector<uint8_t>> buffers_;
+  std::function<void(std::vector<std::vector<uint8_t>>)> release_;
+};
 
 // LZ4 compression of a batch for the link (frames flagged kFlagLz4):
 // be32 uncompressed size, then one LZ4 block. Guest memory is often highly

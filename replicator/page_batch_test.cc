@@ -19,6 +19,40 @@ TEST(PageBatch, CompressRoundTrip) {
   EXPECT_EQ(*back, batch);
 }
 
+// Deferred batches are byte for byte what appending the records at once gives,
+// split at the target size, and the buffers go back on destruction.
+TEST(PageBatch, DeferredPagesBatchLikeDirectAppend) {
+  std::vector<uint8_t> mem(kPageSize * 10);
+  for (size_t i = 0; i < mem.size(); i++) mem[i] = static_cast<uint8_t>(i * 31 / 7);
+  std::string direct;
+  int released = 0;
+  {
+    DeferredPages d;
+    for (uint64_t i = 0; i < 10; i++) {
+      const uint8_t* data = i % 4 == 3 ? nullptr : mem.data() + i * kPageSize;
+      d.Add(static_cast<uint32_t>(i % 2), i * kPageSize, data);
+      AppendPageRecord(&direct, static_cast<uint32_t>(i % 2), i * kPageSize, data);
+    }
+    std::vector<std::vector<uint8_t>> bufs(3);
+    d.Adopt(std::move(bufs), [&](std::vector<std::vector<uint8_t>> b) { released = static_cast<int>(b.size()); });
+    EXPECT_EQ(d.pages(), 10u);
+    EXPECT_EQ(d.zero_pages(), 2u);
+    EXPECT_EQ(d.bytes(), direct.size());
+    std::string all, batch;
+    int batches = 0;
+    while (d.NextBatch(3 * kPageSize, &batch)) {
+      EXPECT_LE(batch.size(), 3 * kPageSize + PageRecordSize(false));
+      all += batch;
+      batches++;
+    }
+    EXPECT_EQ(all, direct);
+    EXPECT_EQ(batches, 3);
+    EXPECT_FALSE(d.NextBatch(3 * kPageSize, &batch));
+    EXPECT_EQ(released, 0);
+  }
+  EXPECT_EQ(released, 3);
+}
+
 TEST(PageBatch, CorruptOrOversizedCompressedBatchRefused) {
   std::string batch(100000, 'x');
   std::string z = CompressBatch(batch);

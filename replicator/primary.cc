@@ -65,6 +65,19 @@ class BatchingSink final : public qemu::PageSink {
   uint64_t pages_ = 0, zero_pages_ = 0, bytes_ = 0;
 };
 
+// Records the pages of a checkpoint without copying them (see DeferredPages).
+class DeferredSink final : public qemu::PageSink {
+ public:
+  explicit DeferredSink(wire::DeferredPages* pages) : pages_(pages) {}
+  Status OnPage(uint32_t block, uint64_t offset, const uint8_t* data) override {
+    pages_->Add(block, offset, data);
+    return OkStatus();
+  }
+
+ private:
+  wire::DeferredPages* pages_;
+};
+
 }  // namespace
 
 std::string_view PrimaryStateName(PrimaryState s) {
@@ -113,6 +126,9 @@ Status PrimaryReplicator::Connect() {
                          "); is it protected by another remusd?");
   ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
   RETURN_IF_ERROR(ResolveNetbuf());
+  ASSIGN_OR_RETURN(std::vector<GuestDisk> disks, ListGuestDisks(qmp_.get(), d, opts_.disks));
+  json disks_json = json::array();
+  for (const auto& g : disks) disks_json.push_back(g.ToJson());
 
   auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
   if (!fd.ok())
@@ -129,11 +145,18 @@ Status PrimaryReplicator::Connect() {
                  {"qemu_package", probe_.package},
                  {"accelerator", probe_.accelerator},
                  {"interval_ms", opts_.interval_ms},
+                 {"disks", disks_json},
                  {"heartbeat_interval_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count()},
                  {"heartbeat_timeout_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()}};
   RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
 
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
+  if (!disks.empty())
+    disks_ = std::make_unique<DiskSource>(
+        qmp_.get(), d, opts_.run_dir, std::move(disks),
+        [this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len, std::span<const uint8_t> data) {
+          OnDiskWrite(i, op, off, len, data);
+        });
   qmp_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
   // QEMU's death must wake every wait in the epoch loop (the stall fault,
   // backpressure), or the backup would never be told to take over.
@@ -166,6 +189,7 @@ PrimaryReplicator::~PrimaryReplicator() {
 
 void PrimaryReplicator::OnQemuEvent(const json& ev) {
   std::string name = ev.value("event", "");
+  if (disks_ && name.rfind("BLOCK_JOB_", 0) == 0) disks_->OnEvent(ev);
   const json& ts = ev.contains("timestamp") ? ev["timestamp"] : json::object();
   int64_t us = ts.value("seconds", int64_t{0}) * 1000000 + ts.value("microseconds", int64_t{0});
   if (name == "STOP") {
@@ -185,8 +209,7 @@ void PrimaryReplicator::OnQemuEvent(const json& ev) {
 void PrimaryReplicator::Enqueue(OutFrame f) {
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [&] { return stopping_ || queued_bytes_ < kInitialQueueBound; });
-  queued_bytes_ += f.payload.size();
-  queue_.push_back(std::move(f));
+  PushLocked(std::move(f));
   cv_.notify_all();
 }
 
@@ -199,23 +222,77 @@ void PrimaryReplicator::SenderLoop() {
       if (stopping_) return;
       f = std::move(queue_.front());
       queue_.pop_front();
-      queued_bytes_ -= f.payload.size();
+      queued_bytes_ -= f.size();
       cv_.notify_all();
     }
-    if (opts_.compress && f.type == MsgType::kPages) {
-      std::string z = wire::CompressBatch(f.payload);
-      if (z.size() < f.payload.size()) {
-        f.payload = std::move(z);
-        f.flags |= wire::kFlagLz4;
-      }
-    }
-    Status s = f.type == MsgType::kDevice ? link_->SendSplit(f.type, f.epoch, f.payload)
-                                          : link_->Send(f.type, f.epoch, f.payload, f.flags);
+    Status s = SendFrame(f);
     if (!s.ok()) {
       Stop(Unavailable("lost the backup " + opts_.backup.ToString() + ": " + s.message()), false);
       return;
     }
   }
+}
+
+void PrimaryReplicator::PushLocked(OutFrame f) {
+  queued_bytes_ += f.size();
+  queue_.push_back(std::move(f));
+}
+
+void PrimaryReplicator::OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length,
+                                    std::span<const uint8_t> data) {
+  std::string payload = wire::EncodeDiskRecord(
+      disk, op, offset, length, std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
+  std::unique_lock<std::mutex> l(mu_);
+  // The guest's write waits here while the link is behind (flow control).
+  cv_.wait(l, [&] { return stopping_ || queued_bytes_ < kInitialQueueBound; });
+  if (stopping_) return;  // protection ended: the write is the guest's alone
+  disk_records_++;
+  disk_bytes_ += payload.size();
+  disk_bytes_total_ += payload.size();
+  PushLocked({MsgType::kDisk, disk_epoch_, std::move(payload)});
+  cv_.notify_all();
+}
+
+void PrimaryReplicator::PushCommitLocked(uint64_t epoch, wire::CommitInfo ci) {
+  // QEMU drained the guest's I/O before it stopped the guest for this
+  // checkpoint, and the guest is still stopped: every write of the epoch is
+  // in the queue, and none of the next one.
+  ci.disk_records = disk_records_;
+  disk_records_ = 0;
+  disk_bytes_ = 0;
+  disk_epoch_ = epoch + 1;
+  if (disks_ && disk_synced_epoch_ < 0 && disks_->AllReady()) {
+    disk_synced_epoch_ = static_cast<int64_t>(epoch);
+    PushLocked({MsgType::kDiskSynced, epoch, std::string()});
+    LOG_INFO("primary[" + opts_.domain + "]") << "disk copies complete as of checkpoint " << epoch;
+  }
+  PushLocked({MsgType::kCommit, epoch, wire::EncodeCommit(ci)});
+}
+
+Status PrimaryReplicator::SendPages(uint64_t epoch, std::string* payload) {
+  uint16_t flags = 0;
+  if (opts_.compress) {
+    std::string z = wire::CompressBatch(*payload);
+    if (z.size() < payload->size()) {
+      *payload = std::move(z);
+      flags |= wire::kFlagLz4;
+    }
+  }
+  return link_->Send(MsgType::kPages, epoch, *payload, flags);
+}
+
+Status PrimaryReplicator::SendFrame(OutFrame& f) {
+  if (f.pages) {
+    // The copy out of QEMU's stream buffers happens here, after the guest
+    // resumed; the buffers go back to the pool when f.pages is dropped.
+    std::string batch;
+    while (f.pages->NextBatch(kBatchBytes, &batch)) RETURN_IF_ERROR(SendPages(f.epoch, &batch));
+    f.pages.reset();
+    return OkStatus();
+  }
+  if (f.type == MsgType::kPages) return SendPages(f.epoch, &f.payload);
+  if (f.type == MsgType::kDevice) return link_->SendSplit(f.type, f.epoch, f.payload);
+  return link_->Send(f.type, f.epoch, f.payload, f.flags);
 }
 
 void PrimaryReplicator::AckLoop() {
@@ -253,10 +330,16 @@ void PrimaryReplicator::AckLoop() {
           Status r = nb->Release(e);
           if (!r.ok()) LOG_ERROR(tag) << "netbuf release of epoch " << e << ": " << r.ToString();
         }
-        if (e == 0) {
+        bool complete;
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          complete = !disks_ || (disk_synced_epoch_ >= 0 && static_cast<int64_t>(e) >= disk_synced_epoch_);
+        }
+        if (complete && state_ == PrimaryState::kSyncing) {
           PrimaryState expect = PrimaryState::kSyncing;
           if (state_.compare_exchange_strong(expect, PrimaryState::kProtected))
-            LOG_INFO(tag) << "protected: the backup committed the initial copy";
+            LOG_INFO(tag) << "protected: the backup committed checkpoint " << e
+                          << (disks_ ? " with complete memory and disk copies" : " with the initial copy");
         }
         break;
       }
@@ -324,6 +407,7 @@ Status PrimaryReplicator::ResolveNetbuf() {
 Status PrimaryReplicator::RunInitialSync() {
   std::string tag = "primary[" + opts_.domain + "]";
   qemu::InitialInfo info;
+  Status disk_start;
   BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); });
   sink.OnFirstPage([&] {
     uint64_t total = 0;
@@ -335,6 +419,10 @@ Status PrimaryReplicator::RunInitialSync() {
     sync_total_bytes_ = total;
     json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexEncode(info.configuration)}};
     Enqueue({MsgType::kSyncBegin, 0, begin.dump()});
+    // The disks' background copy runs alongside the memory copy and on into
+    // the first checkpoints; every write is tagged with its epoch. It starts
+    // after SYNC_BEGIN, which opens the backup's journals.
+    if (disks_) disk_start = disks_->Start();
   });
   // Progress in guest bytes covered, counted as pages pass through the sink.
   struct ProgressSink final : qemu::PageSink {
@@ -348,6 +436,7 @@ Status PrimaryReplicator::RunInitialSync() {
   progress.inner = &sink;
   progress.done = &sync_done_bytes_;
   RETURN_IF_ERROR(source_->ReadInitial(&progress, &info));
+  RETURN_IF_ERROR(disk_start);
   sink.Drain();
   // The guest is paused for its device state: output buffering starts here,
   // so everything the guest sends from now on waits for its checkpoint.
@@ -359,10 +448,12 @@ Status PrimaryReplicator::RunInitialSync() {
   Enqueue({MsgType::kDevice, 0, info.device_state});
   wire::CommitInfo ci{sink.pages(), sink.bytes(), info.device_state.size()};
   {
-    std::lock_guard<std::mutex> g(mu_);
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return stopping_ || queued_bytes_ < kInitialQueueBound; });
     unacked_.push_back({0, 0});
+    PushCommitLocked(0, ci);
+    cv_.notify_all();
   }
-  Enqueue({MsgType::kCommit, 0, wire::EncodeCommit(ci)});
   RETURN_IF_ERROR(source_->SendReady());
   LOG_INFO(tag) << "initial copy sent: " << sink.pages() << " pages (" << sink.zero_pages() << " zero), "
                 << info.device_state.size() << " bytes of device state";
@@ -385,17 +476,26 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
     cv_.wait(l, [&] { return stopping_ || qemu_dead_; });
     return Aborted("the injected stall ended: " + std::string(qemu_dead_ ? "QEMU exited" : "stopped"));
   }
-  std::vector<std::string> batches;
-  BatchingSink sink([&](std::string&& b) { batches.push_back(std::move(b)); });
+  // Inside the pause only parse: the pages stay in the stream's read buffers
+  // and the sender copies them into PAGES batches once the guest runs again.
+  auto pages_ref = std::make_shared<wire::DeferredPages>();
+  pages_ref->Reserve(last_epoch_pages_);
+  DeferredSink sink(pages_ref.get());
   uint64_t pages = 0;
   ASSIGN_OR_RETURN(std::string blob, source_->ReadCheckpoint(&sink, &pages));
-  sink.Drain();
+  pages_ref->Adopt(source_->TakeRetained(), [pool = source_->pool()](std::vector<std::vector<uint8_t>> bufs) {
+    for (auto& b : bufs) pool->Put(std::move(b));
+  });
+  last_epoch_pages_ = pages_ref->pages();
   RETURN_IF_ERROR(netbuf_.load()->Barrier(epoch));
   LOG_DEBUG("primary[" + opts_.domain + "]") << "epoch " << epoch << ": output barrier, wall " << WallSeconds();
-  uint64_t bytes = sink.bytes() + blob.size();
-  wire::CommitInfo ci{sink.pages(), sink.bytes(), blob.size()};
+  const uint64_t page_bytes = pages_ref->bytes();
+  uint64_t bytes = page_bytes + blob.size();
+  wire::CommitInfo ci{pages_ref->pages(), page_bytes, blob.size()};
+  if (disks_) RETURN_IF_ERROR(disks_->failure());  // the backup's disk would fall behind for good
   {
     std::unique_lock<std::mutex> l(mu_);
+    bytes += disk_bytes_;
     auto room = [&] {
       return stopping_ || qemu_dead_ || (unacked_.size() < opts_.max_unacked_epochs &&
                            (unacked_.empty() || unacked_bytes_ + bytes <= opts_.max_unacked_bytes));
@@ -408,18 +508,24 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
     if (qemu_dead_) return Unavailable("QEMU exited while the checkpoint waited for the backup");
     unacked_.push_back({epoch, bytes});
     unacked_bytes_ += bytes;
-    for (auto& b : batches) {
-      queued_bytes_ += b.size();
-      queue_.push_back({MsgType::kPages, epoch, std::move(b)});
+    if (pages_ref->pages() > 0) {
+      OutFrame pf{MsgType::kPages, epoch, std::string()};
+      pf.pages = std::move(pages_ref);
+      PushLocked(std::move(pf));
     }
-    queued_bytes_ += blob.size();
-    queue_.push_back({MsgType::kDevice, epoch, std::move(blob)});
-    queue_.push_back({MsgType::kCommit, epoch, wire::EncodeCommit(ci)});
+    PushLocked({MsgType::kDevice, epoch, std::move(blob)});
+    PushCommitLocked(epoch, ci);
     last_staged_epoch_ = epoch;
     loaded_at_.push_back({epoch, clock_.Now()});
+    // The sender is woken after LOADED: on a busy host it would otherwise
+    // take the CPU QEMU needs to resume the guest.
+  }
+  Status resumed = source_->EndPause();  // the guest resumes: speculative execution
+  {
+    std::lock_guard<std::mutex> g(mu_);
     cv_.notify_all();
   }
-  RETURN_IF_ERROR(source_->EndPause());  // the guest resumes: speculative execution
+  RETURN_IF_ERROR(resumed);
   dirty_pages_.Add(static_cast<double>(pages));
   epoch_bytes_.Add(static_cast<double>(bytes));
   dirty_hist_.Observe(static_cast<double>(pages));
@@ -469,6 +575,7 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
     // The guest is gone: what it sent after the last ACK is dropped, since
     // the backup resumes from a state that never sent it.
     if (OutputBuffer* nb = netbuf_.load()) (void)nb->Finish(false);
+    if (disks_) disks_->Stop(false);
   } else {
     if (on_purpose) LOG_INFO(tag) << "protection ends: " << why.message();
     else LOG_ERROR(tag) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
@@ -482,6 +589,8 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
     }
     // The guest runs on unprotected: release everything it sent.
     if (OutputBuffer* nb = netbuf_.load()) (void)nb->Finish(true);
+    // The guest keeps its own disk; the mirror target goes away.
+    if (disks_) disks_->Stop(true);
     state_ = on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected;
   }
   // The ack reader keeps reading until the backup closes its end, so the
@@ -521,6 +630,11 @@ json PrimaryReplicator::StatusJson() const {
   double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
   if (state_ == PrimaryState::kSyncing || state_ == PrimaryState::kStarting) pct = std::min(pct, 99.0);
   else if (state_ == PrimaryState::kProtected) pct = 100.0;
+  if (disks_) {
+    json dj = disks_->Progress();
+    if (state_ == PrimaryState::kSyncing) pct = std::min(pct, std::min(99.0, 100.0 * disks_->Fraction()));
+    j["disks"] = dj;
+  }
   j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   {
     std::lock_guard<std::mutex> g(mu_);

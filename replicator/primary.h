@@ -31,6 +31,8 @@
 #include "heartbeat/heartbeat.h"
 #include "netbuf/netbuf.h"
 #include "replicator/checkpoint_source.h"
+#include "replicator/disk_source.h"
+#include "replicator/page_batch.h"
 #include "replicator/qmp.h"
 #include "replicator/wire.h"
 
@@ -49,6 +51,8 @@ struct PrimaryOptions {
   // With netbuf.mode "plug": use nfqueue instead where the kernel lacks
   // sch_plug, rather than refusing.
   bool netbuf_fallback = false;
+  // Disks to mirror: "all" writable -drive disks, "none", or drive ids "a,b".
+  std::string disks = "all";
   bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
@@ -97,9 +101,21 @@ class PrimaryReplicator {
     uint64_t epoch;
     std::string payload;
     uint16_t flags = 0;
+    // A checkpoint's pages, batched by the sender (type kPages, payload empty).
+    std::shared_ptr<wire::DeferredPages> pages;
+    uint64_t size() const { return pages ? pages->bytes() : payload.size(); }
   };
   // Blocks while the queue holds more than the bound (initial sync flow control).
   void Enqueue(OutFrame f);
+  Status SendFrame(OutFrame& f);
+  // Appends to the sender's queue, counting its bytes. REQUIRES mu_.
+  void PushLocked(OutFrame f);
+  // A mirrored disk write (NBD server threads): tagged with the epoch it belongs to.
+  void OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length, std::span<const uint8_t> data);
+  // Ends epoch `epoch` in the queue: DISK_SYNCED when due, then COMMIT.
+  // Later disk writes belong to the next epoch. REQUIRES mu_.
+  void PushCommitLocked(uint64_t epoch, wire::CommitInfo ci);
+  Status SendPages(uint64_t epoch, std::string* payload);
   // Ends protection because of `why`. If qemu_dead, the backup is told to
   // promote; otherwise the guest is left running unprotected.
   void Stop(const Status& why, bool qemu_dead);
@@ -131,6 +147,13 @@ class PrimaryReplicator {
   std::deque<OutFrame> queue_;             // guarded by mu_
   uint64_t queued_bytes_ = 0;              // guarded by mu_
   uint64_t last_staged_epoch_ = 0;         // guarded by mu_
+  size_t last_epoch_pages_ = 0;            // epoch thread only
+  std::unique_ptr<DiskSource> disks_;      // null without mirrored disks
+  uint64_t disk_epoch_ = 0;                // guarded by mu_: the epoch disk writes belong to
+  uint64_t disk_records_ = 0;              // guarded by mu_: kDisk frames of disk_epoch_
+  uint64_t disk_bytes_ = 0;                // guarded by mu_: their payload bytes
+  uint64_t disk_bytes_total_ = 0;          // guarded by mu_
+  int64_t disk_synced_epoch_ = -1;         // guarded by mu_: DISK_SYNCED sent with this epoch
   int64_t last_acked_epoch_ = -1;          // guarded by mu_
   std::deque<std::pair<uint64_t, uint64_t>> unacked_;  // (epoch, bytes), guarded by mu_
   uint64_t unacked_bytes_ = 0;             // guarded by mu_

@@ -140,6 +140,8 @@ std::string MsgTypeName(uint16_t t) {
     case MsgType::kFailover: return "FAILOVER";
     case MsgType::kGoodbye: return "GOODBYE";
     case MsgType::kProgress: return "PROGRESS";
+    case MsgType::kDisk: return "DISK";
+    case MsgType::kDiskSynced: return "DISK_SYNCED";
   }
   return "TYPE_" + std::to_string(t);
 }
@@ -542,8 +544,9 @@ StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms
 // ---- Commit records -----------------------------------------------------------
 
 std::string EncodeCommit(const CommitInfo& c) {
-  return json{{"page_count", c.page_count}, {"page_bytes", c.page_bytes}, {"device_bytes", c.device_bytes}}
-      .dump();
+  json j{{"page_count", c.page_count}, {"page_bytes", c.page_bytes}, {"device_bytes", c.device_bytes}};
+  if (c.disk_records > 0) j["disk_records"] = c.disk_records;
+  return j.dump();
 }
 
 StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
@@ -559,7 +562,40 @@ StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
       !get("device_bytes", &c.device_bytes))
     return DataLoss("malformed COMMIT payload (" + std::to_string(payload.size()) +
                     " bytes): expected {page_count, page_bytes, device_bytes}");
+  if (j->contains("disk_records") && !get("disk_records", &c.disk_records))
+    return DataLoss("malformed COMMIT payload: disk_records is not a count");
   return c;
+}
+
+std::string EncodeDiskRecord(uint32_t disk, DiskOp op, uint64_t offset, uint64_t length, std::string_view data) {
+  std::string out;
+  out.reserve(kDiskRecordHeader + data.size());
+  PutU32(&out, disk);
+  PutU8(&out, static_cast<uint8_t>(op));
+  out.append(3, '\0');
+  PutU64(&out, offset);
+  PutU64(&out, length);
+  out.append(data);
+  return out;
+}
+
+StatusOr<DiskRecord> DecodeDiskRecord(std::string_view payload) {
+  if (payload.size() < kDiskRecordHeader)
+    return DataLoss("DISK record of " + std::to_string(payload.size()) + " bytes is truncated");
+  DiskRecord r;
+  r.disk = LoadU32(payload.data());
+  const uint8_t op = static_cast<uint8_t>(payload[4]);
+  r.offset = LoadU64(payload.data() + 8);
+  r.length = LoadU64(payload.data() + 16);
+  r.data = payload.substr(kDiskRecordHeader);
+  if (op < 1 || op > 3) return DataLoss("DISK record has unknown op " + std::to_string(op));
+  r.op = static_cast<DiskOp>(op);
+  if (r.offset + r.length < r.offset) return DataLoss("DISK record: offset + length overflows");
+  const uint64_t want = r.op == DiskOp::kWrite ? r.length : 0;
+  if (r.data.size() != want)
+    return DataLoss("DISK record carries " + std::to_string(r.data.size()) + " data bytes, expected " +
+                    std::to_string(want));
+  return r;
 }
 
 }  // namespace remus::wire

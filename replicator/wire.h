@@ -66,9 +66,11 @@ enum class MsgType : uint16_t {
   kFailover = 13,   // primary -> backup: primary guest lost, promote now
   kGoodbye = 14,    // primary -> backup: protection ended on purpose, do not promote
   kProgress = 15,   // primary -> backup: initial sync progress (JSON)
+  kDisk = 16,       // primary -> backup: one disk write of epoch `epoch` (DiskRecord)
+  kDiskSynced = 17, // primary -> backup: every disk copy is complete as of checkpoint `epoch`
 };
 inline constexpr uint16_t kMinMsgType = 1;
-inline constexpr uint16_t kMaxMsgType = 15;
+inline constexpr uint16_t kMaxMsgType = 17;
 
 // "HELLO", "PAGES", ...; "TYPE_<n>" for values outside the enum.
 std::string MsgTypeName(MsgType t);
@@ -199,10 +201,31 @@ struct CommitInfo {
   uint64_t page_count = 0;    // page records in this epoch's kPages frames
   uint64_t page_bytes = 0;    // sum of those frames' payload sizes
   uint64_t device_bytes = 0;  // size of the reassembled kDevice blob
+  uint64_t disk_records = 0;  // kDisk frames of this epoch (absent: 0)
   bool operator==(const CommitInfo&) const = default;
 };
 std::string EncodeCommit(const CommitInfo& c);
 // DataLoss for a payload that is not a valid commit record.
 StatusOr<CommitInfo> DecodeCommit(std::string_view payload);
+
+// A kDisk payload: be32 disk index (into CONFIG's "disks"), u8 op, 3 zero
+// bytes, be64 offset, be64 length, then `length` data bytes for a write
+// (none for zero and trim). docs/formats/replication-link.md.
+enum class DiskOp : uint8_t { kWrite = 1, kZero = 2, kTrim = 3 };
+inline constexpr size_t kDiskRecordHeader = 24;
+// The largest write one kDisk frame carries; the NBD export tells QEMU so.
+inline constexpr uint32_t kMaxDiskWrite = 4u << 20;
+struct DiskRecord {
+  uint32_t disk = 0;
+  DiskOp op = DiskOp::kWrite;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::string_view data;  // into the payload; length bytes for kWrite
+};
+std::string EncodeDiskRecord(uint32_t disk, DiskOp op, uint64_t offset, uint64_t length,
+                             std::string_view data = {});
+// DataLoss for a truncated record, an unknown op, data that does not match
+// the length, or offset + length overflowing.
+StatusOr<DiskRecord> DecodeDiskRecord(std::string_view payload);
 
 }  // namespace remus::wire

@@ -22,6 +22,9 @@ PKGS=(
   python3 python3-pytest
   # NBD clients for diskmirror's interoperability tests (nbdinfo, nbdcopy)
   libnbd-bin
+  # libvirt mode's tests: a private libvirtd per simulated host (tests/e2e/libvirt_world.py).
+  # Not libvirt-daemon-system: it pulls in systemd as init; the worlds need only the daemon.
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, backup, netbuf = "plug", compress = "none", out;
+  std::string domain, qmp, backup, netbuf = "plug", compress = "none", disks = "all", out;
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
   uint32_t queue_len = 65536;
@@ -210,6 +210,10 @@ int main(int argc, char** argv) {
                     "nfqueue: when the queue is full, let packets out unheld (default: drop them)");
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
+  protect->add_option("--disks", disks,
+                      "disks to mirror to the backup: all (every writable -drive), none (shared storage), "
+                      "or drive ids a,b")
+      ->capture_default_str();
   protect->add_flag("--no-wait", no_wait, "return once the initial copy has started");
   protect->add_option("--timeout", timeout_s, "seconds to wait for the initial copy")->capture_default_str();
 
@@ -267,7 +271,8 @@ int main(int argc, char** argv) {
   if (*protect) {
     json req = {{"command", "protect"}, {"domain", domain}, {"qmp", qmp}, {"backup", backup},
                 {"interval_ms", interval}, {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
-                {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress}};
+                {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress},
+                {"disks", disks}};
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
