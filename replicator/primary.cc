@@ -19,6 +19,7 @@ namespace {
 
 constexpr size_t kBatchBytes = 4u << 20;          // PAGES payload target
 constexpr uint64_t kInitialQueueBound = 64u << 20;  // flow control during the initial copy
+constexpr int kPauseYieldMs = 50;                   // the longest the sender yields to a pause
 
 // Wall-clock seconds with microseconds, for debug lines that tests line up
 // with packet timestamps taken elsewhere on the host.
@@ -195,6 +196,11 @@ void PrimaryReplicator::OnQemuEvent(const json& ev) {
   if (name == "STOP") {
     stop_ts_us_ = us;
   } else if (name == "RESUME") {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      ckpt_paused_ = false;
+      cv_.notify_all();
+    }
     int64_t s = stop_ts_us_.exchange(-1);
     if (s >= 0 && state_ == PrimaryState::kProtected) {
       pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
@@ -281,12 +287,24 @@ Status PrimaryReplicator::SendPages(uint64_t epoch, std::string* payload) {
   return link_->Send(MsgType::kPages, epoch, *payload, flags);
 }
 
+void PrimaryReplicator::WaitWhileCheckpointPaused() {
+  // While QEMU serializes a checkpoint (guest stopped) copying pages here
+  // would compete with it for the CPU and lengthen the pause; the copy waits
+  // for RESUME. Bounded, in case an event is lost: the copy must go on.
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait_for(l, std::chrono::milliseconds(kPauseYieldMs), [&] { return stopping_ || !ckpt_paused_; });
+}
+
 Status PrimaryReplicator::SendFrame(OutFrame& f) {
   if (f.pages) {
     // The copy out of QEMU's stream buffers happens here, after the guest
     // resumed; the buffers go back to the pool when f.pages is dropped.
     std::string batch;
-    while (f.pages->NextBatch(kBatchBytes, &batch)) RETURN_IF_ERROR(SendPages(f.epoch, &batch));
+    for (;;) {
+      WaitWhileCheckpointPaused();
+      if (!f.pages->NextBatch(kBatchBytes, &batch)) break;
+      RETURN_IF_ERROR(SendPages(f.epoch, &batch));
+    }
     f.pages.reset();
     return OkStatus();
   }
@@ -469,6 +487,10 @@ Status PrimaryReplicator::RunInitialSync() {
 
 Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   RETURN_IF_ERROR(source_->WaitForRequest());
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    ckpt_paused_ = true;  // until QEMU's RESUME: the sender leaves the CPU to QEMU
+  }
   RETURN_IF_ERROR(source_->BeginPause());  // QEMU stops the guest now
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN("primary[" + opts_.domain + "]") << "fault injection: stalling after REPLY of epoch " << epoch;
@@ -517,12 +539,14 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
     PushCommitLocked(epoch, ci);
     last_staged_epoch_ = epoch;
     loaded_at_.push_back({epoch, clock_.Now()});
-    // The sender is woken after LOADED: on a busy host it would otherwise
-    // take the CPU QEMU needs to resume the guest.
+    // The sender starts on this epoch's pages once QEMU reports RESUME (see
+    // SendFrame): on a busy host it would otherwise take the CPU QEMU needs
+    // to resume the guest.
   }
   Status resumed = source_->EndPause();  // the guest resumes: speculative execution
-  {
+  if (!resumed.ok()) {
     std::lock_guard<std::mutex> g(mu_);
+    ckpt_paused_ = false;
     cv_.notify_all();
   }
   RETURN_IF_ERROR(resumed);

@@ -116,6 +116,7 @@ class PrimaryReplicator {
   // Later disk writes belong to the next epoch. REQUIRES mu_.
   void PushCommitLocked(uint64_t epoch, wire::CommitInfo ci);
   Status SendPages(uint64_t epoch, std::string* payload);
+  void WaitWhileCheckpointPaused();
   // Ends protection because of `why`. If qemu_dead, the backup is told to
   // promote; otherwise the guest is left running unprotected.
   void Stop(const Status& why, bool qemu_dead);
@@ -148,6 +149,7 @@ class PrimaryReplicator {
   uint64_t queued_bytes_ = 0;              // guarded by mu_
   uint64_t last_staged_epoch_ = 0;         // guarded by mu_
   size_t last_epoch_pages_ = 0;            // epoch thread only
+  bool ckpt_paused_ = false;               // guarded by mu_: from REPLY to QEMU's RESUME
   std::unique_ptr<DiskSource> disks_;      // null without mirrored disks
   uint64_t disk_epoch_ = 0;                // guarded by mu_: the epoch disk writes belong to
   uint64_t disk_records_ = 0;              // guarded by mu_: kDisk frames of disk_epoch_

@@ -404,7 +404,7 @@ class World:
         return self.start_remusd(name, listen=False, **kw)
 
     def start_guest(self, name="g", mem_mb=256, wss_mib=64, dirty=10000, check=True, wait_boot=True,
-                    extra_args=(), extra_append=""):
+                    extra_args=(), extra_append="", qemu=None):
         gdir = self.dir / name
         gdir.mkdir()
         serial = gdir / "serial.log"
@@ -413,7 +413,7 @@ class World:
         append = (f"console=ttyS0 memmap=64K${COUNTER_GPA:#x} remus.counter={COUNTER_GPA:#x} "
                   f"remus.dirty={dirty} remus.wss={wss_mib} remus.check={1 if check else 0} quiet"
                   + (" " + extra_append if extra_append else ""))
-        argv = [str(QEMU), "-machine", "pc", "-accel", "tcg", "-m", str(mem_mb), "-nodefaults",
+        argv = [str(qemu or QEMU), "-machine", "pc", "-accel", "tcg", "-m", str(mem_mb), "-nodefaults",
                 "-nographic", "-vga", "none", "-serial", f"file:{serial}",
                 "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", append,
                 "-qmp", f"unix:{qmp_sock},server=on,wait=off",

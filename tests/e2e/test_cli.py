@@ -2,8 +2,13 @@
 operator can act on."""
 
 import os
+from pathlib import Path
 
-from conftest import DOMAIN, record, setup_protected
+import pytest
+
+from conftest import DOMAIN, free_port, record, setup_protected
+
+DEBIAN_QEMU = Path("/usr/bin/qemu-system-x86_64")
 
 
 def _out(r):
@@ -87,3 +92,34 @@ def test_cli_errors(world, request):
     pr.wait_acked(a.status()["last_acked_epoch"] + 5, timeout=15)
     for k, v in seen.items():
         record(request, **{k.replace(" ", "_").replace(":", "_").replace(".", "_"): v})
+
+
+def test_cli_refuses_unreachable_backup_and_broken_qemu(world, request):
+    """The two refusals an operator meets first: a backup with no remusd
+    listening, and a QEMU whose COLO engine is known broken (Debian 12's own
+    QEMU 7.2 under TCG deadlocks after the first checkpoint). Each names the
+    domain and the fix, and leaves the guest running untouched."""
+    backup = world.start_backup()
+    primary = world.start_primary()
+    guest = world.start_guest(check=False)
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    r = primary.ctl("protect", DOMAIN, "--qmp", str(guest.qmp_sock), "--backup", dead, "--netbuf", "none")
+    out = _out(r)
+    assert r.returncode != 0, out
+    assert DOMAIN in out and dead in out and "unreachable" in out and "remusd --listen" in out, out
+    assert primary.status() is None or primary.status()["state"] != "protected", primary.status()
+    assert guest.qmp.status() == "running"
+    record(request, backup_unreachable=r.stderr.strip())
+
+    if not DEBIAN_QEMU.exists():
+        pytest.fail(f"{DEBIAN_QEMU} (Debian's qemu-system-x86) is missing; scripts/install-deps.sh installs it")
+    old = world.start_guest(name="old", check=False, qemu=DEBIAN_QEMU)
+    r = primary.ctl("protect", "web9", "--qmp", str(old.qmp_sock), "--backup", backup.listen, "--netbuf", "none")
+    out = _out(r)
+    assert r.returncode != 0, out
+    assert "web9" in out and "QEMU 7.2 under TCG deadlocks" in out and "scripts/build-qemu.sh" in out, out
+    assert old.qmp.status() == "running", "the refused protect left the guest stopped"
+    assert old.qmp.execute("query-migrate").get("status") in (None, "none"), "a migration was started"
+    assert backup.status("web9") is None, "the backup got state for a refused domain"
+    record(request, colo_broken=r.stderr.strip())
