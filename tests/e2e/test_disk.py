@@ -5,6 +5,7 @@ the backup's disk must agree: every record the guest believes written is
 there and intact (its own verifier says DISK OK, never DISK MISMATCH)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -165,3 +166,27 @@ def test_disk_selection_errors(world):
     assert r.returncode != 0
     assert "no writable disk 'nosuch'" in (r.stdout + r.stderr) and "drive0" in (r.stdout + r.stderr), r.stdout + r.stderr
     assert guest.qmp.status() == "running"
+
+
+def test_primary_lost_before_disk_copy_completes_is_not_promoted(world, request):
+    """Until the disk's background copy is complete the backup's image matches
+    no checkpoint: losing the primary then must not start a guest on it. The
+    backup says why instead."""
+    img = world.dir / "big.raw"
+    # Incompressible data, so the mirror has to copy every byte (a few seconds).
+    with open(img, "wb") as f:
+        for _ in range(768):
+            f.write(os.urandom(1 << 20))
+    guest = world.start_guest(check=False, extra_args=[
+        "-drive", f"file={img},if=none,format=raw,id=drive0,cache=none", "-device", "virtio-blk-pci,drive=drive0"])
+    backup = world.start_backup()
+    primary = world.start_primary()
+    world.protect(primary, backup, guest, no_wait=True, extra=("--netbuf", "none"))
+    st = world.wait_status(primary, lambda s: s.get("last_acked_epoch", -1) >= 0, 60, "the memory copy's ack")
+    assert st["state"] == "syncing" and not st["disks"][0]["ready"], f"disk copy already done: {st}"
+    guest.kill()
+    bst = world.wait_status(backup, lambda s: s["state"] in ("failed", "failed-over"), 30, "the backup to react")
+    assert bst["state"] == "failed", bst
+    assert "disk copy" in bst["error"] and "never completed" in bst["error"], bst
+    assert bst["qemu"]["pid"] == -1, f"a guest was started on an incomplete disk: {bst}"
+    record(request, primary_at_kill=st["disks"][0], backup_error=bst["error"])
