@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -247,6 +248,17 @@ StatusOr<PeerCred> GetPeerCred(int fd) {
   socklen_t len = sizeof c;
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &len) < 0) return ErrnoStatus("SO_PEERCRED", errno);
   return PeerCred{c.pid, c.uid, c.gid};
+}
+
+bool ProcessRunning(int pid) {
+  if (pid <= 0) return false;
+  if (::kill(pid, 0) < 0 && errno == ESRCH) return false;
+  auto stat = ReadFileToString("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat.ok()) return false;
+  size_t p = stat->rfind(')');
+  if (p == std::string::npos || p + 2 >= stat->size()) return true;
+  const char state = (*stat)[p + 2];
+  return state != 'Z' && state != 'X';
 }
 
 StatusOr<std::string> ReadFileToString(const std::string& path) {

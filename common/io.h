@@ -75,6 +75,8 @@ struct PeerCred {
 StatusOr<PeerCred> GetPeerCred(int fd);
 
 StatusOr<std::string> ReadFileToString(const std::string& path);
+// Whether pid is a live process (a zombie waiting for its parent is not).
+bool ProcessRunning(int pid);
 // Writes via a temporary file + fsync + rename, so readers see old or new.
 Status WriteFileAtomic(const std::string& path, std::string_view data);
 Status MakeDirs(const std::string& path, unsigned mode);

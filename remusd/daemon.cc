@@ -42,6 +42,8 @@ Status Daemon::Start() {
     bo.ack_delay_ms = opts_.ack_delay_ms;
     bo.qemu_binary = opts_.qemu_binary;
     bo.auto_promote = opts_.auto_promote;
+    bo.libvirt_uri = opts_.libvirt_uri;
+    bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
     backup_ = std::make_unique<BackupServer>(bo, clock_, std::make_unique<FailStopArbiter>());
     RETURN_IF_ERROR(backup_->Listen(*opts_.listen).Annotate("listening for primaries"));
   }
@@ -79,11 +81,14 @@ void Daemon::Shutdown() {
   if (control_fd_.valid()) ::shutdown(control_fd_.get(), SHUT_RDWR);
   if (control_thread_.joinable()) control_thread_.join();
   ::unlink(opts_.control_socket.c_str());
-  std::map<std::string, std::unique_ptr<PrimaryReplicator>> ps;
+  std::map<std::string, std::shared_ptr<PrimaryReplicator>> ps;
+  std::vector<std::thread> workers;
   {
     std::lock_guard<std::mutex> g(mu_);
     ps.swap(primaries_);
+    workers.swap(workers_);
   }
+  for (auto& w : workers) w.join();
   ps.clear();  // each ends protection and leaves its guest running
   backup_.reset();
 }
@@ -142,33 +147,20 @@ json Daemon::Handle(const json& req) {
   return Error(InvalidArgument("unknown command '" + cmd + "'"));
 }
 
-json Daemon::Protect(const json& req) {
-  auto d = DomainArg(req);
-  if (!d.ok()) return Error(d.status());
-  std::unique_ptr<PrimaryReplicator> ended;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    auto it = primaries_.find(*d);
-    if (it != primaries_.end()) {
-      PrimaryState s = it->second->state();
-      if (s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting)
-        return Error(AlreadyExists("domain " + *d + " is already protected (" + std::string(PrimaryStateName(s)) +
-                                   "); run `remusctl unprotect " + *d + "` first"));
-      // Protection of this domain ended earlier (backup lost, say). Its
-      // replicator still holds QEMU's monitor connection, and QEMU's -qmp
-      // socket serves one client: release it before connecting again.
-      ended = std::move(it->second);
-      primaries_.erase(it);
-    }
-  }
-  ended.reset();
+StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const json& req) const {
   PrimaryOptions po;
-  po.domain = *d;
+  po.domain = d;
   po.qmp_socket = req.value("qmp", "");
-  if (po.qmp_socket.empty())
-    return Error(InvalidArgument("domain " + *d + ": --qmp SOCKET is required (libvirt domains are not supported yet)"));
+  if (po.qmp_socket.empty()) {
+    // libvirt mode: the domain is libvirt's, by name.
+    po.libvirt_uri = req.value("libvirt_uri", "");
+    if (po.libvirt_uri.empty()) po.libvirt_uri = opts_.libvirt_uri;
+    po.libvirt_pid_dir = opts_.libvirt_pid_dir;
+  } else if (!req.value("libvirt_uri", "").empty()) {
+    return InvalidArgument("domain " + d + ": give either --qmp (a QEMU's QMP socket) or --connect (libvirt), not both");
+  }
   auto hp = ParseHostPort(req.value("backup", ""), 7788);
-  if (!hp.ok()) return Error(hp.status().Annotate("domain " + *d + ": --backup"));
+  if (!hp.ok()) return hp.status().Annotate("domain " + d + ": --backup");
   po.backup = *hp;
   po.run_dir = opts_.state_dir + "/run";
   po.interval_ms = req.value("interval_ms", 100);
@@ -177,30 +169,72 @@ json Daemon::Protect(const json& req) {
   po.netbuf.mode = req.value("netbuf", "plug");
   if (req.contains("netbuf_interfaces")) {
     if (!req["netbuf_interfaces"].is_array())
-      return Error(InvalidArgument("domain " + *d + ": netbuf_interfaces must be a list of device names"));
+      return InvalidArgument("domain " + d + ": netbuf_interfaces must be a list of device names");
     for (const auto& i : req["netbuf_interfaces"]) {
       if (!i.is_string() || i.get<std::string>().empty() || i.get<std::string>().size() >= 16 ||
           i.get<std::string>().find('/') != std::string::npos)
-        return Error(InvalidArgument("domain " + *d + ": --netbuf-if " + i.dump() + " is not a network device name"));
+        return InvalidArgument("domain " + d + ": --netbuf-if " + i.dump() + " is not a network device name");
       po.netbuf.interfaces.push_back(i.get<std::string>());
     }
   }
   po.netbuf_fallback = req.value("netbuf_fallback", false);
   po.netbuf.queue_maxlen = req.value("netbuf_queue_maxlen", po.netbuf.queue_maxlen);
-  if (po.netbuf.queue_maxlen < 1)
-    return Error(InvalidArgument("domain " + *d + ": --netbuf-queue-len must be at least 1"));
+  if (po.netbuf.queue_maxlen < 1) return InvalidArgument("domain " + d + ": --netbuf-queue-len must be at least 1");
   po.netbuf.fail_open = req.value("netbuf_fail_open", false);
   std::string compress = req.value("compress", "none");
   if (compress != "none" && compress != "lz4")
-    return Error(InvalidArgument("domain " + *d + ": unknown --compress '" + compress + "'; expected lz4 or none"));
+    return InvalidArgument("domain " + d + ": unknown --compress '" + compress + "'; expected lz4 or none");
   po.compress = compress == "lz4";
   po.disks = req.value("disks", "all");
   if (po.disks.empty() || po.disks.find_first_not_of(
                               "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") != std::string::npos)
-    return Error(InvalidArgument("domain " + *d + ": --disks '" + po.disks +
-                                 "' is not all, none, or a comma-separated list of drive ids"));
+    return InvalidArgument("domain " + d + ": --disks '" + po.disks +
+                           "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
-  auto p = PrimaryReplicator::Start(std::move(po), clock_);
+  return po;
+}
+
+json Daemon::Protect(const json& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  const bool async = req.value("async", false);
+  auto po = ProtectOptions(*d, req);
+  if (!po.ok()) return Error(po.status());
+  auto active = [](const PrimaryReplicator& p) {
+    PrimaryState s = p.state();
+    return s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting;
+  };
+  auto already = [&](const PrimaryReplicator& p) {
+    return AlreadyExists("domain " + *d + " is already protected (" + std::string(PrimaryStateName(p.state())) +
+                         "); run `remusctl unprotect " + *d + "` first");
+  };
+  std::shared_ptr<PrimaryReplicator> ended;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = primaries_.find(*d);
+    if (it != primaries_.end()) {
+      if (active(*it->second)) return Error(already(*it->second));
+      // Protection of this domain ended earlier (backup lost, say). Its
+      // replicator still holds QEMU's monitor connection, and QEMU's -qmp
+      // socket serves one client: release it before connecting again.
+      ended = std::move(it->second);
+      primaries_.erase(it);
+    }
+  }
+  ended.reset();
+  if (async) {
+    // libvirt's hook: answer now, connect in the background (retrying while
+    // libvirt still holds the domain's job); the outcome shows in `status`.
+    po->connect_retry_ms = req.value("retry_ms", 30000);
+    std::shared_ptr<PrimaryReplicator> p = PrimaryReplicator::StartAsync(std::move(po).value(), clock_);
+    std::lock_guard<std::mutex> g(mu_);
+    auto& slot = primaries_[*d];
+    if (slot && active(*slot)) return Error(already(*slot));
+    slot = p;
+    LOG_INFO("remusd") << "domain " << *d << ": protection starting in the background";
+    return Ok(p->StatusJson());
+  }
+  auto p = PrimaryReplicator::Start(std::move(po).value(), clock_);
   if (!p.ok()) return Error(p.status());
   std::lock_guard<std::mutex> g(mu_);
   primaries_[*d] = std::move(p).value();
@@ -210,14 +244,38 @@ json Daemon::Protect(const json& req) {
 json Daemon::Unprotect(const json& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
-  std::unique_ptr<PrimaryReplicator> p;
+  const bool async = req.value("async", false);
+  // libvirt's hook after the domain stopped: QEMU is gone, so protection
+  // ends by itself, as a failover (unless the guest shut itself down). Only
+  // a protection still starting is cancelled; nothing is ended early, which
+  // would tell the backup not to take over.
+  const bool domain_stopped = req.value("domain_stopped", false);
+  std::shared_ptr<PrimaryReplicator> p;
   {
     std::lock_guard<std::mutex> g(mu_);
     auto it = primaries_.find(*d);
     if (it == primaries_.end())
       return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
-    p = std::move(it->second);
-    primaries_.erase(it);
+    p = it->second;
+    if (domain_stopped) {
+      PrimaryState s = p->state();
+      if (s != PrimaryState::kStarting) {
+        LOG_INFO("remusd") << "domain " << *d << " stopped (libvirt); its protection (" << PrimaryStateName(s)
+                           << ") ends by itself";
+        return Ok(p->StatusJson());
+      }
+    } else {
+      primaries_.erase(it);
+    }
+    if (async) {
+      json now = p->StatusJson();
+      workers_.emplace_back([p, dom = *d] {
+        Status s = p->Unprotect();
+        if (!s.ok()) LOG_ERROR("remusd") << "domain " << dom << ": unprotect: " << s.message();
+        else LOG_INFO("remusd") << "domain " << dom << ": protection ended (" << PrimaryStateName(p->state()) << ")";
+      });
+      return Ok(now);
+    }
   }
   Status s = p->Unprotect();
   json last = p->StatusJson();

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -33,6 +34,11 @@ struct DaemonOptions {
   int ack_delay_ms = 0;
   std::string qemu_binary;
   bool auto_promote = true;
+  // libvirt mode: the libvirt a `protect` without --qmp (or --connect) uses
+  // on this host, and the one a backup restores libvirt domains into; where
+  // that libvirt keeps its <domain>.pid files.
+  std::string libvirt_uri = "qemu:///system";
+  std::string libvirt_pid_dir = "/run/libvirt/qemu";
   // Test-only: fault injection handed to every PrimaryReplicator.
   std::string fault;
   // Allow non-root control clients (tests run unprivileged unit tests only;
@@ -62,6 +68,7 @@ class Daemon {
   void ControlLoop();
   void ServeClient(Fd fd);
   nlohmann::json Protect(const nlohmann::json& req);
+  StatusOr<PrimaryOptions> ProtectOptions(const std::string& domain, const nlohmann::json& req) const;
   nlohmann::json Unprotect(const nlohmann::json& req);
   nlohmann::json StatusOf(const nlohmann::json& req);
   nlohmann::json Failover(const nlohmann::json& req);
@@ -77,7 +84,11 @@ class Daemon {
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
   std::condition_variable cv_;
-  std::map<std::string, std::unique_ptr<PrimaryReplicator>> primaries_;  // guarded by mu_
+  // shared: an async unprotect's worker may still hold one that a later
+  // request replaced.
+  std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_;  // guarded by mu_
+  // Workers of async requests (libvirt's hook must not wait), joined by Shutdown.
+  std::vector<std::thread> workers_;  // guarded by mu_
 };
 
 }  // namespace remus

@@ -8,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "tools/remusctl/control_client.h"
 
@@ -50,8 +52,12 @@ class DaemonTest : public ::testing::Test {
 TEST_F(DaemonTest, ErrorsNameTheDomainAndTheFix) {
   ExpectError(Call({{"command", "bogus"}}), "INVALID_ARGUMENT", "unknown command 'bogus'");
   ExpectError(Call({{"command", "protect"}, {"domain", "../etc"}}), "INVALID_ARGUMENT", "invalid domain name");
-  ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"backup", "b:1"}}), "INVALID_ARGUMENT",
-              "--qmp SOCKET is required");
+  // Without --qmp the domain is libvirt's (remusd's --libvirt-uri, or the request's).
+  const std::string no_libvirt = "qemu:///system?socket=" + dir_ + "/no-libvirt-sock";
+  ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"backup", "127.0.0.1:1"}, {"libvirt_uri", no_libvirt}}),
+              "UNAVAILABLE", "cannot connect to libvirt at " + no_libvirt + " for domain web1");
+  ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"backup", "b:1"}, {"qmp", "/q"}, {"libvirt_uri", "x"}}),
+              "INVALID_ARGUMENT", "not both");
   ExpectError(Call({{"command", "protect"}, {"domain", "web1"}, {"qmp", dir_ + "/nope.qmp"}, {"backup", "b:99999"}}),
               "INVALID_ARGUMENT", "port out of range");
   json r = Call({{"command", "protect"}, {"domain", "web1"}, {"qmp", dir_ + "/nope.qmp"}, {"backup", "127.0.0.1:1"}});
@@ -63,6 +69,32 @@ TEST_F(DaemonTest, ErrorsNameTheDomainAndTheFix) {
   json st = Call({{"command", "status"}});
   EXPECT_TRUE(st.value("ok", false));
   EXPECT_TRUE(st["result"]["domains"].empty());
+}
+
+TEST_F(DaemonTest, AsyncProtectAnswersAtOnceAndReportsTheOutcomeInStatus) {
+  // libvirt's hook: the reply comes before any connection is tried.
+  const std::string no_libvirt = "qemu:///system?socket=" + dir_ + "/no-libvirt-sock";
+  json r = Call({{"command", "protect"}, {"domain", "web1"}, {"backup", "127.0.0.1:1"}, {"libvirt_uri", no_libvirt},
+                 {"async", true}, {"retry_ms", 0}});
+  ASSERT_TRUE(r.value("ok", false)) << r.dump();
+  EXPECT_EQ(r["result"]["domain"], "web1");
+  json st;
+  for (int i = 0; i < 200; i++) {
+    st = Call({{"command", "status"}, {"domain", "web1"}});
+    ASSERT_TRUE(st.value("ok", false)) << st.dump();
+    if (st["result"]["domains"][0]["state"] != "starting") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const json& d = st["result"]["domains"][0];
+  EXPECT_EQ(d["state"], "unprotected") << d.dump();
+  EXPECT_NE(d.value("error", "").find("libvirtd running"), std::string::npos) << d.dump();
+  EXPECT_EQ(d["libvirt"]["uri"], no_libvirt);
+  EXPECT_EQ(d["qmp_socket"], "");
+  // The hook's stop notice leaves an ended protection as it is; unprotect clears it.
+  EXPECT_TRUE(Call({{"command", "unprotect"}, {"domain", "web1"}, {"async", true}, {"domain_stopped", true}})
+                  .value("ok", false));
+  EXPECT_TRUE(Call({{"command", "unprotect"}, {"domain", "web1"}}).value("ok", false));
+  ExpectError(Call({{"command", "status"}, {"domain", "web1"}}), "NOT_FOUND", "unknown domain web1");
 }
 
 TEST_F(DaemonTest, ControlSocketIsRootOnly) {

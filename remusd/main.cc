@@ -28,6 +28,12 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(2, 600000));
   app.add_option("--qemu", o.qemu_binary, "QEMU binary for restored guests (default: the primary's)");
   app.add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");
+  app.add_option("--libvirt-uri", o.libvirt_uri,
+                 "libvirt of this host: protect without --qmp uses it (unless --connect), and a backup restores "
+                 "libvirt domains into it")
+      ->capture_default_str();
+  app.add_option("--libvirt-pid-dir", o.libvirt_pid_dir, "where that libvirt keeps its <domain>.pid files")
+      ->capture_default_str();
   app.add_option("--ack-delay-ms", o.ack_delay_ms, "backup: hold each ACK this long (tests and benchmarks)")
       ->check(CLI::Range(0, 60000));
   app.add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
@@ -17,6 +18,7 @@
 #include "common/log.h"
 #include "diskmirror/disk_replica.h"
 #include "replicator/disk_source.h"
+#include "replicator/libvirt_restore.h"
 #include "replicator/restore.h"
 
 namespace remus {
@@ -170,6 +172,8 @@ class BackupDomain {
   Status HandleFrame(wire::Frame& f);
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
   Status DoPromote();
+  // DoPromote for a libvirt domain. REQUIRES mu_.
+  Status DoPromoteLibvirt(const std::string& run);
   void AckLoop(wire::Link* link);
   void SessionHeartbeat(wire::Link* link);
 
@@ -200,6 +204,8 @@ class BackupDomain {
   Status OpenSessionDisks(const std::string& store_dir);
   StatusOr<std::unique_ptr<DiskReplicaSet>> OpenDisks(const std::string& store_dir, std::optional<uint64_t> discard_after);
   FileIo* Io();
+  // A disk journal error, with the domain, the epoch and the fix.
+  Status DiskError(const Status& s, uint64_t epoch) const;
   std::unique_ptr<FileIo> io_;
   // Held around every use of a DiskReplicaSet (not thread-safe): an
   // operator's failover may run while the session thread ends. Order: mu_
@@ -243,6 +249,9 @@ class BackupDomain {
   std::atomic<int64_t> failover_ms_{-1};
   std::atomic<int> qemu_pid_{-1};
   std::string qmp_socket_;  // guarded by mu_
+  // The promoted guest's libvirt, when restored through it (then qmp_socket_ is empty).
+  std::string libvirt_uri_;     // guarded by mu_
+  std::string libvirt_domain_;  // guarded by mu_
   std::thread qemu_reaper_;
 };
 
@@ -359,7 +368,11 @@ Status BackupDomain::Recover() {
       auto cmdline = ReadFileToString("/proc/" + std::to_string(pid) + "/cmdline");
       if (cmdline.ok()) argv = std::move(*cmdline);
     }
-    bool alive = argv.find(dir_ + "/run/") != std::string::npos;
+    // A libvirt-restored QEMU is libvirt's: it names the domain (-name guest=NAME).
+    bool via_libvirt = marker.contains("libvirt") && marker["libvirt"].is_object();
+    bool alive = via_libvirt ? argv.find(std::string("guest=") + name_ + ",") != std::string::npos ||
+                                   argv.find(std::string("guest=") + name_ + '\0') != std::string::npos
+                             : argv.find(dir_ + "/run/") != std::string::npos;
     RETURN_IF_ERROR(gate_.Begin("promoted before remusd restarted"));
     std::lock_guard<std::mutex> g(mu_);
     last_committed_ = marker.value("epoch", int64_t{-1});
@@ -367,6 +380,10 @@ Status BackupDomain::Recover() {
       gate_.Finish(OkStatus());
       qemu_pid_ = pid;
       qmp_socket_ = marker.value("qmp_socket", "");
+      if (via_libvirt) {
+        libvirt_uri_ = marker["libvirt"].value("uri", "");
+        libvirt_domain_ = marker["libvirt"].value("domain", "");
+      }
       state_ = State::kFailedOver;
       LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << pid << ")";
     } else {
@@ -473,7 +490,15 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
     case MsgType::kConfig: {
       if (!json::accept(f.payload)) return DataLoss("CONFIG is not JSON");
       json c = json::parse(f.payload);
-      if (!c.contains("argv") || !c["argv"].is_array() || c["argv"].empty())
+      bool has_xml = c.contains("libvirt") && c["libvirt"].is_object() && c["libvirt"].contains("xml") &&
+                     c["libvirt"]["xml"].is_string();
+      if (c.contains("libvirt")) {
+        if (!has_xml) return InvalidArgument("CONFIG: libvirt carries no domain XML");
+        auto xml_name = DomainXmlName(c["libvirt"]["xml"].get<std::string>());
+        if (!xml_name.ok() || *xml_name != name_)
+          return InvalidArgument("CONFIG: the libvirt XML is not domain " + name_ + "'s");
+      }
+      if (!has_xml && (!c.contains("argv") || !c["argv"].is_array() || c["argv"].empty()))
         return InvalidArgument("CONFIG carries no QEMU argv");
       if (c.contains("disks") && !c["disks"].is_array()) return InvalidArgument("CONFIG: disks is not a list");
       for (const auto& d : c.value("disks", json::array())) {
@@ -547,15 +572,17 @@ Status BackupDomain::HandleFrame(wire::Frame& f) {
       ASSIGN_OR_RETURN(wire::DiskRecord r, wire::DecodeDiskRecord(f.payload));
       staged_disk_records_++;
       std::lock_guard<std::mutex> dg(disk_mu_);
+      Status ds;
       switch (r.op) {
         case wire::DiskOp::kWrite:
-          return session_disks_->Write(
+          ds = session_disks_->Write(
               r.disk, f.epoch, r.offset,
               std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.data.data()), r.data.size()));
-        case wire::DiskOp::kZero: return session_disks_->Zero(r.disk, f.epoch, r.offset, r.length);
-        case wire::DiskOp::kTrim: return session_disks_->Trim(r.disk, f.epoch, r.offset, r.length);
+          break;
+        case wire::DiskOp::kZero: ds = session_disks_->Zero(r.disk, f.epoch, r.offset, r.length); break;
+        case wire::DiskOp::kTrim: ds = session_disks_->Trim(r.disk, f.epoch, r.offset, r.length); break;
       }
-      return DataLoss("DISK record with an unknown op");
+      return DiskError(ds, f.epoch);
     }
     case MsgType::kDiskSynced:
       if (!session_disks_) return FailedPrecondition("DISK_SYNCED for a domain without mirrored disks");
@@ -614,10 +641,7 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   // recovery drops (discard_after). Never ack what is not durable.
   if (session_disks_) {
     std::lock_guard<std::mutex> dg(disk_mu_);
-    Status ds = session_disks_->Commit(epoch);
-    if (!ds.ok())
-      return Status(ds.code(), "checkpoint " + std::to_string(epoch) + ": disk writes not durable, not acking: " +
-                                   ds.message());
+    RETURN_IF_ERROR(DiskError(session_disks_->Commit(epoch), epoch));
   }
   if (epoch == 0) {
     std::unique_ptr<PageStore> old;
@@ -658,11 +682,6 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
         LOG_INFO(tag_) << "disk copies complete as of checkpoint " << disk_synced_epoch_ << "; standing by";
       }
     }
-    // The committed epochs reach the images now and then (batched: each
-    // apply syncs the images); promotion applies the rest.
-    std::lock_guard<std::mutex> dg(disk_mu_);
-    Status a = session_disks_->MaybeApply();
-    if (!a.ok()) return Status(a.code(), "applying disk writes: " + a.message());
   }
   double ms = ToMillis(clock_.Now() - t0);
   apply_ms_.Add(ms);
@@ -670,10 +689,30 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
   if (epoch > 0) checkpoints_total_++;
   if (ms > 0 && epoch > 0) apply_mb_s_ = static_cast<double>(page_bytes) / 1e6 / (ms / 1000.0);
   last_committed_ = static_cast<int64_t>(epoch);
-  std::lock_guard<std::mutex> g(sess_mu_);
-  acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
-  sess_cv_.notify_all();
+  {
+    std::lock_guard<std::mutex> g(sess_mu_);
+    acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
+    sess_cv_.notify_all();
+  }
+  if (session_disks_) {
+    // The committed epochs reach the images now and then (batched: each
+    // apply syncs the images), after the ACK is on its way: the epoch is
+    // durable in the journal already. Promotion applies the rest.
+    std::lock_guard<std::mutex> dg(disk_mu_);
+    Status a = session_disks_->MaybeApply();
+    if (!a.ok()) return Status(a.code(), "domain " + name_ + ": applying disk writes to the images: " + a.message());
+  }
   return OkStatus();
+}
+
+Status BackupDomain::DiskError(const Status& s, uint64_t epoch) const {
+  if (s.ok()) return s;
+  std::string fix = s.code() == Code::kResourceExhausted
+                        ? "; the backup's state dir " + opts_.state_dir + " is full: free space there, then protect again"
+                        : "";
+  return Status(s.code(), "domain " + name_ + ": checkpoint " + std::to_string(epoch) +
+                              ": its disk writes are not durable on the backup, so it is not acked: " + s.message() +
+                              fix);
 }
 
 FileIo* BackupDomain::Io() {
@@ -753,6 +792,7 @@ Status BackupDomain::Promote(const std::string& reason) {
     std::lock_guard<std::mutex> g(mu_);
     json marker = {{"pid", qemu_pid_.load()}, {"qmp_socket", qmp_socket_}, {"epoch", last_committed_.load()},
                    {"reason", reason}};
+    if (!libvirt_uri_.empty()) marker["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
     Status w = WriteFileAtomic(dir_ + "/promoted.json", marker.dump());
     if (!w.ok()) LOG_ERROR(tag_) << "cannot record the promotion: " << w.ToString();
   }
@@ -776,10 +816,15 @@ Status BackupDomain::DoPromote() {
     for (size_t i = 0; i < committed_disks_->size(); i++)
       drive_images[committed_disks_->disk(i).id] = committed_disks_->ImagePath(i);
   }
-  std::vector<std::string> argv;
-  for (const auto& a : config_.value("argv", json::array())) argv.push_back(a.get<std::string>());
   std::string run = dir_ + "/run";
   RETURN_IF_ERROR(MakeDirs(run, 0700));
+  if (config_.contains("libvirt")) {
+    if (committed_disks_)
+      return FailedPrecondition("domain " + name_ + ": a libvirt domain with mirrored disks cannot be restored yet");
+    return DoPromoteLibvirt(run);
+  }
+  std::vector<std::string> argv;
+  for (const auto& a : config_.value("argv", json::array())) argv.push_back(a.get<std::string>());
   for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
   argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, drive_images);
   LOG_INFO(tag_) << "restoring epoch " << committed_->committed_epoch() << " into a new QEMU";
@@ -858,6 +903,32 @@ Status BackupDomain::DoPromote() {
   return qemu_failed("the restored guest did not start running");
 }
 
+Status BackupDomain::DoPromoteLibvirt(const std::string& run) {
+  const json& lv = config_["libvirt"];
+  ASSIGN_OR_RETURN(std::string xml, RewriteDomainXmlForRestore(lv.value("xml", ""), run, opts_.qemu_binary));
+  Status w = WriteFileAtomic(run + "/domain.xml", xml);  // for the operator: what was restored
+  if (!w.ok()) LOG_WARN(tag_) << "cannot keep the restored XML: " << w.ToString();
+  LOG_INFO(tag_) << "restoring epoch " << committed_->committed_epoch() << " through libvirt at "
+                 << opts_.libvirt_uri;
+  LibvirtRestoreOptions ro;
+  ro.uri = opts_.libvirt_uri;
+  ro.work_dir = run;
+  ro.pid_dir = opts_.libvirt_pid_dir;
+  RestoreStats rs;
+  auto res = RestoreDomain(ro, xml, [&](int fd) {
+    return WriteRestoreStream(*committed_, committed_configuration_, fd, &rs).Annotate("restore stream");
+  });
+  if (!res.ok()) return res.status();
+  qemu_pid_ = res->qemu_pid;
+  qmp_socket_.clear();
+  libvirt_uri_ = opts_.libvirt_uri;
+  libvirt_domain_ = res->domain;
+  LOG_INFO(tag_) << "restored " << rs.pages << " pages + " << rs.zero_pages << " zero pages; domain " << res->domain
+                 << " runs in libvirt " << opts_.libvirt_uri << " (pid " << res->qemu_pid << ", libvirt restore "
+                 << res->restore_ms << " ms)";
+  return OkStatus();
+}
+
 json BackupDomain::StatusJson() const {
   json j;
   j["domain"] = name_;
@@ -885,7 +956,12 @@ json BackupDomain::StatusJson() const {
   j["connected"] = session_active_;
   j["error"] = error_;
   j["qmp_socket"] = qmp_socket_;
-  j["qemu"] = {{"pid", qemu_pid_.load()}};
+  int pid = qemu_pid_.load();
+  if (!libvirt_uri_.empty()) {
+    j["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
+    if (pid > 0 && ::kill(pid, 0) < 0 && errno == ESRCH) pid = -1;  // libvirt's child, not ours to reap
+  }
+  j["qemu"] = {{"pid", pid}};
   if (committed_) j["store"] = committed_->dir();
   if (committed_disks_) {
     json ids = json::array();

@@ -3,10 +3,16 @@
 // and promotes (restores the guest into a new QEMU) when the primary is lost.
 //
 // Per domain, under <state-dir>/domains/<domain>/:
-//   config.json        the primary's CONFIG (QEMU argv, versions, interval)
+//   config.json        the primary's CONFIG (QEMU argv, versions, interval;
+//                      a libvirt domain's XML)
 //   store-<n>/         a PageStore; one per protection session
 //   current            the name of the store holding the committed image
 //   run/               the promoted QEMU's qmp.sock, qemu.pid, serial.log, qemu.log
+//                      (libvirt: domain.xml as restored, serial.log, the FIFO)
+//   promoted.json      after a promotion: its pid, epoch, reason, and its QMP
+//                      socket or libvirt URI and domain
+// A domain whose CONFIG carries libvirt XML is promoted through the backup's
+// libvirt (RestoreDomain, libvirt_restore.h): libvirt owns the restored guest.
 // A new session syncs into a new store and switches `current` only when its
 // initial copy commits, so a resync that dies halfway loses nothing that was
 // committed before.
@@ -40,7 +46,11 @@ struct BackupOptions {
   wire::Key key;
   HeartbeatConfig heartbeat;        // used until the primary's CONFIG names its own
   int ack_delay_ms = 0;             // test and benchmark knob: hold each ACK this long
-  std::string qemu_binary;          // overrides the primary's argv[0] when set
+  std::string qemu_binary;          // overrides the primary's argv[0] (libvirt: <emulator>) when set
+  // Where libvirt domains are restored, and where that libvirt keeps its
+  // <domain>.pid files.
+  std::string libvirt_uri = "qemu:///system";
+  std::string libvirt_pid_dir = "/run/libvirt/qemu";
   bool auto_promote = true;         // promote when the primary is lost
   int handshake_timeout_ms = 5000;
 };

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <thread>
 
 #include "common/log.h"
@@ -13,6 +14,7 @@ using nlohmann::json;
 
 namespace {
 constexpr size_t kReadBuffer = 1 << 20;
+constexpr char kMigrationFdName[] = "remus-migrate";  // QEMU's name for the socketpair end (getfd)
 }  // namespace
 
 CheckpointSource::CheckpointSource(QemuMonitor* monitor, CheckpointSourceOptions opts)
@@ -22,12 +24,14 @@ CheckpointSource::CheckpointSource(QemuMonitor* monitor, CheckpointSourceOptions
 
 CheckpointSource::~CheckpointSource() {
   Abort();
-  ::unlink(opts_.migration_socket.c_str());
+  if (!opts_.pass_fd) ::unlink(opts_.migration_socket.c_str());
 }
 
 Status CheckpointSource::Start() {
   std::string tag = "colo[" + opts_.domain + "]";
-  ASSIGN_OR_RETURN(listen_fd_, ListenUnix(opts_.migration_socket, 0600));
+  if (!opts_.pass_fd) {
+    ASSIGN_OR_RETURN(listen_fd_, ListenUnix(opts_.migration_socket, 0600));
+  }
   RETURN_IF_ERROR(monitor_
                       ->Execute("migrate-set-capabilities",
                                 {{"capabilities",
@@ -42,14 +46,32 @@ Status CheckpointSource::Start() {
                                 {{"x-checkpoint-delay", opts_.interval_ms}, {"max-bandwidth", int64_t{1} << 40}})
                       .status()
                       .Annotate("domain " + opts_.domain + ": setting migration parameters"));
-  RETURN_IF_ERROR(monitor_->Execute("migrate", {{"uri", "unix:" + opts_.migration_socket}})
-                      .status()
-                      .Annotate("domain " + opts_.domain + ": starting the COLO migration"));
-  ASSIGN_OR_RETURN(bool ready, WaitReadable(listen_fd_.get(), opts_.accept_timeout_ms));
-  if (!ready) return DeadlineExceeded("domain " + opts_.domain + ": QEMU did not connect to the migration socket");
-  ASSIGN_OR_RETURN(conn_, Accept(listen_fd_.get()));
-  listen_fd_.Reset();
-  ::unlink(opts_.migration_socket.c_str());
+  if (opts_.pass_fd) {
+    // QEMU gets its end through the monitor; ours must be the only other
+    // copy, so that QEMU's death reads as EOF here.
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+      return ErrnoStatus("domain " + opts_.domain + ": socketpair for the migration stream", errno);
+    Fd ours(sv[0]), theirs(sv[1]);
+    RETURN_IF_ERROR(opts_.pass_fd(kMigrationFdName, theirs.get())
+                        .Annotate("domain " + opts_.domain + ": handing QEMU the migration channel"));
+    theirs.Reset();
+    Status m = monitor_->Execute("migrate", {{"uri", std::string("fd:") + kMigrationFdName}}).status();
+    if (!m.ok()) {
+      (void)monitor_->Execute("closefd", {{"fdname", kMigrationFdName}});
+      return m.Annotate("domain " + opts_.domain + ": starting the COLO migration");
+    }
+    conn_ = std::move(ours);
+  } else {
+    RETURN_IF_ERROR(monitor_->Execute("migrate", {{"uri", "unix:" + opts_.migration_socket}})
+                        .status()
+                        .Annotate("domain " + opts_.domain + ": starting the COLO migration"));
+    ASSIGN_OR_RETURN(bool ready, WaitReadable(listen_fd_.get(), opts_.accept_timeout_ms));
+    if (!ready) return DeadlineExceeded("domain " + opts_.domain + ": QEMU did not connect to the migration socket");
+    ASSIGN_OR_RETURN(conn_, Accept(listen_fd_.get()));
+    listen_fd_.Reset();
+    ::unlink(opts_.migration_socket.c_str());
+  }
   source_ = std::make_unique<FdSource>(conn_.get());
   reader_ = std::make_unique<BufferedReader>(source_.get(), kReadBuffer);
   parser_ = std::make_unique<qemu::StreamParser>(reader_.get());
@@ -131,7 +153,12 @@ Status CheckpointSource::GiveUp() {
   // Wait for QEMU to leave COLO and make sure the guest runs.
   for (int i = 0; i < 100; i++) {
     auto st = monitor_->Execute("query-status", json::object(), 2000);
-    if (!st.ok()) return st.status().Annotate("domain " + opts_.domain + ": after leaving COLO");
+    if (!st.ok()) {
+      // The monitor is unreachable (libvirtd restarting): nothing was
+      // done, so a later call may try again.
+      if (!s.ok() && s.code() == Code::kUnavailable && st.status().code() == Code::kUnavailable) gave_up_ = false;
+      return st.status().Annotate("domain " + opts_.domain + ": after leaving COLO");
+    }
     std::string status = st->value("status", "");
     if (status == "running") {
       LOG_INFO(tag) << "left COLO; guest running unprotected";

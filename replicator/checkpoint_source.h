@@ -1,6 +1,9 @@
 // The checkpoint source: everything QEMU-specific on the primary, behind one
 // class. It drives QEMU's COLO engine over QMP and terminates the migration
-// stream QEMU sends to a local unix socket, answering its COLO messages.
+// stream QEMU sends to remusd, answering its COLO messages. The stream comes
+// over a unix socket remusd listens on (`migrate unix:PATH`), or, when QEMU
+// may not open paths of ours (libvirt's QEMU: another user, AppArmor), over
+// one end of a socketpair handed to QEMU (`getfd`, then `migrate fd:NAME`).
 //
 // One checkpoint, as seen by the caller (see docs/formats/qemu-colo-stream.md):
 //   WaitForRequest()        QEMU's timer fired (guest running)
@@ -14,6 +17,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,12 +30,15 @@ namespace remus {
 
 struct CheckpointSourceOptions {
   std::string domain;
-  std::string migration_socket;  // where QEMU connects (we listen)
+  std::string migration_socket;  // where QEMU connects (we listen); unused with pass_fd
   int interval_ms = 100;
   int accept_timeout_ms = 10000;
   // Read buffers kept warm for the next checkpoints (see BufferPool), in
   // 1 MiB buffers: at most this many bytes stay allocated between checkpoints.
   size_t buffer_pool_bytes = 256u << 20;
+  // Set: the stream goes over a socketpair instead; this hands QEMU its end
+  // under the given name (LibvirtMonitor::PassFd). The caller keeps its fd.
+  std::function<Status(const std::string& fdname, int fd)> pass_fd;
 };
 
 class CheckpointSource {
@@ -41,8 +48,8 @@ class CheckpointSource {
   ~CheckpointSource();
 
   // Enables x-colo (return path off), sets x-checkpoint-delay, lifts the
-  // bandwidth limit, and starts `migrate` to our socket; waits for QEMU to
-  // connect.
+  // bandwidth limit, and starts `migrate` to our socket (waits for QEMU to
+  // connect) or to the socketpair end passed to QEMU.
   Status Start();
   // The initial full copy: pages to sink; returns configuration, blocks and
   // device state. QEMU then waits (guest stopped) until SendReady().
@@ -70,7 +77,9 @@ class CheckpointSource {
   // Unblocks any stream read in progress (it then fails with Cancelled/Unavailable).
   void Abort();
   // Ends COLO on QEMU's side so the guest runs unprotected: x-colo-lost-heartbeat,
-  // then makes sure the guest is not left stopped by us.
+  // then makes sure the guest is not left stopped by us. Once only, except
+  // after Unavailable (the monitor could not be reached at all): then it may
+  // be called again.
   Status GiveUp();
 
  private:

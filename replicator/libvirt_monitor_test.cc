@@ -18,6 +18,7 @@
 
 #include "common/io.h"
 #include "replicator/libvirt_restore.h"
+#include "replicator/libvirt_session.h"
 #include "tests/fakes/temp_dir.h"
 
 namespace remus {
@@ -25,6 +26,7 @@ namespace {
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using namespace libvirt_internal;
 
 const std::string kWhere = "domain web1 (libvirt qemu:///system)";
@@ -234,6 +236,70 @@ TEST(LibvirtDomainXml, NameUuidEmulator) {
   EXPECT_THAT(*e, HasSubstr("<name>web1</name>"));
   EXPECT_EQ(DomainXmlName("<domain/>").status().code(), Code::kNotFound);
   EXPECT_EQ(SetDomainXmlEmulator("<domain/>", "/x").status().code(), Code::kNotFound);
+}
+
+TEST(LibvirtDomainXml, RewriteForRestore) {
+  const std::string xml =
+      "<domain type='qemu'>\n  <name>web1</name>\n  <metadata>\n"
+      "    <remus:protect xmlns:remus=\"https://remus.dev/xmlns/1\" backup=\"hostB:7788\" interval=\"100\"/>\n"
+      "    <app:x xmlns:app='https://example.org/app'/>\n  </metadata>\n  <devices>\n"
+      "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+      "    <disk type='file' device='disk'><source file='/var/lib/img/web1.qcow2'/></disk>\n"
+      "    <serial type='file'>\n      <source path='/var/log/web1.serial'/>\n"
+      "      <log file='/var/log/web1.serial.log' append='on'/>\n      <target port='0'/>\n    </serial>\n"
+      "    <serial type='pty'><source path='/dev/pts/3'/><target port='1'/></serial>\n"
+      "    <console type='file'>\n      <source path='/var/log/web1.serial'/>\n"
+      "      <target type='serial' port='0'/>\n    </console>\n"
+      "    <channel type=\"file\"><source path=\"/tmp/ch&amp;1\"/></channel>\n"
+      "  </devices>\n</domain>\n";
+  auto r = RewriteDomainXmlForRestore(xml, "/state/domains/web1/run", "/opt/qemu");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  // The console and serial 0 share the one file, as on the primary.
+  EXPECT_THAT(*r, HasSubstr("<serial type='file'>\n      <source path='/state/domains/web1/run/serial.log'/>"));
+  EXPECT_THAT(*r, HasSubstr("<console type='file'>\n      <source path='/state/domains/web1/run/serial.log'/>"));
+  EXPECT_THAT(*r, HasSubstr("<log file='/state/domains/web1/run/chardev-1.log' append='on'/>"));
+  EXPECT_THAT(*r, HasSubstr("<source path=\"/state/domains/web1/run/chardev-2.log\"/>"));
+  EXPECT_THAT(*r, Not(HasSubstr("/var/log/web1")));
+  // Only file-backed devices move; disks are left alone.
+  EXPECT_THAT(*r, HasSubstr("<source path='/dev/pts/3'/>"));
+  EXPECT_THAT(*r, HasSubstr("<source file='/var/lib/img/web1.qcow2'/>"));
+  // remus's own metadata goes, other applications' stays.
+  EXPECT_THAT(*r, Not(HasSubstr("remus.dev")));
+  EXPECT_THAT(*r, HasSubstr("<metadata>\n    <app:x xmlns:app='https://example.org/app'/>\n  </metadata>"));
+  EXPECT_THAT(*r, HasSubstr("<emulator>/opt/qemu</emulator>"));
+  // No emulator given: the primary's stays.
+  auto keep = RewriteDomainXmlForRestore(xml, "/r", "");
+  ASSERT_TRUE(keep.ok());
+  EXPECT_THAT(*keep, HasSubstr("<emulator>/usr/bin/qemu-system-x86_64</emulator>"));
+  // A path needing escapes is escaped.
+  auto esc = RewriteDomainXmlForRestore(xml, "/r&d", "");
+  ASSERT_TRUE(esc.ok());
+  EXPECT_THAT(*esc, HasSubstr("<source path='/r&amp;d/serial.log'/>"));
+  EXPECT_EQ(RewriteDomainXmlForRestore("<vm/>", "/r", "").status().code(), Code::kInvalidArgument);
+}
+
+TEST(LibvirtDomainXml, RewriteRemovesLongFormMetadata) {
+  const std::string xml =
+      "<domain><name>a</name><metadata><r:protect xmlns:r='https://remus.dev/xmlns/1' backup='b'>"
+      "</r:protect></metadata></domain>";
+  auto r = RewriteDomainXmlForRestore(xml, "/r", "");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(*r, "<domain><name>a</name><metadata></metadata></domain>");
+}
+
+TEST(LibvirtSession, ConnectErrorsAreTheMonitors) {
+  std::string dir = testing::MakeTempDir("lvsess");
+  LibvirtMonitorOptions o;
+  o.uri = "qemu:///system?socket=" + dir + "/no-such-sock";
+  o.domain = "web1";
+  auto s = LibvirtSession::Connect(o);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Code::kUnavailable);
+  EXPECT_THAT(s.status().message(), HasSubstr(o.uri));
+  EXPECT_THAT(s.status().message(), HasSubstr("libvirtd running"));
+  o.uri = "test:///default";
+  o.domain = "nope";
+  EXPECT_EQ(LibvirtSession::Connect(o).status().code(), Code::kNotFound);
 }
 
 TEST(LibvirtRestore, UnreachableLibvirt) {

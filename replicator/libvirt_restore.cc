@@ -8,11 +8,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <map>
 #include <thread>
+#include <vector>
 
 #include "common/io.h"
 #include "common/log.h"
@@ -161,6 +165,126 @@ StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::stri
     else out += c;
   }
   out.append(xml.substr(t.end));
+  return out;
+}
+
+namespace {
+
+// An attribute value inside one start tag [tag_begin, tag_end) ('<' to '>').
+struct AttrValue {
+  size_t begin = 0, end = 0;  // the value, without its quotes
+  bool found = false;
+};
+
+AttrValue FindAttr(std::string_view xml, size_t tag_begin, size_t tag_end, std::string_view name) {
+  for (size_t pos = tag_begin;;) {
+    size_t i = xml.find(name, pos);
+    if (i == std::string_view::npos || i + name.size() + 2 > tag_end) return {};
+    pos = i + 1;
+    if (!std::isspace(static_cast<unsigned char>(xml[i - 1])) || xml[i + name.size()] != '=') continue;
+    char q = xml[i + name.size() + 1];
+    if (q != '\'' && q != '"') continue;
+    size_t vb = i + name.size() + 2, ve = xml.find(q, vb);
+    if (ve == std::string_view::npos || ve >= tag_end) return {};
+    return {vb, ve, true};
+  }
+}
+
+std::string XmlAttrEscape(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '&') out += "&amp;";
+    else if (c == '<') out += "&lt;";
+    else if (c == '>') out += "&gt;";
+    else if (c == '\'') out += "&apos;";
+    else if (c == '"') out += "&quot;";
+    else out += c;
+  }
+  return out;
+}
+
+struct Edit {
+  size_t begin, end;
+  std::string text;
+};
+
+}  // namespace
+
+StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std::string& run_dir,
+                                                 const std::string& emulator) {
+  if (xml.find("<domain") == std::string_view::npos) return InvalidArgument("not a domain XML (no <domain> element)");
+  std::vector<Edit> edits;
+  // File-backed character devices: their files move into run_dir.
+  std::vector<AttrValue> paths;
+  for (const char* kind : {"serial", "console", "parallel", "channel"}) {
+    const std::string open = std::string("<") + kind, close = std::string("</") + kind + ">";
+    for (size_t pos = 0;;) {
+      size_t b = xml.find(open, pos);
+      if (b == std::string_view::npos) break;
+      pos = b + open.size();
+      char after = pos < xml.size() ? xml[pos] : '\0';
+      if (after != ' ' && after != '>') continue;  // <serialx ...>
+      size_t te = xml.find('>', b);
+      if (te == std::string_view::npos) break;
+      AttrValue type = FindAttr(xml, b, te, "type");
+      if (!type.found || xml.substr(type.begin, type.end - type.begin) != "file" || xml[te - 1] == '/') continue;
+      size_t ee = xml.find(close, te);
+      if (ee == std::string_view::npos) break;
+      for (const auto& [child, attr] : {std::pair<const char*, const char*>{"<source", "path"}, {"<log", "file"}}) {
+        for (size_t cp = te;;) {
+          size_t cb = xml.find(child, cp);
+          if (cb == std::string_view::npos || cb >= ee) break;
+          size_t cte = xml.find('>', cb);
+          cp = cb + 1;
+          if (cte == std::string_view::npos || cte > ee) break;
+          AttrValue v = FindAttr(xml, cb, cte, attr);
+          if (v.found) paths.push_back(v);
+        }
+      }
+      pos = ee;
+    }
+  }
+  std::sort(paths.begin(), paths.end(), [](const AttrValue& a, const AttrValue& b) { return a.begin < b.begin; });
+  std::map<std::string, std::string> moved;  // old (as escaped in the XML) -> new
+  for (const auto& v : paths) {
+    std::string old(xml.substr(v.begin, v.end - v.begin));
+    auto it = moved.find(old);
+    if (it == moved.end()) {
+      std::string name = moved.empty() ? "serial.log" : "chardev-" + std::to_string(moved.size()) + ".log";
+      it = moved.emplace(old, XmlAttrEscape(run_dir + "/" + name)).first;
+    }
+    edits.push_back({v.begin, v.end, it->second});
+  }
+  // remus's own metadata: <P:protect xmlns:P="kRemusXmlNamespace" .../>.
+  for (size_t pos = 0;;) {
+    size_t ns = xml.find(kRemusXmlNamespace, pos);
+    if (ns == std::string_view::npos) break;
+    pos = ns + 1;
+    size_t b = xml.rfind('<', ns);
+    if (b == std::string_view::npos) continue;
+    size_t ne = b + 1;
+    while (ne < xml.size() && !std::isspace(static_cast<unsigned char>(xml[ne])) && xml[ne] != '>' && xml[ne] != '/') ne++;
+    std::string name(xml.substr(b + 1, ne - b - 1));
+    if (name != "protect" && (name.size() < 8 || name.compare(name.size() - 8, 8, ":protect") != 0)) continue;
+    size_t te = xml.find('>', ns);
+    if (te == std::string_view::npos) break;
+    size_t e = te + 1;
+    if (xml[te - 1] != '/') {
+      size_t ce = xml.find("</" + name + ">", te);
+      if (ce == std::string_view::npos) continue;
+      e = ce + name.size() + 3;
+    }
+    while (b > 0 && (xml[b - 1] == ' ' || xml[b - 1] == '\t')) b--;  // its indentation and line
+    if (e < xml.size() && xml[e] == '\n') e++;
+    edits.push_back({b, e, ""});
+    pos = e;
+  }
+  std::sort(edits.begin(), edits.end(), [](const Edit& a, const Edit& b) { return a.begin > b.begin; });
+  std::string out(xml);
+  for (const auto& e : edits) out.replace(e.begin, e.end - e.begin, e.text);
+  if (!emulator.empty()) {
+    ASSIGN_OR_RETURN(out, SetDomainXmlEmulator(out, emulator));
+  }
   return out;
 }
 

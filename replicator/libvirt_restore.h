@@ -67,6 +67,24 @@ StatusOr<std::string> DomainXmlUuid(std::string_view xml);
 // NotFound if the XML has none.
 StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::string& emulator);
 
+// The XML namespace of remus's own metadata element in a domain XML (see
+// README, "libvirt domains"): <remus:protect xmlns:remus="..." backup=.../>.
+inline constexpr char kRemusXmlNamespace[] = "https://remus.dev/xmlns/1";
+
+// The primary's domain XML made fit for a restore on this host (pure; the
+// XML as libvirt writes it, attributes in single or double quotes):
+//   - <emulator> becomes emulator, when that is not empty;
+//   - the files of file-backed character devices (<serial>, <console>,
+//     <parallel>, <channel> of type 'file', and their <log file=>) move into
+//     run_dir: the first distinct path is serial.log (the guest console, as
+//     in the QMP-mode restore), the others chardev-N.log;
+//   - remus's <protect> metadata is removed: the restored guest is not
+//     protected, and a libvirt hook on this host must not protect it back to
+//     the host it came from.
+// InvalidArgument when the XML has no <domain> root element.
+StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std::string& run_dir,
+                                                 const std::string& emulator);
+
 struct LibvirtRestoreOptions {
   std::string uri = kDefaultLibvirtUri;
   // Where the FIFO is made (created 0700 if missing); it must be a path

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -19,7 +20,6 @@ namespace {
 
 constexpr size_t kBatchBytes = 4u << 20;          // PAGES payload target
 constexpr uint64_t kInitialQueueBound = 64u << 20;  // flow control during the initial copy
-constexpr int kPauseYieldMs = 50;                   // the longest the sender yields to a pause
 
 // Wall-clock seconds with microseconds, for debug lines that tests line up
 // with packet timestamps taken elsewhere on the host.
@@ -104,30 +104,133 @@ StatusOr<std::unique_ptr<PrimaryReplicator>> PrimaryReplicator::Start(PrimaryOpt
     return InvalidArgument("domain " + opts.domain + ": interval " + std::to_string(opts.interval_ms) +
                            " ms is out of range (1..600000)");
   std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
-  RETURN_IF_ERROR(p->Connect());
+  Status s = p->Connect();
+  p->ready_ = true;
+  RETURN_IF_ERROR(s);
   return p;
+}
+
+std::unique_ptr<PrimaryReplicator> PrimaryReplicator::StartAsync(PrimaryOptions opts, const Clock& clock) {
+  std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
+  PrimaryReplicator* r = p.get();
+  r->start_thread_ = std::thread([r] {
+    Status s = r->opts_.interval_ms < 1 || r->opts_.interval_ms > 600000
+                   ? InvalidArgument("domain " + r->opts_.domain + ": interval " +
+                                     std::to_string(r->opts_.interval_ms) + " ms is out of range (1..600000)")
+                   : r->Connect();
+    r->ready_ = true;
+    if (!s.ok()) {
+      // As a failed Start: undo what was set up; the guest runs on unprotected.
+      LOG_ERROR("primary[" + r->opts_.domain + "]") << "protection did not start: " << s.message();
+      r->Stop(r->cancel_start_ ? Cancelled(s.message()) : s, false);
+    }
+  });
+  return p;
+}
+
+void PrimaryReplicator::CancelStart() {
+  cancel_start_ = true;
+  if (start_thread_.joinable() && start_thread_.get_id() != std::this_thread::get_id()) start_thread_.join();
+}
+
+void PrimaryReplicator::OnQemuLost(const std::string& why) {
+  LOG_WARN("primary[" + opts_.domain + "]") << "QEMU is gone: " << why;
+  std::lock_guard<std::mutex> g(mu_);
+  qemu_dead_ = true;
+  cv_.notify_all();
+}
+
+Status PrimaryReplicator::ConnectQmp() {
+  const std::string& d = opts_.domain;
+  auto qmp = QmpClient::Connect(opts_.qmp_socket);
+  if (!qmp.ok())
+    return Status(qmp.status().code(), "domain " + d + ": cannot reach QEMU's monitor at " + opts_.qmp_socket +
+                                           ": " + qmp.status().message() + " (is QEMU running with -qmp?)");
+  qmp_ = qmp->get();
+  qemu_pid_ = qmp_->pid();
+  // QEMU's death must wake every wait in the epoch loop (the stall fault,
+  // backpressure), or the backup would never be told to take over.
+  qmp_->SetDisconnectHandler([this] { OnQemuLost("its QMP monitor closed"); });
+  monitor_ = std::move(qmp).value();
+  return OkStatus();
+}
+
+Status PrimaryReplicator::ConnectLibvirt() {
+  LibvirtMonitorOptions lo;
+  lo.uri = opts_.libvirt_uri;
+  lo.domain = opts_.domain;
+  lo.pid_dir = opts_.libvirt_pid_dir;
+  // Messages name the domain, the URI and the fix already.
+  ASSIGN_OR_RETURN(std::unique_ptr<LibvirtSession> lv, LibvirtSession::Connect(lo));
+  libvirt_ = lv.get();
+  qemu_pid_ = libvirt_->pid();
+  libvirt_->SetLossHandler([this](const MonitorLoss& l) {
+    OnQemuLost(l.kind == MonitorLoss::Kind::kDomainStopped ? "libvirt reports the domain stopped (" + l.reason + ")"
+                                                           : "libvirt connection lost (" + l.reason + ") and QEMU pid " +
+                                                                 std::to_string(l.qemu_pid) + " is gone");
+  });
+  monitor_ = std::move(lv);
+  return OkStatus();
+}
+
+Status PrimaryReplicator::ConnectMonitor() {
+  const std::string tag = "primary[" + opts_.domain + "]";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(opts_.connect_retry_ms);
+  for (int attempt = 1;; attempt++) {
+    Status s = opts_.libvirt_uri.empty() ? ConnectQmp() : ConnectLibvirt();
+    if (s.ok()) {
+      auto probe = ProbeColo(*monitor_);
+      if (probe.ok()) {
+        probe_ = std::move(probe).value();
+        return OkStatus();
+      }
+      s = probe.status().Annotate("domain " + opts_.domain + ": asking QEMU about COLO");
+    }
+    monitor_.reset();
+    qmp_ = nullptr;
+    libvirt_ = nullptr;
+    qemu_pid_ = -1;
+    // Not ready yet (libvirt still starting it, its job held by the hook): try again.
+    bool transient = s.code() == Code::kDeadlineExceeded || s.code() == Code::kFailedPrecondition ||
+                     s.code() == Code::kNotFound || s.code() == Code::kUnavailable;
+    if (!transient || std::chrono::steady_clock::now() >= deadline || cancel_start_) return s;
+    if (attempt == 1) LOG_INFO(tag) << "the domain is not ready (" << s.message() << "); retrying";
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    if (cancel_start_) return Cancelled("domain " + opts_.domain + ": protection cancelled while starting");
+  }
 }
 
 Status PrimaryReplicator::Connect() {
   const std::string& d = opts_.domain;
   std::string tag = "primary[" + d + "]";
-  auto qmp = QmpClient::Connect(opts_.qmp_socket);
-  if (!qmp.ok())
-    return Status(qmp.status().code(), "domain " + d + ": cannot reach QEMU's monitor at " + opts_.qmp_socket +
-                                           ": " + qmp.status().message() + " (is QEMU running with -qmp?)");
-  qmp_ = std::move(qmp).value();
-  ASSIGN_OR_RETURN(probe_, ProbeColo(*qmp_));
+  RETURN_IF_ERROR(ConnectMonitor());
   RETURN_IF_ERROR(CheckColoSupported(probe_, d));
   if (!IsColoVersionTested(probe_))
     LOG_WARN(tag) << "QEMU " << probe_.version << " is untested with remus; COLO entry is verified after the initial copy";
-  ASSIGN_OR_RETURN(json st, qmp_->Execute("query-migrate"));
+  ASSIGN_OR_RETURN(json st, monitor_->Execute("query-migrate"));
   std::string mstatus = st.value("status", "none");
   if (mstatus == "active" || mstatus == "colo" || mstatus == "setup")
     return AlreadyExists("domain " + d + ": QEMU already has a migration in progress (" + mstatus +
                          "); is it protected by another remusd?");
-  ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
+  if (libvirt_) {
+    ASSIGN_OR_RETURN(qemu_argv_, libvirt_->QemuArgv());
+    ASSIGN_OR_RETURN(domain_xml_, libvirt_->MigratableXml());
+  } else {
+    ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
+  }
   RETURN_IF_ERROR(ResolveNetbuf());
-  ASSIGN_OR_RETURN(std::vector<GuestDisk> disks, ListGuestDisks(qmp_.get(), d, opts_.disks));
+  std::vector<GuestDisk> disks;
+  if (libvirt_ && opts_.disks != "none") {
+    // libvirt attaches disks with -blockdev and the backup restores from
+    // the domain XML, whose <source file=> it would have to point at its
+    // own copy: not done yet. Domains without writable disks pass.
+    auto listed = ListGuestDisks(monitor_.get(), d, "all");
+    if (!listed.ok() || !listed->empty())
+      return FailedPrecondition("domain " + d + " (libvirt): remus does not mirror the disks of libvirt domains yet; "
+                                "protect it with --disks none when both hosts share its storage");
+  } else {
+    ASSIGN_OR_RETURN(disks, ListGuestDisks(monitor_.get(), d, opts_.disks));
+  }
   json disks_json = json::array();
   for (const auto& g : disks) disks_json.push_back(g.ToJson());
 
@@ -149,29 +252,29 @@ Status PrimaryReplicator::Connect() {
                  {"disks", disks_json},
                  {"heartbeat_interval_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count()},
                  {"heartbeat_timeout_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()}};
+  // The backup restores a libvirt domain through its own libvirt, from this XML.
+  if (libvirt_) config["libvirt"] = {{"xml", domain_xml_}, {"name", d}, {"uri", opts_.libvirt_uri}};
   RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
 
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
   if (!disks.empty())
     disks_ = std::make_unique<DiskSource>(
-        qmp_.get(), d, opts_.run_dir, std::move(disks),
+        monitor_.get(), d, opts_.run_dir, std::move(disks),
         [this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len, std::span<const uint8_t> data) {
           OnDiskWrite(i, op, off, len, data);
         });
-  qmp_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
-  // QEMU's death must wake every wait in the epoch loop (the stall fault,
-  // backpressure), or the backup would never be told to take over.
-  qmp_->SetDisconnectHandler([this] {
-    std::lock_guard<std::mutex> g(mu_);
-    qemu_dead_ = true;
-    cv_.notify_all();
-  });
+  monitor_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
 
-  source_ = std::make_unique<CheckpointSource>(
-      qmp_.get(), CheckpointSourceOptions{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000});
+  CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
+  // libvirt's QEMU may not open a path of ours (its own user, AppArmor):
+  // hand it a socketpair end instead.
+  if (libvirt_) so.pass_fd = [lv = libvirt_](const std::string& name, int theirs) { return lv->PassFd(name, theirs); };
+  source_ = std::make_unique<CheckpointSource>(monitor_.get(), std::move(so));
+  if (cancel_start_) return Cancelled("domain " + d + ": protection cancelled while starting");
   RETURN_IF_ERROR(source_->Start());
   state_ = PrimaryState::kSyncing;
-  LOG_INFO(tag) << "protecting: QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
+  LOG_INFO(tag) << "protecting" << (libvirt_ ? " libvirt domain (" + opts_.libvirt_uri + ")" : std::string())
+                << ": QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
                 << opts_.backup.ToString() << ", interval " << opts_.interval_ms << " ms, netbuf " << netbuf_opts_.mode;
 
   ack_thread_ = std::thread([this] { AckLoop(); });
@@ -182,10 +285,18 @@ Status PrimaryReplicator::Connect() {
 }
 
 PrimaryReplicator::~PrimaryReplicator() {
+  CancelStart();
   Stop(Cancelled("daemon shutting down"), false);
   if (link_) link_->Shutdown();  // the ack reader may still be draining the link
   for (auto* t : {&epoch_thread_, &sender_thread_, &ack_thread_, &hb_thread_})
     if (t->joinable()) t->join();
+  // After the threads above, which are the ones that can start it (Stop).
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    destroying_ = true;
+    cv_.notify_all();
+  }
+  if (giveup_thread_.joinable()) giveup_thread_.join();
 }
 
 void PrimaryReplicator::OnQemuEvent(const json& ev) {
@@ -196,19 +307,24 @@ void PrimaryReplicator::OnQemuEvent(const json& ev) {
   if (name == "STOP") {
     stop_ts_us_ = us;
   } else if (name == "RESUME") {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      ckpt_paused_ = false;
-      cv_.notify_all();
-    }
     int64_t s = stop_ts_us_.exchange(-1);
     if (s >= 0 && state_ == PrimaryState::kProtected) {
       pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
       pause_hist_.Observe(static_cast<double>(us - s) / 1e6);
     }
   } else if (name == "SHUTDOWN") {
-    LOG_INFO("primary[" + opts_.domain + "]") << "guest shut down; protection ends with it";
-    Stop(Cancelled("the guest shut down"), false);
+    const json& data = ev.contains("data") && ev["data"].is_object() ? ev["data"] : json::object();
+    std::string reason = data.value("reason", "");
+    if (data.value("guest", false)) {
+      LOG_INFO("primary[" + opts_.domain + "]") << "the guest shut down (" << reason << "); protection ends with it";
+      Stop(Cancelled("the guest shut down"), false);
+    } else {
+      // A signal (`virsh destroy`, a host shutdown) or a QMP quit: QEMU
+      // exits next, and its death is a failover like any other.
+      host_shutdown_ = true;
+      LOG_WARN("primary[" + opts_.domain + "]") << "QEMU is shutting down on the host's request (" << reason
+                                                << "), not the guest's; the backup takes over when it exits";
+    }
   }
 }
 
@@ -287,24 +403,12 @@ Status PrimaryReplicator::SendPages(uint64_t epoch, std::string* payload) {
   return link_->Send(MsgType::kPages, epoch, *payload, flags);
 }
 
-void PrimaryReplicator::WaitWhileCheckpointPaused() {
-  // While QEMU serializes a checkpoint (guest stopped) copying pages here
-  // would compete with it for the CPU and lengthen the pause; the copy waits
-  // for RESUME. Bounded, in case an event is lost: the copy must go on.
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait_for(l, std::chrono::milliseconds(kPauseYieldMs), [&] { return stopping_ || !ckpt_paused_; });
-}
-
 Status PrimaryReplicator::SendFrame(OutFrame& f) {
   if (f.pages) {
     // The copy out of QEMU's stream buffers happens here, after the guest
     // resumed; the buffers go back to the pool when f.pages is dropped.
     std::string batch;
-    for (;;) {
-      WaitWhileCheckpointPaused();
-      if (!f.pages->NextBatch(kBatchBytes, &batch)) break;
-      RETURN_IF_ERROR(SendPages(f.epoch, &batch));
-    }
+    while (f.pages->NextBatch(kBatchBytes, &batch)) RETURN_IF_ERROR(SendPages(f.epoch, &batch));
     f.pages.reset();
     return OkStatus();
   }
@@ -402,7 +506,7 @@ Status PrimaryReplicator::ResolveNetbuf() {
     return InvalidArgument("domain " + d + ": unknown --netbuf '" + nb.mode + "'; expected plug, nfqueue or none");
   if (nb.mode == "none") return OkStatus();
   if (nb.interfaces.empty()) {
-    ASSIGN_OR_RETURN(nb.interfaces, GuestTapDevices(*qmp_, qmp_->pid(), d));
+    ASSIGN_OR_RETURN(nb.interfaces, GuestTapDevices(*monitor_, qemu_pid_, d));
   }
   if (nb.interfaces.empty()) {
     LOG_INFO("primary[" + d + "]") << "the guest has no network devices: no output to hold";
@@ -487,10 +591,6 @@ Status PrimaryReplicator::RunInitialSync() {
 
 Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
   RETURN_IF_ERROR(source_->WaitForRequest());
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    ckpt_paused_ = true;  // until QEMU's RESUME: the sender leaves the CPU to QEMU
-  }
   RETURN_IF_ERROR(source_->BeginPause());  // QEMU stops the guest now
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN("primary[" + opts_.domain + "]") << "fault injection: stalling after REPLY of epoch " << epoch;
@@ -539,14 +639,14 @@ Status PrimaryReplicator::RunCheckpoint(uint64_t epoch) {
     PushCommitLocked(epoch, ci);
     last_staged_epoch_ = epoch;
     loaded_at_.push_back({epoch, clock_.Now()});
-    // The sender starts on this epoch's pages once QEMU reports RESUME (see
-    // SendFrame): on a busy host it would otherwise take the CPU QEMU needs
-    // to resume the guest.
   }
   Status resumed = source_->EndPause();  // the guest resumes: speculative execution
-  if (!resumed.ok()) {
+  {
+    // The sender starts on this epoch after LOADED: woken earlier, it would
+    // take the CPU QEMU needs to resume the guest. (Measured: making it also
+    // yield during QEMU's serialization starves the link at high dirty rates
+    // and the guest then waits on backpressure instead; docs/performance.md.)
     std::lock_guard<std::mutex> g(mu_);
-    ckpt_paused_ = false;
     cv_.notify_all();
   }
   RETURN_IF_ERROR(resumed);
@@ -565,17 +665,39 @@ void PrimaryReplicator::EpochLoop() {
   Status s = RunInitialSync();
   for (uint64_t epoch = 1; s.ok(); epoch++) s = RunCheckpoint(epoch);
   if (stopping_) return;
-  // Did QEMU die, or did the stream break under a live QEMU? The monitor
-  // closes with the process; give it a moment to notice.
-  for (int i = 0; i < 50 && !qemu_dead_; i++) {
-    if (qmp_->pid() > 0 && ::kill(qmp_->pid(), 0) < 0 && errno == ESRCH) qemu_dead_ = true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  if (qemu_dead_) {
+  if (QemuExited()) {
     Stop(Unavailable("QEMU exited: " + s.message()), true);
   } else {
     Stop(s.Annotate("checkpoint stream from QEMU"), false);
   }
+}
+
+bool PrimaryReplicator::QemuExited() {
+  // Did QEMU die, or did the stream break under a live QEMU? The monitor
+  // closes with the process; give it a moment to notice.
+  auto gone = [&] {
+    if (!qemu_dead_ && !ProcessRunning(qemu_pid_)) qemu_dead_ = true;
+    return qemu_dead_.load();
+  };
+  for (int i = 0; i < 50; i++) {
+    if (gone()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  // Still there. A QEMU told to quit (SIGTERM from `virsh destroy`: its
+  // SHUTDOWN event may come late through libvirt) closes the stream when
+  // its main loop has ended, and lives on a little for its cleanup; its
+  // monitor no longer answers then. One that answers, and not "shutdown",
+  // runs on: the stream broke under a live guest.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (gone()) return true;
+    if (!host_shutdown_) {
+      auto st = monitor_->Execute("query-status", json::object(), 1000);
+      if (st.ok() && st->value("status", "") != "shutdown") return false;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return gone();
 }
 
 void PrimaryReplicator::SetError(const std::string& e) {
@@ -609,6 +731,11 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
       if (!g.ok()) {
         LOG_ERROR(tag) << g.ToString();
         SetError(g.message());
+        // libvirtd is away: QEMU's COLO engine waits for x-colo-lost-heartbeat
+        // (a guest stopped mid-checkpoint stays stopped until then), so it is
+        // sent once libvirt is back.
+        if (libvirt_ && g.code() == Code::kUnavailable && !giveup_thread_.joinable())
+          giveup_thread_ = std::thread([this] { GiveUpWhenReconnected(); });
       }
     }
     // The guest runs on unprotected: release everything it sent.
@@ -623,7 +750,31 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
   if (source_) source_->Abort();
 }
 
+void PrimaryReplicator::GiveUpWhenReconnected() {
+  const std::string tag = "primary[" + opts_.domain + "]";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(30);
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait_for(l, std::chrono::milliseconds(500), [&] { return destroying_.load(); });
+      if (destroying_) return;
+    }
+    if (qemu_dead_ || std::chrono::steady_clock::now() > deadline) return;
+    if (!libvirt_->connected()) continue;
+    Status g = source_->GiveUp();
+    if (g.ok()) {
+      LOG_INFO(tag) << "libvirt is back: left COLO, the guest runs unprotected";
+      std::lock_guard<std::mutex> l(mu_);
+      error_ += " (COLO ended once libvirt was back)";
+      return;
+    }
+    LOG_ERROR(tag) << "leaving COLO after libvirt came back: " << g.ToString();
+    if (g.code() != Code::kUnavailable) return;
+  }
+}
+
 Status PrimaryReplicator::Unprotect() {
+  CancelStart();
   // Protection that already ended (the backup was lost, say) has nothing
   // left to undo: the guest runs unprotected, so unprotect succeeds and the
   // earlier error stays visible in the status.
@@ -638,6 +789,7 @@ Status PrimaryReplicator::SetInterval(int ms) {
   if (ms < 1 || ms > 600000)
     return InvalidArgument("domain " + opts_.domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
   if (stopping_) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  if (!ready_ || !source_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
   RETURN_IF_ERROR(source_->SetInterval(ms));
   interval_ms_ = ms;
   return OkStatus();
@@ -654,7 +806,10 @@ json PrimaryReplicator::StatusJson() const {
   double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
   if (state_ == PrimaryState::kSyncing || state_ == PrimaryState::kStarting) pct = std::min(pct, 99.0);
   else if (state_ == PrimaryState::kProtected) pct = 100.0;
-  if (disks_) {
+  // Connect's members are read only once it returned (StartAsync runs it
+  // on another thread).
+  const bool ready = ready_.load();
+  if (ready && disks_) {
     json dj = disks_->Progress();
     if (state_ == PrimaryState::kSyncing) pct = std::min(pct, std::min(99.0, 100.0 * disks_->Fraction()));
     j["disks"] = dj;
@@ -670,6 +825,17 @@ json PrimaryReplicator::StatusJson() const {
   }
   j["backup"] = opts_.backup.ToString();
   j["qmp_socket"] = opts_.qmp_socket;
+  if (!opts_.libvirt_uri.empty()) {
+    json lv = {{"uri", opts_.libvirt_uri}, {"domain", opts_.domain}};
+    lv["connected"] = ready && libvirt_ ? libvirt_->connected() : false;
+    lv["reconnects"] = ready && libvirt_ ? libvirt_->reconnects() : 0;
+    lv["error"] = ready && libvirt_ ? libvirt_->last_error() : std::string();
+    // libvirt sees every checkpoint's pause: `virsh domstate` says "paused
+    // (unknown)" for those few milliseconds. The state above is remus's.
+    lv["note"] = "virsh domstate shows 'paused (unknown)' during each checkpoint pause; do not virsh suspend/resume "
+                 "a protected domain";
+    j["libvirt"] = std::move(lv);
+  }
   j["interval_ms"] = interval_ms_.load();
   j["compress"] = opts_.compress ? "lz4" : "none";
   j["checkpoints_total"] = checkpoints_total_.load();
@@ -686,18 +852,21 @@ json PrimaryReplicator::StatusJson() const {
                      {"ack_seconds", HistogramToJson(ack_hist_.Snapshot())},
                      {"dirty_pages", HistogramToJson(dirty_hist_.Snapshot())}};
   OutputBuffer* nb = netbuf_.load();
-  j["netbuf"] = {{"mode", netbuf_opts_.mode},
-                 {"interfaces", netbuf_opts_.interfaces},
+  const NetbufOptions no_netbuf;
+  const NetbufOptions& nbo = ready ? netbuf_opts_ : no_netbuf;
+  j["netbuf"] = {{"mode", ready ? nbo.mode : opts_.netbuf.mode},
+                 {"interfaces", nbo.interfaces},
                  {"active", nb != nullptr},
-                 {"guarantee", nb ? std::string(nb->guarantee()) : (netbuf_opts_.mode == "none"
+                 {"guarantee", nb ? std::string(nb->guarantee()) : (nbo.mode == "none"
                                          ? std::string(NoOutputBuffer().guarantee())
                                          : "output is held from the end of the initial copy on")},
                  {"buffered_packets", nb ? nb->buffered_packets() : 0},
                  {"dropped_packets", nb ? nb->dropped_packets() : 0},
                  {"released_packets", nb ? nb->released_packets() : 0}};
-  j["qemu"] = {{"version", probe_.version}, {"accelerator", probe_.accelerator},
-               {"pid", qmp_ ? qmp_->pid() : -1}};
-  j["link"] = {{"bytes_sent", link_ ? link_->bytes_sent() : 0}};
+  j["qemu"] = {{"version", ready ? probe_.version : std::string()},
+               {"accelerator", ready ? probe_.accelerator : std::string()},
+               {"pid", ready ? qemu_pid_ : -1}};
+  j["link"] = {{"bytes_sent", ready && link_ ? link_->bytes_sent() : 0}};
   return j;
 }
 

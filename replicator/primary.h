@@ -12,6 +12,20 @@
 // When protection ends for any reason other than the death of QEMU itself,
 // the guest is left running unprotected (CheckpointSource::GiveUp).
 //
+// QEMU is reached through its QMP socket (opts.qmp_socket, QmpClient) or
+// through libvirt (opts.libvirt_uri, LibvirtSession; docs/libvirt-notes.md).
+// Under libvirt the COLO stream goes over a socketpair end passed to QEMU
+// (`getfd` + `migrate fd:`), the CONFIG carries the domain's migratable XML
+// for a restore through the backup's libvirt, and a lost connection to
+// libvirtd is not QEMU's death: the session reconnects and protection goes
+// on (commands and events are missed meanwhile).
+//
+// QEMU's death means failover: the backup is told to promote. A SHUTDOWN
+// event the guest asked for (data.guest true: poweroff inside the guest,
+// ACPI shutdown) ends protection instead, without failover; one from the
+// host (a signal: `virsh destroy`, a host shutdown; QMP quit) is followed by
+// QEMU's exit, which is a failover like any other death.
+//
 // Thread-safety: public methods are thread-safe.
 #pragma once
 
@@ -32,6 +46,7 @@
 #include "netbuf/netbuf.h"
 #include "replicator/checkpoint_source.h"
 #include "replicator/disk_source.h"
+#include "replicator/libvirt_session.h"
 #include "replicator/page_batch.h"
 #include "replicator/qmp.h"
 #include "replicator/wire.h"
@@ -40,7 +55,15 @@ namespace remus {
 
 struct PrimaryOptions {
   std::string domain;
+  // Exactly one of these: QEMU's QMP socket, or the libvirt URI whose domain
+  // `domain` is (libvirt mode).
   std::string qmp_socket;
+  std::string libvirt_uri;
+  std::string libvirt_pid_dir = kDefaultLibvirtPidDir;  // libvirt's <domain>.pid files
+  // Retry the monitor connection and QEMU probe this long (0: fail at once)
+  // when the domain is not ready yet: libvirt holds a domain's job while
+  // its hook scripts run, so a protect started by the hook waits for it.
+  int connect_retry_ms = 0;
   HostPort backup;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
@@ -73,10 +96,16 @@ class PrimaryReplicator {
   // back here for bad input: an unreachable monitor or backup, a key
   // mismatch, an unsupported QEMU.
   static StatusOr<std::unique_ptr<PrimaryReplicator>> Start(PrimaryOptions opts, const Clock& clock);
+  // As Start, but returns at once in state "starting" and connects on a
+  // thread of its own (retrying for opts.connect_retry_ms). A failure leaves
+  // it "unprotected" with the reason as its status's error. For callers that
+  // must not wait: libvirt's hook (which must return before libvirt lets
+  // anyone talk to the domain).
+  static std::unique_ptr<PrimaryReplicator> StartAsync(PrimaryOptions opts, const Clock& clock);
   ~PrimaryReplicator();
 
   // Ends protection on purpose: tells the backup not to promote, leaves the
-  // guest running. Idempotent.
+  // guest running. Idempotent. Cancels a start in progress (waits for it).
   Status Unprotect();
   Status SetInterval(int ms);
 
@@ -87,6 +116,17 @@ class PrimaryReplicator {
  private:
   PrimaryReplicator(PrimaryOptions opts, const Clock& clock);
   Status Connect();
+  // monitor_, qemu_pid_ and probe_, retried for opts_.connect_retry_ms.
+  Status ConnectMonitor();
+  Status ConnectQmp();
+  Status ConnectLibvirt();
+  void OnQemuLost(const std::string& why);
+  // After the stream from QEMU broke: true if QEMU is gone (or going).
+  bool QemuExited();
+  // Waits for the start thread (StartAsync), cancelling it first.
+  void CancelStart();
+  // Stop's GiveUp found libvirt unreachable: retries it once libvirt is back.
+  void GiveUpWhenReconnected();
   void EpochLoop();
   Status RunInitialSync();
   Status ResolveNetbuf();
@@ -116,7 +156,6 @@ class PrimaryReplicator {
   // Later disk writes belong to the next epoch. REQUIRES mu_.
   void PushCommitLocked(uint64_t epoch, wire::CommitInfo ci);
   Status SendPages(uint64_t epoch, std::string* payload);
-  void WaitWhileCheckpointPaused();
   // Ends protection because of `why`. If qemu_dead, the backup is told to
   // promote; otherwise the guest is left running unprotected.
   void Stop(const Status& why, bool qemu_dead);
@@ -124,7 +163,17 @@ class PrimaryReplicator {
 
   PrimaryOptions opts_;
   const Clock& clock_;
-  std::unique_ptr<QmpClient> qmp_;
+  // Set by Connect; read by other threads only once ready_ is true.
+  std::unique_ptr<QemuMonitor> monitor_;
+  QmpClient* qmp_ = nullptr;           // monitor_ in QMP mode
+  LibvirtSession* libvirt_ = nullptr;  // monitor_ in libvirt mode
+  int qemu_pid_ = -1;
+  std::string domain_xml_;             // libvirt mode: the migratable XML sent in CONFIG
+  std::atomic<bool> ready_{false};     // Connect returned (either way)
+  std::atomic<bool> cancel_start_{false};
+  std::thread start_thread_;           // StartAsync
+  std::thread giveup_thread_;          // GiveUpWhenReconnected, started by Stop at most once
+  std::atomic<bool> destroying_{false};
   std::unique_ptr<CheckpointSource> source_;
   std::unique_ptr<wire::Link> link_;
   // Made while the guest is paused at the end of the initial copy (output
@@ -140,6 +189,8 @@ class PrimaryReplicator {
   std::atomic<PrimaryState> state_{PrimaryState::kStarting};
   std::atomic<bool> stopping_{false};
   std::atomic<bool> qemu_dead_{false};
+  // QEMU reported a SHUTDOWN it was told to do (data.guest false): it exits next.
+  std::atomic<bool> host_shutdown_{false};
   std::atomic<int> interval_ms_;
 
   // Send queue and ack accounting.
@@ -149,7 +200,6 @@ class PrimaryReplicator {
   uint64_t queued_bytes_ = 0;              // guarded by mu_
   uint64_t last_staged_epoch_ = 0;         // guarded by mu_
   size_t last_epoch_pages_ = 0;            // epoch thread only
-  bool ckpt_paused_ = false;               // guarded by mu_: from REPLY to QEMU's RESUME
   std::unique_ptr<DiskSource> disks_;      // null without mirrored disks
   uint64_t disk_epoch_ = 0;                // guarded by mu_: the epoch disk writes belong to
   uint64_t disk_records_ = 0;              // guarded by mu_: kDisk frames of disk_epoch_

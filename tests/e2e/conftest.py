@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = Path(os.environ.get("REMUS_BUILD_DIR") or os.environ.get("REMUS_BUILD") or REPO / "build")
+BUILD = Path(os.environ.get("REMUS_BUILD_DIR") or os.environ.get("REMUS_BUILD") or REPO / "build").resolve()
 REMUSD = Path(os.environ.get("REMUSD", BUILD / "remusd" / "remusd"))
 REMUSCTL = Path(os.environ.get("REMUSCTL", BUILD / "tools" / "remusctl" / "remusctl"))
 QEMU = Path(os.environ.get("REMUS_QEMU", "/var/cache/remus/qemu-7.2-colo/bin/qemu-system-x86_64"))

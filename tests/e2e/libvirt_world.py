@@ -127,6 +127,9 @@ class LibvirtWorld:
         self.pid_dir = self.dir / "run" / "qemu"      # /run/libvirt/qemu inside
         self.qemu_log_dir = self.dir / "log" / "qemu"  # /var/log/libvirt/qemu inside
         self.daemon_log = self.dir / "libvirtd.log"
+        # /etc/libvirt/hooks as the daemon sees it.  libvirt looks for hook
+        # scripts when it starts: install them before start().
+        self.hook_dir = self.dir / "etc" / "hooks"
         self.stdout_log = self.dir / "libvirtd.stdout"
         self.proc = None
 
@@ -284,15 +287,19 @@ class LibvirtWorld:
     # --------------------------------------------------------------- domains
     @staticmethod
     def guest_xml(name, kernel, initrd, cmdline, serial, emulator=None, memory_mib=256, uuid=None,
-                  qemu_args=()):
+                  qemu_args=(), metadata="", disks=()):
         """A TCG domain for the test guest: direct kernel boot, serial to a
         file, no graphics, no network, no USB or balloon.  qemu_args are
-        passed to QEMU as is (<qemu:commandline>), e.g. a second -qmp socket."""
+        passed to QEMU as is (<qemu:commandline>), e.g. a second -qmp socket;
+        metadata is XML put inside <metadata>; disks are raw image paths
+        (virtio, vda, vdb, ...)."""
         ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if qemu_args else ""
         parts = [f"<domain type='qemu'{ns}>",
                  f"  <name>{escape(name)}</name>"]
         if uuid:
             parts.append(f"  <uuid>{escape(uuid)}</uuid>")
+        if metadata:
+            parts += ["  <metadata>", f"    {metadata}", "  </metadata>"]
         parts += [
             f"  <memory unit='MiB'>{memory_mib}</memory>",
             "  <vcpu>1</vcpu>",
@@ -308,6 +315,9 @@ class LibvirtWorld:
             "  <devices>",
             f"    <emulator>{escape(str(emulator or LIBVIRT_QEMU))}</emulator>",
             f"    <serial type='file'><source path='{escape(str(serial))}'/><target port='0'/></serial>",
+            *[f"    <disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+              f"<source file='{escape(str(d))}'/><target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>"
+              for i, d in enumerate(disks)],
             "    <controller type='usb' model='none'/>",
             "    <memballoon model='none'/>",
             "  </devices>"]
@@ -333,3 +343,55 @@ class LibvirtWorld:
         for log in sorted(self.qemu_log_dir.glob("*.log")):
             out += [f"--- world {self.name}: {log.name}", self.tail(log, 15)]
         return "\n".join(out)
+
+
+class LibvirtWorlds:
+    """The libvirt worlds of one test (one per simulated host) under one temp
+    dir, all stopped by stop()."""
+
+    def __init__(self, prefix="remus-lv-"):
+        import tempfile
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.worlds = []
+
+    def make(self, name):
+        """A world not started yet (e.g. to install hooks first)."""
+        w = LibvirtWorld(self.dir / name, name=name)
+        self.worlds.append(w)
+        return w
+
+    def start(self, name):
+        return self.make(name).start()
+
+    def stop(self):
+        for w in self.worlds:
+            w.stop()
+
+    def report(self):
+        return "\n".join(w.report() for w in self.worlds)
+
+
+def guest_files():
+    """The test guest for libvirt domains: (kernel, initrd, counter GPA, kernel
+    command line). The fast PVH vmlinux next to the configured kernel if there
+    is one (its counter must sit above the kernel image: 0x8000000), else the
+    bzImage."""
+    from conftest import INITRD, KERNEL
+    vmlinux = Path(KERNEL).parent / "vmlinux"
+    kernel, gpa = (vmlinux, 0x8000000) if vmlinux.is_file() else (KERNEL, 0x4000000)
+    cmdline = (f"console=ttyS0 quiet memmap=64K${gpa:#x} remus.counter={gpa:#x} "
+               "remus.dirty=10000 remus.wss=64 remus.check=1")
+    return kernel, INITRD, gpa, cmdline
+
+
+def skip_reason(probe):
+    """Why the libvirt tests cannot run here, or None."""
+    why = missing_requirements()
+    if why:
+        return why
+    if not Path(probe).is_file():
+        return f"{probe} is not built (cmake --build <build> --target libvirt_monitor_probe)"
+    kernel, initrd, _, _ = guest_files()
+    if not (Path(kernel).is_file() and Path(initrd).is_file()):
+        return f"the test guest is not built ({kernel}; run scripts/build-guest.sh)"
+    return None

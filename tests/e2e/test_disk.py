@@ -190,3 +190,35 @@ def test_primary_lost_before_disk_copy_completes_is_not_promoted(world, request)
     assert "disk copy" in bst["error"] and "never completed" in bst["error"], bst
     assert bst["qemu"]["pid"] == -1, f"a guest was started on an incomplete disk: {bst}"
     record(request, primary_at_kill=st["disks"][0], backup_error=bst["error"])
+
+
+def test_backup_disk_full_stops_acking_with_a_clear_error(world, request):
+    """The backup's filesystem fills up while the disk copy is journaled: the
+    backup must not ack a checkpoint whose writes are not durable, must say
+    why, and the primary's guest keeps running unprotected."""
+    state = world.dir / "B"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "remus-e2e-full", str(state)], check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(state)], check=False))
+    img = world.dir / "big.raw"
+    with open(img, "wb") as f:
+        for _ in range(512):  # 512 MiB the 300 MiB filesystem cannot journal
+            f.write(os.urandom(1 << 20))
+    guest = world.start_guest(wss_mib=16, dirty=1000, extra_args=[
+        "-drive", f"file={img},if=none,format=raw,id=drive0,cache=none", "-device", "virtio-blk-pci,drive=drive0"])
+    backup = world.start_backup(name="B")
+    primary = world.start_primary()
+    world.protect(primary, backup, guest, no_wait=True, extra=("--netbuf", "none"))
+    st = world.wait_status(primary, lambda s: s["state"] in ("unprotected", "protected"), 120,
+                           "protection to end on the full backup")
+    assert st["state"] == "unprotected", f"protected although the backup's disk is full: {st}"
+    assert "not durable" in st["error"] and "No space left" in st["error"] and "is full" in st["error"], st["error"]
+    bst = backup.status()
+    assert bst["last_committed_epoch"] >= st["last_acked_epoch"], (bst, st)
+    q = guest.qmp
+    assert q.status() == "running"
+    assert q.execute("query-block-jobs") == [], "the mirror job outlived protection"
+    c = guest.counter()
+    time.sleep(1)
+    assert guest.counter() > c, "the guest does not run"
+    record(request, primary_error=st["error"], last_acked=st["last_acked_epoch"])

@@ -23,39 +23,16 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD, INITRD, KERNEL, QEMU, record
-from libvirt_world import LibvirtWorld, missing_requirements
+from libvirt_world import LibvirtWorld, guest_files, skip_reason
 
 PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
 DOMAIN = "web1"
 BOOT_TIMEOUT = 120
 
 
-def _guest_files():
-    """The fast PVH vmlinux next to the configured kernel if there is one (its
-    counter must sit above the kernel image: 0x8000000), else the bzImage."""
-    vmlinux = Path(KERNEL).parent / "vmlinux"
-    if vmlinux.is_file():
-        return vmlinux, INITRD, 0x8000000
-    return KERNEL, INITRD, 0x4000000
-
-
-GUEST_KERNEL, GUEST_INITRD, COUNTER_GPA = _guest_files()
-CMDLINE = (f"console=ttyS0 quiet memmap=64K${COUNTER_GPA:#x} remus.counter={COUNTER_GPA:#x} "
-           "remus.dirty=10000 remus.wss=64 remus.check=1")
-
-
-def _skip_reason():
-    why = missing_requirements()
-    if why:
-        return why
-    if not PROBE.is_file():
-        return f"{PROBE} is not built (cmake --build <build> --target libvirt_monitor_probe)"
-    if not (Path(GUEST_KERNEL).is_file() and Path(GUEST_INITRD).is_file()):
-        return f"the test guest is not built ({GUEST_KERNEL}; run scripts/build-guest.sh)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+GUEST_KERNEL, GUEST_INITRD, COUNTER_GPA, CMDLINE = guest_files()
+_why = skip_reason(PROBE)
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 
 # ------------------------------------------------------------------ helpers

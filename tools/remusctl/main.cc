@@ -78,6 +78,9 @@ void PrintTable(const json& domains) {
     }
     if (!primary && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
+    else if (!primary && d.contains("libvirt") && d["state"] == "failed-over")
+      std::printf("  running here: libvirt domain %s (%s)\n", d["libvirt"].value("domain", "").c_str(),
+                  d["libvirt"].value("uri", "").c_str());
   }
 }
 
@@ -187,7 +190,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, backup, netbuf = "plug", compress = "none", disks = "all", out;
+  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out;
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
   uint32_t queue_len = 65536;
@@ -195,7 +198,10 @@ int main(int argc, char** argv) {
 
   auto* protect = app.add_subcommand("protect", "start replicating a running guest to a backup");
   protect->add_option("domain", domain, "domain name")->required();
-  protect->add_option("--qmp", qmp, "QEMU's QMP unix socket")->required();
+  auto* qmp_opt = protect->add_option("--qmp", qmp, "QEMU's QMP unix socket (without it: the libvirt domain of that name)");
+  protect->add_option("--connect", connect,
+                      "libvirt URI of the domain (default: remusd's --libvirt-uri, qemu:///system)")
+      ->excludes(qmp_opt);
   protect->add_option("--backup", backup, "backup remusd, HOST[:PORT] (port 7788 by default)")->required();
   protect->add_option("--interval", interval, "checkpoint interval in ms")->capture_default_str()->check(CLI::Range(1, 600000));
   protect->add_option("--netbuf", netbuf,
@@ -274,6 +280,7 @@ int main(int argc, char** argv) {
                 {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress},
                 {"disks", disks}};
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
+    if (!connect.empty()) req["libvirt_uri"] = connect;
     auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
     if (no_wait) {
@@ -318,7 +325,12 @@ int main(int argc, char** argv) {
     auto r = remus::ControlCall(sock, {{"command", "failover"}, {"domain", domain}});
     if (!r.ok()) return Fail(r.status());
     const json& d = (*r)[0];
-    std::printf("%s: running here (QMP %s) after %lld ms\n", domain.c_str(), d.value("qmp_socket", "").c_str(),
+    const std::string where = !d.value("qmp_socket", "").empty()
+                                  ? "QMP " + d.value("qmp_socket", "")
+                                  : d.contains("libvirt") ? "libvirt domain " + d["libvirt"].value("domain", "") + " at " +
+                                                                d["libvirt"].value("uri", "")
+                                                          : "no monitor reported";
+    std::printf("%s: running here (%s) after %lld ms\n", domain.c_str(), where.c_str(),
                 static_cast<long long>(d["promotion"].value("failover_ms", int64_t{-1})));
     return 0;
   }
