@@ -578,17 +578,7 @@ def main():
         env.cleanup()
     doc["machine"]["loadavg_end"] = loadavg()
     doc["elapsed_s"] = time.monotonic() - t_start
-    out = args.out
-    if not out:
-        os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(ROOT, "bench", "results", f"disk-{stamp}{'-quick' if q else ''}.json")
-    text = json.dumps(doc, indent=1)
-    with open(out, "w") as f:
-        f.write(text + "\n")
-    print(text)
-    print_summary(doc)
-    log(f"wrote {out} ({doc['elapsed_s']:.0f} s)")
+    rb.write_results(doc, args.out, "disk-", q, print_summary)
 
 
 if __name__ == "__main__":

@@ -900,16 +900,21 @@ def main():
         targets["apply_steady_ge_1GBps"] = doc["apply"]["target_met_steady"]
         targets["apply_all_ge_1GBps"] = doc["apply"]["target_met_all"]
     doc["targets"] = targets
-    out = args.out
+    write_results(doc, args.out, "", q, print_summary)
+
+
+def write_results(doc, out, prefix, quick, summary):
+    """The JSON to `out` (default bench/results/<prefix><timestamp>[-quick].json)
+    and stdout, then the readable summary to stderr."""
     if not out:
         os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = os.path.join(ROOT, "bench", "results", f"{stamp}{'-quick' if q else ''}.json")
+        out = os.path.join(ROOT, "bench", "results", f"{prefix}{stamp}{'-quick' if quick else ''}.json")
     text = json.dumps(doc, indent=1)
     with open(out, "w") as f:
         f.write(text + "\n")
     print(text)
-    print_summary(doc)
+    summary(doc)
     log(f"wrote {out} ({doc['elapsed_s']:.0f} s)")
 
 
