@@ -310,8 +310,15 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   }
   if (!goodbye && s.code() != Code::kAborted && s.code() != Code::kCancelled) {
     if (s.code() == Code::kDataLoss || s.code() == Code::kResourceExhausted || s.code() == Code::kInvalidArgument) {
-      // Tell the primary why we stop acking; it drops to unprotected.
-      (void)link->Send(MsgType::kError, 0, wire::EncodeError(s));
+      // Tell the primary why we stop acking; it drops to unprotected. Then
+      // read on until it closes (bounded): closing with its frames unread
+      // would reset the connection, and the ERROR could be lost with it.
+      if (link->Send(MsgType::kError, 0, wire::EncodeError(s)).ok()) {
+        link->ShutdownWrite();
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+        while (link->RecvUntil(deadline).ok()) {
+        }
+      }
     }
   }
   link->Shutdown();

@@ -349,6 +349,13 @@ void PrimaryReplicator::SenderLoop() {
     }
     Status s = SendFrame(f);
     if (!s.ok()) {
+      // The backup may have said why it closed (an ERROR the ack reader is
+      // about to read): its reason beats our broken pipe.
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait_for(l, std::chrono::milliseconds(500), [&] { return stopping_.load(); });
+      }
+      if (stopping_) return;
       Stop(Unavailable("lost the backup " + opts_.backup.ToString() + ": " + s.message()), false);
       return;
     }
