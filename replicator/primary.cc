@@ -377,7 +377,6 @@ void PrimaryReplicator::OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t off
   if (stopping_) return;  // protection ended: the write is the guest's alone
   disk_records_++;
   disk_bytes_ += payload.size();
-  disk_bytes_total_ += payload.size();
   PushLocked({MsgType::kDisk, disk_epoch_, std::move(payload)});
   cv_.notify_all();
 }

@@ -204,7 +204,6 @@ class PrimaryReplicator {
   uint64_t disk_epoch_ = 0;                // guarded by mu_: the epoch disk writes belong to
   uint64_t disk_records_ = 0;              // guarded by mu_: kDisk frames of disk_epoch_
   uint64_t disk_bytes_ = 0;                // guarded by mu_: their payload bytes
-  uint64_t disk_bytes_total_ = 0;          // guarded by mu_
   int64_t disk_synced_epoch_ = -1;         // guarded by mu_: DISK_SYNCED sent with this epoch
   int64_t last_acked_epoch_ = -1;          // guarded by mu_
   std::deque<std::pair<uint64_t, uint64_t>> unacked_;  // (epoch, bytes), guarded by mu_
