@@ -9,7 +9,9 @@ PKGS=(
   build-essential cmake ninja-build pkg-config
   # libraries
   libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
-  liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev
+  liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev libxml2-dev
+  # CRC-32C on frames and journal records (common/crc32c.h)
+  libisal-dev
   # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb
   prometheus-cpp-dev libcivetweb-dev
   # the hypervisor and tools the tests drive
