@@ -173,7 +173,7 @@ class BackupDomain {
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
   Status DoPromote();
   // DoPromote for a libvirt domain. REQUIRES mu_.
-  Status DoPromoteLibvirt(const std::string& run);
+  Status DoPromoteLibvirt(const std::string& run, const std::map<std::string, std::string>& disk_images);
   void AckLoop(wire::Link* link);
   void SessionHeartbeat(wire::Link* link);
 
@@ -219,6 +219,14 @@ class BackupDomain {
 
   // Per-session receive state (session thread only).
   Staging staging_;
+  // Receive buffers handed back by committed page batches (session thread).
+  // A checkpoint's frames are read into the previous ones' memory: no fresh
+  // 4 MiB allocation, page faults and zero-fill per frame. Bounded by
+  // kSpareBufferBytes; the rest is freed.
+  std::string TakeSpareBuffer();
+  void RecycleBuffer(std::string buf);
+  std::vector<std::string> spare_buffers_;
+  uint64_t spare_bytes_ = 0;
   std::string device_buf_;
   uint64_t staged_page_bytes_ = 0;
   uint64_t staged_pages_ = 0;
@@ -243,6 +251,10 @@ class BackupDomain {
   Histogram apply_hist_{Histogram::LatencySeconds()};  // seconds per commit
   std::atomic<uint64_t> checkpoints_total_{0};         // committed epochs after the initial copy
   std::atomic<uint64_t> failovers_total_{0};           // successful promotions
+  // What a running promotion is doing, for status (and remusctl failover's
+  // progress) while DoPromote holds mu_: a string literal, or nullptr.
+  std::atomic<const char*> promote_phase_{nullptr};
+  RestoreProgress restore_progress_;
   uint64_t bytes_received_done_ = 0;                   // by ended sessions; guarded by mu_
 
   PromotionGate gate_;
@@ -286,7 +298,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   std::thread beat([this, l] { SessionHeartbeat(l); });
   Status s;
   for (;;) {
-    auto f = link->Recv();
+    auto f = link->Recv(TakeSpareBuffer());
     if (!f.ok()) {
       s = f.status();
       break;
@@ -296,6 +308,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     hb_->SetBusy(true);
     s = HandleFrame(*f);
     hb_->SetBusy(false);
+    RecycleBuffer(std::move(f->payload));  // kept unless HandleFrame took it
     if (!s.ok()) break;
   }
   bool goodbye;
@@ -325,6 +338,8 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   acker.join();
   beat.join();
   staging_.Clear();  // a partial checkpoint is discarded
+  spare_buffers_.clear();  // an idle domain holds no receive buffers
+  spare_bytes_ = 0;
   device_buf_.clear();
   staged_page_bytes_ = 0;
   staged_pages_ = 0;
@@ -677,7 +692,9 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
     st.SetDeviceBlob(std::move(blob));
     std::lock_guard<std::mutex> g(mu_);
     if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
-    RETURN_IF_ERROR(committed_->Commit(epoch, std::move(st)));
+    Status c = committed_->Commit(epoch, std::move(st));
+    for (std::string& b : st.TakeBatches()) RecycleBuffer(std::move(b));
+    RETURN_IF_ERROR(c);
   }
   if (session_disks_) {
     if (session_disk_synced_ >= 0 && static_cast<uint64_t>(session_disk_synced_) <= epoch) {
@@ -710,6 +727,28 @@ Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
     if (!a.ok()) return Status(a.code(), "domain " + name_ + ": applying disk writes to the images: " + a.message());
   }
   return OkStatus();
+}
+
+namespace {
+// As much as the primary's read-buffer pool (CheckpointSource): a checkpoint
+// of up to ~64 batches is received without allocating.
+constexpr uint64_t kSpareBufferBytes = 256ull << 20;
+// Smaller buffers (control frames, a moved-from payload) are not worth keeping.
+constexpr size_t kMinSpareBuffer = 1 << 20;
+}  // namespace
+
+std::string BackupDomain::TakeSpareBuffer() {
+  if (spare_buffers_.empty()) return {};
+  std::string b = std::move(spare_buffers_.back());
+  spare_buffers_.pop_back();
+  spare_bytes_ -= b.capacity();
+  return b;
+}
+
+void BackupDomain::RecycleBuffer(std::string buf) {
+  if (buf.capacity() < kMinSpareBuffer || spare_bytes_ + buf.capacity() > kSpareBufferBytes) return;
+  spare_bytes_ += buf.capacity();
+  spare_buffers_.push_back(std::move(buf));
 }
 
 Status BackupDomain::DiskError(const Status& s, uint64_t epoch) const {
@@ -779,9 +818,13 @@ Status BackupDomain::Promote(const std::string& reason) {
     std::unique_lock<std::mutex> l(mu_);
     if (link_) link_->Shutdown();
     l.unlock();
+    restore_progress_.ram_done = 0;
+    restore_progress_.ram_total = 0;
+    promote_phase_ = "preparing";
     state_ = State::kPromoting;
     TimePoint t0 = clock_.Now();
     s = DoPromote();
+    promote_phase_ = nullptr;
     if (s.ok()) failover_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - t0));
   }
   gate_.Finish(s);
@@ -818,6 +861,7 @@ Status BackupDomain::DoPromote() {
       return FailedPrecondition("domain " + name_ + ": the disk copy to this backup never completed, so its disk "
                                 "does not match any checkpoint; not restoring");
     std::lock_guard<std::mutex> dg(disk_mu_);
+    promote_phase_ = "applying disk writes";
     RETURN_IF_ERROR(committed_disks_->ApplyAll().Annotate("domain " + name_ + ": bringing the disk images to checkpoint " +
                                                           std::to_string(committed_->committed_epoch())));
     for (size_t i = 0; i < committed_disks_->size(); i++)
@@ -825,11 +869,8 @@ Status BackupDomain::DoPromote() {
   }
   std::string run = dir_ + "/run";
   RETURN_IF_ERROR(MakeDirs(run, 0700));
-  if (config_.contains("libvirt")) {
-    if (committed_disks_)
-      return FailedPrecondition("domain " + name_ + ": a libvirt domain with mirrored disks cannot be restored yet");
-    return DoPromoteLibvirt(run);
-  }
+  // A libvirt domain's disks are named by their <target dev=>.
+  if (config_.contains("libvirt")) return DoPromoteLibvirt(run, drive_images);
   std::vector<std::string> argv;
   for (const auto& a : config_.value("argv", json::array())) argv.push_back(a.get<std::string>());
   for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
@@ -841,6 +882,7 @@ Status BackupDomain::DoPromote() {
   // an empty signal mask and default dispositions (remusd blocks SIGINT and
   // SIGTERM for its signal thread and ignores SIGPIPE), its own session, and
   // the log file as stdout and stderr.
+  promote_phase_ = "starting QEMU";
   std::vector<char*> cargv;
   for (auto& a : argv) cargv.push_back(a.data());
   cargv.push_back(nullptr);
@@ -894,8 +936,11 @@ Status BackupDomain::DoPromote() {
   }
   if (!fd.valid()) return qemu_failed("the restored QEMU did not open its incoming socket");
   RestoreStats rs;
+  rs.progress = &restore_progress_;
+  promote_phase_ = "streaming the checkpoint";
   RETURN_IF_ERROR(WriteRestoreStream(*committed_, committed_configuration_, fd.get(), &rs).Annotate("restore stream"));
   ::shutdown(fd.get(), SHUT_WR);
+  promote_phase_ = "waiting for the guest to run";
   for (int i = 0; i < 3000; i++) {
     auto st = qmp->Execute("query-status", json::object(), 2000);
     if (!st.ok()) return qemu_failed("the restored QEMU failed while loading: " + st.status().message());
@@ -910,9 +955,13 @@ Status BackupDomain::DoPromote() {
   return qemu_failed("the restored guest did not start running");
 }
 
-Status BackupDomain::DoPromoteLibvirt(const std::string& run) {
+Status BackupDomain::DoPromoteLibvirt(const std::string& run, const std::map<std::string, std::string>& disk_images) {
   const json& lv = config_["libvirt"];
-  ASSIGN_OR_RETURN(std::string xml, RewriteDomainXmlForRestore(lv.value("xml", ""), run, opts_.qemu_binary));
+  auto rewritten = RewriteDomainXmlForRestore(lv.value("xml", ""), run, opts_.qemu_binary, disk_images);
+  if (!rewritten.ok())
+    return Status(rewritten.status().code(), "domain " + name_ + ": cannot make its libvirt XML fit this host: " +
+                                                 rewritten.status().message());
+  std::string xml = std::move(rewritten).value();
   Status w = WriteFileAtomic(run + "/domain.xml", xml);  // for the operator: what was restored
   if (!w.ok()) LOG_WARN(tag_) << "cannot keep the restored XML: " << w.ToString();
   LOG_INFO(tag_) << "restoring epoch " << committed_->committed_epoch() << " through libvirt at "
@@ -922,8 +971,13 @@ Status BackupDomain::DoPromoteLibvirt(const std::string& run) {
   ro.work_dir = run;
   ro.pid_dir = opts_.libvirt_pid_dir;
   RestoreStats rs;
+  rs.progress = &restore_progress_;
+  promote_phase_ = "libvirt starting QEMU";
   auto res = RestoreDomain(ro, xml, [&](int fd) {
-    return WriteRestoreStream(*committed_, committed_configuration_, fd, &rs).Annotate("restore stream");
+    promote_phase_ = "streaming the checkpoint";
+    Status st = WriteRestoreStream(*committed_, committed_configuration_, fd, &rs).Annotate("restore stream");
+    promote_phase_ = "libvirt resuming the guest";
+    return st;
   });
   if (!res.ok()) return res.status();
   qemu_pid_ = res->qemu_pid;
@@ -953,6 +1007,18 @@ json BackupDomain::StatusJson() const {
   j["apply_ms"] = {{"p50", apply_ms_.Quantile(0.5)}, {"p99", apply_ms_.Quantile(0.99)}};
   j["promotion"] = {{"state", PromotionStateName(gate_.state())}, {"reason", gate_.reason()},
                     {"error", gate_.error()}, {"failover_ms", failover_ms_.load()}};
+  if (st == State::kPromoting) {
+    // The promotion holds mu_ until the guest runs: report its progress from
+    // the atomics and leave the rest out rather than wait.
+    const char* phase = promote_phase_.load();
+    uint64_t streamed = restore_progress_.ram_done.load(), all = restore_progress_.ram_total.load();
+    j["promotion"]["phase"] = phase ? phase : "preparing";
+    j["promotion"]["restore"] = {
+        {"done_bytes", streamed},
+        {"total_bytes", all},
+        {"percent", all ? 100.0 * static_cast<double>(streamed) / static_cast<double>(all) : 0.0}};
+    return j;
+  }
   j["ack_delay_ms"] = opts_.ack_delay_ms;
   j["checkpoints_total"] = checkpoints_total_.load();
   j["failovers_total"] = failovers_total_.load();

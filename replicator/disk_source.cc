@@ -7,6 +7,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/io.h"
 #include "common/log.h"
 
 namespace remus {
@@ -30,33 +31,62 @@ StatusOr<GuestDisk> GuestDisk::FromJson(const json& j) {
   return d;
 }
 
+std::string QdevAlias(const std::string& qdev) {
+  static const std::string kPeripheral = "/machine/peripheral/";
+  if (qdev.rfind(kPeripheral, 0) == 0) {
+    std::string rest = qdev.substr(kPeripheral.size());
+    return rest.substr(0, rest.find('/'));
+  }
+  if (qdev.empty() || qdev[0] == '/') return "";  // a device without an id
+  return qdev;
+}
+
 StatusOr<std::vector<GuestDisk>> ListGuestDisks(QemuMonitor* monitor, const std::string& domain,
-                                                const std::string& select) {
+                                                const std::string& select,
+                                                const std::map<std::string, std::string>* libvirt_targets) {
   std::vector<GuestDisk> out;
   if (select == "none") return out;
   ASSIGN_OR_RETURN(json blocks, monitor->Execute("query-block"));
+  const bool libvirt = libvirt_targets != nullptr;
   std::vector<std::string> present;
-  std::vector<std::string> blockdev_only;
+  std::vector<std::string> unnamed;  // disks remus cannot name (or restore)
   for (const auto& b : blocks) {
     if (!b.contains("inserted")) continue;  // an empty CD-ROM drive
     const json& ins = b["inserted"];
     if (ins.value("ro", false)) continue;
     GuestDisk d;
     d.id = b.value("device", "");
+    d.device = d.id;
     d.node = ins.value("node-name", "");
     d.file = ins.value("file", "");
     d.format = ins.value("drv", "");
     if (ins.contains("image")) d.size = ins["image"].value("virtual-size", uint64_t{0});
-    if (d.id.empty()) {
-      blockdev_only.push_back(b.value("qdev", d.node));
+    const std::string qdev = b.value("qdev", "");
+    if (libvirt) {
+      // libvirt attaches <disk>s with -blockdev: named by their target.
+      auto it = d.id.empty() ? libvirt_targets->find(QdevAlias(qdev)) : libvirt_targets->end();
+      if (it == libvirt_targets->end() || d.node.empty()) {
+        unnamed.push_back(!d.id.empty() ? d.id : !qdev.empty() ? qdev : d.node);
+        continue;
+      }
+      d.id = it->second;
+      d.device = d.node;
+    } else if (d.id.empty()) {
+      unnamed.push_back(!qdev.empty() ? qdev : d.node);
       continue;
     }
     present.push_back(d.id);
     out.push_back(std::move(d));
   }
-  if (!blockdev_only.empty() && select == "all") {
+  if (!unnamed.empty() && select == "all") {
     std::string names;
-    for (const auto& n : blockdev_only) names += (names.empty() ? "" : ", ") + n;
+    for (const auto& n : unnamed) names += (names.empty() ? "" : ", ") + n;
+    if (libvirt)
+      return FailedPrecondition("domain " + domain + " (libvirt): writable disk(s) " + names +
+                                " are no <disk> of the domain XML (added with <qemu:commandline>?); the backup "
+                                "restores from the XML and could not point them at its copy. Make them <disk> "
+                                "elements, or name the disks to mirror with --disks (virsh domblklist), or use "
+                                "--disks none with storage both hosts share");
     return FailedPrecondition("domain " + domain + ": disk(s) " + names +
                               " are attached with -blockdev; remus mirrors disks attached with -drive "
                               "(the backup rewrites -drive file= on failover). Use -drive, or "
@@ -73,8 +103,9 @@ StatusOr<std::vector<GuestDisk>> ListGuestDisks(QemuMonitor* monitor, const std:
   if (!want.empty()) {
     std::string have;
     for (const auto& p : present) have += (have.empty() ? "" : ", ") + p;
-    return InvalidArgument("domain " + domain + ": no writable disk '" + *want.begin() +
-                           "'; the guest's writable -drive disks are: " + (have.empty() ? "(none)" : have));
+    return InvalidArgument("domain " + domain + ": no writable disk '" + *want.begin() + "'; the guest's writable " +
+                           (libvirt ? "disks (virsh domblklist) are: " : "-drive disks are: ") +
+                           (have.empty() ? "(none)" : have));
   }
   return chosen;
 }
@@ -108,13 +139,14 @@ class DiskSource::Sink final : public DiskSink {
 };
 
 DiskSource::DiskSource(QemuMonitor* monitor, std::string domain, std::string run_dir, std::vector<GuestDisk> disks,
-                       WriteFn write)
+                       WriteFn write, PassFdFn pass_fd)
     : monitor_(monitor),
       domain_(std::move(domain)),
       run_dir_(std::move(run_dir)),
       tag_("disk[" + domain_ + "]"),
       disks_(std::move(disks)),
       write_(std::move(write)),
+      pass_fd_(std::move(pass_fd)),
       added_(disks_.size(), false),
       mirroring_(disks_.size(), false),
       ready_(disks_.size(), false) {}
@@ -140,17 +172,30 @@ Status DiskSource::Start() {
     ::unlink(so.unix_path.c_str());
     ASSIGN_OR_RETURN(auto server, NbdServer::Start(exp, sinks_.back().get(), so));
     servers_.push_back(std::move(server));
-    RETURN_IF_ERROR(monitor_
-                        ->Execute("blockdev-add", {{"driver", "nbd"},
-                                                   {"node-name", NodeName(i)},
-                                                   {"server", {{"type", "unix"}, {"path", so.unix_path}}},
-                                                   {"export", d.id}})
-                        .status()
-                        .Annotate("domain " + domain_ + ": adding the mirror target for disk " + d.id));
+    json address = {{"type", "unix"}, {"path", so.unix_path}};
+    if (pass_fd_) {
+      // QEMU connects through a socket we connected for it: libvirt's QEMU
+      // may not be allowed to open our path (its own user, AppArmor).
+      const std::string fdname = NodeName(i);
+      ASSIGN_OR_RETURN(Fd conn, ConnectUnix(so.unix_path));
+      RETURN_IF_ERROR(pass_fd_(fdname, conn.get())
+                          .Annotate("domain " + domain_ + ": handing QEMU the mirror connection of disk " + d.id));
+      address = {{"type", "fd"}, {"str", fdname}};
+    }
+    Status added = monitor_
+                       ->Execute("blockdev-add", {{"driver", "nbd"},
+                                                  {"node-name", NodeName(i)},
+                                                  {"server", address},
+                                                  {"export", d.id}})
+                       .status();
+    if (!added.ok()) {
+      if (pass_fd_) (void)monitor_->Execute("closefd", {{"fdname", NodeName(i)}});
+      return added.Annotate("domain " + domain_ + ": adding the mirror target for disk " + d.id);
+    }
     added_[i] = true;
     RETURN_IF_ERROR(monitor_
                         ->Execute("blockdev-mirror", {{"job-id", JobId(i)},
-                                                      {"device", d.id},
+                                                      {"device", d.device.empty() ? d.id : d.device},
                                                       {"target", NodeName(i)},
                                                       {"sync", "full"},
                                                       {"copy-mode", "write-blocking"},

@@ -29,6 +29,7 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -46,31 +47,56 @@
 namespace remus {
 
 struct GuestDisk {
-  std::string id;      // the -drive id (query-block "device"), e.g. "drive0"
+  // The -drive id (query-block "device"), e.g. "drive0"; for a libvirt
+  // domain the disk's <target dev=> ("vda", as `virsh domblklist` shows).
+  std::string id;
   std::string node;    // the top node's name
   std::string format;  // "raw", "qcow2", ...
   std::string file;    // the image on the primary
   uint64_t size = 0;   // virtual size, bytes
+  // What blockdev-mirror mirrors from: the -drive id, or the top node of a
+  // -blockdev disk. Not sent to the backup.
+  std::string device;
   nlohmann::json ToJson() const;
   static StatusOr<GuestDisk> FromJson(const nlohmann::json& j);
 };
 
 // The guest's writable disks with a medium, from query-block. `select` is
-// "all", "none", or a comma-separated list of drive ids (unknown ids are
-// InvalidArgument naming the ones there are). Disks attached with -blockdev
-// (no drive id) are FailedPrecondition: the backup restores from the argv,
-// which it can only rewrite for -drive.
+// "all", "none", or a comma-separated list of disk ids (unknown ids are
+// InvalidArgument naming the ones there are).
+//
+// QMP mode (libvirt_targets null): disks attached with -blockdev (no drive
+// id) are FailedPrecondition: the backup restores from the argv, which it can
+// only rewrite for -drive.
+// libvirt mode: libvirt_targets maps the device alias of each <disk> of the
+// domain XML to its <target dev=> (LibvirtDiskTargets); a -blockdev disk is
+// named by the target of the device it is attached to (query-block "qdev":
+// the alias, or /machine/peripheral/<alias>/...). A writable disk that is no
+// <disk> of the XML (a -drive from <qemu:commandline>) is FailedPrecondition:
+// the backup restores from the XML and could not point it at its copy.
 StatusOr<std::vector<GuestDisk>> ListGuestDisks(QemuMonitor* monitor, const std::string& domain,
-                                                const std::string& select);
+                                                const std::string& select,
+                                                const std::map<std::string, std::string>* libvirt_targets = nullptr);
+
+// The device alias in query-block's "qdev" ("virtio-disk0" for
+// "/machine/peripheral/virtio-disk0/virtio-backend" or "virtio-disk0"), or
+// "" when it names no device given an id.
+std::string QdevAlias(const std::string& qdev);
 
 class DiskSource {
  public:
   using WriteFn = std::function<void(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length,
                                      std::span<const uint8_t> data)>;
 
-  // run_dir holds the NBD sockets. monitor outlives this.
+  // Hands QEMU a connected socket under the given name (getfd; the caller
+  // keeps its fd), as CheckpointSourceOptions::pass_fd.
+  using PassFdFn = std::function<Status(const std::string& fdname, int fd)>;
+
+  // run_dir holds the NBD sockets. monitor outlives this. With pass_fd (a
+  // libvirt domain, whose QEMU may not open paths of ours), QEMU gets a
+  // socket already connected to each NBD server instead of its path.
   DiskSource(QemuMonitor* monitor, std::string domain, std::string run_dir, std::vector<GuestDisk> disks,
-             WriteFn write);
+             WriteFn write, PassFdFn pass_fd = nullptr);
   ~DiskSource();
   DiskSource(const DiskSource&) = delete;
   DiskSource& operator=(const DiskSource&) = delete;
@@ -101,6 +127,7 @@ class DiskSource {
   const std::string domain_, run_dir_, tag_;
   const std::vector<GuestDisk> disks_;
   WriteFn write_;
+  PassFdFn pass_fd_;
   std::vector<std::unique_ptr<Sink>> sinks_;
   std::vector<std::unique_ptr<NbdServer>> servers_;
   std::vector<bool> added_, mirroring_;  // replicator thread only

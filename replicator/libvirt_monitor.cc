@@ -566,6 +566,14 @@ StatusOr<std::string> LibvirtMonitor::MigratableXml() const {
   return s;
 }
 
+StatusOr<std::string> LibvirtMonitor::LiveXml() const {
+  char* xml = virDomainGetXMLDesc(static_cast<virDomainPtr>(dom_), 0);
+  if (!xml) return Unavailable("cannot read the live XML of " + Where() + ": " + LastError().message);
+  std::string s(xml);
+  free(xml);
+  return s;
+}
+
 StatusOr<std::vector<std::string>> LibvirtMonitor::QemuArgv() const {
   if (pid_ <= 0) return FailedPrecondition(Where() + ": QEMU's pid unknown");
   ASSIGN_OR_RETURN(std::string raw, ReadFileToString("/proc/" + std::to_string(pid_) + "/cmdline"));

@@ -142,6 +142,9 @@ class LibvirtMonitor final : public QemuMonitor {
   // The domain's XML as a restore on another host needs it
   // (VIR_DOMAIN_XML_MIGRATABLE | VIR_DOMAIN_XML_SECURE).
   StatusOr<std::string> MigratableXml() const;
+  // The running domain's live XML (flags 0): what libvirt made of it, e.g.
+  // each <interface>'s tap as <target dev='vnet0'/> (libvirt_interfaces.h).
+  StatusOr<std::string> LiveXml() const;
   // QEMU's command line from /proc/<pid>/cmdline, argv[0] first.
   StatusOr<std::vector<std::string>> QemuArgv() const;
 

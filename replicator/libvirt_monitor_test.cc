@@ -255,17 +255,18 @@ TEST(LibvirtDomainXml, RewriteForRestore) {
   auto r = RewriteDomainXmlForRestore(xml, "/state/domains/web1/run", "/opt/qemu");
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   // The console and serial 0 share the one file, as on the primary.
-  EXPECT_THAT(*r, HasSubstr("<serial type='file'>\n      <source path='/state/domains/web1/run/serial.log'/>"));
-  EXPECT_THAT(*r, HasSubstr("<console type='file'>\n      <source path='/state/domains/web1/run/serial.log'/>"));
-  EXPECT_THAT(*r, HasSubstr("<log file='/state/domains/web1/run/chardev-1.log' append='on'/>"));
+  // (The edited XML is libxml2's text of it: attributes in double quotes.)
+  EXPECT_THAT(*r, HasSubstr("<serial type=\"file\">\n      <source path=\"/state/domains/web1/run/serial.log\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<console type=\"file\">\n      <source path=\"/state/domains/web1/run/serial.log\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<log file=\"/state/domains/web1/run/chardev-1.log\" append=\"on\"/>"));
   EXPECT_THAT(*r, HasSubstr("<source path=\"/state/domains/web1/run/chardev-2.log\"/>"));
   EXPECT_THAT(*r, Not(HasSubstr("/var/log/web1")));
   // Only file-backed devices move; disks are left alone.
-  EXPECT_THAT(*r, HasSubstr("<source path='/dev/pts/3'/>"));
-  EXPECT_THAT(*r, HasSubstr("<source file='/var/lib/img/web1.qcow2'/>"));
+  EXPECT_THAT(*r, HasSubstr("<source path=\"/dev/pts/3\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<source file=\"/var/lib/img/web1.qcow2\"/>"));
   // remus's own metadata goes, other applications' stays.
   EXPECT_THAT(*r, Not(HasSubstr("remus.dev")));
-  EXPECT_THAT(*r, HasSubstr("<metadata>\n    <app:x xmlns:app='https://example.org/app'/>\n  </metadata>"));
+  EXPECT_THAT(*r, HasSubstr("<metadata>\n    <app:x xmlns:app=\"https://example.org/app\"/>\n  </metadata>"));
   EXPECT_THAT(*r, HasSubstr("<emulator>/opt/qemu</emulator>"));
   // No emulator given: the primary's stays.
   auto keep = RewriteDomainXmlForRestore(xml, "/r", "");
@@ -274,7 +275,7 @@ TEST(LibvirtDomainXml, RewriteForRestore) {
   // A path needing escapes is escaped.
   auto esc = RewriteDomainXmlForRestore(xml, "/r&d", "");
   ASSERT_TRUE(esc.ok());
-  EXPECT_THAT(*esc, HasSubstr("<source path='/r&amp;d/serial.log'/>"));
+  EXPECT_THAT(*esc, HasSubstr("<source path=\"/r&amp;d/serial.log\"/>"));
   EXPECT_EQ(RewriteDomainXmlForRestore("<vm/>", "/r", "").status().code(), Code::kInvalidArgument);
 }
 
@@ -284,7 +285,259 @@ TEST(LibvirtDomainXml, RewriteRemovesLongFormMetadata) {
       "</r:protect></metadata></domain>";
   auto r = RewriteDomainXmlForRestore(xml, "/r", "");
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ(*r, "<domain><name>a</name><metadata></metadata></domain>");
+  EXPECT_EQ(*r, "<domain><name>a</name><metadata/></domain>");
+}
+
+// Disks as libvirt 9.0 writes them in the XML of a running domain.
+const std::string kDiskXml =
+    "<domain type='qemu' id='3'>\n  <name>web1</name>\n  <devices>\n"
+    "    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n"
+    "    <disk type='file' device='disk'>\n"
+    "      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>\n"
+    "      <source file='/var/lib/img/web1.qcow2' index='2'/>\n"
+    "      <backingStore type='file' index='3'>\n"
+    "        <format type='qcow2'/>\n"
+    "        <source file='/var/lib/img/base.qcow2'/>\n"
+    "        <backingStore type='file' index='4'>\n"
+    "          <format type='raw'/>\n"
+    "          <source file='/var/lib/img/base0.raw'/>\n"
+    "          <backingStore/>\n"
+    "        </backingStore>\n"
+    "      </backingStore>\n"
+    "      <target dev='vda' bus='virtio'/>\n"
+    "      <alias name='virtio-disk0'/>\n"
+    "      <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>\n"
+    "    </disk>\n"
+    "    <disk type=\"block\" device=\"disk\">\n"
+    "      <source dev=\"/dev/vg0/data\" index=\"1\"/>\n"
+    "      <backingStore/>\n"
+    "      <target dev=\"vdb\" bus=\"virtio\"/>\n"
+    "      <serial>DATA-1</serial>\n"
+    "      <alias name=\"virtio-disk1\"/>\n"
+    "    </disk>\n"
+    "    <disk type='file' device='cdrom'>\n"
+    "      <driver name='qemu' type='raw'/>\n"
+    "      <source file='/iso/install.iso' index='5'/>\n"
+    "      <target dev='sda' bus='sata'/>\n"
+    "      <readonly/>\n"
+    "      <alias name='sata0-0-0'/>\n"
+    "    </disk>\n"
+    "    <serial type='pty'><source path='/dev/pts/3'/><target port='0'/></serial>\n"
+    "  </devices>\n</domain>\n";
+
+TEST(LibvirtDomainXml, DiskTargetsByAlias) {
+  auto t = LibvirtDiskTargets(kDiskXml);
+  EXPECT_EQ(t, (std::map<std::string, std::string>{
+                   {"virtio-disk0", "vda"}, {"virtio-disk1", "vdb"}, {"sata0-0-0", "sda"}}));
+  // Without aliases (an inactive definition) there is nothing to map.
+  EXPECT_TRUE(LibvirtDiskTargets("<domain><devices><disk type='file'><target dev='vda'/></disk></devices></domain>")
+                  .empty());
+}
+
+TEST(LibvirtDomainXml, RewriteMirroredDisksOntoTheBackupsImages) {
+  auto r = RewriteDomainXmlForRestore(kDiskXml, "/state/domains/web1/run", "",
+                                      {{"vda", "/state/domains/web1/disks/vda.img"},
+                                       {"vdb", "/state/domains/web1/disks/vdb.img"}});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  // vda: raw, on the copy, its backing chain gone, cache and discard kept.
+  EXPECT_THAT(*r, HasSubstr("    <disk type=\"file\" device=\"disk\">\n"
+                            "      <driver name=\"qemu\" type=\"raw\" cache=\"none\" discard=\"unmap\"/>\n"
+                            "      <source file=\"/state/domains/web1/disks/vda.img\"/>\n"
+                            "      <target dev=\"vda\" bus=\"virtio\"/>\n"
+                            "      <alias name=\"virtio-disk0\"/>\n"));
+  EXPECT_THAT(*r, Not(HasSubstr("/var/lib/img")));
+  EXPECT_THAT(*r, Not(HasSubstr("<backingStore")));
+  EXPECT_THAT(*r, Not(HasSubstr("qcow2")));
+  // vdb: a block device on the primary becomes a file disk, with a driver.
+  EXPECT_THAT(*r, HasSubstr("    <disk type=\"file\" device=\"disk\"><driver name=\"qemu\" type=\"raw\"/>\n"
+                            "      <source file=\"/state/domains/web1/disks/vdb.img\"/>\n"
+                            "      <target dev=\"vdb\" bus=\"virtio\"/>\n"
+                            "      <serial>DATA-1</serial>\n"));
+  EXPECT_THAT(*r, Not(HasSubstr("/dev/vg0/data")));
+  // Disks not mirrored, and the other devices, stay as they were.
+  EXPECT_THAT(*r, HasSubstr("<source file=\"/iso/install.iso\" index=\"5\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<source path=\"/dev/pts/3\"/>"));
+  // No images: the XML's disks are left alone.
+  auto plain = RewriteDomainXmlForRestore(kDiskXml, "/r", "");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(*plain, kDiskXml);
+  // An image with an XML-special path is escaped.
+  auto esc = RewriteDomainXmlForRestore(kDiskXml, "/r", "", {{"vda", "/s&t/vda.img"}});
+  ASSERT_TRUE(esc.ok());
+  EXPECT_THAT(*esc, HasSubstr("<source file=\"/s&amp;t/vda.img\"/>"));
+}
+
+TEST(LibvirtDomainXml, RewriteRefusesAnImageForNoDisk) {
+  auto r = RewriteDomainXmlForRestore(kDiskXml, "/r", "", {{"vdz", "/s/vdz.img"}});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_THAT(r.status().message(), HasSubstr("vdz"));
+}
+
+TEST(LibvirtDomainXml, RewriteAddsADriverAndSourceWhenMissing) {
+  const std::string xml =
+      "<domain><name>a</name><devices><disk type='network' device='disk'>"
+      "<target dev='vda' bus='virtio'/></disk></devices></domain>";
+  auto r = RewriteDomainXmlForRestore(xml, "/r", "", {{"vda", "/s/vda.img"}});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r,
+            "<domain><name>a</name><devices><disk type=\"file\" device=\"disk\"><driver name=\"qemu\" type=\"raw\"/>"
+            "<source file=\"/s/vda.img\"/><target dev=\"vda\" bus=\"virtio\"/></disk></devices></domain>");
+}
+
+// Text the old hand-written scanner misread, and text that is not XML: the
+// XML can come from the peer (CONFIG), so a bad one must be a clear error.
+TEST(LibvirtDomainXml, MalformedXmlIsAClearError) {
+  for (const std::string bad : {std::string(""), std::string("not xml"), std::string("<domain><name>a</name>"),
+                                std::string("<domain><name>a</domain>"), std::string("<domain type='qemu></domain>"),
+                                std::string("<domain><name>a</name></domain><domain/>"),
+                                std::string("<domain><name>a\xff\xfe</name></domain>"),
+                                std::string("<domain><name>&undefined;</name></domain>"),
+                                std::string("<domain><name>a</name><devices><disk type='file'><target dev='vda'/>"
+                                            "<alias name='d0'/></devices></domain>")}) {
+    SCOPED_TRACE(bad);
+    for (const Status& s : {DomainXmlName(bad).status(), DomainXmlUuid(bad).status(),
+                            SetDomainXmlEmulator(bad, "/q").status(),
+                            RewriteDomainXmlForRestore(bad, "/r", "/q").status(),
+                            RewriteDomainXmlForRestore(bad, "/r", "", {{"vda", "/s/vda.img"}}).status()}) {
+      EXPECT_EQ(s.code(), Code::kInvalidArgument);
+      EXPECT_THAT(s.message(), HasSubstr("domain XML is not well-formed"));
+    }
+    EXPECT_TRUE(LibvirtDiskTargets(bad).empty());
+  }
+  // Where: libxml2's line and reason.
+  auto r = DomainXmlName("<domain>\n  <name>a</name>\n  <devices>\n</domain>\n");
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("line 4"));
+  EXPECT_THAT(r.status().message(), HasSubstr("devices"));
+  // Well-formed, but not a domain.
+  for (const char* other : {"<network><name>default</name></network>", "<d:domain xmlns:d='u'><d:name>a</d:name></d:domain>"}) {
+    SCOPED_TRACE(other);
+    EXPECT_EQ(DomainXmlName(other).status().code(), Code::kInvalidArgument);
+    EXPECT_THAT(DomainXmlName(other).status().message(), HasSubstr("no <domain> root element"));
+    EXPECT_EQ(RewriteDomainXmlForRestore(other, "/r", "").status().code(), Code::kInvalidArgument);
+  }
+}
+
+TEST(LibvirtDomainXml, DoctypesAndEntitiesAreRefused) {
+  // Billion laughs, an external entity, an external DTD: refused before any
+  // declaration is read; nothing is expanded or fetched.
+  const std::string laughs =
+      "<?xml version='1.0'?>\n<!DOCTYPE domain [\n <!ENTITY a 'aaaaaaaaaaaaaaaa'>\n"
+      " <!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>\n"
+      " <!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>\n"
+      " <!ENTITY d '&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;'>\n"
+      " <!ENTITY e '&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;'>\n"
+      " <!ENTITY f '&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;'>\n"
+      " <!ENTITY g '&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;&f;'>\n"
+      "]>\n<domain><name>&g;</name><devices><emulator>/q</emulator></devices></domain>\n";
+  const std::string external =
+      "<!DOCTYPE domain [<!ENTITY p SYSTEM 'file:///etc/passwd'>]>\n"
+      "<domain><name>&p;</name><devices><emulator>/q</emulator></devices></domain>";
+  const std::string dtd =
+      "<!DOCTYPE domain SYSTEM 'http://127.0.0.1:9/domain.dtd'>\n<domain><name>a</name></domain>";
+  for (const std::string& x : {laughs, external, dtd}) {
+    auto n = DomainXmlName(x);
+    EXPECT_EQ(n.status().code(), Code::kInvalidArgument);
+    EXPECT_THAT(n.status().message(), HasSubstr("DOCTYPE"));
+    auto r = RewriteDomainXmlForRestore(x, "/r", "/opt/qemu");
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  }
+  // Too large to be a domain XML.
+  std::string huge = "<domain><name>a</name><description>" + std::string(17 << 20, 'x') + "</description></domain>";
+  EXPECT_EQ(DomainXmlName(huge).status().code(), Code::kInvalidArgument);
+  EXPECT_THAT(DomainXmlName(huge).status().message(), HasSubstr("MiB"));
+}
+
+TEST(LibvirtDomainXml, CommentsCdataAndEntitiesAreReadAsXml) {
+  const std::string xml =
+      "<!-- <name>decoy0</name> -->\n<domain type=\"qemu\">\n"
+      "  <metadata><app:x xmlns:app='https://example.org/app'><name>decoy1</name></app:x></metadata>\n"
+      "  <!-- <name>decoy2</name> <uuid>decoy</uuid> -->\n"
+      "  <name><![CDATA[web]]>&amp;<!-- not this -->1</name>\n"
+      "  <uuid><!-- the uuid -->9e7bce4c</uuid>\n"
+      "  <devices>\n    <!-- <emulator>/old/qemu</emulator> -->\n"
+      "    <emulator><![CDATA[/usr/bin/qemu-system-x86_64]]></emulator>\n  </devices>\n</domain>";
+  EXPECT_EQ(*DomainXmlName(xml), "web&1");
+  EXPECT_EQ(*DomainXmlUuid(xml), "9e7bce4c");
+  auto e = SetDomainXmlEmulator(xml, "/opt/q<&>/qemu");
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_THAT(*e, HasSubstr("<emulator>/opt/q&lt;&amp;&gt;/qemu</emulator>"));
+  // Everything else stays: the comments (the commented-out emulator too),
+  // the CDATA, the other application's metadata; no trailing newline added.
+  EXPECT_THAT(*e, HasSubstr("<!-- <emulator>/old/qemu</emulator> -->"));
+  EXPECT_THAT(*e, HasSubstr("<name><![CDATA[web]]>&amp;<!-- not this -->1</name>"));
+  EXPECT_THAT(*e, HasSubstr("<!-- <name>decoy0</name> -->\n<domain"));
+  EXPECT_THAT(*e, HasSubstr("<app:x xmlns:app=\"https://example.org/app\"><name>decoy1</name></app:x>"));
+  EXPECT_EQ(e->back(), '>');
+  EXPECT_EQ(*DomainXmlName(*e), "web&1");
+  // No emulator outside a comment.
+  EXPECT_EQ(SetDomainXmlEmulator("<domain><devices><!-- <emulator>/q</emulator> --></devices></domain>", "/x")
+                .status()
+                .code(),
+            Code::kNotFound);
+  EXPECT_EQ(DomainXmlUuid("<domain><!-- <uuid>u</uuid> --><name>a</name></domain>").status().code(),
+            Code::kNotFound);
+}
+
+TEST(LibvirtDomainXml, AttributeQuotingAndLayoutVariations) {
+  // Spaces around '=', tabs and newlines between attributes, the other quote
+  // inside a value, entities, attributes in any order, disks and devices in
+  // comments: all as libvirt would read them.
+  const std::string xml =
+      "<domain type='qemu'>\n  <name>web1</name>\n"
+      "  <metadata>\n    <protect xmlns=\"https://remus.dev/xmlns/1\" backup=\"b:1\"/>\n"
+      "    <x:protect xmlns:x='https://example.org/other'/>\n  </metadata>\n"
+      "  <title>Z\xc3\xbcrich</title>\n"
+      "  <devices>\n    <emulator>/usr/bin/qemu</emulator>\n"
+      "    <!-- <disk type='file'><target dev='vdz'/><alias name='gone'/></disk> -->\n"
+      "    <disk\ttype = \"block\"\n          device='disk'>\n"
+      "      <source dev='/dev/vg0/a'/>\n"
+      "      <target bus=\"virtio\"   dev = 'vda'/>\n"
+      "      <alias\n        name=\"it's-disk0\"/>\n    </disk>\n"
+      "    <!-- <serial type='file'><source path='/var/log/commented'/></serial> -->\n"
+      "    <serial type = \"file\"><source path='/var/log/say \"hi\".log'/><target port='0'/></serial>\n"
+      "    <channel type='file'><source path=\"/tmp/ch&amp;1\"/></channel>\n"
+      "    <console type='file'><source path='/tmp/ch&#38;1'/></console>\n"
+      "    <parallel type='pty'><source path='/dev/pts/9'/></parallel>\n"
+      "  </devices>\n</domain>\n";
+  EXPECT_EQ(LibvirtDiskTargets(xml), (std::map<std::string, std::string>{{"it's-disk0", "vda"}}));
+  EXPECT_EQ(RewriteDomainXmlForRestore(xml, "/r", "", {{"vdz", "/s/vdz.img"}}).status().code(), Code::kNotFound);
+  auto r = RewriteDomainXmlForRestore(xml, "/r", "", {{"vda", "/s/vda.img"}});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_THAT(*r, HasSubstr("<disk type=\"file\" device=\"disk\"><driver name=\"qemu\" type=\"raw\"/>\n"
+                            "      <source file=\"/s/vda.img\"/>\n"
+                            "      <target bus=\"virtio\" dev=\"vda\"/>\n"));
+  EXPECT_THAT(*r, Not(HasSubstr("/dev/vg0")));
+  // The serial's path (with its quotes) is the first; the channel's and the
+  // console's are one path, written two ways.
+  EXPECT_THAT(*r, HasSubstr("<serial type=\"file\"><source path=\"/r/serial.log\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<channel type=\"file\"><source path=\"/r/chardev-1.log\"/>"));
+  EXPECT_THAT(*r, HasSubstr("<console type=\"file\"><source path=\"/r/chardev-1.log\"/>"));
+  EXPECT_THAT(*r, Not(HasSubstr("chardev-2")));
+  EXPECT_THAT(*r, HasSubstr("<source path=\"/dev/pts/9\"/>"));
+  // Comments are not devices: left as they were.
+  EXPECT_THAT(*r, HasSubstr("<!-- <serial type='file'><source path='/var/log/commented'/></serial> -->"));
+  EXPECT_THAT(*r, HasSubstr("<!-- <disk type='file'><target dev='vdz'/><alias name='gone'/></disk> -->"));
+  // remus's protect goes in its default-namespace form too; another
+  // application's <protect> stays.
+  EXPECT_THAT(*r, Not(HasSubstr("remus.dev")));
+  EXPECT_THAT(*r, HasSubstr("  <metadata>\n    <x:protect xmlns:x=\"https://example.org/other\"/>\n  </metadata>\n"));
+  // UTF-8 stays UTF-8; the trailing newline stays.
+  EXPECT_THAT(*r, HasSubstr("<title>Z\xc3\xbcrich</title>"));
+  EXPECT_EQ(r->back(), '\n');
+  // The result reads back as the same domain.
+  EXPECT_EQ(*DomainXmlName(*r), "web1");
+  EXPECT_EQ(LibvirtDiskTargets(*r), (std::map<std::string, std::string>{{"it's-disk0", "vda"}}));
+}
+
+TEST(LibvirtDomainXml, RewriteLeavesAnXmlWithNothingToChangeAsItWas) {
+  const std::string xml =
+      "<domain type='qemu'>\n  <name>a</name>  <!-- c -->\n  <devices>\n"
+      "    <serial type='pty'><source path='/dev/pts/3'/></serial>\n  </devices>\n</domain>\n";
+  auto r = RewriteDomainXmlForRestore(xml, "/r", "");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(*r, xml);
 }
 
 TEST(LibvirtSession, ConnectErrorsAreTheMonitors) {

@@ -8,18 +8,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <map>
 #include <thread>
-#include <vector>
 
 #include "common/io.h"
 #include "common/log.h"
+#include "replicator/libvirt_xml.h"
 
 namespace remus {
 namespace {
@@ -40,22 +38,6 @@ void PutNative32(std::string* s, uint32_t v) {
   char b[4];
   std::memcpy(b, &v, 4);  // libvirt writes its header in host byte order
   s->append(b, 4);
-}
-
-// The text between <tag> and </tag> (first occurrence), with its offsets.
-struct ElementText {
-  size_t begin = 0;  // first byte of the text
-  size_t end = 0;    // one past its last byte
-};
-
-StatusOr<ElementText> FindElementText(std::string_view xml, const std::string& tag) {
-  const std::string open = "<" + tag + ">", close = "</" + tag + ">";
-  size_t b = xml.find(open);
-  if (b == std::string_view::npos) return NotFound("domain XML has no <" + tag + "> element");
-  b += open.size();
-  size_t e = xml.find(close, b);
-  if (e == std::string_view::npos) return NotFound("domain XML has no </" + tag + ">");
-  return ElementText{b, e};
 }
 
 // Feeds the FIFO: opens it for writing once libvirtd opened it for reading
@@ -145,147 +127,138 @@ Status WriteSaveImage(int fd, std::string_view xml, bool was_running, const Stre
   return write_stream(fd);
 }
 
-StatusOr<std::string> DomainXmlName(std::string_view xml) {
-  ASSIGN_OR_RETURN(ElementText t, FindElementText(xml, "name"));
-  return std::string(xml.substr(t.begin, t.end - t.begin));
-}
-
-StatusOr<std::string> DomainXmlUuid(std::string_view xml) {
-  ASSIGN_OR_RETURN(ElementText t, FindElementText(xml, "uuid"));
-  return std::string(xml.substr(t.begin, t.end - t.begin));
-}
-
-StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::string& emulator) {
-  ASSIGN_OR_RETURN(ElementText t, FindElementText(xml, "emulator"));
-  std::string out(xml.substr(0, t.begin));
-  for (char c : emulator) {
-    if (c == '&') out += "&amp;";
-    else if (c == '<') out += "&lt;";
-    else if (c == '>') out += "&gt;";
-    else out += c;
-  }
-  out.append(xml.substr(t.end));
-  return out;
-}
-
 namespace {
 
-// An attribute value inside one start tag [tag_begin, tag_end) ('<' to '>').
-struct AttrValue {
-  size_t begin = 0, end = 0;  // the value, without its quotes
-  bool found = false;
-};
+using libvirt_xml::Child;
+using libvirt_xml::ChildProp;
+using libvirt_xml::Doc;
+using libvirt_xml::HasProp;
+using libvirt_xml::Named;
+using libvirt_xml::NewElement;
+using libvirt_xml::PrependChild;
+using libvirt_xml::Prop;
+using libvirt_xml::SetProp;
+using libvirt_xml::XPath;
 
-AttrValue FindAttr(std::string_view xml, size_t tag_begin, size_t tag_end, std::string_view name) {
-  for (size_t pos = tag_begin;;) {
-    size_t i = xml.find(name, pos);
-    if (i == std::string_view::npos || i + name.size() + 2 > tag_end) return {};
-    pos = i + 1;
-    if (!std::isspace(static_cast<unsigned char>(xml[i - 1])) || xml[i + name.size()] != '=') continue;
-    char q = xml[i + name.size() + 1];
-    if (q != '\'' && q != '"') continue;
-    size_t vb = i + name.size() + 2, ve = xml.find(q, vb);
-    if (ve == std::string_view::npos || ve >= tag_end) return {};
-    return {vb, ve, true};
-  }
+// The text of the domain's child element tag (<name>, <uuid>).
+StatusOr<std::string> DomainChildText(std::string_view xml, const char* tag) {
+  ASSIGN_OR_RETURN(Doc doc, libvirt_xml::ParseDomain(xml));
+  const xmlNode* n = Child(xmlDocGetRootElement(doc.get()), tag);
+  if (!n) return NotFound(std::string("domain XML has no <") + tag + "> element");
+  return libvirt_xml::Text(n);
 }
 
-std::string XmlAttrEscape(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '&') out += "&amp;";
-    else if (c == '<') out += "&lt;";
-    else if (c == '>') out += "&gt;";
-    else if (c == '\'') out += "&apos;";
-    else if (c == '"') out += "&quot;";
-    else out += c;
-  }
-  return out;
+// Sets the text of <devices><emulator>.
+Status SetEmulator(xmlDoc* doc, const std::string& emulator) {
+  xmlNode* e = XPath(doc).First("/domain/devices/emulator");
+  if (!e) return NotFound("domain XML has no <emulator> element");
+  libvirt_xml::SetText(e, emulator);
+  return OkStatus();
 }
 
-struct Edit {
-  size_t begin, end;
-  std::string text;
-};
+// The domain XML text of an edited doc, ending in a newline when the
+// original did.
+StatusOr<std::string> Text(xmlDoc* doc, std::string_view original) {
+  return libvirt_xml::Serialize(doc, !original.empty() && original.back() == '\n');
+}
+
+// Points <disk> element disk at image (see RewriteDomainXmlForRestore).
+void RewriteDisk(const XPath& xp, xmlNode* disk, const std::string& image) {
+  for (xmlNode* b : xp.Nodes(".//backingStore[not(ancestor::backingStore)]", disk)) libvirt_xml::Remove(b);
+  xmlDoc* doc = disk->doc;
+  xmlNode* source = NewElement(doc, "source", {{"file", image}});
+  if (xmlNode* old = Child(disk, "source")) {
+    xmlReplaceNode(old, source);
+    xmlFreeNode(old);
+  } else {
+    PrependChild(disk, source);
+  }
+  if (xmlNode* driver = Child(disk, "driver")) {
+    SetProp(driver, "type", "raw");
+    if (!HasProp(driver, "name")) SetProp(driver, "name", "qemu");
+  } else {
+    PrependChild(disk, NewElement(doc, "driver", {{"name", "qemu"}, {"type", "raw"}}));
+  }
+  SetProp(disk, "type", "file");
+}
 
 }  // namespace
 
-StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std::string& run_dir,
-                                                 const std::string& emulator) {
-  if (xml.find("<domain") == std::string_view::npos) return InvalidArgument("not a domain XML (no <domain> element)");
-  std::vector<Edit> edits;
-  // File-backed character devices: their files move into run_dir.
-  std::vector<AttrValue> paths;
-  for (const char* kind : {"serial", "console", "parallel", "channel"}) {
-    const std::string open = std::string("<") + kind, close = std::string("</") + kind + ">";
-    for (size_t pos = 0;;) {
-      size_t b = xml.find(open, pos);
-      if (b == std::string_view::npos) break;
-      pos = b + open.size();
-      char after = pos < xml.size() ? xml[pos] : '\0';
-      if (after != ' ' && after != '>') continue;  // <serialx ...>
-      size_t te = xml.find('>', b);
-      if (te == std::string_view::npos) break;
-      AttrValue type = FindAttr(xml, b, te, "type");
-      if (!type.found || xml.substr(type.begin, type.end - type.begin) != "file" || xml[te - 1] == '/') continue;
-      size_t ee = xml.find(close, te);
-      if (ee == std::string_view::npos) break;
-      for (const auto& [child, attr] : {std::pair<const char*, const char*>{"<source", "path"}, {"<log", "file"}}) {
-        for (size_t cp = te;;) {
-          size_t cb = xml.find(child, cp);
-          if (cb == std::string_view::npos || cb >= ee) break;
-          size_t cte = xml.find('>', cb);
-          cp = cb + 1;
-          if (cte == std::string_view::npos || cte > ee) break;
-          AttrValue v = FindAttr(xml, cb, cte, attr);
-          if (v.found) paths.push_back(v);
-        }
-      }
-      pos = ee;
-    }
+StatusOr<std::string> DomainXmlName(std::string_view xml) { return DomainChildText(xml, "name"); }
+
+StatusOr<std::string> DomainXmlUuid(std::string_view xml) { return DomainChildText(xml, "uuid"); }
+
+StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::string& emulator) {
+  ASSIGN_OR_RETURN(Doc doc, libvirt_xml::ParseDomain(xml));
+  RETURN_IF_ERROR(SetEmulator(doc.get(), emulator));
+  return Text(doc.get(), xml);
+}
+
+std::map<std::string, std::string> LibvirtDiskTargets(std::string_view xml) {
+  std::map<std::string, std::string> out;
+  auto doc = libvirt_xml::ParseDomain(xml);
+  if (!doc.ok()) {
+    LOG_WARN(kTag) << "cannot read the disks of the domain XML: " << doc.status().message();
+    return out;
   }
-  std::sort(paths.begin(), paths.end(), [](const AttrValue& a, const AttrValue& b) { return a.begin < b.begin; });
-  std::map<std::string, std::string> moved;  // old (as escaped in the XML) -> new
-  for (const auto& v : paths) {
-    std::string old(xml.substr(v.begin, v.end - v.begin));
+  for (const xmlNode* disk : XPath(doc->get()).Nodes("/domain/devices/disk")) {
+    std::string dev = ChildProp(disk, "target", "dev");
+    std::string alias = ChildProp(disk, "alias", "name");
+    if (!dev.empty() && !alias.empty()) out[alias] = dev;
+  }
+  return out;
+}
+
+StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std::string& run_dir,
+                                                 const std::string& emulator,
+                                                 const std::map<std::string, std::string>& disk_images) {
+  ASSIGN_OR_RETURN(Doc doc, libvirt_xml::ParseDomain(xml));
+  XPath xp(doc.get());
+  xp.Namespace("remus", kRemusXmlNamespace);
+  bool changed = false;
+  // Mirrored disks: onto this host's copies.
+  if (!disk_images.empty()) {
+    std::map<std::string, std::string> unplaced = disk_images;
+    for (xmlNode* disk : xp.Nodes("/domain/devices/disk")) {
+      std::string dev = ChildProp(disk, "target", "dev");
+      auto it = disk_images.find(dev);
+      if (it == disk_images.end()) continue;
+      unplaced.erase(dev);
+      RewriteDisk(xp, disk, it->second);
+      changed = true;
+    }
+    if (!unplaced.empty())
+      return NotFound("the domain XML has no <disk> with <target dev='" + unplaced.begin()->first +
+                      "'/>, the disk mirrored as " + unplaced.begin()->first);
+  }
+  // File-backed character devices: their files move into run_dir, the first
+  // distinct path (in document order) to serial.log.
+  std::map<std::string, std::string> moved;  // old -> new
+  for (xmlNode* n : xp.Nodes("/domain/devices/*[self::serial or self::console or self::parallel or self::channel]"
+                             "[@type='file']/*[self::source or self::log]")) {
+    const char* attr = Named(n, "source") ? "path" : "file";
+    if (!HasProp(n, attr)) continue;
+    std::string old = Prop(n, attr);
     auto it = moved.find(old);
     if (it == moved.end()) {
       std::string name = moved.empty() ? "serial.log" : "chardev-" + std::to_string(moved.size()) + ".log";
-      it = moved.emplace(old, XmlAttrEscape(run_dir + "/" + name)).first;
+      it = moved.emplace(old, run_dir + "/" + name).first;
     }
-    edits.push_back({v.begin, v.end, it->second});
+    SetProp(n, attr, it->second);
+    changed = true;
   }
   // remus's own metadata: <P:protect xmlns:P="kRemusXmlNamespace" .../>.
-  for (size_t pos = 0;;) {
-    size_t ns = xml.find(kRemusXmlNamespace, pos);
-    if (ns == std::string_view::npos) break;
-    pos = ns + 1;
-    size_t b = xml.rfind('<', ns);
-    if (b == std::string_view::npos) continue;
-    size_t ne = b + 1;
-    while (ne < xml.size() && !std::isspace(static_cast<unsigned char>(xml[ne])) && xml[ne] != '>' && xml[ne] != '/') ne++;
-    std::string name(xml.substr(b + 1, ne - b - 1));
-    if (name != "protect" && (name.size() < 8 || name.compare(name.size() - 8, 8, ":protect") != 0)) continue;
-    size_t te = xml.find('>', ns);
-    if (te == std::string_view::npos) break;
-    size_t e = te + 1;
-    if (xml[te - 1] != '/') {
-      size_t ce = xml.find("</" + name + ">", te);
-      if (ce == std::string_view::npos) continue;
-      e = ce + name.size() + 3;
-    }
-    while (b > 0 && (xml[b - 1] == ' ' || xml[b - 1] == '\t')) b--;  // its indentation and line
-    if (e < xml.size() && xml[e] == '\n') e++;
-    edits.push_back({b, e, ""});
-    pos = e;
+  for (xmlNode* n : xp.Nodes("//remus:protect[not(ancestor::remus:protect)]")) {
+    libvirt_xml::Remove(n);
+    changed = true;
   }
-  std::sort(edits.begin(), edits.end(), [](const Edit& a, const Edit& b) { return a.begin > b.begin; });
-  std::string out(xml);
-  for (const auto& e : edits) out.replace(e.begin, e.end - e.begin, e.text);
   if (!emulator.empty()) {
-    ASSIGN_OR_RETURN(out, SetDomainXmlEmulator(out, emulator));
+    RETURN_IF_ERROR(SetEmulator(doc.get(), emulator));
+    changed = true;
   }
-  return out;
+  // Nothing to change: libvirt's text as it was.
+  if (!changed) return std::string(xml);
+  return Text(doc.get(), xml);
 }
 
 StatusOr<LibvirtRestoreResult> RestoreDomain(const LibvirtRestoreOptions& opts, const std::string& xml,

@@ -34,6 +34,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <string_view>
 
@@ -59,11 +60,17 @@ StatusOr<std::string> EncodeSaveImagePrefix(std::string_view xml, bool was_runni
 // A whole save image (prefix, then write_stream) to fd, e.g. a regular file.
 Status WriteSaveImage(int fd, std::string_view xml, bool was_running, const StreamWriter& write_stream);
 
-// The text of the first <name> and <uuid> elements of a domain XML (libvirt
-// writes them first under <domain>). NotFound when missing.
+// Domain XML is parsed with libxml2 as untrusted input (libvirt_xml.h): a
+// text that is not well-formed, too large, has a DOCTYPE or no <domain> root
+// is InvalidArgument. An edited XML comes back in libxml2's form of it
+// (attributes in double quotes, empty elements as <x/>, no XML declaration);
+// whitespace, comments, CDATA and other applications' metadata stay.
+
+// The text (CDATA included, comments left out) of the <name> and <uuid>
+// children of <domain>. NotFound when missing.
 StatusOr<std::string> DomainXmlName(std::string_view xml);
 StatusOr<std::string> DomainXmlUuid(std::string_view xml);
-// Replaces the text of the XML's <emulator> element (the backup's own QEMU).
+// Replaces the text of <devices><emulator> (the backup's own QEMU).
 // NotFound if the XML has none.
 StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::string& emulator);
 
@@ -72,7 +79,7 @@ StatusOr<std::string> SetDomainXmlEmulator(std::string_view xml, const std::stri
 inline constexpr char kRemusXmlNamespace[] = "https://remus.dev/xmlns/1";
 
 // The primary's domain XML made fit for a restore on this host (pure; the
-// XML as libvirt writes it, attributes in single or double quotes):
+// XML unchanged, byte for byte, when none of this applies):
 //   - <emulator> becomes emulator, when that is not empty;
 //   - the files of file-backed character devices (<serial>, <console>,
 //     <parallel>, <channel> of type 'file', and their <log file=>) move into
@@ -81,9 +88,21 @@ inline constexpr char kRemusXmlNamespace[] = "https://remus.dev/xmlns/1";
 //   - remus's <protect> metadata is removed: the restored guest is not
 //     protected, and a libvirt hook on this host must not protect it back to
 //     the host it came from.
-// InvalidArgument when the XML has no <domain> root element.
+//   - each <disk> whose <target dev=> is a key of disk_images (its mirrored
+//     copy on this host) becomes a raw file disk on that image: type='file',
+//     <source file='IMAGE'/> (the primary's source goes, with its
+//     <backingStore> chain), <driver name='qemu' type='raw' .../> (the
+//     driver's other attributes, e.g. cache, stay).
+// InvalidArgument as above; NotFound when a disk_images key is no <disk>'s
+// target, or emulator is given and the XML has no <emulator>.
 StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std::string& run_dir,
-                                                 const std::string& emulator);
+                                                 const std::string& emulator,
+                                                 const std::map<std::string, std::string>& disk_images = {});
+
+// The <disk> elements of a domain XML: device alias (<alias name=>, present
+// in the XML of a running domain) -> <target dev=>. Disks without an alias
+// or a target are left out; an XML that cannot be parsed has none (logged).
+std::map<std::string, std::string> LibvirtDiskTargets(std::string_view xml);
 
 struct LibvirtRestoreOptions {
   std::string uri = kDefaultLibvirtUri;

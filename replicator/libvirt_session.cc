@@ -212,6 +212,12 @@ StatusOr<std::string> LibvirtSession::MigratableXml() const {
   return m->MigratableXml();
 }
 
+StatusOr<std::string> LibvirtSession::LiveXml() const {
+  std::shared_ptr<LibvirtMonitor> m = Current();
+  if (!m) return Unavailable("domain " + opts_.domain + ": not connected to libvirt at " + opts_.uri);
+  return m->LiveXml();
+}
+
 StatusOr<std::vector<std::string>> LibvirtSession::QemuArgv() const {
   std::shared_ptr<LibvirtMonitor> m = Current();
   if (!m) return Unavailable("domain " + opts_.domain + ": not connected to libvirt at " + opts_.uri);

@@ -72,6 +72,7 @@ class LibvirtSession final : public QemuMonitor {
   const std::string& version() const { return version_; }
   const std::string& package() const { return package_; }
   StatusOr<std::string> MigratableXml() const;
+  StatusOr<std::string> LiveXml() const;
   StatusOr<std::vector<std::string>> QemuArgv() const;
 
  private:

@@ -447,7 +447,7 @@ void PageStore::ApplyBatch(std::string_view batch) {
 }
 
 Status PageStore::Commit(uint64_t epoch, Staging&& staging) {
-  Staging s = std::move(staging);
+  Staging& s = staging;
   if (state_ != State::kCommitted)
     return FailedPrecondition("page store " + dir_ + ": cannot commit epoch " +
                               std::to_string(epoch) + ": " + invalid_reason_);

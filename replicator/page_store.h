@@ -79,6 +79,14 @@ class Staging {
     device_blob_ = std::move(blob);
   }
   const std::vector<std::string>& batches() const { return batches_; }
+  // Hands the batches' buffers back (for reuse as receive buffers) and
+  // forgets them.
+  std::vector<std::string> TakeBatches() {
+    for (const auto& b : batches_) bytes_ -= b.size();
+    std::vector<std::string> out = std::move(batches_);
+    batches_.clear();
+    return out;
+  }
   const std::string& device_blob() const { return device_blob_; }
   std::string TakeDeviceBlob() {
     bytes_ -= device_blob_.size();
@@ -141,6 +149,9 @@ class PageStore {
   // record or blob nothing is applied and DataLoss is returned (the store
   // stays at the previous epoch). FailedPrecondition if the store holds no
   // committed image or epoch <= committed_epoch(). The staging is consumed.
+  // On return (either way) `staging` still holds its page batches, so the
+  // caller can reuse their buffers (Staging::TakeBatches); the device blob is
+  // taken on success.
   Status Commit(uint64_t epoch, Staging&& staging);
 
   // Makes the committed image durable across a host reboot (msync + fsync),

@@ -10,6 +10,8 @@
 
 #include "common/hex.h"
 #include "common/log.h"
+#include "replicator/libvirt_interfaces.h"
+#include "replicator/libvirt_restore.h"
 
 namespace remus {
 
@@ -220,14 +222,16 @@ Status PrimaryReplicator::Connect() {
   }
   RETURN_IF_ERROR(ResolveNetbuf());
   std::vector<GuestDisk> disks;
-  if (libvirt_ && opts_.disks != "none") {
-    // libvirt attaches disks with -blockdev and the backup restores from
-    // the domain XML, whose <source file=> it would have to point at its
-    // own copy: not done yet. Domains without writable disks pass.
-    auto listed = ListGuestDisks(monitor_.get(), d, "all");
-    if (!listed.ok() || !listed->empty())
-      return FailedPrecondition("domain " + d + " (libvirt): remus does not mirror the disks of libvirt domains yet; "
-                                "protect it with --disks none when both hosts share its storage");
+  if (libvirt_) {
+    // libvirt attaches disks with -blockdev: each is named by its <target
+    // dev=>, and the backup points that <disk> of the XML at its copy. The
+    // device aliases are in the live XML only (not the migratable one).
+    std::map<std::string, std::string> targets;
+    if (opts_.disks != "none") {
+      ASSIGN_OR_RETURN(std::string live, libvirt_->LiveXml());
+      targets = LibvirtDiskTargets(live);
+    }
+    ASSIGN_OR_RETURN(disks, ListGuestDisks(monitor_.get(), d, opts_.disks, &targets));
   } else {
     ASSIGN_OR_RETURN(disks, ListGuestDisks(monitor_.get(), d, opts_.disks));
   }
@@ -262,7 +266,11 @@ Status PrimaryReplicator::Connect() {
         monitor_.get(), d, opts_.run_dir, std::move(disks),
         [this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len, std::span<const uint8_t> data) {
           OnDiskWrite(i, op, off, len, data);
-        });
+        },
+        libvirt_ ? DiskSource::PassFdFn([lv = libvirt_](const std::string& name, int theirs) {
+          return lv->PassFd(name, theirs);
+        })
+                 : DiskSource::PassFdFn());
   monitor_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
 
   CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
@@ -512,7 +520,12 @@ Status PrimaryReplicator::ResolveNetbuf() {
     return InvalidArgument("domain " + d + ": unknown --netbuf '" + nb.mode + "'; expected plug, nfqueue or none");
   if (nb.mode == "none") return OkStatus();
   if (nb.interfaces.empty()) {
-    ASSIGN_OR_RETURN(nb.interfaces, GuestTapDevices(*monitor_, qemu_pid_, d));
+    // libvirt mode: the taps libvirt made, from the live XML's <interface>s.
+    if (libvirt_) {
+      ASSIGN_OR_RETURN(nb.interfaces, LibvirtTapDevices(*libvirt_));
+    } else {
+      ASSIGN_OR_RETURN(nb.interfaces, GuestTapDevices(*monitor_, qemu_pid_, d));
+    }
   }
   if (nb.interfaces.empty()) {
     LOG_INFO("primary[" + d + "]") << "the guest has no network devices: no output to hold";

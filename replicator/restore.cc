@@ -21,6 +21,19 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
     return FailedPrecondition("restore: the committed device state does not end in EOF");
 
   RestoreStats st;
+  RestoreProgress* progress = stats ? stats->progress : nullptr;
+  st.progress = progress;
+  uint64_t ram_before = 0;  // used_length of the blocks already streamed
+  if (progress) {
+    uint64_t total = 0;
+    for (const auto& b : store.blocks()) total += b.used_length;
+    progress->ram_done = 0;
+    progress->ram_total = total;
+  }
+  // Every 4 MiB of guest RAM: cheap enough per page, fine enough for a bar.
+  auto note = [progress, &ram_before](uint64_t off) {
+    if (progress && off % (4u << 20) == 0) progress->ram_done.store(ram_before + off, std::memory_order_relaxed);
+  };
   std::string buf;
   buf.reserve(kRestoreChunk + 2 * kPageSize + 512);
   qemu::StreamWriter w(&buf);
@@ -48,6 +61,7 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
         w.ZeroPage(static_cast<uint32_t>(b), blocks, off);
         ++st.zero_pages;
         RETURN_IF_ERROR(flush(false));
+        note(off);
       }
       if (off >= len) break;
       ASSIGN_OR_RETURN(uint64_t hole, store.NextHole(b, off));
@@ -63,8 +77,11 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
           ++st.pages;
         }
         RETURN_IF_ERROR(flush(false));
+        note(off);
       }
     }
+    ram_before += len;
+    if (progress) progress->ram_done.store(ram_before, std::memory_order_relaxed);
   }
   w.Eos();
   w.Footer(kRestoreRamSectionId);

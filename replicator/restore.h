@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -31,10 +32,18 @@ namespace remus {
 inline constexpr uint32_t kRestoreRamSectionId = 0x7e000001;
 inline constexpr size_t kRestoreChunk = 4u << 20;
 
+// How far a restore stream is, readable from other threads while it runs
+// (remusctl failover's progress bar, through the backup's status).
+struct RestoreProgress {
+  std::atomic<uint64_t> ram_done{0};   // guest RAM bytes streamed (pages and zero pages)
+  std::atomic<uint64_t> ram_total{0};  // guest RAM bytes in all (set when the stream starts)
+};
+
 struct RestoreStats {
   uint64_t pages = 0;       // PAGE records
   uint64_t zero_pages = 0;  // ZERO records
   uint64_t bytes = 0;       // stream bytes
+  RestoreProgress* progress = nullptr;  // optional, set by the caller: updated per chunk
 };
 
 // Streams the restore image to fd (a socket to QEMU or a file).

@@ -95,11 +95,18 @@ TEST(Restore, TinyTwoBlockLayout) {
 
   std::string config = qemu::MakeConfigurationSection("pc-i440fx-7.2");
   RestoreStats rs;
+  RestoreProgress progress;
+  progress.ram_done = 12345;  // a leftover from an earlier promotion is reset
+  rs.progress = &progress;
   auto out = RestoreStreamToString(s, config, &rs);
   ASSERT_TRUE(out.ok()) << out.status().ToString();
   EXPECT_EQ(rs.pages, 3u);
   EXPECT_EQ(rs.zero_pages, 3u);
   EXPECT_EQ(rs.bytes, out->size());
+  // Progress counts the guest's RAM: both blocks, all of it at the end.
+  EXPECT_EQ(progress.ram_total.load(), 6 * kPageSize);
+  EXPECT_EQ(progress.ram_done.load(), 6 * kPageSize);
+  EXPECT_EQ(rs.progress, &progress);
 
   Cursor r{*out};
   EXPECT_EQ(r.U32(), qemu::kFileMagic);

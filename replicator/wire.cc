@@ -241,11 +241,13 @@ Status Link::ReadExact(void* buf, size_t n, std::optional<SteadyTime> deadline) 
 
 StatusOr<Frame> Link::Recv() { return RecvImpl(std::nullopt, kMaxPayload); }
 
+StatusOr<Frame> Link::Recv(std::string reuse) { return RecvImpl(std::nullopt, kMaxPayload, std::move(reuse)); }
+
 StatusOr<Frame> Link::RecvUntil(SteadyTime deadline, uint32_t max_payload) {
   return RecvImpl(deadline, max_payload);
 }
 
-StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_payload) {
+StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_payload, std::string reuse) {
   uint8_t hdr[kHeaderSize];
   RETURN_IF_ERROR(ReadExact(hdr, kHeaderSize, deadline).Annotate("reading a frame header"));
   const uint32_t magic = LoadU32(hdr);
@@ -267,6 +269,7 @@ StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_
                     std::to_string(len) + "-byte payload, over the " +
                     std::to_string(max_payload) + "-byte limit");
   Frame f;
+  f.payload = std::move(reuse);
   f.payload.resize(len);
   RETURN_IF_ERROR(ReadExact(f.payload.data(), len, deadline)
                       .Annotate("reading the payload of " + FrameDesc(type, epoch)));

@@ -112,6 +112,11 @@ class Link {
 
   // Blocks until a whole frame arrived.
   StatusOr<Frame> Recv();
+  // As Recv, reading the payload into `reuse`'s memory: a receiver that hands
+  // back the buffers of frames it is done with (the backup's page batches)
+  // saves a fresh allocation, its page faults and the zero-fill of a resize
+  // for each frame. Only the part beyond reuse's current size is zeroed.
+  StatusOr<Frame> Recv(std::string reuse);
   // As Recv, but fails with DeadlineExceeded if the whole frame has not
   // arrived by `deadline`, and with DataLoss if the length field exceeds
   // max_payload (nothing is allocated for it).
@@ -139,7 +144,7 @@ class Link {
   Status SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
                     uint16_t flags);
   StatusOr<Frame> RecvImpl(std::optional<std::chrono::steady_clock::time_point> deadline,
-                           uint32_t max_payload);
+                           uint32_t max_payload, std::string reuse = {});
   Status ReadExact(void* buf, size_t n,
                    std::optional<std::chrono::steady_clock::time_point> deadline);
 

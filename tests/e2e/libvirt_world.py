@@ -118,9 +118,12 @@ class LibvirtError(AssertionError):
 class LibvirtWorld:
     """One private libvirtd ("host") with its own dirs under `dir`."""
 
-    def __init__(self, dir, name=None):
+    def __init__(self, dir, name=None, netns=None):
         self.dir = Path(dir)
         self.name = name or self.dir.name
+        # A network namespace (`ip netns add`) to run libvirtd in: its QEMUs
+        # then open their taps there.  None: the caller's.
+        self.netns = netns
         self.sock_dir = self.dir / "sock"
         self.socket = self.sock_dir / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
@@ -167,8 +170,10 @@ class LibvirtWorld:
         out = open(self.stdout_log, "ab")
         try:
             # unshare execs sh, sh execs libvirtd: proc.pid is libvirtd's pid.
+            # `ip netns exec` execs unshare in the namespace: still libvirtd's pid.
+            netns = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [UNSHARE, "--mount", "--propagation", "private", "/bin/sh", "-c", script],
+                [*netns, UNSHARE, "--mount", "--propagation", "private", "/bin/sh", "-c", script],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C"})
         finally:
@@ -287,12 +292,14 @@ class LibvirtWorld:
     # --------------------------------------------------------------- domains
     @staticmethod
     def guest_xml(name, kernel, initrd, cmdline, serial, emulator=None, memory_mib=256, uuid=None,
-                  qemu_args=(), metadata="", disks=()):
+                  qemu_args=(), metadata="", disks=(), devices=()):
         """A TCG domain for the test guest: direct kernel boot, serial to a
-        file, no graphics, no network, no USB or balloon.  qemu_args are
-        passed to QEMU as is (<qemu:commandline>), e.g. a second -qmp socket;
+        file, no graphics, no network (unless devices has one), no USB or
+        balloon.  qemu_args are passed to QEMU as is (<qemu:commandline>),
+        e.g. a second -qmp socket;
         metadata is XML put inside <metadata>; disks are raw image paths
-        (virtio, vda, vdb, ...)."""
+        (virtio, vda, vdb, ...); devices are more XML elements put in
+        <devices> as they are (e.g. an <interface>)."""
         ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if qemu_args else ""
         parts = [f"<domain type='qemu'{ns}>",
                  f"  <name>{escape(name)}</name>"]
@@ -318,6 +325,7 @@ class LibvirtWorld:
             *[f"    <disk type='file' device='disk'><driver name='qemu' type='raw'/>"
               f"<source file='{escape(str(d))}'/><target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>"
               for i, d in enumerate(disks)],
+            *[f"    {d}" for d in devices],
             "    <controller type='usb' model='none'/>",
             "    <memballoon model='none'/>",
             "  </devices>"]
@@ -354,14 +362,14 @@ class LibvirtWorlds:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.worlds = []
 
-    def make(self, name):
+    def make(self, name, netns=None):
         """A world not started yet (e.g. to install hooks first)."""
-        w = LibvirtWorld(self.dir / name, name=name)
+        w = LibvirtWorld(self.dir / name, name=name, netns=netns)
         self.worlds.append(w)
         return w
 
-    def start(self, name):
-        return self.make(name).start()
+    def start(self, name, netns=None):
+        return self.make(name, netns=netns).start()
 
     def stop(self):
         for w in self.worlds:

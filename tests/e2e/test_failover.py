@@ -2,6 +2,7 @@
 the backup resumes the guest from a state no older than anything acked and no
 newer than the kill, and that the restored guest is consistent."""
 
+import re
 import time
 
 from conftest import DEFAULT_HB_TIMEOUT_MS, DOMAIN, check_promoted, read_text, record, setup_protected
@@ -77,3 +78,29 @@ def test_no_auto_promote_when_primary_qemu_dies(world, request):
     assert st["qemu"]["pid"] == -1, st
     _manual_failover(world, pr.backup)
     check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=5)
+
+
+def test_manual_failover_shows_progress(world, request):
+    """remusctl failover reports the promotion's phase and how much guest
+    memory has been streamed into the new QEMU while it runs (plain lines when
+    stdout is not a terminal). A 1 GiB guest takes long enough to restore here
+    for the 150 ms polls to see it."""
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=5,
+                         guest_kw={"mem_mb": 1024, "wss_mib": 640, "dirty": 20000})
+    c0 = pr.acked_reference()
+    p_kill = pr.guest.counter()
+    pr.primary.kill()
+    world.wait_status(pr.backup, lambda s: s["state"] == "primary-lost", 15, "the backup to notice the loss")
+    t0 = time.monotonic()
+    out = _manual_failover(world, pr.backup)
+    took = time.monotonic() - t0
+    lines = [l for l in out.splitlines() if "of guest memory streamed" in l]
+    assert lines, f"no progress line in {took:.2f} s of failover:\n{out}"
+    # Every progress line names the phase and counts against the guest's RAM
+    # (1 GiB plus QEMU's ROMs), never past it.
+    for l in lines:
+        done, total = (int(x) for x in re.search(r"(\d+) of (\d+) MiB", l).groups())
+        assert 1024 <= total < 1200 and 0 <= done <= total, l
+    m = check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=10)
+    assert pr.backup.status()["promotion"].get("phase") is None, "a finished promotion still reports a phase"
+    record(request, failover_ms=m["failover_ms"], progress_lines=lines, output=out)

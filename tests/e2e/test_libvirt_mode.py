@@ -258,17 +258,7 @@ def test_protect_errors(lvworlds, world):
 
     r = primary.ctl("protect", DOMAIN, "--connect", a.uri, "--qmp", "/x.sock", *common)
     assert r.returncode == 2 and "excludes" in r.stderr, r.stdout + r.stderr
-
-    # A domain with a disk: libvirt attaches it with -blockdev, not mirrored yet.
-    img = a.dir / "disk1.img"
-    with open(img, "wb") as f:
-        f.truncate(16 << 20)
-    a.create(domain_xml(a, name="disk1", disks=[img]))
-    r = primary.ctl("protect", "disk1", "--connect", a.uri, *common)
-    assert r.returncode == 6, r.stdout + r.stderr
-    assert "disk1" in r.stderr and "--disks none" in r.stderr, r.stderr
-    assert a.domstate("disk1")[0] == "running"
-    assert primary.status("disk1") is None
+    # Disk selection errors: test_libvirt_disk.py.
 
 
 def test_hook_script_alone(tmp_path):

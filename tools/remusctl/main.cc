@@ -8,6 +8,9 @@
 #include <cstdio>
 #include <ctime>
 #include <iostream>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
 #include <thread>
 
 #include "replicator/wire.h"
@@ -126,6 +129,57 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
   }
 }
 
+// Runs the failover request (it returns when the guest runs here) and, while
+// it runs, shows the promotion's phase and how much of the checkpoint has
+// been streamed into the new QEMU: a bar on a terminal, a line per phase and
+// per 10% otherwise. Most promotions end before the first poll.
+remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::string& domain) {
+  const bool tty = ::isatty(STDOUT_FILENO);
+  std::mutex mu;
+  std::condition_variable cv;
+  std::optional<remus::StatusOr<json>> result;
+  std::thread call([&] {
+    auto r = remus::ControlCall(sock, {{"command", "failover"}, {"domain", domain}});
+    std::lock_guard<std::mutex> g(mu);
+    result = std::move(r);
+    cv.notify_all();
+  });
+  std::string last_phase;
+  int last_decile = -1;
+  bool drew = false;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(mu);
+      if (cv.wait_for(l, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
+    }
+    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    if (!st.ok() || !st->contains("domains") || (*st)["domains"].empty()) continue;
+    const json& p = (*st)["domains"][0].value("promotion", json::object());
+    if (!p.contains("phase")) continue;  // not started yet, or finished
+    std::string phase = p.value("phase", "");
+    const json& rs = p.value("restore", json::object());
+    double pct = rs.value("percent", 0.0);
+    uint64_t done = rs.value("done_bytes", uint64_t{0}), total = rs.value("total_bytes", uint64_t{0});
+    if (tty) {
+      int n = static_cast<int>(pct * 30 / 100);
+      std::printf("\r\033[K%s [%s%s] %3.0f%% of %.0f MiB  %s", domain.c_str(), std::string(static_cast<size_t>(n), '#').c_str(),
+                  std::string(static_cast<size_t>(30 - n), '.').c_str(), pct, static_cast<double>(total) / (1 << 20),
+                  phase.c_str());
+      std::fflush(stdout);
+      drew = true;
+    } else if (phase != last_phase || static_cast<int>(pct) / 10 != last_decile) {
+      std::printf("%s: %s, %llu of %llu MiB of guest memory streamed (%.0f%%)\n", domain.c_str(), phase.c_str(),
+                  static_cast<unsigned long long>(done >> 20), static_cast<unsigned long long>(total >> 20), pct);
+      std::fflush(stdout);
+    }
+    last_phase = phase;
+    last_decile = static_cast<int>(pct) / 10;
+  }
+  call.join();
+  if (drew) std::printf("\n");
+  return std::move(*result);
+}
+
 std::string ClockNow() {
   std::time_t t = std::time(nullptr);
   std::tm tm{};
@@ -217,8 +271,9 @@ int main(int argc, char** argv) {
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
   protect->add_option("--disks", disks,
-                      "disks to mirror to the backup: all (every writable -drive), none (shared storage), "
-                      "or drive ids a,b")
+                      "disks to mirror to the backup: all (every writable -drive; with --connect every "
+                      "writable <disk>), none (shared storage), or drive ids a,b (with --connect: targets "
+                      "as virsh domblklist shows them, e.g. vda,vdb)")
       ->capture_default_str();
   protect->add_flag("--no-wait", no_wait, "return once the initial copy has started");
   protect->add_option("--timeout", timeout_s, "seconds to wait for the initial copy")->capture_default_str();
@@ -322,7 +377,7 @@ int main(int argc, char** argv) {
   if (*failover) {
     std::printf("%s: promoting from the last committed checkpoint...\n", domain.c_str());
     std::fflush(stdout);
-    auto r = remus::ControlCall(sock, {{"command", "failover"}, {"domain", domain}});
+    auto r = FailoverWithProgress(sock, domain);
     if (!r.ok()) return Fail(r.status());
     const json& d = (*r)[0];
     const std::string where = !d.value("qmp_socket", "").empty()
