@@ -10,6 +10,10 @@ Three parts (see bench/README.md):
               null      bench/colo_null_sink: QEMU's own checkpoint cost with
                         zero receiver work (the limit)
               delayed   ours, the backup started with --ack-delay-ms 50
+              null-touch  (diagnostic, only with --receivers) the null sink
+                        copying 4x each checkpoint's page bytes through
+                        memory after LOADED: replication's cache traffic
+                        without its work
             The guest pause of every checkpoint comes from QEMU's own QMP STOP
             and RESUME event timestamps, read on a second QMP socket the bench
             owns (ground truth independent of remus's clocks).
@@ -455,8 +459,9 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
             res["protect_s"] = t_protected - t
         else:
             sink_seconds = args.warmup + args.seconds + 1.0
+            touch = ["--touch-factor", "4"] if receiver == "null-touch" else []
             sink = env.spawn([env.sink, "--qmp", guest.qmp_receiver, "--interval", str(args.interval),
-                              "--seconds", str(sink_seconds),
+                              "--seconds", str(sink_seconds), *touch,
                               "--migrate-socket", os.path.join(workdir, "sink-migrate.sock")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             t = time.time()
@@ -851,8 +856,8 @@ def main():
         args.rates = "10000,1000000" if q else "10000,100000,1000000"
     args.rates = [int(x) for x in args.rates.split(",")]
     args.receivers = [x for x in args.receivers.split(",") if x]
-    if not args.receivers or any(x not in ALL_RECEIVERS for x in args.receivers):
-        ap.error(f"--receivers: choose from {','.join(ALL_RECEIVERS)}")
+    if not args.receivers or any(x not in ALL_RECEIVERS + ["null-touch"] for x in args.receivers):
+        ap.error(f"--receivers: choose from {','.join(ALL_RECEIVERS)},null-touch")
     args.seconds = args.seconds if args.seconds is not None else (4.0 if q else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)

@@ -44,6 +44,31 @@ bool DeferredPages::NextBatch(size_t target, std::string* out) {
   return true;
 }
 
+bool DeferredPages::NextBatchViews(size_t target, std::string* headers, std::vector<std::string_view>* parts) {
+  headers->clear();
+  parts->clear();
+  if (next_ >= refs_.size()) return false;
+  // Which records go in this batch, so that *headers never reallocates under
+  // the views taken into it.
+  size_t end = next_, size = 0;
+  while (end < refs_.size() && (size == 0 || size < target)) size += PageRecordSize(refs_[end++].data == nullptr);
+  headers->reserve((end - next_) * kPageRecordHeader);
+  size_t run_begin = 0;  // start in *headers of the header run not yet viewed
+  for (; next_ < end; next_++) {
+    const Ref& r = refs_[next_];
+    // The record's header as AppendPageRecord writes it; the data stays put.
+    PutU32(headers, r.block);
+    PutU64(headers, r.offset | (r.data ? 0 : kPageFlagZero));
+    if (r.data) {
+      parts->emplace_back(headers->data() + run_begin, headers->size() - run_begin);
+      parts->emplace_back(reinterpret_cast<const char*>(r.data), kPageSize);
+      run_begin = headers->size();
+    }
+  }
+  if (run_begin < headers->size()) parts->emplace_back(headers->data() + run_begin, headers->size() - run_begin);
+  return true;
+}
+
 Status ForEachPageRecord(
     std::string_view payload,
     const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn) {

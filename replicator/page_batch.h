@@ -68,6 +68,13 @@ class DeferredPages {
   // Replaces *out with the next batch of about target bytes (at least one
   // record); false when every record has been batched.
   bool NextBatch(size_t target, std::string* out);
+  // As NextBatch, without copying a page: *parts receives the batch as views
+  // (record header, page data, record header, ...) into *headers, which
+  // holds the records' headers, and into the adopted buffers. Consecutive
+  // headers (zero pages) share one view. The views stay valid until the next
+  // call, or until *headers or this object change. For Link::SendV, which
+  // hands them to the kernel in one sendmsg per 1024 views.
+  bool NextBatchViews(size_t target, std::string* headers, std::vector<std::string_view>* parts);
 
  private:
   struct Ref {

@@ -53,6 +53,34 @@ TEST(PageBatch, DeferredPagesBatchLikeDirectAppend) {
   EXPECT_EQ(released, 3);
 }
 
+// The zero-copy batches carry the same bytes as the copied ones, batch for
+// batch; consecutive zero pages' headers share a view.
+TEST(PageBatch, DeferredPagesViewsEqualCopiedBatches) {
+  std::vector<uint8_t> mem(kPageSize * 12);
+  for (size_t i = 0; i < mem.size(); i++) mem[i] = static_cast<uint8_t>(i * 13 / 5);
+  DeferredPages copied, viewed;
+  for (uint64_t i = 0; i < 12; i++) {
+    const uint8_t* data = (i >= 4 && i <= 6) || i == 11 ? nullptr : mem.data() + i * kPageSize;
+    copied.Add(static_cast<uint32_t>(i % 3), i * kPageSize, data);
+    viewed.Add(static_cast<uint32_t>(i % 3), i * kPageSize, data);
+  }
+  std::string batch, headers;
+  std::vector<std::string_view> parts;
+  int batches = 0;
+  while (copied.NextBatch(4 * kPageSize, &batch)) {
+    ASSERT_TRUE(viewed.NextBatchViews(4 * kPageSize, &headers, &parts));
+    std::string joined;
+    for (auto p : parts) joined.append(p);
+    EXPECT_EQ(joined, batch) << "batch " << batches;
+    for (size_t k = 1; k < parts.size(); k++)  // no two header views in a row
+      EXPECT_FALSE(parts[k].data() == parts[k - 1].data() + parts[k - 1].size() &&
+                   parts[k].data() >= headers.data() && parts[k].data() < headers.data() + headers.size());
+    batches++;
+  }
+  EXPECT_FALSE(viewed.NextBatchViews(4 * kPageSize, &headers, &parts));
+  EXPECT_EQ(batches, 3);
+}
+
 TEST(PageBatch, CorruptOrOversizedCompressedBatchRefused) {
   std::string batch(100000, 'x');
   std::string z = CompressBatch(batch);

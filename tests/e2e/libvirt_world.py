@@ -403,3 +403,14 @@ def skip_reason(probe):
     if not (Path(kernel).is_file() and Path(initrd).is_file()):
         return f"the test guest is not built ({kernel}; run scripts/build-guest.sh)"
     return None
+
+
+def finish_worlds(request, ws):
+    """Teardown for a test's worlds: stops them, then keeps their dir (and
+    prints where, with each daemon's report) if the test failed, or removes it."""
+    ws.stop()
+    failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
+    if failed:
+        print(f"[libvirt] kept {ws.dir}\n{ws.report()}")
+    else:
+        shutil.rmtree(ws.dir, ignore_errors=True)

@@ -12,7 +12,6 @@ or when the probe or the test guest is not built.
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD, INITRD, KERNEL, QEMU, record
-from libvirt_world import LibvirtWorld, guest_files, skip_reason
+from libvirt_world import finish_worlds, LibvirtWorld, guest_files, skip_reason
 
 PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
 DOMAIN = "web1"
@@ -64,12 +63,7 @@ def worlds(request):
     try:
         yield ws
     finally:
-        ws.stop()
-        failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
-        if failed:
-            print(f"[libvirt] kept {ws.dir}\n{ws.report()}")
-        else:
-            shutil.rmtree(ws.dir, ignore_errors=True)
+        finish_worlds(request, ws)
 
 
 def probe(world, *args, domain=DOMAIN, timeout=120):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QEMU, REPO, read_store_counter, read_text, record, tail
-from libvirt_world import LibvirtWorlds, guest_files, skip_reason
+from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
 from test_libvirt_mode import PROBE, counter, libvirt_daemons, probe, wait_booted
 
 sys.path.insert(0, str(REPO / "tests" / "guest"))
@@ -43,13 +43,7 @@ def lvworlds(request):
     try:
         yield ws
     finally:
-        ws.stop()
-        failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
-        if failed:
-            print(f"[libvirt] kept {ws.dir}\n{ws.report()}")
-        else:
-            import shutil
-            shutil.rmtree(ws.dir, ignore_errors=True)
+        finish_worlds(request, ws)
 
 
 def _make_image(dir, fmt, mb=DISK_MB, random=False):

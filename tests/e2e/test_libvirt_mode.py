@@ -15,7 +15,6 @@ when the test guest or the probe tool is not built.
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUILD, INITRD, KERNEL, QEMU, REPO, read_text, record
-from libvirt_world import LibvirtWorlds, guest_files, skip_reason
+from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
 
 PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
 INSTALL_HOOK = REPO / "scripts" / "install-libvirt-hook.sh"
@@ -46,12 +45,7 @@ def lvworlds(request):
     try:
         yield ws
     finally:
-        ws.stop()
-        failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
-        if failed:
-            print(f"[libvirt] kept {ws.dir}\n{ws.report()}")
-        else:
-            shutil.rmtree(ws.dir, ignore_errors=True)
+        finish_worlds(request, ws)
 
 
 def probe(world, *args, domain=DOMAIN, timeout=120):

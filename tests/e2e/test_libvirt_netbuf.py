@@ -22,14 +22,13 @@ mode it takes the taps from the live domain XML.
 Skipped (with the reason) as test_libvirt_mode.py.
 """
 
-import shutil
 import threading
 import time
 
 import pytest
 
 from conftest import BUILD, QEMU, read_store_counter, record
-from libvirt_world import LibvirtWorlds, guest_files, skip_reason
+from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
 from test_netbuf import GUEST_IP, PORT, TAP, Net, epoch_times, events, quantile, run_client
 
 PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
@@ -57,14 +56,10 @@ def lvnet(world, request):
     try:
         yield net, ws
     finally:
-        ws.stop()
+        ws.stop()  # libvirtd lives in net's namespace: stop it before the namespace goes
         world.cleanup()
         net.close()
-        failed = getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed
-        if failed:
-            print(f"[libvirt] kept {ws.dir}\n{ws.report()}")
-        else:
-            shutil.rmtree(ws.dir, ignore_errors=True)
+        finish_worlds(request, ws)
 
 
 def domain_xml(lvw, devices=(ETHERNET,)):
