@@ -881,7 +881,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not args.skip_pause:
-            log(f"pause: rates {args.rates} pages/s, {args.rounds} round(s) x ours/null/delayed, "
+            log(f"pause: rates {args.rates} pages/s, {args.rounds} round(s) x {'/'.join(args.receivers)}, "
                 f"{args.seconds:g} s measured after {args.warmup:g} s warmup, interval {args.interval} ms")
             doc["pause"] = bench_pause(env, args)
         if not args.skip_failover:
