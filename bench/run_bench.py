@@ -500,6 +500,7 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
                 "checkpoints_total": a.get("checkpoints_total"),
                 "pause_ms_remusd": a.get("pause_ms"),
                 "ack_ms": a.get("ack_ms"),
+                "stage_ms": a.get("stage_ms"),
                 "dirty_pages_per_epoch": a.get("dirty_pages_per_epoch"),
                 "bytes_per_epoch": a.get("bytes_per_epoch"),
                 "backpressure_waits": a.get("backpressure_waits"),
@@ -534,7 +535,12 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
             pair.stop()
     res["load_after"] = loadavg()
     pm = res.get("pause_ms", {})
+    # REPLY written -> LOADED written on the receiver's clock: the part of the
+    # pause the receiver is in; the rest is QEMU stopping and resuming.
+    stage = ((res.get("remus_status") or {}).get("stage_ms") or (res.get("sink") or {}).get("receiver_ms") or {})
+    res["stage_ms_p50"] = stage.get("p50")
     log(f"  {receiver:8s} rate {rate:>7}/s round {rnd}: pause p50 {pm.get('p50') or 0:7.2f} ms  "
+        f"(REPLY->LOADED p50 {stage.get('p50') or 0:.2f})  "
         f"p99 {pm.get('p99') or 0:7.2f}  mean {pm.get('mean') or 0:7.2f}  n={pm.get('n', 0):3d}  "
         f"pages/epoch p50 {res.get('pages_per_epoch_p50')}  cpu% {res.get('cpu_percent')}"
         + (f"  ERROR {res['error']}" if res.get("error") else ""))

@@ -218,6 +218,7 @@ class PrimaryReplicator {
   // Metrics.
   SampleWindow pause_ms_;     // from QMP STOP/RESUME timestamps
   SampleWindow ack_ms_;       // LOADED -> ACK
+  SampleWindow stage_ms_;     // REPLY written -> LOADED written: remus's own part of the pause
   SampleWindow dirty_pages_;  // pages per epoch
   SampleWindow epoch_bytes_;  // wire bytes per epoch
   RateMeter checkpoints_;
