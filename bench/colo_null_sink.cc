@@ -17,6 +17,7 @@
 //
 // Usage: colo_null_sink --qmp SOCKET [--interval MS] [--seconds N]
 //                       [--migrate-socket PATH] [--request-timeout-ms MS]
+//                       [--touch-factor F] [--retain]   (diagnostics)
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -53,13 +54,18 @@ struct Args {
   // backup receive and apply), to see what their cache traffic alone costs
   // QEMU's next pause. 0: off (the limit).
   double touch_factor = 0;
+  // Diagnostic: keep each checkpoint's bytes in the stream's read buffers
+  // until LOADED, as remus's checkpoint source does (BufferedReader
+  // retention over a BufferPool of 1 MiB buffers), instead of refilling one
+  // buffer: what holding a checkpoint costs, with no other work.
+  bool retain = false;
 };
 
 [[noreturn]] void Usage(const char* why) {
   std::fprintf(stderr,
                "colo_null_sink: %s\n"
                "usage: colo_null_sink --qmp SOCKET [--interval MS] [--seconds N] "
-               "[--migrate-socket PATH] [--request-timeout-ms MS] [--touch-factor F]\n",
+               "[--migrate-socket PATH] [--request-timeout-ms MS] [--touch-factor F] [--retain]\n",
                why);
   std::exit(2);
 }
@@ -78,6 +84,7 @@ Args ParseArgs(int argc, char** argv) {
     else if (k == "--migrate-socket") a.migrate_socket = val();
     else if (k == "--request-timeout-ms") a.request_timeout_ms = std::atoi(val().c_str());
     else if (k == "--touch-factor") a.touch_factor = std::atof(val().c_str());
+    else if (k == "--retain") a.retain = true;
     else if (k == "-h" || k == "--help") Usage("help");
     else Usage(("unknown argument " + k).c_str());
   }
@@ -196,7 +203,8 @@ int main(int argc, char** argv) {
                initial_ms, static_cast<unsigned long long>(initial_sink.pages()), info.device_state.size());
   std::fflush(stderr);
 
-  std::vector<double> receiver_ms, pages, device_bytes;
+  std::vector<double> receiver_ms, ram_ms, pages, device_bytes;
+  remus::BufferPool pool(1 << 20, 256);  // --retain: as CheckpointSource's (256 MiB)
   uint64_t total_pages = 0, total_zero = 0;
   Status err = remus::OkStatus();
   std::string err_what;
@@ -215,11 +223,16 @@ int main(int argc, char** argv) {
     if (err = parser.ExpectColoMessage(q::ColoMessage::kCheckpointRequest); !err.ok()) { err_what = "request"; break; }
     auto t0 = Clock::now();
     if (err = SendColo(conn.get(), q::ColoMessage::kCheckpointReply); !err.ok()) { err_what = "reply"; break; }
+    if (a.retain) reader.StartRetaining(&pool);
     if (err = parser.ExpectColoMessage(q::ColoMessage::kVmstateSend); !err.ok()) { err_what = "vmstate-send"; break; }
+    auto t_ram = Clock::now();
     NullSink sink;
     auto n = parser.ReadCheckpointRam(&sink);
     if (!n.ok()) { err = n.status(); err_what = "checkpoint ram"; break; }
+    ram_ms.push_back(Ms(Clock::now() - t_ram));
     auto blob = parser.ReadCheckpointDevices();
+    if (a.retain)
+      for (auto& rb : reader.TakeRetained()) pool.Put(std::move(rb));
     if (!blob.ok()) { err = blob.status(); err_what = "checkpoint devices"; break; }
     std::string b;
     q::StreamWriter w(&b);
@@ -263,6 +276,10 @@ int main(int argc, char** argv) {
       // REPLY written -> LOADED written, on our clock: QEMU stops the guest
       // after reading REPLY and resumes it after reading LOADED.
       {"receiver_ms", Summary(receiver_ms)},
+      // VMSTATE_SEND read -> the RAM section's end read: QEMU writing the
+      // pages and us reading them, the part --retain changes.
+      {"ram_ms", Summary(ram_ms)},
+      {"retain", a.retain},
   };
   if (!err.ok()) out["error"] = err_what + ": " + err.message();
   if (!left.ok()) out["leave_error"] = left.message();

@@ -14,6 +14,9 @@ Three parts (see bench/README.md):
                         copying 4x each checkpoint's page bytes through
                         memory after LOADED: replication's cache traffic
                         without its work
+              null-retain (diagnostic, only with --receivers) the null sink
+                        holding each checkpoint in pooled read buffers until
+                        LOADED, as remus's checkpoint source does
             The guest pause of every checkpoint comes from QEMU's own QMP STOP
             and RESUME event timestamps, read on a second QMP socket the bench
             owns (ground truth independent of remus's clocks).
@@ -459,7 +462,7 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
             res["protect_s"] = t_protected - t
         else:
             sink_seconds = args.warmup + args.seconds + 1.0
-            touch = ["--touch-factor", "4"] if receiver == "null-touch" else []
+            touch = {"null-touch": ["--touch-factor", "4"], "null-retain": ["--retain"]}.get(receiver, [])
             sink = env.spawn([env.sink, "--qmp", guest.qmp_receiver, "--interval", str(args.interval),
                               "--seconds", str(sink_seconds), *touch,
                               "--migrate-socket", os.path.join(workdir, "sink-migrate.sock")],
@@ -519,7 +522,7 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
             except (ValueError, IndexError):
                 raise BenchError(f"colo_null_sink printed no JSON: {out!r} {err!r}")
             res["sink"] = {k: sj.get(k) for k in ("ok", "checkpoints", "pages_per_checkpoint", "device_bytes",
-                                                   "receiver_ms", "initial", "error")}
+                                                   "receiver_ms", "ram_ms", "retain", "initial", "error")}
             res["pages_per_epoch_p50"] = (sj.get("pages_per_checkpoint") or {}).get("p50")
             if not sj.get("ok"):
                 res["error"] = f"colo_null_sink: {sj.get('error') or sj.get('leave_error')}"
@@ -550,6 +553,7 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
 
 
 ALL_RECEIVERS = ["ours", "null", "delayed"]
+DIAGNOSTIC_RECEIVERS = ["null-touch", "null-retain"]  # only when named in --receivers
 
 
 def bench_pause(env, args):
@@ -862,8 +866,8 @@ def main():
         args.rates = "10000,1000000" if q else "10000,100000,1000000"
     args.rates = [int(x) for x in args.rates.split(",")]
     args.receivers = [x for x in args.receivers.split(",") if x]
-    if not args.receivers or any(x not in ALL_RECEIVERS + ["null-touch"] for x in args.receivers):
-        ap.error(f"--receivers: choose from {','.join(ALL_RECEIVERS)},null-touch")
+    if not args.receivers or any(x not in ALL_RECEIVERS + DIAGNOSTIC_RECEIVERS for x in args.receivers):
+        ap.error(f"--receivers: choose from {','.join(ALL_RECEIVERS + DIAGNOSTIC_RECEIVERS)}")
     args.seconds = args.seconds if args.seconds is not None else (4.0 if q else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
