@@ -9,7 +9,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
@@ -1032,7 +1031,7 @@ json BackupDomain::StatusJson() const {
   int pid = qemu_pid_.load();
   if (!libvirt_uri_.empty()) {
     j["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
-    if (pid > 0 && ::kill(pid, 0) < 0 && errno == ESRCH) pid = -1;  // libvirt's child, not ours to reap
+    if (!ProcessRunning(pid)) pid = -1;  // libvirt's child, not ours to reap
   }
   j["qemu"] = {{"pid", pid}};
   if (committed_) j["store"] = committed_->dir();

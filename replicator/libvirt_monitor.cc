@@ -251,8 +251,6 @@ class EventLoop {
   std::atomic<std::thread::id> loop_id_{};
 };
 
-bool PidAlive(int pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
-
 // ---- callbacks (on the event loop thread) ------------------------------------
 
 void FreeSink(void* opaque) { delete static_cast<std::shared_ptr<MonitorSink>*>(opaque); }
@@ -303,7 +301,7 @@ int OnLifecycle(virConnectPtr, virDomainPtr, int event, int detail, void* opaque
   loss.kind = MonitorLoss::Kind::kDomainStopped;
   loss.reason = libvirt_internal::StoppedDetailName(detail);
   loss.qemu_pid = s.pid;
-  loss.qemu_alive = PidAlive(s.pid);
+  loss.qemu_alive = ProcessRunning(s.pid);
   Lose(s, std::move(loss));
   return 0;
 }
@@ -314,7 +312,7 @@ void OnClose(virConnectPtr, int reason, void* opaque) {
   loss.kind = MonitorLoss::Kind::kConnectionLost;
   loss.reason = libvirt_internal::CloseReasonName(reason);
   loss.qemu_pid = s.pid;
-  loss.qemu_alive = PidAlive(s.pid);
+  loss.qemu_alive = ProcessRunning(s.pid);
   Lose(s, std::move(loss));
 }
 
@@ -422,7 +420,7 @@ StatusOr<std::unique_ptr<LibvirtMonitor>> LibvirtMonitor::Connect(const LibvirtM
                               text.status().message() + " (remus must run on the domain's host, as root; "
                               "set the pid directory if libvirt keeps its run files elsewhere)");
   ASSIGN_OR_RETURN(int pid, libvirt_internal::ParsePidFile(*text, pid_path));
-  if (!PidAlive(pid))
+  if (!ProcessRunning(pid))
     return FailedPrecondition(where + ": " + pid_path + " names pid " + std::to_string(pid) + ", which is not running");
   m->pid_ = pid;
   m->sink_->pid = pid;

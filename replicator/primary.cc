@@ -101,10 +101,15 @@ PrimaryReplicator::PrimaryReplicator(PrimaryOptions opts, const Clock& clock)
       interval_ms_(opts_.interval_ms),
       checkpoints_(clock, std::chrono::seconds(10)) {}
 
+namespace {
+Status CheckInterval(const std::string& domain, int ms) {
+  if (ms >= 1 && ms <= 600000) return OkStatus();
+  return InvalidArgument("domain " + domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
+}
+}  // namespace
+
 StatusOr<std::unique_ptr<PrimaryReplicator>> PrimaryReplicator::Start(PrimaryOptions opts, const Clock& clock) {
-  if (opts.interval_ms < 1 || opts.interval_ms > 600000)
-    return InvalidArgument("domain " + opts.domain + ": interval " + std::to_string(opts.interval_ms) +
-                           " ms is out of range (1..600000)");
+  RETURN_IF_ERROR(CheckInterval(opts.domain, opts.interval_ms));
   std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
   Status s = p->Connect();
   p->ready_ = true;
@@ -116,10 +121,8 @@ std::unique_ptr<PrimaryReplicator> PrimaryReplicator::StartAsync(PrimaryOptions 
   std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
   PrimaryReplicator* r = p.get();
   r->start_thread_ = std::thread([r] {
-    Status s = r->opts_.interval_ms < 1 || r->opts_.interval_ms > 600000
-                   ? InvalidArgument("domain " + r->opts_.domain + ": interval " +
-                                     std::to_string(r->opts_.interval_ms) + " ms is out of range (1..600000)")
-                   : r->Connect();
+    Status s = CheckInterval(r->opts_.domain, r->opts_.interval_ms);
+    if (s.ok()) s = r->Connect();
     r->ready_ = true;
     if (!s.ok()) {
       // As a failed Start: undo what was set up; the guest runs on unprotected.
@@ -221,20 +224,16 @@ Status PrimaryReplicator::Connect() {
     ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
   }
   RETURN_IF_ERROR(ResolveNetbuf());
-  std::vector<GuestDisk> disks;
-  if (libvirt_) {
-    // libvirt attaches disks with -blockdev: each is named by its <target
-    // dev=>, and the backup points that <disk> of the XML at its copy. The
-    // device aliases are in the live XML only (not the migratable one).
-    std::map<std::string, std::string> targets;
-    if (opts_.disks != "none") {
-      ASSIGN_OR_RETURN(std::string live, libvirt_->LiveXml());
-      targets = LibvirtDiskTargets(live);
-    }
-    ASSIGN_OR_RETURN(disks, ListGuestDisks(monitor_.get(), d, opts_.disks, &targets));
-  } else {
-    ASSIGN_OR_RETURN(disks, ListGuestDisks(monitor_.get(), d, opts_.disks));
+  // libvirt attaches disks with -blockdev: each is named by its <target
+  // dev=>, and the backup points that <disk> of the XML at its copy. The
+  // device aliases are in the live XML only (not the migratable one).
+  std::map<std::string, std::string> targets;
+  if (libvirt_ && opts_.disks != "none") {
+    ASSIGN_OR_RETURN(std::string live, libvirt_->LiveXml());
+    targets = LibvirtDiskTargets(live);
   }
+  ASSIGN_OR_RETURN(std::vector<GuestDisk> disks,
+                   ListGuestDisks(monitor_.get(), d, opts_.disks, libvirt_ ? &targets : nullptr));
   json disks_json = json::array();
   for (const auto& g : disks) disks_json.push_back(g.ToJson());
 
@@ -261,22 +260,21 @@ Status PrimaryReplicator::Connect() {
   RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
 
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
+  // libvirt's QEMU may not open a path of ours (its own user, AppArmor): the
+  // COLO stream and the disks' NBD sockets reach it as passed fds.
+  DiskSource::PassFdFn pass_fd;
+  if (libvirt_) pass_fd = [lv = libvirt_](const std::string& name, int theirs) { return lv->PassFd(name, theirs); };
   if (!disks.empty())
     disks_ = std::make_unique<DiskSource>(
         monitor_.get(), d, opts_.run_dir, std::move(disks),
         [this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len, std::span<const uint8_t> data) {
           OnDiskWrite(i, op, off, len, data);
         },
-        libvirt_ ? DiskSource::PassFdFn([lv = libvirt_](const std::string& name, int theirs) {
-          return lv->PassFd(name, theirs);
-        })
-                 : DiskSource::PassFdFn());
+        pass_fd);
   monitor_->SetEventHandler([this](const json& ev) { OnQemuEvent(ev); });
 
   CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
-  // libvirt's QEMU may not open a path of ours (its own user, AppArmor):
-  // hand it a socketpair end instead.
-  if (libvirt_) so.pass_fd = [lv = libvirt_](const std::string& name, int theirs) { return lv->PassFd(name, theirs); };
+  so.pass_fd = pass_fd;  // a socketpair end instead of our listening socket
   source_ = std::make_unique<CheckpointSource>(monitor_.get(), std::move(so));
   if (cancel_start_) return Cancelled("domain " + d + ": protection cancelled while starting");
   RETURN_IF_ERROR(source_->Start());
@@ -815,8 +813,7 @@ Status PrimaryReplicator::Unprotect() {
 }
 
 Status PrimaryReplicator::SetInterval(int ms) {
-  if (ms < 1 || ms > 600000)
-    return InvalidArgument("domain " + opts_.domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
+  RETURN_IF_ERROR(CheckInterval(opts_.domain, ms));
   if (stopping_) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
   if (!ready_ || !source_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
   RETURN_IF_ERROR(source_->SetInterval(ms));

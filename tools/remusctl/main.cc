@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -87,6 +88,12 @@ void PrintTable(const json& domains) {
   }
 }
 
+// A progress bar of `width` cells for pct (0..100): "####......".
+std::string Bar(double pct, int width) {
+  int n = std::clamp(static_cast<int>(pct * width / 100), 0, width);
+  return std::string(static_cast<size_t>(n), '#') + std::string(static_cast<size_t>(width - n), '.');
+}
+
 // Shows initial-copy progress until the domain is protected: a bar on a
 // terminal, plain lines otherwise.
 int WaitProtected(const std::string& sock, const std::string& domain, int timeout_s) {
@@ -100,7 +107,7 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
     std::string st = d.value("state", "");
     int pct = static_cast<int>(d["sync"].value("percent", 0.0));
     if (st == "protected") {
-      if (tty) std::printf("\r[%s] 100%%\n", std::string(40, '#').c_str());
+      if (tty) std::printf("\r[%s] 100%%\n", Bar(100, 40).c_str());
       std::printf("%s: protected (backup %s, interval %d ms)\n", domain.c_str(), d.value("backup", "").c_str(),
                   d.value("interval_ms", 0));
       return 0;
@@ -111,9 +118,7 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
       return 1;
     }
     if (tty) {
-      int n = pct * 40 / 100;
-      std::printf("\rinitial copy [%s%s] %3d%%", std::string(static_cast<size_t>(n), '#').c_str(),
-                  std::string(static_cast<size_t>(40 - n), '.').c_str(), pct);
+      std::printf("\rinitial copy [%s] %3d%%", Bar(pct, 40).c_str(), pct);
       std::fflush(stdout);
     } else if (pct / 10 != last_pct / 10) {
       std::printf("%s: initial copy %d%%\n", domain.c_str(), pct);
@@ -161,10 +166,8 @@ remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::s
     double pct = rs.value("percent", 0.0);
     uint64_t done = rs.value("done_bytes", uint64_t{0}), total = rs.value("total_bytes", uint64_t{0});
     if (tty) {
-      int n = static_cast<int>(pct * 30 / 100);
-      std::printf("\r\033[K%s [%s%s] %3.0f%% of %.0f MiB  %s", domain.c_str(), std::string(static_cast<size_t>(n), '#').c_str(),
-                  std::string(static_cast<size_t>(30 - n), '.').c_str(), pct, static_cast<double>(total) / (1 << 20),
-                  phase.c_str());
+      std::printf("\r\033[K%s [%s] %3.0f%% of %.0f MiB  %s", domain.c_str(), Bar(pct, 30).c_str(), pct,
+                  static_cast<double>(total) / (1 << 20), phase.c_str());
       std::fflush(stdout);
       drew = true;
     } else if (phase != last_phase || static_cast<int>(pct) / 10 != last_decile) {
