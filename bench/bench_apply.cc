@@ -58,7 +58,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
-#include "replicator/page_store.h"
+#include "replicator/backup/page_store.h"
 
 namespace {
 

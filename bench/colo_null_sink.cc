@@ -1,7 +1,7 @@
 // colo_null_sink: the lower bound for the guest's pause per checkpoint.
 //
 // Drives a running QEMU over QMP exactly as the checkpoint source does
-// (replicator/checkpoint_source.cc: x-colo on, return-path off,
+// (replicator/qemu/checkpoint_source.cc: x-colo on, return-path off,
 // x-checkpoint-delay, max-bandwidth lifted, migrate to a unix socket we
 // listen on), parses QEMU's stream with qemu::StreamParser into a PageSink
 // that discards every page, and answers every COLO message at once: ready
@@ -34,8 +34,8 @@
 
 #include "common/io.h"
 #include "common/status.h"
-#include "replicator/qemu_stream.h"
-#include "replicator/qmp.h"
+#include "replicator/qemu/qemu_stream.h"
+#include "replicator/qemu/qmp.h"
 
 namespace {
 

@@ -19,8 +19,8 @@
 
 #include "common/clock.h"
 #include "common/io.h"
-#include "replicator/backup.h"
-#include "replicator/primary.h"
+#include "replicator/backup/backup.h"
+#include "replicator/primary/primary.h"
 #include "remusd/metrics.h"
 
 namespace remus {

@@ -30,8 +30,8 @@ using prometheus::MetricType;
 
 namespace {
 
-// The states each role can report (replicator/primary.cc PrimaryStateName,
-// replicator/backup.cc BackupDomain::StateName), for the enum-style
+// The states each role can report (replicator/primary/primary.cc PrimaryStateName,
+// replicator/backup/backup.cc BackupDomain::StateName), for the enum-style
 // remus_state gauge: one series per state, 1 for the current one.
 const std::vector<std::string> kPrimaryStates = {"starting", "syncing", "protected", "unprotected", "failed-over",
                                                  "stopped"};

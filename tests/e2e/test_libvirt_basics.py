@@ -3,7 +3,7 @@
 Each test starts one or two private libvirtd "hosts" (tests/e2e/libvirt_world.py)
 and runs the test guest in them as a TCG domain (Debian's QEMU, or
 REMUS_LIBVIRT_QEMU).  LibvirtMonitor and RestoreDomain are driven through the
-test tool libvirt_monitor_probe (replicator/libvirt_monitor_probe.cc), which
+test tool libvirt_monitor_probe (replicator/libvirt/monitor_probe.cc), which
 prints JSON.
 
 Skipped (with the reason) when not root, when libvirtd/virsh are not installed,

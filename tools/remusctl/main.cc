@@ -14,7 +14,7 @@
 #include <optional>
 #include <thread>
 
-#include "replicator/wire.h"
+#include "replicator/link/wire.h"
 #include "tools/remusctl/control_client.h"
 #include "tools/remusctl/views.h"
 

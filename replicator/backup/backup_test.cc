@@ -1,0 +1,41 @@
+#include "replicator/backup/backup.h"
+
+#include <gtest/gtest.h>
+
+namespace remus {
+namespace {
+
+TEST(RewriteArgv, RestoresOnThisHost) {
+  std::vector<std::string> argv = {
+      "/usr/bin/qemu-system-x86_64", "-name", "web1", "-machine", "pc", "-m", "256",
+      "-qmp", "unix:/run/qemu/web1.qmp,server=on,wait=off", "-daemonize", "-pidfile", "/run/qemu/web1.pid",
+      "-serial", "file:/var/log/web1.serial", "-chardev", "socket,id=mon0,path=/run/mon.sock,server=on,wait=off",
+      "-mon", "chardev=mon0,mode=control", "-chardev", "file,id=log0,path=/var/log/x.log", "-S",
+      "-incoming", "tcp:0:4444", "-kernel", "/boot/vmlinuz"};
+  auto out = RewriteArgvForRestore(argv, "/state/web1/run", "");
+  std::vector<std::string> want = {
+      "/usr/bin/qemu-system-x86_64", "-name", "web1", "-machine", "pc", "-m", "256",
+      "-pidfile", "/state/web1/run/qemu.pid", "-serial", "file:/state/web1/run/serial.log",
+      "-chardev", "file,id=log0,path=/state/web1/run/log0.log", "-kernel", "/boot/vmlinuz",
+      "-qmp", "unix:/state/web1/run/qmp.sock,server=on,wait=off", "-incoming", "defer"};
+  EXPECT_EQ(out, want);
+}
+
+TEST(RewriteArgv, OverridesBinaryAndAddsPidfile) {
+  auto out = RewriteArgvForRestore({"qemu", "--qmp", "unix:/x", "-serial", "stdio"}, "/r", "/opt/qemu");
+  std::vector<std::string> want = {"/opt/qemu", "-serial", "file:/r/serial.log", "-qmp",
+                                   "unix:/r/qmp.sock,server=on,wait=off", "-pidfile", "/r/qemu.pid",
+                                   "-incoming", "defer"};
+  EXPECT_EQ(out, want);
+}
+
+TEST(RewriteArgv, KeepsSocketChardevsButMovesTheirPath) {
+  auto out = RewriteArgvForRestore({"q", "-chardev", "socket,id=ser0,path=/tmp/a.sock,server=on"}, "/r", "");
+  ASSERT_GE(out.size(), 3u);
+  EXPECT_EQ(out[2], "socket,id=ser0,path=/r/ser0.sock,server=on");
+}
+
+TEST(RewriteArgv, EmptyArgv) { EXPECT_TRUE(RewriteArgvForRestore({}, "/r", "").empty()); }
+
+}  // namespace
+}  // namespace remus

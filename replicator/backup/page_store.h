@@ -1,0 +1,229 @@
+// Backup-side guest memory: one sparse, memory-mapped file per QEMU RAM block
+// in a state directory, so a 64 GiB guest costs page cache, not 64 GiB of
+// anonymous memory, and survives a daemon restart.
+//
+// Lifecycle (one PageStore per protected domain):
+//   Create(dir, blocks)      empty image, state "syncing"
+//   ApplyPage(...)*          the initial full copy, page by page
+//   CompleteInitialSync(...) epoch 0 committed with its device blob
+//   Commit(epoch, staging)*  each checkpoint, all-or-nothing
+//   Open(dir)                after a restart; has_committed() says whether the
+//                            image is a consistent committed epoch
+//
+// Directory layout:
+//   manifest.json   {"version":1,"blocks":[{"id","used_length","file"}]}, written once
+//   meta.json       committed epoch, initial sync done, device blob file,
+//                   "applying" marker, boot id, synced flag; replaced atomically
+//   ram-NNN-<id>.img  one sparse file per block (id sanitized; NNN makes it unique)
+//   device-<epoch>.bin  the device blob of the committed epoch
+//
+// Crash consistency: Commit validates the whole checkpoint before touching
+// memory, writes the new device blob to a new file, writes meta with an
+// "applying" marker, applies, then replaces meta again without the marker
+// (each meta write is write-temp + rename, so readers see old or new). A crash
+// in between leaves the marker, and Open() reports the image as torn
+// (has_committed() false, invalid_reason() says why).
+// Nothing is fsynced per epoch: pages live in the page cache, which survives a
+// daemon crash but not a host crash, so meta records the kernel boot id and
+// Open() refuses an image from an earlier boot unless Sync() ran after its last
+// commit. (Create, BeginInitialSync, CompleteInitialSync and Sync do fsync meta.)
+// Performance: applying is a memcpy into the mapping. Rewriting resident pages
+// runs at memory speed; the first write to a page that is a hole costs a page
+// fault plus the filesystem's block reservation (~10-30 us on ext4, ~5 us on
+// tmpfs), as does the first write after the kernel wrote a page back.
+//
+// Page batch format (the payload the replication link carries for pages; the
+// wire module frames, authenticates and checksums it): a sequence of records
+//   be32 block index, be64 (offset | flags), then kPageSize bytes unless
+//   flags has kBatchFlagZero. offset is page aligned; flags live in the low
+//   12 bits and only kBatchFlagZero is defined.
+//
+// Thread-safety: not thread-safe. One thread (the backup's epoch loop) calls
+// the mutating methods; readers (restore) must not run concurrently with
+// Commit/ApplyPage. stats() may be read from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "replicator/link/page_batch.h"
+#include "replicator/qemu/qemu_stream.h"
+
+namespace remus {
+
+inline constexpr uint64_t kBatchFlagZero = wire::kPageFlagZero;
+inline constexpr uint64_t kBatchFlagMask = wire::kPageFlagMask;
+inline constexpr size_t kBatchRecordHeader = wire::kPageRecordHeader;
+// Sanity bound on the sum of all blocks' used_length.
+inline constexpr uint64_t kMaxGuestRam = 16ull << 40;
+
+// True if the kPageSize bytes at p are all zero.
+bool IsZeroPage(const uint8_t* p);
+
+// One checkpoint as received, waiting for its last byte. Holds the page
+// batches exactly as received (decoded only at Commit) and the device blob.
+// Dropping it (disconnect, aborted epoch) just frees the memory.
+class Staging {
+ public:
+  void AddPageBatch(std::string batch) {
+    bytes_ += batch.size();
+    batches_.push_back(std::move(batch));
+  }
+  void SetDeviceBlob(std::string blob) {
+    bytes_ = bytes_ - device_blob_.size() + blob.size();
+    device_blob_ = std::move(blob);
+  }
+  const std::vector<std::string>& batches() const { return batches_; }
+  // Hands the batches' buffers back (for reuse as receive buffers) and
+  // forgets them.
+  std::vector<std::string> TakeBatches() {
+    for (const auto& b : batches_) bytes_ -= b.size();
+    std::vector<std::string> out = std::move(batches_);
+    batches_.clear();
+    return out;
+  }
+  const std::string& device_blob() const { return device_blob_; }
+  std::string TakeDeviceBlob() {
+    bytes_ -= device_blob_.size();
+    return std::move(device_blob_);
+  }
+  // Bytes held (for backpressure accounting).
+  uint64_t bytes() const { return bytes_; }
+  void Clear() {
+    batches_.clear();
+    device_blob_.clear();
+    bytes_ = 0;
+  }
+
+ private:
+  std::vector<std::string> batches_;
+  std::string device_blob_;
+  uint64_t bytes_ = 0;
+};
+
+struct PageStoreStats {
+  std::atomic<uint64_t> pages_applied{0};       // data pages copied in
+  std::atomic<uint64_t> zero_pages_applied{0};  // zero pages cleared
+  std::atomic<uint64_t> bytes_applied{0};       // page bytes (zero pages count kPageSize)
+  std::atomic<uint64_t> commits{0};
+  std::atomic<uint64_t> rejected_commits{0};    // checkpoints refused as corrupt
+};
+
+class PageStore {
+ public:
+  // Makes a fresh, all-zero store in dir (created if missing), replacing any
+  // store already there. REQUIRES: blocks non-empty, at most qemu::kMaxRamBlocks,
+  // unique non-empty ids of at most 255 bytes, each used_length a non-zero
+  // multiple of kPageSize, total at most kMaxGuestRam (else InvalidArgument).
+  static StatusOr<std::unique_ptr<PageStore>> Create(const std::string& dir,
+                                                     const std::vector<qemu::RamBlock>& blocks);
+  // Reopens an existing store. NotFound if dir holds no store, DataLoss if the
+  // manifest or a block file is damaged. A torn, unfinished, unsynced-after-
+  // reboot or unreadable-meta image opens fine but with has_committed() false;
+  // see invalid_reason(). BeginInitialSync() then starts over.
+  static StatusOr<std::unique_ptr<PageStore>> Open(const std::string& dir);
+
+  ~PageStore();
+  PageStore(const PageStore&) = delete;
+  PageStore& operator=(const PageStore&) = delete;
+
+  // Writes one page during the initial sync (data == nullptr: zero page).
+  // OutOfRange for a block index or offset outside the image, DataLoss for a
+  // misaligned offset; nothing is written then. FailedPrecondition once the
+  // store holds a committed image (use Commit, or BeginInitialSync first).
+  Status ApplyPage(uint32_t block, uint64_t offset, const uint8_t* data);
+  // Discards the image (all pages become zero holes) and marks the store
+  // invalid so a new initial sync can fill it (e.g. after a torn commit, or
+  // when the primary restarts protection).
+  Status BeginInitialSync();
+  // Ends the initial sync: epoch `epoch` (normally 0) is committed with this
+  // device blob. REQUIRES: syncing state.
+  Status CompleteInitialSync(std::string_view device_blob, uint64_t epoch = 0);
+
+  // Applies one complete checkpoint. Everything is validated first; on a bad
+  // record or blob nothing is applied and DataLoss is returned (the store
+  // stays at the previous epoch). FailedPrecondition if the store holds no
+  // committed image or epoch <= committed_epoch(). The staging is consumed.
+  // On return (either way) `staging` still holds its page batches, so the
+  // caller can reuse their buffers (Staging::TakeBatches); the device blob is
+  // taken on success.
+  Status Commit(uint64_t epoch, Staging&& staging);
+
+  // Makes the committed image durable across a host reboot (msync + fsync),
+  // e.g. on clean shutdown. Costly for a big guest; not needed per epoch.
+  Status Sync();
+
+  bool has_committed() const { return state_ == State::kCommitted; }
+  // Valid only if has_committed().
+  uint64_t committed_epoch() const { return committed_epoch_; }
+  // Why has_committed() is false ("" when it is true).
+  const std::string& invalid_reason() const { return invalid_reason_; }
+  // The device blob (FULL sections + footers + EOF) of the committed epoch.
+  const std::string& device_blob() const { return device_blob_; }
+
+  const std::string& dir() const { return dir_; }
+  const std::vector<qemu::RamBlock>& blocks() const { return blocks_; }
+  const uint8_t* BlockData(size_t i) const { return maps_[i].addr; }
+  uint64_t total_bytes() const { return total_bytes_; }
+  const PageStoreStats& stats() const { return stats_; }
+
+  // Sparse-file helpers for restore: the first offset >= from in block i that
+  // may hold data / is a hole (used_length when none). Holes read as zero.
+  StatusOr<uint64_t> NextData(size_t i, uint64_t from) const;
+  StatusOr<uint64_t> NextHole(size_t i, uint64_t from) const;
+
+ private:
+  enum class State { kSyncing, kCommitted, kTorn };
+  struct Mapping {
+    std::string file;
+    int fd = -1;
+    uint8_t* addr = nullptr;
+    uint64_t len = 0;
+  };
+  struct Meta {
+    uint64_t committed_epoch = 0;
+    bool initial_sync_complete = false;
+    std::string device_blob_file;
+    bool applying = false;
+    uint64_t applying_epoch = 0;
+    std::string boot_id;
+    bool synced = false;
+  };
+
+  explicit PageStore(std::string dir) : dir_(std::move(dir)) {}
+  static Status ValidateBlocks(const std::vector<qemu::RamBlock>& blocks);
+  Status MapBlocks(bool create);
+  Status WriteMeta(const Meta& m, bool durable);
+  Meta CurrentMeta() const;
+  // Checks a batch without applying; counts its pages.
+  Status ValidateBatch(std::string_view batch, size_t batch_index) const;
+  void ApplyBatch(std::string_view batch);
+  void RemoveStaleBlobs(const std::string& keep);
+  Status PunchAll();
+  Status Reserve(int fd, uint64_t len, const std::string& path);
+
+  // During the initial sync: pages written since the image was last emptied,
+  // so a ZERO record for a never-written page touches nothing (a fresh image
+  // is all holes). One bit per page, e.g. 2 MiB for 64 GiB.
+  std::vector<std::vector<uint64_t>> written_;
+
+  std::string dir_;
+  std::vector<qemu::RamBlock> blocks_;
+  std::vector<Mapping> maps_;
+  uint64_t total_bytes_ = 0;
+  State state_ = State::kSyncing;
+  std::string invalid_reason_;
+  uint64_t committed_epoch_ = 0;
+  std::string device_blob_;
+  std::string device_blob_file_;
+  std::string boot_id_;
+  bool synced_ = false;
+  PageStoreStats stats_;
+};
+
+}  // namespace remus

@@ -1,0 +1,127 @@
+#include "replicator/link/page_batch.h"
+
+#include <cassert>
+#include <algorithm>
+#include <cstdio>
+
+#include <lz4.h>
+
+#include "common/io.h"
+
+namespace remus::wire {
+
+void AppendPageRecord(std::string* out, uint32_t block, uint64_t offset, const uint8_t* data) {
+  assert(offset % kPageSize == 0);
+  PutU32(out, block);
+  PutU64(out, offset | (data ? 0 : kPageFlagZero));
+  if (data) out->append(reinterpret_cast<const char*>(data), kPageSize);
+}
+
+DeferredPages::~DeferredPages() {
+  if (release_) release_(std::move(buffers_));
+}
+
+void DeferredPages::Add(uint32_t block, uint64_t offset, const uint8_t* data_or_null) {
+  refs_.push_back({offset, data_or_null, block});
+  if (data_or_null == nullptr) zero_pages_++;
+  bytes_ += PageRecordSize(data_or_null == nullptr);
+}
+
+void DeferredPages::Adopt(std::vector<std::vector<uint8_t>> buffers,
+                          std::function<void(std::vector<std::vector<uint8_t>>)> release) {
+  for (auto& b : buffers) buffers_.push_back(std::move(b));
+  release_ = std::move(release);
+}
+
+bool DeferredPages::NextBatch(size_t target, std::string* out) {
+  out->clear();
+  if (next_ >= refs_.size()) return false;
+  out->reserve(std::min<uint64_t>(target + PageRecordSize(false), bytes_));
+  while (next_ < refs_.size() && (out->empty() || out->size() < target)) {
+    const Ref& r = refs_[next_++];
+    AppendPageRecord(out, r.block, r.offset, r.data);
+  }
+  return true;
+}
+
+bool DeferredPages::NextBatchViews(size_t target, std::string* headers, std::vector<std::string_view>* parts) {
+  headers->clear();
+  parts->clear();
+  if (next_ >= refs_.size()) return false;
+  // Which records go in this batch, so that *headers never reallocates under
+  // the views taken into it.
+  size_t end = next_, size = 0;
+  while (end < refs_.size() && (size == 0 || size < target)) size += PageRecordSize(refs_[end++].data == nullptr);
+  headers->reserve((end - next_) * kPageRecordHeader);
+  size_t run_begin = 0;  // start in *headers of the header run not yet viewed
+  for (; next_ < end; next_++) {
+    const Ref& r = refs_[next_];
+    // The record's header as AppendPageRecord writes it; the data stays put.
+    PutU32(headers, r.block);
+    PutU64(headers, r.offset | (r.data ? 0 : kPageFlagZero));
+    if (r.data) {
+      parts->emplace_back(headers->data() + run_begin, headers->size() - run_begin);
+      parts->emplace_back(reinterpret_cast<const char*>(r.data), kPageSize);
+      run_begin = headers->size();
+    }
+  }
+  if (run_begin < headers->size()) parts->emplace_back(headers->data() + run_begin, headers->size() - run_begin);
+  return true;
+}
+
+Status ForEachPageRecord(
+    std::string_view payload,
+    const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn) {
+  size_t pos = 0;
+  for (uint64_t n = 0; pos < payload.size(); n++) {
+    // Built only on error: this loop runs once per page.
+    auto where = [&, at = pos] {
+      return "page record #" + std::to_string(n) + " at byte " + std::to_string(at) + " of a " +
+             std::to_string(payload.size()) + "-byte PAGES payload";
+    };
+    if (payload.size() - pos < kPageRecordHeader) return DataLoss(where() + " is truncated");
+    const uint32_t block = LoadU32(payload.data() + pos);
+    const uint64_t word = LoadU64(payload.data() + pos + 4);
+    pos += kPageRecordHeader;
+    const uint64_t flags = word & kPageFlagMask;
+    const uint64_t offset = word & ~kPageFlagMask;
+    if (flags & ~kPageFlagZero) {
+      char buf[40];
+      std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(word));
+      return DataLoss(where() + ": offset word " + buf + " is not page-aligned (unknown flag bits)");
+    }
+    const uint8_t* data = nullptr;
+    if (!(flags & kPageFlagZero)) {
+      if (payload.size() - pos < kPageSize) return DataLoss(where() + " is truncated (page data)");
+      data = reinterpret_cast<const uint8_t*>(payload.data() + pos);
+      pos += kPageSize;
+    }
+    RETURN_IF_ERROR(fn(block, offset, data));
+  }
+  return OkStatus();
+}
+
+std::string CompressBatch(std::string_view batch) {
+  std::string out;
+  int bound = LZ4_compressBound(static_cast<int>(batch.size()));
+  out.resize(4 + static_cast<size_t>(bound));
+  StoreU32(out.data(), static_cast<uint32_t>(batch.size()));
+  int n = LZ4_compress_default(batch.data(), out.data() + 4, static_cast<int>(batch.size()), bound);
+  out.resize(4 + static_cast<size_t>(n > 0 ? n : 0));
+  return out;
+}
+
+StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size) {
+  if (compressed.size() < 4) return DataLoss("compressed PAGES payload is truncated");
+  uint32_t raw = LoadU32(compressed.data());
+  if (raw > max_size)
+    return DataLoss("compressed PAGES payload claims " + std::to_string(raw) + " bytes, over the limit of " +
+                    std::to_string(max_size));
+  std::string out(raw, '\0');
+  int n = LZ4_decompress_safe(compressed.data() + 4, out.data(), static_cast<int>(compressed.size() - 4),
+                              static_cast<int>(raw));
+  if (n < 0 || static_cast<uint32_t>(n) != raw) return DataLoss("compressed PAGES payload is corrupt");
+  return out;
+}
+
+}  // namespace remus::wire

@@ -1,0 +1,98 @@
+#include "replicator/link/page_batch.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace remus::wire {
+namespace {
+
+TEST(PageBatch, CompressRoundTrip) {
+  std::string batch;
+  std::vector<uint8_t> page(kPageSize);
+  for (size_t i = 0; i < page.size(); i++) page[i] = static_cast<uint8_t>(i % 7);
+  for (uint64_t i = 0; i < 64; i++) AppendPageRecord(&batch, 0, i * kPageSize, i % 3 ? page.data() : nullptr);
+  std::string z = CompressBatch(batch);
+  EXPECT_LT(z.size(), batch.size() / 4);  // repeated pages compress well
+  auto back = DecompressBatch(z, 16u << 20);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, batch);
+}
+
+// Deferred batches are byte for byte what appending the records at once gives,
+// split at the target size, and the buffers go back on destruction.
+TEST(PageBatch, DeferredPagesBatchLikeDirectAppend) {
+  std::vector<uint8_t> mem(kPageSize * 10);
+  for (size_t i = 0; i < mem.size(); i++) mem[i] = static_cast<uint8_t>(i * 31 / 7);
+  std::string direct;
+  int released = 0;
+  {
+    DeferredPages d;
+    for (uint64_t i = 0; i < 10; i++) {
+      const uint8_t* data = i % 4 == 3 ? nullptr : mem.data() + i * kPageSize;
+      d.Add(static_cast<uint32_t>(i % 2), i * kPageSize, data);
+      AppendPageRecord(&direct, static_cast<uint32_t>(i % 2), i * kPageSize, data);
+    }
+    std::vector<std::vector<uint8_t>> bufs(3);
+    d.Adopt(std::move(bufs), [&](std::vector<std::vector<uint8_t>> b) { released = static_cast<int>(b.size()); });
+    EXPECT_EQ(d.pages(), 10u);
+    EXPECT_EQ(d.zero_pages(), 2u);
+    EXPECT_EQ(d.bytes(), direct.size());
+    std::string all, batch;
+    int batches = 0;
+    while (d.NextBatch(3 * kPageSize, &batch)) {
+      EXPECT_LE(batch.size(), 3 * kPageSize + PageRecordSize(false));
+      all += batch;
+      batches++;
+    }
+    EXPECT_EQ(all, direct);
+    EXPECT_EQ(batches, 3);
+    EXPECT_FALSE(d.NextBatch(3 * kPageSize, &batch));
+    EXPECT_EQ(released, 0);
+  }
+  EXPECT_EQ(released, 3);
+}
+
+// The zero-copy batches carry the same bytes as the copied ones, batch for
+// batch; consecutive zero pages' headers share a view.
+TEST(PageBatch, DeferredPagesViewsEqualCopiedBatches) {
+  std::vector<uint8_t> mem(kPageSize * 12);
+  for (size_t i = 0; i < mem.size(); i++) mem[i] = static_cast<uint8_t>(i * 13 / 5);
+  DeferredPages copied, viewed;
+  for (uint64_t i = 0; i < 12; i++) {
+    const uint8_t* data = (i >= 4 && i <= 6) || i == 11 ? nullptr : mem.data() + i * kPageSize;
+    copied.Add(static_cast<uint32_t>(i % 3), i * kPageSize, data);
+    viewed.Add(static_cast<uint32_t>(i % 3), i * kPageSize, data);
+  }
+  std::string batch, headers;
+  std::vector<std::string_view> parts;
+  int batches = 0;
+  while (copied.NextBatch(4 * kPageSize, &batch)) {
+    ASSERT_TRUE(viewed.NextBatchViews(4 * kPageSize, &headers, &parts));
+    std::string joined;
+    for (auto p : parts) joined.append(p);
+    EXPECT_EQ(joined, batch) << "batch " << batches;
+    for (size_t k = 1; k < parts.size(); k++)  // no two header views in a row
+      EXPECT_FALSE(parts[k].data() == parts[k - 1].data() + parts[k - 1].size() &&
+                   parts[k].data() >= headers.data() && parts[k].data() < headers.data() + headers.size());
+    batches++;
+  }
+  EXPECT_FALSE(viewed.NextBatchViews(4 * kPageSize, &headers, &parts));
+  EXPECT_EQ(batches, 3);
+}
+
+TEST(PageBatch, CorruptOrOversizedCompressedBatchRefused) {
+  std::string batch(100000, 'x');
+  std::string z = CompressBatch(batch);
+  EXPECT_EQ(DecompressBatch(z.substr(0, 3), 1 << 20).status().code(), Code::kDataLoss);
+  EXPECT_EQ(DecompressBatch(z, 1000).status().code(), Code::kDataLoss);  // claims more than allowed
+  std::string bad = z;
+  bad.resize(bad.size() / 2);
+  EXPECT_EQ(DecompressBatch(bad, 1 << 20).status().code(), Code::kDataLoss);
+  std::string lie = z;
+  lie[3] = static_cast<char>(lie[3] + 1);  // wrong uncompressed size
+  EXPECT_EQ(DecompressBatch(lie, 1 << 20).status().code(), Code::kDataLoss);
+}
+
+}  // namespace
+}  // namespace remus::wire

@@ -1,0 +1,604 @@
+#include "replicator/link/wire.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cassert>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "common/crc32c.h"
+#include "common/hex.h"
+#include "common/log.h"
+
+namespace remus::wire {
+
+using json = nlohmann::json;
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+namespace {
+
+constexpr char kTag[] = "wire";
+
+void StoreU16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v >> 8);
+  p[1] = static_cast<uint8_t>(v);
+}
+uint16_t LoadU16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
+
+std::string FrameDesc(uint16_t type, uint64_t epoch) {
+  return "frame " + MsgTypeName(type) + " epoch " + std::to_string(epoch);
+}
+
+StatusOr<std::string> RandomBytes(size_t n) {
+  std::string out(n, '\0');
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(out.data()), static_cast<int>(n)) != 1)
+    return Internal("the OpenSSL random generator failed (RAND_bytes)");
+  return out;
+}
+
+// HMAC-SHA256(key, label "\0" domain a b). The domain is the only variable-
+// length field and the nonces after it are fixed-size, so the encoding is
+// unambiguous; the labels keep a client proof from being reflected as a
+// server proof.
+std::string Proof(const Key& key, std::string_view label, std::string_view domain,
+                  std::string_view a, std::string_view b) {
+  std::string msg;
+  msg.reserve(label.size() + 1 + domain.size() + a.size() + b.size());
+  msg.append(label);
+  msg.push_back('\0');
+  msg.append(domain);
+  msg.append(a);
+  msg.append(b);
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.secret.data(), static_cast<int>(key.secret.size()),
+       reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out, &len);
+  return std::string(reinterpret_cast<char*>(out), len);
+}
+
+bool ConstantTimeEqual(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+std::optional<std::string> JsonString(const json& j, const char* field) {
+  if (!j.is_object()) return std::nullopt;
+  auto it = j.find(field);
+  if (it == j.end() || !it->is_string()) return std::nullopt;
+  return it->get<std::string>();
+}
+
+// Parses a JSON object; nullopt if the payload is not one.
+std::optional<json> ParseObject(std::string_view payload) {
+  json j = json::parse(payload, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  return j;
+}
+
+// Decodes a hex field of exactly n bytes.
+std::optional<std::string> HexField(const json& j, const char* field, size_t n) {
+  auto s = JsonString(j, field);
+  if (!s || s->size() != 2 * n) return std::nullopt;
+  return HexDecode(*s);
+}
+
+bool ValidDomain(std::string_view d) {
+  if (d.empty() || d.size() > 255) return false;
+  for (unsigned char c : d)
+    if (c < 0x20 || c == 0x7f) return false;
+  return true;
+}
+
+// One handshake receive: bounded size, shared deadline, clear timeout message.
+StatusOr<Frame> RecvHandshake(Link& link, SteadyTime deadline, int timeout_ms,
+                              const std::string& peer, std::string_view waiting_for) {
+  auto f = link.RecvUntil(deadline, kMaxHandshakePayload);
+  if (f.ok()) return f;
+  const Status& s = f.status();
+  if (s.code() == Code::kDeadlineExceeded)
+    return DeadlineExceeded(peer + " did not send " + std::string(waiting_for) + " within the " +
+                            std::to_string(timeout_ms) + " ms handshake timeout");
+  return s.Annotate("handshake with " + peer + ", waiting for " + std::string(waiting_for));
+}
+
+// Best effort: tell the peer why we hang up, then return s.
+Status SendErrorAndFail(Link& link, const Status& s, const Status& to_peer) {
+  Status ignored = link.Send(MsgType::kError, 0, EncodeError(to_peer));
+  (void)ignored;
+  return s;
+}
+
+}  // namespace
+
+// ---- Frames -----------------------------------------------------------------
+
+std::string MsgTypeName(uint16_t t) {
+  switch (static_cast<MsgType>(t)) {
+    case MsgType::kHello: return "HELLO";
+    case MsgType::kChallenge: return "CHALLENGE";
+    case MsgType::kAuth: return "AUTH";
+    case MsgType::kAuthOk: return "AUTH_OK";
+    case MsgType::kError: return "ERROR";
+    case MsgType::kConfig: return "CONFIG";
+    case MsgType::kSyncBegin: return "SYNC_BEGIN";
+    case MsgType::kPages: return "PAGES";
+    case MsgType::kDevice: return "DEVICE";
+    case MsgType::kCommit: return "COMMIT";
+    case MsgType::kAck: return "ACK";
+    case MsgType::kHeartbeat: return "HEARTBEAT";
+    case MsgType::kFailover: return "FAILOVER";
+    case MsgType::kGoodbye: return "GOODBYE";
+    case MsgType::kProgress: return "PROGRESS";
+    case MsgType::kDisk: return "DISK";
+    case MsgType::kDiskSynced: return "DISK_SYNCED";
+  }
+  return "TYPE_" + std::to_string(t);
+}
+
+std::string MsgTypeName(MsgType t) { return MsgTypeName(static_cast<uint16_t>(t)); }
+
+namespace {
+
+void BuildHeader(uint8_t* hdr, MsgType type, uint64_t epoch, uint32_t len, uint16_t flags,
+                 const std::vector<std::string_view>& parts) {
+  StoreU32(hdr, kMagic);
+  StoreU16(hdr + 4, static_cast<uint16_t>(type));
+  StoreU16(hdr + 6, flags);
+  StoreU64(hdr + 8, epoch);
+  StoreU32(hdr + 16, len);
+  uint32_t crc = crc32c::Value(hdr, 20);
+  for (std::string_view p : parts) crc = crc32c::Extend(crc, p.data(), p.size());
+  StoreU32(hdr + 20, crc);
+}
+
+}  // namespace
+
+std::string EncodeFrame(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
+  uint8_t hdr[kHeaderSize];
+  BuildHeader(hdr, type, epoch, static_cast<uint32_t>(payload.size()), flags, {payload});
+  std::string out(reinterpret_cast<char*>(hdr), kHeaderSize);
+  out.append(payload);
+  return out;
+}
+
+Status Link::Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
+  return SendV(type, epoch, {payload}, flags);
+}
+
+Status Link::SendV(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
+                   uint16_t flags) {
+  std::lock_guard<std::mutex> lock(send_mu_);
+  return SendLocked(type, epoch, parts, flags);
+}
+
+Status Link::SendSplit(MsgType type, uint64_t epoch, std::string_view payload) {
+  std::lock_guard<std::mutex> lock(send_mu_);
+  do {
+    std::string_view chunk = payload.substr(0, kMaxPayload);
+    payload.remove_prefix(chunk.size());
+    RETURN_IF_ERROR(SendLocked(type, epoch, {chunk}, payload.empty() ? 0 : kFlagMore));
+  } while (!payload.empty());
+  return OkStatus();
+}
+
+Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
+                        uint16_t flags) {
+  size_t total = 0;
+  for (std::string_view p : parts) total += p.size();
+  if (total > kMaxPayload)
+    return InvalidArgument("cannot send " + FrameDesc(static_cast<uint16_t>(type), epoch) +
+                           ": payload of " + std::to_string(total) + " bytes exceeds the " +
+                           std::to_string(kMaxPayload) + "-byte frame limit");
+  uint8_t hdr[kHeaderSize];
+  BuildHeader(hdr, type, epoch, static_cast<uint32_t>(total), flags, parts);
+  std::vector<iovec> iov;
+  iov.reserve(parts.size() + 1);
+  iov.push_back({hdr, kHeaderSize});
+  for (std::string_view p : parts)
+    if (!p.empty()) iov.push_back({const_cast<char*>(p.data()), p.size()});
+  RETURN_IF_ERROR(WriteVecFull(fd_.get(), iov.data(), static_cast<int>(iov.size()))
+                      .Annotate("sending " + FrameDesc(static_cast<uint16_t>(type), epoch) +
+                                " to " + PeerName()));
+  bytes_sent_.fetch_add(kHeaderSize + total, std::memory_order_relaxed);
+  frames_sent_.fetch_add(1, std::memory_order_relaxed);
+  return OkStatus();
+}
+
+Status Link::ReadExact(void* buf, size_t n, std::optional<SteadyTime> deadline) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    if (deadline) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      *deadline - std::chrono::steady_clock::now())
+                      .count();
+      if (left <= 0) return DeadlineExceeded("timed out waiting for the peer");
+      ASSIGN_OR_RETURN(bool readable, WaitReadable(fd_.get(), static_cast<int>(left)));
+      if (!readable) continue;  // re-check the deadline
+    }
+    ssize_t r = ::read(fd_.get(), p, n);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("read", errno);
+    }
+    if (r == 0) return Unavailable("peer closed the connection");
+    bytes_received_.fetch_add(static_cast<uint64_t>(r), std::memory_order_relaxed);
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return OkStatus();
+}
+
+StatusOr<Frame> Link::Recv() { return RecvImpl(std::nullopt, kMaxPayload); }
+
+StatusOr<Frame> Link::Recv(std::string reuse) { return RecvImpl(std::nullopt, kMaxPayload, std::move(reuse)); }
+
+StatusOr<Frame> Link::RecvUntil(SteadyTime deadline, uint32_t max_payload) {
+  return RecvImpl(deadline, max_payload);
+}
+
+StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_payload, std::string reuse) {
+  uint8_t hdr[kHeaderSize];
+  RETURN_IF_ERROR(ReadExact(hdr, kHeaderSize, deadline).Annotate("reading a frame header"));
+  const uint32_t magic = LoadU32(hdr);
+  const uint16_t type = LoadU16(hdr + 4);
+  const uint16_t flags = LoadU16(hdr + 6);
+  const uint64_t epoch = LoadU64(hdr + 8);
+  const uint32_t len = LoadU32(hdr + 16);
+  const uint32_t want_crc = LoadU32(hdr + 20);
+  if (magic != kMagic) {
+    char buf[16];
+    std::snprintf(buf, sizeof buf, "0x%08x", magic);
+    return DataLoss("bad frame magic " + std::string(buf) + " from " + PeerName() +
+                    " (expected 0x524d5553 \"RMUS\"): the peer is not a remus replication link "
+                    "or the stream is corrupt");
+  }
+  // Checked before allocating: a corrupt or hostile length must not cost memory.
+  if (len > max_payload)
+    return DataLoss(FrameDesc(type, epoch) + " from " + PeerName() + " declares a " +
+                    std::to_string(len) + "-byte payload, over the " +
+                    std::to_string(max_payload) + "-byte limit");
+  Frame f;
+  f.payload = std::move(reuse);
+  f.payload.resize(len);
+  RETURN_IF_ERROR(ReadExact(f.payload.data(), len, deadline)
+                      .Annotate("reading the payload of " + FrameDesc(type, epoch)));
+  uint32_t crc = crc32c::Extend(crc32c::Value(hdr, 20), f.payload.data(), len);
+  if (crc != want_crc)
+    return DataLoss("crc mismatch on " + FrameDesc(type, epoch) + " (" + std::to_string(len) +
+                    "-byte payload) from " + PeerName() + ": the data was corrupted in transit");
+  frames_received_.fetch_add(1, std::memory_order_relaxed);
+  if (type < kMinMsgType || type > kMaxMsgType)
+    return InvalidArgument("unknown frame type " + std::to_string(type) + " (epoch " +
+                           std::to_string(epoch) + ") from " + PeerName() +
+                           "; is the peer running a newer remus?");
+  f.type = static_cast<MsgType>(type);
+  f.flags = flags;
+  f.epoch = epoch;
+  return f;
+}
+
+void Link::Shutdown() { ::shutdown(fd_.get(), SHUT_RDWR); }
+void Link::ShutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+
+std::string Link::PeerName() const {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  if (::getpeername(fd_.get(), reinterpret_cast<sockaddr*>(&ss), &len) < 0) return "unknown peer";
+  char host[INET6_ADDRSTRLEN] = {};
+  if (ss.ss_family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    ::inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(a->sin_port));
+  }
+  if (ss.ss_family == AF_INET6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    ::inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(a->sin6_port));
+  }
+  if (ss.ss_family == AF_UNIX) return "unix socket";
+  return "unknown peer";
+}
+
+std::string EncodeError(const Status& s) {
+  return json{{"code", std::string(CodeName(s.code()))}, {"message", s.message()}}.dump();
+}
+
+Status DecodeError(std::string_view payload) {
+  auto j = ParseObject(payload);
+  auto msg = j ? JsonString(*j, "message") : std::nullopt;
+  if (!msg)
+    return Unavailable("peer sent a malformed ERROR frame (" + std::to_string(payload.size()) +
+                       " bytes)");
+  Code code = Code::kUnavailable;
+  if (auto name = JsonString(*j, "code")) {
+    for (int c = static_cast<int>(Code::kCancelled); c <= static_cast<int>(Code::kUnauthenticated);
+         c++) {
+      if (CodeName(static_cast<Code>(c)) == *name) code = static_cast<Code>(c);
+    }
+  }
+  return Status(code, *msg);
+}
+
+// ---- Keys -------------------------------------------------------------------
+
+Key::~Key() {
+  if (!secret.empty()) OPENSSL_cleanse(secret.data(), secret.size());
+}
+
+StatusOr<Key> LoadKey(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT)
+      return NotFound("key file " + path + " does not exist; create one with `remusctl keygen --out " +
+                      path + "` and copy it to both hosts");
+    return ErrnoStatus("open key file " + path, errno);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) < 0) return ErrnoStatus("stat key file " + path, errno);
+  if (!S_ISREG(st.st_mode)) return InvalidArgument("key file " + path + " is not a regular file");
+  if (st.st_mode & 077) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return PermissionDenied("key file " + path + " has mode " + mode +
+                            " and is accessible to group or others; run `chmod 600 " + path + "`");
+  }
+  constexpr size_t kMaxKeyFile = 64 * 1024;
+  if (static_cast<uint64_t>(st.st_size) > kMaxKeyFile)
+    return InvalidArgument("key file " + path + " is " + std::to_string(st.st_size) +
+                           " bytes; a key file holds 64 hex digits (use `remusctl keygen`)");
+  std::string content;
+  char buf[4096];
+  for (;;) {
+    ssize_t r = ::read(fd.get(), buf, sizeof buf);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("read key file " + path, errno);
+    }
+    if (r == 0) break;
+    content.append(buf, static_cast<size_t>(r));
+    if (content.size() > kMaxKeyFile) return InvalidArgument("key file " + path + " is too large");
+  }
+  OPENSSL_cleanse(buf, sizeof buf);
+
+  const std::string too_short = "; a key needs at least 32 bytes (64 hex digits); generate one with "
+                                "`remusctl keygen --out " + path + "`";
+  std::string_view text = content;
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.remove_suffix(1);
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front()))) text.remove_prefix(1);
+  bool all_hex = !text.empty();
+  for (char c : text) all_hex = all_hex && std::isxdigit(static_cast<unsigned char>(c));
+  Key key;
+  if (all_hex) {
+    if (text.size() < 2 * kMinKeySize)
+      return InvalidArgument("key file " + path + " holds only " + std::to_string(text.size()) +
+                             " hex digits" + too_short);
+    auto raw = HexDecode(text);
+    if (!raw)
+      return InvalidArgument("key file " + path + " holds an odd number of hex digits (" +
+                             std::to_string(text.size()) + ")");
+    key.secret = std::move(*raw);
+  } else {
+    if (content.size() < kMinKeySize)
+      return InvalidArgument("key file " + path + " holds only " + std::to_string(content.size()) +
+                             " bytes" + too_short);
+    key.secret = content;
+  }
+  OPENSSL_cleanse(content.data(), content.size());
+  return key;
+}
+
+StatusOr<std::string> GenerateKeyHex() {
+  ASSIGN_OR_RETURN(std::string raw, RandomBytes(kMinKeySize));
+  std::string hex = HexEncode(raw);
+  OPENSSL_cleanse(raw.data(), raw.size());
+  return hex;
+}
+
+std::string KeyFingerprint(const Key& key) {
+  return HexEncode(Proof(key, "remus-fingerprint", "", "", "")).substr(0, 16);
+}
+
+// ---- Handshake ----------------------------------------------------------------
+//
+//   primary                                  backup
+//   HELLO {version, domain, nonce_c}   ->
+//                                      <-   CHALLENGE {version, nonce_s, proof_s}
+//   check proof_s
+//   AUTH {proof_c}                     ->
+//                                           check proof_c
+//                                      <-   AUTH_OK
+//
+// proof_s = HMAC(key, "remus-server\0" domain nonce_c nonce_s)
+// proof_c = HMAC(key, "remus-client\0" domain nonce_s nonce_c)
+
+Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int timeout_ms) {
+  const SteadyTime deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const std::string peer = "backup at " + link.PeerName();
+  const std::string dom(domain);
+  if (!ValidDomain(domain))
+    return InvalidArgument("domain name '" + dom + "' is empty, too long or has control characters");
+  ASSIGN_OR_RETURN(std::string nonce_c, RandomBytes(kNonceSize));
+
+  json hello = {{"version", kProtocolVersion}, {"domain", dom}, {"nonce", HexEncode(nonce_c)}};
+  RETURN_IF_ERROR(link.Send(MsgType::kHello, 0, hello.dump()));
+  LOG_DEBUG(kTag) << "[" << dom << "] HELLO sent to " << peer;
+
+  ASSIGN_OR_RETURN(Frame ch, RecvHandshake(link, deadline, timeout_ms, peer, "CHALLENGE"));
+  if (ch.type == MsgType::kError) {
+    Status e = DecodeError(ch.payload);
+    return Status(e.code(), peer + " refused domain " + dom + ": " + e.message());
+  }
+  if (ch.type != MsgType::kChallenge)
+    return Unauthenticated(peer + " sent " + MsgTypeName(ch.type) +
+                           " instead of CHALLENGE; it does not speak the remus handshake");
+  auto j = ParseObject(ch.payload);
+  if (!j) return Unauthenticated(peer + " sent a malformed CHALLENGE");
+  if (auto v = j->find("version"); v != j->end() && v->is_number_integer() &&
+                                   v->get<int64_t>() != kProtocolVersion)
+    return FailedPrecondition("protocol version mismatch: " + peer + " speaks version " +
+                              std::to_string(v->get<int64_t>()) + ", this primary speaks version " +
+                              std::to_string(kProtocolVersion) +
+                              "; run the same remus release on both hosts");
+  auto nonce_s = HexField(*j, "nonce", kNonceSize);
+  auto proof_s = HexField(*j, "proof", 32);
+  if (!nonce_s || !proof_s) return Unauthenticated(peer + " sent a malformed CHALLENGE");
+  if (!ConstantTimeEqual(*proof_s, Proof(key, "remus-server", dom, nonce_c, *nonce_s))) {
+    return SendErrorAndFail(
+        link,
+        Unauthenticated(peer + " failed authentication for domain " + dom +
+                        ": the key files differ (compare the key fingerprints remusd logs at start, \"ready: ... key fingerprint\"; this host's is " +
+                        KeyFingerprint(key) + ")"),
+        Unauthenticated("authentication failed"));
+  }
+  LOG_DEBUG(kTag) << "[" << dom << "] " << peer << " proved it holds the key";
+
+  json auth = {{"proof", HexEncode(Proof(key, "remus-client", dom, *nonce_s, nonce_c))}};
+  RETURN_IF_ERROR(link.Send(MsgType::kAuth, 0, auth.dump()));
+
+  ASSIGN_OR_RETURN(Frame ok, RecvHandshake(link, deadline, timeout_ms, peer, "AUTH_OK"));
+  if (ok.type == MsgType::kError) {
+    Status e = DecodeError(ok.payload);
+    if (e.code() == Code::kUnauthenticated)
+      return Unauthenticated(peer + " rejected this primary's key for domain " + dom +
+                             ": the key files differ");
+    return Status(e.code(), peer + " refused domain " + dom + ": " + e.message());
+  }
+  if (ok.type != MsgType::kAuthOk)
+    return Unauthenticated(peer + " sent " + MsgTypeName(ok.type) + " instead of AUTH_OK");
+  LOG_INFO(kTag) << "[" << dom << "] authenticated link to " << peer;
+  return OkStatus();
+}
+
+StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms) {
+  const SteadyTime deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const std::string peer = "primary at " + link.PeerName();
+
+  ASSIGN_OR_RETURN(Frame hello, RecvHandshake(link, deadline, timeout_ms, peer, "HELLO"));
+  if (hello.type != MsgType::kHello)
+    return SendErrorAndFail(link,
+                            Unauthenticated(peer + " sent " + MsgTypeName(hello.type) +
+                                            " before authenticating; dropping the connection"),
+                            Unauthenticated("expected HELLO"));
+  auto j = ParseObject(hello.payload);
+  auto v = j ? j->find("version") : json::iterator{};
+  if (!j || v == j->end() || !v->is_number_integer())
+    return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"),
+                            InvalidArgument("malformed HELLO"));
+  if (v->get<int64_t>() != kProtocolVersion) {
+    Status s = FailedPrecondition(
+        "protocol version mismatch: " + peer + " speaks version " + std::to_string(v->get<int64_t>()) +
+        ", this backup speaks version " + std::to_string(kProtocolVersion) +
+        "; run the same remus release on both hosts");
+    return SendErrorAndFail(link, s, s);
+  }
+  auto domain = JsonString(*j, "domain");
+  auto nonce_c = HexField(*j, "nonce", kNonceSize);
+  if (!domain || !ValidDomain(*domain) || !nonce_c)
+    return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"),
+                            InvalidArgument("malformed HELLO"));
+  const std::string& dom = *domain;
+
+  ASSIGN_OR_RETURN(std::string nonce_s, RandomBytes(kNonceSize));
+  json challenge = {{"version", kProtocolVersion},
+                    {"nonce", HexEncode(nonce_s)},
+                    {"proof", HexEncode(Proof(key, "remus-server", dom, *nonce_c, nonce_s))}};
+  RETURN_IF_ERROR(link.Send(MsgType::kChallenge, 0, challenge.dump()));
+  LOG_DEBUG(kTag) << "[" << dom << "] CHALLENGE sent to " << peer;
+
+  ASSIGN_OR_RETURN(Frame auth, RecvHandshake(link, deadline, timeout_ms, peer, "AUTH"));
+  if (auth.type == MsgType::kError) {
+    Status e = DecodeError(auth.payload);
+    if (e.code() == Code::kUnauthenticated)
+      return Unauthenticated(peer + " rejected this backup's key for domain " + dom +
+                             ": the key files differ (this host's key fingerprint is " +
+                             KeyFingerprint(key) + ")");
+    return Status(e.code(), peer + " ended the handshake for domain " + dom + ": " + e.message());
+  }
+  if (auth.type != MsgType::kAuth)
+    return SendErrorAndFail(link,
+                            Unauthenticated(peer + " sent " + MsgTypeName(auth.type) + " for domain " +
+                                            dom + " before authenticating; dropping the connection"),
+                            Unauthenticated("expected AUTH"));
+  auto aj = ParseObject(auth.payload);
+  auto proof_c = aj ? HexField(*aj, "proof", 32) : std::nullopt;
+  if (!proof_c || !ConstantTimeEqual(*proof_c, Proof(key, "remus-client", dom, nonce_s, *nonce_c)))
+    return SendErrorAndFail(link,
+                            Unauthenticated(peer + " failed authentication for domain " + dom +
+                                            ": the key files differ (this host's key fingerprint is " +
+                                            KeyFingerprint(key) + ")"),
+                            Unauthenticated("authentication failed"));
+
+  RETURN_IF_ERROR(link.Send(MsgType::kAuthOk, 0, ""));
+  LOG_INFO(kTag) << "[" << dom << "] authenticated link from " << peer;
+  return dom;
+}
+
+// ---- Commit records -----------------------------------------------------------
+
+std::string EncodeCommit(const CommitInfo& c) {
+  json j{{"page_count", c.page_count}, {"page_bytes", c.page_bytes}, {"device_bytes", c.device_bytes}};
+  if (c.disk_records > 0) j["disk_records"] = c.disk_records;
+  return j.dump();
+}
+
+StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
+  auto j = ParseObject(payload);
+  CommitInfo c;
+  auto get = [&](const char* field, uint64_t* out) {
+    auto it = j->find(field);
+    if (it == j->end() || !it->is_number_unsigned()) return false;
+    *out = it->get<uint64_t>();
+    return true;
+  };
+  if (!j || !get("page_count", &c.page_count) || !get("page_bytes", &c.page_bytes) ||
+      !get("device_bytes", &c.device_bytes))
+    return DataLoss("malformed COMMIT payload (" + std::to_string(payload.size()) +
+                    " bytes): expected {page_count, page_bytes, device_bytes}");
+  if (j->contains("disk_records") && !get("disk_records", &c.disk_records))
+    return DataLoss("malformed COMMIT payload: disk_records is not a count");
+  return c;
+}
+
+std::string EncodeDiskRecord(uint32_t disk, DiskOp op, uint64_t offset, uint64_t length, std::string_view data) {
+  std::string out;
+  out.reserve(kDiskRecordHeader + data.size());
+  PutU32(&out, disk);
+  PutU8(&out, static_cast<uint8_t>(op));
+  out.append(3, '\0');
+  PutU64(&out, offset);
+  PutU64(&out, length);
+  out.append(data);
+  return out;
+}
+
+StatusOr<DiskRecord> DecodeDiskRecord(std::string_view payload) {
+  if (payload.size() < kDiskRecordHeader)
+    return DataLoss("DISK record of " + std::to_string(payload.size()) + " bytes is truncated");
+  DiskRecord r;
+  r.disk = LoadU32(payload.data());
+  const uint8_t op = static_cast<uint8_t>(payload[4]);
+  r.offset = LoadU64(payload.data() + 8);
+  r.length = LoadU64(payload.data() + 16);
+  r.data = payload.substr(kDiskRecordHeader);
+  if (op < 1 || op > 3) return DataLoss("DISK record has unknown op " + std::to_string(op));
+  r.op = static_cast<DiskOp>(op);
+  if (r.offset + r.length < r.offset) return DataLoss("DISK record: offset + length overflows");
+  const uint64_t want = r.op == DiskOp::kWrite ? r.length : 0;
+  if (r.data.size() != want)
+    return DataLoss("DISK record carries " + std::to_string(r.data.size()) + " data bytes, expected " +
+                    std::to_string(want));
+  return r;
+}
+
+}  // namespace remus::wire

@@ -1,0 +1,236 @@
+// The replication link between a primary and its backup: one TCP connection
+// per protected domain carrying length-prefixed, checksummed frames, opened by
+// a mutual HMAC-SHA256 handshake over a shared key. The byte format, every
+// message type and the message sequences are specified in
+// docs/formats/replication-link.md; the constants here must match it.
+//
+// Frame (all integers big-endian):
+//   0  u32 magic 0x524d5553 ("RMUS")
+//   4  u16 type (MsgType)
+//   6  u16 flags (kFlagMore)
+//   8  u64 epoch
+//  16  u32 payload length (<= kMaxPayload)
+//  20  u32 crc32c over header bytes 0..19, then the payload
+//  24  payload
+//
+// Thread-safety: Link::Send/SendV/SendSplit may be called from any number of
+// threads at once (frames never interleave). Recv/RecvUntil must be called by
+// one thread at a time. Shutdown, fd and the counters are safe from any thread.
+// Everything else here is a pure function or a value type.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/io.h"
+#include "common/status.h"
+#include "replicator/link/page_batch.h"
+
+namespace remus::wire {
+
+inline constexpr uint32_t kMagic = 0x524d5553;  // "RMUS"
+inline constexpr size_t kHeaderSize = 24;
+inline constexpr uint32_t kMaxPayload = 16u << 20;  // 16 MiB
+// Handshake frames (HELLO..AUTH_OK, ERROR during the handshake) are tiny; an
+// unauthenticated peer may not make us allocate more than this.
+inline constexpr uint32_t kMaxHandshakePayload = 4096;
+inline constexpr int kProtocolVersion = 1;
+inline constexpr size_t kNonceSize = 32;
+inline constexpr size_t kMinKeySize = 32;
+
+// Frame flags.
+inline constexpr uint16_t kFlagMore = 0x1;  // more frames of this logical message follow
+inline constexpr uint16_t kFlagLz4 = 0x2;   // PAGES payload is LZ4-compressed (page_batch.h)
+
+enum class MsgType : uint16_t {
+  kHello = 1,       // primary -> backup, handshake
+  kChallenge = 2,   // backup -> primary, handshake
+  kAuth = 3,        // primary -> backup, handshake
+  kAuthOk = 4,      // backup -> primary, handshake
+  kError = 5,       // either way: {"code","message"}, sender closes afterwards
+  kConfig = 6,      // primary -> backup: domain configuration (JSON)
+  kSyncBegin = 7,   // primary -> backup: initial full copy starts {"total_bytes"}
+  kPages = 8,       // primary -> backup: page records (AppendPageRecord)
+  kDevice = 9,      // primary -> backup: device state blob, split with kFlagMore
+  kCommit = 10,     // primary -> backup: end of checkpoint `epoch` (CommitInfo)
+  kAck = 11,        // backup -> primary: checkpoint `epoch` applied
+  kHeartbeat = 12,  // both ways
+  kFailover = 13,   // primary -> backup: primary guest lost, promote now
+  kGoodbye = 14,    // primary -> backup: protection ended on purpose, do not promote
+  kProgress = 15,   // primary -> backup: initial sync progress (JSON)
+  kDisk = 16,       // primary -> backup: one disk write of epoch `epoch` (DiskRecord)
+  kDiskSynced = 17, // primary -> backup: every disk copy is complete as of checkpoint `epoch`
+};
+inline constexpr uint16_t kMinMsgType = 1;
+inline constexpr uint16_t kMaxMsgType = 17;
+
+// "HELLO", "PAGES", ...; "TYPE_<n>" for values outside the enum.
+std::string MsgTypeName(MsgType t);
+std::string MsgTypeName(uint16_t t);
+
+struct Frame {
+  MsgType type = MsgType::kHeartbeat;
+  uint16_t flags = 0;
+  uint64_t epoch = 0;
+  std::string payload;
+};
+
+// Encodes one frame (header + payload) into a string. For tests and tools;
+// Link::SendV does the same without copying the payload.
+std::string EncodeFrame(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
+
+// A connected stream socket speaking frames. Owns the fd.
+//
+// Errors: a closed peer or a truncated frame is Unavailable; bad magic, a
+// length over the limit, or a crc mismatch is DataLoss; a well-formed frame of
+// an unknown type is InvalidArgument. After any error other than
+// InvalidArgument from Recv the stream position is lost: close the link.
+class Link {
+ public:
+  explicit Link(Fd fd) : fd_(std::move(fd)) {}
+  Link(const Link&) = delete;
+  Link& operator=(const Link&) = delete;
+
+  // REQUIRES: payload.size() <= kMaxPayload (else InvalidArgument, nothing sent).
+  Status Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
+  // The payload is the concatenation of parts; written with one writev and
+  // no copy. REQUIRES: total size <= kMaxPayload.
+  Status SendV(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
+               uint16_t flags = 0);
+  // Sends a payload of any size as consecutive frames of at most kMaxPayload
+  // bytes, all but the last flagged kFlagMore (an empty payload is one frame).
+  // The frames are sent under one lock, so no other frame interleaves.
+  Status SendSplit(MsgType type, uint64_t epoch, std::string_view payload);
+
+  // Blocks until a whole frame arrived.
+  StatusOr<Frame> Recv();
+  // As Recv, reading the payload into `reuse`'s memory: a receiver that hands
+  // back the buffers of frames it is done with (the backup's page batches)
+  // saves a fresh allocation, its page faults and the zero-fill of a resize
+  // for each frame. Only the part beyond reuse's current size is zeroed.
+  StatusOr<Frame> Recv(std::string reuse);
+  // As Recv, but fails with DeadlineExceeded if the whole frame has not
+  // arrived by `deadline`, and with DataLoss if the length field exceeds
+  // max_payload (nothing is allocated for it).
+  StatusOr<Frame> RecvUntil(std::chrono::steady_clock::time_point deadline,
+                            uint32_t max_payload = kMaxPayload);
+
+  // shutdown(2) both directions: a blocked Recv or Send returns with an error.
+  // The fd stays open until the Link is destroyed.
+  void Shutdown();
+  // Sends FIN after everything queued, but keeps reading: the last frame
+  // (FAILOVER, GOODBYE) reaches the peer instead of being cut off by a reset
+  // when unread data meets a closed socket.
+  void ShutdownWrite();
+  int fd() const { return fd_.get(); }
+  // "10.0.0.2:7800", "unix socket" or "unknown peer": for error messages.
+  std::string PeerName() const;
+
+  uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
+  uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
+  uint64_t frames_sent() const { return frames_sent_.load(std::memory_order_relaxed); }
+  uint64_t frames_received() const { return frames_received_.load(std::memory_order_relaxed); }
+
+ private:
+  // REQUIRES: send_mu_ held.
+  Status SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
+                    uint16_t flags);
+  StatusOr<Frame> RecvImpl(std::optional<std::chrono::steady_clock::time_point> deadline,
+                           uint32_t max_payload, std::string reuse = {});
+  Status ReadExact(void* buf, size_t n,
+                   std::optional<std::chrono::steady_clock::time_point> deadline);
+
+  Fd fd_;
+  std::mutex send_mu_;  // serializes whole frames on the socket
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+  std::atomic<uint64_t> frames_sent_{0};
+  std::atomic<uint64_t> frames_received_{0};
+};
+
+// kError payload: {"code":"UNAUTHENTICATED","message":"..."}.
+std::string EncodeError(const Status& s);
+// Turns a received kError payload back into a Status (code kept when known,
+// else Unavailable). Never returns OK.
+Status DecodeError(std::string_view payload);
+
+// ---- Keys and the handshake ------------------------------------------------
+
+// The shared secret. Wiped from memory on destruction. Never logged or sent.
+struct Key {
+  std::string secret;  // raw bytes, size >= kMinKeySize
+  Key() = default;
+  explicit Key(std::string s) : secret(std::move(s)) {}
+  Key(const Key&) = default;
+  Key& operator=(const Key&) = default;
+  ~Key();
+};
+
+// Reads a key file: >= 64 hex digits (surrounding whitespace ignored), or
+// >= 32 raw bytes. Errors: NotFound (missing; says how to create one),
+// PermissionDenied (group/other may access it; says to chmod 600),
+// InvalidArgument (too short, odd hex, not a regular file).
+StatusOr<Key> LoadKey(const std::string& path);
+// 32 random bytes as 64 lowercase hex digits (no newline), for `remusctl keygen`.
+StatusOr<std::string> GenerateKeyHex();
+// A short non-secret fingerprint (16 hex digits) so operators can compare the
+// keys on two hosts without revealing them.
+std::string KeyFingerprint(const Key& key);
+
+// The primary (client) side. Sends HELLO, checks the backup's proof, sends
+// AUTH, waits for AUTH_OK; the whole exchange must finish within timeout_ms.
+// Errors: Unauthenticated (keys differ, or the peer broke the handshake),
+// FailedPrecondition (protocol versions differ), DeadlineExceeded, and link errors.
+Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int timeout_ms);
+// The backup (server) side. Returns the domain the primary asked for only
+// after the primary proved it holds the key. Any frame other than the next
+// expected handshake step, or one larger than kMaxHandshakePayload, ends the
+// handshake without reading further. Errors as for ClientHandshake, plus
+// InvalidArgument for a malformed HELLO/AUTH.
+StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms);
+
+// ---- Checkpoint payloads ----------------------------------------------------
+
+// Page records (kPages payloads): replicator/link/page_batch.h.
+
+// kCommit payload (JSON; unknown fields are ignored so fields can be added).
+struct CommitInfo {
+  uint64_t page_count = 0;    // page records in this epoch's kPages frames
+  uint64_t page_bytes = 0;    // sum of those frames' payload sizes
+  uint64_t device_bytes = 0;  // size of the reassembled kDevice blob
+  uint64_t disk_records = 0;  // kDisk frames of this epoch (absent: 0)
+  bool operator==(const CommitInfo&) const = default;
+};
+std::string EncodeCommit(const CommitInfo& c);
+// DataLoss for a payload that is not a valid commit record.
+StatusOr<CommitInfo> DecodeCommit(std::string_view payload);
+
+// A kDisk payload: be32 disk index (into CONFIG's "disks"), u8 op, 3 zero
+// bytes, be64 offset, be64 length, then `length` data bytes for a write
+// (none for zero and trim). docs/formats/replication-link.md.
+enum class DiskOp : uint8_t { kWrite = 1, kZero = 2, kTrim = 3 };
+inline constexpr size_t kDiskRecordHeader = 24;
+// The largest write one kDisk frame carries; the NBD export tells QEMU so.
+inline constexpr uint32_t kMaxDiskWrite = 4u << 20;
+struct DiskRecord {
+  uint32_t disk = 0;
+  DiskOp op = DiskOp::kWrite;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::string_view data;  // into the payload; length bytes for kWrite
+};
+std::string EncodeDiskRecord(uint32_t disk, DiskOp op, uint64_t offset, uint64_t length,
+                             std::string_view data = {});
+// DataLoss for a truncated record, an unknown op, data that does not match
+// the length, or offset + length overflowing.
+StatusOr<DiskRecord> DecodeDiskRecord(std::string_view payload);
+
+}  // namespace remus::wire

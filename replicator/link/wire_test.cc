@@ -1,0 +1,751 @@
+#include "replicator/link/wire.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <thread>
+#include <utility>
+
+#include "common/crc32c.h"
+#include "common/io.h"
+
+namespace remus::wire {
+namespace {
+
+using ::testing::HasSubstr;
+using json = nlohmann::json;
+
+::testing::AssertionResult HasCode(const Status& s, Code want) {
+  if (s.code() == want) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "want " << CodeName(want) << ", got " << s.ToString();
+}
+// Checks the specific error code; the message is printed on failure.
+#define EXPECT_CODE(expr, want) EXPECT_TRUE(HasCode((expr), (want)))
+
+struct Pair {
+  std::unique_ptr<Link> a, b;
+};
+
+Pair SocketPair() {
+  int sv[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  return {std::make_unique<Link>(Fd(sv[0])), std::make_unique<Link>(Fd(sv[1]))};
+}
+
+// A raw socket pair: one side a Link, the other a plain fd the test writes
+// arbitrary bytes to.
+struct RawPair {
+  std::unique_ptr<Link> link;
+  Fd raw;
+};
+
+RawPair RawSocketPair() {
+  int sv[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  return {std::make_unique<Link>(Fd(sv[0])), Fd(sv[1])};
+}
+
+Key TestKey(char fill) { return Key(std::string(32, fill)); }
+
+// ---- Framing ----------------------------------------------------------------
+
+TEST(WireDisk, RecordRoundTripAndBadRecords) {
+  std::string data(4096, 'd');
+  auto w = DecodeDiskRecord(EncodeDiskRecord(3, DiskOp::kWrite, 1 << 20, data.size(), data));
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  EXPECT_EQ(w->disk, 3u);
+  EXPECT_EQ(w->op, DiskOp::kWrite);
+  EXPECT_EQ(w->offset, 1u << 20);
+  EXPECT_EQ(w->length, 4096u);
+  EXPECT_EQ(w->data, data);
+  auto z = DecodeDiskRecord(EncodeDiskRecord(0, DiskOp::kZero, 0, 1ull << 30));
+  ASSERT_TRUE(z.ok());
+  EXPECT_EQ(z->op, DiskOp::kZero);
+  EXPECT_EQ(z->length, 1ull << 30);
+  EXPECT_TRUE(z->data.empty());
+  // Truncated header, data not matching the length, data on a trim, an
+  // unknown op, an extent that wraps: all DataLoss, nothing applied.
+  std::string rec = EncodeDiskRecord(0, DiskOp::kWrite, 0, data.size(), data);
+  EXPECT_EQ(DecodeDiskRecord(rec.substr(0, 10)).status().code(), Code::kDataLoss);
+  EXPECT_EQ(DecodeDiskRecord(rec.substr(0, rec.size() - 1)).status().code(), Code::kDataLoss);
+  EXPECT_EQ(DecodeDiskRecord(EncodeDiskRecord(0, DiskOp::kTrim, 0, 4, "abcd")).status().code(), Code::kDataLoss);
+  std::string bad_op = EncodeDiskRecord(0, DiskOp::kZero, 0, 8);
+  bad_op[4] = 9;
+  EXPECT_EQ(DecodeDiskRecord(bad_op).status().code(), Code::kDataLoss);
+  EXPECT_EQ(DecodeDiskRecord(EncodeDiskRecord(0, DiskOp::kZero, ~0ull - 10, 100)).status().code(), Code::kDataLoss);
+}
+
+TEST(WireDisk, CommitCarriesTheDiskRecordCount) {
+  CommitInfo c{10, 20, 30, 7};
+  auto back = DecodeCommit(EncodeCommit(c));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(*back, c);
+  // Without disks the field is left out, and reads back as 0.
+  CommitInfo n{1, 2, 3, 0};
+  EXPECT_EQ(EncodeCommit(n).find("disk_records"), std::string::npos);
+  EXPECT_EQ(*DecodeCommit(EncodeCommit(n)), n);
+  EXPECT_EQ(DecodeCommit(R"({"page_count":1,"page_bytes":2,"device_bytes":3,"disk_records":-1})").status().code(),
+            Code::kDataLoss);
+}
+
+TEST(WireFrame, RoundTripEveryType) {
+  auto [a, b] = SocketPair();
+  for (uint16_t t = kMinMsgType; t <= kMaxMsgType; t++) {
+    const auto type = static_cast<MsgType>(t);
+    const std::string payload = "payload of " + MsgTypeName(type);
+    const uint64_t epoch = 0x0102030405060708ull + t;
+    const uint16_t flags = (t % 2) ? kFlagMore : 0;
+    ASSERT_TRUE(a->Send(type, epoch, payload, flags).ok());
+    auto f = b->Recv();
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    EXPECT_EQ(f->type, type);
+    EXPECT_EQ(f->epoch, epoch);
+    EXPECT_EQ(f->flags, flags);
+    EXPECT_EQ(f->payload, payload);
+    EXPECT_THAT(MsgTypeName(type), ::testing::Not(HasSubstr("TYPE_")));
+  }
+  EXPECT_EQ(a->frames_sent(), kMaxMsgType);
+  EXPECT_EQ(b->frames_received(), kMaxMsgType);
+  EXPECT_EQ(a->bytes_sent(), b->bytes_received());
+}
+
+TEST(WireFrame, EmptyAndLargePayloads) {
+  auto [a, b] = SocketPair();
+  ASSERT_TRUE(a->Send(MsgType::kAck, 9, "").ok());
+  auto f = b->Recv();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->type, MsgType::kAck);
+  EXPECT_EQ(f->epoch, 9u);
+  EXPECT_TRUE(f->payload.empty());
+  EXPECT_EQ(a->bytes_sent(), kHeaderSize);
+
+  std::string big(kMaxPayload, '\0');
+  for (size_t i = 0; i < big.size(); i++) big[i] = static_cast<char>(i * 31);
+  std::thread sender([&, &a = a] { EXPECT_TRUE(a->Send(MsgType::kPages, 10, big).ok()); });
+  f = b->Recv();
+  sender.join();
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->payload, big);
+}
+
+TEST(WireFrame, SendVWritesTheSameBytesAsSend) {
+  auto [link, raw] = RawSocketPair();
+  const std::string want = EncodeFrame(MsgType::kDevice, 77, "abcdef-ghij", kFlagMore);
+  ASSERT_TRUE(link->SendV(MsgType::kDevice, 77, {"abc", "", "def-", "ghij"}, kFlagMore).ok());
+  std::string got(want.size(), '\0');
+  ASSERT_TRUE(ReadFull(raw.get(), got.data(), got.size()).ok());
+  EXPECT_EQ(got, want);
+  ASSERT_TRUE(link->Send(MsgType::kDevice, 77, "abcdef-ghij", kFlagMore).ok());
+  ASSERT_TRUE(ReadFull(raw.get(), got.data(), got.size()).ok());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(link->bytes_sent(), 2 * want.size());
+}
+
+TEST(WireFrame, HeaderLayoutMatchesTheSpec) {
+  const std::string f = EncodeFrame(MsgType::kCommit, 0x1122334455667788ull, "xyz", kFlagMore);
+  ASSERT_EQ(f.size(), kHeaderSize + 3);
+  EXPECT_EQ(f.substr(0, 4), "RMUS");
+  EXPECT_EQ(f.substr(4, 2), std::string("\x00\x0a", 2));
+  EXPECT_EQ(f.substr(6, 2), std::string("\x00\x01", 2));
+  EXPECT_EQ(LoadU64(f.data() + 8), 0x1122334455667788ull);
+  EXPECT_EQ(LoadU32(f.data() + 16), 3u);
+  uint32_t crc = crc32c::Extend(crc32c::Value(f.data(), 20), "xyz", 3);
+  EXPECT_EQ(LoadU32(f.data() + 20), crc);
+}
+
+TEST(WireFrame, CorruptPayloadByteIsDataLoss) {
+  auto [link, raw] = RawSocketPair();
+  std::string f = EncodeFrame(MsgType::kPages, 42, std::string(100, 'p'));
+  f[kHeaderSize + 50] ^= 0x01;
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  auto r = link->Recv();
+  EXPECT_CODE(r.status(), Code::kDataLoss);
+  EXPECT_THAT(r.status().message(), HasSubstr("crc mismatch on frame PAGES epoch 42"));
+}
+
+TEST(WireFrame, CorruptHeaderByteIsDataLoss) {
+  auto [link, raw] = RawSocketPair();
+  std::string f = EncodeFrame(MsgType::kAck, 5, "");
+  f[15] ^= 0x10;  // epoch field
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  EXPECT_CODE(link->Recv().status(), Code::kDataLoss);
+}
+
+TEST(WireFrame, BadMagicIsDataLoss) {
+  auto [link, raw] = RawSocketPair();
+  std::string f = EncodeFrame(MsgType::kAck, 5, "");
+  f[0] = 'X';
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  auto r = link->Recv();
+  EXPECT_CODE(r.status(), Code::kDataLoss);
+  EXPECT_THAT(r.status().message(), HasSubstr("bad frame magic"));
+}
+
+TEST(WireFrame, OversizedLengthIsDataLossWithoutReadingOn) {
+  for (uint32_t len : {kMaxPayload + 1, 0xffffffffu}) {
+    auto [link, raw] = RawSocketPair();
+    std::string f = EncodeFrame(MsgType::kPages, 3, "");
+    StoreU32(f.data() + 16, len);
+    // Only the header is written and the writer stays open: if Recv tried to
+    // allocate and read the payload it would block here forever.
+    ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+    auto r = link->Recv();
+    EXPECT_CODE(r.status(), Code::kDataLoss);
+    EXPECT_THAT(r.status().message(), HasSubstr(std::to_string(len) + "-byte payload"));
+    EXPECT_THAT(r.status().message(), HasSubstr("PAGES epoch 3"));
+  }
+}
+
+TEST(WireFrame, RecvUntilEnforcesASmallerLimit) {
+  auto [a, b] = SocketPair();
+  ASSERT_TRUE(a->Send(MsgType::kHello, 0, std::string(5000, 'h')).ok());
+  auto r = b->RecvUntil(std::chrono::steady_clock::now() + std::chrono::seconds(5), 4096);
+  EXPECT_CODE(r.status(), Code::kDataLoss);
+}
+
+TEST(WireFrame, PeerCloseMidFrameIsUnavailable) {
+  {
+    auto [link, raw] = RawSocketPair();
+    std::string f = EncodeFrame(MsgType::kPages, 1, std::string(1000, 'x'));
+    ASSERT_TRUE(WriteFull(raw.get(), f.data(), 500).ok());
+    raw.Reset();
+    EXPECT_CODE(link->Recv().status(), Code::kUnavailable);
+  }
+  {
+    auto [link, raw] = RawSocketPair();
+    std::string f = EncodeFrame(MsgType::kPages, 1, "");
+    ASSERT_TRUE(WriteFull(raw.get(), f.data(), 10).ok());  // half a header
+    raw.Reset();
+    EXPECT_CODE(link->Recv().status(), Code::kUnavailable);
+  }
+  {
+    auto [link, raw] = RawSocketPair();
+    raw.Reset();  // clean close between frames
+    EXPECT_CODE(link->Recv().status(), Code::kUnavailable);
+  }
+}
+
+TEST(WireFrame, UnknownTypeIsInvalidArgumentAndTheStreamContinues) {
+  auto [link, raw] = RawSocketPair();
+  std::string f = EncodeFrame(static_cast<MsgType>(99), 8, "future");
+  f += EncodeFrame(MsgType::kHeartbeat, 9, "");
+  ASSERT_TRUE(WriteFull(raw.get(), f.data(), f.size()).ok());
+  auto r = link->Recv();
+  EXPECT_CODE(r.status(), Code::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("unknown frame type 99"));
+  auto next = link->Recv();
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(next->type, MsgType::kHeartbeat);
+  EXPECT_EQ(next->epoch, 9u);
+}
+
+TEST(WireFrame, SendRefusesOversizedPayload) {
+  auto [a, b] = SocketPair();
+  std::string big(kMaxPayload + 1, 'x');
+  EXPECT_CODE(a->Send(MsgType::kPages, 1, big), Code::kInvalidArgument);
+  EXPECT_CODE(a->SendV(MsgType::kPages, 1, {std::string_view(big).substr(0, 10), big}),
+              Code::kInvalidArgument);
+  EXPECT_EQ(a->bytes_sent(), 0u);
+}
+
+TEST(WireFrame, SendSplitFlagsAllButTheLastFrame) {
+  auto [a, b] = SocketPair();
+  std::string blob(2 * kMaxPayload + 5, '\0');
+  for (size_t i = 0; i < blob.size(); i++) blob[i] = static_cast<char>(i % 251);
+  std::thread sender([&, &a = a] { EXPECT_TRUE(a->SendSplit(MsgType::kDevice, 4, blob).ok()); });
+  std::string got;
+  int frames = 0;
+  for (;;) {
+    auto f = b->Recv();
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    EXPECT_EQ(f->type, MsgType::kDevice);
+    EXPECT_EQ(f->epoch, 4u);
+    got += f->payload;
+    frames++;
+    if (!(f->flags & kFlagMore)) break;
+  }
+  sender.join();
+  EXPECT_EQ(frames, 3);
+  EXPECT_EQ(got, blob);
+
+  ASSERT_TRUE(a->SendSplit(MsgType::kDevice, 5, "").ok());
+  auto f = b->Recv();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->flags, 0);
+  EXPECT_TRUE(f->payload.empty());
+}
+
+TEST(WireFrame, ConcurrentSendsNeverInterleave) {
+  auto [a, b] = SocketPair();
+  constexpr int kThreads = 4, kPerThread = 200;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; t++) {
+    threads.emplace_back([&, t, &a = a] {
+      std::string payload(1000 + t * 3000, static_cast<char>('a' + t));
+      for (int i = 0; i < kPerThread; i++)
+        EXPECT_TRUE(a->SendV(MsgType::kPages, t, {payload, payload}).ok());
+    });
+  }
+  int counts[kThreads] = {};
+  for (int i = 0; i < kThreads * kPerThread; i++) {
+    auto f = b->Recv();
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    ASSERT_LT(f->epoch, static_cast<uint64_t>(kThreads));
+    const int t = static_cast<int>(f->epoch);
+    EXPECT_EQ(f->payload, std::string(2 * (1000 + t * 3000), static_cast<char>('a' + t)));
+    counts[t]++;
+  }
+  for (auto& th : threads) th.join();
+  for (int c : counts) EXPECT_EQ(c, kPerThread);
+}
+
+TEST(WireFrame, ShutdownUnblocksRecv) {
+  auto [a, b] = SocketPair();
+  Status got;
+  std::thread reader([&, &b = b] { got = b->Recv().status(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  b->Shutdown();
+  reader.join();
+  EXPECT_CODE(got, Code::kUnavailable);
+}
+
+TEST(WireFrame, ErrorPayloadRoundTrip) {
+  Status s = DecodeError(EncodeError(FailedPrecondition("domain web1 is already protected")));
+  EXPECT_CODE(s, Code::kFailedPrecondition);
+  EXPECT_EQ(s.message(), "domain web1 is already protected");
+  EXPECT_CODE(DecodeError("not json"), Code::kUnavailable);
+  EXPECT_CODE(DecodeError(R"({"code":"NOPE","message":"x"})"), Code::kUnavailable);
+}
+
+// ---- Handshake ----------------------------------------------------------------
+
+struct HandshakeResult {
+  Status client;
+  StatusOr<std::string> server = Internal("not run");
+};
+
+HandshakeResult RunHandshake(Link& client, Link& server, const Key& ck, const Key& sk,
+                             std::string_view domain, int timeout_ms = 5000) {
+  HandshakeResult r;
+  std::thread st([&] { r.server = ServerHandshake(server, sk, timeout_ms); });
+  r.client = ClientHandshake(client, ck, domain, timeout_ms);
+  st.join();
+  return r;
+}
+
+TEST(WireHandshake, SucceedsWithTheSameKey) {
+  auto [c, s] = SocketPair();
+  auto hex = GenerateKeyHex();
+  ASSERT_TRUE(hex.ok());
+  Key key(*hex);
+  auto r = RunHandshake(*c, *s, key, key, "web1");
+  EXPECT_TRUE(r.client.ok()) << r.client.ToString();
+  ASSERT_TRUE(r.server.ok()) << r.server.status().ToString();
+  EXPECT_EQ(*r.server, "web1");
+  // The link carries data after the handshake, both ways.
+  ASSERT_TRUE(c->Send(MsgType::kPages, 1, "data").ok());
+  auto f = s->Recv();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->payload, "data");
+  ASSERT_TRUE(s->Send(MsgType::kAck, 1, "").ok());
+  f = c->Recv();
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->type, MsgType::kAck);
+}
+
+TEST(WireHandshake, WorksOverLoopbackTcp) {
+  auto listener = ListenTcp({"127.0.0.1", 0});
+  ASSERT_TRUE(listener.ok()) << listener.status().ToString();
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(listener->get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const uint16_t port = ntohs(addr.sin_port);
+
+  Key key = TestKey('k');
+  StatusOr<std::string> server_result = Internal("not run");
+  std::string server_got;
+  std::thread st([&] {
+    auto fd = Accept(listener->get());
+    ASSERT_TRUE(fd.ok());
+    Link link(std::move(*fd));
+    server_result = ServerHandshake(link, key, 5000);
+    if (!server_result.ok()) return;
+    auto f = link.Recv();
+    if (f.ok()) server_got = f->payload;
+    (void)link.Send(MsgType::kAck, f.ok() ? f->epoch : 0, "");
+  });
+  auto fd = ConnectTcp({"127.0.0.1", port}, 5000);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+  Link client(std::move(*fd));
+  EXPECT_THAT(client.PeerName(), HasSubstr("127.0.0.1:" + std::to_string(port)));
+  ASSERT_TRUE(ClientHandshake(client, key, "db-7", 5000).ok());
+  std::string pages;
+  std::vector<uint8_t> page(kPageSize, 0xab);
+  AppendPageRecord(&pages, 0, 0x2000, page.data());
+  ASSERT_TRUE(client.Send(MsgType::kPages, 12, pages).ok());
+  auto ack = client.Recv();
+  st.join();
+  ASSERT_TRUE(server_result.ok()) << server_result.status().ToString();
+  EXPECT_EQ(*server_result, "db-7");
+  EXPECT_EQ(server_got, pages);
+  ASSERT_TRUE(ack.ok());
+  EXPECT_EQ(ack->type, MsgType::kAck);
+  EXPECT_EQ(ack->epoch, 12u);
+}
+
+TEST(WireHandshake, WrongKeyFailsOnBothSides) {
+  auto [c, s] = SocketPair();
+  auto r = RunHandshake(*c, *s, TestKey('a'), TestKey('b'), "web1");
+  EXPECT_CODE(r.client, Code::kUnauthenticated);
+  EXPECT_THAT(r.client.message(), HasSubstr("key files differ"));
+  EXPECT_THAT(r.client.message(), HasSubstr("backup at"));
+  EXPECT_FALSE(r.server.ok());
+  EXPECT_CODE(r.server.status(), Code::kUnauthenticated);
+}
+
+// A client holding a wrong key that skips the server-proof check (a hostile
+// primary) is refused by the server's own check.
+TEST(WireHandshake, ServerRejectsABadClientProof) {
+  auto [raw_link, s] = SocketPair();
+  Key key = TestKey('k');
+  StatusOr<std::string> server = Internal("not run");
+  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
+  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
+  auto ch = raw_link->Recv();
+  ASSERT_TRUE(ch.ok());
+  EXPECT_EQ(ch->type, MsgType::kChallenge);
+  ASSERT_TRUE(raw_link->Send(MsgType::kAuth, 0, json{{"proof", std::string(64, '0')}}.dump()).ok());
+  auto err = raw_link->Recv();
+  st.join();
+  EXPECT_CODE(server.status(), Code::kUnauthenticated);
+  ASSERT_TRUE(err.ok());
+  EXPECT_EQ(err->type, MsgType::kError);
+  EXPECT_EQ(json::parse(err->payload)["message"], "authentication failed");
+}
+
+TEST(WireHandshake, ClientSkippingAuthIsRefused) {
+  auto [raw_link, s] = SocketPair();
+  Key key = TestKey('k');
+  StatusOr<std::string> server = Internal("not run");
+  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
+  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
+  ASSERT_TRUE(raw_link->Send(MsgType::kPages, 1, "pages before auth").ok());
+  st.join();
+  EXPECT_CODE(server.status(), Code::kUnauthenticated);
+  EXPECT_THAT(server.status().message(), HasSubstr("sent PAGES"));
+}
+
+TEST(WireHandshake, DataBeforeHelloIsRefused) {
+  auto [raw_link, s] = SocketPair();
+  Key key = TestKey('k');
+  StatusOr<std::string> server = Internal("not run");
+  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+  ASSERT_TRUE(raw_link->Send(MsgType::kCommit, 1, EncodeCommit({})).ok());
+  st.join();
+  EXPECT_CODE(server.status(), Code::kUnauthenticated);
+}
+
+TEST(WireHandshake, OversizedHelloIsRefused) {
+  auto [raw_link, s] = SocketPair();
+  Key key = TestKey('k');
+  StatusOr<std::string> server = Internal("not run");
+  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+  json hello = {{"version", 1}, {"domain", std::string(5000, 'd')}, {"nonce", std::string(64, 'a')}};
+  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
+  st.join();
+  EXPECT_CODE(server.status(), Code::kDataLoss);
+}
+
+TEST(WireHandshake, SilentClientHitsTheDeadline) {
+  auto [c, s] = SocketPair();
+  auto start = std::chrono::steady_clock::now();
+  auto r = ServerHandshake(*s, TestKey('k'), 300);
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_CODE(r.status(), Code::kDeadlineExceeded);
+  EXPECT_GE(elapsed, std::chrono::milliseconds(250));
+  EXPECT_LT(elapsed, std::chrono::milliseconds(2000));
+}
+
+TEST(WireHandshake, SlowDripClientHitsTheDeadline) {
+  // A peer that sends a valid header and then trickles: the deadline covers
+  // the whole handshake, not each read.
+  auto [link, raw] = RawSocketPair();
+  std::string f = EncodeFrame(MsgType::kHello, 0, std::string(1000, ' '));
+  std::thread dripper([&, &raw = raw] {
+    for (size_t i = 0; i < 20 && i < f.size(); i++) {
+      if (!WriteFull(raw.get(), f.data() + i * 30, 30).ok()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  auto start = std::chrono::steady_clock::now();
+  auto r = ServerHandshake(*link, TestKey('k'), 300);
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_CODE(r.status(), Code::kDeadlineExceeded);
+  EXPECT_LT(elapsed, std::chrono::milliseconds(800));
+  link->Shutdown();
+  dripper.join();
+}
+
+TEST(WireHandshake, SilentServerHitsTheDeadline) {
+  auto [c, s] = SocketPair();
+  auto start = std::chrono::steady_clock::now();
+  Status st = ClientHandshake(*c, TestKey('k'), "web1", 300);
+  EXPECT_CODE(st, Code::kDeadlineExceeded);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(2000));
+}
+
+TEST(WireHandshake, VersionMismatchNamesBothVersions) {
+  auto [raw_link, s] = SocketPair();
+  Key key = TestKey('k');
+  StatusOr<std::string> server = Internal("not run");
+  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+  json hello = {{"version", 2}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
+  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
+  auto err = raw_link->Recv();
+  st.join();
+  EXPECT_CODE(server.status(), Code::kFailedPrecondition);
+  EXPECT_THAT(server.status().message(), HasSubstr("version 2"));
+  EXPECT_THAT(server.status().message(), HasSubstr("version 1"));
+  ASSERT_TRUE(err.ok());
+  ASSERT_EQ(err->type, MsgType::kError);
+  EXPECT_CODE(DecodeError(err->payload), Code::kFailedPrecondition);
+}
+
+TEST(WireHandshake, ClientSeesTheServersVersionMismatch) {
+  auto [c, raw_server] = SocketPair();
+  std::thread st([&, &raw_server = raw_server] {
+    auto hello = raw_server->Recv();
+    ASSERT_TRUE(hello.ok());
+    (void)raw_server->Send(MsgType::kError, 0,
+                           EncodeError(FailedPrecondition(
+                               "protocol version mismatch: primary speaks version 1, this backup "
+                               "speaks version 2")));
+  });
+  Status s = ClientHandshake(*c, TestKey('k'), "web1", 5000);
+  st.join();
+  EXPECT_CODE(s, Code::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("version 2"));
+}
+
+TEST(WireHandshake, ChallengesAreFreshEachTime) {
+  // The same HELLO replayed gets a different server nonce and proof, so a
+  // recorded AUTH cannot be replayed.
+  Key key = TestKey('k');
+  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
+  std::string challenges[2];
+  for (auto& challenge : challenges) {
+    auto [raw_link, s] = SocketPair();
+    StatusOr<std::string> server = Internal("not run");
+    std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
+    ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
+    auto ch = raw_link->Recv();
+    ASSERT_TRUE(ch.ok());
+    ASSERT_EQ(ch->type, MsgType::kChallenge);
+    challenge = ch->payload;
+    raw_link->Shutdown();
+    st.join();
+    EXPECT_CODE(server.status(), Code::kUnavailable);
+  }
+  auto a = json::parse(challenges[0]), b = json::parse(challenges[1]);
+  EXPECT_NE(a["nonce"], b["nonce"]);
+  EXPECT_NE(a["proof"], b["proof"]);
+}
+
+// ---- Keys ---------------------------------------------------------------------
+
+class KeyFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/remus-wire-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    for (auto& p : files_) ::unlink(p.c_str());
+    ::rmdir(dir_.c_str());
+  }
+  std::string Write(const std::string& name, std::string_view content, mode_t mode) {
+    std::string path = dir_ + "/" + name;
+    Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600));
+    EXPECT_TRUE(fd.valid());
+    EXPECT_TRUE(WriteFull(fd.get(), content.data(), content.size()).ok());
+    EXPECT_EQ(::fchmod(fd.get(), mode), 0);
+    files_.push_back(path);
+    return path;
+  }
+  std::string dir_;
+  std::vector<std::string> files_;
+};
+
+TEST_F(KeyFileTest, LoadsHexWithTrailingNewline) {
+  auto hex = GenerateKeyHex();
+  ASSERT_TRUE(hex.ok());
+  EXPECT_EQ(hex->size(), 64u);
+  EXPECT_EQ(hex->find_first_not_of("0123456789abcdef"), std::string::npos);
+  auto key = LoadKey(Write("k.hex", *hex + "\n", 0600));
+  ASSERT_TRUE(key.ok()) << key.status().ToString();
+  EXPECT_EQ(key->secret.size(), 32u);
+  auto again = LoadKey(Write("k2.hex", *hex, 0400));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->secret, key->secret);
+  EXPECT_EQ(KeyFingerprint(*again), KeyFingerprint(*key));
+  EXPECT_EQ(KeyFingerprint(*key).size(), 16u);
+}
+
+TEST_F(KeyFileTest, LoadsRawBytes) {
+  std::string raw(40, '\0');
+  for (size_t i = 0; i < raw.size(); i++) raw[i] = static_cast<char>(0x80 + i);
+  auto key = LoadKey(Write("k.bin", raw, 0600));
+  ASSERT_TRUE(key.ok()) << key.status().ToString();
+  EXPECT_EQ(key->secret, raw);
+}
+
+TEST_F(KeyFileTest, RefusesGroupOrWorldReadable) {
+  auto hex = GenerateKeyHex();
+  ASSERT_TRUE(hex.ok());
+  for (mode_t mode : {0644, 0640, 0604, 0660}) {
+    std::string path = Write("k" + std::to_string(mode), *hex, mode);
+    auto key = LoadKey(path);
+    EXPECT_CODE(key.status(), Code::kPermissionDenied);
+    EXPECT_THAT(key.status().message(), HasSubstr(path));
+    EXPECT_THAT(key.status().message(), HasSubstr("chmod 600"));
+  }
+}
+
+TEST_F(KeyFileTest, MissingFileSaysHowToCreateOne) {
+  std::string path = dir_ + "/absent.key";
+  auto key = LoadKey(path);
+  EXPECT_CODE(key.status(), Code::kNotFound);
+  EXPECT_THAT(key.status().message(), HasSubstr("remusctl keygen --out " + path));
+}
+
+TEST_F(KeyFileTest, RefusesShortKeys) {
+  EXPECT_CODE(LoadKey(Write("short.hex", std::string(62, 'a') + "\n", 0600)).status(),
+              Code::kInvalidArgument);
+  EXPECT_CODE(LoadKey(Write("odd.hex", std::string(65, 'a'), 0600)).status(), Code::kInvalidArgument);
+  EXPECT_CODE(LoadKey(Write("short.bin", "\x01\x02\x03 not enough", 0600)).status(),
+              Code::kInvalidArgument);
+  EXPECT_CODE(LoadKey(Write("empty", "", 0600)).status(), Code::kInvalidArgument);
+}
+
+TEST_F(KeyFileTest, KeysLoadedFromFilesAuthenticate) {
+  auto hex = GenerateKeyHex();
+  ASSERT_TRUE(hex.ok());
+  auto k1 = LoadKey(Write("a.key", *hex + "\n", 0600));
+  auto k2 = LoadKey(Write("b.key", *hex, 0600));
+  ASSERT_TRUE(k1.ok() && k2.ok());
+  auto [c, s] = SocketPair();
+  auto r = RunHandshake(*c, *s, *k1, *k2, "web1");
+  EXPECT_TRUE(r.client.ok()) << r.client.ToString();
+  EXPECT_TRUE(r.server.ok());
+}
+
+// ---- Page records and commits ---------------------------------------------------
+
+struct Rec {
+  uint32_t block;
+  uint64_t offset;
+  std::string data;  // empty = zero page
+  bool operator==(const Rec&) const = default;
+};
+
+std::vector<Rec> Decode(std::string_view payload, Status* st) {
+  std::vector<Rec> out;
+  *st = ForEachPageRecord(payload, [&](uint32_t b, uint64_t o, const uint8_t* d) {
+    out.push_back({b, o, d ? std::string(reinterpret_cast<const char*>(d), kPageSize) : ""});
+    return OkStatus();
+  });
+  return out;
+}
+
+TEST(WirePages, RoundTripWithZeroPages) {
+  std::string p1(kPageSize, 'A'), p2(kPageSize, '\x7f');
+  std::string payload;
+  AppendPageRecord(&payload, 0, 0, reinterpret_cast<const uint8_t*>(p1.data()));
+  AppendPageRecord(&payload, 0, 0x1000, nullptr);
+  AppendPageRecord(&payload, 3, 0xfffff000ull << 8, reinterpret_cast<const uint8_t*>(p2.data()));
+  AppendPageRecord(&payload, 7, 0x5000, nullptr);
+  EXPECT_EQ(payload.size(), 2 * PageRecordSize(false) + 2 * PageRecordSize(true));
+  Status st;
+  auto recs = Decode(payload, &st);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::vector<Rec> want = {{0, 0, p1}, {0, 0x1000, ""}, {3, 0xfffff000ull << 8, p2}, {7, 0x5000, ""}};
+  EXPECT_EQ(recs, want);
+  // The wire bytes of a zero record: be32 block, be64 offset|1.
+  EXPECT_EQ(LoadU32(payload.data() + PageRecordSize(false)), 0u);
+  EXPECT_EQ(LoadU64(payload.data() + PageRecordSize(false) + 4), 0x1001u);
+
+  Decode("", &st);
+  EXPECT_TRUE(st.ok());
+}
+
+TEST(WirePages, EveryTruncationIsDataLoss) {
+  std::string page(kPageSize, 'z');
+  std::string payload;
+  AppendPageRecord(&payload, 1, 0x3000, nullptr);
+  AppendPageRecord(&payload, 1, 0x4000, reinterpret_cast<const uint8_t*>(page.data()));
+  const size_t boundary = PageRecordSize(true);
+  for (size_t cut = 1; cut < payload.size(); cut++) {
+    if (cut == boundary) continue;
+    Status st;
+    Decode(std::string_view(payload).substr(0, cut), &st);
+    EXPECT_CODE(st, Code::kDataLoss) << "cut at " << cut;
+  }
+}
+
+TEST(WirePages, UnalignedOffsetIsDataLoss) {
+  std::string payload;
+  PutU32(&payload, 0);
+  PutU64(&payload, 0x1000 | 0x200 | kPageFlagZero);
+  Status st;
+  Decode(payload, &st);
+  EXPECT_CODE(st, Code::kDataLoss);
+  EXPECT_THAT(st.message(), HasSubstr("not page-aligned"));
+}
+
+TEST(WirePages, CallbackErrorStopsTheWalk) {
+  std::string payload;
+  AppendPageRecord(&payload, 0, 0, nullptr);
+  AppendPageRecord(&payload, 0, 0x1000, nullptr);
+  int calls = 0;
+  Status st = ForEachPageRecord(payload, [&](uint32_t, uint64_t, const uint8_t*) {
+    calls++;
+    return OutOfRange("block 0 has no page at 0x0");
+  });
+  EXPECT_CODE(st, Code::kOutOfRange);
+  EXPECT_EQ(calls, 1);
+}
+
+TEST(WireCommit, RoundTrip) {
+  CommitInfo c{1234, 1234 * 4108ull, 1ull << 33};
+  auto d = DecodeCommit(EncodeCommit(c));
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(*d, c);
+  // Unknown fields are ignored.
+  auto e = DecodeCommit(R"({"page_count":1,"page_bytes":2,"device_bytes":3,"disk_bytes":4})");
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(*e, (CommitInfo{1, 2, 3}));
+}
+
+TEST(WireCommit, MalformedIsDataLoss) {
+  EXPECT_CODE(DecodeCommit("").status(), Code::kDataLoss);
+  EXPECT_CODE(DecodeCommit("[1,2,3]").status(), Code::kDataLoss);
+  EXPECT_CODE(DecodeCommit(R"({"page_count":1,"page_bytes":2})").status(), Code::kDataLoss);
+  EXPECT_CODE(DecodeCommit(R"({"page_count":-1,"page_bytes":2,"device_bytes":3})").status(),
+              Code::kDataLoss);
+}
+
+}  // namespace
+}  // namespace remus::wire

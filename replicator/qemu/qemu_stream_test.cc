@@ -1,0 +1,284 @@
+#include "replicator/qemu/qemu_stream.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+namespace remus::qemu {
+namespace {
+
+std::string LoadData(const std::string& name) {
+  auto s = ReadFileToString(std::string(REMUS_TEST_DATA) + "/" + name);
+  EXPECT_TRUE(s.ok()) << s.status().ToString();
+  return s.ok() ? *s : std::string();
+}
+
+struct RecordingSink : PageSink {
+  std::map<std::pair<uint32_t, uint64_t>, bool> pages;  // -> is zero
+  uint64_t count = 0;
+  Status OnPage(uint32_t block, uint64_t offset, const uint8_t* data) override {
+    pages[{block, offset}] = data == nullptr;
+    count++;
+    return OkStatus();
+  }
+};
+
+// The initial stream captured from Debian's QEMU 7.2 (16 MiB pc guest, x-colo on),
+// by tests/tools/capture_colo_stream.py.
+TEST(QemuStream, ParsesRealInitialStream) {
+  std::string data = LoadData("qemu72-pc-16m.initial");
+  MemorySource src(data, 4093);  // odd chunking exercises buffer refills
+  BufferedReader in(&src);
+  StreamParser p(&in);
+  RecordingSink sink;
+  InitialInfo info;
+  Status s = p.ReadInitial(&sink, &info);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(info.colo_enabled);
+  EXPECT_NE(info.configuration.find("pc-i440fx-7.2"), std::string::npos);
+  ASSERT_FALSE(info.blocks.empty());
+  EXPECT_EQ(info.blocks[0].id, "pc.ram");
+  EXPECT_EQ(info.blocks[0].used_length, 16u << 20);
+  // Every page of every block is sent once in the first pass.
+  uint64_t total_pages = 0;
+  for (const auto& b : info.blocks) total_pages += b.used_length / kPageSize;
+  EXPECT_EQ(sink.pages.size(), total_pages);
+  EXPECT_EQ(info.pages, sink.count);
+  EXPECT_GT(info.zero_pages, 0u);
+  EXPECT_EQ(static_cast<uint8_t>(info.device_state.front()), kSecFull);
+  EXPECT_EQ(static_cast<uint8_t>(info.device_state.back()), kSecEof);
+  EXPECT_NE(info.vmdescription_json.find("\"devices\""), std::string::npos);
+  EXPECT_EQ(in.offset(), data.size());  // consumed exactly the initial stream
+}
+
+TEST(QemuStream, ParsesRealCheckpoint) {
+  std::string data = LoadData("qemu72-pc-16m.initial") + LoadData("qemu72-pc-16m.checkpoint");
+  MemorySource src(data);
+  BufferedReader in(&src);
+  StreamParser p(&in);
+  RecordingSink sink;
+  InitialInfo info;
+  ASSERT_TRUE(p.ReadInitial(&sink, &info).ok());
+  ASSERT_TRUE(p.ExpectColoMessage(ColoMessage::kCheckpointRequest).ok());
+  ASSERT_TRUE(p.ExpectColoMessage(ColoMessage::kVmstateSend).ok());
+  RecordingSink ck;
+  auto n = p.ReadCheckpointRam(&ck);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_GT(*n, 0u);  // the BIOS dirtied something
+  auto blob = p.ReadCheckpointDevices();
+  ASSERT_TRUE(blob.ok()) << blob.status().ToString();
+  EXPECT_EQ(static_cast<uint8_t>(blob->back()), kSecEof);
+  EXPECT_EQ(in.offset(), data.size());
+}
+
+TEST(QemuStream, EveryTruncationIsAClearErrorNotACrash) {
+  std::string data = LoadData("qemu72-pc-16m.initial");
+  // Cut points across the header, configuration, block list, pages and tail.
+  for (size_t cut : {size_t{0}, size_t{3}, size_t{8}, size_t{12}, size_t{30}, size_t{60}, size_t{100},
+                     size_t{5000}, data.size() / 2, data.size() - 200, data.size() - 1}) {
+    MemorySource src(data.substr(0, cut));
+    BufferedReader in(&src);
+    StreamParser p(&in);
+    RecordingSink sink;
+    InitialInfo info;
+    Status s = p.ReadInitial(&sink, &info);
+    EXPECT_EQ(s.code(), Code::kUnavailable) << "cut " << cut << ": " << s.ToString();
+    EXPECT_NE(s.message().find("stream ended"), std::string::npos) << s.message();
+  }
+}
+
+// Hand-built streams.
+std::vector<RamBlock> Blocks() { return {{"pc.ram", 8 * kPageSize}, {"pc.bios", 2 * kPageSize}}; }
+
+std::string DeviceTail() {
+  std::string dev;
+  PutU8(&dev, kSecFull);
+  dev += "opaque device bytes with } and \x00\x06 inside";
+  PutU8(&dev, kSecEof);
+  std::string json = R"({"page_size":4096,"devices":[]})";
+  PutU8(&dev, kSecVmDescription);
+  PutU32(&dev, static_cast<uint32_t>(json.size()));
+  dev += json;
+  return dev;
+}
+
+std::string BuildInitial(const std::function<void(StreamWriter&, std::string&)>& pages) {
+  std::string out;
+  StreamWriter w(&out);
+  w.Header();
+  w.Raw(MakeConfigurationSection("pc-i440fx-7.2"));
+  w.Command(kCmdEnableColo, "");
+  w.RamStart(2, Blocks());
+  w.Eos();
+  w.Footer(2);
+  w.RamSectionBegin(kSecPart, 2);
+  pages(w, out);
+  w.Eos();
+  w.Footer(2);
+  w.RamSectionBegin(kSecEnd, 2);
+  w.Eos();
+  w.Footer(2);
+  out += DeviceTail();
+  return out;
+}
+
+Status ParseInitial(const std::string& s, RecordingSink* sink = nullptr, InitialInfo* info = nullptr) {
+  MemorySource src(s);
+  BufferedReader in(&src);
+  StreamParser p(&in);
+  RecordingSink local;
+  InitialInfo li;
+  return p.ReadInitial(sink ? sink : &local, info ? info : &li);
+}
+
+TEST(QemuStream, WriterRoundTrip) {
+  uint8_t page[kPageSize];
+  for (size_t i = 0; i < kPageSize; i++) page[i] = static_cast<uint8_t>(i);
+  std::string s = BuildInitial([&](StreamWriter& w, std::string&) {
+    auto b = Blocks();
+    w.Page(0, b, 0, page);
+    w.ZeroPage(0, b, kPageSize);   // CONTINUE
+    w.Page(1, b, kPageSize, page);  // block switch
+    w.ZeroPage(0, b, 7 * kPageSize);
+  });
+  RecordingSink sink;
+  InitialInfo info;
+  Status st = ParseInitial(s, &sink, &info);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(info.blocks, Blocks());
+  ASSERT_EQ(sink.pages.size(), 4u);
+  EXPECT_FALSE((sink.pages[{0, 0}]));
+  EXPECT_TRUE((sink.pages[{0, kPageSize}]));
+  EXPECT_FALSE((sink.pages[{1, kPageSize}]));
+  EXPECT_TRUE((sink.pages[{0, 7 * kPageSize}]));
+  EXPECT_EQ(info.zero_pages, 2u);
+}
+
+TEST(QemuStream, UnknownRamFlagsRefused) {
+  std::string s = BuildInitial([](StreamWriter&, std::string& out) {
+    PutU64(&out, 0x40 /* XBZRLE */);
+  });
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("unsupported ram record flags 0x40"), std::string::npos) << st.message();
+}
+
+TEST(QemuStream, WrongSectionIdRefused) {
+  std::string s;
+  StreamWriter w(&s);
+  w.Header();
+  w.RamStart(2, Blocks());
+  w.Eos();
+  w.Footer(2);
+  w.RamSectionBegin(kSecPart, 9);
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("section id 9"), std::string::npos) << st.message();
+}
+
+TEST(QemuStream, WrongFooterRefused) {
+  std::string s;
+  StreamWriter w(&s);
+  w.Header();
+  w.RamStart(2, Blocks());
+  w.Eos();
+  w.Footer(3);
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("names section 3"), std::string::npos) << st.message();
+}
+
+TEST(QemuStream, OversizedLengthsRefusedWithoutAllocating) {
+  {
+    std::string s;
+    StreamWriter w(&s);
+    w.Header();
+    PutU8(&s, kSecConfiguration);
+    PutU32(&s, 0xfffffff0u);
+    Status st = ParseInitial(s);
+    EXPECT_EQ(st.code(), Code::kDataLoss);
+    EXPECT_NE(st.message().find("too long"), std::string::npos);
+  }
+  {
+    // vmstate-size far beyond the limit.
+    std::string s;
+    StreamWriter w(&s);
+    w.ColoValue(ColoMessage::kVmstateSize, 1ull << 60);
+    MemorySource src(s);
+    BufferedReader in(&src);
+    StreamParser p(&in);
+    auto r = p.ReadCheckpointDevices();
+    EXPECT_EQ(r.status().code(), Code::kDataLoss);
+    EXPECT_NE(r.status().message().find("exceeds the limit"), std::string::npos);
+  }
+  {
+    // A block list whose block overruns the total.
+    std::string s;
+    StreamWriter w(&s);
+    w.Header();
+    PutU8(&s, kSecStart);
+    PutU32(&s, 2);
+    PutU8(&s, 3);
+    s += "ram";
+    PutU32(&s, 0);
+    PutU32(&s, 4);
+    PutU64(&s, 4096 | kRamFlagMemSize);
+    PutU8(&s, 6);
+    s += "pc.ram";
+    PutU64(&s, 1ull << 40);
+    Status st = ParseInitial(s);
+    EXPECT_EQ(st.code(), Code::kDataLoss);
+    EXPECT_NE(st.message().find("overruns"), std::string::npos) << st.message();
+  }
+}
+
+TEST(QemuStream, PageBeyondBlockRefused) {
+  std::string s = BuildInitial([](StreamWriter& w, std::string&) {
+    uint8_t page[kPageSize] = {};
+    w.Page(1, Blocks(), 2 * kPageSize, page);  // pc.bios has 2 pages
+  });
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("beyond block 'pc.bios'"), std::string::npos) << st.message();
+}
+
+TEST(QemuStream, UnknownBlockAndBadMagicRefused) {
+  std::string s = BuildInitial([](StreamWriter&, std::string& out) {
+    PutU64(&out, kRamFlagZero);
+    PutU8(&out, 4);
+    out += "nope";
+    PutU8(&out, 0);
+  });
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("unknown block 'nope'"), std::string::npos);
+  EXPECT_EQ(ParseInitial("GARBAGE!").code(), Code::kDataLoss);
+}
+
+TEST(QemuStream, ReturnPathRefused) {
+  std::string s;
+  StreamWriter w(&s);
+  w.Header();
+  w.Command(kCmdOpenReturnPath, "");
+  Status st = ParseInitial(s);
+  EXPECT_EQ(st.code(), Code::kFailedPrecondition);
+  EXPECT_NE(st.message().find("return-path"), std::string::npos);
+}
+
+TEST(QemuStream, UnexpectedColoMessage) {
+  std::string s;
+  StreamWriter w(&s);
+  w.Colo(ColoMessage::kVmstateSend);
+  PutU32(&s, 77);
+  MemorySource src(s);
+  BufferedReader in(&src);
+  StreamParser p(&in);
+  Status st = p.ExpectColoMessage(ColoMessage::kCheckpointRequest);
+  EXPECT_EQ(st.code(), Code::kDataLoss);
+  EXPECT_NE(st.message().find("expected COLO checkpoint-request, got vmstate-send"), std::string::npos);
+  EXPECT_EQ(p.ReadColoMessage().status().code(), Code::kDataLoss);
+}
+
+}  // namespace
+}  // namespace remus::qemu
