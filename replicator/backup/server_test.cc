@@ -436,3 +436,92 @@ TEST(BackupFullDisk, RefusesWithResourceExhausted) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// Defect 9: connections beyond the caps are closed at once; finished
+// connection threads are reaped, so the caps count only live ones.
+class BackupServerCapsTest : public ::testing::Test {
+ protected:
+  void Start(int max_connections, int max_handshakes) {
+    dir_ = TempDir();
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.key = TestKey('k');
+    o.auto_promote = false;
+    o.max_connections = max_connections;
+    o.max_handshakes = max_handshakes;
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    for (uint16_t p = 27200; p < 27300 && !port_; p++)
+      if (server_->Listen({"127.0.0.1", p}).ok()) port_ = p;
+    ASSERT_NE(port_, 0);
+  }
+  void TearDown() override {
+    server_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  Fd Open() {
+    auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+    EXPECT_TRUE(fd.ok());
+    return fd.ok() ? std::move(fd).value() : Fd();
+  }
+  // True if the server closed fd within 2 s without sending anything.
+  static bool ClosedByServer(const Fd& fd) {
+    auto r = WaitReadable(fd.get(), 2000);
+    if (!r.ok() || !*r) return false;
+    char c;
+    return ::read(fd.get(), &c, 1) == 0;
+  }
+  void WaitConnections(int n) {
+    for (int i = 0; i < 300 && server_->connections() != n; i++)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    EXPECT_EQ(server_->connections(), n);
+  }
+
+  std::string dir_;
+  uint16_t port_ = 0;
+  std::unique_ptr<BackupServer> server_;
+};
+
+TEST_F(BackupServerCapsTest, ConnectionsOverTheCapAreClosed) {
+  Start(/*max_connections=*/2, /*max_handshakes=*/8);
+  Fd a = Open(), b = Open();
+  WaitConnections(2);
+  Fd c = Open();
+  EXPECT_TRUE(ClosedByServer(c));
+  // The silent peers leave; their threads are reaped and the slots free.
+  a.Reset();
+  b.Reset();
+  WaitConnections(0);
+  auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+  ASSERT_TRUE(fd.ok());
+  wire::Link l(std::move(fd).value());
+  EXPECT_TRUE(wire::ClientHandshake(l, TestKey('k'), "vm1", 2000).ok());
+}
+
+TEST_F(BackupServerCapsTest, HandshakesOverTheCapAreClosed) {
+  Start(/*max_connections=*/8, /*max_handshakes=*/1);
+  Fd a = Open();
+  WaitConnections(1);
+  Fd b = Open();
+  EXPECT_TRUE(ClosedByServer(b));
+  a.Reset();
+  WaitConnections(0);
+}
+
+TEST_F(BackupServerCapsTest, ManyFailedHandshakesLeaveNoThreads) {
+  Start(/*max_connections=*/4, /*max_handshakes=*/4);
+  for (int i = 0; i < 20; i++) {
+    remus::Status hs;
+    auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+    ASSERT_TRUE(fd.ok());
+    wire::Link l(std::move(fd).value());
+    EXPECT_FALSE(wire::ClientHandshake(l, TestKey('x'), "vm1", 2000).ok());
+  }
+  WaitConnections(0);
+  EXPECT_FALSE(server_->HasDomain("vm1"));
+}
+
+}  // namespace
+}  // namespace remus
