@@ -10,11 +10,9 @@
 #include "common/hex.h"
 #include "common/log.h"
 #include "diskmirror/disk_replica.h"
+#include "replicator/backup/promoter.h"
 #include "replicator/backup/records.h"
-#include "replicator/libvirt/restore.h"
 #include "replicator/link/page_batch.h"
-#include "replicator/qemu/argv_rewrite.h"
-#include "replicator/qemu/qmp.h"
 
 namespace remus {
 
@@ -711,140 +709,55 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
 }
 
 Status BackupDomain::DoPromote(const PromoteInput& in) {
-  std::map<std::string, std::string> drive_images;
+  RestoreRequest req;
+  req.domain = name_;
+  req.store = in.store;
+  req.configuration = in.configuration;
+  req.config = in.config;
+  req.run_dir = dir_ + "/run";
+  req.epoch = in.epoch;
+  req.progress = &restore_progress_;
+  req.phase = &promote_phase_;
   if (in.disks) {
     MutexLock dg(disk_mu_);
     promote_phase_ = "applying disk writes";
     RETURN_IF_ERROR(in.disks->ApplyAll().Annotate("domain " + name_ + ": bringing the disk images to checkpoint " +
                                                   std::to_string(in.epoch)));
-    for (size_t i = 0; i < in.disks->size(); i++) drive_images[in.disks->disk(i).id] = in.disks->ImagePath(i);
+    for (size_t i = 0; i < in.disks->size(); i++) req.drive_images[in.disks->disk(i).id] = in.disks->ImagePath(i);
   }
-  std::string run = dir_ + "/run";
-  RETURN_IF_ERROR(MakeDirs(run, 0700));
+  RETURN_IF_ERROR(MakeDirs(req.run_dir, 0700));
+  // A libvirt domain's disks are named by their <target dev=>.
   bool via_libvirt = in.config.contains("libvirt");
   // Before anything can start the guest: a crash of remusd from here on must
   // never lead to restoring this checkpoint again (Recover).
   json marker = {{"epoch", in.epoch}, {"via", via_libvirt ? "libvirt" : "qemu"}, {"pid", -1}};
   RETURN_IF_ERROR(WriteDurable(dir_, "promoting.json", marker.dump()).Annotate("recording the promotion"));
-  // A libvirt domain's disks are named by their <target dev=>.
-  if (via_libvirt) return DoPromoteLibvirt(in, run, drive_images);
-  return DoPromoteQemu(in, run, drive_images);
-}
-
-Status BackupDomain::DoPromoteQemu(const PromoteInput& in, const std::string& run,
-                                   const std::map<std::string, std::string>& drive_images) {
-  std::vector<std::string> argv;
-  for (const auto& a : in.config.value("argv", json::array()))
-    if (a.is_string()) argv.push_back(a.get<std::string>());
-  for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
-  argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, drive_images);
-  LOG_INFO(tag_) << "restoring epoch " << in.epoch << " into a new QEMU";
-  std::string log = run + "/qemu.log";
-  promote_phase_ = "starting QEMU";
-  ASSIGN_OR_RETURN(int pid, launcher_->Spawn({argv, log}));
-  {
+  req.started = [&](int pid) {
+    marker["pid"] = pid;
+    Status w = WriteFileAtomic(dir_ + "/promoting.json", marker.dump());
+    if (!w.ok()) LOG_WARN(tag_) << "cannot record the restored QEMU's pid: " << w.ToString();
     MutexLock l(mu_);
     qemu_pid_ = pid;
     qemu_ours_ = true;
-    qmp_socket_.clear();
-    libvirt_uri_.clear();
-    libvirt_domain_.clear();
-  }
-  (void)WriteFileAtomic(dir_ + "/promoting.json",
-                        json{{"epoch", in.epoch}, {"via", "qemu"}, {"pid", pid}}.dump());
-  // Whatever fails from here on, the attempt's QEMU is killed and reaped: a
-  // retry must not meet a half-started copy.
-  auto fail = [&](Status s) {
-    Status k = launcher_->Kill(pid);
-    if (!k.ok()) LOG_ERROR(tag_) << "cannot stop the failed attempt's QEMU: " << k.ToString();
-    MutexLock l(mu_);
+  };
+  std::unique_ptr<Promoter> promoter;
+  if (via_libvirt)
+    promoter = std::make_unique<LibvirtPromoter>(
+        LibvirtPromoterOptions{opts_.libvirt_uri, opts_.libvirt_pid_dir, opts_.qemu_binary});
+  else
+    promoter = std::make_unique<QemuPromoter>(launcher_, QemuPromoterOptions{opts_.qemu_binary, opts_.qemu_start_timeout_ms});
+  StatusOr<RestoredGuest> g = promoter->Restore(req);
+  MutexLock l(mu_);
+  if (!g.ok()) {
     qemu_pid_ = -1;
     qemu_ours_ = false;
-    return s;
-  };
-  auto qemu_failed = [&](const std::string& what) {
-    auto tail = ReadFileToString(log);
-    std::string t = tail.ok() ? *tail : "";
-    if (t.size() > 600) t = t.substr(t.size() - 600);
-    return fail(Unavailable(what + "; QEMU's log " + log + " ends with: " + t));
-  };
-  std::string qmp_path = run + "/qmp.sock";
-  std::unique_ptr<QmpClient> qmp;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(opts_.qemu_start_timeout_ms);
-  while (!qmp) {
-    if (!launcher_->Running(pid)) return qemu_failed("the restored QEMU exited at start");
-    if (std::chrono::steady_clock::now() > deadline) return qemu_failed("the restored QEMU's monitor did not come up");
-    auto c = QmpClient::Connect(qmp_path, 2000);
-    if (c.ok()) qmp = std::move(c).value();
-    else std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return g.status();
   }
-  std::string in_path = run + "/incoming.sock";
-  auto mi = qmp->Execute("migrate-incoming", {{"uri", "unix:" + in_path}});
-  if (!mi.ok()) return fail(mi.status().Annotate("migrate-incoming"));
-  Fd fd;
-  for (int i = 0; i < 500 && !fd.valid(); i++) {
-    auto c = ConnectUnix(in_path);
-    if (c.ok()) fd = std::move(c).value();
-    else std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  if (!fd.valid()) return qemu_failed("the restored QEMU did not open its incoming socket");
-  RestoreStats rs;
-  rs.progress = &restore_progress_;
-  promote_phase_ = "streaming the checkpoint";
-  Status ws = WriteRestoreStream(*in.store, in.configuration, fd.get(), &rs);
-  if (!ws.ok()) return fail(ws.Annotate("restore stream"));
-  ::shutdown(fd.get(), SHUT_WR);
-  promote_phase_ = "waiting for the guest to run";
-  for (int i = 0; i < 3000; i++) {
-    auto st = qmp->Execute("query-status", json::object(), 2000);
-    if (!st.ok()) return qemu_failed("the restored QEMU failed while loading: " + st.status().message());
-    if (st->is_object() && st->value("status", "") == "running") {
-      MutexLock l(mu_);
-      qmp_socket_ = qmp_path;
-      LOG_INFO(tag_) << "restored " << rs.pages << " pages + " << rs.zero_pages << " zero pages; guest running (pid "
-                     << pid << ", QMP " << qmp_path << ")";
-      return OkStatus();
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return qemu_failed("the restored guest did not start running");
-}
-
-Status BackupDomain::DoPromoteLibvirt(const PromoteInput& in, const std::string& run,
-                                      const std::map<std::string, std::string>& disk_images) {
-  const json& lv = in.config["libvirt"];
-  std::string xml_in = lv.is_object() && lv.contains("xml") && lv["xml"].is_string() ? lv["xml"].get<std::string>() : "";
-  auto rewritten = RewriteDomainXmlForRestore(xml_in, run, opts_.qemu_binary, disk_images);
-  if (!rewritten.ok())
-    return Status(rewritten.status().code(), "domain " + name_ + ": cannot make its libvirt XML fit this host: " +
-                                                 rewritten.status().message());
-  std::string xml = std::move(rewritten).value();
-  Status w = WriteFileAtomic(run + "/domain.xml", xml);  // for the operator: what was restored
-  if (!w.ok()) LOG_WARN(tag_) << "cannot keep the restored XML: " << w.ToString();
-  LOG_INFO(tag_) << "restoring epoch " << in.epoch << " through libvirt at " << opts_.libvirt_uri;
-  LibvirtRestoreOptions ro;
-  ro.uri = opts_.libvirt_uri;
-  ro.work_dir = run;
-  ro.pid_dir = opts_.libvirt_pid_dir;
-  RestoreStats rs;
-  rs.progress = &restore_progress_;
-  promote_phase_ = "libvirt starting QEMU";
-  auto res = RestoreDomain(ro, xml, [&](int fd) {
-    promote_phase_ = "streaming the checkpoint";
-    Status st = WriteRestoreStream(*in.store, in.configuration, fd, &rs).Annotate("restore stream");
-    promote_phase_ = "libvirt resuming the guest";
-    return st;
-  });
-  if (!res.ok()) return res.status();
-  MutexLock l(mu_);
-  qemu_pid_ = res->qemu_pid;
-  qemu_ours_ = false;
-  qmp_socket_.clear();
-  libvirt_uri_ = opts_.libvirt_uri;
-  libvirt_domain_ = res->domain;
-  LOG_INFO(tag_) << "restored " << rs.pages << " pages + " << rs.zero_pages << " zero pages; domain " << res->domain
-                 << " runs in libvirt " << opts_.libvirt_uri << " (pid " << res->qemu_pid << ", libvirt restore "
-                 << res->restore_ms << " ms)";
+  qemu_pid_ = g->pid;
+  qemu_ours_ = g->ours;
+  qmp_socket_ = g->qmp_socket;
+  libvirt_uri_ = g->libvirt_uri;
+  libvirt_domain_ = g->libvirt_domain;
   return OkStatus();
 }
 

@@ -145,11 +145,8 @@ class BackupDomain {
   Status PromoteImpl(const std::string& reason, std::optional<uint64_t> generation) EXCLUDES(mu_);
   // FailedPrecondition unless the current session has a restorable checkpoint.
   Status Restorable() const REQUIRES(mu_);
+  // Restores the guest through promoter.h and records what runs.
   Status DoPromote(const PromoteInput& in) EXCLUDES(mu_);
-  Status DoPromoteQemu(const PromoteInput& in, const std::string& run,
-                       const std::map<std::string, std::string>& drive_images) EXCLUDES(mu_);
-  Status DoPromoteLibvirt(const PromoteInput& in, const std::string& run,
-                          const std::map<std::string, std::string>& drive_images) EXCLUDES(mu_);
   void AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) EXCLUDES(mu_);
   Status RecoverPromotion(const std::string& marker_file, bool finished) EXCLUDES(mu_);
 
