@@ -234,8 +234,6 @@ Status PrimaryReplicator::Connect() {
   }
   ASSIGN_OR_RETURN(std::vector<GuestDisk> disks,
                    ListGuestDisks(monitor_.get(), d, opts_.disks, libvirt_ ? &targets : nullptr));
-  json disks_json = json::array();
-  for (const auto& g : disks) disks_json.push_back(g.ToJson());
 
   auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
   if (!fd.ok())
@@ -246,18 +244,19 @@ Status PrimaryReplicator::Connect() {
   Status hs = wire::ClientHandshake(*link_, opts_.key, d, opts_.connect_timeout_ms);
   if (!hs.ok()) return Status(hs.code(), "domain " + d + ": " + hs.message());
 
-  json config = {{"domain", d},
-                 {"argv", qemu_argv_},
-                 {"qemu_version", probe_.version},
-                 {"qemu_package", probe_.package},
-                 {"accelerator", probe_.accelerator},
-                 {"interval_ms", opts_.interval_ms},
-                 {"disks", disks_json},
-                 {"heartbeat_interval_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count()},
-                 {"heartbeat_timeout_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()}};
+  wire::ConfigMsg config{
+      .domain = d,
+      .argv = qemu_argv_,
+      .qemu_version = probe_.version,
+      .qemu_package = probe_.package,
+      .accelerator = probe_.accelerator,
+      .interval_ms = opts_.interval_ms,
+      .heartbeat_interval_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count(),
+      .heartbeat_timeout_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()};
+  for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.
-  if (libvirt_) config["libvirt"] = {{"xml", domain_xml_}, {"name", d}, {"uri", opts_.libvirt_uri}};
-  RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
+  if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};
+  RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, wire::EncodeConfig(config)).Annotate("domain " + d + ": sending configuration"));
 
   hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
   // libvirt's QEMU may not open a path of ours (its own user, AppArmor): the
@@ -557,15 +556,10 @@ Status PrimaryReplicator::RunInitialSync() {
   Status disk_start;
   BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); });
   sink.OnFirstPage([&] {
-    uint64_t total = 0;
-    json blocks = json::array();
-    for (const auto& b : source_->blocks()) {
-      total += b.used_length;
-      blocks.push_back({{"id", b.id}, {"used_length", b.used_length}});
-    }
-    sync_total_bytes_ = total;
-    json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexEncode(info.configuration)}};
-    Enqueue({MsgType::kSyncBegin, 0, begin.dump()});
+    wire::SyncBeginMsg begin{source_->blocks(), info.configuration, 0};
+    for (const auto& b : begin.blocks) begin.total_bytes += b.used_length;
+    sync_total_bytes_ = begin.total_bytes;
+    Enqueue({MsgType::kSyncBegin, 0, wire::EncodeSyncBegin(begin)});
     // The disks' background copy runs alongside the memory copy and on into
     // the first checkpoints; every write is tagged with its epoch. It starts
     // after SYNC_BEGIN, which opens the backup's journals.
@@ -743,7 +737,7 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
   }
   if (qemu_dead) {
     LOG_ERROR(tag) << why.message() << "; telling the backup to take over";
-    if (link_) (void)link_->Send(MsgType::kFailover, 0, json{{"reason", why.message()}}.dump());
+    if (link_) (void)link_->Send(MsgType::kFailover, 0, wire::EncodeReason({why.message()}));
     state_ = PrimaryState::kFailedOver;
     // The guest is gone: what it sent after the last ACK is dropped, since
     // the backup resumes from a state that never sent it.
@@ -752,7 +746,7 @@ void PrimaryReplicator::Stop(const Status& why, bool qemu_dead) {
   } else {
     if (on_purpose) LOG_INFO(tag) << "protection ends: " << why.message();
     else LOG_ERROR(tag) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
-    if (link_) (void)link_->Send(MsgType::kGoodbye, 0, json{{"reason", why.message()}}.dump());
+    if (link_) (void)link_->Send(MsgType::kGoodbye, 0, wire::EncodeReason({why.message()}));
     if (source_) {
       Status g = source_->GiveUp();
       if (!g.ok()) {
