@@ -361,18 +361,17 @@ Status BackupDomain::HandleFrame(wire::Frame& f, Outcome* outcome) {
     case MsgType::kCommit:
       return CommitEpoch(f.epoch, f.payload);
     case MsgType::kFailover: {
-      StatusOr<std::string> why = ParseReason(f.payload);
-      if (!why.ok()) return why.status();
+      std::string why = ParseReason(f.payload);
       std::string reason = "primary reports its guest lost";
-      if (!why->empty()) reason += ": " + *why;
+      if (!why.empty()) reason += ": " + why;
       LOG_WARN(tag_) << reason;
       *outcome = {End::kFailover, reason};
       return Aborted("primary lost");
     }
     case MsgType::kGoodbye: {
-      StatusOr<std::string> why = ParseReason(f.payload);
+      std::string why = ParseReason(f.payload);
       std::string reason = "the primary ended protection (GOODBYE";
-      if (why.ok() && !why->empty()) reason += ": " + *why;
+      if (!why.empty()) reason += ": " + why;
       *outcome = {End::kEnded, reason + ")"};
       LOG_INFO(tag_) << outcome->why << "; not promoting";
       return Cancelled("goodbye");
@@ -389,10 +388,10 @@ Status BackupDomain::HandleFrame(wire::Frame& f, Outcome* outcome) {
 
 Status BackupDomain::HandleConfig(const std::string& payload) {
   if (config_seen_) return InvalidArgument("CONFIG sent twice in one session");
-  ASSIGN_OR_RETURN(json c, ParseConfigPayload(payload, name_));
+  ASSIGN_OR_RETURN(wire::ConfigMsg c, ParseConfigPayload(payload, name_));
   RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
-  int64_t hi = c.value("heartbeat_interval_ms", int64_t{0}), ht = c.value("heartbeat_timeout_ms", int64_t{0});
-  if (hi > 0 && ht > hi) hb_->Reconfigure({std::chrono::milliseconds(hi), std::chrono::milliseconds(ht)});
+  if (c.heartbeat_interval_ms > 0 && c.heartbeat_timeout_ms > c.heartbeat_interval_ms)
+    hb_->Reconfigure({std::chrono::milliseconds(c.heartbeat_interval_ms), std::chrono::milliseconds(c.heartbeat_timeout_ms)});
   config_seen_ = true;
   MutexLock g(mu_);
   session_config_ = std::move(c);
@@ -426,15 +425,15 @@ Status BackupDomain::RetireCheckpoint(const std::string& why) {
   }
   committed_.reset();
   committed_configuration_.clear();
-  config_ = json();
+  config_ = wire::ConfigMsg();
   last_committed_ = -1;
   return OkStatus();
 }
 
 Status BackupDomain::HandleSyncBegin(const std::string& payload) {
   if (!config_seen_) return InvalidArgument("SYNC_BEGIN before CONFIG");
-  ASSIGN_OR_RETURN(SyncBeginRecord b, ParseSyncBegin(payload));
-  json config;
+  ASSIGN_OR_RETURN(wire::SyncBeginMsg b, ParseSyncBegin(payload));
+  wire::ConfigMsg config;
   std::string store_dir;
   {
     MutexLock g(mu_);
@@ -448,8 +447,8 @@ Status BackupDomain::HandleSyncBegin(const std::string& payload) {
   RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", b.configuration));
   // The CONFIG belongs with the store it describes: it becomes the restorable
   // one only when this store does.
-  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/config.json", config.dump(2)));
-  RETURN_IF_ERROR(OpenSessionDisks(store->dir(), config.value("disks", json::array())));
+  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/config.json", wire::EncodeConfig(config)));
+  RETURN_IF_ERROR(OpenSessionDisks(store->dir(), config.disks));
   MutexLock g(mu_);
   configuration_section_ = std::move(b.configuration);
   syncing_ = std::move(store);
@@ -594,11 +593,13 @@ StatusOr<std::unique_ptr<DiskReplicaSet>> BackupDomain::OpenDisks(const std::str
   return DiskReplicaSet::Open(io, dir_ + "/disks", store_dir, std::move(disks), discard_after);
 }
 
-Status BackupDomain::OpenSessionDisks(const std::string& store_dir, const json& disks) {
+Status BackupDomain::OpenSessionDisks(const std::string& store_dir, const std::vector<wire::DiskSpec>& disks) {
   session_disks_.reset();
   session_disk_synced_ = -1;
-  if (!disks.is_array() || disks.empty()) return OkStatus();
-  RETURN_IF_ERROR(WriteFileAtomic(store_dir + "/disks.json", disks.dump()));
+  if (disks.empty()) return OkStatus();
+  json list = json::array();
+  for (const auto& d : disks) list.push_back(wire::DiskSpecToJson(d));
+  RETURN_IF_ERROR(WriteFileAtomic(store_dir + "/disks.json", list.dump()));
   ASSIGN_OR_RETURN(auto set, OpenDisks(store_dir, std::nullopt));
   MutexLock dg(disk_mu_);
   session_disks_ = std::move(set);
@@ -727,7 +728,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   }
   RETURN_IF_ERROR(MakeDirs(req.run_dir, 0700));
   // A libvirt domain's disks are named by their <target dev=>.
-  bool via_libvirt = in.config.contains("libvirt");
+  bool via_libvirt = in.config.libvirt.has_value();
   // Before anything can start the guest: a crash of remusd from here on must
   // never lead to restoring this checkpoint again (Recover).
   json marker = {{"epoch", in.epoch}, {"via", via_libvirt ? "libvirt" : "qemu"}, {"pid", -1}};
@@ -843,7 +844,7 @@ Status BackupDomain::Recover() {
   std::string cfg_path = store->dir() + "/config.json";
   if (::access(cfg_path.c_str(), F_OK) != 0) cfg_path = dir_ + "/config.json";
   ASSIGN_OR_RETURN(std::string cfg_text, ReadFileToString(cfg_path));
-  StatusOr<json> cfg = ParseConfigFile(cfg_text, name_);
+  StatusOr<wire::ConfigMsg> cfg = ParseConfigFile(cfg_text, name_);
   if (!cfg.ok()) return DataLoss(cfg_path + " is unusable: " + cfg.status().message());
   ASSIGN_OR_RETURN(std::string configuration, ReadFileToString(store->dir() + "/configuration.bin"));
   // The disks: replay what the journals committed up to the page store's

@@ -54,6 +54,7 @@
 #include "replicator/backup/domain_state.h"
 #include "replicator/backup/page_store.h"
 #include "replicator/backup/restore.h"
+#include "replicator/link/messages.h"
 #include "replicator/link/wire.h"
 #include "replicator/qemu/launcher.h"
 
@@ -135,7 +136,7 @@ class BackupDomain {
   struct PromoteInput {
     const PageStore* store = nullptr;
     std::string configuration;
-    nlohmann::json config;
+    wire::ConfigMsg config;
     std::shared_ptr<DiskReplicaSet> disks;
     uint64_t epoch = 0;
   };
@@ -163,7 +164,7 @@ class BackupDomain {
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
   // Mirrored disks (diskmirror/disk_replica.h).
-  Status OpenSessionDisks(const std::string& store_dir, const nlohmann::json& disks);
+  Status OpenSessionDisks(const std::string& store_dir, const std::vector<wire::DiskSpec>& disks);
   StatusOr<std::unique_ptr<DiskReplicaSet>> OpenDisks(const std::string& store_dir,
                                                       std::optional<uint64_t> discard_after);
   FileIo* Io();
@@ -192,8 +193,8 @@ class BackupDomain {
   std::string error_ GUARDED_BY(mu_);
   std::string no_checkpoint_reason_ GUARDED_BY(mu_);  // why committed_ is empty
   std::string primary_ GUARDED_BY(mu_);
-  nlohmann::json config_ GUARDED_BY(mu_);            // of the committed store
-  nlohmann::json session_config_ GUARDED_BY(mu_);    // the live session's CONFIG
+  wire::ConfigMsg config_ GUARDED_BY(mu_);            // of the committed store
+  wire::ConfigMsg session_config_ GUARDED_BY(mu_);    // the live session's CONFIG
   std::string configuration_section_ GUARDED_BY(mu_);  // of the session's store
   std::string committed_configuration_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> committed_ GUARDED_BY(mu_);

@@ -26,9 +26,7 @@ void SetPhase(const RestoreRequest& r, const char* p) {
 StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
   const std::string tag = "backup[" + req.domain + "]";
   const std::string& run = req.run_dir;
-  std::vector<std::string> argv;
-  for (const auto& a : req.config.value("argv", json::array()))
-    if (a.is_string()) argv.push_back(a.get<std::string>());
+  std::vector<std::string> argv = req.config.argv;
   for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
   argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, req.drive_images);
   LOG_INFO(tag) << "restoring epoch " << req.epoch << " into a new QEMU";
@@ -95,8 +93,7 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
 
 StatusOr<RestoredGuest> LibvirtPromoter::Restore(const RestoreRequest& req) {
   const std::string tag = "backup[" + req.domain + "]";
-  const json& lv = req.config.contains("libvirt") ? req.config["libvirt"] : json();
-  std::string xml_in = lv.is_object() && lv.contains("xml") && lv["xml"].is_string() ? lv["xml"].get<std::string>() : "";
+  std::string xml_in = req.config.libvirt ? req.config.libvirt->xml : "";
   auto rewritten = RewriteDomainXmlForRestore(xml_in, req.run_dir, opts_.qemu_binary, req.drive_images);
   if (!rewritten.ok())
     return Status(rewritten.status().code(), "domain " + req.domain + ": cannot make its libvirt XML fit this host: " +

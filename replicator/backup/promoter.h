@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "replicator/backup/page_store.h"
 #include "replicator/backup/restore.h"
+#include "replicator/link/messages.h"
 #include "replicator/qemu/launcher.h"
 
 namespace remus {
@@ -27,7 +28,7 @@ struct RestoreRequest {
   std::string domain;
   const PageStore* store = nullptr;  // committed; not modified while this runs
   std::string configuration;         // QEMU's CONFIGURATION section
-  nlohmann::json config;             // the session's CONFIG (argv or libvirt XML)
+  wire::ConfigMsg config;            // the session's CONFIG (argv or libvirt XML)
   std::map<std::string, std::string> drive_images;  // disk id -> the backup's image
   std::string run_dir;
   uint64_t epoch = 0;

@@ -14,14 +14,16 @@ TEST(Records, ConfigOfTheWrongTypesIsInvalidArgument) {
            R"({"libvirt":"<domain/>"})", R"({"libvirt":{"xml":7}})", R"({"argv":["q"],"qemu_version":7})",
            R"({"argv":["q"],"domain":[]})", "not json"}) {
     auto c = ParseConfigPayload(bad, "vm1");
-    EXPECT_EQ(c.status().code(), Code::kInvalidArgument) << bad;
+    // Not JSON is DataLoss (the codec's rule), the wrong shape InvalidArgument.
+    EXPECT_EQ(c.status().code(), std::string(bad) == "not json" ? Code::kDataLoss : Code::kInvalidArgument) << bad;
   }
   auto ok = ParseConfigPayload(
       R"({"domain":"vm1","argv":["q","-m","1"],"heartbeat_interval_ms":50,"heartbeat_timeout_ms":2000,)"
       R"("disks":[{"id":"drive0","node":"n","format":"raw","file":"/x","size":4096}]})",
       "vm1");
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
-  EXPECT_EQ((*ok)["argv"][0], "q");
+  EXPECT_EQ(ok->argv[0], "q");
+  EXPECT_EQ(ok->disks.at(0).id, "drive0");
   EXPECT_EQ(ParseConfigFile(R"({"argv":5})", "vm1").status().code(), Code::kDataLoss);
 }
 
@@ -33,16 +35,16 @@ TEST(Records, SyncBegin) {
   EXPECT_EQ(b->blocks[0].id, "pc.ram");
   EXPECT_EQ(b->configuration, std::string("\x07\x00", 2));
   for (const char* bad : {R"({"total_bytes":"x"})", R"({"blocks":{}})", R"({"blocks":[{"id":1,"used_length":1}]})",
-                          R"({"blocks":[{"id":"a","used_length":"1"}]})", R"({"configuration":5})", "[]", "{"})
+                          R"({"blocks":[{"id":"a","used_length":"1"}]})", R"({"configuration":5})", "[]", "{",
+                          R"({"configuration":"zz"})"})
     EXPECT_FALSE(ParseSyncBegin(bad).ok()) << bad;
-  EXPECT_EQ(ParseSyncBegin(R"({"configuration":"zz"})").status().code(), Code::kDataLoss);
 }
 
 TEST(Records, ReasonIsInformational) {
-  EXPECT_EQ(*ParseReason(""), "");
-  EXPECT_EQ(*ParseReason(R"({"reason":"QEMU exited"})"), "QEMU exited");
-  EXPECT_EQ(*ParseReason(R"({"reason":42})"), "");
-  EXPECT_EQ(*ParseReason("garbage"), "");
+  EXPECT_EQ(ParseReason(""), "");
+  EXPECT_EQ(ParseReason(R"({"reason":"QEMU exited"})"), "QEMU exited");
+  EXPECT_EQ(ParseReason(R"({"reason":42})"), "");
+  EXPECT_EQ(ParseReason("garbage"), "");
 }
 
 TEST(Records, StateFiles) {
