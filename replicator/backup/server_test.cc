@@ -525,3 +525,100 @@ TEST_F(BackupServerCapsTest, ManyFailedHandshakesLeaveNoThreads) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// Through the server's public API with automatic promotion on, as remusd
+// runs it. The primary's QEMU binary does not exist here, so a promotion
+// that wrongly happens shows as promotion.state "failed".
+class BackupServerAutoPromoteTest : public BackupServerTest {
+ protected:
+  void SetUp() override {
+    dir_ = TempDir();
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.key = TestKey('k');
+    o.auto_promote = true;
+    o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    for (uint16_t port = 27300; port < 27400 && !port_; port++)
+      if (server_->Listen({"127.0.0.1", port}).ok()) port_ = port;
+    ASSERT_NE(port_, 0);
+  }
+  static json Config() {
+    return {{"domain", "vm1"}, {"argv", {"/nonexistent/qemu-system-x86_64", "-m", "1"}},
+            {"heartbeat_interval_ms", 50}, {"heartbeat_timeout_ms", 400}};
+  }
+  void Sync(wire::Link& l) {
+    ASSERT_TRUE(l.Send(MsgType::kConfig, 0, Config().dump()).ok());
+    json begin = {{"total_bytes", 4 * 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    std::string pages = CheckpointPages(0, 'a');
+    ASSERT_TRUE(l.Send(MsgType::kPages, 0, pages).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, 0, Blob()).ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, 0, wire::EncodeCommit({1, pages.size(), Blob().size()})).ok());
+    ExpectAck(l, 0);
+  }
+};
+
+// Defect 1, end to end through the server: ERROR, then GOODBYE: no promotion.
+TEST_F(BackupServerAutoPromoteTest, RefusedCheckpointAndGoodbyeNeverPromote) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  Sync(*l);
+  std::string p = CheckpointPages(0, 'Z');
+  ASSERT_TRUE(l->Send(MsgType::kPages, 1, p).ok());
+  ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
+  ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({2, p.size() + 4108, Blob().size()})).ok());
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  ASSERT_TRUE(l->Send(MsgType::kGoodbye, 1, R"({"reason":"backup refused"})").ok());
+  l.reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  json st = DomainStatus();
+  EXPECT_EQ(st["promotion"]["state"], "standby") << st.dump();
+  EXPECT_EQ(st["state"], "unprotected") << st.dump();
+}
+
+// Defect 6, through the server: the primary is back within the timeout.
+TEST_F(BackupServerAutoPromoteTest, ReconnectWithinTheTimeoutKeepsTheNewSession) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    Sync(*l);
+  }
+  WaitState("primary-lost");
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok()) << hs.ToString();
+  Sync(*l);
+  for (int i = 0; i < 16; i++) {  // past the first session's deadline, alive
+    ASSERT_TRUE(l->Send(MsgType::kHeartbeat, 0, "").ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  SendCheckpoint(*l, 1, CheckpointPages(1, 'N'));
+  ExpectAck(*l, 1);
+  json st = DomainStatus();
+  EXPECT_EQ(st["promotion"]["state"], "standby") << st.dump();
+  EXPECT_EQ(st["state"], "protected") << st.dump();
+}
+
+// Defect 8, through the server: wrong JSON types in CONFIG used to throw
+// nlohmann::json::type_error on the session thread (std::terminate).
+TEST_F(BackupServerAutoPromoteTest, ConfigOfWrongTypesIsRefused) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  ASSERT_TRUE(l->Send(MsgType::kConfig, 0,
+                      R"({"argv":["q"],"heartbeat_interval_ms":"50","heartbeat_timeout_ms":"400"})").ok());
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->type, MsgType::kError);
+}
+
+}  // namespace
+}  // namespace remus
