@@ -622,3 +622,75 @@ TEST_F(BackupServerAutoPromoteTest, ConfigOfWrongTypesIsRefused) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// Defect 2, through the server: after GOODBYE the guest ran on unprotected;
+// a re-sync that dies before its COMMIT(0) leaves nothing to restore, also
+// after a restart.
+TEST_F(BackupServerTest, UncommittedResyncLeavesNoCheckpoint) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    InitialSync(*l);
+    ASSERT_TRUE(l->Send(MsgType::kGoodbye, 0, R"({"reason":"unprotected by the operator"})").ok());
+  }
+  WaitState("unprotected");
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    json config = {{"domain", "vm1"}, {"argv", {"qemu-new", "-m", "1"}}};
+    ASSERT_TRUE(l->Send(MsgType::kConfig, 0, config.dump()).ok());
+    json begin = {{"total_bytes", 4 * 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l->Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    ASSERT_TRUE(l->Send(MsgType::kPages, 0, CheckpointPages(0, 'n')).ok());
+  }
+  WaitState("primary-lost");
+  remus::Status s = server_->Failover("vm1");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("no committed checkpoint"), std::string::npos) << s.message();
+  server_.reset();
+  BackupOptions o;
+  o.state_dir = dir_;
+  o.key = TestKey('k');
+  o.auto_promote = false;
+  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+  ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  ASSERT_TRUE(server_->HasDomain("vm1"));
+  s = server_->Failover("vm1");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("no committed checkpoint"), std::string::npos) << s.message();
+}
+
+// Defect 4, through the server with the real launcher: a QEMU that exits at
+// start fails the promotion; retrying used to std::terminate.
+TEST_F(BackupServerTest, RetryingAFailedFailoverIsSafe) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    json config = {{"domain", "vm1"}, {"argv", {"/bin/false"}}};
+    ASSERT_TRUE(l->Send(MsgType::kConfig, 0, config.dump()).ok());
+    json begin = {{"total_bytes", 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l->Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    std::string pages = CheckpointPages(0, 'a');
+    ASSERT_TRUE(l->Send(MsgType::kPages, 0, pages).ok());
+    ASSERT_TRUE(l->Send(MsgType::kDevice, 0, Blob()).ok());
+    ASSERT_TRUE(l->Send(MsgType::kCommit, 0, wire::EncodeCommit({1, pages.size(), Blob().size()})).ok());
+    ExpectAck(*l, 0);
+  }
+  WaitState("primary-lost");
+  for (int i = 0; i < 3; i++) {
+    remus::Status s = server_->Failover("vm1");
+    EXPECT_EQ(s.code(), Code::kUnavailable) << s.ToString();
+    EXPECT_NE(s.message().find("exited at start"), std::string::npos) << s.message();
+    EXPECT_EQ(DomainStatus()["state"], "failed");
+  }
+}
+
+}  // namespace
+}  // namespace remus
