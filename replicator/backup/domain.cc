@@ -405,10 +405,11 @@ Status BackupDomain::RetireCheckpoint(const std::string& why) {
   no_checkpoint_reason_ = why;
   bool had = committed_ != nullptr || ::access((dir_ + "/current").c_str(), F_OK) == 0;
   if (!had) return OkStatus();
-  // Durably first: after a crash from here on, Recover must not find it.
-  RETURN_IF_ERROR(WriteDurable(dir_, "retired", why));
+  // `current` goes first, durably: after a crash from here on, Recover must
+  // not find it (`retired` only explains its absence).
   if (::unlink((dir_ + "/current").c_str()) < 0 && errno != ENOENT) return ErrnoStatus("unlink " + dir_ + "/current", errno);
   RETURN_IF_ERROR(SyncDir(dir_));
+  RETURN_IF_ERROR(WriteDurable(dir_, "retired", why));
   if (committed_disks_) {
     // The images are shared by sessions: the retired session's journals go
     // onto them in full before the new one's writes can.
