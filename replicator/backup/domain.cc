@@ -12,6 +12,7 @@
 #include "diskmirror/disk_replica.h"
 #include "replicator/backup/promoter.h"
 #include "replicator/backup/records.h"
+#include "replicator/backup/recovery.h"
 #include "replicator/link/page_batch.h"
 
 namespace remus {
@@ -45,11 +46,6 @@ Status SyncDir(const std::string& dir) {
 Status WriteDurable(const std::string& dir, const std::string& file, const std::string& data) {
   RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + file, data));
   return SyncDir(dir);
-}
-
-std::string Trim(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
-  return s;
 }
 
 }  // namespace
@@ -765,114 +761,77 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
 
 // ---- recovery ----
 
-Status BackupDomain::RecoverPromotion(const std::string& marker_file, bool finished) {
-  auto text = ReadFileToString(marker_file);
-  if (!text.ok()) return text.status();
-  StatusOr<PromotionMarker> m = ParsePromotionMarker(*text);
-  if (!m.ok())
-    return DataLoss("domain " + name_ + ": " + marker_file + " is unreadable (" + m.status().message() +
-                    "); the guest may have been promoted here: check for a running copy, then remove " + dir_ +
-                    " to protect this domain here anew");
-  int pid = m->pid;
-  if (pid <= 0 && !m->via_libvirt) {
-    // remusd died between starting QEMU and recording its pid: QEMU's own
-    // pidfile tells.
-    if (auto p = ReadFileToString(dir_ + "/run/qemu.pid"); p.ok()) pid = std::atoi(p->c_str());
-  } else if (pid <= 0) {
-    if (auto p = ReadFileToString(opts_.libvirt_pid_dir + "/" + name_ + ".pid"); p.ok()) pid = std::atoi(p->c_str());
-  }
-  // Ours only if it is a live process started for this domain's run dir.
-  std::string argv;
-  if (pid > 0) {
-    auto cmdline = ReadFileToString("/proc/" + std::to_string(pid) + "/cmdline");
-    if (cmdline.ok()) argv = std::move(*cmdline);
-  }
-  // A libvirt-restored QEMU is libvirt's: it names the domain (-name guest=NAME).
-  bool alive = m->via_libvirt ? argv.find(std::string("guest=") + name_ + ",") != std::string::npos ||
-                                    argv.find(std::string("guest=") + name_ + '\0') != std::string::npos
-                              : argv.find(dir_ + "/run/") != std::string::npos;
-  MutexLock g(mu_);
-  last_committed_ = m->epoch;
-  promotion_tried_ = true;
-  promote_reason_ = finished ? "promoted before remusd restarted" : "a promotion was under way when remusd stopped";
-  if (alive) {
-    qemu_pid_ = pid;
-    qmp_socket_ = finished ? m->qmp_socket : dir_ + "/run/qmp.sock";
-    libvirt_uri_ = m->libvirt_uri;
-    libvirt_domain_ = m->libvirt_domain;
-    if (m->via_libvirt && libvirt_uri_.empty()) libvirt_uri_ = opts_.libvirt_uri;
-    if (m->via_libvirt && libvirt_domain_.empty()) libvirt_domain_ = name_;
-    if (m->via_libvirt) qmp_socket_.clear();
-    Transition(DomainEvent::kRecoveredPromotion);
-    LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << pid << ")";
-  } else {
-    error_ = std::string(finished ? "the guest promoted here before remusd restarted"
-                                  : "a promotion was under way when remusd stopped, and the guest it started") +
-             " (pid " + std::to_string(pid) + ") is gone; its checkpoint " + std::to_string(m->epoch) +
-             " is older than what that guest may have run, so it is not restored again; remove " + dir_ +
-             " to protect this domain here anew";
-    promote_error_ = error_;
-    Transition(DomainEvent::kRecoveredBroken);
-    LOG_ERROR(tag_) << error_;
-  }
-  return OkStatus();
-}
-
 Status BackupDomain::Recover() {
-  if (::access((dir_ + "/promoted.json").c_str(), F_OK) == 0) return RecoverPromotion(dir_ + "/promoted.json", true);
-  if (::access((dir_ + "/promoting.json").c_str(), F_OK) == 0) return RecoverPromotion(dir_ + "/promoting.json", false);
-  auto cur = ReadFileToString(dir_ + "/current");
-  if (!cur.ok()) {
-    auto retired = ReadFileToString(dir_ + "/retired");
-    if (!retired.ok()) return NotFound("domain " + name_ + " has no committed store");
+  StatusOr<FoundPromotion> p = FindPromotion(dir_, name_, opts_.libvirt_pid_dir);
+  if (p.ok()) {
+    // A promotion ran, or was under way: its guest may have run, so this
+    // checkpoint is never restored again by itself.
+    MutexLock g(mu_);
+    last_committed_ = p->marker.epoch;
+    promotion_tried_ = true;
+    promote_reason_ = p->finished ? "promoted before remusd restarted" : "a promotion was under way when remusd stopped";
+    if (p->alive) {
+      qemu_pid_ = p->pid;
+      if (p->marker.via_libvirt) {
+        libvirt_uri_ = p->marker.libvirt_uri.empty() ? opts_.libvirt_uri : p->marker.libvirt_uri;
+        libvirt_domain_ = p->marker.libvirt_domain.empty() ? name_ : p->marker.libvirt_domain;
+      } else {
+        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/qmp.sock";
+      }
+      Transition(DomainEvent::kRecoveredPromotion);
+      LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << p->pid << ")";
+    } else {
+      error_ = std::string(p->finished ? "the guest promoted here before remusd restarted"
+                                       : "a promotion was under way when remusd stopped, and the guest it started") +
+               " (pid " + std::to_string(p->pid) + ") is gone; its checkpoint " + std::to_string(p->marker.epoch) +
+               " is older than what that guest may have run, so it is not restored again; remove " + dir_ +
+               " to protect this domain here anew";
+      promote_error_ = error_;
+      Transition(DomainEvent::kRecoveredBroken);
+      LOG_ERROR(tag_) << error_;
+    }
+    return OkStatus();
+  }
+  if (p.status().code() != Code::kNotFound) return p.status();
+  std::string retired;
+  StatusOr<KeptCheckpoint> k = LoadKeptCheckpoint(dir_, name_, &retired);
+  if (!k.ok() && k.status().code() == Code::kNotFound && !retired.empty()) {
     // A re-sync began and never committed: there is no checkpoint to keep,
     // and the retired one must not come back.
     MutexLock g(mu_);
-    no_checkpoint_reason_ = Trim(*retired);
+    no_checkpoint_reason_ = retired;
     Transition(DomainEvent::kRecoveredCheckpoint);
     error_ = "remusd restarted; no checkpoint: " + no_checkpoint_reason_ + "; protect again from the primary";
     LOG_WARN(tag_) << error_;
     return OkStatus();
   }
-  std::string store_name = Trim(*cur);
-  if (store_name.rfind("store-", 0) != 0 || store_name.find('/') != std::string::npos)
-    return DataLoss(dir_ + "/current names '" + store_name + "', not a store");
-  ASSIGN_OR_RETURN(auto store, PageStore::Open(dir_ + "/" + store_name));
-  if (!store->has_committed())
-    return DataLoss("domain " + name_ + ": store " + store->dir() + " holds no restorable checkpoint: " +
-                    store->invalid_reason());
-  // The CONFIG of that store's session (older state dirs kept it beside the stores).
-  std::string cfg_path = store->dir() + "/config.json";
-  if (::access(cfg_path.c_str(), F_OK) != 0) cfg_path = dir_ + "/config.json";
-  ASSIGN_OR_RETURN(std::string cfg_text, ReadFileToString(cfg_path));
-  StatusOr<wire::ConfigMsg> cfg = ParseConfigFile(cfg_text, name_);
-  if (!cfg.ok()) return DataLoss(cfg_path + " is unusable: " + cfg.status().message());
-  ASSIGN_OR_RETURN(std::string configuration, ReadFileToString(store->dir() + "/configuration.bin"));
+  if (!k.ok()) return k.status();
+  const PageStore& store = *k->store;
   // The disks: replay what the journals committed up to the page store's
   // epoch, and drop what they committed after it.
   std::shared_ptr<DiskReplicaSet> disks;
   int64_t synced = -1;
-  if (std::filesystem::exists(store->dir() + "/disks.json")) {
-    ASSIGN_OR_RETURN(auto set, OpenDisks(store->dir(), store->committed_epoch()));
+  if (std::filesystem::exists(store.dir() + "/disks.json")) {
+    ASSIGN_OR_RETURN(auto set, OpenDisks(store.dir(), store.committed_epoch()));
     {
       MutexLock dg(disk_mu_);
       RETURN_IF_ERROR(set->ApplyAll().Annotate("domain " + name_ + ": replaying the disk journals"));
     }
     disks = std::move(set);
-    if (auto t = ReadFileToString(store->dir() + "/disks-synced"); t.ok()) synced = std::atoll(t->c_str());
-    LOG_INFO(tag_) << "disk images replayed to checkpoint " << store->committed_epoch();
+    if (auto t = ReadFileToString(store.dir() + "/disks-synced"); t.ok()) synced = std::atoll(t->c_str());
+    LOG_INFO(tag_) << "disk images replayed to checkpoint " << store.committed_epoch();
   }
   // Stores of sessions that never committed are of no use any more.
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
     std::string n = e.path().filename().string();
-    if (n.rfind("store-", 0) == 0 && n != store_name) std::filesystem::remove_all(e.path(), ec);
+    if (n.rfind("store-", 0) == 0 && n != k->store_name) std::filesystem::remove_all(e.path(), ec);
   }
   MutexLock g(mu_);
-  config_ = std::move(cfg).value();
-  committed_configuration_ = std::move(configuration);
-  last_committed_ = static_cast<int64_t>(store->committed_epoch());
-  committed_ = std::move(store);
+  config_ = std::move(k->config);
+  committed_configuration_ = std::move(k->configuration);
+  last_committed_ = static_cast<int64_t>(store.committed_epoch());
+  committed_ = std::move(k->store);
   committed_disks_ = std::move(disks);
   disk_synced_epoch_ = synced;
   Transition(DomainEvent::kRecoveredCheckpoint);

@@ -149,7 +149,6 @@ class BackupDomain {
   // Restores the guest through promoter.h and records what runs.
   Status DoPromote(const PromoteInput& in) EXCLUDES(mu_);
   void AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) EXCLUDES(mu_);
-  Status RecoverPromotion(const std::string& marker_file, bool finished) EXCLUDES(mu_);
 
   // Session ingest (session thread).
   Outcome RunSession(wire::Link& link, uint64_t generation) EXCLUDES(mu_);
