@@ -29,12 +29,6 @@ bool ValidDomainName(std::string_view d) {
 
 namespace {
 
-// As much as the primary's read-buffer pool (CheckpointSource): a checkpoint
-// of up to ~64 batches is received without allocating.
-constexpr uint64_t kSpareBufferBytes = 256ull << 20;
-// Smaller buffers (control frames, a moved-from payload) are not worth keeping.
-constexpr size_t kMinSpareBuffer = 1 << 20;
-
 // fsync of a directory: a rename or unlink in it is durable afterwards.
 Status SyncDir(const std::string& dir) {
   Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -108,11 +102,20 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     cv_.NotifyAll();
   }
   LOG_INFO(tag_) << "primary " << link->PeerName() << " connected (session " << gen << ")";
-  Outcome out = RunSession(*link, gen);
-  EndSessionIngest();
+  SessionOptions so;
+  so.domain = name_;
+  so.state_dir = opts_.state_dir;
+  so.heartbeat = opts_.heartbeat;
+  so.ack_delay_ms = opts_.ack_delay_ms;
+  so.max_staged_bytes = opts_.max_staged_bytes;
+  so.before_commit_for_test = opts_.before_commit_for_test;
+  Session session(std::move(so), clock_, this, &stats_, &disk_mu_);
+  SessionOutcome out = session.Run(*link);
   Nanos wait{0};
   {
     MutexLock l(mu_);
+    syncing_.reset();  // an initial copy cut short is of no use
+    syncing_disks_.reset();
     bytes_received_done_ += link->bytes_received();
     link_ = nullptr;
     session_running_ = false;
@@ -122,7 +125,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     Status restorable = Restorable();
     std::string nothing = restorable.ok() ? "" : "; " + restorable.message();
     switch (out.end) {
-      case End::kEnded:
+      case SessionEnd::kEnded:
         Transition(DomainEvent::kPrimaryEnded);
         error_ = out.why + "; the primary lives on unprotected, so this backup does not promote by itself" +
                  (restorable.ok() ? " (`remusctl failover " + name_ + "` still restores checkpoint " +
@@ -130,9 +133,9 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
                                   : nothing);
         LOG_WARN(tag_) << error_;
         return;
-      case End::kPromoting:
+      case SessionEnd::kPromoting:
         return;
-      case End::kFailover:
+      case SessionEnd::kFailover:
         Transition(DomainEvent::kPrimaryLost);
         if (!opts_.auto_promote) {
           error_ = out.why + "; not promoting by itself (--no-auto-promote): run `remusctl failover " + name_ + "`";
@@ -141,7 +144,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
         }
         error_ = out.why + nothing;
         break;
-      case End::kLost:
+      case SessionEnd::kLost:
         Transition(DomainEvent::kPrimaryLost);
         error_ = "lost the primary: " + out.why + nothing;
         LOG_WARN(tag_) << error_;
@@ -149,252 +152,98 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
         // Fail-stop detection: the primary is dead once it has been silent
         // for the heartbeat timeout (a closed connection alone could be a
         // restart).
-        wait = std::max(Nanos(0), hb_->config().timeout - hb_->SinceLastReceived());
+        wait = std::max(Nanos(0), session.heartbeat().timeout - session.SilentFor());
         break;
     }
   }
-  AutoPromoteAfter(gen, wait, out.end == End::kFailover ? out.why : "primary lost: " + out.why);
+  AutoPromoteAfter(gen, wait, out.end == SessionEnd::kFailover ? out.why : "primary lost: " + out.why);
 }
 
-BackupDomain::Outcome BackupDomain::RunSession(wire::Link& link, uint64_t generation) {
-  (void)generation;
-  {
-    MutexLock g(sess_mu_);
-    session_over_ = false;
-    acks_.clear();
-  }
-  hb_ = std::make_unique<HeartbeatMonitor>(clock_, opts_.heartbeat);
-  config_seen_ = false;
-  wire::Link* l = &link;
-  std::thread acker([this, l] { AckLoop(l); });
-  std::thread beat([this, l] { SessionHeartbeat(l); });
-  Outcome out;
-  Status s;        // why the session ends
-  bool ours = false;  // s is our refusal of the primary's input, not a broken link
-  for (;;) {
-    auto f = link.Recv(TakeSpareBuffer());
-    if (!f.ok()) {
-      s = f.status();
-      // A corrupt frame (bad checksum or length) arrived over a live link.
-      ours = s.code() == Code::kDataLoss || s.code() == Code::kInvalidArgument;
-      break;
-    }
-    hb_->Received();
-    // Liveness is counted on receipt, and the time spent applying is ours:
-    // the primary's frames wait in our socket meanwhile.
-    hb_->SetBusy(true);
-    s = HandleFrame(*f, &out);
-    hb_->SetBusy(false);
-    RecycleBuffer(std::move(f->payload));  // kept unless HandleFrame took it
-    if (!s.ok()) {
-      ours = s.code() != Code::kAborted && s.code() != Code::kCancelled;
-      break;
-    }
-  }
-  {
-    MutexLock g(sess_mu_);
-    session_over_ = true;
-    sess_cv_.NotifyAll();
-  }
-  bool promoting;
-  {
-    MutexLock g(mu_);
-    promoting = state_ == DomainState::kPromoting;
-  }
-  if (promoting) {
-    out = {End::kPromoting, "a promotion ended the session"};
-  } else if (ours) {
-    // Tell the primary why we stop acking; it drops to unprotected and its
-    // guest runs on: from now on this backup must not promote by itself.
-    // Then read on until it closes (bounded): closing with its frames unread
-    // would reset the connection, and the ERROR could be lost with it. A
-    // GOODBYE read meanwhile only confirms that the primary lives.
-    LOG_ERROR(tag_) << "refusing the primary's stream: " << s.ToString();
-    out = {End::kEnded, "this backup refused the primary's stream and told it so (" + s.ToString() + ")"};
-    if (link.Send(MsgType::kError, 0, wire::EncodeError(s)).ok()) {
-      link.ShutdownWrite();
-      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-      for (;;) {
-        auto f = link.RecvUntil(deadline);
-        if (!f.ok()) break;
-        if (f->type == MsgType::kGoodbye) out.why += "; the primary answered GOODBYE";
-      }
-    }
-  } else if (s.code() != Code::kAborted && s.code() != Code::kCancelled) {
-    out = {End::kLost, s.message()};
-  }
-  link.Shutdown();
-  acker.join();
-  beat.join();
-  return out;
+// ---- what the session hands over ----
+
+bool BackupDomain::Promoting() {
+  MutexLock l(mu_);
+  return state_ == DomainState::kPromoting;
 }
 
-void BackupDomain::EndSessionIngest() {
-  staging_.Clear();        // a partial checkpoint is discarded
-  spare_buffers_.clear();  // an idle domain holds no receive buffers
-  spare_bytes_ = 0;
-  device_buf_.clear();
-  staged_page_bytes_ = 0;
-  staged_pages_ = 0;
-  staged_disk_records_ = 0;
-  if (session_disks_) {
-    MutexLock dg(disk_mu_);
-    Status d = session_disks_->DropUncommitted();
-    if (!d.ok()) LOG_ERROR(tag_) << "dropping a partial checkpoint's disk writes: " << d.ToString();
-    session_disks_.reset();
-  }
-  MutexLock g(mu_);
-  syncing_.reset();
-}
-
-void BackupDomain::SessionHeartbeat(wire::Link* link) {
-  MutexLock l(sess_mu_);
-  while (!session_over_) {
-    sess_cv_.WaitFor(sess_mu_, std::min<Nanos>(hb_->NextCheckIn(), std::chrono::milliseconds(50)));
-    if (session_over_) return;
-    l.Unlock();
-    if (hb_->PeerLost()) {
-      LOG_WARN(tag_) << "primary silent for " << static_cast<int>(ToMillis(hb_->SinceLastReceived())) << " ms";
-      link->Shutdown();
-      l.Lock();
-      return;
-    }
-    if (hb_->SendDue()) {
-      hb_->Sent();
-      (void)link->Send(MsgType::kHeartbeat, static_cast<uint64_t>(std::max<int64_t>(0, last_committed_)), "");
-    }
-    l.Lock();
-  }
-}
-
-void BackupDomain::AckLoop(wire::Link* link) {
-  // ACKs go out from here so an --ack-delay-ms never slows down receiving.
-  MutexLock l(sess_mu_);
-  for (;;) {
-    while (!session_over_ && acks_.empty()) sess_cv_.Wait(sess_mu_);
-    if (session_over_) {
-      acks_.clear();
-      return;
-    }
-    auto [epoch, due] = acks_.front();
-    if (clock_.Now() < due) {
-      sess_cv_.WaitUntil(sess_mu_, std::chrono::steady_clock::time_point(due.time_since_epoch()));
-      continue;
-    }
-    acks_.pop_front();
-    l.Unlock();
-    (void)link->Send(MsgType::kAck, epoch, "");
-    l.Lock();
-  }
-}
-
-Status BackupDomain::HandleFrame(wire::Frame& f, Outcome* outcome) {
-  switch (f.type) {
-    case MsgType::kHeartbeat:
-    case MsgType::kProgress:
-      return OkStatus();
-    case MsgType::kConfig:
-      return HandleConfig(f.payload);
-    case MsgType::kSyncBegin:
-      return HandleSyncBegin(f.payload);
-    case MsgType::kPages: {
-      if (f.flags & wire::kFlagLz4) {
-        ASSIGN_OR_RETURN(f.payload, wire::DecompressBatch(f.payload, wire::kMaxPayload));
-      }
-      if (f.epoch == 0) {
-        PageStore* store;
-        {
-          MutexLock g(mu_);
-          store = syncing_.get();
-        }
-        if (!store) return FailedPrecondition("PAGES for the initial copy before SYNC_BEGIN");
-        RETURN_IF_ERROR(wire::ForEachPageRecord(f.payload, [&](uint32_t b, uint64_t o, const uint8_t* d) {
-          staged_pages_++;
-          sync_done_ += wire::kPageSize;
-          return store->ApplyPage(b, o, d);
-        }));
-        staged_page_bytes_ += f.payload.size();
-        return OkStatus();
-      }
-      if (staging_.bytes() + device_buf_.size() + f.payload.size() > opts_.max_staged_bytes)
-        return ResourceExhausted("domain " + name_ + ": checkpoint " + std::to_string(f.epoch) + " stages more than " +
-                                 std::to_string(opts_.max_staged_bytes >> 20) +
-                                 " MiB in the backup's memory (its limit); lower the primary's max unacked bytes "
-                                 "or raise the backup's limit, then protect again");
-      staged_page_bytes_ += f.payload.size();
-      staging_.AddPageBatch(std::move(f.payload));
-      return OkStatus();
-    }
-    case MsgType::kDisk: {
-      if (!session_disks_) return FailedPrecondition("DISK for a domain without mirrored disks, or before SYNC_BEGIN");
-      ASSIGN_OR_RETURN(wire::DiskRecord r, wire::DecodeDiskRecord(f.payload));
-      staged_disk_records_++;
-      MutexLock dg(disk_mu_);
-      Status ds;
-      switch (r.op) {
-        case wire::DiskOp::kWrite:
-          ds = session_disks_->Write(
-              r.disk, f.epoch, r.offset,
-              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.data.data()), r.data.size()));
-          break;
-        case wire::DiskOp::kZero: ds = session_disks_->Zero(r.disk, f.epoch, r.offset, r.length); break;
-        case wire::DiskOp::kTrim: ds = session_disks_->Trim(r.disk, f.epoch, r.offset, r.length); break;
-      }
-      return DiskError(ds, f.epoch);
-    }
-    case MsgType::kDiskSynced:
-      if (!session_disks_) return FailedPrecondition("DISK_SYNCED for a domain without mirrored disks");
-      session_disk_synced_ = static_cast<int64_t>(f.epoch);
-      return OkStatus();
-    case MsgType::kDevice:
-      if (device_buf_.size() + f.payload.size() > qemu::kMaxDeviceState) return DataLoss("device state too large");
-      if (f.epoch > 0 && staging_.bytes() + device_buf_.size() + f.payload.size() > opts_.max_staged_bytes)
-        return ResourceExhausted("domain " + name_ + ": checkpoint " + std::to_string(f.epoch) + " stages more than " +
-                                 std::to_string(opts_.max_staged_bytes >> 20) +
-                                 " MiB in the backup's memory (its limit)");
-      device_buf_ += f.payload;
-      return OkStatus();
-    case MsgType::kCommit:
-      return CommitEpoch(f.epoch, f.payload);
-    case MsgType::kFailover: {
-      std::string why = ParseReason(f.payload);
-      std::string reason = "primary reports its guest lost";
-      if (!why.empty()) reason += ": " + why;
-      LOG_WARN(tag_) << reason;
-      *outcome = {End::kFailover, reason};
-      return Aborted("primary lost");
-    }
-    case MsgType::kGoodbye: {
-      std::string why = ParseReason(f.payload);
-      std::string reason = "the primary ended protection (GOODBYE";
-      if (!why.empty()) reason += ": " + why;
-      *outcome = {End::kEnded, reason + ")"};
-      LOG_INFO(tag_) << outcome->why << "; not promoting";
-      return Cancelled("goodbye");
-    }
-    case MsgType::kError: {
-      Status e = wire::DecodeError(f.payload);
-      *outcome = {End::kEnded, "the primary gave up protection with an error (" + e.ToString() + ")"};
-      return Cancelled("error from the primary");
-    }
-    default:
-      return InvalidArgument("unexpected " + wire::MsgTypeName(f.type) + " from the primary");
-  }
-}
-
-Status BackupDomain::HandleConfig(const std::string& payload) {
-  if (config_seen_) return InvalidArgument("CONFIG sent twice in one session");
-  ASSIGN_OR_RETURN(wire::ConfigMsg c, ParseConfigPayload(payload, name_));
+Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
   RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
-  if (c.heartbeat_interval_ms > 0 && c.heartbeat_timeout_ms > c.heartbeat_interval_ms)
-    hb_->Reconfigure({std::chrono::milliseconds(c.heartbeat_interval_ms), std::chrono::milliseconds(c.heartbeat_timeout_ms)});
-  config_seen_ = true;
   MutexLock g(mu_);
   session_config_ = std::move(c);
   // The guest ran on since the last checkpoint this backup committed (that is
   // why there is a new session): that checkpoint is stale from now on.
   return RetireCheckpoint("a new protection session from " + primary_ +
                           " began, and its initial copy has not committed yet");
+}
+
+StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginMsg& b) {
+  wire::ConfigMsg config;
+  std::string store_dir;
+  {
+    MutexLock g(mu_);
+    if (state_ != DomainState::kWaiting) return InvalidArgument("SYNC_BEGIN sent twice in one session");
+    int seq = ++session_seq_;
+    while (std::filesystem::exists(dir_ + "/store-" + std::to_string(seq))) seq = ++session_seq_;
+    store_dir = dir_ + "/store-" + std::to_string(seq);
+    config = session_config_;
+  }
+  ASSIGN_OR_RETURN(auto store, PageStore::Create(store_dir, b.blocks));
+  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", b.configuration));
+  // The CONFIG belongs with the store it describes: it becomes the restorable
+  // one only when this store does.
+  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/config.json", wire::EncodeConfig(config)));
+  std::shared_ptr<DiskReplicaSet> disks;
+  if (!config.disks.empty()) {
+    json list = json::array();
+    for (const auto& d : config.disks) list.push_back(wire::DiskSpecToJson(d));
+    RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/disks.json", list.dump()));
+    ASSIGN_OR_RETURN(disks, OpenDisks(store->dir(), std::nullopt));
+    LOG_INFO(tag_) << "mirroring " << config.disks.size() << " disk(s) into " << dir_ << "/disks";
+  }
+  MutexLock g(mu_);
+  configuration_section_ = b.configuration;
+  syncing_ = std::move(store);
+  syncing_disks_ = disks;
+  Transition(DomainEvent::kSyncBegin);
+  return SyncTarget{syncing_.get(), std::move(disks)};
+}
+
+Status BackupDomain::CommitInitial(std::string_view blob, uint64_t page_count) {
+  MutexLock g(mu_);
+  if (!syncing_) return FailedPrecondition("COMMIT of the initial copy without SYNC_BEGIN");
+  RETURN_IF_ERROR(syncing_->CompleteInitialSync(blob, 0));
+  // This session's image is the restorable one from now on.
+  RETURN_IF_ERROR(WriteDurable(dir_, "current", std::filesystem::path(syncing_->dir()).filename().string()));
+  ::unlink((dir_ + "/retired").c_str());
+  ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
+  ::unlink((dir_ + "/promoting.json").c_str());
+  committed_ = std::move(syncing_);
+  committed_configuration_ = configuration_section_;
+  config_ = session_config_;
+  committed_disks_ = std::move(syncing_disks_);
+  disk_synced_epoch_ = -1;
+  no_checkpoint_reason_.clear();
+  bool disks_pending = committed_disks_ != nullptr;
+  Transition(disks_pending ? DomainEvent::kInitialCommit : DomainEvent::kProtectedNow);
+  LOG_INFO(tag_) << "initial copy committed (" << page_count << " pages)"
+                 << (disks_pending ? "; disks still copying" : "; standing by");
+  return OkStatus();
+}
+
+Status BackupDomain::CommitCheckpoint(uint64_t epoch, Staging& st) {
+  MutexLock g(mu_);
+  if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
+  return committed_->Commit(epoch, std::move(st));
+}
+
+Status BackupDomain::DisksSynced(int64_t epoch) {
+  MutexLock g(mu_);
+  if (disk_synced_epoch_ >= 0 || !committed_) return OkStatus();
+  disk_synced_epoch_ = epoch;
+  RETURN_IF_ERROR(WriteFileAtomic(committed_->dir() + "/disks-synced", std::to_string(disk_synced_epoch_)));
+  Transition(DomainEvent::kProtectedNow);
+  LOG_INFO(tag_) << "disk copies complete as of checkpoint " << disk_synced_epoch_ << "; standing by";
+  return OkStatus();
 }
 
 Status BackupDomain::RetireCheckpoint(const std::string& why) {
@@ -423,151 +272,8 @@ Status BackupDomain::RetireCheckpoint(const std::string& why) {
   committed_.reset();
   committed_configuration_.clear();
   config_ = wire::ConfigMsg();
-  last_committed_ = -1;
+  stats_.last_committed = -1;
   return OkStatus();
-}
-
-Status BackupDomain::HandleSyncBegin(const std::string& payload) {
-  if (!config_seen_) return InvalidArgument("SYNC_BEGIN before CONFIG");
-  ASSIGN_OR_RETURN(wire::SyncBeginMsg b, ParseSyncBegin(payload));
-  wire::ConfigMsg config;
-  std::string store_dir;
-  {
-    MutexLock g(mu_);
-    if (state_ != DomainState::kWaiting) return InvalidArgument("SYNC_BEGIN sent twice in one session");
-    int seq = ++session_seq_;
-    while (std::filesystem::exists(dir_ + "/store-" + std::to_string(seq))) seq = ++session_seq_;
-    store_dir = dir_ + "/store-" + std::to_string(seq);
-    config = session_config_;
-  }
-  ASSIGN_OR_RETURN(auto store, PageStore::Create(store_dir, b.blocks));
-  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", b.configuration));
-  // The CONFIG belongs with the store it describes: it becomes the restorable
-  // one only when this store does.
-  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/config.json", wire::EncodeConfig(config)));
-  RETURN_IF_ERROR(OpenSessionDisks(store->dir(), config.disks));
-  MutexLock g(mu_);
-  configuration_section_ = std::move(b.configuration);
-  syncing_ = std::move(store);
-  sync_total_ = b.total_bytes;
-  sync_done_ = 0;
-  Transition(DomainEvent::kSyncBegin);
-  LOG_INFO(tag_) << "initial copy starting: " << b.blocks.size() << " RAM blocks, " << b.total_bytes << " bytes";
-  return OkStatus();
-}
-
-Status BackupDomain::CommitEpoch(uint64_t epoch, const std::string& payload) {
-  ASSIGN_OR_RETURN(wire::CommitInfo ci, wire::DecodeCommit(payload));
-  std::string blob = std::move(device_buf_);
-  device_buf_.clear();
-  uint64_t page_bytes = staged_page_bytes_;
-  uint64_t disk_records = staged_disk_records_;
-  staged_page_bytes_ = 0;
-  staged_pages_ = 0;
-  staged_disk_records_ = 0;
-  if (ci.page_bytes != page_bytes || ci.device_bytes != blob.size() || ci.disk_records != disk_records)
-    return DataLoss("checkpoint " + std::to_string(epoch) + " is incomplete: got " + std::to_string(page_bytes) +
-                    " page bytes, " + std::to_string(blob.size()) + " device bytes and " +
-                    std::to_string(disk_records) + " disk writes, the primary sent " + std::to_string(ci.page_bytes) +
-                    ", " + std::to_string(ci.device_bytes) + " and " + std::to_string(ci.disk_records));
-  TimePoint t0 = clock_.Now();
-  // The disk writes are durable before the memory part commits: a crash in
-  // between leaves a disk epoch the page store never committed, which
-  // recovery drops (discard_after). Never ack what is not durable.
-  if (session_disks_) {
-    MutexLock dg(disk_mu_);
-    RETURN_IF_ERROR(DiskError(session_disks_->Commit(epoch), epoch));
-  }
-  if (opts_.before_commit_for_test) opts_.before_commit_for_test(epoch);
-  bool disks_pending = false;
-  if (epoch == 0) {
-    MutexLock g(mu_);
-    if (!syncing_) return FailedPrecondition("COMMIT of the initial copy without SYNC_BEGIN");
-    RETURN_IF_ERROR(syncing_->CompleteInitialSync(blob, 0));
-    // This session's image is the restorable one from now on.
-    RETURN_IF_ERROR(WriteDurable(dir_, "current", std::filesystem::path(syncing_->dir()).filename().string()));
-    ::unlink((dir_ + "/retired").c_str());
-    ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
-    ::unlink((dir_ + "/promoting.json").c_str());
-    committed_ = std::move(syncing_);
-    committed_configuration_ = configuration_section_;
-    config_ = session_config_;
-    committed_disks_ = session_disks_;
-    disk_synced_epoch_ = -1;
-    no_checkpoint_reason_.clear();
-    disks_pending = committed_disks_ != nullptr;
-    Transition(disks_pending ? DomainEvent::kInitialCommit : DomainEvent::kProtectedNow);
-    LOG_INFO(tag_) << "initial copy committed (" << ci.page_count << " pages)"
-                   << (disks_pending ? "; disks still copying" : "; standing by");
-  } else {
-    Staging st = std::move(staging_);
-    staging_ = Staging();
-    st.SetDeviceBlob(std::move(blob));
-    Status c;
-    {
-      MutexLock g(mu_);
-      if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
-      c = committed_->Commit(epoch, std::move(st));
-    }
-    for (std::string& b : st.TakeBatches()) RecycleBuffer(std::move(b));
-    RETURN_IF_ERROR(c);
-  }
-  if (session_disks_ && session_disk_synced_ >= 0 && static_cast<uint64_t>(session_disk_synced_) <= epoch) {
-    MutexLock g(mu_);
-    if (disk_synced_epoch_ < 0 && committed_) {
-      disk_synced_epoch_ = session_disk_synced_;
-      RETURN_IF_ERROR(WriteFileAtomic(committed_->dir() + "/disks-synced", std::to_string(disk_synced_epoch_)));
-      Transition(DomainEvent::kProtectedNow);
-      LOG_INFO(tag_) << "disk copies complete as of checkpoint " << disk_synced_epoch_ << "; standing by";
-    }
-  }
-  double ms = ToMillis(clock_.Now() - t0);
-  apply_ms_.Add(ms);
-  apply_hist_.Observe(ms / 1000.0);
-  if (epoch > 0) checkpoints_total_++;
-  if (ms > 0 && epoch > 0) apply_mb_s_ = static_cast<double>(page_bytes) / 1e6 / (ms / 1000.0);
-  last_committed_ = static_cast<int64_t>(epoch);
-  {
-    MutexLock g(sess_mu_);
-    acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
-    sess_cv_.NotifyAll();
-  }
-  if (session_disks_) {
-    // The committed epochs reach the images now and then (batched: each
-    // apply syncs the images), after the ACK is on its way: the epoch is
-    // durable in the journal already. Promotion applies the rest, after this
-    // thread stopped.
-    MutexLock dg(disk_mu_);
-    Status a = session_disks_->MaybeApply();
-    if (!a.ok()) return Status(a.code(), "domain " + name_ + ": applying disk writes to the images: " + a.message());
-  }
-  return OkStatus();
-}
-
-std::string BackupDomain::TakeSpareBuffer() {
-  if (spare_buffers_.empty()) return {};
-  std::string b = std::move(spare_buffers_.back());
-  spare_buffers_.pop_back();
-  spare_bytes_ -= b.capacity();
-  return b;
-}
-
-void BackupDomain::RecycleBuffer(std::string buf) {
-  if (buf.capacity() < kMinSpareBuffer || spare_bytes_ + buf.capacity() > kSpareBufferBytes) return;
-  spare_bytes_ += buf.capacity();
-  spare_buffers_.push_back(std::move(buf));
-}
-
-// ---- disks ----
-
-Status BackupDomain::DiskError(const Status& s, uint64_t epoch) const {
-  if (s.ok()) return s;
-  std::string fix = s.code() == Code::kResourceExhausted
-                        ? "; the backup's state dir " + opts_.state_dir + " is full: free space there, then protect again"
-                        : "";
-  return Status(s.code(), "domain " + name_ + ": checkpoint " + std::to_string(epoch) +
-                              ": its disk writes are not durable on the backup, so it is not acked: " + s.message() +
-                              fix);
 }
 
 FileIo* BackupDomain::Io() {
@@ -588,20 +294,6 @@ StatusOr<std::unique_ptr<DiskReplicaSet>> BackupDomain::OpenDisks(const std::str
   if (!io) return Unavailable("domain " + name_ + ": io_uring is unavailable for the disk journals");
   RETURN_IF_ERROR(MakeDirs(dir_ + "/disks", 0700));
   return DiskReplicaSet::Open(io, dir_ + "/disks", store_dir, std::move(disks), discard_after);
-}
-
-Status BackupDomain::OpenSessionDisks(const std::string& store_dir, const std::vector<wire::DiskSpec>& disks) {
-  session_disks_.reset();
-  session_disk_synced_ = -1;
-  if (disks.empty()) return OkStatus();
-  json list = json::array();
-  for (const auto& d : disks) list.push_back(wire::DiskSpecToJson(d));
-  RETURN_IF_ERROR(WriteFileAtomic(store_dir + "/disks.json", list.dump()));
-  ASSIGN_OR_RETURN(auto set, OpenDisks(store_dir, std::nullopt));
-  MutexLock dg(disk_mu_);
-  session_disks_ = std::move(set);
-  LOG_INFO(tag_) << "mirroring " << disks.size() << " disk(s) into " << dir_ << "/disks";
-  return OkStatus();
 }
 
 // ---- promotion ----
@@ -694,7 +386,7 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   failover_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - t0));
   Transition(DomainEvent::kPromoted);
   failovers_total_++;
-  last_committed_ = static_cast<int64_t>(in.epoch);
+  stats_.last_committed = static_cast<int64_t>(in.epoch);
   // Remembered across a restart of remusd: the guest runs here now, and
   // restoring the (older) checkpoint again would make a second copy.
   json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason}};
@@ -767,7 +459,7 @@ Status BackupDomain::Recover() {
     // A promotion ran, or was under way: its guest may have run, so this
     // checkpoint is never restored again by itself.
     MutexLock g(mu_);
-    last_committed_ = p->marker.epoch;
+    stats_.last_committed = p->marker.epoch;
     promotion_tried_ = true;
     promote_reason_ = p->finished ? "promoted before remusd restarted" : "a promotion was under way when remusd stopped";
     if (p->alive) {
@@ -830,12 +522,12 @@ Status BackupDomain::Recover() {
   MutexLock g(mu_);
   config_ = std::move(k->config);
   committed_configuration_ = std::move(k->configuration);
-  last_committed_ = static_cast<int64_t>(store.committed_epoch());
+  stats_.last_committed = static_cast<int64_t>(store.committed_epoch());
   committed_ = std::move(k->store);
   committed_disks_ = std::move(disks);
   disk_synced_epoch_ = synced;
   Transition(DomainEvent::kRecoveredCheckpoint);
-  error_ = "remusd restarted; checkpoint " + std::to_string(last_committed_.load()) +
+  error_ = "remusd restarted; checkpoint " + std::to_string(stats_.last_committed.load()) +
            " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
   LOG_WARN(tag_) << error_;
   return OkStatus();
@@ -852,13 +544,13 @@ json BackupDomain::StatusJson() const {
   j["state"] = DomainStateName(st);
   // Pages the guest dirtied during the first pass arrive twice, so the bytes
   // received can pass the guest's size before the copy is complete.
-  uint64_t total = sync_total_, done = std::min<uint64_t>(sync_done_, sync_total_);
+  uint64_t total = stats_.sync_total, done = std::min<uint64_t>(stats_.sync_done, stats_.sync_total);
   double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
   if (st == DomainState::kSyncing || st == DomainState::kWaiting) pct = std::min(pct, 99.0);
-  else if (last_committed_ >= 0) pct = 100.0;
+  else if (stats_.last_committed >= 0) pct = 100.0;
   j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
-  j["last_committed_epoch"] = last_committed_.load();
-  j["apply_ms"] = {{"p50", apply_ms_.Quantile(0.5)}, {"p99", apply_ms_.Quantile(0.99)}};
+  j["last_committed_epoch"] = stats_.last_committed.load();
+  j["apply_ms"] = {{"p50", stats_.apply_ms.Quantile(0.5)}, {"p99", stats_.apply_ms.Quantile(0.99)}};
   std::string pstate = st == DomainState::kPromoting   ? "promoting"
                        : st == DomainState::kFailedOver ? "promoted"
                        : st == DomainState::kFailed && promotion_tried_ ? "failed"
@@ -879,9 +571,9 @@ json BackupDomain::StatusJson() const {
   if (!restorable.ok()) j["no_checkpoint_reason"] = restorable.message();
   j["session"] = generation_;
   j["ack_delay_ms"] = opts_.ack_delay_ms;
-  j["checkpoints_total"] = checkpoints_total_.load();
+  j["checkpoints_total"] = stats_.checkpoints_total.load();
   j["failovers_total"] = failovers_total_.load();
-  j["histograms"] = {{"apply_seconds", HistogramToJson(apply_hist_.Snapshot())}};
+  j["histograms"] = {{"apply_seconds", HistogramToJson(stats_.apply_hist.Snapshot())}};
   j["link"] = {{"bytes_received", bytes_received_done_ + (link_ ? link_->bytes_received() : 0)}};
   j["primary"] = primary_;
   j["connected"] = session_running_;

@@ -53,6 +53,7 @@
 #include "heartbeat/promotion.h"
 #include "replicator/backup/domain_state.h"
 #include "replicator/backup/page_store.h"
+#include "replicator/backup/session.h"
 #include "replicator/backup/restore.h"
 #include "replicator/link/messages.h"
 #include "replicator/link/wire.h"
@@ -93,7 +94,7 @@ struct BackupOptions {
 // 1-64 letters, digits, '.', '-' or '_', not starting with '.' or '-'.
 bool ValidDomainName(std::string_view d);
 
-class BackupDomain {
+class BackupDomain final : private SessionHost {
  public:
   BackupDomain(std::string name, const BackupOptions& opts, const Clock& clock, Arbiter* arbiter,
                ProcessLauncher* launcher);
@@ -119,17 +120,6 @@ class BackupDomain {
   DomainState state() const EXCLUDES(mu_);
 
  private:
-  // How a session ended.
-  enum class End {
-    kLost,       // link closed or silent: the primary may be dead
-    kFailover,   // the primary said FAILOVER
-    kEnded,      // GOODBYE, or an ERROR either way: the primary lives
-    kPromoting,  // a promotion (operator) ended it
-  };
-  struct Outcome {
-    End end = End::kLost;
-    std::string why;
-  };
   // What a promotion reads, taken under mu_ once the session stopped. The
   // pointers stay valid while the state is promoting: only a session start
   // (refused then) or Recover replace them.
@@ -150,27 +140,20 @@ class BackupDomain {
   Status DoPromote(const PromoteInput& in) EXCLUDES(mu_);
   void AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) EXCLUDES(mu_);
 
-  // Session ingest (session thread).
-  Outcome RunSession(wire::Link& link, uint64_t generation) EXCLUDES(mu_);
-  Status HandleFrame(wire::Frame& f, Outcome* outcome);
-  Status HandleConfig(const std::string& payload);
-  Status HandleSyncBegin(const std::string& payload);
-  Status CommitEpoch(uint64_t epoch, const std::string& payload);
-  void EndSessionIngest();
-  void AckLoop(wire::Link* link) EXCLUDES(sess_mu_);
-  void SessionHeartbeat(wire::Link* link) EXCLUDES(sess_mu_);
+  // SessionHost: what the live session hands over (session thread).
+  Status AcceptConfig(wire::ConfigMsg config) override EXCLUDES(mu_);
+  StatusOr<SyncTarget> BeginSync(const wire::SyncBeginMsg& begin) override EXCLUDES(mu_);
+  Status CommitInitial(std::string_view device_blob, uint64_t page_count) override EXCLUDES(mu_);
+  Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
+  Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
+  bool Promoting() override EXCLUDES(mu_);
   // Removes `current` durably: the committed image is stale from now on.
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
   // Mirrored disks (diskmirror/disk_replica.h).
-  Status OpenSessionDisks(const std::string& store_dir, const std::vector<wire::DiskSpec>& disks);
   StatusOr<std::unique_ptr<DiskReplicaSet>> OpenDisks(const std::string& store_dir,
                                                       std::optional<uint64_t> discard_after);
   FileIo* Io();
-  Status DiskError(const Status& s, uint64_t epoch) const;
-
-  std::string TakeSpareBuffer();
-  void RecycleBuffer(std::string buf);
 
   const std::string name_;
   const BackupOptions& opts_;
@@ -197,7 +180,8 @@ class BackupDomain {
   std::string configuration_section_ GUARDED_BY(mu_);  // of the session's store
   std::string committed_configuration_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> committed_ GUARDED_BY(mu_);
-  std::unique_ptr<PageStore> syncing_ GUARDED_BY(mu_);
+  std::unique_ptr<PageStore> syncing_ GUARDED_BY(mu_);                // the live session's, until COMMIT 0
+  std::shared_ptr<DiskReplicaSet> syncing_disks_ GUARDED_BY(mu_);  // its disks, likewise
   int session_seq_ GUARDED_BY(mu_) = 0;
   std::shared_ptr<DiskReplicaSet> committed_disks_ GUARDED_BY(mu_);
   int64_t disk_synced_epoch_ GUARDED_BY(mu_) = -1;  // of the committed store
@@ -216,36 +200,9 @@ class BackupDomain {
   Mutex disk_mu_ ACQUIRED_AFTER(mu_);
   std::unique_ptr<FileIo> io_ GUARDED_BY(disk_mu_);
 
-  // The session's ack and heartbeat threads wait on a lock of their own, so
-  // store I/O (a commit, a large apply) never delays a heartbeat or an ACK:
-  // the primary would take that for a dead backup.
-  Mutex sess_mu_;
-  CondVar sess_cv_;
-  std::deque<std::pair<uint64_t, TimePoint>> acks_ GUARDED_BY(sess_mu_);
-  bool session_over_ GUARDED_BY(sess_mu_) = false;
-
-  // Session-thread state: touched only by the thread in Serve, between the
-  // session start and EndSessionIngest (a promotion waits for that).
-  std::unique_ptr<HeartbeatMonitor> hb_;
-  Staging staging_;
-  std::vector<std::string> spare_buffers_;
-  uint64_t spare_bytes_ = 0;
-  std::string device_buf_;
-  uint64_t staged_page_bytes_ = 0;
-  uint64_t staged_pages_ = 0;
-  uint64_t staged_disk_records_ = 0;
-  bool config_seen_ = false;
-  std::shared_ptr<DiskReplicaSet> session_disks_;
-  int64_t session_disk_synced_ = -1;
-
-  // Counters, for status and metrics.
-  std::atomic<uint64_t> sync_total_{0}, sync_done_{0};
-  std::atomic<int64_t> last_committed_{-1};
-  SampleWindow apply_ms_;
-  std::atomic<double> apply_mb_s_{0};
-  Histogram apply_hist_{Histogram::LatencySeconds()};  // seconds per commit
-  std::atomic<uint64_t> checkpoints_total_{0};         // committed epochs after the initial copy
-  std::atomic<uint64_t> failovers_total_{0};           // successful promotions
+  // Counters of all sessions, for status and metrics.
+  IngestStats stats_;
+  std::atomic<uint64_t> failovers_total_{0};  // successful promotions
   std::atomic<int64_t> failover_ms_{-1};
   // What a running promotion is doing: a string literal, or nullptr.
   std::atomic<const char*> promote_phase_{nullptr};
