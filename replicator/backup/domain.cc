@@ -343,7 +343,20 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
     if (state_ == DomainState::kFailedOver)
       return FailedPrecondition("domain " + name_ + " was promoted already (" + promote_reason_ +
                                 "); its guest runs here");
-    RETURN_IF_ERROR(Restorable());
+    if (Status r = Restorable(); !r.ok()) {
+      if (generation) {
+        // The primary is gone and nothing here can replace it: the guest is
+        // down. Say so as a failed promotion, not as a loss still pending.
+        Transition(DomainEvent::kPromote);
+        Transition(DomainEvent::kPromoteFailed);
+        promotion_tried_ = true;
+        promote_reason_ = reason;
+        promote_error_ = r.message();
+        error_ = reason + "; cannot promote: " + r.message();
+        LOG_ERROR(tag_) << error_;
+      }
+      return r;
+    }
     if (!Transition(DomainEvent::kPromote)) return FailedPrecondition("domain " + name_ + ": cannot promote now");
     promote_reason_ = reason;
     promote_error_.clear();
