@@ -214,6 +214,64 @@ TEST_F(DomainTest, OperatorFailoverWaitsForTheSessionToStop) {
   opts_.before_commit_for_test = nullptr;
 }
 
+// Defect 5 with mirrored disks: an operator's failover while checkpoint 2 is
+// being committed restores memory and disk at the same checkpoint, and the
+// restored QEMU gets the backup's raw image.
+TEST_F(DomainTest, OperatorFailoverRestoresMemoryAndDiskAtOneCheckpoint) {
+  std::promise<void> in_commit, release;
+  std::shared_future<void> released = release.get_future().share();
+  opts_.before_commit_for_test = [&](uint64_t epoch) {
+    if (epoch != 2) return;
+    in_commit.set_value();
+    released.wait();
+  };
+  json config = Config();
+  config["argv"] = {"qemu-system-x86_64", "-drive", "id=drive0,file=/primary/d.qcow2,format=qcow2,if=none"};
+  config["disks"] = {{{"id", "drive0"}, {"node", "n0"}, {"format", "qcow2"}, {"file", "/primary/d.qcow2"}, {"size", 65536}}};
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, config.dump()).ok());
+  json begin = {{"total_bytes", 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                {"configuration", "0700000003616263"}};
+  ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+  auto disk_write = [&](uint64_t epoch, char fill) {
+    std::string data(4096, fill);
+    ASSERT_TRUE(l.Send(MsgType::kDisk, epoch, wire::EncodeDiskRecord(0, wire::DiskOp::kWrite, 0, 4096, data)).ok());
+  };
+  auto checkpoint = [&](uint64_t epoch, char fill, bool synced) {
+    disk_write(epoch, fill);
+    std::string pages = testing::CheckpointPages(0, fill);
+    ASSERT_TRUE(l.Send(MsgType::kPages, epoch, pages).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, epoch, testing::Blob()).ok());
+    if (synced) ASSERT_TRUE(l.Send(MsgType::kDiskSynced, epoch, "").ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, epoch, wire::EncodeCommit({1, pages.size(), testing::Blob().size(), 1})).ok());
+  };
+  checkpoint(0, 'C', false);
+  testing::ExpectAck(l, 0);
+  EXPECT_EQ(domain_->state(), DomainState::kSyncing);  // the disk copy is not complete yet
+  EXPECT_EQ(domain_->Promote("too early").code(), Code::kFailedPrecondition);
+  checkpoint(1, 'D', true);
+  testing::ExpectAck(l, 1);
+  EXPECT_EQ(domain_->state(), DomainState::kProtected);
+  checkpoint(2, 'E', false);
+  in_commit.get_future().wait();
+  std::vector<std::string> argv;
+  launcher_.on_spawn = [&](const SpawnSpec& spec) { argv = spec.argv; };
+  auto promoted = std::async(std::launch::async, [&] { return domain_->Promote("operator requested failover"); });
+  EXPECT_EQ(promoted.wait_for(std::chrono::milliseconds(300)), std::future_status::timeout);
+  release.set_value();
+  remus::Status s = promoted.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(Status()["last_committed_epoch"], 2);
+  std::string image = dir() + "/disks/drive0.img";
+  auto bytes = ReadFileToString(image);
+  ASSERT_TRUE(bytes.ok());
+  EXPECT_EQ((*bytes)[100], 'E');  // checkpoint 2's write, like its memory
+  bool found = false;
+  for (const auto& a : argv) found |= a.find("file=" + image) != std::string::npos && a.find("format=raw") != std::string::npos;
+  EXPECT_TRUE(found) << ::testing::PrintToString(argv);
+  opts_.before_commit_for_test = nullptr;
+}
+
 // Defect 4: a failed promotion's QEMU is killed, and a retry works (it
 // used to reassign a joinable std::thread: std::terminate).
 TEST_F(DomainTest, RetryAfterAFailedPromotionKillsTheFirstAttempt) {
