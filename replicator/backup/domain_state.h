@@ -3,19 +3,22 @@
 // it under its lock for every change, and domain_state_test.cc checks the
 // whole table.
 //
-//   waiting ──SYNC_BEGIN──> syncing ──COMMIT 0 (disks copied)──> protected
-//      ^                      │  └──DISK_SYNCED committed──────────^
-//      │ a primary connects   │ link lost / silent / FAILOVER
-//      │                      v
-//   primary-lost, unprotected, failed <── GOODBYE, ERROR either way ── (any live session state)
-//      │
-//      └─ promote (operator, or automatic from primary-lost only) ──> promoting ──> failed-over
-//                                                                         └──────> failed
+//   (fresh) waiting --SYNC_BEGIN--> syncing --COMMIT 0, no disks--> protected
+//                                      |  \--COMMIT 0 with disks: syncing until
+//                                      |     the DISK_SYNCED checkpoint commits
+//   waiting/syncing/protected --link lost, silent, FAILOVER--> primary-lost
+//   waiting/syncing/protected/primary-lost --GOODBYE, ERROR either way--> unprotected
+//   primary-lost, unprotected, failed --a primary connects--> waiting
+//   any but promoting/failed-over --promote--> promoting --ok--> failed-over (final)
+//                                                        \--error--> failed (may retry)
+//   restart: a fresh domain --> primary-lost (checkpoint kept, or none),
+//            failed-over (a promoted guest runs), failed (it is gone)
 //
 // Automatic promotion happens only from primary-lost, and only for the
-// session (generation) that lost its primary. unprotected means the primary
-// was alive when protection ended (its GOODBYE or ERROR, or our ERROR): the
-// backup never promotes by itself there, an operator still may.
+// session (generation) that lost its primary; when nothing is restorable it
+// ends in failed, saying why. unprotected means the primary was alive when
+// protection ended (its GOODBYE or ERROR, or our ERROR): the backup never
+// promotes by itself there, an operator still may.
 #pragma once
 
 #include <optional>
