@@ -162,28 +162,34 @@ def test_corrupt_frame_stops_protection_and_backup_does_not_promote(world, reque
 # ------------------------------------------------------------------ 3 (R1)
 
 def test_backup_disk_full_with_auto_promote_does_not_promote(world, request):
-    """test_disk.py's full backup filesystem (tmpfs state dir), with auto-
-    promote ON: B stops acking and says why, A runs on unprotected, and B
-    never promotes (nor tries to)."""
+    """B's filesystem (a tmpfs state dir) fills up while it protects a guest
+    with a mirrored disk (another process on B's host takes the space, after
+    the disk copy completed): B's next journal write fails, B stops acking and
+    says why, A runs on unprotected. With auto-promote ON, B must never
+    promote, nor try to, even once space is freed again: it sent the ERROR, so
+    it knows the primary lives. (test_disk.py's disk-full test covers a full
+    disk during the initial copy, with auto-promote off.)"""
     state = world.dir / "B"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "remus-e2e-full", str(state)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=420m", "remus-e2e-full", str(state)], check=True)
     request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(state)], check=False))
-    img = world.dir / "big.raw"
-    with open(img, "wb") as f:
-        for _ in range(512):  # 512 MiB the 300 MiB filesystem cannot journal
-            f.write(os.urandom(1 << 20))
-    guest = world.start_guest(wss_mib=16, dirty=1000, extra_args=[
-        "-drive", f"file={img},if=none,format=raw,id=drive0,cache=none", "-device", "virtio-blk-pci,drive=drive0"])
-    backup = world.start_backup(name="B", auto_promote=True)
-    primary = world.start_primary()
-    world.protect(primary, backup, guest, no_wait=True, extra=("--netbuf", "none"))
-    st = world.wait_status(primary, lambda s: s["state"] in ("unprotected", "protected", "failed-over"), 120,
-                           "protection to end on the full backup")
+    img, guest_kw = _disk_guest(world)
+    guest_kw["dirty"] = 2000
+    pr = setup_protected(world, interval_ms=100, guest_kw=guest_kw, backup_kw={"auto_promote": True},
+                         wait_epochs=10)
+    world.wait_status(pr.primary, lambda s: s["state"] == "protected" and all(d["ready"] for d in s["disks"]), 90,
+                      "protected with the disk copied")
+    _wait_disk_ok(world, pr.guest.serial, 2)
+    filler = state / "filler"
+    r = subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True, text=True)
+    assert "No space left" in r.stderr, r.stderr
+    st = world.wait_status(pr.primary, lambda s: s["state"] != "protected", 30, "protection to end on the full backup")
     assert st["state"] == "unprotected", f"A on the full backup: {json.dumps(st, indent=1)}"
     assert "No space left" in st["error"], st["error"]
-    bst = _watch_no_promotion(world, guest, backup, HB_S + 4, "after B's disk filled up")
-    assert guest.qmp.execute("query-block-jobs") == [], "the mirror job outlived protection"
+    filler.unlink()  # space is back; B still must not take over a live primary
+    bst = _watch_no_promotion(world, pr.guest, pr.backup, HB_S + 4, "after B's disk filled up")
+    assert pr.guest.qmp.execute("query-block-jobs") == [], "the mirror job outlived protection"
+    _wait_disk_ok(world, pr.guest.serial, len(_disk_lines(pr.guest.serial)[0]) + 1)
     record(request, primary_error=st["error"], backup_state=bst["state"], backup_error=bst["error"],
            backup_promotion=bst["promotion"])
 
