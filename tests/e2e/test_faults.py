@@ -384,3 +384,33 @@ def test_operator_failover_during_live_session(world, request):
         # Two copies run now by the operator's choice; stop B's before the next round.
         os.kill(bst2["qemu"]["pid"], 9)
     record(request, rounds=rounds)
+
+
+# ---------------------------------------------------------- 7 (R1, R2, R4)
+
+def test_no_failover_to_a_session_ended_by_goodbye(world, request):
+    """After `remusctl unprotect` (GOODBYE) the guest runs on at A, so B's last
+    checkpoint is stale: the link format says B discards the replica and must
+    not promote. Neither B nor a restarted B may restore it, even when asked
+    (`remusctl failover`): that would start a second, older copy of a guest
+    that still runs."""
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=10)
+    r = pr.primary.ctl("unprotect", DOMAIN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    st = world.wait_status(pr.backup, lambda s: s["state"] == "unprotected" and not s["connected"], 15,
+                           "B to end the session on GOODBYE")
+    time.sleep(1.0)
+    r1 = pr.backup.ctl("failover", DOMAIN, timeout=90)
+    assert r1.returncode != 0, (f"B restored the checkpoint of a session the primary ended (the guest runs on "
+                                f"at A): {r1.stdout}" + world.diagnostics())
+    _no_restored_qemu(world, pr.backup, "failover after GOODBYE")
+    pr.backup.kill()
+    b2 = world.start_backup(name=pr.backup.name, auto_promote=False)
+    st2 = b2.status()
+    r2 = b2.ctl("failover", DOMAIN, timeout=90)
+    assert r2.returncode != 0, (f"the restarted B restored the checkpoint of a session the primary ended: "
+                                f"{r2.stdout}\nstatus after restart: {json.dumps(st2, indent=1)}" + world.diagnostics())
+    _no_restored_qemu(world, b2, "failover on the restarted backup after GOODBYE")
+    assert pr.guest.qmp.status() == "running"
+    record(request, failover_after_goodbye=r1.stderr.strip(), restarted=st2 and st2["state"],
+           failover_after_restart=r2.stderr.strip())
