@@ -322,26 +322,31 @@ def test_failover_retried_after_a_failed_one(world, request):
 
 # ------------------------------------------------------------------ 6 (R4)
 
+ROUNDS = 4
+
+
 def test_operator_failover_during_live_session(world, request):
     """`remusctl failover` on B while A is alive and checkpoints (memory and a
     mirrored disk) flow: the operator's explicit choice. The session ends (A
     `unprotected`, its guest runs on), and B's guest starts from one
     consistent checkpoint: its memory checker passes, its disk holds every
     record its memory believes written, and B's checkpoint stays the one it
-    restored. Three rounds with the same primary guest and a new backup each,
-    to catch the race with a checkpoint in flight."""
+    restored. Four rounds with the same primary guest and a new backup each,
+    checkpointing every 30 ms, to catch the race with a checkpoint in flight."""
     img, guest_kw = _disk_guest(world)
-    guest_kw["dirty"] = 2000
+    # Larger checkpoints: more of one in flight when the failover comes.
+    guest_kw["dirty"] = 20000
     guest = world.start_guest(wait_boot=False, **guest_kw)
     primary = world.start_primary()
     world.wait_booted(guest)
     rounds = []
-    for i in range(3):
+    for i in range(ROUNDS):
         backup = world.start_backup(name=f"B{i}", auto_promote=False)
         if i:
             r = primary.ctl("unprotect", DOMAIN)
             assert r.returncode in (0, 1), r
-        world.protect(primary, backup, guest, interval_ms=100)
+        # A short interval: more commits per second for the failover to race with.
+        world.protect(primary, backup, guest, interval_ms=30)
         st = world.wait_status(primary, lambda s: s["state"] == "protected", 90, "protected with the disk copied")
         first = st["last_acked_epoch"]
         world.wait_status(primary, lambda s: s["last_acked_epoch"] >= first + 10, 30, "10 more acks")
@@ -350,7 +355,7 @@ def test_operator_failover_during_live_session(world, request):
         pr_c0 = guest.counter()
         e0 = primary.status()["last_staged_epoch"]
         world.wait_status(primary, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond {e0}")
-        time.sleep(0.2 + 0.3 * i)  # land in different phases of the epoch
+        time.sleep(0.2 + 0.07 * i)  # land in different phases of the epoch
         r = backup.ctl("failover", DOMAIN, timeout=120)
         p_after = guest.counter()
         assert r.returncode == 0, f"round {i}: failover during a live session failed: {r.stdout}{r.stderr}" \
@@ -361,6 +366,18 @@ def test_operator_failover_during_live_session(world, request):
                                 "A to see the session end")
         assert pst["state"] == "unprotected", f"round {i}: A after the operator's failover: {pst}"
         assert guest.qmp.status() == "running", f"round {i}: A's guest stopped"
+        # One checkpoint is B's: the one it restored (its log), the one its
+        # promotion record names (promoted.json, what a restarted remusd
+        # reports) and the one its status shows, now and later: no commit
+        # after the promotion (into the store, and the disk image, of a guest
+        # that runs).
+        time.sleep(0.5)
+        restored = [int(x) for x in re.findall(r"restoring epoch (\d+) into a new QEMU", read_text(backup.log))]
+        marker = json.loads((backup.domain_dir() / "promoted.json").read_text())
+        later = backup.status()["last_committed_epoch"]
+        assert restored and restored[-1] == marker["epoch"] == epoch == later, (
+            f"round {i}: B restored epoch {restored[-1:]}, its promotion record says {marker['epoch']}, its status "
+            f"said {epoch} when failover returned and {later} 0.5 s later" + world.diagnostics())
         m = check_promoted(world, backup, pr_c0, p_after, window_s=4, timeout=10)
         serial = backup.domain_dir() / "run" / "serial.log"
         _wait_disk_ok(world, serial, 2, timeout=60)
@@ -372,16 +389,8 @@ def test_operator_failover_during_live_session(world, request):
         image = bst2["disks"]["images"][0]["image"]
         res = diskcheck.check(image)
         assert res["prefix_ok"] and res["last_seq"] >= believed, (i, res, believed)
-        # One checkpoint is B's: the one it restored (its log), the one its
-        # promotion record names (promoted.json, what a restarted remusd
-        # reports) and the one its status shows, now and later (no commits
-        # after the promotion).
-        restored = [int(x) for x in re.findall(r"restoring epoch (\d+) into a new QEMU", read_text(backup.log))]
-        marker = json.loads((backup.domain_dir() / "promoted.json").read_text())
-        assert restored and restored[-1] == marker["epoch"] == epoch == bst2["last_committed_epoch"], (
-            f"round {i}: B restored epoch {restored[-1:]} but its promotion record says {marker['epoch']} and "
-            f"its status {epoch}, then {bst2['last_committed_epoch']}" + world.diagnostics())
         assert not bst2["connected"], f"round {i}: B still has a session with A after promoting: {bst2}"
+        assert bst2["last_committed_epoch"] == epoch, (i, bst2["last_committed_epoch"], epoch)
         rounds.append({"epoch": epoch, "acked_before": e0, "failover_ms": m["failover_ms"],
                        "believed_on_disk": believed, "restored_disk_last_ok": _last_ok(good),
                        "primary_error": pst["error"]})
