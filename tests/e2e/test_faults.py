@@ -322,7 +322,7 @@ def test_failover_retried_after_a_failed_one(world, request):
 
 # ------------------------------------------------------------------ 6 (R4)
 
-ROUNDS = 4
+ROUNDS = 6
 
 
 def test_operator_failover_during_live_session(world, request):
@@ -331,7 +331,7 @@ def test_operator_failover_during_live_session(world, request):
     `unprotected`, its guest runs on), and B's guest starts from one
     consistent checkpoint: its memory checker passes, its disk holds every
     record its memory believes written, and B's checkpoint stays the one it
-    restored. Four rounds with the same primary guest and a new backup each,
+    restored. Six rounds with the same primary guest and a new backup each,
     checkpointing every 30 ms, to catch the race with a checkpoint in flight."""
     img, guest_kw = _disk_guest(world)
     # Larger checkpoints: more of one in flight when the failover comes.
