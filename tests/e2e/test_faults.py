@@ -357,6 +357,9 @@ def test_operator_failover_during_live_session(world, request):
         world.wait_status(primary, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond {e0}")
         time.sleep(0.2 + 0.07 * i)  # land in different phases of the epoch
         r = backup.ctl("failover", DOMAIN, timeout=120)
+        time.sleep(0.2)
+        assert guest.alive(), (f"round {i}: A's QEMU died (exit {guest.proc.returncode}) when B promoted; its log:\n"
+                               f"{tail(guest.dir / 'qemu.log', 10)}" + world.diagnostics())
         p_after = guest.counter()
         assert r.returncode == 0, f"round {i}: failover during a live session failed: {r.stdout}{r.stderr}" \
             + world.diagnostics()
