@@ -52,10 +52,16 @@ def _no_restored_qemu(world, backup, what):
 def _watch_no_promotion(world, primary_guest, backup, seconds, what):
     """For `seconds`: the primary's guest keeps running (its counter increases
     every 0.5 s) and the backup neither promotes nor tries to (R1)."""
+    def qemu_alive():
+        assert primary_guest.alive(), (
+            f"{what}: the primary's QEMU died (exit {primary_guest.proc.returncode}) as protection ended; its log:\n"
+            f"{tail(primary_guest.dir / 'qemu.log', 10)}" + world.diagnostics())
     end = time.monotonic() + seconds
+    qemu_alive()
     last = primary_guest.counter()
     while time.monotonic() < end:
         time.sleep(0.5)
+        qemu_alive()
         st = backup.status()
         assert st["promotion"]["state"] == "standby" and st["state"] not in ("promoting", "failed-over"), (
             f"{what}: the backup {'promoted' if st['state'] == 'failed-over' else 'tried to promote'} although "
