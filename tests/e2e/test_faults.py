@@ -157,7 +157,6 @@ def test_corrupt_frame_stops_protection_and_backup_does_not_promote(world, reque
     assert st["state"] == "unprotected", f"A after B refused the stream: {json.dumps(st, indent=1)}"
     assert "crc" in st["error"].lower() and "backup" in st["error"].lower(), \
         f"A's error does not carry B's reason (crc mismatch): {st['error']!r}"
-    bst = backup.status()
     # Past B's heartbeat timeout (B adopts A's) and then some.
     bst = _watch_no_promotion(world, guest, backup, HB_S + 4, "after B's own ERROR")
     assert bst["state"] != "protected", f"B still claims to protect the guest: {bst}"
@@ -419,8 +418,8 @@ def test_no_failover_to_a_session_ended_by_goodbye(world, request):
     pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=10)
     r = pr.primary.ctl("unprotect", DOMAIN)
     assert r.returncode == 0, r.stdout + r.stderr
-    st = world.wait_status(pr.backup, lambda s: s["state"] == "unprotected" and not s["connected"], 15,
-                           "B to end the session on GOODBYE")
+    world.wait_status(pr.backup, lambda s: s["state"] == "unprotected" and not s["connected"], 15,
+                      "B to end the session on GOODBYE")
     time.sleep(1.0)
     r1 = pr.backup.ctl("failover", DOMAIN, timeout=90)
     assert r1.returncode != 0, (f"B restored the checkpoint of a session the primary ended (the guest runs on "
