@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -67,15 +68,15 @@ Status Daemon::Start() {
 }
 
 void Daemon::Wait() {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] { return stopping_.load(); });
+  MutexLock l(mu_);
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_.load(); });
 }
 
 void Daemon::Shutdown() {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     if (stopping_.exchange(true)) return;
-    cv_.notify_all();
+    cv_.NotifyAll();
   }
   metrics_.reset();  // no scrape runs past here
   if (control_fd_.valid()) ::shutdown(control_fd_.get(), SHUT_RDWR);
@@ -84,7 +85,7 @@ void Daemon::Shutdown() {
   std::map<std::string, std::shared_ptr<PrimaryReplicator>> ps;
   std::vector<std::thread> workers;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     ps.swap(primaries_);
     workers.swap(workers_);
   }
@@ -210,7 +211,7 @@ json Daemon::Protect(const json& req) {
   };
   std::shared_ptr<PrimaryReplicator> ended;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto it = primaries_.find(*d);
     if (it != primaries_.end()) {
       if (active(*it->second)) return Error(already(*it->second));
@@ -227,7 +228,7 @@ json Daemon::Protect(const json& req) {
     // libvirt still holds the domain's job); the outcome shows in `status`.
     po->connect_retry_ms = req.value("retry_ms", 30000);
     std::shared_ptr<PrimaryReplicator> p = PrimaryReplicator::StartAsync(std::move(po).value(), clock_);
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto& slot = primaries_[*d];
     if (slot && active(*slot)) return Error(already(*slot));
     slot = p;
@@ -236,7 +237,7 @@ json Daemon::Protect(const json& req) {
   }
   auto p = PrimaryReplicator::Start(std::move(po).value(), clock_);
   if (!p.ok()) return Error(p.status());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   primaries_[*d] = std::move(p).value();
   return Ok(primaries_[*d]->StatusJson());
 }
@@ -252,7 +253,7 @@ json Daemon::Unprotect(const json& req) {
   const bool domain_stopped = req.value("domain_stopped", false);
   std::shared_ptr<PrimaryReplicator> p;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto it = primaries_.find(*d);
     if (it == primaries_.end())
       return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
@@ -288,7 +289,7 @@ json Daemon::StatusOf(const json& req) {
   std::string d = req.value("domain", "");
   json arr = json::array();
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     for (const auto& [name, p] : primaries_)
       if (d.empty() || name == d) arr.push_back(p->StatusJson());
   }
@@ -311,7 +312,7 @@ json Daemon::Failover(const json& req) {
 json Daemon::Tune(const json& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   auto it = primaries_.find(*d);
   if (it == primaries_.end())
     return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));

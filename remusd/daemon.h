@@ -9,7 +9,6 @@
 #include <atomic>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -19,9 +18,10 @@
 
 #include "common/clock.h"
 #include "common/io.h"
+#include "common/thread_annotations.h"
+#include "remusd/metrics.h"
 #include "replicator/backup/backup.h"
 #include "replicator/primary/primary.h"
-#include "remusd/metrics.h"
 
 namespace remus {
 
@@ -82,13 +82,13 @@ class Daemon {
   std::thread control_thread_;
   std::unique_ptr<MetricsServer> metrics_;  // set in Start, reset first in Shutdown
   std::atomic<bool> stopping_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
+  Mutex mu_;
+  CondVar cv_;
   // shared: an async unprotect's worker may still hold one that a later
   // request replaced.
-  std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_;  // guarded by mu_
+  std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_ GUARDED_BY(mu_);
   // Workers of async requests (libvirt's hook must not wait), joined by Shutdown.
-  std::vector<std::thread> workers_;  // guarded by mu_
+  std::vector<std::thread> workers_ GUARDED_BY(mu_);
 };
 
 }  // namespace remus

@@ -13,13 +13,14 @@
 #include <chrono>
 #include <filesystem>
 #include <future>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "common/thread_annotations.h"
 
 extern char** environ;
 
@@ -75,7 +76,7 @@ class FakeQmpServer {
   }
   const std::string& path() const { return path_; }
   std::vector<std::string> commands() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     return commands_;
   }
 
@@ -100,7 +101,7 @@ class FakeQmpServer {
         buf.erase(0, nl + 1);
         std::string name = cmd["execute"];
         {
-          std::lock_guard<std::mutex> l(mu_);
+          MutexLock l(mu_);
           commands_.push_back(name);
         }
         if (name == "qmp_capabilities") {
@@ -121,8 +122,8 @@ class FakeQmpServer {
   Fd listen_;
   std::atomic<int> conn_fd_{-1};
   std::thread thread_;
-  std::mutex mu_;
-  std::vector<std::string> commands_;
+  Mutex mu_;
+  std::vector<std::string> commands_ GUARDED_BY(mu_);
 };
 
 TEST(QmpClientTest, ConnectReadsGreetingAndNegotiates) {
@@ -199,14 +200,14 @@ TEST(QmpClientTest, EventsAreDeliveredWithTimestamps) {
   });
   auto c = QmpClient::Connect(server.path());
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  std::mutex mu;
+  Mutex mu;
   std::vector<json> events;
   (*c)->SetEventHandler([&](const json& e) {
-    std::lock_guard<std::mutex> l(mu);
+    MutexLock l(mu);
     events.push_back(e);
   });
   ASSERT_TRUE((*c)->Execute("stop").ok());
-  std::lock_guard<std::mutex> l(mu);
+  MutexLock l(mu);
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0]["event"], "STOP");
   EXPECT_EQ(events[0]["timestamp"]["seconds"], 1763887201);
