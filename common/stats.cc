@@ -54,8 +54,16 @@ void RateMeter::Mark() {
 
 double RateMeter::PerSecond() const {
   MutexLock g(mu_);
-  Trim(clock_.Now());
-  return static_cast<double>(marks_.size()) / std::chrono::duration<double>(window_).count();
+  TimePoint now = clock_.Now();
+  Trim(now);
+  // Over the time the marks in the window span, not the whole window: a
+  // meter 2 s old has seen 2 s of events, not 10. The first mark opens the
+  // span, so it is not counted: n marks, n - 1 intervals. Once the events
+  // stop, the span keeps growing to `now` and the rate falls off.
+  if (marks_.size() < 2) return 0;
+  double span = std::chrono::duration<double>(now - marks_.front()).count();
+  if (span <= 0) return 0;
+  return static_cast<double>(marks_.size() - 1) / span;
 }
 
 Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {

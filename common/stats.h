@@ -38,7 +38,9 @@ class SampleWindow {
   std::deque<double> samples_ GUARDED_BY(mu_);
 };
 
-// Events per second over the last `window`.
+// Events per second over the last `window`: the marks in the window over the
+// time since the first of them (so a young meter is not diluted by the part
+// of the window before it started); 0 with fewer than two marks.
 class RateMeter {
  public:
   RateMeter(const Clock& clock, Nanos window) : clock_(clock), window_(window) {}
