@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "common/io.h"
 #include "common/thread_annotations.h"
 #include "remusd/metrics.h"
+#include "remusd/request.h"
 #include "replicator/backup/backup.h"
 #include "replicator/primary/primary.h"
 
@@ -59,20 +61,26 @@ class Daemon {
   void Wait();
   void Shutdown();
 
-  // The control protocol, callable directly (tests).
+  // Control connections served at once; one more gets a RESOURCE_EXHAUSTED
+  // reply and is closed.
+  static constexpr int kMaxControlClients = 16;
+
+  // The control protocol, callable directly (tests). Never throws: a
+  // malformed request gets an error reply (request.h).
   nlohmann::json Handle(const nlohmann::json& request);
   // The port /metrics is served on; 0 when --metrics is off.
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
 
  private:
   void ControlLoop();
-  void ServeClient(Fd fd);
-  nlohmann::json Protect(const nlohmann::json& req);
-  StatusOr<PrimaryOptions> ProtectOptions(const std::string& domain, const nlohmann::json& req) const;
-  nlohmann::json Unprotect(const nlohmann::json& req);
-  nlohmann::json StatusOf(const nlohmann::json& req);
-  nlohmann::json Failover(const nlohmann::json& req);
-  nlohmann::json Tune(const nlohmann::json& req);
+  void ServeClient(int fd);
+  nlohmann::json Dispatch(const nlohmann::json& request);
+  nlohmann::json Protect(const RequestReader& req);
+  StatusOr<PrimaryOptions> ProtectOptions(const std::string& domain, const RequestReader& req) const;
+  nlohmann::json Unprotect(const RequestReader& req);
+  nlohmann::json StatusOf(const RequestReader& req);
+  nlohmann::json Failover(const RequestReader& req);
+  nlohmann::json Tune(const RequestReader& req);
 
   DaemonOptions opts_;
   const Clock& clock_;
@@ -89,6 +97,8 @@ class Daemon {
   std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_ GUARDED_BY(mu_);
   // Workers of async requests (libvirt's hook must not wait), joined by Shutdown.
   std::vector<std::thread> workers_ GUARDED_BY(mu_);
+  // Control connections being served (their threads are detached).
+  std::set<int> client_fds_ GUARDED_BY(mu_);
 };
 
 }  // namespace remus
