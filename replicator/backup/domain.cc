@@ -125,14 +125,22 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     Status restorable = Restorable();
     std::string nothing = restorable.ok() ? "" : "; " + restorable.message();
     switch (out.end) {
-      case SessionEnd::kEnded:
+      case SessionEnd::kEnded: {
+        // GOODBYE, or an ERROR either way: the primary lived when protection
+        // ended, and its guest runs on unprotected past our last checkpoint.
+        // Restoring that checkpoint now would roll the guest back behind
+        // output clients already saw, next to a copy that still runs: it is
+        // retired (durably, so a restart does not bring it back either).
         Transition(DomainEvent::kPrimaryEnded);
-        error_ = out.why + "; the primary lives on unprotected, so this backup does not promote by itself" +
-                 (restorable.ok() ? " (`remusctl failover " + name_ + "` still restores checkpoint " +
-                                        std::to_string(committed_->committed_epoch()) + " if you are sure it is gone)"
-                                  : nothing);
+        std::string epoch = committed_ ? " " + std::to_string(committed_->committed_epoch()) : "";
+        Status r = RetireCheckpoint(out.why + "; the primary lives on unprotected and its guest ran on past checkpoint" +
+                                    epoch + ", so that checkpoint was retired (restoring it would roll the guest back)" +
+                                    "; protect " + name_ + " again from the primary");
+        if (!r.ok()) LOG_ERROR(tag_) << "retiring the checkpoint: " << r.ToString();
+        error_ = no_checkpoint_reason_.empty() ? out.why : no_checkpoint_reason_;
         LOG_WARN(tag_) << error_;
         return;
+      }
       case SessionEnd::kPromoting:
         return;
       case SessionEnd::kFailover:

@@ -187,10 +187,14 @@ TEST_F(BackupServerTest, CorruptCheckpointIsRefusedAndNotApplied) {
   remus::Status err = wire::DecodeError(f->payload);
   EXPECT_EQ(err.code(), Code::kDataLoss);
   EXPECT_NE(err.message().find("incomplete"), std::string::npos) << err.message();
-  // The primary was told and lives on: never an automatic promotion now.
+  // The primary was told and lives on: never an automatic promotion now,
+  // and its guest runs on past checkpoint 0, which is retired.
   WaitState("unprotected");
-  EXPECT_EQ(DomainStatus()["last_committed_epoch"], 0);
-  EXPECT_EQ(StoreByte(0), 'a');  // untouched
+  json st = DomainStatus();
+  EXPECT_EQ(st["last_committed_epoch"], -1);
+  EXPECT_NE(st["error"].get<std::string>().find("retired"), std::string::npos) << st["error"];
+  remus::Status fo = server_->Failover("vm1");
+  EXPECT_EQ(fo.code(), Code::kFailedPrecondition) << fo.ToString();
 }
 
 TEST_F(BackupServerTest, OutOfRangePageIsRefused) {
@@ -204,7 +208,7 @@ TEST_F(BackupServerTest, OutOfRangePageIsRefused) {
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(f->type, MsgType::kError);
   WaitState("unprotected");
-  EXPECT_EQ(DomainStatus()["last_committed_epoch"], 0);
+  EXPECT_EQ(DomainStatus()["last_committed_epoch"], -1);  // retired: the primary runs on
 }
 
 TEST_F(BackupServerTest, PartialCheckpointDiscardedOnDisconnect) {

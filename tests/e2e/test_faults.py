@@ -411,13 +411,9 @@ def test_operator_failover_during_live_session(world, request):
 
 # ---------------------------------------------------------- 7 (R1, R2, R4)
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open question: docs/formats/replication-link.md says that on GOODBYE the backup discards the replica, "
-    "but remusctl failover still restores the ended session's checkpoint (main, and deliberately so on the "
-    "backup branch: 'remusctl failover still restores checkpoint N if you are sure it is gone')"))
 def test_no_failover_to_a_session_ended_by_goodbye(world, request):
     """After `remusctl unprotect` (GOODBYE) the guest runs on at A, so B's last
-    checkpoint is stale: the link format says B discards the replica and must
+    checkpoint is stale: B retires it (docs/architecture.md, "Rules") and must
     not promote. Neither B nor a restarted B may restore it, even when asked
     (`remusctl failover`): that would start a second, older copy of a guest
     that still runs."""
@@ -428,6 +424,7 @@ def test_no_failover_to_a_session_ended_by_goodbye(world, request):
                       "B to end the session on GOODBYE")
     time.sleep(1.0)
     r1 = pr.backup.ctl("failover", DOMAIN, timeout=90)
+    assert "retired" in r1.stderr, r1.stderr
     assert r1.returncode != 0, (f"B restored the checkpoint of a session the primary ended (the guest runs on "
                                 f"at A): {r1.stdout}" + world.diagnostics())
     _no_restored_qemu(world, pr.backup, "failover after GOODBYE")
