@@ -14,20 +14,16 @@ namespace remus {
 
 using nlohmann::json;
 
-json GuestDisk::ToJson() const {
-  return {{"id", id}, {"node", node}, {"format", format}, {"file", file}, {"size", size}};
-}
+json GuestDisk::ToJson() const { return wire::DiskSpecToJson(Spec()); }
 
 StatusOr<GuestDisk> GuestDisk::FromJson(const json& j) {
+  ASSIGN_OR_RETURN(wire::DiskSpec s, wire::DiskSpecFromJson(j));
   GuestDisk d;
-  if (!j.is_object() || !j.contains("id") || !j["id"].is_string() || !j.contains("size") ||
-      !j["size"].is_number_unsigned())
-    return InvalidArgument("a disk entry needs a string id and a size");
-  d.id = j["id"].get<std::string>();
-  d.node = j.value("node", "");
-  d.format = j.value("format", "");
-  d.file = j.value("file", "");
-  d.size = j["size"].get<uint64_t>();
+  d.id = std::move(s.id);
+  d.node = std::move(s.node);
+  d.format = std::move(s.format);
+  d.file = std::move(s.file);
+  d.size = s.size;
   return d;
 }
 

@@ -42,6 +42,7 @@
 #include "diskmirror/disk_sink.h"
 #include "diskmirror/nbd_server.h"
 #include "replicator/qemu/qmp.h"
+#include "replicator/link/messages.h"
 #include "replicator/link/wire.h"
 
 namespace remus {
@@ -57,6 +58,9 @@ struct GuestDisk {
   // What blockdev-mirror mirrors from: the -drive id, or the top node of a
   // -blockdev disk. Not sent to the backup.
   std::string device;
+  // The wire form (CONFIG's "disks", the backup's disks.json): DiskSpec in
+  // replicator/link/messages.h.
+  wire::DiskSpec Spec() const { return {id, node, format, file, size}; }
   nlohmann::json ToJson() const;
   static StatusOr<GuestDisk> FromJson(const nlohmann::json& j);
 };

@@ -4,8 +4,8 @@
 #include <chrono>
 #include <cstdio>
 
-#include "common/hex.h"
 #include "common/log.h"
+#include "replicator/link/messages.h"
 #include "replicator/primary/lifecycle.h"
 
 namespace remus {
@@ -93,15 +93,10 @@ Status PrimaryLifecycle::RunInitialSync() {
   Status disk_start;
   BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); });
   sink.OnFirstPage([&] {
-    uint64_t total = 0;
-    json blocks = json::array();
-    for (const auto& b : source_->blocks()) {
-      total += b.used_length;
-      blocks.push_back({{"id", b.id}, {"used_length", b.used_length}});
-    }
-    sync_total_bytes_ = total;
-    json begin = {{"total_bytes", total}, {"blocks", blocks}, {"configuration", HexEncode(info.configuration)}};
-    Enqueue({MsgType::kSyncBegin, 0, begin.dump()});
+    wire::SyncBeginMsg begin{source_->blocks(), info.configuration, 0};
+    for (const auto& b : begin.blocks) begin.total_bytes += b.used_length;
+    sync_total_bytes_ = begin.total_bytes;
+    Enqueue({MsgType::kSyncBegin, 0, wire::EncodeSyncBegin(begin)});
     // The disks' background copy runs alongside the memory copy and on into
     // the first checkpoints; every write is tagged with its epoch. It starts
     // after SYNC_BEGIN, which opens the backup's journals.

@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include "common/log.h"
+#include "replicator/link/messages.h"
 
 namespace remus {
 
@@ -255,7 +256,7 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
     LOG_ERROR(Tag()) << why.message() << "; telling the backup to take over";
     // The backup promotes on silence anyway; FAILOVER only makes it quicker.
     Status f = link_->SendBefore(now + opts_.heartbeat.timeout, MsgType::kFailover, 0,
-                                 json{{"reason", why.message()}}.dump());
+                                 wire::EncodeReason({why.message()}));
     if (!f.ok()) LOG_WARN(Tag()) << "FAILOVER not sent (" << f.message() << "); the backup promotes on silence";
     EnterFinal(PrimaryState::kFailedOver);
     // The guest is gone: what it sent after the last ACK is dropped, since
@@ -276,11 +277,11 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
     // that could wait on the silent backup.
     ReleaseGuest();
     Status g = link_->SendBefore(now + opts_.heartbeat.interval, MsgType::kGoodbye, 0,
-                                 json{{"reason", why.message()}}.dump());
+                                 wire::EncodeReason({why.message()}));
     if (!g.ok()) LOG_INFO(Tag()) << "GOODBYE not sent: " << g.message();
   } else {
     Status g = link_->SendBefore(now + opts_.heartbeat.timeout, MsgType::kGoodbye, 0,
-                                 json{{"reason", why.message()}}.dump());
+                                 wire::EncodeReason({why.message()}));
     if (!g.ok()) LOG_WARN(Tag()) << "GOODBYE not sent: " << g.message();
     ReleaseGuest();
   }

@@ -192,8 +192,6 @@ Status PrimaryReplicator::Connect() {
   }
   ASSIGN_OR_RETURN(std::vector<GuestDisk> disks,
                    ListGuestDisks(monitor_.get(), d, opts_.disks, libvirt_ ? &targets : nullptr));
-  json disks_json = json::array();
-  for (const auto& g : disks) disks_json.push_back(g.ToJson());
 
   auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
   if (!fd.ok())
@@ -204,18 +202,19 @@ Status PrimaryReplicator::Connect() {
   Status hs = wire::ClientHandshake(*link_, opts_.key, d, opts_.connect_timeout_ms);
   if (!hs.ok()) return Status(hs.code(), "domain " + d + ": " + hs.message());
 
-  json config = {{"domain", d},
-                 {"argv", qemu_argv_},
-                 {"qemu_version", probe_.version},
-                 {"qemu_package", probe_.package},
-                 {"accelerator", probe_.accelerator},
-                 {"interval_ms", opts_.interval_ms},
-                 {"disks", disks_json},
-                 {"heartbeat_interval_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count()},
-                 {"heartbeat_timeout_ms", std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()}};
+  wire::ConfigMsg config{
+      .domain = d,
+      .argv = qemu_argv_,
+      .qemu_version = probe_.version,
+      .qemu_package = probe_.package,
+      .accelerator = probe_.accelerator,
+      .interval_ms = opts_.interval_ms,
+      .heartbeat_interval_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count(),
+      .heartbeat_timeout_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()};
+  for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.
-  if (libvirt_) config["libvirt"] = {{"xml", domain_xml_}, {"name", d}, {"uri", opts_.libvirt_uri}};
-  RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, config.dump()).Annotate("domain " + d + ": sending configuration"));
+  if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};
+  RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, wire::EncodeConfig(config)).Annotate("domain " + d + ": sending configuration"));
 
   // libvirt's QEMU may not open a path of ours (its own user, AppArmor): the
   // COLO stream and the disks' NBD sockets reach it as passed fds.

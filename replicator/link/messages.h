@@ -1,0 +1,110 @@
+// Typed codecs for the link's JSON messages: CONFIG, SYNC_BEGIN, FAILOVER and
+// GOODBYE (docs/formats/replication-link.md lists every field, its type and
+// its bounds). The primary encodes with these; the backup decodes with them,
+// so a peer's payload is checked in exactly one place.
+//
+// Contract:
+//  - Encoders produce the JSON the primary has always sent (same field names
+//    and value types; nlohmann sorts object keys, so the bytes are stable).
+//    They never throw: a string that is not valid UTF-8 (JSON cannot carry
+//    it) has its bad bytes replaced by U+FFFD.
+//  - Decoders never throw and never trust the peer. A payload that is not
+//    JSON is DataLoss; JSON of the wrong shape, a field of the wrong type or
+//    out of its bounds is InvalidArgument, with a message naming the message
+//    and the field ("CONFIG: heartbeat_timeout_ms is not an integer").
+//  - An absent field takes the struct's default (older or minimal peers);
+//    a present field must have the documented type (null is a wrong type).
+//    Unknown fields are ignored, so fields can be added.
+//  - Decode(Encode(m)) == m for every m that satisfies the bounds below.
+//
+// Thread-safety: pure functions on value types.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "common/status.h"
+#include "replicator/qemu/qemu_stream.h"
+
+namespace remus::wire {
+
+// Bounds the decoders enforce.
+inline constexpr size_t kMaxConfigArgs = 4096;         // CONFIG argv elements
+inline constexpr size_t kMaxConfigDisks = 64;          // CONFIG disks
+inline constexpr int64_t kMaxIntervalMs = 600000;      // interval_ms, heartbeat_*_ms
+inline constexpr size_t kMaxLibvirtXml = 16u << 20;    // CONFIG libvirt.xml bytes
+inline constexpr size_t kMaxSyncBlocks = 1024;         // SYNC_BEGIN blocks
+inline constexpr size_t kMaxBlockIdLen = 255;          // SYNC_BEGIN blocks[].id bytes
+
+// One mirrored disk as CONFIG carries it (and as the backup's disks.json
+// keeps it): {"id","node","format","file","size"}. `id` must be a usable
+// name (ValidDiskId); `size` is the virtual size in bytes.
+struct DiskSpec {
+  std::string id;
+  std::string node;
+  std::string format;
+  std::string file;
+  uint64_t size = 0;
+  bool operator==(const DiskSpec&) const = default;
+};
+
+// Letters, digits, '.', '-', '_'; 1..64 bytes; not starting with '.' or '-'
+// (the id names files on the backup).
+bool ValidDiskId(std::string_view id);
+
+// The JSON object form of one disk, for callers that embed it elsewhere.
+nlohmann::json DiskSpecToJson(const DiskSpec& d);
+// InvalidArgument naming the field ("disk: size is not an unsigned integer")
+// for a wrong shape; id and size are required, node/format/file optional.
+StatusOr<DiskSpec> DiskSpecFromJson(const nlohmann::json& j);
+
+// CONFIG's "libvirt" object: the migratable domain XML the backup restores
+// through its own libvirt, the domain's name and the primary's libvirt URI.
+struct LibvirtConfig {
+  std::string xml;
+  std::string name;
+  std::string uri;
+  bool operator==(const LibvirtConfig&) const = default;
+};
+
+// CONFIG (primary -> backup, once after AUTH_OK).
+struct ConfigMsg {
+  std::string domain;
+  std::vector<std::string> argv;  // non-empty unless libvirt is set; <= kMaxConfigArgs
+  std::string qemu_version, qemu_package, accelerator;
+  int interval_ms = 0;            // 0..kMaxIntervalMs
+  std::vector<DiskSpec> disks;    // <= kMaxConfigDisks, in DISK-record index order
+  // Both 0 (absent), or 0 < interval < timeout <= kMaxIntervalMs.
+  int64_t heartbeat_interval_ms = 0, heartbeat_timeout_ms = 0;
+  std::optional<LibvirtConfig> libvirt;  // libvirt domains only
+  bool operator==(const ConfigMsg&) const = default;
+};
+std::string EncodeConfig(const ConfigMsg& m);
+StatusOr<ConfigMsg> DecodeConfig(std::string_view payload);
+
+// SYNC_BEGIN (primary -> backup): an initial full copy starts.
+struct SyncBeginMsg {
+  std::vector<qemu::RamBlock> blocks;  // QEMU's RAM block order; <= kMaxSyncBlocks
+  std::string configuration;           // QEMU's CONFIGURATION section, raw bytes (hex on the wire)
+  uint64_t total_bytes = 0;            // sum of the blocks' used_length
+  bool operator==(const SyncBeginMsg&) const = default;
+};
+std::string EncodeSyncBegin(const SyncBeginMsg& m);
+StatusOr<SyncBeginMsg> DecodeSyncBegin(std::string_view payload);
+
+// FAILOVER and GOODBYE: {"reason":"..."}.
+struct ReasonMsg {
+  std::string reason;
+  bool operator==(const ReasonMsg&) const = default;
+};
+std::string EncodeReason(const ReasonMsg& m);
+// An empty payload is an empty reason (older peers sent none).
+StatusOr<ReasonMsg> DecodeReason(std::string_view payload);
+
+}  // namespace remus::wire
