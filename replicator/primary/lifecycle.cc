@@ -99,6 +99,7 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
   if (deps.make_disks)
     disks_ = deps.make_disks([this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len,
                                     std::span<const uint8_t> data) { OnDiskWrite(i, op, off, len, data); });
+  deps_ready_ = true;  // monitor events may look at disks_ from here on
   // A backstop so no thread waits on a write forever; the backup's loss is
   // judged from receipt (LifecycleLoop), well before this.
   link_->SetSendTimeout(std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout));
@@ -154,7 +155,7 @@ Status PrimaryLifecycle::SetInterval(int ms) {
 void PrimaryLifecycle::OnQemuEvent(const json& ev) {
   // On the monitor's event thread: count, post, never issue a command.
   std::string name = ev.value("event", "");
-  if (disks_ && name.rfind("BLOCK_JOB_", 0) == 0) disks_->OnEvent(ev);
+  if (deps_ready_ && disks_ && name.rfind("BLOCK_JOB_", 0) == 0) disks_->OnEvent(ev);
   const json& ts = ev.contains("timestamp") ? ev["timestamp"] : json::object();
   int64_t us = ts.value("seconds", int64_t{0}) * 1000000 + ts.value("microseconds", int64_t{0});
   if (name == "STOP") {

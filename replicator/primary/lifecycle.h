@@ -228,6 +228,9 @@ class PrimaryLifecycle {
   std::unique_ptr<OutputBuffer> netbuf_owner_;
   std::atomic<OutputBuffer*> netbuf_{nullptr};
 
+  // Set by Attach once the fields above are: monitor events (which may
+  // arrive before Attach returns) read disks_ only then.
+  std::atomic<bool> deps_ready_{false};
   std::atomic<PrimaryState> state_{PrimaryState::kStarting};
   // Set (under mu_, so waits see it) when protection starts ending.
   std::atomic<bool> stopping_{false};
