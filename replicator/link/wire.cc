@@ -196,16 +196,16 @@ Status Link::SendSplit(MsgType type, uint64_t epoch, std::string_view payload) {
 }
 
 Status Link::SendBefore(SteadyTime deadline, MsgType type, uint64_t epoch, std::string_view payload,
-                        uint16_t flags) {
+                        uint16_t flags, const std::function<bool()>& abandon) {
   // remus::Mutex has no timed lock: poll for it. Waiting here means another
-  // thread's frame is on its way out, which its own send timeout bounds.
+  // thread's frame is on its way out.
   while (!send_mu_.TryLock()) {
-    if (std::chrono::steady_clock::now() >= deadline)
+    if (std::chrono::steady_clock::now() >= deadline || (abandon && abandon()))
       return DeadlineExceeded("cannot send " + FrameDesc(static_cast<uint16_t>(type), epoch) + " to " +
                               PeerName() + ": another frame is still being sent");
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  Status s = SendLocked(type, epoch, {payload}, flags, deadline);
+  Status s = SendLocked(type, epoch, {payload}, flags, deadline, abandon ? &abandon : nullptr);
   send_mu_.Unlock();
   return s;
 }
@@ -220,7 +220,7 @@ Status Link::TrySend(MsgType type, uint64_t epoch, std::string_view payload, uin
 }
 
 Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
-                        uint16_t flags, std::optional<SteadyTime> deadline) {
+                        uint16_t flags, std::optional<SteadyTime> deadline, const std::function<bool()>* abandon) {
   size_t total = 0;
   for (std::string_view p : parts) total += p.size();
   if (total > kMaxPayload)
@@ -237,7 +237,7 @@ Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::str
   iov.push_back({hdr, kHeaderSize});
   for (std::string_view p : parts)
     if (!p.empty()) iov.push_back({const_cast<char*>(p.data()), p.size()});
-  RETURN_IF_ERROR(WriteAll(iov.data(), static_cast<int>(iov.size()), deadline)
+  RETURN_IF_ERROR(WriteAll(iov.data(), static_cast<int>(iov.size()), deadline, abandon)
                       .Annotate("sending " + FrameDesc(static_cast<uint16_t>(type), epoch) +
                                 " to " + PeerName()));
   bytes_sent_.fetch_add(kHeaderSize + total, std::memory_order_relaxed);
@@ -245,7 +245,8 @@ Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::str
   return OkStatus();
 }
 
-Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline) {
+Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline,
+                      const std::function<bool()>* abandon) {
   using std::chrono::milliseconds;
   const int64_t timeout_ms = send_timeout_ms_.load();
   auto last_progress = std::chrono::steady_clock::now();
@@ -295,10 +296,14 @@ Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> d
                                 " ms (send timeout): it stopped reading or is unreachable");
       return DeadlineExceeded("the frame was not sent before its deadline");
     }
-    int slice = 100;
+    if (abandon && (*abandon)()) {
+      if (wrote_some) Break();
+      return DeadlineExceeded("the frame was abandoned before the peer took it");
+    }
+    int slice = abandon ? 5 : 100;
     if (until)
       slice = static_cast<int>(std::clamp<int64_t>(
-          std::chrono::duration_cast<milliseconds>(*until - now).count() + 1, 1, 100));
+          std::chrono::duration_cast<milliseconds>(*until - now).count() + 1, 1, slice));
     pollfd pfd{fd_.get(), POLLOUT, 0};
     int pr = ::poll(&pfd, 1, slice);
     if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);

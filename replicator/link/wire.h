@@ -119,12 +119,14 @@ class Link {
   Status SendSplit(MsgType type, uint64_t epoch, std::string_view payload);
 
   // As Send, but fails with DeadlineExceeded if the frame is not wholly on
-  // the socket by `deadline`; the time spent waiting for another thread's
-  // frame counts. Nothing is sent if the deadline passes before the first
-  // byte; a frame cut short by it breaks the link. For last words (GOODBYE,
-  // FAILOVER) that must not hold up a shutdown.
+  // the socket by `deadline`, or as soon as abandon() returns true (checked
+  // every few ms while waiting); the time spent waiting for another thread's
+  // frame counts. Nothing is sent if it gives up before the first byte; a
+  // frame cut short breaks the link. For last words (GOODBYE, FAILOVER):
+  // worth waiting for while the peer lives, never for longer.
   Status SendBefore(std::chrono::steady_clock::time_point deadline, MsgType type, uint64_t epoch,
-                    std::string_view payload, uint16_t flags = 0);
+                    std::string_view payload, uint16_t flags = 0,
+                    const std::function<bool()>& abandon = nullptr);
   // As Send if no other thread is sending; otherwise ResourceExhausted at
   // once and nothing is sent. For heartbeats: a link busy with another frame
   // is carrying data anyway, and a heartbeat must never queue behind a write
@@ -169,12 +171,12 @@ class Link {
 
  private:
   Status SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
-                    uint16_t flags, std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt)
-      REQUIRES(send_mu_);
+                    uint16_t flags, std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt,
+                    const std::function<bool()>* abandon = nullptr) REQUIRES(send_mu_);
   // Writes all of iov: non-blocking writes, poll for room in between, so a
   // shutdown or the deadline/send timeout ends the wait.
-  Status WriteAll(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline)
-      REQUIRES(send_mu_);
+  Status WriteAll(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
+                  const std::function<bool()>* abandon) REQUIRES(send_mu_);
   // Marks the stream unusable and shuts the socket down both ways.
   void Break();
   StatusOr<Frame> RecvImpl(std::optional<std::chrono::steady_clock::time_point> deadline,

@@ -800,6 +800,13 @@ TEST(WireBlackhole, TrySendDoesNotQueueBehindAStuckWrite) {
   EXPECT_GE(took, 140);
   EXPECT_LT(took, 600);
   EXPECT_FALSE(p.a->broken());
+  // ... and gives up as soon as abandon() says so.
+  t0 = Steady::now();
+  auto abandon_at = Steady::now() + std::chrono::milliseconds(30);
+  EXPECT_CODE(p.a->SendBefore(Steady::now() + std::chrono::seconds(10), MsgType::kGoodbye, 0, "{}", 0,
+                              [&] { return Steady::now() >= abandon_at; }),
+              Code::kDeadlineExceeded);
+  EXPECT_LT(MsSince(t0), 300);
   // shutdown(2) from another thread unblocks the stuck sender.
   t0 = Steady::now();
   p.a->Shutdown();

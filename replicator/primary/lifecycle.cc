@@ -100,9 +100,10 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
     disks_ = deps.make_disks([this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len,
                                     std::span<const uint8_t> data) { OnDiskWrite(i, op, off, len, data); });
   deps_ready_ = true;  // monitor events may look at disks_ from here on
-  // A backstop so no thread waits on a write forever; the backup's loss is
-  // judged from receipt (LifecycleLoop), well before this.
-  link_->SetSendTimeout(std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout));
+  // A backstop so no thread waits on a write forever. The backup's loss is
+  // judged from receipt (LifecycleLoop), well before this; a backup that
+  // lives but takes no data (busy applying a commit) is not lost.
+  link_->SetSendTimeout(std::chrono::duration_cast<std::chrono::milliseconds>(SendBackstop()));
   hb_.Received();  // silence counts from now
   Status s = source_->Start();
   if (s.ok()) {
@@ -251,13 +252,16 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
     EnterFinal(on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected);
     return finish();
   }
-  const auto now = std::chrono::steady_clock::now();
   OutputBuffer* nb = netbuf_.load();
+  // Last words are worth waiting for while the backup lives (a GOODBYE that
+  // never arrives makes it promote), never once it has gone silent.
+  const auto last_words_deadline = std::chrono::steady_clock::now() + SendBackstop();
+  const std::function<bool()> backup_silent = [this] { return hb_.PeerLost(); };
   if (qemu_dead) {
     LOG_ERROR(Tag()) << why.message() << "; telling the backup to take over";
     // The backup promotes on silence anyway; FAILOVER only makes it quicker.
-    Status f = link_->SendBefore(now + opts_.heartbeat.timeout, MsgType::kFailover, 0,
-                                 wire::EncodeReason({why.message()}));
+    Status f = link_->SendBefore(last_words_deadline, MsgType::kFailover, 0, wire::EncodeReason({why.message()}), 0,
+                                 backup_silent);
     if (!f.ok()) LOG_WARN(Tag()) << "FAILOVER not sent (" << f.message() << "); the backup promotes on silence";
     EnterFinal(PrimaryState::kFailedOver);
     // The guest is gone: what it sent after the last ACK is dropped, since
@@ -270,31 +274,23 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
     source_->Abort();
     return finish();
   }
-  const bool backup_lost = !on_purpose;
   if (on_purpose) LOG_INFO(Tag()) << "protection ends: " << why.message();
   else LOG_ERROR(Tag()) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
-  if (backup_lost) {
-    // The guest may be paused on backpressure: release it before anything
-    // that could wait on the silent backup.
-    ReleaseGuest();
-    Status g = link_->SendBefore(now + opts_.heartbeat.interval, MsgType::kGoodbye, 0,
-                                 wire::EncodeReason({why.message()}));
-    if (!g.ok()) LOG_INFO(Tag()) << "GOODBYE not sent: " << g.message();
-  } else {
-    Status g = link_->SendBefore(now + opts_.heartbeat.timeout, MsgType::kGoodbye, 0,
-                                 wire::EncodeReason({why.message()}));
-    if (!g.ok()) LOG_WARN(Tag()) << "GOODBYE not sent: " << g.message();
-    ReleaseGuest();
-  }
+  // First the guest: it may be paused on backpressure (LOADED withheld),
+  // and nothing that could wait on the backup comes before its release.
+  ReleaseGuest();
+  Status g = link_->SendBefore(last_words_deadline, MsgType::kGoodbye, 0, wire::EncodeReason({why.message()}), 0,
+                               backup_silent);
+  if (!g.ok()) LOG_WARN(Tag()) << "GOODBYE not sent: " << g.message();
   // The guest runs on unprotected: release everything it sent.
   if (nb) (void)nb->Finish(true);
   // The guest keeps its own disk; the mirror target goes away. QMP
   // commands: this is why teardown never runs on the monitor's thread.
   if (disks_) disks_->Stop(true);
   EnterFinal(on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected);
-  // A lost backup gets no chance to drain: both directions go, which also
+  // A silent backup gets no chance to drain: both directions go, which also
   // ends a write stuck on it. Otherwise read on until the backup closes.
-  if (backup_lost) link_->Shutdown();
+  if (hb_.PeerLost()) link_->Shutdown();
   else link_->ShutdownWrite();
   source_->Abort();
   finish();

@@ -27,19 +27,21 @@
 // any frame from the backup counts, and silence for the heartbeat timeout
 // is its loss, whatever the sender is doing. Heartbeats go out with
 // Link::TrySend (a link busy with a frame is carrying data anyway); every
-// write is bounded by the link's send timeout (2 x heartbeat timeout, a
-// backstop: liveness is not its job); last words (GOODBYE, FAILOVER) by a
-// deadline. On the backup's loss the guest is released first (GiveUp: QEMU
-// leaves COLO, the guest resumes, output is released), then GOODBYE is tried
-// for one heartbeat interval, then the link is shut down both ways, which
-// also ends a stuck write. So a backpressure pause (LOADED withheld) lasts at
-// most heartbeat timeout + one interval after the backup's last frame, plus
-// the time QEMU takes to leave COLO.
+// write is bounded by the link's send timeout (LifecycleOptions::send_timeout,
+// a backstop: liveness is not its job, and a live backup busy applying a
+// commit may take no data for a while). Whenever protection ends without
+// QEMU's death, the guest is released first (GiveUp: QEMU leaves COLO, the
+// guest resumes), then GOODBYE is sent, waiting only while the backup is not
+// silent, then output is released, and a silent backup's link is shut down
+// both ways, which also ends a write stuck on it. So a backpressure pause
+// (LOADED withheld) lasts at most heartbeat timeout + one interval after the
+// backup's last frame, plus the time QEMU takes to leave COLO.
 //
 // Thread-safety: public methods are thread-safe. Callbacks handed to other
 // components (event handler, disk writes) may run on any thread.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <deque>
 #include <functional>
@@ -78,6 +80,10 @@ struct LifecycleOptions {
   uint64_t max_unacked_bytes = 1ull << 30;
   bool compress = false;
   int interval_ms = 100;
+  // No write waits longer than this for the backup to take data (zero:
+  // max(30 s, 4 x heartbeat timeout)), nor do GOODBYE/FAILOVER. A backstop:
+  // the backup's loss is judged on receipt, within the heartbeat timeout.
+  Nanos send_timeout{0};
   // "stall-after-reply@EPOCH" (tests): see PrimaryOptions::fault.
   std::string fault;
 };
@@ -174,6 +180,10 @@ class PrimaryLifecycle {
   void EnterFinal(PrimaryState to);
   void SetError(const std::string& e) EXCLUDES(mu_);
   std::string Tag() const { return "primary[" + opts_.domain + "]"; }
+  Nanos SendBackstop() const {
+    return opts_.send_timeout.count() > 0 ? opts_.send_timeout
+                                          : std::max<Nanos>(std::chrono::seconds(30), 4 * opts_.heartbeat.timeout);
+  }
   // cv waits on mu_ until pred(); with a limit, false if it ran out first.
   // (CondVar's own predicate waits cannot see that the lock they hold is the
   // one an annotated predicate needs.)

@@ -250,9 +250,17 @@ class FakeBackup {
       held_.clear();
     }
   }
+  // Neither reads nor sends: a pulled cable, a powered-off host.
   void Blackhole() {
     std::lock_guard<std::mutex> l(mu_);
     blackhole_ = true;
+    not_reading_ = true;
+  }
+  // Alive (heartbeats go on) but takes no data: busy applying a commit.
+  void StopReading(bool stop) {
+    std::lock_guard<std::mutex> l(mu_);
+    not_reading_ = stop;
+    cv_.notify_all();
   }
   bool Saw(MsgType t) const {
     std::lock_guard<std::mutex> l(mu_);
@@ -268,7 +276,7 @@ class FakeBackup {
     for (;;) {
       {
         std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [&] { return !blackhole_ || closing_; });
+        cv_.wait(l, [&] { return !not_reading_ || closing_; });
         if (closing_) return;
       }
       auto f = link_->Recv();
@@ -300,7 +308,7 @@ class FakeBackup {
   const milliseconds hb_interval_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool closing_ = false, blackhole_ = false, hold_acks_ = false;
+  bool closing_ = false, blackhole_ = false, not_reading_ = false, hold_acks_ = false;
   std::vector<uint64_t> held_;
   std::vector<MsgType> types_;
   int64_t commits_ = 0;
@@ -493,6 +501,54 @@ TEST(PrimaryLifecycle, BlackholedBackupUnprotectsWithinTheHeartbeatTimeout) {
   // Unprotect afterwards succeeds and keeps the reason.
   EXPECT_TRUE(w.lc->Unprotect().ok());
   EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+}
+
+TEST(PrimaryLifecycle, UnprotectWithASilentBackupReleasesTheGuestFirst) {
+  const milliseconds interval(50), timeout(300);
+  World w;
+  LifecycleOptions o = Opts(interval, timeout);
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), /*small_buffers=*/true, [](FakeStream* s) { s->blob_bytes = 1u << 20; });
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= 3; }));
+  w.backup->Blackhole();
+  ASSERT_TRUE(Eventually([&] { return w.stream->paused(); }));  // held on backpressure
+  const auto t0 = Steady::now();
+  ASSERT_TRUE(w.lc->Unprotect().ok());
+  const int64_t unprotect_ms = Ms(Steady::now() - t0);
+  ASSERT_TRUE(w.stream->gave_up());
+  EXPECT_LE(Ms(w.stream->give_up_at() - t0), 50);  // at once, not after last words
+  EXPECT_LE(unprotect_ms, (timeout + interval).count());  // GOODBYE gave up with the backup's silence
+  EXPECT_EQ(w.lc->state(), PrimaryState::kStopped);
+  EXPECT_EQ(w.netbuf->log().back().first, "finish-release");
+}
+
+TEST(PrimaryLifecycle, ABackupThatLivesButTakesNoDataIsNotLostAndGetsItsGoodbye) {
+  // Heartbeats keep coming while the backup does not read (a slow commit):
+  // that is not a loss, however long the sender is stuck, and the GOODBYE
+  // of an unprotect during it is delivered, not dropped (a backup that gets
+  // no GOODBYE promotes).
+  const milliseconds interval(20), timeout(150);
+  World w;
+  LifecycleOptions o = Opts(interval, timeout);
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), /*small_buffers=*/true, [](FakeStream* s) { s->blob_bytes = 1u << 20; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->StopReading(true);
+  std::this_thread::sleep_for(3 * timeout);
+  EXPECT_EQ(w.lc->state(), PrimaryState::kProtected) << w.lc->error();
+  const int64_t before = w.backup->commits();
+  std::thread later([&] {
+    std::this_thread::sleep_for(3 * timeout);  // Unprotect waits through this
+    w.backup->StopReading(false);
+  });
+  const auto t0 = Steady::now();
+  ASSERT_TRUE(w.lc->Unprotect().ok());
+  later.join();
+  EXPECT_GE(Ms(Steady::now() - t0), 2 * timeout.count());
+  EXPECT_TRUE(w.stream->gave_up());
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
+  EXPECT_GE(w.backup->commits(), before);
+  EXPECT_EQ(w.lc->error(), "");
 }
 
 TEST(PrimaryLifecycle, QemuDeathSendsFailoverAndDropsHeldOutput) {

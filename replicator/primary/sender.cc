@@ -117,12 +117,12 @@ Status PrimaryLifecycle::SendFrame(OutFrame& f) {
 void PrimaryLifecycle::AckLoop() {
   for (;;) {
     auto f = link_->Recv();
-    if (f.ok() && stopping_) continue;  // draining after FAILOVER/GOODBYE until the backup closes
     if (!f.ok()) {
       if (!stopping_) Post({Unavailable("lost the backup " + opts_.backup + ": " + f.status().message()), false, false});
       return;
     }
-    hb_.Received();  // any frame is a sign of life
+    hb_.Received();  // any frame is a sign of life (last words wait on it too)
+    if (stopping_) continue;  // draining after FAILOVER/GOODBYE until the backup closes
     switch (f->type) {
       case MsgType::kAck:
         OnAck(f->epoch);
