@@ -31,7 +31,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -39,6 +38,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "diskmirror/disk_sink.h"
 #include "diskmirror/nbd_server.h"
 #include "replicator/qemu/qmp.h"
@@ -152,11 +152,11 @@ class DiskSource final : public DiskMirror {
   std::vector<std::unique_ptr<NbdServer>> servers_;
   std::vector<bool> added_, mirroring_;  // replicator thread only
 
-  mutable std::mutex mu_;
-  std::vector<bool> ready_;        // guarded by mu_
-  Status failure_;                 // guarded by mu_
-  bool stopping_ = false;          // guarded by mu_
-  mutable double fraction_ = 0;    // guarded by mu_
+  mutable Mutex mu_;
+  std::vector<bool> ready_ GUARDED_BY(mu_);
+  Status failure_ GUARDED_BY(mu_);
+  bool stopping_ GUARDED_BY(mu_) = false;
+  mutable double fraction_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace remus
