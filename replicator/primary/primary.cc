@@ -237,7 +237,13 @@ Status PrimaryReplicator::Connect() {
   // Events only post to the lifecycle: the monitor's event thread may not
   // issue commands, and ending protection takes some.
   monitor_->SetEventHandler([f = forward_](const json& ev) { f->Event(ev); });
-  if (cancel_start_) return Cancelled("domain " + d + ": protection cancelled while starting");
+  if (cancel_start_) {
+    // CONFIG went out: the backup must not take the closed link for our death.
+    Status c = Cancelled("domain " + d + ": protection cancelled while starting");
+    (void)deps.link->SendBefore(std::chrono::steady_clock::now() + std::chrono::milliseconds(opts_.connect_timeout_ms),
+                                MsgType::kGoodbye, 0, wire::EncodeReason({c.message()}));
+    return c;
+  }
   RETURN_IF_ERROR(lifecycle_->Attach(std::move(deps)));
   LOG_INFO(tag) << "protecting" << (libvirt_ ? " libvirt domain (" + opts_.libvirt_uri + ")" : std::string())
                 << ": QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
