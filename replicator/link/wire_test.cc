@@ -61,7 +61,9 @@ Key TestKey(char fill) { return Key(std::string(32, fill)); }
 
 TEST(WireDisk, RecordRoundTripAndBadRecords) {
   std::string data(4096, 'd');
-  auto w = DecodeDiskRecord(EncodeDiskRecord(3, DiskOp::kWrite, 1 << 20, data.size(), data));
+  // DiskRecord::data points into the payload: keep it alive.
+  const std::string payload = EncodeDiskRecord(3, DiskOp::kWrite, 1 << 20, data.size(), data);
+  auto w = DecodeDiskRecord(payload);
   ASSERT_TRUE(w.ok()) << w.status().ToString();
   EXPECT_EQ(w->disk, 3u);
   EXPECT_EQ(w->op, DiskOp::kWrite);
