@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -97,6 +98,11 @@ class FakeStream final : public CheckpointStream {
   }
   Status GiveUp() override {
     std::lock_guard<std::mutex> l(mu_);
+    give_up_calls_++;
+    if (give_up_failures_ > 0) {
+      give_up_failures_--;
+      return Unavailable("libvirt is not connected");
+    }
     if (gave_up_) return OkStatus();
     gave_up_ = true;
     give_up_at_ = Steady::now();
@@ -105,6 +111,12 @@ class FakeStream final : public CheckpointStream {
     return OkStatus();
   }
 
+  // The next n GiveUp calls find the monitor unreachable.
+  void FailGiveUp(int n) {
+    std::lock_guard<std::mutex> l(mu_);
+    give_up_failures_ = n;
+  }
+  int give_up_calls() const { std::lock_guard<std::mutex> l(mu_); return give_up_calls_; }
   void Fire() {
     std::lock_guard<std::mutex> l(mu_);
     fired_++;
@@ -130,6 +142,7 @@ class FakeStream final : public CheckpointStream {
   bool aborted_ = false, paused_ = false, gave_up_ = false;
   std::optional<Status> fail_next_;
   uint64_t fired_ = 0, loaded_ = 0, pauses_ = 0;
+  int give_up_failures_ = 0, give_up_calls_ = 0;
   Steady::time_point paused_at_, give_up_at_;
   std::thread::id give_up_thread_;
   std::shared_ptr<BufferPool> pool_;
@@ -326,6 +339,8 @@ struct World {
   std::unique_ptr<FakeBackup> backup;
   std::unique_ptr<PrimaryLifecycle> lc;
   bool qemu_running = true;
+  bool libvirt_mode = false;               // set before Start
+  std::atomic<bool> monitor_connected{true};
   std::mutex mu;
 
   // small_buffers: a few hundred KiB fill the socket (a stuck sender).
@@ -361,6 +376,7 @@ struct World {
       std::lock_guard<std::mutex> l(mu);
       return qemu_running;
     };
+    if (libvirt_mode) d.monitor_connected = [this] { return monitor_connected.load(); };
     monitor.SetEventHandler([l = lc.get()](const json& ev) { l->OnQemuEvent(ev); });
     ASSERT_TRUE(lc->Attach(std::move(d)).ok());
   }
@@ -616,6 +632,26 @@ TEST(PrimaryLifecycle, StreamBreakUnderALiveQemuLeavesTheGuestUnprotected) {
   // Unprotect after the loss: OK, the reason stays.
   EXPECT_TRUE(w.lc->Unprotect().ok());
   EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+}
+
+TEST(PrimaryLifecycle, LibvirtAwayAtTheEndRetriesLeavingColoOnceItIsBack) {
+  // libvirt mode: the monitor is libvirtd, which may be restarting when
+  // protection ends; QEMU then waits for x-colo-lost-heartbeat (GiveUp).
+  World w;
+  w.libvirt_mode = true;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.monitor_connected = false;
+  w.stream->FailGiveUp(1);
+  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kStopped; }));
+  std::this_thread::sleep_for(milliseconds(700));
+  EXPECT_EQ(w.stream->give_up_calls(), 1);  // not while libvirt is away
+  EXPECT_FALSE(w.stream->gave_up());
+  w.monitor_connected = true;
+  ASSERT_TRUE(Eventually([&] { return w.stream->gave_up(); }));
+  EXPECT_EQ(w.stream->give_up_calls(), 2);
+  EXPECT_NE(w.lc->error().find("once libvirt was back"), std::string::npos) << w.lc->error();
 }
 
 TEST(PrimaryLifecycle, StartThatNeverAttachedEndsWithoutThreads) {
