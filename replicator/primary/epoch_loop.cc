@@ -17,16 +17,6 @@ namespace {
 
 constexpr size_t kBatchBytes = PrimaryLifecycle::kBatchBytes;
 
-// Wall-clock seconds with microseconds, for debug lines that tests line up
-// with packet timestamps taken elsewhere on the host.
-std::string WallSeconds() {
-  auto us = std::chrono::duration_cast<std::chrono::microseconds>(
-                std::chrono::system_clock::now().time_since_epoch()).count();
-  char b[32];
-  std::snprintf(b, sizeof b, "%lld.%06lld", static_cast<long long>(us / 1000000), static_cast<long long>(us % 1000000));
-  return b;
-}
-
 // Collects page records into PAGES payloads of about kBatchBytes.
 class BatchingSink final : public qemu::PageSink {
  public:
@@ -76,6 +66,16 @@ class DeferredSink final : public qemu::PageSink {
 };
 
 }  // namespace
+
+// Wall-clock seconds with microseconds, for debug lines that tests line up
+// with packet timestamps taken elsewhere on the host.
+std::string PrimaryLifecycle::WallSeconds() {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(
+                std::chrono::system_clock::now().time_since_epoch()).count();
+  char b[32];
+  std::snprintf(b, sizeof b, "%lld.%06lld", static_cast<long long>(us / 1000000), static_cast<long long>(us % 1000000));
+  return b;
+}
 
 void PrimaryLifecycle::EpochLoop() {
   Status s = RunInitialSync();

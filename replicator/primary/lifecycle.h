@@ -200,6 +200,9 @@ class PrimaryLifecycle {
   }
 
   // ---- epoch_loop.cc: QEMU's checkpoints ----
+  // Wall-clock seconds with microseconds, for the debug lines tests line up
+  // with packet timestamps taken elsewhere on the host (barrier, ack).
+  static std::string WallSeconds();
   void EpochLoop() EXCLUDES(mu_);
   Status RunInitialSync() EXCLUDES(mu_);
   Status RunCheckpoint(uint64_t epoch) EXCLUDES(mu_);

@@ -161,7 +161,7 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
   // Output commit: the backup holds every checkpoint up to e, so the
   // packets of those epochs may leave (the netbuf releases in order).
   if (OutputBuffer* nb = netbuf_.load()) {
-    LOG_DEBUG(Tag()) << "epoch " << e << ": acked, releasing output";
+    LOG_DEBUG(Tag()) << "epoch " << e << ": acked, releasing output, wall " << WallSeconds();
     Status r = nb->Release(e);
     if (!r.ok()) LOG_ERROR(Tag()) << "netbuf release of epoch " << e << ": " << r.ToString();
   }
