@@ -17,6 +17,8 @@
 #include <cstring>
 #include <utility>
 
+#include "common/thread_annotations.h"
+
 namespace remus {
 
 void Fd::Reset(int fd) {
@@ -328,7 +330,7 @@ BufferPool::BufferPool(size_t buffer_size, size_t max_pooled) : size_(buffer_siz
 
 std::vector<uint8_t> BufferPool::Get() {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     if (!free_.empty()) {
       std::vector<uint8_t> b = std::move(free_.back());
       free_.pop_back();
@@ -340,12 +342,12 @@ std::vector<uint8_t> BufferPool::Get() {
 
 void BufferPool::Put(std::vector<uint8_t> b) {
   if (b.size() != size_) return;
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (free_.size() < max_) free_.push_back(std::move(b));
 }
 
 size_t BufferPool::pooled() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return free_.size();
 }
 

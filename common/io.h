@@ -9,13 +9,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -127,8 +127,8 @@ class BufferPool {
  private:
   const size_t size_;
   const size_t max_;
-  mutable std::mutex mu_;
-  std::vector<std::vector<uint8_t>> free_;  // guarded by mu_
+  mutable Mutex mu_;
+  std::vector<std::vector<uint8_t>> free_ GUARDED_BY(mu_);
 };
 
 // Buffered big-endian reader with a running byte offset (for error messages).

@@ -4,12 +4,13 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
-#include <mutex>
+
+#include "common/thread_annotations.h"
 
 namespace remus {
 namespace {
 std::atomic<LogLevel> g_level{LogLevel::kInfo};
-std::mutex g_mu;
+Mutex g_mu;  // one line at a time on stderr
 }  // namespace
 
 void SetLogLevel(LogLevel l) { g_level = l; }
@@ -25,7 +26,7 @@ void LogLine(LogLevel l, std::string_view tag, std::string_view msg) {
   gmtime_r(&t, &tm);
   char ts[32];
   std::strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
-  std::lock_guard<std::mutex> g(g_mu);
+  MutexLock g(g_mu);
   std::fprintf(stderr, "%s.%03dZ %c %.*s: %.*s\n", ts, ms, kLetters[static_cast<int>(l)],
                static_cast<int>(tag.size()), tag.data(), static_cast<int>(msg.size()), msg.data());
   std::fflush(stderr);

@@ -7,10 +7,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/thread_annotations.h"
+
 namespace remus {
 
 void SampleWindow::Add(double v) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   samples_.push_back(v);
   while (samples_.size() > capacity_) samples_.pop_front();
 }
@@ -30,12 +32,12 @@ double SampleWindow::Mean() const {
 }
 
 size_t SampleWindow::size() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return samples_.size();
 }
 
 std::vector<double> SampleWindow::Snapshot() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return {samples_.begin(), samples_.end()};
 }
 
@@ -44,16 +46,24 @@ void RateMeter::Trim(TimePoint now) const {
 }
 
 void RateMeter::Mark() {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   TimePoint now = clock_.Now();
   marks_.push_back(now);
   Trim(now);
 }
 
 double RateMeter::PerSecond() const {
-  std::lock_guard<std::mutex> g(mu_);
-  Trim(clock_.Now());
-  return static_cast<double>(marks_.size()) / std::chrono::duration<double>(window_).count();
+  MutexLock g(mu_);
+  TimePoint now = clock_.Now();
+  Trim(now);
+  // Over the time the marks in the window span, not the whole window: a
+  // meter 2 s old has seen 2 s of events, not 10. The first mark opens the
+  // span, so it is not counted: n marks, n - 1 intervals. Once the events
+  // stop, the span keeps growing to `now` and the rate falls off.
+  if (marks_.size() < 2) return 0;
+  double span = std::chrono::duration<double>(now - marks_.front()).count();
+  if (span <= 0) return 0;
+  return static_cast<double>(marks_.size() - 1) / span;
 }
 
 Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {
@@ -64,7 +74,7 @@ void Histogram::Observe(double v) {
   if (std::isnan(v)) return;
   // "le": a sample equal to a bound belongs to that bound's bucket.
   size_t i = static_cast<size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), v) - bounds_.begin());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   counts_[i]++;
   sum_ += v;
 }
@@ -73,7 +83,7 @@ HistogramSnapshot Histogram::Snapshot() const {
   HistogramSnapshot h;
   h.bounds = bounds_;
   h.cumulative.reserve(bounds_.size());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   uint64_t acc = 0;
   for (size_t i = 0; i < bounds_.size(); i++) h.cumulative.push_back(acc += counts_[i]);
   h.count = acc + counts_.back();

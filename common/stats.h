@@ -11,7 +11,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -19,6 +18,7 @@
 
 #include "common/clock.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -33,12 +33,14 @@ class SampleWindow {
   std::vector<double> Snapshot() const;
 
  private:
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   size_t capacity_;
-  std::deque<double> samples_;
+  std::deque<double> samples_ GUARDED_BY(mu_);
 };
 
-// Events per second over the last `window`.
+// Events per second over the last `window`: the marks in the window over the
+// time since the first of them (so a young meter is not diluted by the part
+// of the window before it started); 0 with fewer than two marks.
 class RateMeter {
  public:
   RateMeter(const Clock& clock, Nanos window) : clock_(clock), window_(window) {}
@@ -46,11 +48,11 @@ class RateMeter {
   double PerSecond() const;
 
  private:
-  void Trim(TimePoint now) const;
+  void Trim(TimePoint now) const REQUIRES(mu_);
   const Clock& clock_;
   Nanos window_;
-  mutable std::mutex mu_;
-  mutable std::deque<TimePoint> marks_;
+  mutable Mutex mu_;
+  mutable std::deque<TimePoint> marks_ GUARDED_BY(mu_);
 };
 
 // One reading of a Histogram. cumulative[i] counts the samples <= bounds[i]
@@ -85,9 +87,9 @@ class Histogram {
 
  private:
   const std::vector<double> bounds_;
-  mutable std::mutex mu_;
-  std::vector<uint64_t> counts_;  // per bucket, not cumulative; last is +Inf; guarded by mu_
-  double sum_ = 0;                // guarded by mu_
+  mutable Mutex mu_;
+  std::vector<uint64_t> counts_ GUARDED_BY(mu_);  // per bucket, not cumulative; last is +Inf
+  double sum_ GUARDED_BY(mu_) = 0;
 };
 
 // The status-JSON form of a snapshot:

@@ -7,8 +7,55 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/fakes/fake_clock.h"
+
 namespace remus {
 namespace {
+
+// 10 marks a second, read right after a mark: 10.0 from the first seconds on
+// (not 2.0 after 2 s of a 10 s window), and still 10.0 once the window is full.
+TEST(RateMeter, IsNormalisedToTheTimeSinceTheFirstMarkInTheWindow) {
+  FakeClock clock;
+  RateMeter m(clock, std::chrono::seconds(10));
+  EXPECT_EQ(m.PerSecond(), 0);
+  int marks = 0;
+  auto run_until = [&](int total) {
+    for (; marks < total; marks++) {
+      clock.Advance(std::chrono::milliseconds(100));
+      m.Mark();
+    }
+  };
+  run_until(1);
+  EXPECT_EQ(m.PerSecond(), 0) << "one mark is no rate yet";
+  run_until(20);  // 2 s
+  EXPECT_NEAR(m.PerSecond(), 10.0, 1e-9);
+  run_until(40);  // 4 s
+  EXPECT_NEAR(m.PerSecond(), 10.0, 1e-9);
+  run_until(61);  // 6.1 s
+  EXPECT_NEAR(m.PerSecond(), 10.0, 1e-9);
+  run_until(250);  // 25 s: the window has been full for a while
+  EXPECT_NEAR(m.PerSecond(), 10.0, 1e-9);
+  // Marks stop: the rate falls off, and is 0 once the window is empty.
+  clock.Advance(std::chrono::seconds(5));
+  EXPECT_NEAR(m.PerSecond(), 50.0 / 10.0, 1e-9);  // marks of the last 5 s over 10 s
+  clock.Advance(std::chrono::seconds(6));
+  EXPECT_EQ(m.PerSecond(), 0);
+}
+
+// 10 marks a second, then 5: a 2 s window soon sees only the new rate.
+TEST(RateMeter, FollowsARateChange) {
+  FakeClock clock;
+  RateMeter m(clock, std::chrono::seconds(2));
+  for (int i = 0; i < 30; i++) {
+    clock.Advance(std::chrono::milliseconds(100));
+    m.Mark();
+  }
+  for (int i = 0; i < 20; i++) {
+    clock.Advance(std::chrono::milliseconds(200));
+    m.Mark();
+  }
+  EXPECT_NEAR(m.PerSecond(), 5.0, 1e-9);
+}
 
 TEST(Histogram, CountsAreCumulativeAndLeInclusive) {
   Histogram h({1, 2, 5});

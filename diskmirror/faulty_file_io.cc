@@ -5,6 +5,8 @@
 #include <functional>
 #include <random>
 
+#include "common/thread_annotations.h"
+
 namespace remus {
 
 class FaultyFileIo::FaultyFile final : public File {
@@ -13,7 +15,7 @@ class FaultyFileIo::FaultyFile final : public File {
       : io_(io), path_(std::move(path)), node_(std::move(node)) {}
 
   Status Write(std::span<const WriteOp> ops) override {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     for (const WriteOp& op : ops) {
       if (int e = io_->Check(Op::kWrite, path_)) return ErrnoStatus("write " + path_, e);
       Unsynced u{Op::kWrite, op.offset, op.data.size(), {op.data.begin(), op.data.end()}};
@@ -40,7 +42,7 @@ class FaultyFileIo::FaultyFile final : public File {
   }
 
   StatusOr<size_t> Read(uint64_t off, std::span<uint8_t> out) override {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     if (int e = io_->Check(Op::kRead, path_)) return ErrnoStatus("read " + path_, e);
     const auto& v = node_->current;
     if (off >= v.size()) return size_t{0};
@@ -50,7 +52,7 @@ class FaultyFileIo::FaultyFile final : public File {
   }
 
   Status Sync() override {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     if (int e = io_->Check(Op::kSync, path_)) return ErrnoStatus("fdatasync " + path_, e);
     io_->syncs_++;
     node_->durable = node_->current;
@@ -59,7 +61,7 @@ class FaultyFileIo::FaultyFile final : public File {
   }
 
   Status Truncate(uint64_t size) override {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     if (int e = io_->Check(Op::kTruncate, path_)) return ErrnoStatus("truncate " + path_, e);
     Unsynced u{Op::kTruncate, 0, size, {}};
     Apply(&node_->current, u);
@@ -68,7 +70,7 @@ class FaultyFileIo::FaultyFile final : public File {
   }
 
   StatusOr<uint64_t> Size() override {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     return static_cast<uint64_t>(node_->current.size());
   }
 
@@ -79,7 +81,7 @@ class FaultyFileIo::FaultyFile final : public File {
 
  private:
   Status ZeroLike(Op op, uint64_t off, uint64_t len, const char* what) {
-    std::lock_guard<std::mutex> l(io_->mu_);
+    MutexLock l(io_->mu_);
     if (int e = io_->Check(op, path_)) return ErrnoStatus(what + path_, e);
     Unsynced u{Op::kZero, off, len, {}};
     Apply(&node_->current, u);
@@ -89,7 +91,7 @@ class FaultyFileIo::FaultyFile final : public File {
 
   FaultyFileIo* io_;
   std::string path_;
-  std::shared_ptr<Node> node_;
+  std::shared_ptr<Node> node_;  // its contents are guarded by io_->mu_
 };
 
 void FaultyFileIo::Apply(std::vector<uint8_t>* v, const Unsynced& u) {
@@ -133,7 +135,7 @@ int FaultyFileIo::Check(Op op, const std::string& path) {
 }
 
 StatusOr<std::unique_ptr<File>> FaultyFileIo::Open(const std::string& path, bool create) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (power_left_ == 0) return ErrnoStatus("open " + path, EIO);
   auto it = files_.find(path);
   if (it == files_.end()) {
@@ -144,36 +146,36 @@ StatusOr<std::unique_ptr<File>> FaultyFileIo::Open(const std::string& path, bool
 }
 
 Status FaultyFileIo::SyncDir(const std::string& dir) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (power_left_ == 0) return ErrnoStatus("fsync directory " + dir, EIO);
   return OkStatus();
 }
 
 void FaultyFileIo::AddFault(Fault f) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   faults_.push_back(std::move(f));
   fault_hits_.push_back(0);
 }
 
 void FaultyFileIo::ClearFaults() {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   faults_.clear();
   fault_hits_.clear();
   space_left_ = ~0ull;
 }
 
 void FaultyFileIo::SetSpaceLeft(uint64_t bytes) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   space_left_ = bytes;
 }
 
 void FaultyFileIo::CutPowerAfter(uint64_t ops) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   power_left_ = ops;
 }
 
 void FaultyFileIo::Crash(CrashOptions o) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   for (auto& [path, node] : files_) {
     std::vector<uint8_t> v = node->durable;
     if (o.random_subset_seed != 0) {
@@ -202,34 +204,34 @@ void FaultyFileIo::Crash(CrashOptions o) {
 void FaultyFileIo::Crash() { Crash(CrashOptions{}); }
 
 uint64_t FaultyFileIo::mutating_ops() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return mutating_ops_;
 }
 
 uint64_t FaultyFileIo::syncs() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return syncs_;
 }
 
 bool FaultyFileIo::Exists(const std::string& path) const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return files_.count(path) > 0;
 }
 
 std::vector<uint8_t> FaultyFileIo::Contents(const std::string& path) const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   auto it = files_.find(path);
   return it == files_.end() ? std::vector<uint8_t>{} : it->second->current;
 }
 
 std::vector<uint8_t> FaultyFileIo::DurableContents(const std::string& path) const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   auto it = files_.find(path);
   return it == files_.end() ? std::vector<uint8_t>{} : it->second->durable;
 }
 
 void FaultyFileIo::SetContents(const std::string& path, std::vector<uint8_t> data) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   auto& node = files_[path];
   if (!node) node = std::make_shared<Node>();
   node->durable = data;

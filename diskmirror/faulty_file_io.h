@@ -19,10 +19,10 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "common/thread_annotations.h"
 #include "diskmirror/file_io.h"
 
 namespace remus {
@@ -81,18 +81,18 @@ class FaultyFileIo final : public FileIo {
     std::vector<Unsynced> unsynced;
   };
 
-  // Returns the errno a call must fail with, or 0. Counts the call. REQUIRES mu_.
-  int Check(Op op, const std::string& path);
+  // Returns the errno a call must fail with, or 0. Counts the call.
+  int Check(Op op, const std::string& path) REQUIRES(mu_);
   static void Apply(std::vector<uint8_t>* v, const Unsynced& u);
 
-  mutable std::mutex mu_;
-  std::map<std::string, std::shared_ptr<Node>> files_;
-  std::vector<Fault> faults_;
-  std::vector<uint64_t> fault_hits_;
-  uint64_t space_left_ = ~0ull;
-  uint64_t power_left_ = ~0ull;
-  uint64_t mutating_ops_ = 0;
-  uint64_t syncs_ = 0;
+  mutable Mutex mu_;
+  std::map<std::string, std::shared_ptr<Node>> files_ GUARDED_BY(mu_);
+  std::vector<Fault> faults_ GUARDED_BY(mu_);
+  std::vector<uint64_t> fault_hits_ GUARDED_BY(mu_);
+  uint64_t space_left_ GUARDED_BY(mu_) = ~0ull;
+  uint64_t power_left_ GUARDED_BY(mu_) = ~0ull;
+  uint64_t mutating_ops_ GUARDED_BY(mu_) = 0;
+  uint64_t syncs_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace remus

@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 namespace {
@@ -252,7 +253,7 @@ class NbdServer::Session {
 
   template <typename F>
   Status CallSink(F&& f) {
-    std::lock_guard<std::mutex> l(s_->sink_mu_);
+    MutexLock l(s_->sink_mu_);
     return f(*s_->sink_);
   }
 
@@ -444,7 +445,7 @@ void NbdServer::AcceptLoop(int listen_fd) {
     if (!fd.ok()) {
       if (fd.status().code() == Code::kCancelled) return;
       {
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         if (stopping_) return;
       }
       LOG_WARN(opts_.tag) << "accept: " << fd.status().message();
@@ -452,7 +453,7 @@ void NbdServer::AcceptLoop(int listen_fd) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
       continue;
     }
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (stopping_) return;
     ReapFinished();
     if (conns_.size() >= opts_.max_connections) {
@@ -467,7 +468,7 @@ void NbdServer::AcceptLoop(int listen_fd) {
       Session(this, raw->fd.get()).Run();
       // Hang up now, not when the thread is reaped. Under mu_, so Stop()
       // never shuts down a descriptor number that was reused meanwhile.
-      std::lock_guard<std::mutex> g(mu_);
+      MutexLock g(mu_);
       raw->fd.Reset();
       raw->done = true;
     });
@@ -477,7 +478,7 @@ void NbdServer::AcceptLoop(int listen_fd) {
 
 void NbdServer::Stop() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (stopping_) return;
     stopping_ = true;
   }
@@ -487,7 +488,7 @@ void NbdServer::Stop() {
   acceptors_.clear();
   std::list<std::unique_ptr<Conn>> conns;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     for (auto& c : conns_)
       if (c->fd.valid()) ::shutdown(c->fd.get(), SHUT_RDWR);
     conns.swap(conns_);

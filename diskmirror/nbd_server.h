@@ -43,7 +43,6 @@
 #include <cstdint>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -51,6 +50,7 @@
 
 #include "common/io.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "diskmirror/disk_sink.h"
 #include "diskmirror/nbd_proto.h"
 
@@ -119,21 +119,21 @@ class NbdServer {
   NbdServer(NbdExport exp, DiskSink* sink, NbdServerOptions opts)
       : exp_(std::move(exp)), sink_(sink), opts_(std::move(opts)) {}
   void AcceptLoop(int listen_fd);
-  void ReapFinished();  // joins connection threads that ended; REQUIRES mu_
+  void ReapFinished() REQUIRES(mu_);  // joins connection threads that ended
 
   const NbdExport exp_;
-  DiskSink* const sink_;
+  DiskSink* const sink_ PT_GUARDED_BY(sink_mu_);
   const NbdServerOptions opts_;
   Fd unix_listener_;
   Fd tcp_listener_;
   uint16_t tcp_port_ = 0;
   std::vector<std::thread> acceptors_;
 
-  std::mutex mu_;
-  std::list<std::unique_ptr<Conn>> conns_;  // GUARDED_BY(mu_)
-  bool stopping_ = false;                   // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::list<std::unique_ptr<Conn>> conns_ GUARDED_BY(mu_);
+  bool stopping_ GUARDED_BY(mu_) = false;
 
-  std::mutex sink_mu_;  // serializes every call into sink_
+  Mutex sink_mu_;  // serializes every call into sink_
   NbdServerStats stats_;
 };
 

@@ -1,5 +1,7 @@
 #include "heartbeat/promotion.h"
 
+#include "common/thread_annotations.h"
+
 namespace remus {
 
 std::string_view PromotionStateName(PromotionState s) {
@@ -16,20 +18,20 @@ Status PromotionGate::Begin(const std::string& reason) {
   for (PromotionState from : {PromotionState::kStandby, PromotionState::kFailed}) {
     PromotionState expected = from;
     if (state_.compare_exchange_strong(expected, PromotionState::kPromoting)) {
-      std::lock_guard<std::mutex> g(mu_);
+      MutexLock g(mu_);
       reason_ = reason;
       error_.clear();
       return OkStatus();
     }
   }
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return FailedPrecondition(std::string("already ") + std::string(PromotionStateName(state_.load())) +
                             " (" + reason_ + ")");
 }
 
 void PromotionGate::Finish(const Status& result) {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     error_ = result.ok() ? "" : result.ToString();
   }
   PromotionState expected = PromotionState::kPromoting;
@@ -37,12 +39,12 @@ void PromotionGate::Finish(const Status& result) {
 }
 
 std::string PromotionGate::reason() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return reason_;
 }
 
 std::string PromotionGate::error() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return error_;
 }
 

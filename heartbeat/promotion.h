@@ -13,10 +13,10 @@
 #pragma once
 
 #include <atomic>
-#include <mutex>
 #include <string>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -36,9 +36,9 @@ class PromotionGate {
 
  private:
   std::atomic<PromotionState> state_{PromotionState::kStandby};
-  mutable std::mutex mu_;
-  std::string reason_;  // guarded by mu_
-  std::string error_;   // guarded by mu_
+  mutable Mutex mu_;
+  std::string reason_ GUARDED_BY(mu_);
+  std::string error_ GUARDED_BY(mu_);
 };
 
 class Arbiter {

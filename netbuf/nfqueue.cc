@@ -15,13 +15,13 @@
 
 #include <atomic>
 #include <cerrno>
-#include <mutex>
 #include <set>
 #include <thread>
 #include <vector>
 
 #include "common/io.h"
 #include "common/log.h"
+#include "common/thread_annotations.h"
 #include "netbuf/command.h"
 #include "netbuf/firewall.h"
 #include "netbuf/naming.h"
@@ -280,7 +280,7 @@ class NfqueueOutputBuffer final : public OutputBuffer, private VerdictSink {
   Status Release(uint64_t epoch) override { return ledger_.Release(epoch); }
 
   Status Finish(bool primary_continues) override {
-    std::lock_guard<std::mutex> g(finish_mu_);
+    MutexLock g(finish_mu_);
     if (finished_) return OkStatus();
     finished_ = true;
     // Verdict first: with !primary_continues nothing may leave, not even
@@ -411,8 +411,8 @@ class NfqueueOutputBuffer final : public OutputBuffer, private VerdictSink {
   PacketLedger ledger_{this};
   Fd stop_fd_;
   std::thread reader_;
-  std::mutex finish_mu_;
-  bool finished_ = false;  // guarded by finish_mu_
+  Mutex finish_mu_;
+  bool finished_ GUARDED_BY(finish_mu_) = false;
   std::atomic<bool> closed_{false};
   mutable std::atomic<uint64_t> drops_{0};
 };

@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "common/thread_annotations.h"
+
 namespace remus::netbuf {
 
 Status PacketLedger::SendLocked(uint32_t last_id, Verdict v, uint64_t packets) {
@@ -11,7 +13,7 @@ Status PacketLedger::SendLocked(uint32_t last_id, Verdict v, uint64_t packets) {
 
 Status PacketLedger::OnPackets(std::span<const uint32_t> ids) {
   if (ids.empty()) return OkStatus();
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   last_id_ = ids.back();
   if (final_) return SendLocked(ids.back(), *final_, ids.size());
   open_packets_ += ids.size();
@@ -19,7 +21,7 @@ Status PacketLedger::OnPackets(std::span<const uint32_t> ids) {
 }
 
 Status PacketLedger::Barrier(uint64_t epoch) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (final_) return OkStatus();
   if (last_barrier_ && epoch <= *last_barrier_)
     return InvalidArgument("netbuf barrier for epoch " + std::to_string(epoch) + " after epoch " +
@@ -41,7 +43,7 @@ Status PacketLedger::Barrier(uint64_t epoch) {
 }
 
 Status PacketLedger::Release(uint64_t epoch) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (final_) return OkStatus();
   if (acked_ && epoch <= *acked_) return OkStatus();  // duplicate or out of order
   acked_ = epoch;
@@ -57,7 +59,7 @@ Status PacketLedger::Release(uint64_t epoch) {
 }
 
 Status PacketLedger::Finish(Verdict v) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (final_) return OkStatus();
   final_ = v;
   uint64_t n = open_packets_;
@@ -69,24 +71,24 @@ Status PacketLedger::Finish(Verdict v) {
 }
 
 uint64_t PacketLedger::buffered() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   uint64_t n = open_packets_;
   for (const Closed& c : closed_) n += c.packets;
   return n;
 }
 
 uint64_t PacketLedger::released() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return released_;
 }
 
 uint64_t PacketLedger::discarded() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return discarded_;
 }
 
 bool PacketLedger::finished() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return final_.has_value();
 }
 

@@ -20,11 +20,11 @@
 
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <optional>
 #include <span>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus::netbuf {
 
@@ -69,18 +69,18 @@ class PacketLedger {
     uint64_t packets;
   };
 
-  Status SendLocked(uint32_t last_id, Verdict v, uint64_t packets);
+  Status SendLocked(uint32_t last_id, Verdict v, uint64_t packets) REQUIRES(mu_);
 
   VerdictSink* sink_;
-  mutable std::mutex mu_;
-  std::deque<Closed> closed_;               // barriers not yet released, oldest first (only non-empty epochs)
-  std::optional<uint32_t> last_id_;         // newest id read
-  uint64_t open_packets_ = 0;               // read since the last barrier
-  std::optional<uint64_t> last_barrier_;
-  std::optional<uint64_t> acked_;
-  std::optional<Verdict> final_;            // set by Finish
-  uint64_t released_ = 0;
-  uint64_t discarded_ = 0;
+  mutable Mutex mu_;
+  std::deque<Closed> closed_ GUARDED_BY(mu_);  // barriers not yet released, oldest first (only non-empty epochs)
+  std::optional<uint32_t> last_id_ GUARDED_BY(mu_);  // newest id read
+  uint64_t open_packets_ GUARDED_BY(mu_) = 0;  // read since the last barrier
+  std::optional<uint64_t> last_barrier_ GUARDED_BY(mu_);
+  std::optional<uint64_t> acked_ GUARDED_BY(mu_);
+  std::optional<Verdict> final_ GUARDED_BY(mu_);  // set by Finish
+  uint64_t released_ GUARDED_BY(mu_) = 0;
+  uint64_t discarded_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace remus::netbuf

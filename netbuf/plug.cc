@@ -18,11 +18,11 @@
 #include <netlink/route/tc.h>
 
 #include <chrono>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "common/log.h"
+#include "common/thread_annotations.h"
 #include "netbuf/naming.h"
 #include "netbuf/plug_schedule.h"
 
@@ -304,7 +304,7 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
   }
 
   Status AddPort(const std::string& tap, uint32_t limit) {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto where = [&](const Status& s, const std::string& dev) {
       return Status(s.code(), "domain " + domain_ + ": " + dev + ": " + s.message());
     };
@@ -338,11 +338,11 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
   Status Release(uint64_t epoch) override { return schedule_.Release(epoch); }
 
   Status Finish(bool primary_continues) override {
-    std::lock_guard<std::mutex> f(finish_mu_);
+    MutexLock f(finish_mu_);
     if (finished_) return OkStatus();
     finished_ = true;
     Status first = schedule_.Finish(primary_continues);
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     if (primary_continues && first.ok()) {
       // Let the released queues drain before their device goes.
       for (int i = 0; i < 50; i++) {
@@ -391,7 +391,7 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
   };
 
   QdiscCounters Counters() const {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     QdiscCounters sum;
     for (const Port& p : ports_) {
       if (auto c = PlugCounters(sock_, p.ifb_ifindex); c.ok()) {
@@ -405,7 +405,7 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
 
   // The same command on every IFB; called under the schedule's lock.
   Status All(PlugAction a) {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     for (const Port& p : ports_) {
       Status s = SendPlugAction(sock_, p.ifb_ifindex, a);
       if (!s.ok()) return Status(s.code(), "domain " + domain_ + ": " + p.ifb + ": " + s.message());
@@ -417,7 +417,7 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
   Status ReleaseIndefinite() override { return All(PlugAction::kReleaseIndefinite); }
 
   // The IFB name exists: a dead remusd's device is deleted; a live one's refused.
-  Status ReclaimIfb(const std::string& name) {
+  Status ReclaimIfb(const std::string& name) REQUIRES(mu_) {
     auto link = LookupLink(sock_, name);
     if (!link.ok()) return link.status();
     auto owner = ParseOwnerTag(link->alias);
@@ -432,12 +432,12 @@ class PlugOutputBuffer final : public OutputBuffer, private PlugControl {
 
   const std::string domain_;
   const std::string tag_;
-  mutable std::mutex mu_;  // sock_, ports_
-  mutable RtnlSocket sock_;
-  std::vector<Port> ports_;
+  mutable Mutex mu_;
+  mutable RtnlSocket sock_ GUARDED_BY(mu_);
+  std::vector<Port> ports_ GUARDED_BY(mu_);
   PlugSchedule schedule_{this};
-  std::mutex finish_mu_;
-  bool finished_ = false;  // guarded by finish_mu_
+  Mutex finish_mu_;
+  bool finished_ GUARDED_BY(finish_mu_) = false;
 };
 
 }  // namespace

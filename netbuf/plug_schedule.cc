@@ -2,10 +2,12 @@
 
 #include <string>
 
+#include "common/thread_annotations.h"
+
 namespace remus::netbuf {
 
 Status PlugSchedule::Barrier(uint64_t epoch) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (finished_) return OkStatus();
   if (last_barrier_ && epoch <= *last_barrier_)
     return InvalidArgument("netbuf barrier for epoch " + std::to_string(epoch) + " after epoch " +
@@ -23,7 +25,7 @@ Status PlugSchedule::Barrier(uint64_t epoch) {
 }
 
 Status PlugSchedule::Release(uint64_t epoch) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (finished_) return OkStatus();
   if (acked_ && epoch <= *acked_) return OkStatus();  // duplicate or out of order
   acked_ = epoch;
@@ -33,7 +35,7 @@ Status PlugSchedule::Release(uint64_t epoch) {
 }
 
 Status PlugSchedule::Finish(bool release) {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   if (finished_) return OkStatus();
   finished_ = true;
   closed_.reset();
@@ -41,7 +43,7 @@ Status PlugSchedule::Finish(bool release) {
 }
 
 std::optional<uint64_t> PlugSchedule::closed_section() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return closed_;
 }
 

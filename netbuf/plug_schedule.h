@@ -25,10 +25,10 @@
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 #include <optional>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus::netbuf {
 
@@ -59,11 +59,11 @@ class PlugSchedule {
 
  private:
   PlugControl* control_;
-  mutable std::mutex mu_;
-  std::optional<uint64_t> closed_;  // epoch covered by the kernel's closed section
-  std::optional<uint64_t> last_barrier_;
-  std::optional<uint64_t> acked_;
-  bool finished_ = false;
+  mutable Mutex mu_;
+  std::optional<uint64_t> closed_ GUARDED_BY(mu_);  // epoch covered by the kernel's closed section
+  std::optional<uint64_t> last_barrier_ GUARDED_BY(mu_);
+  std::optional<uint64_t> acked_ GUARDED_BY(mu_);
+  bool finished_ GUARDED_BY(mu_) = false;
 };
 
 }  // namespace remus::netbuf

@@ -1,9 +1,15 @@
 #include "remusd/daemon.h"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -14,9 +20,9 @@ namespace {
 json Error(const Status& s) { return {{"ok", false}, {"code", std::string(CodeName(s.code()))}, {"error", s.message()}}; }
 json Ok(json result = json::object()) { return {{"ok", true}, {"result", std::move(result)}}; }
 
-StatusOr<std::string> DomainArg(const json& req) {
-  if (!req.contains("domain") || !req["domain"].is_string()) return InvalidArgument("missing domain name");
-  std::string d = req["domain"].get<std::string>();
+StatusOr<std::string> DomainArg(const RequestReader& req) {
+  if (!req.Has("domain")) return InvalidArgument("missing domain name");
+  ASSIGN_OR_RETURN(std::string d, req.String("domain", ""));
   if (!ValidDomainName(d))
     return InvalidArgument("invalid domain name '" + d + "': use 1-64 letters, digits, '.', '-' or '_'");
   return d;
@@ -29,6 +35,11 @@ Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)),
 Daemon::~Daemon() { Shutdown(); }
 
 Status Daemon::Start() {
+  // A FIFO or device given as the key file would block open(2) in LoadKey,
+  // before the signal thread runs: refuse it by its type first.
+  if (struct stat st {}; ::stat(opts_.key_file.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    return InvalidArgument("key file " + opts_.key_file + " is not a regular file; create one with `remusctl keygen --out " +
+                           opts_.key_file + "`");
   ASSIGN_OR_RETURN(key_, wire::LoadKey(opts_.key_file));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir, 0700));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
@@ -55,7 +66,8 @@ Status Daemon::Start() {
   // Last: a scrape reads backup_, which must be set by then.
   if (!opts_.metrics_listen.empty()) {
     ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(opts_.metrics_listen, [this] {
-                       json r = StatusOf(json::object());
+                       const json none = json::object();
+                       json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
                      }));
     LOG_INFO("remusd") << "metrics: http://" << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":"
@@ -67,24 +79,30 @@ Status Daemon::Start() {
 }
 
 void Daemon::Wait() {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] { return stopping_.load(); });
+  MutexLock l(mu_);
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_.load(); });
 }
 
 void Daemon::Shutdown() {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     if (stopping_.exchange(true)) return;
-    cv_.notify_all();
+    cv_.NotifyAll();
   }
   metrics_.reset();  // no scrape runs past here
   if (control_fd_.valid()) ::shutdown(control_fd_.get(), SHUT_RDWR);
   if (control_thread_.joinable()) control_thread_.join();
   ::unlink(opts_.control_socket.c_str());
+  {
+    // Control connections end now (a request being handled finishes first).
+    MutexLock g(mu_);
+    for (int fd : client_fds_) ::shutdown(fd, SHUT_RDWR);
+    cv_.Wait(mu_, [&]() REQUIRES(mu_) { return client_fds_.empty(); });
+  }
   std::map<std::string, std::shared_ptr<PrimaryReplicator>> ps;
   std::vector<std::thread> workers;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     ps.swap(primaries_);
     workers.swap(workers_);
   }
@@ -97,107 +115,159 @@ void Daemon::ControlLoop() {
   while (!stopping_) {
     auto fd = Accept(control_fd_.get());
     if (!fd.ok()) return;
-    std::thread([this, f = std::move(fd).value()]() mutable { ServeClient(std::move(f)); }).detach();
+    MutexLock g(mu_);
+    if (stopping_) return;
+    if (client_fds_.size() >= kMaxControlClients) {
+      // The reply fits in the empty socket buffer: this write cannot block.
+      std::string m = Error(ResourceExhausted("remusd serves at most " + std::to_string(kMaxControlClients) +
+                                              " control connections at once; try again when one has ended"))
+                          .dump() +
+                      "\n";
+      (void)WriteFull(fd->get(), m.data(), m.size());
+      continue;
+    }
+    client_fds_.insert(fd->get());
+    std::thread([this, f = std::move(fd).value()]() mutable {
+      ServeClient(f.get());
+      MutexLock l(mu_);
+      // Closed under mu_, so Shutdown never shuts down a reused number.
+      client_fds_.erase(f.get());
+      f.Reset();
+      cv_.NotifyAll();
+    }).detach();
   }
 }
 
-void Daemon::ServeClient(Fd fd) {
-  auto cred = GetPeerCred(fd.get());
+// Ends a connection after a final error reply: closing with the client's
+// request unread would reset the connection and could destroy the answer in
+// flight, so end our side and drain what the client still sends, for a while.
+static void HangUpAfter(int fd, const json& reply) {
+  std::string m = reply.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  (void)WriteFull(fd, m.data(), m.size());
+  ::shutdown(fd, SHUT_WR);
+  char sink[65536];
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (std::chrono::steady_clock::now() < until) {
+    auto readable = WaitReadable(fd, 500);
+    if (!readable.ok() || !*readable || ::read(fd, sink, sizeof sink) <= 0) break;
+  }
+}
+
+void Daemon::ServeClient(int fd) {
+  auto cred = GetPeerCred(fd);
   if (!cred.ok() || (cred->uid != 0 && !opts_.allow_any_uid)) {
-    std::string m = Error(PermissionDenied("the remusd control socket is for root only")).dump() + "\n";
-    (void)WriteFull(fd.get(), m.data(), m.size());
-    // Closing with the client's request unread would reset the connection
-    // and could destroy the answer in flight: end our side, then drain.
-    ::shutdown(fd.get(), SHUT_WR);
-    char sink[4096];
-    for (int i = 0; i < 16; i++) {
-      auto readable = WaitReadable(fd.get(), 1000);
-      if (!readable.ok() || !*readable || ::read(fd.get(), sink, sizeof sink) <= 0) break;
-    }
+    HangUpAfter(fd, Error(PermissionDenied("the remusd control socket is for root only")));
     return;
   }
   std::string buf;
-  char tmp[4096];
+  char tmp[65536];
+  size_t scanned = 0;  // buf[0, scanned) holds no newline
   for (;;) {
     size_t nl;
-    while ((nl = buf.find('\n')) == std::string::npos) {
-      ssize_t r = ::read(fd.get(), tmp, sizeof tmp);
+    while ((nl = buf.find('\n', scanned)) == std::string::npos) {
+      scanned = buf.size();
+      if (buf.size() > kMaxRequestBytes) {
+        HangUpAfter(fd, Error(ResourceExhausted("request line longer than " + std::to_string(kMaxRequestBytes) +
+                                                      " bytes; remusd closed the connection")));
+        return;
+      }
+      ssize_t r = ::read(fd, tmp, sizeof tmp);
+      if (r < 0 && errno == EINTR) continue;
       if (r <= 0) return;
       buf.append(tmp, static_cast<size_t>(r));
-      if (buf.size() > (1 << 20)) return;
     }
-    std::string line = buf.substr(0, nl);
+    std::string_view line(buf.data(), nl);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    auto req = ParseRequestLine(line);
+    json reply = req.ok() ? Handle(*req) : Error(req.status());
     buf.erase(0, nl + 1);
-    json reply;
-    if (!json::accept(line)) reply = Error(InvalidArgument("request is not JSON"));
-    else reply = Handle(json::parse(line));
-    std::string out = reply.dump() + "\n";
-    if (!WriteFull(fd.get(), out.data(), out.size()).ok()) return;
+    scanned = 0;
+    // Replace, not throw, if a string somewhere is not UTF-8.
+    std::string out = reply.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+    if (!WriteFull(fd, out.data(), out.size()).ok()) return;
   }
 }
 
 json Daemon::Handle(const json& req) {
-  std::string cmd = req.is_object() ? req.value("command", "") : "";
+  // Every field is read through RequestReader, which does not throw; this is
+  // the last line of defence for whatever a future change forgets.
+  try {
+    return Dispatch(req);
+  } catch (const std::exception& e) {
+    LOG_ERROR("remusd") << "control request failed: " << e.what();
+    return Error(Internal(std::string("remusd could not handle the request: ") + e.what()));
+  }
+}
+
+json Daemon::Dispatch(const json& j) {
+  if (!j.is_object()) return Error(InvalidArgument("request is not a JSON object"));
+  RequestReader req(j);
+  if (!req.Has("command")) return Error(InvalidArgument("request has no 'command' (protect, unprotect, status, failover, tune or ping)"));
+  auto c = req.String("command", "");
+  if (!c.ok()) return Error(c.status());
+  const std::string& cmd = *c;
   if (cmd == "protect") return Protect(req);
   if (cmd == "unprotect") return Unprotect(req);
   if (cmd == "status") return StatusOf(req);
   if (cmd == "failover") return Failover(req);
   if (cmd == "tune") return Tune(req);
   if (cmd == "ping") return Ok({{"version", "0.1.0"}, {"backup", backup_ != nullptr}});
-  return Error(InvalidArgument("unknown command '" + cmd + "'"));
+  return Error(InvalidArgument("unknown command '" + cmd.substr(0, 64) + "'"));
 }
 
-StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const json& req) const {
+StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const RequestReader& request) const {
+  const RequestReader req = request.In("domain " + d);
   PrimaryOptions po;
   po.domain = d;
-  po.qmp_socket = req.value("qmp", "");
+  ASSIGN_OR_RETURN(po.qmp_socket, req.String("qmp", ""));
+  ASSIGN_OR_RETURN(std::string libvirt_uri, req.String("libvirt_uri", ""));
   if (po.qmp_socket.empty()) {
     // libvirt mode: the domain is libvirt's, by name.
-    po.libvirt_uri = req.value("libvirt_uri", "");
-    if (po.libvirt_uri.empty()) po.libvirt_uri = opts_.libvirt_uri;
+    po.libvirt_uri = libvirt_uri.empty() ? opts_.libvirt_uri : libvirt_uri;
     po.libvirt_pid_dir = opts_.libvirt_pid_dir;
-  } else if (!req.value("libvirt_uri", "").empty()) {
+  } else if (!libvirt_uri.empty()) {
     return InvalidArgument("domain " + d + ": give either --qmp (a QEMU's QMP socket) or --connect (libvirt), not both");
   }
-  auto hp = ParseHostPort(req.value("backup", ""), 7788);
+  ASSIGN_OR_RETURN(std::string backup, req.String("backup", ""));
+  auto hp = ParseHostPort(backup, 7788);
   if (!hp.ok()) return hp.status().Annotate("domain " + d + ": --backup");
   po.backup = *hp;
   po.run_dir = opts_.state_dir + "/run";
-  po.interval_ms = req.value("interval_ms", 100);
+  ASSIGN_OR_RETURN(int64_t interval, req.Int("interval_ms", 100, 1, 600000));
+  po.interval_ms = static_cast<int>(interval);
   po.key = key_;
   po.heartbeat = opts_.heartbeat;
-  po.netbuf.mode = req.value("netbuf", "plug");
-  if (req.contains("netbuf_interfaces")) {
-    if (!req["netbuf_interfaces"].is_array())
-      return InvalidArgument("domain " + d + ": netbuf_interfaces must be a list of device names");
-    for (const auto& i : req["netbuf_interfaces"]) {
-      if (!i.is_string() || i.get<std::string>().empty() || i.get<std::string>().size() >= 16 ||
-          i.get<std::string>().find('/') != std::string::npos)
-        return InvalidArgument("domain " + d + ": --netbuf-if " + i.dump() + " is not a network device name");
-      po.netbuf.interfaces.push_back(i.get<std::string>());
-    }
+  ASSIGN_OR_RETURN(po.netbuf.mode, req.String("netbuf", "plug"));
+  ASSIGN_OR_RETURN(std::vector<std::string> ifs, req.StringList("netbuf_interfaces"));
+  for (const std::string& i : ifs) {
+    if (i.empty() || i.size() >= 16 || i.find('/') != std::string::npos)
+      return InvalidArgument("domain " + d + ": --netbuf-if " + json(i).dump(-1, ' ', false, json::error_handler_t::replace) +
+                             " is not a network device name");
+    po.netbuf.interfaces.push_back(i);
   }
-  po.netbuf_fallback = req.value("netbuf_fallback", false);
-  po.netbuf.queue_maxlen = req.value("netbuf_queue_maxlen", po.netbuf.queue_maxlen);
-  if (po.netbuf.queue_maxlen < 1) return InvalidArgument("domain " + d + ": --netbuf-queue-len must be at least 1");
-  po.netbuf.fail_open = req.value("netbuf_fail_open", false);
-  std::string compress = req.value("compress", "none");
+  ASSIGN_OR_RETURN(po.netbuf_fallback, req.Bool("netbuf_fallback", false));
+  ASSIGN_OR_RETURN(int64_t maxlen, req.Int("netbuf_queue_maxlen", po.netbuf.queue_maxlen, 1, UINT32_MAX));
+  po.netbuf.queue_maxlen = static_cast<uint32_t>(maxlen);
+  ASSIGN_OR_RETURN(po.netbuf.fail_open, req.Bool("netbuf_fail_open", false));
+  ASSIGN_OR_RETURN(std::string compress, req.String("compress", "none"));
   if (compress != "none" && compress != "lz4")
-    return InvalidArgument("domain " + d + ": unknown --compress '" + compress + "'; expected lz4 or none");
+    return InvalidArgument("domain " + d + ": unknown --compress '" + compress.substr(0, 64) + "'; expected lz4 or none");
   po.compress = compress == "lz4";
-  po.disks = req.value("disks", "all");
+  ASSIGN_OR_RETURN(po.disks, req.String("disks", "all"));
   if (po.disks.empty() || po.disks.find_first_not_of(
                               "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") != std::string::npos)
-    return InvalidArgument("domain " + d + ": --disks '" + po.disks +
+    return InvalidArgument("domain " + d + ": --disks '" + po.disks.substr(0, 256) +
                            "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
   return po;
 }
 
-json Daemon::Protect(const json& req) {
+json Daemon::Protect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
-  const bool async = req.value("async", false);
+  auto async_or = req.In("domain " + *d).Bool("async", false);
+  if (!async_or.ok()) return Error(async_or.status());
+  const bool async = *async_or;
   auto po = ProtectOptions(*d, req);
   if (!po.ok()) return Error(po.status());
   auto active = [](const PrimaryReplicator& p) {
@@ -210,7 +280,7 @@ json Daemon::Protect(const json& req) {
   };
   std::shared_ptr<PrimaryReplicator> ended;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto it = primaries_.find(*d);
     if (it != primaries_.end()) {
       if (active(*it->second)) return Error(already(*it->second));
@@ -225,9 +295,11 @@ json Daemon::Protect(const json& req) {
   if (async) {
     // libvirt's hook: answer now, connect in the background (retrying while
     // libvirt still holds the domain's job); the outcome shows in `status`.
-    po->connect_retry_ms = req.value("retry_ms", 30000);
+    auto retry = req.In("domain " + *d).Int("retry_ms", 30000, 0, 24 * 3600 * 1000);
+    if (!retry.ok()) return Error(retry.status());
+    po->connect_retry_ms = static_cast<int>(*retry);
     std::shared_ptr<PrimaryReplicator> p = PrimaryReplicator::StartAsync(std::move(po).value(), clock_);
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto& slot = primaries_[*d];
     if (slot && active(*slot)) return Error(already(*slot));
     slot = p;
@@ -236,23 +308,26 @@ json Daemon::Protect(const json& req) {
   }
   auto p = PrimaryReplicator::Start(std::move(po).value(), clock_);
   if (!p.ok()) return Error(p.status());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   primaries_[*d] = std::move(p).value();
   return Ok(primaries_[*d]->StatusJson());
 }
 
-json Daemon::Unprotect(const json& req) {
+json Daemon::Unprotect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
-  const bool async = req.value("async", false);
+  auto async = req.In("domain " + *d).Bool("async", false);
+  if (!async.ok()) return Error(async.status());
   // libvirt's hook after the domain stopped: QEMU is gone, so protection
   // ends by itself, as a failover (unless the guest shut itself down). Only
   // a protection still starting is cancelled; nothing is ended early, which
   // would tell the backup not to take over.
-  const bool domain_stopped = req.value("domain_stopped", false);
+  auto stopped = req.In("domain " + *d).Bool("domain_stopped", false);
+  if (!stopped.ok()) return Error(stopped.status());
+  const bool domain_stopped = *stopped;
   std::shared_ptr<PrimaryReplicator> p;
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     auto it = primaries_.find(*d);
     if (it == primaries_.end())
       return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
@@ -267,7 +342,7 @@ json Daemon::Unprotect(const json& req) {
     } else {
       primaries_.erase(it);
     }
-    if (async) {
+    if (*async) {
       json now = p->StatusJson();
       workers_.emplace_back([p, dom = *d] {
         Status s = p->Unprotect();
@@ -284,11 +359,16 @@ json Daemon::Unprotect(const json& req) {
   return Ok(last);
 }
 
-json Daemon::StatusOf(const json& req) {
-  std::string d = req.value("domain", "");
+json Daemon::StatusOf(const RequestReader& req) {
+  std::string d;
+  if (req.Has("domain")) {
+    auto dom = DomainArg(req);
+    if (!dom.ok()) return Error(dom.status());
+    d = *dom;
+  }
   json arr = json::array();
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     for (const auto& [name, p] : primaries_)
       if (d.empty() || name == d) arr.push_back(p->StatusJson());
   }
@@ -299,7 +379,7 @@ json Daemon::StatusOf(const json& req) {
   return Ok({{"domains", arr}});
 }
 
-json Daemon::Failover(const json& req) {
+json Daemon::Failover(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
   if (!backup_) return Error(FailedPrecondition("this remusd is not a backup (start it with --listen)"));
@@ -308,15 +388,17 @@ json Daemon::Failover(const json& req) {
   return Ok(backup_->StatusJson(*d));
 }
 
-json Daemon::Tune(const json& req) {
+json Daemon::Tune(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   auto it = primaries_.find(*d);
   if (it == primaries_.end())
     return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
-  if (!req.contains("interval_ms")) return Error(InvalidArgument("tune needs --interval MS"));
-  Status s = it->second->SetInterval(req["interval_ms"].get<int>());
+  if (!req.Has("interval_ms")) return Error(InvalidArgument("tune needs --interval MS"));
+  auto ms = req.In("domain " + *d).Int("interval_ms", 0, 1, 600000);
+  if (!ms.ok()) return Error(ms.status());
+  Status s = it->second->SetInterval(static_cast<int>(*ms));
   if (!s.ok()) return Error(s);
   return Ok(it->second->StatusJson());
 }

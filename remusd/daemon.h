@@ -9,8 +9,8 @@
 #include <atomic>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,9 +19,11 @@
 
 #include "common/clock.h"
 #include "common/io.h"
+#include "common/thread_annotations.h"
+#include "remusd/metrics.h"
+#include "remusd/request.h"
 #include "replicator/backup/backup.h"
 #include "replicator/primary/primary.h"
-#include "remusd/metrics.h"
 
 namespace remus {
 
@@ -59,20 +61,26 @@ class Daemon {
   void Wait();
   void Shutdown();
 
-  // The control protocol, callable directly (tests).
+  // Control connections served at once; one more gets a RESOURCE_EXHAUSTED
+  // reply and is closed.
+  static constexpr int kMaxControlClients = 16;
+
+  // The control protocol, callable directly (tests). Never throws: a
+  // malformed request gets an error reply (request.h).
   nlohmann::json Handle(const nlohmann::json& request);
   // The port /metrics is served on; 0 when --metrics is off.
   int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
 
  private:
   void ControlLoop();
-  void ServeClient(Fd fd);
-  nlohmann::json Protect(const nlohmann::json& req);
-  StatusOr<PrimaryOptions> ProtectOptions(const std::string& domain, const nlohmann::json& req) const;
-  nlohmann::json Unprotect(const nlohmann::json& req);
-  nlohmann::json StatusOf(const nlohmann::json& req);
-  nlohmann::json Failover(const nlohmann::json& req);
-  nlohmann::json Tune(const nlohmann::json& req);
+  void ServeClient(int fd);
+  nlohmann::json Dispatch(const nlohmann::json& request);
+  nlohmann::json Protect(const RequestReader& req);
+  StatusOr<PrimaryOptions> ProtectOptions(const std::string& domain, const RequestReader& req) const;
+  nlohmann::json Unprotect(const RequestReader& req);
+  nlohmann::json StatusOf(const RequestReader& req);
+  nlohmann::json Failover(const RequestReader& req);
+  nlohmann::json Tune(const RequestReader& req);
 
   DaemonOptions opts_;
   const Clock& clock_;
@@ -82,13 +90,15 @@ class Daemon {
   std::thread control_thread_;
   std::unique_ptr<MetricsServer> metrics_;  // set in Start, reset first in Shutdown
   std::atomic<bool> stopping_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
+  Mutex mu_;
+  CondVar cv_;
   // shared: an async unprotect's worker may still hold one that a later
   // request replaced.
-  std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_;  // guarded by mu_
+  std::map<std::string, std::shared_ptr<PrimaryReplicator>> primaries_ GUARDED_BY(mu_);
   // Workers of async requests (libvirt's hook must not wait), joined by Shutdown.
-  std::vector<std::thread> workers_;  // guarded by mu_
+  std::vector<std::thread> workers_ GUARDED_BY(mu_);
+  // Control connections being served (their threads are detached).
+  std::set<int> client_fds_ GUARDED_BY(mu_);
 };
 
 }  // namespace remus

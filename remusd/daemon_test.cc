@@ -5,12 +5,17 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
+#include <string_view>
 #include <thread>
+#include <vector>
 
 #include "tools/remusctl/control_client.h"
 
@@ -30,6 +35,7 @@ class DaemonTest : public ::testing::Test {
     o.state_dir = dir_ + "/state";
     o.control_socket = dir_ + "/control.sock";
     o.key_file = dir_ + "/key";
+    o.allow_any_uid = any_uid_;
     daemon_ = std::make_unique<Daemon>(o);
     Status s = daemon_->Start();
     ASSERT_TRUE(s.ok()) << s.ToString();
@@ -46,8 +52,185 @@ class DaemonTest : public ::testing::Test {
   }
 
   std::string dir_;
+  bool any_uid_ = false;
   std::unique_ptr<Daemon> daemon_;
 };
+
+bool IsOk(const json& r) { return r.is_object() && r.value("ok", false); }
+
+// A raw control connection: bytes in, reply lines out.
+class RawClient {
+ public:
+  explicit RawClient(const std::string& path) : fd_(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+    connected_ = ::connect(fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  }
+  bool connected() const { return connected_; }
+  // False once the daemon stopped reading (it may hang up on a long line).
+  bool Send(std::string_view bytes) {
+    while (!bytes.empty()) {
+      ssize_t w = ::send(fd_.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) return false;
+      bytes.remove_prefix(static_cast<size_t>(w));
+    }
+    return true;
+  }
+  // The next reply line, parsed; null on EOF or after 10 s.
+  json ReadReply() {
+    size_t nl;
+    char tmp[4096];
+    while ((nl = buf_.find('\n')) == std::string::npos) {
+      pollfd p{fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 10000) != 1) return nullptr;
+      ssize_t r = ::read(fd_.get(), tmp, sizeof tmp);
+      if (r <= 0) return nullptr;
+      buf_.append(tmp, static_cast<size_t>(r));
+    }
+    std::string line = buf_.substr(0, nl);
+    buf_.erase(0, nl + 1);
+    return json::parse(line, nullptr, false);
+  }
+  json Call(std::string_view line) {
+    if (!Send(std::string(line) + "\n")) return nullptr;
+    return ReadReply();
+  }
+
+ private:
+  Fd fd_;
+  bool connected_ = false;
+  std::string buf_;
+};
+
+// Serves any uid, so the socket tests run unprivileged too.
+class DaemonSocketTest : public DaemonTest {
+ protected:
+  DaemonSocketTest() { any_uid_ = true; }
+  std::string sock() const { return dir_ + "/control.sock"; }
+  void ExpectServing() {
+    RawClient c(sock());
+    ASSERT_TRUE(c.connected());
+    json r = c.Call(R"({"command":"ping"})");
+    EXPECT_TRUE(IsOk(r)) << r.dump();
+  }
+};
+
+TEST_F(DaemonSocketTest, HostileRequestsGetErrorRepliesAndTheDaemonKeepsServing) {
+  struct Case {
+    std::string line, code, text;
+  };
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string protect = R"({"command":"protect","domain":"web1","qmp":"/nonexistent","backup":"127.0.0.1:1",)";
+  const std::vector<Case> cases = {
+      {"not json", "INVALID_ARGUMENT", "not JSON"},
+      {"{\"command\":\"\xff\"}", "INVALID_ARGUMENT", "not JSON"},  // not UTF-8
+      {"42", "INVALID_ARGUMENT", "not a JSON object"},
+      {"null", "INVALID_ARGUMENT", "not a JSON object"},
+      {R"("protect")", "INVALID_ARGUMENT", "not a JSON object"},
+      {R"([{"command":"ping"}])", "INVALID_ARGUMENT", "not a JSON object"},
+      {deep, "INVALID_ARGUMENT", "nested deeper than 16 levels"},
+      {R"({"command":"ping","x":)" + deep + "}", "INVALID_ARGUMENT", "nested deeper"},
+      {R"({"cmd":5})", "INVALID_ARGUMENT", "no 'command'"},
+      {R"({"command":5})", "INVALID_ARGUMENT", "field 'command' must be a string, not an integer"},
+      {R"({"command":{"a":1}})", "INVALID_ARGUMENT", "field 'command' must be a string, not an object"},
+      {R"({"command":"bogus"})", "INVALID_ARGUMENT", "unknown command 'bogus'"},
+      {R"({"command":"protect","domain":["x"]})", "INVALID_ARGUMENT", "field 'domain' must be a string, not a list"},
+      {R"({"command":"protect","domain":5})", "INVALID_ARGUMENT", "field 'domain' must be a string"},
+      {R"({"command":"protect","domain":"web1","backup":{}})", "INVALID_ARGUMENT",
+       "domain web1: field 'backup' must be a string, not an object"},
+      {R"({"command":"protect","domain":"web1","qmp":7})", "INVALID_ARGUMENT", "field 'qmp' must be a string"},
+      {R"({"command":"protect","domain":"web1","libvirt_uri":[]})", "INVALID_ARGUMENT", "field 'libvirt_uri'"},
+      {protect + R"("interval_ms":"fast"})", "INVALID_ARGUMENT",
+       "domain web1: field 'interval_ms' must be an integer, not a string"},
+      {protect + R"("interval_ms":1.5})", "INVALID_ARGUMENT", "'interval_ms' must be an integer, not a number"},
+      {protect + R"("interval_ms":true})", "INVALID_ARGUMENT", "'interval_ms' must be an integer, not a boolean"},
+      {protect + R"("interval_ms":1e400})", "INVALID_ARGUMENT", "not JSON"},
+      {protect + R"("interval_ms":99999999999999999999999})", "INVALID_ARGUMENT", "'interval_ms' must be an integer"},
+      {protect + R"("interval_ms":18446744073709551615})", "INVALID_ARGUMENT", "'interval_ms' is 18446744073709551615, out of range"},
+      {protect + R"("interval_ms":-9223372036854775808})", "INVALID_ARGUMENT", "out of range"},
+      {protect + R"("interval_ms":4294967396})", "INVALID_ARGUMENT", "out of range"},
+      {protect + R"("interval_ms":0})", "INVALID_ARGUMENT", "domain web1: field 'interval_ms' is 0, out of range (expected 1..600000)"},
+      {protect + R"("netbuf":1})", "INVALID_ARGUMENT", "field 'netbuf' must be a string"},
+      {protect + R"("netbuf_interfaces":"tap0"})", "INVALID_ARGUMENT", "'netbuf_interfaces' must be a list of strings, not a string"},
+      {protect + R"("netbuf_interfaces":[1]})", "INVALID_ARGUMENT", "'netbuf_interfaces' must be a list of strings; it holds an integer"},
+      {protect + R"("netbuf_interfaces":["a/b"]})", "INVALID_ARGUMENT", "is not a network device name"},
+      {protect + R"("netbuf_fallback":"yes"})", "INVALID_ARGUMENT", "'netbuf_fallback' must be true or false, not a string"},
+      {protect + R"("netbuf_fail_open":0})", "INVALID_ARGUMENT", "'netbuf_fail_open' must be true or false"},
+      {protect + R"("netbuf_queue_maxlen":"big"})", "INVALID_ARGUMENT", "'netbuf_queue_maxlen' must be an integer"},
+      {protect + R"("netbuf_queue_maxlen":0})", "INVALID_ARGUMENT", "'netbuf_queue_maxlen' is 0, out of range (expected 1..4294967295)"},
+      {protect + R"("netbuf_queue_maxlen":99999999999})", "INVALID_ARGUMENT", "'netbuf_queue_maxlen' is 99999999999, out of range"},
+      {protect + R"("compress":false})", "INVALID_ARGUMENT", "'compress' must be a string"},
+      {protect + R"("disks":["a"]})", "INVALID_ARGUMENT", "'disks' must be a string"},
+      {protect + R"("async":"yes"})", "INVALID_ARGUMENT", "'async' must be true or false"},
+      {protect + R"("async":true,"retry_ms":"soon"})", "INVALID_ARGUMENT", "'retry_ms' must be an integer"},
+      {R"({"command":"unprotect","domain":"web9","async":1})", "INVALID_ARGUMENT", "'async' must be true or false"},
+      {R"({"command":"unprotect","domain":"web9","domain_stopped":"x"})", "INVALID_ARGUMENT", "'domain_stopped'"},
+      {R"({"command":"unprotect","domain":null})", "INVALID_ARGUMENT", "missing domain name"},
+      {R"({"command":"status","domain":5})", "INVALID_ARGUMENT", "field 'domain' must be a string"},
+      {R"({"command":"status","domain":"../x"})", "INVALID_ARGUMENT", "invalid domain name"},
+      {R"({"command":"failover","domain":{}})", "INVALID_ARGUMENT", "field 'domain' must be a string"},
+      {R"({"command":"tune","domain":[]})", "INVALID_ARGUMENT", "field 'domain' must be a string"},
+      {R"({"command":"tune","domain":"web9","interval_ms":"fast"})", "NOT_FOUND", "unknown domain web9"},
+  };
+  RawClient c(sock());
+  ASSERT_TRUE(c.connected());
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.line.substr(0, 120));
+    json r = c.Call(k.line);  // one connection carries them all: none ends it
+    ASSERT_TRUE(r.is_object()) << "no reply: the daemon hung up or died";
+    ExpectError(r, k.code, k.text);
+  }
+  // The same through Handle, which tests and the socket share.
+  ExpectError(Call(json::array({1, 2})), "INVALID_ARGUMENT", "not a JSON object");
+  ExpectError(Call(json(5)), "INVALID_ARGUMENT", "not a JSON object");
+  ExpectError(Call({{"command", "tune"}, {"domain", "web9"}, {"interval_ms", {{"x", 1}}}}), "NOT_FOUND", "web9");
+  // A long but legal request is served.
+  json big = c.Call(R"({"command":"ping","pad":")" + std::string(900 * 1024, 'x') + "\"}");
+  EXPECT_TRUE(IsOk(big)) << big.dump().substr(0, 200);
+  EXPECT_TRUE(IsOk(c.Call(R"({"command":"ping"})")));
+  ExpectServing();
+}
+
+TEST_F(DaemonSocketTest, AnOversizedRequestLineGetsAClearErrorAndTheDaemonKeepsServing) {
+  RawClient c(sock());
+  ASSERT_TRUE(c.connected());
+  // 100 MB without a newline, written while the reply is read: the daemon
+  // stops reading at its limit, answers, and drains the rest for a while.
+  std::thread writer([&] { c.Send(std::string(100u << 20, 'x') + "\n"); });
+  json r = c.ReadReply();
+  writer.join();
+  ASSERT_TRUE(r.is_object()) << "no reply";
+  ExpectError(r, "RESOURCE_EXHAUSTED", "request line longer than 1048576 bytes");
+  EXPECT_TRUE(c.ReadReply().is_null()) << "the connection ends after that";
+  ExpectServing();
+}
+
+TEST_F(DaemonSocketTest, ConnectionsBeyondTheLimitAreRefusedUntilOneEnds) {
+  std::vector<std::unique_ptr<RawClient>> held;
+  for (int i = 0; i < Daemon::kMaxControlClients; i++) {
+    held.push_back(std::make_unique<RawClient>(sock()));
+    ASSERT_TRUE(IsOk(held.back()->Call(R"({"command":"ping"})"))) << "connection " << i;
+  }
+  RawClient extra(sock());
+  ASSERT_TRUE(extra.connected());
+  json r = extra.ReadReply();
+  ASSERT_TRUE(r.is_object()) << "no reply";
+  ExpectError(r, "RESOURCE_EXHAUSTED", "at most 16 control connections");
+  EXPECT_TRUE(extra.ReadReply().is_null());
+  // The held ones are still served; once one ends, a new one is too.
+  EXPECT_TRUE(IsOk(held[3]->Call(R"({"command":"ping"})")));
+  held.pop_back();
+  json ok;
+  for (int i = 0; i < 100; i++) {
+    RawClient c(sock());
+    ok = c.Call(R"({"command":"ping"})");
+    if (IsOk(ok)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(IsOk(ok)) << ok.dump();
+}
 
 TEST_F(DaemonTest, ErrorsNameTheDomainAndTheFix) {
   ExpectError(Call({{"command", "bogus"}}), "INVALID_ARGUMENT", "unknown command 'bogus'");
@@ -137,6 +320,27 @@ TEST(DaemonStart, RefusesAWorldReadableKey) {
   Status s = d.Start();
   EXPECT_EQ(s.code(), Code::kPermissionDenied) << s.ToString();
   EXPECT_NE(s.message().find("chmod 600"), std::string::npos) << s.message();
+  std::filesystem::remove_all(dir);
+}
+
+// A FIFO as the key file would block open(2) forever (SIGTERM is blocked by
+// then): Start refuses it at once.
+TEST(DaemonStart, RefusesAKeyFileThatIsNotARegularFile) {
+  char tmpl[] = "/tmp/remus-daemon-test.XXXXXX";
+  std::string dir = mkdtemp(tmpl);
+  ASSERT_EQ(::mkfifo((dir + "/key").c_str(), 0600), 0);
+  DaemonOptions o;
+  o.state_dir = dir + "/state";
+  o.control_socket = dir + "/control.sock";
+  o.key_file = dir + "/key";
+  Daemon d(o);
+  Status s = d.Start();
+  EXPECT_EQ(s.code(), Code::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("is not a regular file"), std::string::npos) << s.message();
+  o.key_file = dir;  // a directory
+  Daemon d2(o);
+  s = d2.Start();
+  EXPECT_EQ(s.code(), Code::kInvalidArgument) << s.ToString();
   std::filesystem::remove_all(dir);
 }
 

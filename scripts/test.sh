@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds and runs every test: unit tests (CTest/GoogleTest) and the end-to-end
-# tests against a real QEMU (tests/e2e, pytest). Sets everything up first:
+# Builds and runs every test: unit tests (CTest/GoogleTest), the clang
+# thread-safety check, and the end-to-end tests against a real QEMU
+# (tests/e2e, pytest). Sets everything up first:
 # packages, the patched QEMU (cached in /var/cache/remus), the test guest.
 # Idempotent. Needs root (packages, QEMU processes, network namespaces).
 #
@@ -17,6 +18,8 @@ say "build"
 "$ROOT/scripts/build.sh"
 say "unit tests"
 (cd "$BUILD" && ctest --output-on-failure -j2 --timeout 300)
+say "thread-safety annotations (clang -Wthread-safety)"
+"$ROOT/scripts/check-thread-safety.sh" "$BUILD"
 [ "${1:-}" = "--unit" ] && exit 0
 
 say "patched QEMU (COLO under TCG)"

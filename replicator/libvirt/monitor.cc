@@ -10,12 +10,12 @@
 
 #include <cerrno>
 #include <chrono>
-#include <condition_variable>
 #include <thread>
 #include <utility>
 
 #include "common/io.h"
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 namespace libvirt_internal {
@@ -32,17 +32,16 @@ struct MonitorSink {
   std::string where;
   int pid = -1;
 
-  std::mutex mu;
-  std::function<void(const json&)> event_handler;         // guarded by mu
-  std::function<void(const MonitorLoss&)> loss_handler;   // guarded by mu
-  bool lost = false;                                       // guarded by mu
-  bool loss_fired = false;                                 // guarded by mu
-  MonitorLoss loss;                                        // guarded by mu
-
+  Mutex mu;
+  std::function<void(const json&)> event_handler GUARDED_BY(mu);
+  std::function<void(const MonitorLoss&)> loss_handler GUARDED_BY(mu);
+  bool lost GUARDED_BY(mu) = false;
+  bool loss_fired GUARDED_BY(mu) = false;
+  MonitorLoss loss GUARDED_BY(mu);
   // Held while a callback runs a handler; the destructor takes it to wait out
   // a handler in progress before it returns.
-  std::mutex dispatch_mu;
-  bool alive = true;  // guarded by dispatch_mu
+  Mutex dispatch_mu;
+  bool alive GUARDED_BY(dispatch_mu) = true;
 };
 
 json MakeEvent(const char* name, long long seconds, unsigned int micros, const char* details) {
@@ -197,7 +196,7 @@ class EventLoop {
   }
 
   Status Acquire() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (!registered_) {
       if (virInitialize() < 0) return Internal("libvirt: virInitialize failed");
       // Errors reach callers as Status values; libvirt's default handler would
@@ -215,7 +214,7 @@ class EventLoop {
   }
 
   void Release() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (--refs_ > 0) return;
     stop_ = true;
     // A zero timeout fires on the loop's next iteration and wakes its poll;
@@ -243,10 +242,10 @@ class EventLoop {
     loop_id_ = std::thread::id();
   }
 
-  std::mutex mu_;
-  bool registered_ = false;  // guarded by mu_
-  int refs_ = 0;             // guarded by mu_
-  std::thread thread_;       // guarded by mu_
+  Mutex mu_;
+  bool registered_ GUARDED_BY(mu_) = false;
+  int refs_ GUARDED_BY(mu_) = 0;
+  std::thread thread_ GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::atomic<std::thread::id> loop_id_{};
 };
@@ -260,11 +259,11 @@ MonitorSink& SinkOf(void* opaque) { return **static_cast<std::shared_ptr<Monitor
 void OnQemuEvent(virConnectPtr, virDomainPtr, const char* event, long long seconds, unsigned int micros,
                  const char* details, void* opaque) {
   MonitorSink& s = SinkOf(opaque);
-  std::lock_guard<std::mutex> d(s.dispatch_mu);
+  MutexLock d(s.dispatch_mu);
   if (!s.alive) return;
   std::function<void(const json&)> handler;
   {
-    std::lock_guard<std::mutex> l(s.mu);
+    MutexLock l(s.mu);
     handler = s.event_handler;
   }
   LOG_DEBUG(kTag) << "event " << (event ? event : "?") << " from " << s.where;
@@ -272,11 +271,11 @@ void OnQemuEvent(virConnectPtr, virDomainPtr, const char* event, long long secon
 }
 
 void Lose(MonitorSink& s, MonitorLoss loss) {
-  std::lock_guard<std::mutex> d(s.dispatch_mu);
+  MutexLock d(s.dispatch_mu);
   if (!s.alive) return;
   std::function<void(const MonitorLoss&)> handler;
   {
-    std::lock_guard<std::mutex> l(s.mu);
+    MutexLock l(s.mu);
     if (s.lost) return;
     s.lost = true;
     s.loss = loss;
@@ -322,13 +321,13 @@ void OnClose(virConnectPtr, int reason, void* opaque) {
 // the caller can give up at its deadline. The call keeps references to the
 // domain (and through it the connection) until it returns.
 struct Call {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;     // guarded by mu
-  int rc = -1;           // guarded by mu
-  std::string reply;     // guarded by mu
-  VirError error;        // guarded by mu
-  bool domain_active = true;  // guarded by mu
+  Mutex mu;
+  CondVar cv;
+  bool done GUARDED_BY(mu) = false;
+  int rc GUARDED_BY(mu) = -1;
+  std::string reply GUARDED_BY(mu);
+  VirError error GUARDED_BY(mu);
+  bool domain_active GUARDED_BY(mu) = true;
 };
 
 }  // namespace
@@ -446,10 +445,16 @@ LibvirtMonitor::~LibvirtMonitor() {
     if (close_cb_registered_) virConnectUnregisterCloseCallback(conn, OnClose);
   }
   {
-    // Waits out a handler in progress on the loop thread (unless this is it).
-    std::unique_lock<std::mutex> d(sink_->dispatch_mu, std::defer_lock);
-    if (!EventLoop::Get().OnLoopThread()) d.lock();
-    sink_->alive = false;
+    // Waits out a handler in progress on the loop thread, unless this is
+    // that thread: then no other thread dispatches, and a handler below us
+    // on this stack may hold dispatch_mu already (it is not recursive).
+    if (EventLoop::Get().OnLoopThread()) {
+      sink_->dispatch_mu.AssertHeld();
+      sink_->alive = false;
+    } else {
+      MutexLock d(sink_->dispatch_mu);
+      sink_->alive = false;
+    }
   }
   if (dom) virDomainFree(dom);
   if (conn) virConnectClose(conn);
@@ -457,16 +462,16 @@ LibvirtMonitor::~LibvirtMonitor() {
 }
 
 void LibvirtMonitor::SetEventHandler(std::function<void(const json&)> handler) {
-  std::lock_guard<std::mutex> l(sink_->mu);
+  MutexLock l(sink_->mu);
   sink_->event_handler = std::move(handler);
 }
 
 void LibvirtMonitor::SetDisconnectHandler(std::function<void(const MonitorLoss&)> handler) {
-  std::unique_lock<std::mutex> l(sink_->mu);
+  MutexLock l(sink_->mu);
   if (sink_->lost && !sink_->loss_fired) {
     sink_->loss_fired = true;
     MonitorLoss loss = sink_->loss;
-    l.unlock();
+    l.Unlock();
     if (handler) handler(loss);
     return;
   }
@@ -474,7 +479,7 @@ void LibvirtMonitor::SetDisconnectHandler(std::function<void(const MonitorLoss&)
 }
 
 bool LibvirtMonitor::connected() const {
-  std::lock_guard<std::mutex> l(sink_->mu);
+  MutexLock l(sink_->mu);
   return !sink_->lost;
 }
 
@@ -497,9 +502,9 @@ StatusOr<json> LibvirtMonitor::Run(const std::string& command, const json& args,
                               " issued from libvirt's event loop thread (an event handler) would stall every "
                               "event; issue it from another thread");
   {
-    std::lock_guard<std::mutex> l(sink_->mu);
+    MutexLock l(sink_->mu);
     if (sink_->lost) {
-      const MonitorLoss& loss = sink_->loss;
+      MonitorLoss loss = sink_->loss;
       if (loss.kind == MonitorLoss::Kind::kDomainStopped)
         return Unavailable(Where() + " stopped (" + loss.reason + "); QMP command '" + command + "' not sent");
       return Unavailable("connection to libvirt at " + opts_.uri + " lost (" + loss.reason + "); QMP command '" +
@@ -533,7 +538,7 @@ StatusOr<json> LibvirtMonitor::Run(const std::string& command, const json& args,
       active = virDomainIsActive(dom) == 1;
     }
     virDomainFree(dom);
-    std::lock_guard<std::mutex> l(call->mu);
+    MutexLock l(call->mu);
     call->rc = rc;
     if (reply) {
       call->reply = reply;
@@ -542,11 +547,11 @@ StatusOr<json> LibvirtMonitor::Run(const std::string& command, const json& args,
     call->error = std::move(err);
     call->domain_active = active;
     call->done = true;
-    call->cv.notify_all();
+    call->cv.NotifyAll();
   }).detach();
 
-  std::unique_lock<std::mutex> l(call->mu);
-  if (!call->cv.wait_for(l, std::chrono::milliseconds(timeout_ms), [&] { return call->done; }))
+  MutexLock l(call->mu);
+  if (!call->cv.WaitFor(call->mu, std::chrono::milliseconds(timeout_ms), [&]() REQUIRES(call->mu) { return call->done; }))
     return DeadlineExceeded("QMP command '" + command + "' got no answer from " + Where() + " within " +
                             std::to_string(timeout_ms) + " ms");
   if (call->rc < 0) {

@@ -13,10 +13,8 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <iostream>
-#include <mutex>
 #include <string>
 #include <thread>
 
@@ -25,10 +23,11 @@
 
 #include "common/io.h"
 #include "common/log.h"
-#include "replicator/libvirt/monitor.h"
-#include "replicator/libvirt/restore.h"
+#include "common/thread_annotations.h"
 #include "replicator/backup/page_store.h"
 #include "replicator/backup/restore.h"
+#include "replicator/libvirt/monitor.h"
+#include "replicator/libvirt/restore.h"
 
 namespace remus {
 namespace {
@@ -36,10 +35,10 @@ namespace {
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::mutex out_mu;
+Mutex out_mu;
 
 void Print(const json& j) {
-  std::lock_guard<std::mutex> l(out_mu);
+  MutexLock l(out_mu);
   std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
 }
 
@@ -216,8 +215,8 @@ int Main(int argc, char** argv) {
   }
 
   if (*watch) {
-    std::mutex mu;
-    std::condition_variable cv;
+    Mutex mu;
+    CondVar cv;
     bool lost = false;
     mon.SetEventHandler([](const json& ev) {
       // Wall-clock arrival, to compare with QEMU's timestamp (delivery delay).
@@ -226,9 +225,9 @@ int Main(int argc, char** argv) {
     });
     mon.SetDisconnectHandler([&](const MonitorLoss& l) {
       Print({{"loss", LossJson(l)}});
-      std::lock_guard<std::mutex> g(mu);
+      MutexLock g(mu);
       lost = true;
-      cv.notify_all();
+      cv.NotifyAll();
     });
     for (int i = 0; i < stop_resume; i++) {
       auto s = mon.Execute("stop");
@@ -238,8 +237,8 @@ int Main(int argc, char** argv) {
       if (!c.ok()) return Fail(c.status());
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    std::unique_lock<std::mutex> l(mu);
-    cv.wait_for(l, std::chrono::milliseconds(duration_ms), [&] { return until_loss && lost; });
+    MutexLock l(mu);
+    cv.WaitFor(mu, std::chrono::milliseconds(duration_ms), [&] { return until_loss && lost; });
     Print({{"ok", true}, {"connected", mon.connected()}});
     return 0;
   }

@@ -7,6 +7,7 @@
 
 #include "common/io.h"
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -30,7 +31,7 @@ StatusOr<std::unique_ptr<LibvirtSession>> LibvirtSession::Connect(const LibvirtM
   s->package_ = first->package();
   std::shared_ptr<LibvirtMonitor> m = std::move(first);
   {
-    std::lock_guard<std::mutex> l(s->mu_);
+    MutexLock l(s->mu_);
     s->cur_ = m;
     s->connected_ = true;
   }
@@ -41,14 +42,14 @@ StatusOr<std::unique_ptr<LibvirtSession>> LibvirtSession::Connect(const LibvirtM
 
 LibvirtSession::~LibvirtSession() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     stopping_ = true;
-    cv_.notify_all();
+    cv_.NotifyAll();
   }
   if (reconnect_thread_.joinable()) reconnect_thread_.join();
   std::shared_ptr<LibvirtMonitor> m;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     m = std::move(cur_);
   }
   m.reset();  // deregisters the callbacks and waits out one in progress (not under mu_)
@@ -58,7 +59,7 @@ void LibvirtSession::Install(const std::shared_ptr<LibvirtMonitor>& m) {
   m->SetEventHandler([this](const json& ev) {
     std::function<void(const json&)> h;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       h = event_handler_;
     }
     if (h) h(ev);
@@ -71,20 +72,20 @@ void LibvirtSession::OnLoss(const MonitorLoss& loss) {
     ReportDeath(loss);
     return;
   }
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (stopping_ || dead_) return;
   connected_ = false;
   need_reconnect_ = true;
   last_error_ = "connection to libvirt at " + opts_.uri + " lost (" + loss.reason + ")";
   LOG_WARN(kTag) << "domain " << opts_.domain << ": " << last_error_ << " while QEMU (pid " << pid_
                  << ") runs on; reconnecting";
-  cv_.notify_all();
+  cv_.NotifyAll();
 }
 
 void LibvirtSession::ReportDeath(const MonitorLoss& loss) {
   std::function<void(const MonitorLoss&)> h;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (dead_) return;
     dead_ = true;
     connected_ = false;
@@ -93,17 +94,17 @@ void LibvirtSession::ReportDeath(const MonitorLoss& loss) {
       death_reported_ = true;
       h = loss_handler_;
     }
-    cv_.notify_all();
+    cv_.NotifyAll();
   }
   if (h) h(loss);
 }
 
 void LibvirtSession::SetLossHandler(std::function<void(const MonitorLoss&)> handler) {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (dead_ && !death_reported_) {
     death_reported_ = true;
     MonitorLoss loss = death_;
-    l.unlock();
+    l.Unlock();
     if (handler) handler(loss);
     return;
   }
@@ -114,8 +115,8 @@ void LibvirtSession::ReconnectLoop() {
   for (;;) {
     std::shared_ptr<LibvirtMonitor> old;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stopping_ || (need_reconnect_ && !dead_); });
+      MutexLock l(mu_);
+      cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || (need_reconnect_ && !dead_); });
       if (stopping_) return;
       need_reconnect_ = false;
       old = std::move(cur_);
@@ -123,9 +124,9 @@ void LibvirtSession::ReconnectLoop() {
     old.reset();  // here, not on libvirt's event loop thread
     for (int attempt = 1;; attempt++) {
       {
-        std::unique_lock<std::mutex> l(mu_);
+        MutexLock l(mu_);
         if (attempt > 1)
-          cv_.wait_for(l, std::chrono::milliseconds(reconnect_interval_ms_), [&] { return stopping_ || dead_; });
+          cv_.WaitFor(mu_, std::chrono::milliseconds(reconnect_interval_ms_), [&]() REQUIRES(mu_) { return stopping_ || dead_; });
         if (stopping_) return;
         if (dead_) break;
       }
@@ -139,7 +140,7 @@ void LibvirtSession::ReconnectLoop() {
       }
       auto m = LibvirtMonitor::Connect(opts_);
       if (!m.ok()) {
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         last_error_ = m.status().message();
         if (attempt == 1 || attempt % 20 == 0)
           LOG_WARN(kTag) << "domain " << opts_.domain << ": reconnect attempt " << attempt << ": " << last_error_;
@@ -155,7 +156,7 @@ void LibvirtSession::ReconnectLoop() {
       }
       std::shared_ptr<LibvirtMonitor> sm = std::move(m).value();
       {
-        std::lock_guard<std::mutex> l(mu_);
+        MutexLock l(mu_);
         cur_ = sm;
         connected_ = true;
       }
@@ -169,17 +170,17 @@ void LibvirtSession::ReconnectLoop() {
 }
 
 std::shared_ptr<LibvirtMonitor> LibvirtSession::Current() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return connected_ || dead_ ? cur_ : nullptr;
 }
 
 bool LibvirtSession::connected() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return connected_;
 }
 
 std::string LibvirtSession::last_error() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return last_error_;
 }
 
@@ -187,7 +188,7 @@ StatusOr<json> LibvirtSession::Execute(const std::string& command, const json& a
   std::shared_ptr<LibvirtMonitor> m;
   std::string why;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (connected_ || dead_) m = cur_;
     why = dead_ ? "QEMU exited" : last_error_ + "; reconnecting";
   }
@@ -202,7 +203,7 @@ Status LibvirtSession::PassFd(const std::string& fdname, int fd, int timeout_ms)
 }
 
 void LibvirtSession::SetEventHandler(std::function<void(const json& event)> handler) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   event_handler_ = std::move(handler);
 }
 

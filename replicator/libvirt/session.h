@@ -23,10 +23,8 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -34,6 +32,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "replicator/libvirt/monitor.h"
 
 namespace remus {
@@ -89,18 +88,18 @@ class LibvirtSession final : public QemuMonitor {
   std::string version_;
   std::string package_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::shared_ptr<LibvirtMonitor> cur_;                       // guarded by mu_
-  bool connected_ = false;                                     // guarded by mu_
-  bool need_reconnect_ = false;                                // guarded by mu_
-  bool stopping_ = false;                                      // guarded by mu_
-  bool dead_ = false;                                          // guarded by mu_
-  bool death_reported_ = false;                                // guarded by mu_
-  MonitorLoss death_;                                          // guarded by mu_
-  std::string last_error_;                                     // guarded by mu_
-  std::function<void(const nlohmann::json&)> event_handler_;  // guarded by mu_
-  std::function<void(const MonitorLoss&)> loss_handler_;      // guarded by mu_
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::shared_ptr<LibvirtMonitor> cur_ GUARDED_BY(mu_);
+  bool connected_ GUARDED_BY(mu_) = false;
+  bool need_reconnect_ GUARDED_BY(mu_) = false;
+  bool stopping_ GUARDED_BY(mu_) = false;
+  bool dead_ GUARDED_BY(mu_) = false;
+  bool death_reported_ GUARDED_BY(mu_) = false;
+  MonitorLoss death_ GUARDED_BY(mu_);
+  std::string last_error_ GUARDED_BY(mu_);
+  std::function<void(const nlohmann::json&)> event_handler_ GUARDED_BY(mu_);
+  std::function<void(const MonitorLoss&)> loss_handler_ GUARDED_BY(mu_);
   std::atomic<int> reconnects_{0};
   std::thread reconnect_thread_;
 };

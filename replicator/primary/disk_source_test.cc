@@ -5,25 +5,13 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "tests/fakes/fake_monitor.h"
+
 namespace remus {
 namespace {
 
 using json = nlohmann::json;
 using ::testing::HasSubstr;
-
-// Answers query-block with a fixed reply.
-class FakeMonitor final : public QemuMonitor {
- public:
-  explicit FakeMonitor(json blocks) : blocks_(std::move(blocks)) {}
-  StatusOr<json> Execute(const std::string& command, const json&, int) override {
-    if (command == "query-block") return blocks_;
-    return Unimplemented(command);
-  }
-  void SetEventHandler(std::function<void(const json&)>) override {}
-
- private:
-  json blocks_;
-};
 
 json Inserted(const std::string& node, const std::string& file, const std::string& drv, uint64_t size,
               bool ro = false) {
@@ -54,7 +42,7 @@ TEST(QdevAlias, FromPathOrId) {
 }
 
 TEST(ListGuestDisks, DriveDisksByDriveId) {
-  FakeMonitor m(json::array({
+  FakeMonitor m("query-block", json::array({
       {{"device", "drive0"}, {"qdev", "/machine/peripheral-anon/device[0]/virtio-backend"},
        {"inserted", Inserted("#block123", "/img/a.raw", "raw", 16 << 20)}},
       {{"device", "cd0"}},  // no medium
@@ -70,7 +58,7 @@ TEST(ListGuestDisks, DriveDisksByDriveId) {
 }
 
 TEST(ListGuestDisks, QmpModeRefusesBlockdevDisks) {
-  FakeMonitor m(LibvirtBlocks());
+  FakeMonitor m("query-block", LibvirtBlocks());
   auto d = ListGuestDisks(&m, "web1", "all");
   ASSERT_FALSE(d.ok());
   EXPECT_EQ(d.status().code(), Code::kFailedPrecondition);
@@ -81,7 +69,7 @@ TEST(ListGuestDisks, QmpModeRefusesBlockdevDisks) {
 }
 
 TEST(ListGuestDisks, LibvirtBlockdevDisksByTarget) {
-  FakeMonitor m(LibvirtBlocks());
+  FakeMonitor m("query-block", LibvirtBlocks());
   auto d = ListGuestDisks(&m, "web1", "all", &kTargets);
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   ASSERT_EQ(d->size(), 2u);  // the read-only CD-ROM is not mirrored
@@ -113,7 +101,7 @@ TEST(ListGuestDisks, LibvirtDiskOutsideTheXmlIsRefusedUnlessNotSelected) {
   // A -drive from <qemu:commandline>: the backup could not point it at its copy.
   blocks.push_back({{"device", "extra0"}, {"qdev", "/machine/peripheral-anon/device[3]/virtio-backend"},
                     {"inserted", Inserted("#block9", "/img/extra.raw", "raw", 1 << 20)}});
-  FakeMonitor m(blocks);
+  FakeMonitor m("query-block", blocks);
   auto all = ListGuestDisks(&m, "web1", "all", &kTargets);
   ASSERT_FALSE(all.ok());
   EXPECT_EQ(all.status().code(), Code::kFailedPrecondition);
@@ -126,7 +114,7 @@ TEST(ListGuestDisks, LibvirtDiskOutsideTheXmlIsRefusedUnlessNotSelected) {
   EXPECT_EQ(some->size(), 2u);
   // An alias the XML does not know is refused the same way.
   const std::map<std::string, std::string> partial = {{"virtio-disk0", "vda"}};
-  FakeMonitor m2(LibvirtBlocks());
+  FakeMonitor m2("query-block", LibvirtBlocks());
   auto p = ListGuestDisks(&m2, "web1", "all", &partial);
   ASSERT_FALSE(p.ok());
   EXPECT_THAT(p.status().message(), HasSubstr("virtio-disk1"));

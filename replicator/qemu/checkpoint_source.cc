@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -141,7 +142,7 @@ void CheckpointSource::Abort() {
 }
 
 Status CheckpointSource::GiveUp() {
-  std::lock_guard<std::mutex> g(give_up_mu_);
+  MutexLock g(give_up_mu_);
   if (gave_up_) return OkStatus();
   gave_up_ = true;
   std::string tag = "colo[" + opts_.domain + "]";

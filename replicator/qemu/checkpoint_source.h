@@ -19,10 +19,10 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "common/io.h"
+#include "common/thread_annotations.h"
 #include "replicator/qemu/checkpoint_stream.h"
 #include "replicator/qemu/qemu_stream.h"
 #include "replicator/qemu/qmp.h"
@@ -95,8 +95,8 @@ class CheckpointSource final : public CheckpointStream {
   std::unique_ptr<qemu::StreamParser> parser_;
   std::shared_ptr<BufferPool> pool_;
   std::atomic<bool> aborted_{false};
-  std::mutex give_up_mu_;
-  bool gave_up_ = false;  // guarded by give_up_mu_
+  Mutex give_up_mu_;
+  bool gave_up_ GUARDED_BY(give_up_mu_) = false;
 };
 
 }  // namespace remus

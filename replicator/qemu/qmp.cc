@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "common/log.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 namespace {
@@ -96,7 +97,7 @@ StatusOr<std::unique_ptr<QmpClient>> QmpClient::Connect(const std::string& socke
 
 QmpClient::~QmpClient() {
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     shutting_down_ = true;
   }
   if (fd_.valid()) ::shutdown(fd_.get(), SHUT_RDWR);
@@ -106,20 +107,20 @@ QmpClient::~QmpClient() {
 Status QmpClient::ClosedStatus() const { return Unavailable("QEMU monitor at " + path_ + " closed"); }
 
 bool QmpClient::connected() const {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   return !closed_;
 }
 
 void QmpClient::SetEventHandler(std::function<void(const json&)> handler) {
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   event_handler_ = std::move(handler);
 }
 
 void QmpClient::SetDisconnectHandler(std::function<void()> handler) {
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (closed_ && !disconnect_fired_ && !shutting_down_) {
     disconnect_fired_ = true;
-    l.unlock();
+    l.Unlock();
     if (handler) handler();
     return;
   }
@@ -135,7 +136,7 @@ StatusOr<json> QmpClient::Execute(const std::string& command, const json& args, 
   p->command = command;
   std::string id;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     if (closed_) return ClosedStatus();
     id = "remus-" + std::to_string(next_id_++);
     pending_[id] = p;
@@ -145,12 +146,12 @@ StatusOr<json> QmpClient::Execute(const std::string& command, const json& args, 
   std::string line = Dump(msg) + "\n";
   Status w;
   {
-    std::lock_guard<std::mutex> l(write_mu_);
+    MutexLock l(write_mu_);
     w = WriteFull(fd_.get(), line.data(), line.size());
   }
   LOG_DEBUG(kTag) << "-> " << line.substr(0, line.size() - 1);
 
-  std::unique_lock<std::mutex> l(mu_);
+  MutexLock l(mu_);
   if (!w.ok()) {
     pending_.erase(id);
     if (closed_) return ClosedStatus();
@@ -158,7 +159,7 @@ StatusOr<json> QmpClient::Execute(const std::string& command, const json& args, 
                        " not sent: " + w.message());
   }
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  if (!cv_.wait_until(l, deadline, [&] { return p->done; })) {
+  if (!cv_.WaitUntil(mu_, deadline, [&]() REQUIRES(mu_) { return p->done; })) {
     pending_.erase(id);
     return DeadlineExceeded("QMP command '" + command + "' got no answer from QEMU monitor at " +
                             path_ + " within " + std::to_string(timeout_ms) + " ms");
@@ -200,7 +201,7 @@ void QmpClient::HandleMessage(const std::string& line) {
   if (m.contains("event")) {
     std::function<void(const json&)> handler;
     {
-      std::lock_guard<std::mutex> l(mu_);
+      MutexLock l(mu_);
       handler = event_handler_;
     }
     LOG_DEBUG(kTag) << "event " << Dump(m["event"]);
@@ -212,7 +213,7 @@ void QmpClient::HandleMessage(const std::string& line) {
     return;
   }
   std::string id = m.contains("id") && m["id"].is_string() ? m["id"].get<std::string>() : "";
-  std::lock_guard<std::mutex> l(mu_);
+  MutexLock l(mu_);
   auto it = pending_.find(id);
   if (it == pending_.end()) {
     // A caller that timed out has gone away; its late answer is dropped.
@@ -233,20 +234,20 @@ void QmpClient::HandleMessage(const std::string& line) {
   }
   p.done = true;
   pending_.erase(it);
-  cv_.notify_all();
+  cv_.NotifyAll();
 }
 
 void QmpClient::MarkClosed() {
   std::function<void()> handler;
   {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     closed_ = true;
     for (auto& [id, p] : pending_) {
       p->status = ClosedStatus();
       p->done = true;
     }
     pending_.clear();
-    cv_.notify_all();
+    cv_.NotifyAll();
     if (!shutting_down_ && !disconnect_fired_) {
       if (disconnect_handler_) {
         disconnect_fired_ = true;

@@ -19,12 +19,10 @@
 // later commands.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,6 +31,7 @@
 
 #include "common/io.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 
 namespace remus {
 
@@ -113,17 +112,17 @@ class QmpClient final : public QemuMonitor {
   std::string package_;
   nlohmann::json greeting_;
 
-  std::mutex write_mu_;  // serializes whole commands on the socket
+  Mutex write_mu_;  // serializes whole commands on the socket
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool closed_ = false;       // guarded by mu_
-  bool shutting_down_ = false;  // guarded by mu_
-  bool disconnect_fired_ = false;  // guarded by mu_
-  uint64_t next_id_ = 1;       // guarded by mu_
-  std::map<std::string, std::shared_ptr<Pending>> pending_;  // guarded by mu_
-  std::function<void(const nlohmann::json&)> event_handler_;  // guarded by mu_
-  std::function<void()> disconnect_handler_;                  // guarded by mu_
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool closed_ GUARDED_BY(mu_) = false;
+  bool shutting_down_ GUARDED_BY(mu_) = false;
+  bool disconnect_fired_ GUARDED_BY(mu_) = false;
+  uint64_t next_id_ GUARDED_BY(mu_) = 1;
+  std::map<std::string, std::shared_ptr<Pending>> pending_ GUARDED_BY(mu_);
+  std::function<void(const nlohmann::json&)> event_handler_ GUARDED_BY(mu_);
+  std::function<void()> disconnect_handler_ GUARDED_BY(mu_);
 
   std::thread reader_;
 };

@@ -13,13 +13,15 @@
 #include <chrono>
 #include <filesystem>
 #include <future>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "common/thread_annotations.h"
+#include "tests/fakes/fake_monitor.h"
 
 extern char** environ;
 
@@ -75,7 +77,7 @@ class FakeQmpServer {
   }
   const std::string& path() const { return path_; }
   std::vector<std::string> commands() {
-    std::lock_guard<std::mutex> l(mu_);
+    MutexLock l(mu_);
     return commands_;
   }
 
@@ -100,7 +102,7 @@ class FakeQmpServer {
         buf.erase(0, nl + 1);
         std::string name = cmd["execute"];
         {
-          std::lock_guard<std::mutex> l(mu_);
+          MutexLock l(mu_);
           commands_.push_back(name);
         }
         if (name == "qmp_capabilities") {
@@ -121,8 +123,8 @@ class FakeQmpServer {
   Fd listen_;
   std::atomic<int> conn_fd_{-1};
   std::thread thread_;
-  std::mutex mu_;
-  std::vector<std::string> commands_;
+  Mutex mu_;
+  std::vector<std::string> commands_ GUARDED_BY(mu_);
 };
 
 TEST(QmpClientTest, ConnectReadsGreetingAndNegotiates) {
@@ -199,14 +201,14 @@ TEST(QmpClientTest, EventsAreDeliveredWithTimestamps) {
   });
   auto c = QmpClient::Connect(server.path());
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  std::mutex mu;
+  Mutex mu;
   std::vector<json> events;
   (*c)->SetEventHandler([&](const json& e) {
-    std::lock_guard<std::mutex> l(mu);
+    MutexLock l(mu);
     events.push_back(e);
   });
   ASSERT_TRUE((*c)->Execute("stop").ok());
-  std::lock_guard<std::mutex> l(mu);
+  MutexLock l(mu);
   ASSERT_EQ(events.size(), 2u);
   EXPECT_EQ(events[0]["event"], "STOP");
   EXPECT_EQ(events[0]["timestamp"]["seconds"], 1763887201);
@@ -331,24 +333,14 @@ TEST(QmpClientTest, ConnectToMissingSocketIsUnavailable) {
 
 // ---- ProbeColo + support table ---------------------------------------------
 
-class CannedMonitor : public QemuMonitor {
- public:
-  std::map<std::string, json> answers;
-  StatusOr<json> Execute(const std::string& command, const json&, int) override {
-    auto it = answers.find(command);
-    if (it == answers.end()) return InvalidArgument("no canned answer for " + command);
-    return it->second;
-  }
-  void SetEventHandler(std::function<void(const json&)>) override {}
-};
-
 TEST(ProbeColoTest, ReadsVersionCapabilitiesAndAccelerator) {
-  CannedMonitor m;
-  m.answers["query-version"] = {{"qemu", {{"major", 7}, {"minor", 2}, {"micro", 22}}},
-                                {"package", "Debian 1:7.2+dfsg-7+deb12u18 + remus colo patches"}};
-  m.answers["query-migrate-capabilities"] = json::array(
-      {{{"capability", "xbzrle"}, {"state", false}}, {{"capability", "x-colo"}, {"state", false}}});
-  m.answers["query-kvm"] = {{"enabled", true}, {"present", true}};
+  FakeMonitor m;
+  json version = {{"qemu", {{"major", 7}, {"minor", 2}, {"micro", 22}}},
+                  {"package", "Debian 1:7.2+dfsg-7+deb12u18 + remus colo patches"}};
+  m.Answer("query-version", version);
+  m.Answer("query-migrate-capabilities",
+           json::array({{{"capability", "xbzrle"}, {"state", false}}, {{"capability", "x-colo"}, {"state", false}}}));
+  m.Answer("query-kvm", {{"enabled", true}, {"present", true}});
   auto p = ProbeColo(m);
   ASSERT_TRUE(p.ok()) << p.status().ToString();
   EXPECT_EQ(p->version, "7.2.22");
@@ -359,9 +351,10 @@ TEST(ProbeColoTest, ReadsVersionCapabilitiesAndAccelerator) {
   EXPECT_EQ(p->accelerator, "kvm");
   EXPECT_TRUE(p->patched_tcg_fix);
 
-  m.answers["query-migrate-capabilities"] = json::array({{{"capability", "xbzrle"}, {"state", false}}});
-  m.answers["query-kvm"] = {{"enabled", false}, {"present", true}};
-  m.answers["query-version"]["package"] = "Debian 1:7.2+dfsg-7+deb12u18";
+  m.Answer("query-migrate-capabilities", json::array({{{"capability", "xbzrle"}, {"state", false}}}));
+  m.Answer("query-kvm", {{"enabled", false}, {"present", true}});
+  version["package"] = "Debian 1:7.2+dfsg-7+deb12u18";
+  m.Answer("query-version", version);
   p = ProbeColo(m);
   ASSERT_TRUE(p.ok()) << p.status().ToString();
   EXPECT_FALSE(p->has_x_colo);
@@ -454,22 +447,22 @@ TEST(GuestNicsTest, ParsesBackendsOfInfoNetwork) {
 }
 
 TEST(GuestNicsTest, TapsAreListedAndUserNetworkingIsRefused) {
-  CannedMonitor m;
-  m.answers["human-monitor-command"] = std::string(
+  FakeMonitor m;
+  m.Answer("human-monitor-command", std::string(
       "virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
       " \\ n0: index=0,type=tap,ifname=tap0,script=no,downscript=no\r\n"
       "virtio-net-pci.1: index=1,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:58\r\n"
-      " \\ n2: index=0,type=tap,ifname=tap1,script=no,downscript=no\r\n");
+      " \\ n2: index=0,type=tap,ifname=tap1,script=no,downscript=no\r\n"));
   auto taps = GuestTapDevices(m, -1, "vm1");
   ASSERT_TRUE(taps.ok()) << taps.status().ToString();
   EXPECT_EQ(*taps, (std::vector<std::string>{"tap0", "tap1"}));
-  m.answers["human-monitor-command"] = std::string(kInfoNetwork);
+  m.Answer("human-monitor-command", std::string(kInfoNetwork));
   auto refused = GuestTapDevices(m, -1, "vm1");
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), Code::kFailedPrecondition);
   EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("n1 is user networking"));
   EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("--netbuf none"));
-  m.answers["human-monitor-command"] = std::string("");  // no NICs: nothing to hold
+  m.Answer("human-monitor-command", std::string(""));  // no NICs: nothing to hold
   auto none = GuestTapDevices(m, -1, "vm1");
   ASSERT_TRUE(none.ok());
   EXPECT_TRUE(none->empty());

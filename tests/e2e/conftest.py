@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -347,9 +348,10 @@ class World:
     def remusctl(self, *args, timeout=120):
         return subprocess.run([str(REMUSCTL), *args], capture_output=True, text=True, timeout=timeout)
 
-    def _spawn(self, name, argv, log):
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+    def _spawn(self, name, argv, log, netns=None):
+        netns = netns or self.netns
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
         f = open(log, "ab")
         try:
             p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -361,7 +363,11 @@ class World:
         return p
 
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
-                     ack_delay_ms=None, fault=None, auto_promote=True, extra=()):
+                     ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
+                     listen_host="127.0.0.1"):
+        """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
+        netns: run this remusd in that network namespace (default: the world's).
+        listen_host: the backup's listen address (an address of its namespace)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
         state = self.dir / name
@@ -372,8 +378,8 @@ class World:
                 "--heartbeat-timeout-ms", str(hb_timeout_ms), "--log-level", "debug"]
         addr = None
         if listen:
-            addr = f"127.0.0.1:{free_port()}"
-            argv += ["--listen", addr, "--qemu", str(QEMU)]
+            addr = f"{listen_host}:{free_port()}"
+            argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
         if ack_delay_ms is not None:
             argv += ["--ack-delay-ms", str(ack_delay_ms)]
         if fault:
@@ -381,7 +387,7 @@ class World:
         if not auto_promote:
             argv += ["--no-auto-promote"]
         argv += list(extra)
-        p = self._spawn(f"remusd {name}", argv, log)
+        p = self._spawn(f"remusd {name}", argv, log, netns=netns)
         d = Daemon(self, name, state, control, log, p, listen=addr, key=key or self.key)
         self.daemons.append(d)
 
@@ -404,12 +410,15 @@ class World:
         return self.start_remusd(name, listen=False, **kw)
 
     def start_guest(self, name="g", mem_mb=256, wss_mib=64, dirty=10000, check=True, wait_boot=True,
-                    extra_args=(), extra_append="", qemu=None):
+                    extra_args=(), extra_append="", qemu=None, netns=None, events=False):
+        """events=True adds a third QMP socket (e.sock) for a QmpEventLog."""
         gdir = self.dir / name
         gdir.mkdir()
         serial = gdir / "serial.log"
         qmp_sock = gdir / "q.sock"
         test_qmp = gdir / "t.sock"
+        if events:
+            extra_args = [*extra_args, "-qmp", f"unix:{gdir / 'e.sock'},server=on,wait=off"]
         append = (f"console=ttyS0 memmap=64K${COUNTER_GPA:#x} remus.counter={COUNTER_GPA:#x} "
                   f"remus.dirty={dirty} remus.wss={wss_mib} remus.check={1 if check else 0} quiet"
                   + (" " + extra_append if extra_append else ""))
@@ -418,9 +427,10 @@ class World:
                 "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", append,
                 "-qmp", f"unix:{qmp_sock},server=on,wait=off",
                 "-qmp", f"unix:{test_qmp},server=on,wait=off", *extra_args]
-        p = self._spawn(f"qemu {name}", argv, gdir / "qemu.log")
+        p = self._spawn(f"qemu {name}", argv, gdir / "qemu.log", netns=netns)
         self.logs.append((f"serial {name}", serial))
         g = Guest(self, name, gdir, p, serial, qmp_sock, test_qmp)
+        g.event_qmp_sock = gdir / "e.sock" if events else None
         g.boot_marker = "remus-guest: check ok" if check else "remus-guest: init done"
         if wait_boot:
             self.wait_booted(g)
@@ -436,8 +446,9 @@ class World:
         return marker in read_text(g.serial)
 
     def protect(self, primary, backup, guest, interval_ms=100, no_wait=False, domain=DOMAIN, timeout=120,
-                extra=()):
-        args = ["protect", domain, "--qmp", str(guest.qmp_sock), "--backup", backup.listen,
+                extra=(), backup_addr=None):
+        """backup_addr: connect there instead of backup.listen (a LinkProxy in front of it)."""
+        args = ["protect", domain, "--qmp", str(guest.qmp_sock), "--backup", backup_addr or backup.listen,
                 "--interval", str(interval_ms), *extra]
         if no_wait:
             args.append("--no-wait")
@@ -690,3 +701,256 @@ def record(request, **kv):
     for k, v in kv.items():
         request.node.user_properties.append((k, v))
     print(f"[e2e] {request.node.name}: " + ", ".join(f"{k}={v}" for k, v in kv.items()))
+
+
+# ------------------------------------------------------- fault-test helpers
+
+def live_qemus(fragment):
+    """Pids of live QEMU processes whose command line contains `fragment`
+    (a path: a run dir, a socket name)."""
+    out = []
+    frag = str(fragment).encode()
+    for pid_s in os.listdir("/proc"):
+        if not pid_s.isdigit():
+            continue
+        argv = pid_cmdline(int(pid_s))
+        if argv and b"qemu" in argv[0] and any(frag in a for a in argv) and pid_alive(int(pid_s)):
+            out.append(int(pid_s))
+    return out
+
+
+class QmpEventLog:
+    """Collects a QEMU's QMP events (with QEMU's own wall-clock timestamps) on a
+    dedicated monitor socket (start_guest(events=True)) from a background
+    thread, so the guest's pauses can be measured from STOP/RESUME even while
+    other QMP connections are busy or blocked."""
+
+    def __init__(self, world, path):
+        self.path = str(path)
+        self.events = []  # (qemu wall time, name, monotonic receipt time)
+        self.error = None
+        self._lock = threading.Lock()
+        self._qmp = qmp_connect(path)
+        self._qmp.sock.settimeout(None)
+        world._closers.append(self.close)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                r = self._qmp._read()
+                if "event" in r:
+                    ts = r.get("timestamp", {})
+                    t = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+                    with self._lock:
+                        self.events.append((t, r["event"], time.monotonic()))
+        except (OSError, QmpError, ValueError) as e:
+            self.error = e
+
+    def close(self):
+        self._qmp.close()
+
+    def count(self, name):
+        with self._lock:
+            return sum(1 for e in self.events if e[1] == name)
+
+    def pauses(self, t_from, t_to=None):
+        """(stop, resume) wall-time intervals of the guest's pauses that overlap
+        [t_from, t_to] (t_to: now); resume is None for a pause still going on."""
+        t_to = time.time() if t_to is None else t_to
+        with self._lock:
+            evs = sorted(self.events)
+        out, stop = [], None
+        for t, name, _ in evs:
+            if name == "STOP" and stop is None:
+                stop = t
+            elif name == "RESUME" and stop is not None:
+                if t >= t_from and stop <= t_to:
+                    out.append((stop, t))
+                stop = None
+        if stop is not None and stop <= t_to:
+            out.append((stop, None))
+        return out
+
+    def longest_pause(self, t_from, t_to=None):
+        """The longest pause (seconds) overlapping [t_from, t_to], an ongoing one
+        counted up to t_to; and that interval."""
+        t_to = time.time() if t_to is None else t_to
+        best, which = 0.0, None
+        for stop, resume in self.pauses(t_from, t_to):
+            d = (resume if resume is not None else t_to) - stop
+            if d > best:
+                best, which = d, (stop, resume)
+        return best, which
+
+
+def _sh(*argv):
+    r = subprocess.run(list(argv), capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(argv)} failed: {r.stderr.strip()}"
+    return r.stdout
+
+
+class NetnsPair:
+    """Two network namespaces joined by a veth pair: `a` (10.79.0.1) for the
+    primary host, `b` (10.79.0.2) for the backup host. blackhole(ns) drops every
+    packet in and out of a namespace (iptables DROP: no RST, no FIN), as a
+    cut cable or a hung host looks to its peer."""
+
+    A_IP, B_IP = "10.79.0.1", "10.79.0.2"
+
+    def __init__(self):
+        tag = f"{os.getpid() % 100000}"
+        self.a, self.b = f"rfa{tag}", f"rfb{tag}"
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "-n", self.a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", self.b)
+        _sh("ip", "-n", self.a, "addr", "add", f"{self.A_IP}/24", "dev", "va")
+        _sh("ip", "-n", self.b, "addr", "add", f"{self.B_IP}/24", "dev", "vb")
+        _sh("ip", "-n", self.a, "link", "set", "va", "up")
+        _sh("ip", "-n", self.b, "link", "set", "vb", "up")
+
+    def blackhole(self, ns):
+        for chain in ("INPUT", "OUTPUT"):
+            _sh("ip", "netns", "exec", ns, "iptables", "-A", chain, "-j", "DROP")
+
+    def close(self):
+        for ns in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def netns_pair(world):
+    n = NetnsPair()
+    try:
+        yield n
+    finally:
+        world.cleanup()  # the processes inside first
+        n.close()
+
+
+# Replication link frame header (docs/formats/replication-link.md).
+LINK_HDR = struct.Struct(">IHHQII")  # magic type flags epoch length crc32c
+LINK_MAGIC = 0x524D5553
+MSG = {"PAGES": 8, "DEVICE": 9, "COMMIT": 10, "DISK": 16}
+
+
+class LinkProxy:
+    """A TCP proxy between a primary and its backup that forwards the
+    replication link unchanged until armed, then flips one payload byte of the
+    next primary->backup frame of the chosen types (e.g. PAGES or DEVICE) from
+    a given epoch on. The frame's crc32c then fails on the backup: an honest
+    stand-in for corruption on the wire that TCP's checksum missed.
+
+    Point `remusctl protect --backup` at proxy.addr."""
+
+    def __init__(self, world, target):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(8)
+        self.addr = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._armed = None  # (types, min_epoch)
+        self.corrupted = None  # dict once a frame was corrupted
+        self.done = threading.Event()
+        self.frames = {}  # type -> count forwarded
+        self._socks = []
+        world._closers.append(self.close)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def corrupt_next(self, types=("PAGES", "DEVICE"), min_epoch=1):
+        with self._lock:
+            self._armed = ({MSG[t] for t in types}, min_epoch)
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(self.target, timeout=10)
+                s.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._socks += [c, s]
+            threading.Thread(target=self._c2s, args=(c, s), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c), daemon=True).start()
+
+    @staticmethod
+    def _eof(src, dst):
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _pipe(self, src, dst):
+        try:
+            while True:
+                b = src.recv(1 << 20)
+                if not b:
+                    break
+                dst.sendall(b)
+        except OSError:
+            pass
+        self._eof(src, dst)
+
+    def _c2s(self, src, dst):
+        buf = bytearray()
+        parsing = True
+        try:
+            while True:
+                b = src.recv(1 << 20)
+                if not b:
+                    break
+                if not parsing:
+                    dst.sendall(b)
+                    continue
+                buf += b
+                while len(buf) >= LINK_HDR.size:
+                    magic, typ, flags, epoch, length, crc = LINK_HDR.unpack_from(buf)
+                    if magic != LINK_MAGIC:
+                        parsing = False  # not our protocol any more: pass it through
+                        break
+                    n = LINK_HDR.size + length
+                    if len(buf) < n:
+                        break
+                    self._maybe_corrupt(buf, typ, epoch, length)
+                    self.frames[typ] = self.frames.get(typ, 0) + 1
+                    dst.sendall(memoryview(buf)[:n])
+                    del buf[:n]
+                if not parsing and buf:
+                    dst.sendall(buf)
+                    buf = bytearray()
+        except OSError:
+            pass
+        self._eof(src, dst)
+
+    def _maybe_corrupt(self, buf, typ, epoch, length):
+        with self._lock:
+            if self._armed is None or length == 0:
+                return
+            types, min_epoch = self._armed
+            if typ not in types or epoch < min_epoch:
+                return
+            self._armed = None
+        off = LINK_HDR.size + length // 2
+        buf[off] ^= 0x40
+        self.corrupted = {"type": typ, "epoch": epoch, "length": length, "offset": off}
+        self.done.set()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.lsock.close()
+        with self._lock:
+            socks = list(self._socks)
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.close()

@@ -1,4 +1,13 @@
-// A Clock that moves only when a test advances it.
+// FakeClock: a Clock (common/clock.h) that moves only when a test advances it,
+// so time-driven logic (heartbeats, rates, timeouts) is tested without
+// sleeping. Starts at 1 s on the monotonic scale; WallNanos is the same value.
+//
+//   FakeClock clock;
+//   RateMeter m(clock, std::chrono::seconds(10));
+//   clock.Advance(std::chrono::milliseconds(100));
+//
+// Thread-safety: Now and Advance may be called from any thread.
+// Target: remus_test_fakes (tests/CMakeLists.txt).
 #pragma once
 
 #include <atomic>

@@ -8,6 +8,9 @@ namespace remus {
 
 StatusOr<nlohmann::json> ControlCall(const std::string& socket_path, const nlohmann::json& request) {
   auto fd = ConnectUnix(socket_path);
+  if (!fd.ok() && fd.status().code() == Code::kPermissionDenied)
+    return PermissionDenied("remusd's control socket " + socket_path +
+                            " is for root only: run remusctl as root (e.g. with sudo)");
   if (!fd.ok())
     return Unavailable("cannot reach remusd at " + socket_path + ": " + fd.status().message() +
                        " (is remusd running? use --socket to pick another daemon)");

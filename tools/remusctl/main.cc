@@ -9,11 +9,10 @@
 #include <cstdio>
 #include <ctime>
 #include <iostream>
-#include <condition_variable>
-#include <mutex>
 #include <optional>
 #include <thread>
 
+#include "common/thread_annotations.h"
 #include "replicator/link/wire.h"
 #include "tools/remusctl/control_client.h"
 #include "tools/remusctl/views.h"
@@ -140,22 +139,22 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
 // per 10% otherwise. Most promotions end before the first poll.
 remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::string& domain) {
   const bool tty = ::isatty(STDOUT_FILENO);
-  std::mutex mu;
-  std::condition_variable cv;
+  remus::Mutex mu;
+  remus::CondVar cv;
   std::optional<remus::StatusOr<json>> result;
   std::thread call([&] {
     auto r = remus::ControlCall(sock, {{"command", "failover"}, {"domain", domain}});
-    std::lock_guard<std::mutex> g(mu);
+    remus::MutexLock g(mu);
     result = std::move(r);
-    cv.notify_all();
+    cv.NotifyAll();
   });
   std::string last_phase;
   int last_decile = -1;
   bool drew = false;
   for (;;) {
     {
-      std::unique_lock<std::mutex> l(mu);
-      if (cv.wait_for(l, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
+      remus::MutexLock l(mu);
+      if (cv.WaitFor(mu, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
     }
     auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
     if (!st.ok() || !st->contains("domains") || (*st)["domains"].empty()) continue;

@@ -187,7 +187,8 @@ TEST_F(BackupServerTest, CorruptCheckpointIsRefusedAndNotApplied) {
   remus::Status err = wire::DecodeError(f->payload);
   EXPECT_EQ(err.code(), Code::kDataLoss);
   EXPECT_NE(err.message().find("incomplete"), std::string::npos) << err.message();
-  WaitState("primary-lost");  // session over, no auto promotion in this test
+  // The primary was told and lives on: never an automatic promotion now.
+  WaitState("unprotected");
   EXPECT_EQ(DomainStatus()["last_committed_epoch"], 0);
   EXPECT_EQ(StoreByte(0), 'a');  // untouched
 }
@@ -202,7 +203,7 @@ TEST_F(BackupServerTest, OutOfRangePageIsRefused) {
   auto f = NextNonHeartbeat(*l);
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(f->type, MsgType::kError);
-  WaitState("primary-lost");
+  WaitState("unprotected");
   EXPECT_EQ(DomainStatus()["last_committed_epoch"], 0);
 }
 
@@ -372,7 +373,7 @@ TEST_F(BackupRecoverTest, APromotedGuestStillRunningIsNotRestoredAgain) {
   std::string run = dir_ + "/domains/vm1/run/";
   pid_t child = ::fork();
   if (child == 0) {
-    execl("/bin/sh", "sh", "-c", "sleep 30", run.c_str(), static_cast<char*>(nullptr));
+    execl("/bin/sh", "sh", "-c", "sleep 30 >/dev/null 2>&1", run.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(100));  // exec done
@@ -431,6 +432,264 @@ TEST(BackupFullDisk, RefusesWithResourceExhausted) {
   }
   ASSERT_EQ(::system(("umount " + dir).c_str()), 0);
   ::rmdir(dir.c_str());
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// Defect 9: connections beyond the caps are closed at once; finished
+// connection threads are reaped, so the caps count only live ones.
+class BackupServerCapsTest : public ::testing::Test {
+ protected:
+  void Start(int max_connections, int max_handshakes) {
+    dir_ = TempDir();
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.key = TestKey('k');
+    o.auto_promote = false;
+    o.max_connections = max_connections;
+    o.max_handshakes = max_handshakes;
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    for (uint16_t p = 27200; p < 27300 && !port_; p++)
+      if (server_->Listen({"127.0.0.1", p}).ok()) port_ = p;
+    ASSERT_NE(port_, 0);
+  }
+  void TearDown() override {
+    server_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  Fd Open() {
+    auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+    EXPECT_TRUE(fd.ok());
+    return fd.ok() ? std::move(fd).value() : Fd();
+  }
+  // True if the server closed fd within 2 s without sending anything.
+  static bool ClosedByServer(const Fd& fd) {
+    auto r = WaitReadable(fd.get(), 2000);
+    if (!r.ok() || !*r) return false;
+    char c;
+    return ::read(fd.get(), &c, 1) == 0;
+  }
+  void WaitConnections(int n) {
+    for (int i = 0; i < 300 && server_->connections() != n; i++)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    EXPECT_EQ(server_->connections(), n);
+  }
+
+  std::string dir_;
+  uint16_t port_ = 0;
+  std::unique_ptr<BackupServer> server_;
+};
+
+TEST_F(BackupServerCapsTest, ConnectionsOverTheCapAreClosed) {
+  Start(/*max_connections=*/2, /*max_handshakes=*/8);
+  Fd a = Open(), b = Open();
+  WaitConnections(2);
+  Fd c = Open();
+  EXPECT_TRUE(ClosedByServer(c));
+  // The silent peers leave; their threads are reaped and the slots free.
+  a.Reset();
+  b.Reset();
+  WaitConnections(0);
+  auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+  ASSERT_TRUE(fd.ok());
+  wire::Link l(std::move(fd).value());
+  EXPECT_TRUE(wire::ClientHandshake(l, TestKey('k'), "vm1", 2000).ok());
+}
+
+TEST_F(BackupServerCapsTest, HandshakesOverTheCapAreClosed) {
+  Start(/*max_connections=*/8, /*max_handshakes=*/1);
+  Fd a = Open();
+  WaitConnections(1);
+  Fd b = Open();
+  EXPECT_TRUE(ClosedByServer(b));
+  a.Reset();
+  WaitConnections(0);
+}
+
+TEST_F(BackupServerCapsTest, ManyFailedHandshakesLeaveNoThreads) {
+  Start(/*max_connections=*/4, /*max_handshakes=*/4);
+  for (int i = 0; i < 20; i++) {
+    remus::Status hs;
+    auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
+    ASSERT_TRUE(fd.ok());
+    wire::Link l(std::move(fd).value());
+    EXPECT_FALSE(wire::ClientHandshake(l, TestKey('x'), "vm1", 2000).ok());
+  }
+  WaitConnections(0);
+  EXPECT_FALSE(server_->HasDomain("vm1"));
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// Through the server's public API with automatic promotion on, as remusd
+// runs it. The primary's QEMU binary does not exist here, so a promotion
+// that wrongly happens shows as promotion.state "failed".
+class BackupServerAutoPromoteTest : public BackupServerTest {
+ protected:
+  void SetUp() override {
+    dir_ = TempDir();
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.key = TestKey('k');
+    o.auto_promote = true;
+    o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    for (uint16_t port = 27300; port < 27400 && !port_; port++)
+      if (server_->Listen({"127.0.0.1", port}).ok()) port_ = port;
+    ASSERT_NE(port_, 0);
+  }
+  static json Config() {
+    return {{"domain", "vm1"}, {"argv", {"/nonexistent/qemu-system-x86_64", "-m", "1"}},
+            {"heartbeat_interval_ms", 50}, {"heartbeat_timeout_ms", 400}};
+  }
+  void Sync(wire::Link& l) {
+    ASSERT_TRUE(l.Send(MsgType::kConfig, 0, Config().dump()).ok());
+    json begin = {{"total_bytes", 4 * 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    std::string pages = CheckpointPages(0, 'a');
+    ASSERT_TRUE(l.Send(MsgType::kPages, 0, pages).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, 0, Blob()).ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, 0, wire::EncodeCommit({1, pages.size(), Blob().size()})).ok());
+    ExpectAck(l, 0);
+  }
+};
+
+// Defect 1, end to end through the server: ERROR, then GOODBYE: no promotion.
+TEST_F(BackupServerAutoPromoteTest, RefusedCheckpointAndGoodbyeNeverPromote) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  Sync(*l);
+  std::string p = CheckpointPages(0, 'Z');
+  ASSERT_TRUE(l->Send(MsgType::kPages, 1, p).ok());
+  ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
+  ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({2, p.size() + 4108, Blob().size()})).ok());
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  ASSERT_TRUE(l->Send(MsgType::kGoodbye, 1, R"({"reason":"backup refused"})").ok());
+  l.reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  json st = DomainStatus();
+  EXPECT_EQ(st["promotion"]["state"], "standby") << st.dump();
+  EXPECT_EQ(st["state"], "unprotected") << st.dump();
+}
+
+// Defect 6, through the server: the primary is back within the timeout.
+TEST_F(BackupServerAutoPromoteTest, ReconnectWithinTheTimeoutKeepsTheNewSession) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    Sync(*l);
+  }
+  WaitState("primary-lost");
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok()) << hs.ToString();
+  Sync(*l);
+  for (int i = 0; i < 16; i++) {  // past the first session's deadline, alive
+    ASSERT_TRUE(l->Send(MsgType::kHeartbeat, 0, "").ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  SendCheckpoint(*l, 1, CheckpointPages(1, 'N'));
+  ExpectAck(*l, 1);
+  json st = DomainStatus();
+  EXPECT_EQ(st["promotion"]["state"], "standby") << st.dump();
+  EXPECT_EQ(st["state"], "protected") << st.dump();
+}
+
+// Defect 8, through the server: wrong JSON types in CONFIG used to throw
+// nlohmann::json::type_error on the session thread (std::terminate).
+TEST_F(BackupServerAutoPromoteTest, ConfigOfWrongTypesIsRefused) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  ASSERT_TRUE(l->Send(MsgType::kConfig, 0,
+                      R"({"argv":["q"],"heartbeat_interval_ms":"50","heartbeat_timeout_ms":"400"})").ok());
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->type, MsgType::kError);
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// Defect 2, through the server: after GOODBYE the guest ran on unprotected;
+// a re-sync that dies before its COMMIT(0) leaves nothing to restore, also
+// after a restart.
+TEST_F(BackupServerTest, UncommittedResyncLeavesNoCheckpoint) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    InitialSync(*l);
+    ASSERT_TRUE(l->Send(MsgType::kGoodbye, 0, R"({"reason":"unprotected by the operator"})").ok());
+  }
+  WaitState("unprotected");
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    json config = {{"domain", "vm1"}, {"argv", {"qemu-new", "-m", "1"}}};
+    ASSERT_TRUE(l->Send(MsgType::kConfig, 0, config.dump()).ok());
+    json begin = {{"total_bytes", 4 * 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l->Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    ASSERT_TRUE(l->Send(MsgType::kPages, 0, CheckpointPages(0, 'n')).ok());
+  }
+  WaitState("primary-lost");
+  remus::Status s = server_->Failover("vm1");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("no committed checkpoint"), std::string::npos) << s.message();
+  server_.reset();
+  BackupOptions o;
+  o.state_dir = dir_;
+  o.key = TestKey('k');
+  o.auto_promote = false;
+  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+  ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  ASSERT_TRUE(server_->HasDomain("vm1"));
+  s = server_->Failover("vm1");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("no committed checkpoint"), std::string::npos) << s.message();
+}
+
+// Defect 4, through the server with the real launcher: a QEMU that exits at
+// start fails the promotion; retrying used to std::terminate.
+TEST_F(BackupServerTest, RetryingAFailedFailoverIsSafe) {
+  remus::Status hs;
+  {
+    auto l = Connect(TestKey('k'), &hs);
+    ASSERT_TRUE(hs.ok());
+    json config = {{"domain", "vm1"}, {"argv", {"/bin/false"}}};
+    ASSERT_TRUE(l->Send(MsgType::kConfig, 0, config.dump()).ok());
+    json begin = {{"total_bytes", 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4096}}}},
+                  {"configuration", "0700000003616263"}};
+    ASSERT_TRUE(l->Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+    std::string pages = CheckpointPages(0, 'a');
+    ASSERT_TRUE(l->Send(MsgType::kPages, 0, pages).ok());
+    ASSERT_TRUE(l->Send(MsgType::kDevice, 0, Blob()).ok());
+    ASSERT_TRUE(l->Send(MsgType::kCommit, 0, wire::EncodeCommit({1, pages.size(), Blob().size()})).ok());
+    ExpectAck(*l, 0);
+  }
+  WaitState("primary-lost");
+  for (int i = 0; i < 3; i++) {
+    remus::Status s = server_->Failover("vm1");
+    EXPECT_EQ(s.code(), Code::kUnavailable) << s.ToString();
+    EXPECT_NE(s.message().find("exited at start"), std::string::npos) << s.message();
+    EXPECT_EQ(DomainStatus()["state"], "failed");
+  }
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-#include "replicator/backup/backup.h"
+#include "replicator/qemu/argv_rewrite.h"
 
 #include <gtest/gtest.h>
 

@@ -1,0 +1,613 @@
+#include "replicator/backup/domain.h"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <thread>
+
+#include "common/hex.h"
+#include "common/log.h"
+#include "diskmirror/disk_replica.h"
+#include "replicator/backup/promoter.h"
+#include "replicator/backup/records.h"
+#include "replicator/backup/recovery.h"
+#include "replicator/link/page_batch.h"
+
+namespace remus {
+
+using nlohmann::json;
+using wire::MsgType;
+
+bool ValidDomainName(std::string_view d) {
+  if (d.empty() || d.size() > 64 || d[0] == '.' || d[0] == '-') return false;
+  for (char c : d)
+    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
+  return true;
+}
+
+namespace {
+
+// fsync of a directory: a rename or unlink in it is durable afterwards.
+Status SyncDir(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return ErrnoStatus("open " + dir, errno);
+  if (::fsync(fd.get()) < 0) return ErrnoStatus("fsync " + dir, errno);
+  return OkStatus();
+}
+
+Status WriteDurable(const std::string& dir, const std::string& file, const std::string& data) {
+  RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + file, data));
+  return SyncDir(dir);
+}
+
+}  // namespace
+
+BackupDomain::BackupDomain(std::string name, const BackupOptions& opts, const Clock& clock, Arbiter* arbiter,
+                           ProcessLauncher* launcher)
+    : name_(std::move(name)), opts_(opts), clock_(clock), arbiter_(arbiter), launcher_(launcher),
+      dir_(opts.state_dir + "/domains/" + name_), tag_("backup[" + name_ + "]") {}
+
+BackupDomain::~BackupDomain() = default;
+
+void BackupDomain::Stop() {
+  MutexLock l(mu_);
+  stopping_ = true;
+  cv_.NotifyAll();
+}
+
+DomainState BackupDomain::state() const {
+  MutexLock l(mu_);
+  return state_;
+}
+
+bool BackupDomain::Transition(DomainEvent e) {
+  std::optional<DomainState> n = NextState(state_, e);
+  if (!n) {
+    LOG_WARN(tag_) << "event " << DomainEventName(e) << " ignored in state " << DomainStateName(state_);
+    return false;
+  }
+  if (*n != state_) LOG_INFO(tag_) << DomainStateName(state_) << " -> " << DomainStateName(*n) << " (" << DomainEventName(e) << ")";
+  state_ = *n;
+  state_view_ = static_cast<int>(*n);
+  return true;
+}
+
+// ---- sessions ----
+
+void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
+  uint64_t gen = 0;
+  {
+    MutexLock l(mu_);
+    Status refuse;
+    if (stopping_)
+      refuse = Unavailable("this backup is shutting down");
+    else if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver)
+      refuse = FailedPrecondition("domain " + name_ + " was promoted on this backup; it runs here now");
+    else if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
+      refuse = AlreadyExists("domain " + name_ + " already has a primary connected");
+    if (!refuse.ok()) {
+      l.Unlock();
+      LOG_WARN(tag_) << "refused " << link->PeerName() << ": " << refuse.message();
+      (void)link->Send(MsgType::kError, 0, wire::EncodeError(refuse));
+      return;
+    }
+    Transition(DomainEvent::kSessionStart);
+    gen = ++generation_;  // an older session's pending automatic promotion is off
+    session_running_ = true;
+    error_.clear();
+    primary_ = link->PeerName();
+    link_ = link.get();
+    cv_.NotifyAll();
+  }
+  LOG_INFO(tag_) << "primary " << link->PeerName() << " connected (session " << gen << ")";
+  SessionOptions so;
+  so.domain = name_;
+  so.state_dir = opts_.state_dir;
+  so.heartbeat = opts_.heartbeat;
+  so.ack_delay_ms = opts_.ack_delay_ms;
+  so.max_staged_bytes = opts_.max_staged_bytes;
+  so.before_commit_for_test = opts_.before_commit_for_test;
+  Session session(std::move(so), clock_, this, &stats_, &disk_mu_);
+  SessionOutcome out = session.Run(*link);
+  Nanos wait{0};
+  {
+    MutexLock l(mu_);
+    syncing_.reset();  // an initial copy cut short is of no use
+    syncing_disks_.reset();
+    bytes_received_done_ += link->bytes_received();
+    link_ = nullptr;
+    session_running_ = false;
+    cv_.NotifyAll();
+    // A promotion ended this session; it owns the state now.
+    if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver) return;
+    Status restorable = Restorable();
+    std::string nothing = restorable.ok() ? "" : "; " + restorable.message();
+    switch (out.end) {
+      case SessionEnd::kEnded:
+        Transition(DomainEvent::kPrimaryEnded);
+        error_ = out.why + "; the primary lives on unprotected, so this backup does not promote by itself" +
+                 (restorable.ok() ? " (`remusctl failover " + name_ + "` still restores checkpoint " +
+                                        std::to_string(committed_->committed_epoch()) + " if you are sure it is gone)"
+                                  : nothing);
+        LOG_WARN(tag_) << error_;
+        return;
+      case SessionEnd::kPromoting:
+        return;
+      case SessionEnd::kFailover:
+        Transition(DomainEvent::kPrimaryLost);
+        if (!opts_.auto_promote) {
+          error_ = out.why + "; not promoting by itself (--no-auto-promote): run `remusctl failover " + name_ + "`";
+          LOG_WARN(tag_) << error_;
+          return;
+        }
+        error_ = out.why + nothing;
+        break;
+      case SessionEnd::kLost:
+        Transition(DomainEvent::kPrimaryLost);
+        error_ = "lost the primary: " + out.why + nothing;
+        LOG_WARN(tag_) << error_;
+        if (!opts_.auto_promote) return;
+        // Fail-stop detection: the primary is dead once it has been silent
+        // for the heartbeat timeout (a closed connection alone could be a
+        // restart).
+        wait = std::max(Nanos(0), session.heartbeat().timeout - session.SilentFor());
+        break;
+    }
+  }
+  AutoPromoteAfter(gen, wait, out.end == SessionEnd::kFailover ? out.why : "primary lost: " + out.why);
+}
+
+// ---- what the session hands over ----
+
+bool BackupDomain::Promoting() {
+  MutexLock l(mu_);
+  return state_ == DomainState::kPromoting;
+}
+
+Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
+  RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
+  MutexLock g(mu_);
+  session_config_ = std::move(c);
+  // The guest ran on since the last checkpoint this backup committed (that is
+  // why there is a new session): that checkpoint is stale from now on.
+  return RetireCheckpoint("a new protection session from " + primary_ +
+                          " began, and its initial copy has not committed yet");
+}
+
+StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginMsg& b) {
+  wire::ConfigMsg config;
+  std::string store_dir;
+  {
+    MutexLock g(mu_);
+    if (state_ != DomainState::kWaiting) return InvalidArgument("SYNC_BEGIN sent twice in one session");
+    int seq = ++session_seq_;
+    while (std::filesystem::exists(dir_ + "/store-" + std::to_string(seq))) seq = ++session_seq_;
+    store_dir = dir_ + "/store-" + std::to_string(seq);
+    config = session_config_;
+  }
+  ASSIGN_OR_RETURN(auto store, PageStore::Create(store_dir, b.blocks));
+  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", b.configuration));
+  // The CONFIG belongs with the store it describes: it becomes the restorable
+  // one only when this store does.
+  RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/config.json", wire::EncodeConfig(config)));
+  std::shared_ptr<DiskReplicaSet> disks;
+  if (!config.disks.empty()) {
+    json list = json::array();
+    for (const auto& d : config.disks) list.push_back(wire::DiskSpecToJson(d));
+    RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/disks.json", list.dump()));
+    ASSIGN_OR_RETURN(disks, OpenDisks(store->dir(), std::nullopt));
+    LOG_INFO(tag_) << "mirroring " << config.disks.size() << " disk(s) into " << dir_ << "/disks";
+  }
+  MutexLock g(mu_);
+  configuration_section_ = b.configuration;
+  syncing_ = std::move(store);
+  syncing_disks_ = disks;
+  Transition(DomainEvent::kSyncBegin);
+  return SyncTarget{syncing_.get(), std::move(disks)};
+}
+
+Status BackupDomain::CommitInitial(std::string_view blob, uint64_t page_count) {
+  MutexLock g(mu_);
+  if (!syncing_) return FailedPrecondition("COMMIT of the initial copy without SYNC_BEGIN");
+  RETURN_IF_ERROR(syncing_->CompleteInitialSync(blob, 0));
+  // This session's image is the restorable one from now on.
+  RETURN_IF_ERROR(WriteDurable(dir_, "current", std::filesystem::path(syncing_->dir()).filename().string()));
+  ::unlink((dir_ + "/retired").c_str());
+  ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
+  ::unlink((dir_ + "/promoting.json").c_str());
+  committed_ = std::move(syncing_);
+  committed_configuration_ = configuration_section_;
+  config_ = session_config_;
+  committed_disks_ = std::move(syncing_disks_);
+  disk_synced_epoch_ = -1;
+  no_checkpoint_reason_.clear();
+  bool disks_pending = committed_disks_ != nullptr;
+  Transition(disks_pending ? DomainEvent::kInitialCommit : DomainEvent::kProtectedNow);
+  LOG_INFO(tag_) << "initial copy committed (" << page_count << " pages)"
+                 << (disks_pending ? "; disks still copying" : "; standing by");
+  return OkStatus();
+}
+
+Status BackupDomain::CommitCheckpoint(uint64_t epoch, Staging& st) {
+  MutexLock g(mu_);
+  if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
+  return committed_->Commit(epoch, std::move(st));
+}
+
+Status BackupDomain::DisksSynced(int64_t epoch) {
+  MutexLock g(mu_);
+  if (disk_synced_epoch_ >= 0 || !committed_) return OkStatus();
+  disk_synced_epoch_ = epoch;
+  RETURN_IF_ERROR(WriteFileAtomic(committed_->dir() + "/disks-synced", std::to_string(disk_synced_epoch_)));
+  Transition(DomainEvent::kProtectedNow);
+  LOG_INFO(tag_) << "disk copies complete as of checkpoint " << disk_synced_epoch_ << "; standing by";
+  return OkStatus();
+}
+
+Status BackupDomain::RetireCheckpoint(const std::string& why) {
+  no_checkpoint_reason_ = why;
+  bool had = committed_ != nullptr || ::access((dir_ + "/current").c_str(), F_OK) == 0;
+  if (!had) return OkStatus();
+  // `current` goes first, durably: after a crash from here on, Recover must
+  // not find it (`retired` only explains its absence).
+  if (::unlink((dir_ + "/current").c_str()) < 0 && errno != ENOENT) return ErrnoStatus("unlink " + dir_ + "/current", errno);
+  RETURN_IF_ERROR(SyncDir(dir_));
+  RETURN_IF_ERROR(WriteDurable(dir_, "retired", why));
+  if (committed_disks_) {
+    // The images are shared by sessions: the retired session's journals go
+    // onto them in full before the new one's writes can.
+    MutexLock dg(disk_mu_);
+    Status a = committed_disks_->ApplyAll();
+    if (!a.ok()) LOG_WARN(tag_) << "applying the retired session's disk journals: " << a.ToString();
+  }
+  committed_disks_.reset();
+  disk_synced_epoch_ = -1;
+  if (committed_) {
+    std::error_code ec;
+    std::filesystem::remove_all(committed_->dir(), ec);
+    LOG_INFO(tag_) << "checkpoint " << committed_->committed_epoch() << " retired: " << why;
+  }
+  committed_.reset();
+  committed_configuration_.clear();
+  config_ = wire::ConfigMsg();
+  stats_.last_committed = -1;
+  return OkStatus();
+}
+
+FileIo* BackupDomain::Io() {
+  MutexLock dg(disk_mu_);
+  if (!io_) {
+    auto io = NewUringFileIo();
+    if (!io.ok()) return nullptr;
+    io_ = std::move(io).value();
+  }
+  return io_.get();
+}
+
+StatusOr<std::unique_ptr<DiskReplicaSet>> BackupDomain::OpenDisks(const std::string& store_dir,
+                                                                  std::optional<uint64_t> discard_after) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(store_dir + "/disks.json"));
+  ASSIGN_OR_RETURN(std::vector<ReplicaDisk> disks, ParseDisksFile(text, store_dir + "/disks.json"));
+  FileIo* io = Io();
+  if (!io) return Unavailable("domain " + name_ + ": io_uring is unavailable for the disk journals");
+  RETURN_IF_ERROR(MakeDirs(dir_ + "/disks", 0700));
+  return DiskReplicaSet::Open(io, dir_ + "/disks", store_dir, std::move(disks), discard_after);
+}
+
+// ---- promotion ----
+
+Status BackupDomain::Restorable() const {
+  if (!committed_ || !committed_->has_committed())
+    return FailedPrecondition("domain " + name_ + " has no committed checkpoint of its current protection session (" +
+                              (no_checkpoint_reason_.empty() ? "the initial copy never completed"
+                                                             : no_checkpoint_reason_) +
+                              "); nothing to restore");
+  if (committed_disks_ &&
+      (disk_synced_epoch_ < 0 || static_cast<uint64_t>(disk_synced_epoch_) > committed_->committed_epoch()))
+    return FailedPrecondition("domain " + name_ + ": the disk copy to this backup never completed, so its disk "
+                              "does not match any checkpoint; not restoring");
+  return OkStatus();
+}
+
+void BackupDomain::AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) {
+  TimePoint deadline = clock_.Now() + wait;
+  {
+    MutexLock l(mu_);
+    for (;;) {
+      if (stopping_ || generation_ != generation || state_ != DomainState::kPrimaryLost) {
+        LOG_INFO(tag_) << "automatic promotion of session " << generation << " called off: "
+                       << (stopping_ ? "remusd is stopping"
+                                     : generation_ != generation ? "a newer session started"
+                                                                 : "the domain is " + std::string(DomainStateName(state_)));
+        return;
+      }
+      Nanos left = deadline - clock_.Now();
+      if (left.count() <= 0) break;
+      cv_.WaitFor(mu_, std::min<Nanos>(left, std::chrono::milliseconds(20)));
+    }
+  }
+  Status p = PromoteImpl(reason, generation);
+  if (!p.ok()) LOG_ERROR(tag_) << "automatic promotion did not happen: " << p.ToString();
+}
+
+Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64_t> generation) {
+  {
+    MutexLock l(mu_);
+    if (generation && (*generation != generation_ || state_ != DomainState::kPrimaryLost || stopping_))
+      return Cancelled("domain " + name_ + ": the automatic promotion of session " + std::to_string(*generation) +
+                       " was superseded");
+    if (state_ == DomainState::kPromoting)
+      return FailedPrecondition("domain " + name_ + ": a promotion is already under way (" + promote_reason_ + ")");
+    if (state_ == DomainState::kFailedOver)
+      return FailedPrecondition("domain " + name_ + " was promoted already (" + promote_reason_ +
+                                "); its guest runs here");
+    if (Status r = Restorable(); !r.ok()) {
+      if (generation) {
+        // The primary is gone and nothing here can replace it: the guest is
+        // down. Say so as a failed promotion, not as a loss still pending.
+        Transition(DomainEvent::kPromote);
+        Transition(DomainEvent::kPromoteFailed);
+        promotion_tried_ = true;
+        promote_reason_ = reason;
+        promote_error_ = r.message();
+        error_ = reason + "; cannot promote: " + r.message();
+        LOG_ERROR(tag_) << error_;
+      }
+      return r;
+    }
+    if (!Transition(DomainEvent::kPromote)) return FailedPrecondition("domain " + name_ + ": cannot promote now");
+    promote_reason_ = reason;
+    promote_error_.clear();
+    promotion_tried_ = true;
+    ++generation_;  // no older session's automatic promotion follows this one
+    cv_.NotifyAll();
+    // An operator's failover while a primary is connected: end that session
+    // and wait until its ingest stopped, so neither the store nor the disks
+    // change under the restore.
+    if (link_) link_->Shutdown();
+    while (session_running_) cv_.Wait(mu_);
+  }
+  LOG_WARN(tag_) << "promoting: " << reason;
+  Status s = arbiter_->MayPromote(name_);
+  PromoteInput in;
+  if (s.ok()) {
+    MutexLock l(mu_);
+    s = Restorable();
+    if (s.ok()) {
+      in.store = committed_.get();
+      in.configuration = committed_configuration_;
+      in.config = config_;
+      in.disks = committed_disks_;
+      in.epoch = committed_->committed_epoch();
+    }
+  }
+  restore_progress_.ram_done = 0;
+  restore_progress_.ram_total = 0;
+  promote_phase_ = "preparing";
+  TimePoint t0 = clock_.Now();
+  if (s.ok()) s = DoPromote(in);
+  promote_phase_ = nullptr;
+  MutexLock l(mu_);
+  if (!s.ok()) {
+    Transition(DomainEvent::kPromoteFailed);
+    promote_error_ = s.message();
+    error_ = "promotion failed: " + s.message();
+    return s.Annotate("domain " + name_);
+  }
+  failover_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - t0));
+  Transition(DomainEvent::kPromoted);
+  failovers_total_++;
+  stats_.last_committed = static_cast<int64_t>(in.epoch);
+  // Remembered across a restart of remusd: the guest runs here now, and
+  // restoring the (older) checkpoint again would make a second copy.
+  json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason}};
+  if (!libvirt_uri_.empty()) marker["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
+  Status w = WriteDurable(dir_, "promoted.json", marker.dump());
+  if (!w.ok()) LOG_ERROR(tag_) << "cannot record the promotion: " << w.ToString();
+  else ::unlink((dir_ + "/promoting.json").c_str());
+  LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now";
+  return OkStatus();
+}
+
+Status BackupDomain::DoPromote(const PromoteInput& in) {
+  RestoreRequest req;
+  req.domain = name_;
+  req.store = in.store;
+  req.configuration = in.configuration;
+  req.config = in.config;
+  req.run_dir = dir_ + "/run";
+  req.epoch = in.epoch;
+  req.progress = &restore_progress_;
+  req.phase = &promote_phase_;
+  if (in.disks) {
+    MutexLock dg(disk_mu_);
+    promote_phase_ = "applying disk writes";
+    RETURN_IF_ERROR(in.disks->ApplyAll().Annotate("domain " + name_ + ": bringing the disk images to checkpoint " +
+                                                  std::to_string(in.epoch)));
+    for (size_t i = 0; i < in.disks->size(); i++) req.drive_images[in.disks->disk(i).id] = in.disks->ImagePath(i);
+  }
+  RETURN_IF_ERROR(MakeDirs(req.run_dir, 0700));
+  // A libvirt domain's disks are named by their <target dev=>.
+  bool via_libvirt = in.config.libvirt.has_value();
+  // Before anything can start the guest: a crash of remusd from here on must
+  // never lead to restoring this checkpoint again (Recover).
+  json marker = {{"epoch", in.epoch}, {"via", via_libvirt ? "libvirt" : "qemu"}, {"pid", -1}};
+  RETURN_IF_ERROR(WriteDurable(dir_, "promoting.json", marker.dump()).Annotate("recording the promotion"));
+  req.started = [&](int pid) {
+    marker["pid"] = pid;
+    Status w = WriteFileAtomic(dir_ + "/promoting.json", marker.dump());
+    if (!w.ok()) LOG_WARN(tag_) << "cannot record the restored QEMU's pid: " << w.ToString();
+    MutexLock l(mu_);
+    qemu_pid_ = pid;
+    qemu_ours_ = true;
+  };
+  std::unique_ptr<Promoter> promoter;
+  if (via_libvirt)
+    promoter = std::make_unique<LibvirtPromoter>(
+        LibvirtPromoterOptions{opts_.libvirt_uri, opts_.libvirt_pid_dir, opts_.qemu_binary});
+  else
+    promoter = std::make_unique<QemuPromoter>(launcher_, QemuPromoterOptions{opts_.qemu_binary, opts_.qemu_start_timeout_ms});
+  StatusOr<RestoredGuest> g = promoter->Restore(req);
+  MutexLock l(mu_);
+  if (!g.ok()) {
+    qemu_pid_ = -1;
+    qemu_ours_ = false;
+    return g.status();
+  }
+  qemu_pid_ = g->pid;
+  qemu_ours_ = g->ours;
+  qmp_socket_ = g->qmp_socket;
+  libvirt_uri_ = g->libvirt_uri;
+  libvirt_domain_ = g->libvirt_domain;
+  return OkStatus();
+}
+
+// ---- recovery ----
+
+Status BackupDomain::Recover() {
+  StatusOr<FoundPromotion> p = FindPromotion(dir_, name_, opts_.libvirt_pid_dir);
+  if (p.ok()) {
+    // A promotion ran, or was under way: its guest may have run, so this
+    // checkpoint is never restored again by itself.
+    MutexLock g(mu_);
+    stats_.last_committed = p->marker.epoch;
+    promotion_tried_ = true;
+    promote_reason_ = p->finished ? "promoted before remusd restarted" : "a promotion was under way when remusd stopped";
+    if (p->alive) {
+      qemu_pid_ = p->pid;
+      if (p->marker.via_libvirt) {
+        libvirt_uri_ = p->marker.libvirt_uri.empty() ? opts_.libvirt_uri : p->marker.libvirt_uri;
+        libvirt_domain_ = p->marker.libvirt_domain.empty() ? name_ : p->marker.libvirt_domain;
+      } else {
+        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/qmp.sock";
+      }
+      Transition(DomainEvent::kRecoveredPromotion);
+      LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << p->pid << ")";
+    } else {
+      error_ = std::string(p->finished ? "the guest promoted here before remusd restarted"
+                                       : "a promotion was under way when remusd stopped, and the guest it started") +
+               " (pid " + std::to_string(p->pid) + ") is gone; its checkpoint " + std::to_string(p->marker.epoch) +
+               " is older than what that guest may have run, so it is not restored again; remove " + dir_ +
+               " to protect this domain here anew";
+      promote_error_ = error_;
+      Transition(DomainEvent::kRecoveredBroken);
+      LOG_ERROR(tag_) << error_;
+    }
+    return OkStatus();
+  }
+  if (p.status().code() != Code::kNotFound) return p.status();
+  std::string retired;
+  StatusOr<KeptCheckpoint> k = LoadKeptCheckpoint(dir_, name_, &retired);
+  if (!k.ok() && k.status().code() == Code::kNotFound && !retired.empty()) {
+    // A re-sync began and never committed: there is no checkpoint to keep,
+    // and the retired one must not come back.
+    MutexLock g(mu_);
+    no_checkpoint_reason_ = retired;
+    Transition(DomainEvent::kRecoveredCheckpoint);
+    error_ = "remusd restarted; no checkpoint: " + no_checkpoint_reason_ + "; protect again from the primary";
+    LOG_WARN(tag_) << error_;
+    return OkStatus();
+  }
+  if (!k.ok()) return k.status();
+  const PageStore& store = *k->store;
+  // The disks: replay what the journals committed up to the page store's
+  // epoch, and drop what they committed after it.
+  std::shared_ptr<DiskReplicaSet> disks;
+  int64_t synced = -1;
+  if (std::filesystem::exists(store.dir() + "/disks.json")) {
+    ASSIGN_OR_RETURN(auto set, OpenDisks(store.dir(), store.committed_epoch()));
+    {
+      MutexLock dg(disk_mu_);
+      RETURN_IF_ERROR(set->ApplyAll().Annotate("domain " + name_ + ": replaying the disk journals"));
+    }
+    disks = std::move(set);
+    if (auto t = ReadFileToString(store.dir() + "/disks-synced"); t.ok()) synced = std::atoll(t->c_str());
+    LOG_INFO(tag_) << "disk images replayed to checkpoint " << store.committed_epoch();
+  }
+  // Stores of sessions that never committed are of no use any more.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
+    std::string n = e.path().filename().string();
+    if (n.rfind("store-", 0) == 0 && n != k->store_name) std::filesystem::remove_all(e.path(), ec);
+  }
+  MutexLock g(mu_);
+  config_ = std::move(k->config);
+  committed_configuration_ = std::move(k->configuration);
+  stats_.last_committed = static_cast<int64_t>(store.committed_epoch());
+  committed_ = std::move(k->store);
+  committed_disks_ = std::move(disks);
+  disk_synced_epoch_ = synced;
+  Transition(DomainEvent::kRecoveredCheckpoint);
+  error_ = "remusd restarted; checkpoint " + std::to_string(stats_.last_committed.load()) +
+           " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
+  LOG_WARN(tag_) << error_;
+  return OkStatus();
+}
+
+// ---- status ----
+
+json BackupDomain::StatusJson() const {
+  json j;
+  MutexLock g(mu_);
+  DomainState st = state_;
+  j["domain"] = name_;
+  j["role"] = st == DomainState::kFailedOver ? "primary (promoted)" : "backup";
+  j["state"] = DomainStateName(st);
+  // Pages the guest dirtied during the first pass arrive twice, so the bytes
+  // received can pass the guest's size before the copy is complete.
+  uint64_t total = stats_.sync_total, done = std::min<uint64_t>(stats_.sync_done, stats_.sync_total);
+  double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
+  if (st == DomainState::kSyncing || st == DomainState::kWaiting) pct = std::min(pct, 99.0);
+  else if (stats_.last_committed >= 0) pct = 100.0;
+  j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
+  j["last_committed_epoch"] = stats_.last_committed.load();
+  j["apply_ms"] = {{"p50", stats_.apply_ms.Quantile(0.5)}, {"p99", stats_.apply_ms.Quantile(0.99)}};
+  std::string pstate = st == DomainState::kPromoting   ? "promoting"
+                       : st == DomainState::kFailedOver ? "promoted"
+                       : st == DomainState::kFailed && promotion_tried_ ? "failed"
+                                                                        : "standby";
+  j["promotion"] = {{"state", pstate}, {"reason", promote_reason_}, {"error", promote_error_},
+                    {"failover_ms", failover_ms_.load()}};
+  if (st == DomainState::kPromoting) {
+    const char* phase = promote_phase_.load();
+    uint64_t streamed = restore_progress_.ram_done.load(), all = restore_progress_.ram_total.load();
+    j["promotion"]["phase"] = phase ? phase : "preparing";
+    j["promotion"]["restore"] = {
+        {"done_bytes", streamed},
+        {"total_bytes", all},
+        {"percent", all ? 100.0 * static_cast<double>(streamed) / static_cast<double>(all) : 0.0}};
+  }
+  Status restorable = Restorable();
+  j["restorable"] = restorable.ok() && st != DomainState::kPromoting && st != DomainState::kFailedOver;
+  if (!restorable.ok()) j["no_checkpoint_reason"] = restorable.message();
+  j["session"] = generation_;
+  j["ack_delay_ms"] = opts_.ack_delay_ms;
+  j["checkpoints_total"] = stats_.checkpoints_total.load();
+  j["failovers_total"] = failovers_total_.load();
+  j["histograms"] = {{"apply_seconds", HistogramToJson(stats_.apply_hist.Snapshot())}};
+  j["link"] = {{"bytes_received", bytes_received_done_ + (link_ ? link_->bytes_received() : 0)}};
+  j["primary"] = primary_;
+  j["connected"] = session_running_;
+  j["error"] = error_;
+  j["qmp_socket"] = qmp_socket_;
+  int pid = qemu_pid_;
+  if (qemu_ours_) {
+    if (!launcher_->Running(pid)) pid = -1;
+  } else if (pid > 0 && !ProcessRunning(pid)) {
+    pid = -1;  // libvirt's child or one from before a restart, not ours to reap
+  }
+  if (!libvirt_uri_.empty()) j["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
+  j["qemu"] = {{"pid", pid}};
+  if (committed_) j["store"] = committed_->dir();
+  if (committed_disks_) {
+    json ids = json::array();
+    for (size_t i = 0; i < committed_disks_->size(); i++)
+      ids.push_back({{"id", committed_disks_->disk(i).id}, {"image", committed_disks_->ImagePath(i)}});
+    j["disks"] = {{"images", ids}, {"synced_epoch", disk_synced_epoch_}};
+  }
+  return j;
+}
+
+}  // namespace remus

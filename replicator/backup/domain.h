@@ -1,0 +1,212 @@
+// One protected domain on the backup: its sessions (one connected primary at
+// a time), its committed checkpoint, its promotion, its recovery after a
+// restart of remusd. The lifecycle is the state machine of domain_state.h;
+// every change goes through NextState under mu_.
+//
+// Per domain, under <state-dir>/domains/<domain>/:
+//   store-<n>/         a PageStore, one per protection session, with the
+//                      session's config.json (QEMU argv, versions, a libvirt
+//                      domain's XML), configuration.bin and disks.json
+//   current            the name of the store holding this session's committed
+//                      image; removed (durably) as soon as a new session's
+//                      CONFIG is accepted: the guest ran on since, so the old
+//                      image is stale and never restored again
+//   retired            why there is no `current` (a re-sync that never committed)
+//   disks/             the mirrored disk images
+//   run/               the promoted QEMU's qmp.sock, qemu.pid, serial.log, qemu.log
+//                      (libvirt: domain.xml as restored, serial.log, the FIFO)
+//   promoting.json     written durably before the restored QEMU starts
+//   promoted.json      after a promotion: its pid, epoch, reason, and its QMP
+//                      socket or libvirt URI and domain
+//
+// Rules (see docs/architecture.md):
+// - The backup promotes by itself only from primary-lost (the link broke or
+//   went silent, or FAILOVER) and only for the session that lost its primary:
+//   a newer session cancels the pending promotion (generation_).
+// - After GOODBYE, an ERROR from the primary, or its own ERROR, the primary
+//   is known to live: the state is unprotected and nothing promotes by itself.
+// - A promotion first ends the live session and waits until its ingest
+//   stopped, then reads the store and the disks.
+// - Only the current session's committed checkpoint is restorable.
+//
+// Threads: Serve runs a session on the caller's thread (the server's
+// connection thread) plus an ack thread and a heartbeat thread it joins
+// before returning. Promote, StatusJson and Recover may be called from any
+// thread. The launcher, arbiter and clock outlive the domain.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "common/stats.h"
+#include "common/thread_annotations.h"
+#include "heartbeat/heartbeat.h"
+#include "heartbeat/promotion.h"
+#include "replicator/backup/domain_state.h"
+#include "replicator/backup/page_store.h"
+#include "replicator/backup/session.h"
+#include "replicator/backup/restore.h"
+#include "replicator/link/messages.h"
+#include "replicator/link/wire.h"
+#include "replicator/qemu/launcher.h"
+
+namespace remus {
+
+class DiskReplicaSet;
+class FileIo;
+
+struct BackupOptions {
+  std::string state_dir;
+  wire::Key key;
+  HeartbeatConfig heartbeat;        // used until the primary's CONFIG names its own
+  int ack_delay_ms = 0;             // test and benchmark knob: hold each ACK this long
+  std::string qemu_binary;          // overrides the primary's argv[0] (libvirt: <emulator>) when set
+  // Where libvirt domains are restored, and where that libvirt keeps its
+  // <domain>.pid files.
+  std::string libvirt_uri = "qemu:///system";
+  std::string libvirt_pid_dir = "/run/libvirt/qemu";
+  bool auto_promote = true;         // promote when the primary is lost
+  int handshake_timeout_ms = 5000;
+  // Connections served at once (authenticated or not), and of those, how many
+  // may be in the handshake. More are closed at once, with a log line.
+  int max_connections = 64;
+  int max_handshakes = 8;
+  // A checkpoint staging more than this in memory on the backup (page
+  // batches + device state) is refused with ResourceExhausted.
+  uint64_t max_staged_bytes = 2ull << 30;
+  // How long a restored QEMU may take to open its monitor.
+  int qemu_start_timeout_ms = 5000;
+  // Test hook: called by the session thread before it commits an epoch (after
+  // its disk writes are durable). Never set in production.
+  std::function<void(uint64_t epoch)> before_commit_for_test;
+};
+
+// A domain name remus accepts (it names a directory in the state dir):
+// 1-64 letters, digits, '.', '-' or '_', not starting with '.' or '-'.
+bool ValidDomainName(std::string_view d);
+
+class BackupDomain final : private SessionHost {
+ public:
+  BackupDomain(std::string name, const BackupOptions& opts, const Clock& clock, Arbiter* arbiter,
+               ProcessLauncher* launcher);
+  ~BackupDomain();
+  BackupDomain(const BackupDomain&) = delete;
+  BackupDomain& operator=(const BackupDomain&) = delete;
+
+  // Runs one session on an authenticated link until it ends, then (primary
+  // lost, auto_promote) waits out the heartbeat timeout and promotes unless a
+  // newer session started meanwhile.
+  void Serve(std::unique_ptr<wire::Link> link) EXCLUDES(mu_);
+  // After a restart of remusd: reopens what the state dir holds. NotFound
+  // when there is nothing. Never promotes by itself: the primary may be alive.
+  // Never throws: a corrupt file is an error naming it.
+  Status Recover() EXCLUDES(mu_);
+  // Operator-requested promotion (`remusctl failover`): ends a live session
+  // first. FailedPrecondition when there is nothing to restore, or a
+  // promotion runs or ran.
+  Status Promote(const std::string& reason) EXCLUDES(mu_) { return PromoteImpl(reason, std::nullopt); }
+  // Stops pending automatic promotions (the server is shutting down).
+  void Stop() EXCLUDES(mu_);
+  nlohmann::json StatusJson() const EXCLUDES(mu_);
+  DomainState state() const EXCLUDES(mu_);
+
+ private:
+  // What a promotion reads, taken under mu_ once the session stopped. The
+  // pointers stay valid while the state is promoting: only a session start
+  // (refused then) or Recover replace them.
+  struct PromoteInput {
+    const PageStore* store = nullptr;
+    std::string configuration;
+    wire::ConfigMsg config;
+    std::shared_ptr<DiskReplicaSet> disks;
+    uint64_t epoch = 0;
+  };
+
+  // Applies `e` to state_; false (and a log line) when not allowed.
+  bool Transition(DomainEvent e) REQUIRES(mu_);
+  Status PromoteImpl(const std::string& reason, std::optional<uint64_t> generation) EXCLUDES(mu_);
+  // FailedPrecondition unless the current session has a restorable checkpoint.
+  Status Restorable() const REQUIRES(mu_);
+  // Restores the guest through promoter.h and records what runs.
+  Status DoPromote(const PromoteInput& in) EXCLUDES(mu_);
+  void AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) EXCLUDES(mu_);
+
+  // SessionHost: what the live session hands over (session thread).
+  Status AcceptConfig(wire::ConfigMsg config) override EXCLUDES(mu_);
+  StatusOr<SyncTarget> BeginSync(const wire::SyncBeginMsg& begin) override EXCLUDES(mu_);
+  Status CommitInitial(std::string_view device_blob, uint64_t page_count) override EXCLUDES(mu_);
+  Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
+  Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
+  bool Promoting() override EXCLUDES(mu_);
+  // Removes `current` durably: the committed image is stale from now on.
+  Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
+
+  // Mirrored disks (diskmirror/disk_replica.h).
+  StatusOr<std::unique_ptr<DiskReplicaSet>> OpenDisks(const std::string& store_dir,
+                                                      std::optional<uint64_t> discard_after);
+  FileIo* Io();
+
+  const std::string name_;
+  const BackupOptions& opts_;
+  const Clock& clock_;
+  Arbiter* const arbiter_;
+  ProcessLauncher* const launcher_;
+  const std::string dir_;
+  const std::string tag_;
+
+  // The domain: lifecycle, stores, config, the promoted guest.
+  mutable Mutex mu_;
+  CondVar cv_;  // session_running_, generation_, stopping_ changed
+  DomainState state_ GUARDED_BY(mu_) = DomainState::kWaiting;
+  std::atomic<int> state_view_{0};    // state_, readable without mu_ (metrics)
+  uint64_t generation_ GUARDED_BY(mu_) = 0;     // sessions started; a new one cancels older auto promotions
+  bool session_running_ GUARDED_BY(mu_) = false;  // a session's ingest has not stopped yet
+  bool stopping_ GUARDED_BY(mu_) = false;
+  wire::Link* link_ GUARDED_BY(mu_) = nullptr;  // the live session's link
+  std::string error_ GUARDED_BY(mu_);
+  std::string no_checkpoint_reason_ GUARDED_BY(mu_);  // why committed_ is empty
+  std::string primary_ GUARDED_BY(mu_);
+  wire::ConfigMsg config_ GUARDED_BY(mu_);            // of the committed store
+  wire::ConfigMsg session_config_ GUARDED_BY(mu_);    // the live session's CONFIG
+  std::string configuration_section_ GUARDED_BY(mu_);  // of the session's store
+  std::string committed_configuration_ GUARDED_BY(mu_);
+  std::unique_ptr<PageStore> committed_ GUARDED_BY(mu_);
+  std::unique_ptr<PageStore> syncing_ GUARDED_BY(mu_);                // the live session's, until COMMIT 0
+  std::shared_ptr<DiskReplicaSet> syncing_disks_ GUARDED_BY(mu_);  // its disks, likewise
+  int session_seq_ GUARDED_BY(mu_) = 0;
+  std::shared_ptr<DiskReplicaSet> committed_disks_ GUARDED_BY(mu_);
+  int64_t disk_synced_epoch_ GUARDED_BY(mu_) = -1;  // of the committed store
+  uint64_t bytes_received_done_ GUARDED_BY(mu_) = 0;
+  // The promotion: why it began, how it failed, what runs.
+  std::string promote_reason_ GUARDED_BY(mu_);
+  std::string promote_error_ GUARDED_BY(mu_);
+  bool promotion_tried_ GUARDED_BY(mu_) = false;
+  int qemu_pid_ GUARDED_BY(mu_) = -1;
+  bool qemu_ours_ GUARDED_BY(mu_) = false;  // spawned by launcher_ (not libvirt's, not recovered)
+  std::string qmp_socket_ GUARDED_BY(mu_);
+  std::string libvirt_uri_ GUARDED_BY(mu_);
+  std::string libvirt_domain_ GUARDED_BY(mu_);
+
+  // Every use of a DiskReplicaSet (not thread-safe) holds disk_mu_.
+  Mutex disk_mu_ ACQUIRED_AFTER(mu_);
+  std::unique_ptr<FileIo> io_ GUARDED_BY(disk_mu_);
+
+  // Counters of all sessions, for status and metrics.
+  IngestStats stats_;
+  std::atomic<uint64_t> failovers_total_{0};  // successful promotions
+  std::atomic<int64_t> failover_ms_{-1};
+  // What a running promotion is doing: a string literal, or nullptr.
+  std::atomic<const char*> promote_phase_{nullptr};
+  RestoreProgress restore_progress_;
+};
+
+}  // namespace remus

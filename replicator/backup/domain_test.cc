@@ -1,0 +1,497 @@
+// BackupDomain against a scripted primary over a socketpair, with a fake
+// process launcher: the lifecycle rules (when it promotes, when it must not),
+// promotion's ordering against the session, recovery after a restart.
+#include "replicator/backup/domain.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+#include <thread>
+
+#include "replicator/backup/backup_testing.h"
+#include "tests/fakes/temp_dir.h"
+
+namespace remus {
+namespace {
+
+using nlohmann::json;
+using testing::FakeLauncher;
+using wire::MsgType;
+
+class DomainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    opts_.state_dir = remus::testing::MakeTempDir("remus-domain-test");
+    opts_.auto_promote = true;
+    opts_.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    opts_.qemu_start_timeout_ms = 300;
+    NewDomain();
+  }
+  void TearDown() override { EndAll(); }
+
+  void EndAll() {
+    if (domain_) domain_->Stop();
+    for (auto& l : primaries_) l->Shutdown();
+    for (auto& t : sessions_) t.join();
+    sessions_.clear();
+    primaries_.clear();
+  }
+  // A fresh domain object on the same state dir (a restart of remusd).
+  void NewDomain() {
+    EndAll();
+    domain_ = std::make_unique<BackupDomain>("vm1", opts_, RealClock::Get(), &arbiter_, &launcher_);
+  }
+
+  // A primary connected to the domain: the test holds its end of the link.
+  wire::Link& Connect() {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    auto backup_end = std::make_unique<wire::Link>(Fd(sv[1]));
+    sessions_.emplace_back([this, l = std::move(backup_end)]() mutable { domain_->Serve(std::move(l)); });
+    primaries_.push_back(std::make_unique<wire::Link>(Fd(sv[0])));
+    return *primaries_.back();
+  }
+
+  json Status() { return domain_->StatusJson(); }
+  // The primary's CONFIG, with the heartbeat timeout the waits below assume.
+  static json Config(const std::string& argv0 = "qemu-system-x86_64") { return testing::TestConfig(argv0, 400); }
+  std::string dir() { return opts_.state_dir + "/domains/vm1"; }
+
+  void WaitState(DomainState want, int ms = 3000) {
+    for (int i = 0; i < ms / 10; i++) {
+      if (domain_->state() == want) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    FAIL() << "state never became " << DomainStateName(want) << ": " << Status().dump();
+  }
+
+  // A checkpoint whose COMMIT counts do not match: the backup refuses it.
+  static void SendCorruptCheckpoint(wire::Link& l, uint64_t epoch) {
+    std::string p = testing::CheckpointPages(0, 'Z');
+    ASSERT_TRUE(l.Send(MsgType::kPages, epoch, p).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, epoch, testing::Blob()).ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, epoch, wire::EncodeCommit({2, p.size() + 4108, testing::Blob().size()})).ok());
+  }
+
+  BackupOptions opts_;
+  FakeLauncher launcher_;
+  FailStopArbiter arbiter_;
+  std::unique_ptr<BackupDomain> domain_;
+  std::vector<std::thread> sessions_;
+  std::vector<std::unique_ptr<wire::Link>> primaries_;
+};
+
+// Defect 1: the backup refused a checkpoint and told the primary (ERROR);
+// the primary answered GOODBYE and runs on. Promoting after the heartbeat
+// timeout would make two guests.
+TEST_F(DomainTest, OwnErrorAnsweredByGoodbyeNeverPromotes) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  SendCorruptCheckpoint(l, 1);
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  EXPECT_EQ(wire::DecodeError(f->payload).code(), Code::kDataLoss);
+  ASSERT_TRUE(l.Send(MsgType::kGoodbye, 1, R"({"reason":"backup refused checkpoint 1"})").ok());
+  l.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));  // twice the heartbeat timeout
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_EQ(domain_->state(), DomainState::kUnprotected);
+  json st = Status();
+  std::string err = st["error"];
+  EXPECT_NE(err.find("GOODBYE"), std::string::npos) << err;
+  EXPECT_NE(err.find("does not promote by itself"), std::string::npos) << err;
+  EXPECT_EQ(st["promotion"]["state"], "standby");
+  // The operator can still promote by hand.
+  EXPECT_TRUE(domain_->Promote("operator requested failover").ok());
+  EXPECT_EQ(domain_->state(), DomainState::kFailedOver);
+}
+
+// Defect 1: the primary never answers the ERROR (it closed); it was alive
+// when told, so still no automatic promotion.
+TEST_F(DomainTest, OwnErrorUnansweredNeverPromotes) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, Config().dump()).ok());  // twice: refused
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  l.Shutdown();
+  WaitState(DomainState::kUnprotected);
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_EQ(domain_->state(), DomainState::kUnprotected);
+}
+
+// An ERROR from the primary: it gave up protection and lives on.
+TEST_F(DomainTest, ErrorFromThePrimaryNeverPromotes) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  ASSERT_TRUE(l.Send(MsgType::kError, 0, wire::EncodeError(Unavailable("netbuf failed"))).ok());
+  l.Shutdown();
+  WaitState(DomainState::kUnprotected);
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(launcher_.spawns(), 0);
+}
+
+// A primary lost for good is promoted after the heartbeat timeout.
+TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  l.Shutdown();
+  WaitState(DomainState::kFailedOver);
+  EXPECT_EQ(launcher_.spawns(), 1);
+  json st = Status();
+  EXPECT_EQ(st["promotion"]["state"], "promoted") << st.dump();
+  EXPECT_EQ(st["last_committed_epoch"], 1);
+  auto marker = ReadFileToString(dir() + "/promoted.json");
+  ASSERT_TRUE(marker.ok());
+  EXPECT_EQ(json::parse(*marker)["epoch"], 1);
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/promoting.json"));
+}
+
+// Defect 6: the primary came back within the timeout; the old session's
+// pending promotion must not end the new session.
+TEST_F(DomainTest, NewSessionCancelsTheOldSessionsPromotion) {
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    l.Shutdown();
+  }
+  WaitState(DomainState::kPrimaryLost);
+  wire::Link& l2 = Connect();
+  testing::InitialSync(l2, Config());
+  // Past the old session's deadline, the new primary alive all along.
+  for (int i = 0; i < 16; i++) {
+    ASSERT_TRUE(l2.Send(MsgType::kHeartbeat, 0, "").ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  testing::SendCheckpoint(l2, 1, testing::CheckpointPages(2, 'N'));
+  testing::ExpectAck(l2, 1);
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_EQ(domain_->state(), DomainState::kProtected);
+  EXPECT_TRUE(Status()["connected"].get<bool>());
+}
+
+// Defect 5: an operator's failover during a live session waits until the
+// session's ingest stopped; the checkpoint being committed is either fully
+// in or fully out, never half.
+TEST_F(DomainTest, OperatorFailoverWaitsForTheSessionToStop) {
+  std::promise<void> in_commit, release;
+  std::shared_future<void> released = release.get_future().share();
+  opts_.before_commit_for_test = [&](uint64_t epoch) {
+    if (epoch != 2) return;
+    in_commit.set_value();
+    released.wait();
+  };
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'A'));
+  testing::ExpectAck(l, 1);
+  testing::SendCheckpoint(l, 2, testing::CheckpointPages(1, 'B'));
+  in_commit.get_future().wait();  // the session thread is inside commit 2
+  bool store_at_spawn_epoch2 = false;
+  launcher_.on_spawn = [&](const SpawnSpec&) { store_at_spawn_epoch2 = Status()["last_committed_epoch"] == 2; };
+  auto promoted = std::async(std::launch::async, [&] { return domain_->Promote("operator requested failover"); });
+  EXPECT_EQ(promoted.wait_for(std::chrono::milliseconds(300)), std::future_status::timeout);
+  EXPECT_EQ(launcher_.spawns(), 0);  // nothing read while the session runs
+  release.set_value();
+  remus::Status s = promoted.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(store_at_spawn_epoch2);
+  json st = Status();
+  EXPECT_FALSE(st["connected"].get<bool>());
+  EXPECT_EQ(st["state"], "failed-over");
+  EXPECT_EQ(json::parse(*ReadFileToString(dir() + "/promoted.json"))["epoch"], 2);
+  opts_.before_commit_for_test = nullptr;
+}
+
+// Defect 5 with mirrored disks: an operator's failover while checkpoint 2 is
+// being committed restores memory and disk at the same checkpoint, and the
+// restored QEMU gets the backup's raw image.
+TEST_F(DomainTest, OperatorFailoverRestoresMemoryAndDiskAtOneCheckpoint) {
+  std::promise<void> in_commit, release;
+  std::shared_future<void> released = release.get_future().share();
+  opts_.before_commit_for_test = [&](uint64_t epoch) {
+    if (epoch != 2) return;
+    in_commit.set_value();
+    released.wait();
+  };
+  json config = Config();
+  config["argv"] = {"qemu-system-x86_64", "-drive", "id=drive0,file=/primary/d.qcow2,format=qcow2,if=none"};
+  config["disks"] = {{{"id", "drive0"}, {"node", "n0"}, {"format", "qcow2"}, {"file", "/primary/d.qcow2"}, {"size", 65536}}};
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, config.dump()).ok());
+  json begin = {{"total_bytes", 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                {"configuration", "0700000003616263"}};
+  ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+  auto disk_write = [&](uint64_t epoch, char fill) {
+    std::string data(4096, fill);
+    ASSERT_TRUE(l.Send(MsgType::kDisk, epoch, wire::EncodeDiskRecord(0, wire::DiskOp::kWrite, 0, 4096, data)).ok());
+  };
+  auto checkpoint = [&](uint64_t epoch, char fill, bool synced) {
+    disk_write(epoch, fill);
+    std::string pages = testing::CheckpointPages(0, fill);
+    ASSERT_TRUE(l.Send(MsgType::kPages, epoch, pages).ok());
+    ASSERT_TRUE(l.Send(MsgType::kDevice, epoch, testing::Blob()).ok());
+    if (synced) ASSERT_TRUE(l.Send(MsgType::kDiskSynced, epoch, "").ok());
+    ASSERT_TRUE(l.Send(MsgType::kCommit, epoch, wire::EncodeCommit({1, pages.size(), testing::Blob().size(), 1})).ok());
+  };
+  checkpoint(0, 'C', false);
+  testing::ExpectAck(l, 0);
+  EXPECT_EQ(domain_->state(), DomainState::kSyncing);  // the disk copy is not complete yet
+  EXPECT_EQ(domain_->Promote("too early").code(), Code::kFailedPrecondition);
+  checkpoint(1, 'D', true);
+  testing::ExpectAck(l, 1);
+  EXPECT_EQ(domain_->state(), DomainState::kProtected);
+  checkpoint(2, 'E', false);
+  in_commit.get_future().wait();
+  std::vector<std::string> argv;
+  launcher_.on_spawn = [&](const SpawnSpec& spec) { argv = spec.argv; };
+  auto promoted = std::async(std::launch::async, [&] { return domain_->Promote("operator requested failover"); });
+  EXPECT_EQ(promoted.wait_for(std::chrono::milliseconds(300)), std::future_status::timeout);
+  release.set_value();
+  remus::Status s = promoted.get();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(Status()["last_committed_epoch"], 2);
+  std::string image = dir() + "/disks/drive0.img";
+  auto bytes = ReadFileToString(image);
+  ASSERT_TRUE(bytes.ok());
+  EXPECT_EQ((*bytes)[100], 'E');  // checkpoint 2's write, like its memory
+  bool found = false;
+  for (const auto& a : argv) found |= a.find("file=" + image) != std::string::npos && a.find("format=raw") != std::string::npos;
+  EXPECT_TRUE(found) << ::testing::PrintToString(argv);
+  opts_.before_commit_for_test = nullptr;
+}
+
+// Defect 4: a failed promotion's QEMU is killed, and a retry works (it
+// used to reassign a joinable std::thread: std::terminate).
+TEST_F(DomainTest, RetryAfterAFailedPromotionKillsTheFirstAttempt) {
+  opts_.auto_promote = false;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  l.Shutdown();
+  WaitState(DomainState::kPrimaryLost);
+  launcher_.mode = FakeLauncher::Mode::kHang;  // runs, but its monitor never comes up
+  remus::Status s = domain_->Promote("operator requested failover");
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.ToString();
+  EXPECT_NE(s.message().find("monitor did not come up"), std::string::npos) << s.message();
+  EXPECT_EQ(launcher_.killed(), std::vector<int>{900000});
+  EXPECT_EQ(domain_->state(), DomainState::kFailed);
+  EXPECT_EQ(Status()["promotion"]["state"], "failed");
+  launcher_.mode = FakeLauncher::Mode::kExitAtStart;
+  s = domain_->Promote("operator requested failover");
+  EXPECT_NE(s.message().find("exited at start"), std::string::npos) << s.ToString();
+  launcher_.mode = FakeLauncher::Mode::kQemu;
+  s = domain_->Promote("operator requested failover");
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(launcher_.spawns(), 3);
+  EXPECT_EQ(domain_->state(), DomainState::kFailedOver);
+  EXPECT_EQ(Status()["qemu"]["pid"], 900002);
+  EXPECT_EQ(domain_->Promote("again").code(), Code::kFailedPrecondition);  // never twice
+}
+
+// Defect 7: the promotion is on disk before QEMU starts.
+TEST_F(DomainTest, PromotingRecordIsDurableBeforeQemuStarts) {
+  opts_.auto_promote = false;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  l.Shutdown();
+  WaitState(DomainState::kPrimaryLost);
+  json at_spawn;
+  launcher_.on_spawn = [&](const SpawnSpec&) {
+    auto m = ReadFileToString(dir() + "/promoting.json");
+    if (m.ok()) at_spawn = json::parse(*m);
+  };
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  EXPECT_EQ(at_spawn.value("epoch", -1), 0) << at_spawn.dump();
+  EXPECT_TRUE(std::filesystem::exists(dir() + "/promoted.json"));
+}
+
+// Defect 7: remusd died after promoting.json, before promoted.json. The
+// restart must not offer that checkpoint again.
+class RecoverPromotingTest : public DomainTest {
+ protected:
+  void CrashWhilePromoting(int pid) {
+    opts_.auto_promote = false;
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    l.Shutdown();
+    WaitState(DomainState::kPrimaryLost);
+    NewDomain();
+    ASSERT_TRUE(WriteFileAtomic(dir() + "/promoting.json", json{{"epoch", 0}, {"via", "qemu"}, {"pid", -1}}.dump()).ok());
+    ASSERT_TRUE(MakeDirs(dir() + "/run", 0700).ok());
+    ASSERT_TRUE(WriteFileAtomic(dir() + "/run/qemu.pid", std::to_string(pid) + "\n").ok());
+    ASSERT_TRUE(domain_->Recover().ok());
+  }
+};
+
+TEST_F(RecoverPromotingTest, ItsQemuRunsOnAsFailedOver) {
+  std::string run = dir() + "/run/";
+  pid_t child = ::fork();
+  if (child == 0) {
+    execl("/bin/sh", "sh", "-c", "sleep 30 >/dev/null 2>&1", run.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CrashWhilePromoting(child);
+  EXPECT_EQ(domain_->state(), DomainState::kFailedOver) << Status().dump();
+  EXPECT_EQ(Status()["qemu"]["pid"], child);
+  EXPECT_EQ(domain_->Promote("again").code(), Code::kFailedPrecondition);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+}
+
+TEST_F(RecoverPromotingTest, ItsQemuGoneIsFailedNotPrimaryLost) {
+  pid_t child = ::fork();
+  if (child == 0) _exit(0);
+  ::waitpid(child, nullptr, 0);
+  CrashWhilePromoting(child);
+  EXPECT_EQ(domain_->state(), DomainState::kFailed) << Status().dump();
+  std::string err = Status()["error"];
+  EXPECT_NE(err.find("not restored again"), std::string::npos) << err;
+  EXPECT_EQ(launcher_.spawns(), 0);
+}
+
+// Defect 2: a re-sync that has not committed means "no checkpoint": the
+// previous session's image is never restored, live or after a restart.
+TEST_F(DomainTest, UncommittedResyncRestoresNothing) {
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config("qemu-old"));
+    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+    testing::ExpectAck(l, 1);
+    ASSERT_TRUE(l.Send(MsgType::kGoodbye, 1, R"({"reason":"unprotected by the operator"})").ok());
+  }
+  WaitState(DomainState::kUnprotected);
+  // The guest runs unprotected, then is protected again; the primary dies
+  // halfway through the new initial copy.
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, Config("qemu-new").dump()).ok());
+  json begin = {{"total_bytes", 4 * 4096},
+                {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
+                {"configuration", "0700000003616263"}};
+  ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+  ASSERT_TRUE(l.Send(MsgType::kPages, 0, testing::CheckpointPages(0, 'n')).ok());
+  l.Shutdown();
+  // Past the timeout the automatic promotion finds nothing to restore: the
+  // guest is down, and status says why.
+  WaitState(DomainState::kFailed);
+  EXPECT_EQ(launcher_.spawns(), 0);
+  json st = Status();
+  EXPECT_FALSE(st["restorable"].get<bool>()) << st.dump();
+  EXPECT_NE(st["error"].get<std::string>().find("no committed checkpoint"), std::string::npos) << st.dump();
+  EXPECT_EQ(st["promotion"]["state"], "failed") << st.dump();
+  remus::Status s = domain_->Promote("operator requested failover");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition);
+  EXPECT_NE(s.message().find("new protection session"), std::string::npos) << s.message();
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/current"));
+  // After a restart too.
+  NewDomain();
+  ASSERT_TRUE(domain_->Recover().ok());
+  EXPECT_EQ(domain_->state(), DomainState::kPrimaryLost);
+  EXPECT_FALSE(Status()["restorable"].get<bool>());
+  EXPECT_EQ(domain_->Promote("operator requested failover").code(), Code::kFailedPrecondition);
+  EXPECT_EQ(launcher_.spawns(), 0);
+}
+
+// Defect 2: the restored argv is the committed session's, not a newer
+// CONFIG's: config.json lives in the store it belongs to.
+TEST_F(DomainTest, ConfigBelongsToItsStore) {
+  opts_.auto_promote = false;
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config("qemu-one"));
+    l.Shutdown();
+  }
+  WaitState(DomainState::kPrimaryLost);
+  std::string store = Status()["store"];
+  auto cfg = ReadFileToString(store + "/config.json");
+  ASSERT_TRUE(cfg.ok());
+  EXPECT_EQ(json::parse(*cfg)["argv"][0], "qemu-one");
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/config.json"));
+  NewDomain();
+  ASSERT_TRUE(domain_->Recover().ok());
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  EXPECT_EQ(launcher_.spawns(), 1);
+}
+
+// Defect 8: peer input of the wrong JSON types is refused, never thrown.
+TEST_F(DomainTest, MalformedConfigIsRefusedNotThrown) {
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, R"({"argv":["q"],"heartbeat_interval_ms":"50","heartbeat_timeout_ms":[1]})").ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  EXPECT_EQ(wire::DecodeError(f->payload).code(), Code::kInvalidArgument);
+  WaitState(DomainState::kUnprotected);
+}
+
+TEST_F(DomainTest, MalformedSyncBeginAndFailoverAreNotThrown) {
+  {
+    wire::Link& l = Connect();
+    ASSERT_TRUE(l.Send(MsgType::kConfig, 0, Config().dump()).ok());
+    ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, R"({"blocks":[{"id":7,"used_length":"x"}],"total_bytes":-1})").ok());
+    auto f = testing::NextNonHeartbeat(l);
+    ASSERT_TRUE(f.ok());
+    ASSERT_EQ(f->type, MsgType::kError);
+  }
+  WaitState(DomainState::kUnprotected);
+  opts_.auto_promote = false;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  ASSERT_TRUE(l.Send(MsgType::kFailover, 0, R"({"reason":42})").ok());
+  WaitState(DomainState::kPrimaryLost);
+}
+
+// Defect 8: a corrupt state dir is an error for that domain, not a crash.
+TEST_F(DomainTest, CorruptStateFilesAreErrorsNotCrashes) {
+  opts_.auto_promote = false;
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    l.Shutdown();
+  }
+  WaitState(DomainState::kPrimaryLost);
+  std::string store = Status()["store"];
+  ASSERT_TRUE(WriteFileAtomic(store + "/config.json", R"({"argv":"not a list"})").ok());
+  NewDomain();
+  remus::Status r = domain_->Recover();
+  EXPECT_EQ(r.code(), Code::kDataLoss) << r.ToString();
+  EXPECT_NE(r.message().find("config.json"), std::string::npos) << r.message();
+  ASSERT_TRUE(WriteFileAtomic(dir() + "/promoted.json", R"({"pid":"x"})").ok());
+  NewDomain();
+  r = domain_->Recover();
+  EXPECT_EQ(r.code(), Code::kDataLoss) << r.ToString();
+  EXPECT_NE(r.message().find("promoted.json"), std::string::npos) << r.message();
+}
+
+// Defect 9: a checkpoint that would stage more than the bound is refused.
+TEST_F(DomainTest, OversizedCheckpointIsRefusedWithResourceExhausted) {
+  opts_.max_staged_bytes = 16 * 1024;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  std::string pages;
+  for (int i = 0; i < 4; i++) pages += testing::CheckpointPages(i, 'X');
+  ASSERT_TRUE(l.Send(MsgType::kPages, 1, pages).ok());
+  ASSERT_TRUE(l.Send(MsgType::kPages, 1, pages).ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  remus::Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kResourceExhausted) << e.ToString();
+  EXPECT_NE(e.message().find("stages more than"), std::string::npos) << e.message();
+  WaitState(DomainState::kUnprotected);
+  EXPECT_EQ(Status()["last_committed_epoch"], 0);
+}
+
+}  // namespace
+}  // namespace remus

@@ -1,0 +1,339 @@
+#include "replicator/backup/session.h"
+
+#include <thread>
+
+#include "common/log.h"
+#include "diskmirror/disk_replica.h"
+#include "replicator/backup/records.h"
+#include "replicator/link/page_batch.h"
+
+namespace remus {
+
+using wire::MsgType;
+
+namespace {
+// As much as the primary's read-buffer pool (CheckpointSource): a checkpoint
+// of up to ~64 batches is received without allocating.
+constexpr uint64_t kSpareBufferBytes = 256ull << 20;
+// Smaller buffers (control frames, a moved-from payload) are not worth keeping.
+constexpr size_t kMinSpareBuffer = 1 << 20;
+}  // namespace
+
+Session::Session(SessionOptions opts, const Clock& clock, SessionHost* host, IngestStats* stats, Mutex* disk_mu)
+    : opts_(std::move(opts)), clock_(clock), host_(host), stats_(stats), disk_mu_(*disk_mu),
+      tag_("backup[" + opts_.domain + "]"), hb_(clock, opts_.heartbeat) {}
+
+Session::~Session() = default;
+
+SessionOutcome Session::Run(wire::Link& link) {
+  wire::Link* l = &link;
+  std::thread acker([this, l] { AckLoop(l); });
+  std::thread beat([this, l] { HeartbeatLoop(l); });
+  SessionOutcome out;
+  Status s;           // why the session ends
+  bool ours = false;  // s is our refusal of the primary's input, not a broken link
+  for (;;) {
+    auto f = link.Recv(TakeSpareBuffer());
+    if (!f.ok()) {
+      s = f.status();
+      // A corrupt frame (bad checksum or length) arrived over a live link.
+      ours = s.code() == Code::kDataLoss || s.code() == Code::kInvalidArgument;
+      break;
+    }
+    hb_.Received();
+    // Liveness is counted on receipt, and the time spent applying is ours:
+    // the primary's frames wait in our socket meanwhile.
+    hb_.SetBusy(true);
+    s = HandleFrame(*f, &out);
+    hb_.SetBusy(false);
+    RecycleBuffer(std::move(f->payload));  // kept unless HandleFrame took it
+    if (!s.ok()) {
+      ours = s.code() != Code::kAborted && s.code() != Code::kCancelled;
+      break;
+    }
+  }
+  {
+    MutexLock g(sess_mu_);
+    over_ = true;
+    sess_cv_.NotifyAll();
+  }
+  if (host_->Promoting()) {
+    out = {SessionEnd::kPromoting, "a promotion ended the session"};
+  } else if (ours) {
+    // Tell the primary why we stop acking; it drops to unprotected and its
+    // guest runs on: from now on this backup must not promote by itself.
+    // Then read on until it closes (bounded): closing with its frames unread
+    // would reset the connection, and the ERROR could be lost with it. A
+    // GOODBYE read meanwhile only confirms that the primary lives.
+    LOG_ERROR(tag_) << "refusing the primary's stream: " << s.ToString();
+    out = {SessionEnd::kEnded, "this backup refused the primary's stream and told it so (" + s.ToString() + ")"};
+    if (link.Send(MsgType::kError, 0, wire::EncodeError(s)).ok()) {
+      link.ShutdownWrite();
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      for (;;) {
+        auto f = link.RecvUntil(deadline);
+        if (!f.ok()) break;
+        if (f->type == MsgType::kGoodbye) out.why += "; the primary answered GOODBYE";
+      }
+    }
+  } else if (s.code() != Code::kAborted && s.code() != Code::kCancelled) {
+    out = {SessionEnd::kLost, s.message()};
+  }
+  link.Shutdown();
+  acker.join();
+  beat.join();
+  Discard();
+  return out;
+}
+
+void Session::Discard() {
+  staging_.Clear();        // a partial checkpoint is discarded
+  spare_buffers_.clear();  // an idle domain holds no receive buffers
+  spare_bytes_ = 0;
+  device_buf_.clear();
+  staged_page_bytes_ = 0;
+  staged_disk_records_ = 0;
+  if (disks_) {
+    MutexLock dg(disk_mu_);
+    Status d = disks_->DropUncommitted();
+    if (!d.ok()) LOG_ERROR(tag_) << "dropping a partial checkpoint's disk writes: " << d.ToString();
+    disks_.reset();
+  }
+}
+
+void Session::HeartbeatLoop(wire::Link* link) {
+  MutexLock l(sess_mu_);
+  while (!over_) {
+    sess_cv_.WaitFor(sess_mu_, std::min<Nanos>(hb_.NextCheckIn(), std::chrono::milliseconds(50)));
+    if (over_) return;
+    l.Unlock();
+    if (hb_.PeerLost()) {
+      LOG_WARN(tag_) << "primary silent for " << static_cast<int>(ToMillis(hb_.SinceLastReceived())) << " ms";
+      link->Shutdown();
+      l.Lock();
+      return;
+    }
+    if (hb_.SendDue()) {
+      hb_.Sent();
+      (void)link->Send(MsgType::kHeartbeat, static_cast<uint64_t>(std::max<int64_t>(0, stats_->last_committed)), "");
+    }
+    l.Lock();
+  }
+}
+
+void Session::AckLoop(wire::Link* link) {
+  // ACKs go out from here so an --ack-delay-ms never slows down receiving.
+  MutexLock l(sess_mu_);
+  for (;;) {
+    while (!over_ && acks_.empty()) sess_cv_.Wait(sess_mu_);
+    if (over_) {
+      acks_.clear();
+      return;
+    }
+    auto [epoch, due] = acks_.front();
+    if (clock_.Now() < due) {
+      sess_cv_.WaitUntil(sess_mu_, std::chrono::steady_clock::time_point(due.time_since_epoch()));
+      continue;
+    }
+    acks_.pop_front();
+    l.Unlock();
+    (void)link->Send(MsgType::kAck, epoch, "");
+    l.Lock();
+  }
+}
+
+Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
+  switch (f.type) {
+    case MsgType::kHeartbeat:
+    case MsgType::kProgress:
+      return OkStatus();
+    case MsgType::kConfig:
+      return HandleConfig(f.payload);
+    case MsgType::kSyncBegin:
+      return HandleSyncBegin(f.payload);
+    case MsgType::kPages: {
+      if (f.flags & wire::kFlagLz4) {
+        ASSIGN_OR_RETURN(f.payload, wire::DecompressBatch(f.payload, wire::kMaxPayload));
+      }
+      if (f.epoch == 0) {
+        if (!syncing_) return FailedPrecondition("PAGES for the initial copy before SYNC_BEGIN");
+        RETURN_IF_ERROR(wire::ForEachPageRecord(f.payload, [&](uint32_t b, uint64_t o, const uint8_t* d) {
+          stats_->sync_done += wire::kPageSize;
+          return syncing_->ApplyPage(b, o, d);
+        }));
+        staged_page_bytes_ += f.payload.size();
+        return OkStatus();
+      }
+      if (staging_.bytes() + device_buf_.size() + f.payload.size() > opts_.max_staged_bytes)
+        return ResourceExhausted("domain " + opts_.domain + ": checkpoint " + std::to_string(f.epoch) +
+                                 " stages more than " + std::to_string(opts_.max_staged_bytes >> 20) +
+                                 " MiB in the backup's memory (its limit); lower the primary's max unacked bytes "
+                                 "or raise the backup's limit, then protect again");
+      staged_page_bytes_ += f.payload.size();
+      staging_.AddPageBatch(std::move(f.payload));
+      return OkStatus();
+    }
+    case MsgType::kDisk: {
+      if (!disks_) return FailedPrecondition("DISK for a domain without mirrored disks, or before SYNC_BEGIN");
+      ASSIGN_OR_RETURN(wire::DiskRecord r, wire::DecodeDiskRecord(f.payload));
+      staged_disk_records_++;
+      MutexLock dg(disk_mu_);
+      Status ds;
+      switch (r.op) {
+        case wire::DiskOp::kWrite:
+          ds = disks_->Write(r.disk, f.epoch, r.offset,
+                             std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.data.data()), r.data.size()));
+          break;
+        case wire::DiskOp::kZero: ds = disks_->Zero(r.disk, f.epoch, r.offset, r.length); break;
+        case wire::DiskOp::kTrim: ds = disks_->Trim(r.disk, f.epoch, r.offset, r.length); break;
+      }
+      return DiskError(ds, f.epoch);
+    }
+    case MsgType::kDiskSynced:
+      if (!disks_) return FailedPrecondition("DISK_SYNCED for a domain without mirrored disks");
+      disk_synced_ = static_cast<int64_t>(f.epoch);
+      return OkStatus();
+    case MsgType::kDevice:
+      if (device_buf_.size() + f.payload.size() > qemu::kMaxDeviceState) return DataLoss("device state too large");
+      if (f.epoch > 0 && staging_.bytes() + device_buf_.size() + f.payload.size() > opts_.max_staged_bytes)
+        return ResourceExhausted("domain " + opts_.domain + ": checkpoint " + std::to_string(f.epoch) +
+                                 " stages more than " + std::to_string(opts_.max_staged_bytes >> 20) +
+                                 " MiB in the backup's memory (its limit)");
+      device_buf_ += f.payload;
+      return OkStatus();
+    case MsgType::kCommit:
+      return CommitEpoch(f.epoch, f.payload);
+    case MsgType::kFailover: {
+      std::string why = ParseReason(f.payload);
+      std::string reason = "primary reports its guest lost";
+      if (!why.empty()) reason += ": " + why;
+      LOG_WARN(tag_) << reason;
+      *outcome = {SessionEnd::kFailover, reason};
+      return Aborted("primary lost");
+    }
+    case MsgType::kGoodbye: {
+      std::string why = ParseReason(f.payload);
+      std::string reason = "the primary ended protection (GOODBYE";
+      if (!why.empty()) reason += ": " + why;
+      *outcome = {SessionEnd::kEnded, reason + ")"};
+      LOG_INFO(tag_) << outcome->why << "; not promoting";
+      return Cancelled("goodbye");
+    }
+    case MsgType::kError: {
+      Status e = wire::DecodeError(f.payload);
+      *outcome = {SessionEnd::kEnded, "the primary gave up protection with an error (" + e.ToString() + ")"};
+      return Cancelled("error from the primary");
+    }
+    default:
+      return InvalidArgument("unexpected " + wire::MsgTypeName(f.type) + " from the primary");
+  }
+}
+
+Status Session::HandleConfig(const std::string& payload) {
+  if (config_seen_) return InvalidArgument("CONFIG sent twice in one session");
+  ASSIGN_OR_RETURN(wire::ConfigMsg c, ParseConfigPayload(payload, opts_.domain));
+  if (c.heartbeat_interval_ms > 0 && c.heartbeat_timeout_ms > c.heartbeat_interval_ms)
+    hb_.Reconfigure({std::chrono::milliseconds(c.heartbeat_interval_ms), std::chrono::milliseconds(c.heartbeat_timeout_ms)});
+  config_seen_ = true;
+  return host_->AcceptConfig(std::move(c));
+}
+
+Status Session::HandleSyncBegin(const std::string& payload) {
+  if (!config_seen_) return InvalidArgument("SYNC_BEGIN before CONFIG");
+  ASSIGN_OR_RETURN(wire::SyncBeginMsg b, ParseSyncBegin(payload));
+  ASSIGN_OR_RETURN(SessionHost::SyncTarget t, host_->BeginSync(b));
+  syncing_ = t.store;
+  disks_ = std::move(t.disks);
+  disk_synced_ = -1;
+  stats_->sync_total = b.total_bytes;
+  stats_->sync_done = 0;
+  LOG_INFO(tag_) << "initial copy starting: " << b.blocks.size() << " RAM blocks, " << b.total_bytes << " bytes";
+  return OkStatus();
+}
+
+Status Session::CommitEpoch(uint64_t epoch, const std::string& payload) {
+  ASSIGN_OR_RETURN(wire::CommitInfo ci, wire::DecodeCommit(payload));
+  std::string blob = std::move(device_buf_);
+  device_buf_.clear();
+  uint64_t page_bytes = staged_page_bytes_;
+  uint64_t disk_records = staged_disk_records_;
+  staged_page_bytes_ = 0;
+  staged_disk_records_ = 0;
+  if (ci.page_bytes != page_bytes || ci.device_bytes != blob.size() || ci.disk_records != disk_records)
+    return DataLoss("checkpoint " + std::to_string(epoch) + " is incomplete: got " + std::to_string(page_bytes) +
+                    " page bytes, " + std::to_string(blob.size()) + " device bytes and " +
+                    std::to_string(disk_records) + " disk writes, the primary sent " + std::to_string(ci.page_bytes) +
+                    ", " + std::to_string(ci.device_bytes) + " and " + std::to_string(ci.disk_records));
+  TimePoint t0 = clock_.Now();
+  // The disk writes are durable before the memory part commits: a crash in
+  // between leaves a disk epoch the page store never committed, which
+  // recovery drops (discard_after). Never ack what is not durable.
+  if (disks_) {
+    MutexLock dg(disk_mu_);
+    RETURN_IF_ERROR(DiskError(disks_->Commit(epoch), epoch));
+  }
+  if (opts_.before_commit_for_test) opts_.before_commit_for_test(epoch);
+  if (epoch == 0) {
+    if (!syncing_) return FailedPrecondition("COMMIT of the initial copy without SYNC_BEGIN");
+    RETURN_IF_ERROR(host_->CommitInitial(blob, ci.page_count));
+    syncing_ = nullptr;
+  } else {
+    Staging st = std::move(staging_);
+    staging_ = Staging();
+    st.SetDeviceBlob(std::move(blob));
+    Status c = host_->CommitCheckpoint(epoch, st);
+    for (std::string& b : st.TakeBatches()) RecycleBuffer(std::move(b));
+    RETURN_IF_ERROR(c);
+  }
+  if (disks_ && !disks_synced_reported_ && disk_synced_ >= 0 && static_cast<uint64_t>(disk_synced_) <= epoch) {
+    RETURN_IF_ERROR(host_->DisksSynced(disk_synced_));
+    disks_synced_reported_ = true;
+  }
+  double ms = ToMillis(clock_.Now() - t0);
+  stats_->apply_ms.Add(ms);
+  stats_->apply_hist.Observe(ms / 1000.0);
+  if (epoch > 0) stats_->checkpoints_total++;
+  if (ms > 0 && epoch > 0) stats_->apply_mb_s = static_cast<double>(page_bytes) / 1e6 / (ms / 1000.0);
+  stats_->last_committed = static_cast<int64_t>(epoch);
+  {
+    MutexLock g(sess_mu_);
+    acks_.push_back({epoch, clock_.Now() + std::chrono::milliseconds(opts_.ack_delay_ms)});
+    sess_cv_.NotifyAll();
+  }
+  if (disks_) {
+    // The committed epochs reach the images now and then (batched: each
+    // apply syncs the images), after the ACK is on its way: the epoch is
+    // durable in the journal already. Promotion applies the rest, after this
+    // thread stopped.
+    MutexLock dg(disk_mu_);
+    Status a = disks_->MaybeApply();
+    if (!a.ok()) return Status(a.code(), "domain " + opts_.domain + ": applying disk writes to the images: " + a.message());
+  }
+  return OkStatus();
+}
+
+Status Session::DiskError(const Status& s, uint64_t epoch) const {
+  if (s.ok()) return s;
+  std::string fix = s.code() == Code::kResourceExhausted
+                        ? "; the backup's state dir " + opts_.state_dir + " is full: free space there, then protect again"
+                        : "";
+  return Status(s.code(), "domain " + opts_.domain + ": checkpoint " + std::to_string(epoch) +
+                              ": its disk writes are not durable on the backup, so it is not acked: " + s.message() +
+                              fix);
+}
+
+std::string Session::TakeSpareBuffer() {
+  if (spare_buffers_.empty()) return {};
+  std::string b = std::move(spare_buffers_.back());
+  spare_buffers_.pop_back();
+  spare_bytes_ -= b.capacity();
+  return b;
+}
+
+void Session::RecycleBuffer(std::string buf) {
+  if (buf.capacity() < kMinSpareBuffer || spare_bytes_ + buf.capacity() > kSpareBufferBytes) return;
+  spare_bytes_ += buf.capacity();
+  spare_buffers_.push_back(std::move(buf));
+}
+
+}  // namespace remus
