@@ -131,7 +131,7 @@ Status PrimaryLifecycle::RunInitialSync() {
   wire::CommitInfo ci{sink.pages(), sink.bytes(), info.device_state.size()};
   {
     MutexLock l(mu_);
-    Await(cv_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
+    cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
     unacked_.push_back({0, 0});
     PushCommitLocked(0, ci);
     cv_.NotifyAll();
@@ -156,7 +156,7 @@ Status PrimaryLifecycle::RunCheckpoint(uint64_t epoch) {
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN(Tag()) << "fault injection: stalling after REPLY of epoch " << epoch;
     MutexLock l(mu_);
-    Await(cv_, [&]() REQUIRES(mu_) { return stopping_ || qemu_dead_; });
+    cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || qemu_dead_; });
     return Aborted("the injected stall ended: " + std::string(qemu_dead_ ? "QEMU exited" : "stopped"));
   }
   // Inside the pause only parse: the pages stay in the stream's read buffers
@@ -190,7 +190,7 @@ Status PrimaryLifecycle::RunCheckpoint(uint64_t epoch) {
       // The guest stays paused: the backup is behind. Teardown wakes this
       // (stopping_) when the backup is lost, so the wait ends within the
       // heartbeat timeout of the backup's last frame.
-      Await(cv_, room);
+      cv_.Wait(mu_, room);
     }
     if (stopping_) return Cancelled("stopped");
     if (qemu_dead_) return Unavailable("QEMU exited while the checkpoint waited for the backup");

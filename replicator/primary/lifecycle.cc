@@ -123,7 +123,7 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
     // As any other end: GOODBYE (CONFIG went out), GiveUp, netbuf and disks.
     Post({s, false, true});
     MutexLock l(mu_);
-    Await(ev_cv_, [&]() REQUIRES(mu_) { return ended_; });
+    ev_cv_.Wait(mu_, [&]() REQUIRES(mu_) { return ended_; });
   }
   return s;
 }
@@ -137,7 +137,7 @@ Status PrimaryLifecycle::Unprotect() {
   const bool was_running = !IsFinal(state_.load());
   Post({Cancelled("unprotected by the operator"), false, true});
   MutexLock l(mu_);
-  Await(ev_cv_, [&]() REQUIRES(mu_) { return ended_; });
+  ev_cv_.Wait(mu_, [&]() REQUIRES(mu_) { return ended_; });
   if (!was_running) return OkStatus();
   return error_.empty() || state_ != PrimaryState::kUnprotected ? OkStatus() : Internal(error_);
 }
@@ -205,7 +205,7 @@ void PrimaryLifecycle::LifecycleLoop() {
       if ((s == PrimaryState::kSyncing || s == PrimaryState::kProtected) && !stopping_)
         nap = std::clamp<Nanos>(opts_.heartbeat.timeout - hb_.SinceLastReceived() + std::chrono::milliseconds(1),
                                 std::chrono::milliseconds(1), kMaxNap);
-      AwaitFor(ev_cv_, nap, [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_; });
+      ev_cv_.WaitFor(mu_, nap, [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_; });
       if (!events_.empty() && !attaching_) {
         ev = std::move(events_.front());
         events_.pop_front();
@@ -320,7 +320,7 @@ void PrimaryLifecycle::RetryGiveUp() {
       return;
     }
     // Pace the retries; an event or the destructor ends the nap early.
-    AwaitFor(ev_cv_, kGiveUpRetryEvery, [&]() REQUIRES(mu_) { return !events_.empty() || destroy_; });
+    ev_cv_.WaitFor(mu_, kGiveUpRetryEvery, [&]() REQUIRES(mu_) { return !events_.empty() || destroy_; });
     if (destroy_) return;
   }
   if (!monitor_connected_()) return;

@@ -184,20 +184,6 @@ class PrimaryLifecycle {
     return opts_.send_timeout.count() > 0 ? opts_.send_timeout
                                           : std::max<Nanos>(std::chrono::seconds(30), 4 * opts_.heartbeat.timeout);
   }
-  // cv waits on mu_ until pred(); with a limit, false if it ran out first.
-  // (CondVar's own predicate waits cannot see that the lock they hold is the
-  // one an annotated predicate needs.)
-  template <class Pred>
-  void Await(CondVar& cv, Pred pred) REQUIRES(mu_) {
-    while (!pred()) cv.Wait(mu_);
-  }
-  template <class Pred>
-  bool AwaitFor(CondVar& cv, Nanos limit, Pred pred) REQUIRES(mu_) {
-    const auto until = std::chrono::steady_clock::now() + limit;
-    while (!pred())
-      if (!cv.WaitUntil(mu_, until)) return pred();
-    return true;
-  }
 
   // ---- epoch_loop.cc: QEMU's checkpoints ----
   // Wall-clock seconds with microseconds, for the debug lines tests line up

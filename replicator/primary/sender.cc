@@ -13,7 +13,7 @@ using wire::MsgType;
 
 void PrimaryLifecycle::Enqueue(OutFrame f) {
   MutexLock l(mu_);
-  Await(cv_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
   PushLocked(std::move(f));
   cv_.NotifyAll();
 }
@@ -29,7 +29,7 @@ void PrimaryLifecycle::OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t offs
       disk, op, offset, length, std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   MutexLock l(mu_);
   // The guest's write waits here while the link is behind (flow control).
-  Await(cv_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });
   if (stopping_) return;  // protection ended: the write is the guest's alone
   disk_records_++;
   disk_bytes_ += payload.size();
@@ -58,7 +58,7 @@ void PrimaryLifecycle::SenderLoop() {
     OutFrame f;
     {
       MutexLock l(mu_);
-      Await(cv_, [&]() REQUIRES(mu_) { return stopping_ || !queue_.empty(); });
+      cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || !queue_.empty(); });
       if (stopping_) return;
       f = std::move(queue_.front());
       queue_.pop_front();
@@ -71,7 +71,7 @@ void PrimaryLifecycle::SenderLoop() {
       // about to read): its reason beats our broken pipe.
       {
         MutexLock l(mu_);
-        AwaitFor(cv_, std::chrono::milliseconds(500), [&]() REQUIRES(mu_) { return stopping_.load(); });
+        cv_.WaitFor(mu_, std::chrono::milliseconds(500), [&]() REQUIRES(mu_) { return stopping_.load(); });
       }
       if (stopping_) return;
       Post({Unavailable("lost the backup " + opts_.backup + ": " + s.message()), false, false});
@@ -174,7 +174,7 @@ void PrimaryLifecycle::HeartbeatLoop() {
   MutexLock l(mu_);
   while (!stopping_) {
     auto wait = std::clamp<Nanos>(hb_.NextCheckIn(), std::chrono::milliseconds(1), std::chrono::milliseconds(50));
-    AwaitFor(cv_, wait, [&]() REQUIRES(mu_) { return stopping_.load(); });
+    cv_.WaitFor(mu_, wait, [&]() REQUIRES(mu_) { return stopping_.load(); });
     if (stopping_) return;
     if (!hb_.SendDue()) continue;
     l.Unlock();
