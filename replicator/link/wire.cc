@@ -7,15 +7,18 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "common/crc32c.h"
@@ -178,12 +181,12 @@ Status Link::Send(MsgType type, uint64_t epoch, std::string_view payload, uint16
 
 Status Link::SendV(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
                    uint16_t flags) {
-  std::lock_guard<std::mutex> lock(send_mu_);
+  MutexLock lock(send_mu_);
   return SendLocked(type, epoch, parts, flags);
 }
 
 Status Link::SendSplit(MsgType type, uint64_t epoch, std::string_view payload) {
-  std::lock_guard<std::mutex> lock(send_mu_);
+  MutexLock lock(send_mu_);
   do {
     std::string_view chunk = payload.substr(0, kMaxPayload);
     payload.remove_prefix(chunk.size());
@@ -192,14 +195,41 @@ Status Link::SendSplit(MsgType type, uint64_t epoch, std::string_view payload) {
   return OkStatus();
 }
 
+Status Link::SendBefore(SteadyTime deadline, MsgType type, uint64_t epoch, std::string_view payload,
+                        uint16_t flags, const std::function<bool()>& abandon) {
+  // remus::Mutex has no timed lock: poll for it. Waiting here means another
+  // thread's frame is on its way out.
+  while (!send_mu_.TryLock()) {
+    if (std::chrono::steady_clock::now() >= deadline || (abandon && abandon()))
+      return DeadlineExceeded("cannot send " + FrameDesc(static_cast<uint16_t>(type), epoch) + " to " +
+                              PeerName() + ": another frame is still being sent");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  Status s = SendLocked(type, epoch, {payload}, flags, deadline, abandon ? &abandon : nullptr);
+  send_mu_.Unlock();
+  return s;
+}
+
+Status Link::TrySend(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
+  if (!send_mu_.TryLock())
+    return ResourceExhausted("the link is busy sending another frame; " +
+                             FrameDesc(static_cast<uint16_t>(type), epoch) + " not sent");
+  Status s = SendLocked(type, epoch, {payload}, flags);
+  send_mu_.Unlock();
+  return s;
+}
+
 Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
-                        uint16_t flags) {
+                        uint16_t flags, std::optional<SteadyTime> deadline, const std::function<bool()>* abandon) {
   size_t total = 0;
   for (std::string_view p : parts) total += p.size();
   if (total > kMaxPayload)
     return InvalidArgument("cannot send " + FrameDesc(static_cast<uint16_t>(type), epoch) +
                            ": payload of " + std::to_string(total) + " bytes exceeds the " +
                            std::to_string(kMaxPayload) + "-byte frame limit");
+  if (broken_)
+    return Unavailable("cannot send " + FrameDesc(static_cast<uint16_t>(type), epoch) + " to " + PeerName() +
+                       ": the link broke (an earlier write timed out or was cut short)");
   uint8_t hdr[kHeaderSize];
   BuildHeader(hdr, type, epoch, static_cast<uint32_t>(total), flags, parts);
   std::vector<iovec> iov;
@@ -207,12 +237,83 @@ Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::str
   iov.push_back({hdr, kHeaderSize});
   for (std::string_view p : parts)
     if (!p.empty()) iov.push_back({const_cast<char*>(p.data()), p.size()});
-  RETURN_IF_ERROR(WriteVecFull(fd_.get(), iov.data(), static_cast<int>(iov.size()))
+  RETURN_IF_ERROR(WriteAll(iov.data(), static_cast<int>(iov.size()), deadline, abandon)
                       .Annotate("sending " + FrameDesc(static_cast<uint16_t>(type), epoch) +
                                 " to " + PeerName()));
   bytes_sent_.fetch_add(kHeaderSize + total, std::memory_order_relaxed);
   frames_sent_.fetch_add(1, std::memory_order_relaxed);
   return OkStatus();
+}
+
+Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline,
+                      const std::function<bool()>* abandon) {
+  using std::chrono::milliseconds;
+  const int64_t timeout_ms = send_timeout_ms_.load();
+  auto last_progress = std::chrono::steady_clock::now();
+  bool wrote_some = false;
+  while (iovcnt > 0) {
+    struct msghdr mh {};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = static_cast<size_t>(std::min(iovcnt, 1024));
+    ssize_t r = ::sendmsg(fd_.get(), &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r < 0 && errno == ENOTSOCK) r = ::writev(fd_.get(), iov, std::min(iovcnt, 1024));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      Status s = ErrnoStatus("write", errno);
+      if (wrote_some) Break();
+      return s;
+    }
+    if (r > 0) {
+      wrote_some = true;
+      last_progress = std::chrono::steady_clock::now();
+      auto left = static_cast<size_t>(r);
+      while (iovcnt > 0 && left >= iov->iov_len) {
+        left -= iov->iov_len;
+        iov++;
+        iovcnt--;
+      }
+      if (iovcnt > 0) {
+        iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+        iov->iov_len -= left;
+      }
+      continue;
+    }
+    // No room: wait for some, in slices, so a shutdown from another thread
+    // is seen even where poll would not report it.
+    const auto now = std::chrono::steady_clock::now();
+    std::optional<SteadyTime> until = deadline;
+    if (timeout_ms > 0) {
+      SteadyTime stall = last_progress + milliseconds(timeout_ms);
+      if (!until || stall < *until) until = stall;
+    }
+    if (until && now >= *until) {
+      const bool stalled = timeout_ms > 0 && now >= last_progress + milliseconds(timeout_ms);
+      // A frame cut in the middle leaves the peer's parser nowhere, and a
+      // peer that took nothing for the send timeout is gone: break.
+      if (wrote_some || stalled) Break();
+      if (stalled)
+        return DeadlineExceeded("the peer took no data for " + std::to_string(timeout_ms) +
+                                " ms (send timeout): it stopped reading or is unreachable");
+      return DeadlineExceeded("the frame was not sent before its deadline");
+    }
+    if (abandon && (*abandon)()) {
+      if (wrote_some) Break();
+      return DeadlineExceeded("the frame was abandoned before the peer took it");
+    }
+    int slice = abandon ? 5 : 100;
+    if (until)
+      slice = static_cast<int>(std::clamp<int64_t>(
+          std::chrono::duration_cast<milliseconds>(*until - now).count() + 1, 1, slice));
+    pollfd pfd{fd_.get(), POLLOUT, 0};
+    int pr = ::poll(&pfd, 1, slice);
+    if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
+  }
+  return OkStatus();
+}
+
+void Link::Break() {
+  if (broken_.exchange(true)) return;
+  ::shutdown(fd_.get(), SHUT_RDWR);
 }
 
 Status Link::ReadExact(void* buf, size_t n, std::optional<SteadyTime> deadline) {

@@ -13,10 +13,18 @@
 //  20  u32 crc32c over header bytes 0..19, then the payload
 //  24  payload
 //
-// Thread-safety: Link::Send/SendV/SendSplit may be called from any number of
-// threads at once (frames never interleave). Recv/RecvUntil must be called by
-// one thread at a time. Shutdown, fd and the counters are safe from any thread.
-// Everything else here is a pure function or a value type.
+// Thread-safety: Link::Send/SendV/SendSplit/SendBefore/TrySend may be called
+// from any number of threads at once (frames never interleave). Recv/RecvUntil
+// must be called by one thread at a time. Shutdown, SetSendTimeout, fd and the
+// counters are safe from any thread. Everything else here is a pure function
+// or a value type.
+//
+// Writes never wait forever once a send timeout is set: a peer that stops
+// reading (a pulled cable, a powered-off host: no FIN, no RST) makes the
+// write fail after the timeout instead of after TCP's own retransmission
+// limit (about 15 minutes). A frame cut short that way leaves the stream
+// unusable, so the link is then broken: both directions are shut down and
+// every later send fails at once.
 #pragma once
 
 #include <atomic>
@@ -24,7 +32,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -32,6 +39,7 @@
 
 #include "common/io.h"
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "replicator/link/page_batch.h"
 
 namespace remus::wire {
@@ -110,6 +118,27 @@ class Link {
   // The frames are sent under one lock, so no other frame interleaves.
   Status SendSplit(MsgType type, uint64_t epoch, std::string_view payload);
 
+  // As Send, but fails with DeadlineExceeded if the frame is not wholly on
+  // the socket by `deadline`, or as soon as abandon() returns true (checked
+  // every few ms while waiting); the time spent waiting for another thread's
+  // frame counts. Nothing is sent if it gives up before the first byte; a
+  // frame cut short breaks the link. For last words (GOODBYE, FAILOVER):
+  // worth waiting for while the peer lives, never for longer.
+  Status SendBefore(std::chrono::steady_clock::time_point deadline, MsgType type, uint64_t epoch,
+                    std::string_view payload, uint16_t flags = 0,
+                    const std::function<bool()>& abandon = nullptr);
+  // As Send if no other thread is sending; otherwise ResourceExhausted at
+  // once and nothing is sent. For heartbeats: a link busy with another frame
+  // is carrying data anyway, and a heartbeat must never queue behind a write
+  // stuck on a silent peer.
+  Status TrySend(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
+  // Every later write fails with DeadlineExceeded (and breaks the link) when
+  // it makes no progress for `t`: a slow peer that keeps reading is fine,
+  // one that stopped is not. Zero (the default): writes wait as TCP does.
+  void SetSendTimeout(std::chrono::milliseconds t) { send_timeout_ms_.store(t.count()); }
+  // True once a write timed out or was cut short: the stream is unusable.
+  bool broken() const { return broken_.load(); }
+
   // Blocks until a whole frame arrived.
   StatusOr<Frame> Recv();
   // As Recv, reading the payload into `reuse`'s memory: a receiver that hands
@@ -123,8 +152,9 @@ class Link {
   StatusOr<Frame> RecvUntil(std::chrono::steady_clock::time_point deadline,
                             uint32_t max_payload = kMaxPayload);
 
-  // shutdown(2) both directions: a blocked Recv or Send returns with an error.
-  // The fd stays open until the Link is destroyed.
+  // shutdown(2) both directions: a blocked Recv or Send returns with an error
+  // (a send within its next poll interval, at most 100 ms). The fd stays
+  // open until the Link is destroyed.
   void Shutdown();
   // Sends FIN after everything queued, but keeps reading: the last frame
   // (FAILOVER, GOODBYE) reaches the peer instead of being cut off by a reset
@@ -140,16 +170,24 @@ class Link {
   uint64_t frames_received() const { return frames_received_.load(std::memory_order_relaxed); }
 
  private:
-  // REQUIRES: send_mu_ held.
   Status SendLocked(MsgType type, uint64_t epoch, const std::vector<std::string_view>& parts,
-                    uint16_t flags);
+                    uint16_t flags, std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt,
+                    const std::function<bool()>* abandon = nullptr) REQUIRES(send_mu_);
+  // Writes all of iov: non-blocking writes, poll for room in between, so a
+  // shutdown or the deadline/send timeout ends the wait.
+  Status WriteAll(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
+                  const std::function<bool()>* abandon) REQUIRES(send_mu_);
+  // Marks the stream unusable and shuts the socket down both ways.
+  void Break();
   StatusOr<Frame> RecvImpl(std::optional<std::chrono::steady_clock::time_point> deadline,
                            uint32_t max_payload, std::string reuse = {});
   Status ReadExact(void* buf, size_t n,
                    std::optional<std::chrono::steady_clock::time_point> deadline);
 
   Fd fd_;
-  std::mutex send_mu_;  // serializes whole frames on the socket
+  Mutex send_mu_;  // serializes whole frames on the socket
+  std::atomic<int64_t> send_timeout_ms_{0};
+  std::atomic<bool> broken_{false};
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<uint64_t> bytes_received_{0};
   std::atomic<uint64_t> frames_sent_{0};

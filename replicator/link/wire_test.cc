@@ -61,7 +61,9 @@ Key TestKey(char fill) { return Key(std::string(32, fill)); }
 
 TEST(WireDisk, RecordRoundTripAndBadRecords) {
   std::string data(4096, 'd');
-  auto w = DecodeDiskRecord(EncodeDiskRecord(3, DiskOp::kWrite, 1 << 20, data.size(), data));
+  // DiskRecord::data points into the payload: keep it alive.
+  const std::string payload = EncodeDiskRecord(3, DiskOp::kWrite, 1 << 20, data.size(), data);
+  auto w = DecodeDiskRecord(payload);
   ASSERT_TRUE(w.ok()) << w.status().ToString();
   EXPECT_EQ(w->disk, 3u);
   EXPECT_EQ(w->op, DiskOp::kWrite);
@@ -745,6 +747,106 @@ TEST(WireCommit, MalformedIsDataLoss) {
   EXPECT_CODE(DecodeCommit(R"({"page_count":1,"page_bytes":2})").status(), Code::kDataLoss);
   EXPECT_CODE(DecodeCommit(R"({"page_count":-1,"page_bytes":2,"device_bytes":3})").status(),
               Code::kDataLoss);
+}
+
+
+// ---- A peer that stops reading (blackhole: no FIN, no RST) --------------------
+
+// A pair whose side b never reads, with small buffers so a few hundred KiB
+// fill them.
+Pair SilentPeerPair() {
+  Pair p = SocketPair();
+  int small = 16 * 1024;
+  ::setsockopt(p.a->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+  ::setsockopt(p.b->fd(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  return p;
+}
+
+using Steady = std::chrono::steady_clock;
+int64_t MsSince(Steady::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(Steady::now() - t).count();
+}
+
+TEST(WireBlackhole, SendTimeoutEndsAWriteToASilentPeerAndBreaksTheLink) {
+  Pair p = SilentPeerPair();
+  p.a->SetSendTimeout(std::chrono::milliseconds(200));
+  std::string big(4u << 20, 'x');
+  auto t0 = Steady::now();
+  Status s = p.a->Send(MsgType::kDevice, 1, big);
+  int64_t took = MsSince(t0);
+  EXPECT_CODE(s, Code::kDeadlineExceeded);
+  EXPECT_THAT(s.message(), HasSubstr("send timeout"));
+  EXPECT_GE(took, 190);
+  EXPECT_LT(took, 1000);
+  EXPECT_TRUE(p.a->broken());
+  // The stream is cut mid-frame: every later send fails at once.
+  t0 = Steady::now();
+  EXPECT_CODE(p.a->Send(MsgType::kHeartbeat, 0, ""), Code::kUnavailable);
+  EXPECT_LT(MsSince(t0), 50);
+}
+
+TEST(WireBlackhole, TrySendDoesNotQueueBehindAStuckWrite) {
+  Pair p = SilentPeerPair();
+  std::string big(4u << 20, 'x');
+  Status bulk;
+  std::thread sender([&] { bulk = p.a->Send(MsgType::kDevice, 1, big); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the sender is stuck now
+  auto t0 = Steady::now();
+  EXPECT_CODE(p.a->TrySend(MsgType::kHeartbeat, 0, ""), Code::kResourceExhausted);
+  EXPECT_LT(MsSince(t0), 50);
+  // SendBefore waits no longer than its deadline, and sends nothing.
+  t0 = Steady::now();
+  EXPECT_CODE(p.a->SendBefore(Steady::now() + std::chrono::milliseconds(150), MsgType::kGoodbye, 0, "{}"),
+              Code::kDeadlineExceeded);
+  int64_t took = MsSince(t0);
+  EXPECT_GE(took, 140);
+  EXPECT_LT(took, 600);
+  EXPECT_FALSE(p.a->broken());
+  // ... and gives up as soon as abandon() says so.
+  t0 = Steady::now();
+  auto abandon_at = Steady::now() + std::chrono::milliseconds(30);
+  EXPECT_CODE(p.a->SendBefore(Steady::now() + std::chrono::seconds(10), MsgType::kGoodbye, 0, "{}", 0,
+                              [&] { return Steady::now() >= abandon_at; }),
+              Code::kDeadlineExceeded);
+  EXPECT_LT(MsSince(t0), 300);
+  // shutdown(2) from another thread unblocks the stuck sender.
+  t0 = Steady::now();
+  p.a->Shutdown();
+  sender.join();
+  EXPECT_FALSE(bulk.ok());
+  EXPECT_LT(MsSince(t0), 500);
+}
+
+TEST(WireBlackhole, SendBeforeCutsAFrameAtItsDeadlineAndBreaksTheLink) {
+  Pair p = SilentPeerPair();
+  std::string big(4u << 20, 'x');
+  auto t0 = Steady::now();
+  EXPECT_CODE(p.a->SendBefore(Steady::now() + std::chrono::milliseconds(150), MsgType::kDevice, 0, big),
+              Code::kDeadlineExceeded);
+  EXPECT_LT(MsSince(t0), 600);
+  EXPECT_TRUE(p.a->broken());
+}
+
+TEST(WireBlackhole, ASlowReaderIsNotASilentOne) {
+  // The send timeout counts time without progress, not the frame's total time.
+  Pair p = SilentPeerPair();
+  p.a->SetSendTimeout(std::chrono::milliseconds(150));
+  std::string big(1u << 20, 'y');
+  std::thread reader([&] {
+    char buf[8192];
+    size_t got = 0;
+    while (got < big.size() + kHeaderSize) {
+      ssize_t r = ::read(p.b->fd(), buf, sizeof buf);
+      if (r <= 0) break;
+      got += static_cast<size_t>(r);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  auto t0 = Steady::now();
+  EXPECT_TRUE(p.a->Send(MsgType::kDevice, 1, big).ok());
+  reader.join();
+  EXPECT_GT(MsSince(t0), 150);  // longer than the timeout in total
+  EXPECT_FALSE(p.a->broken());
 }
 
 }  // namespace

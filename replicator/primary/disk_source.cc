@@ -211,7 +211,7 @@ void DiskSource::OnEvent(const json& ev) {
   if (name.rfind("BLOCK_JOB_", 0) != 0) return;
   const json& data = ev.contains("data") ? ev["data"] : json::object();
   const std::string job = data.value("device", data.value("id", ""));
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   for (size_t i = 0; i < disks_.size(); i++) {
     if (job != JobId(i)) continue;
     if (name == "BLOCK_JOB_READY") {
@@ -227,14 +227,14 @@ void DiskSource::OnEvent(const json& ev) {
 }
 
 bool DiskSource::AllReady() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   for (bool r : ready_)
     if (!r) return false;
   return true;
 }
 
 Status DiskSource::failure() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return failure_;
 }
 
@@ -244,7 +244,7 @@ json DiskSource::Progress() const {
   if (auto q = monitor_->Execute("query-block-jobs", json::object(), 2000); q.ok()) {
     for (const auto& j : *q) jobs[j.value("device", "")] = {j.value("offset", uint64_t{0}), j.value("len", uint64_t{0})};
   }
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   uint64_t done = 0, total = 0;
   for (size_t i = 0; i < disks_.size(); i++) {
     auto it = jobs.find(JobId(i));
@@ -260,13 +260,13 @@ json DiskSource::Progress() const {
 }
 
 double DiskSource::Fraction() const {
-  std::lock_guard<std::mutex> g(mu_);
+  MutexLock g(mu_);
   return fraction_;
 }
 
 void DiskSource::Stop(bool qemu_alive) {
   {
-    std::lock_guard<std::mutex> g(mu_);
+    MutexLock g(mu_);
     stopping_ = true;
   }
   for (size_t i = 0; i < disks_.size(); i++) {

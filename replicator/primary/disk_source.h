@@ -31,7 +31,6 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -39,6 +38,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
+#include "common/thread_annotations.h"
 #include "diskmirror/disk_sink.h"
 #include "diskmirror/nbd_server.h"
 #include "replicator/qemu/qmp.h"
@@ -87,10 +87,26 @@ StatusOr<std::vector<GuestDisk>> ListGuestDisks(QemuMonitor* monitor, const std:
 // "" when it names no device given an id.
 std::string QdevAlias(const std::string& qdev);
 
-class DiskSource {
+// What the primary's lifecycle needs of its disk mirror; DiskSource below
+// is the real one, unit tests use a fake. Thread-safety as DiskSource's.
+class DiskMirror {
  public:
   using WriteFn = std::function<void(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length,
                                      std::span<const uint8_t> data)>;
+  virtual ~DiskMirror() = default;
+  virtual Status Start() = 0;
+  virtual void OnEvent(const nlohmann::json& event) = 0;
+  virtual bool AllReady() const = 0;
+  virtual Status failure() const = 0;
+  virtual nlohmann::json Progress() const = 0;
+  virtual double Fraction() const = 0;
+  // Issues QMP commands when qemu_alive: never call it on the monitor's
+  // event thread (QMP refuses commands there).
+  virtual void Stop(bool qemu_alive) = 0;
+};
+
+class DiskSource final : public DiskMirror {
+ public:
 
   // Hands QEMU a connected socket under the given name (getfd; the caller
   // keeps its fd), as CheckpointSourceOptions::pass_fd.
@@ -101,24 +117,24 @@ class DiskSource {
   // socket already connected to each NBD server instead of its path.
   DiskSource(QemuMonitor* monitor, std::string domain, std::string run_dir, std::vector<GuestDisk> disks,
              WriteFn write, PassFdFn pass_fd = nullptr);
-  ~DiskSource();
+  ~DiskSource() override;
   DiskSource(const DiskSource&) = delete;
   DiskSource& operator=(const DiskSource&) = delete;
 
-  Status Start();
+  Status Start() override;
   // BLOCK_JOB_READY marks a disk's copy complete; BLOCK_JOB_ERROR and a
   // BLOCK_JOB_COMPLETED/CANCELLED we did not ask for fail it.
-  void OnEvent(const nlohmann::json& event);
-  bool AllReady() const;
+  void OnEvent(const nlohmann::json& event) override;
+  bool AllReady() const override;
   // Non-OK once a mirror job failed (the reason).
-  Status failure() const;
+  Status failure() const override;
   // Per disk: id, copied and total bytes (query-block-jobs), ready.
-  nlohmann::json Progress() const;
+  nlohmann::json Progress() const override;
   // Bytes copied / total over all disks (0..1), from the last Progress().
-  double Fraction() const;
+  double Fraction() const override;
   // Cancels the jobs and removes the nbd nodes if qemu_alive; always stops
   // the servers. Idempotent.
-  void Stop(bool qemu_alive);
+  void Stop(bool qemu_alive) override;
 
   const std::vector<GuestDisk>& disks() const { return disks_; }
 
@@ -136,11 +152,11 @@ class DiskSource {
   std::vector<std::unique_ptr<NbdServer>> servers_;
   std::vector<bool> added_, mirroring_;  // replicator thread only
 
-  mutable std::mutex mu_;
-  std::vector<bool> ready_;        // guarded by mu_
-  Status failure_;                 // guarded by mu_
-  bool stopping_ = false;          // guarded by mu_
-  mutable double fraction_ = 0;    // guarded by mu_
+  mutable Mutex mu_;
+  std::vector<bool> ready_ GUARDED_BY(mu_);
+  Status failure_ GUARDED_BY(mu_);
+  bool stopping_ GUARDED_BY(mu_) = false;
+  mutable double fraction_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace remus

@@ -26,14 +26,16 @@
 // host (a signal: `virsh destroy`, a host shutdown; QMP quit) is followed by
 // QEMU's exit, which is a failover like any other death.
 //
+// Layout: this class connects (monitor, COLO probe, backup, handshake,
+// CONFIG) and reports status; PrimaryLifecycle (lifecycle.h) owns the state
+// machine, the threads and the lock from then on: epoch_loop.cc (QEMU's
+// checkpoints), sender.cc (the link), lifecycle.cc (events and teardown).
+//
 // Thread-safety: public methods are thread-safe.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
@@ -41,11 +43,12 @@
 
 #include "common/clock.h"
 #include "common/io.h"
-#include "common/stats.h"
+#include "common/thread_annotations.h"
 #include "heartbeat/heartbeat.h"
 #include "netbuf/netbuf.h"
 #include "replicator/qemu/checkpoint_source.h"
 #include "replicator/primary/disk_source.h"
+#include "replicator/primary/lifecycle.h"
 #include "replicator/libvirt/session.h"
 #include "replicator/link/page_batch.h"
 #include "replicator/qemu/qmp.h"
@@ -86,9 +89,6 @@ struct PrimaryOptions {
   std::string fault;
 };
 
-enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped };
-std::string_view PrimaryStateName(PrimaryState s);
-
 class PrimaryReplicator {
  public:
   // Connects to QEMU and the backup, checks QEMU's COLO support,
@@ -109,131 +109,43 @@ class PrimaryReplicator {
   Status Unprotect();
   Status SetInterval(int ms);
 
-  PrimaryState state() const { return state_.load(); }
+  PrimaryState state() const { return lifecycle_->state(); }
   nlohmann::json StatusJson() const;
   const std::string& domain() const { return opts_.domain; }
 
  private:
+  // Monitor callbacks go through this, so none reaches the lifecycle once
+  // it is being destroyed (the monitor outlives it and its threads may be
+  // mid-callback).
+  class Forwarder;
+
   PrimaryReplicator(PrimaryOptions opts, const Clock& clock);
   Status Connect();
-  // monitor_, qemu_pid_ and probe_, retried for opts_.connect_retry_ms.
+  // monitor_, qemu_pid_ and probe_, retried for opts.connect_retry_ms.
   Status ConnectMonitor();
   Status ConnectQmp();
   Status ConnectLibvirt();
-  void OnQemuLost(const std::string& why);
-  // After the stream from QEMU broke: true if QEMU is gone (or going).
-  bool QemuExited();
+  Status ResolveNetbuf();
   // Waits for the start thread (StartAsync), cancelling it first.
   void CancelStart();
-  // Stop's GiveUp found libvirt unreachable: retries it once libvirt is back.
-  void GiveUpWhenReconnected();
-  void EpochLoop();
-  Status RunInitialSync();
-  Status ResolveNetbuf();
-  Status RunCheckpoint(uint64_t epoch);
-  void SenderLoop();
-  void AckLoop();
-  void HeartbeatLoop();
-  void OnQemuEvent(const nlohmann::json& ev);
-
-  struct OutFrame {
-    wire::MsgType type;
-    uint64_t epoch;
-    std::string payload;
-    uint16_t flags = 0;
-    // A checkpoint's pages, batched by the sender (type kPages, payload empty).
-    std::shared_ptr<wire::DeferredPages> pages;
-    uint64_t size() const { return pages ? pages->bytes() : payload.size(); }
-  };
-  // Blocks while the queue holds more than the bound (initial sync flow control).
-  void Enqueue(OutFrame f);
-  Status SendFrame(OutFrame& f);
-  // Appends to the sender's queue, counting its bytes. REQUIRES mu_.
-  void PushLocked(OutFrame f);
-  // A mirrored disk write (NBD server threads): tagged with the epoch it belongs to.
-  void OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length, std::span<const uint8_t> data);
-  // Ends epoch `epoch` in the queue: DISK_SYNCED when due, then COMMIT.
-  // Later disk writes belong to the next epoch. REQUIRES mu_.
-  void PushCommitLocked(uint64_t epoch, wire::CommitInfo ci);
-  Status SendPages(uint64_t epoch, std::string* payload);
-  // Ends protection because of `why`. If qemu_dead, the backup is told to
-  // promote; otherwise the guest is left running unprotected.
-  void Stop(const Status& why, bool qemu_dead);
-  void SetError(const std::string& e);
 
   PrimaryOptions opts_;
   const Clock& clock_;
+  std::shared_ptr<Forwarder> forward_;
   // Set by Connect; read by other threads only once ready_ is true.
   std::unique_ptr<QemuMonitor> monitor_;
   QmpClient* qmp_ = nullptr;           // monitor_ in QMP mode
   LibvirtSession* libvirt_ = nullptr;  // monitor_ in libvirt mode
   int qemu_pid_ = -1;
   std::string domain_xml_;             // libvirt mode: the migratable XML sent in CONFIG
+  NetbufOptions netbuf_opts_;          // resolved at Connect
+  std::vector<std::string> qemu_argv_;
+  ColoProbe probe_;
   std::atomic<bool> ready_{false};     // Connect returned (either way)
   std::atomic<bool> cancel_start_{false};
   std::thread start_thread_;           // StartAsync
-  std::thread giveup_thread_;          // GiveUpWhenReconnected, started by Stop at most once
-  std::atomic<bool> destroying_{false};
-  std::unique_ptr<CheckpointSource> source_;
-  std::unique_ptr<wire::Link> link_;
-  // Made while the guest is paused at the end of the initial copy (output
-  // before protection is established is not held). netbuf_ is what other
-  // threads read; the epoch thread sets it once.
-  std::unique_ptr<OutputBuffer> netbuf_owner_;
-  std::atomic<OutputBuffer*> netbuf_{nullptr};
-  NetbufOptions netbuf_opts_;  // resolved at Connect
-  std::unique_ptr<HeartbeatMonitor> hb_;
-  std::vector<std::string> qemu_argv_;
-  ColoProbe probe_;
-
-  std::atomic<PrimaryState> state_{PrimaryState::kStarting};
-  std::atomic<bool> stopping_{false};
-  std::atomic<bool> qemu_dead_{false};
-  // QEMU reported a SHUTDOWN it was told to do (data.guest false): it exits next.
-  std::atomic<bool> host_shutdown_{false};
-  std::atomic<int> interval_ms_;
-
-  // Send queue and ack accounting.
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<OutFrame> queue_;             // guarded by mu_
-  uint64_t queued_bytes_ = 0;              // guarded by mu_
-  uint64_t last_staged_epoch_ = 0;         // guarded by mu_
-  size_t last_epoch_pages_ = 0;            // epoch thread only
-  std::unique_ptr<DiskSource> disks_;      // null without mirrored disks
-  uint64_t disk_epoch_ = 0;                // guarded by mu_: the epoch disk writes belong to
-  uint64_t disk_records_ = 0;              // guarded by mu_: kDisk frames of disk_epoch_
-  uint64_t disk_bytes_ = 0;                // guarded by mu_: their payload bytes
-  int64_t disk_synced_epoch_ = -1;         // guarded by mu_: DISK_SYNCED sent with this epoch
-  int64_t last_acked_epoch_ = -1;          // guarded by mu_
-  std::deque<std::pair<uint64_t, uint64_t>> unacked_;  // (epoch, bytes), guarded by mu_
-  uint64_t unacked_bytes_ = 0;             // guarded by mu_
-  std::deque<std::pair<uint64_t, TimePoint>> loaded_at_;  // guarded by mu_
-  std::string error_;                      // guarded by mu_
-
-  // Initial sync progress.
-  std::atomic<uint64_t> sync_total_bytes_{0};
-  std::atomic<uint64_t> sync_done_bytes_{0};
-
-  // Metrics.
-  SampleWindow pause_ms_;     // from QMP STOP/RESUME timestamps
-  SampleWindow ack_ms_;       // LOADED -> ACK
-  SampleWindow stage_ms_;     // REPLY written -> LOADED written: remus's own part of the pause
-  SampleWindow dirty_pages_;  // pages per epoch
-  SampleWindow epoch_bytes_;  // wire bytes per epoch
-  RateMeter checkpoints_;
-  // Cumulative, for metrics and `remusctl stats --histogram` (the windows
-  // above forget; these never do).
-  Histogram pause_hist_{Histogram::LatencySeconds()};  // seconds
-  Histogram ack_hist_{Histogram::LatencySeconds()};    // seconds
-  Histogram dirty_hist_{Histogram::PageCounts()};      // pages per epoch
-  std::atomic<int64_t> stop_ts_us_{-1};
-  std::atomic<uint64_t> checkpoints_total_{0};
-  std::atomic<uint64_t> dirty_pages_total_{0};
-  std::atomic<uint64_t> epoch_bytes_total_{0};
-  std::atomic<uint64_t> backpressure_waits_{0};
-
-  std::thread epoch_thread_, sender_thread_, ack_thread_, hb_thread_;
+  // After the monitor: destroyed (torn down, threads joined) first.
+  std::unique_ptr<PrimaryLifecycle> lifecycle_;
 };
 
 }  // namespace remus

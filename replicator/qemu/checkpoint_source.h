@@ -23,6 +23,7 @@
 
 #include "common/io.h"
 #include "common/thread_annotations.h"
+#include "replicator/qemu/checkpoint_stream.h"
 #include "replicator/qemu/qemu_stream.h"
 #include "replicator/qemu/qmp.h"
 
@@ -41,46 +42,46 @@ struct CheckpointSourceOptions {
   std::function<Status(const std::string& fdname, int fd)> pass_fd;
 };
 
-class CheckpointSource {
+class CheckpointSource final : public CheckpointStream {
  public:
   // monitor must outlive this.
   CheckpointSource(QemuMonitor* monitor, CheckpointSourceOptions opts);
-  ~CheckpointSource();
+  ~CheckpointSource() override;
 
   // Enables x-colo (return path off), sets x-checkpoint-delay, lifts the
   // bandwidth limit, and starts `migrate` to our socket (waits for QEMU to
   // connect) or to the socketpair end passed to QEMU.
-  Status Start();
+  Status Start() override;
   // The initial full copy: pages to sink; returns configuration, blocks and
   // device state. QEMU then waits (guest stopped) until SendReady().
-  Status ReadInitial(qemu::PageSink* sink, qemu::InitialInfo* info);
-  Status SendReady();
+  Status ReadInitial(qemu::PageSink* sink, qemu::InitialInfo* info) override;
+  Status SendReady() override;
 
-  Status WaitForRequest();
-  Status BeginPause();
+  Status WaitForRequest() override;
+  Status BeginPause() override;
   // Reads the epoch's RAM pages into sink and returns the device blob. The
   // page pointers the sink gets stay valid (no copy is made) until the
   // buffers TakeRetained returns next are given back to pool().
-  StatusOr<std::string> ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages);
-  std::vector<std::vector<uint8_t>> TakeRetained();
-  const std::shared_ptr<BufferPool>& pool() const { return pool_; }
-  Status EndPause();
+  StatusOr<std::string> ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages) override;
+  std::vector<std::vector<uint8_t>> TakeRetained() override;
+  const std::shared_ptr<BufferPool>& pool() const override { return pool_; }
+  Status EndPause() override;
 
   // Changes the interval (QEMU also checkpoints at once).
-  Status SetInterval(int ms);
+  Status SetInterval(int ms) override;
   // Verifies QEMU reports the "colo" migration state (QEMU 10.0 never gets there).
-  Status CheckInColo();
+  Status CheckInColo() override;
 
   // The RAM blocks from the stream's ram START section (empty before it).
-  const std::vector<qemu::RamBlock>& blocks() const;
+  const std::vector<qemu::RamBlock>& blocks() const override;
 
   // Unblocks any stream read in progress (it then fails with Cancelled/Unavailable).
-  void Abort();
+  void Abort() override;
   // Ends COLO on QEMU's side so the guest runs unprotected: x-colo-lost-heartbeat,
   // then makes sure the guest is not left stopped by us. Once only, except
   // after Unavailable (the monitor could not be reached at all): then it may
   // be called again.
-  Status GiveUp();
+  Status GiveUp() override;
 
  private:
   Status Send(qemu::ColoMessage m);

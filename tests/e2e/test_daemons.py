@@ -195,3 +195,37 @@ def test_backup_restart_keeps_checkpoint_for_manual_failover(world, request):
     assert r.returncode == 0, f"remusctl failover failed: {r.stdout}{r.stderr}" + world.diagnostics()
     m = check_promoted(world, b, c0, p_kill, window_s=5, timeout=10)
     record(request, failover_ms=m["failover_ms"], promoted_epoch=m["epoch"], acked_before_backup_kill=acked)
+
+
+def test_blackholed_backup_unprotects_within_the_heartbeat_timeout(world, request):
+    """A backup that neither reads nor answers nor closes (SIGSTOP: its kernel
+    keeps the connection open with a zero window, as a pulled cable or a
+    powered-off host leaves it without FIN or RST). The primary's sender
+    sticks in a write and its guest waits on backpressure; the primary must
+    notice from silence alone, within the heartbeat timeout + one interval
+    (plus QEMU's time to leave COLO), and leave the guest running
+    unprotected. Before issue 11 it waited for TCP (here: forever)."""
+    import os
+    import signal
+    # Epochs of several MiB: a few unacked ones fill the loopback socket
+    # buffers, so the sender is stuck in a write when the loss is noticed.
+    interval_ms = 200
+    pr = setup_protected(world, interval_ms=interval_ms, wait_epochs=10,
+                         guest_kw=dict(dirty=20000, wss_mib=128))
+    sent0 = pr.primary.status()["link"]["bytes_sent"]
+    os.kill(pr.backup.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        st = world.wait_status(pr.primary, lambda s: s["state"] == "unprotected", HB_S + 5.0,
+                               "state unprotected after the backup went silent", interval=0.02)
+        took = time.monotonic() - t0
+        assert "silent" in st["error"], st
+        assert took <= HB_S + interval_ms / 1000 + 1.0, f"unprotected {took:.2f}s after the backup went silent"
+        _assert_keeps_running(world, pr.guest, 3)
+        mig = pr.guest.qmp.execute("query-migrate")
+        assert mig.get("status") != "colo", mig
+    finally:
+        pr.backup.kill()  # SIGKILL ends a stopped process too
+    record(request, unprotected_after_s=round(took, 2), error=st["error"],
+           sent_after_stop_mib=round((st["link"]["bytes_sent"] - sent0) / 2**20, 1),
+           backpressure_waits=st["backpressure_waits"])

@@ -1,0 +1,386 @@
+// The state machine: events, the backup's liveness, and the one teardown.
+#include "replicator/primary/lifecycle.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "common/log.h"
+#include "replicator/link/messages.h"
+
+namespace remus {
+
+using nlohmann::json;
+using wire::MsgType;
+
+namespace {
+// GiveUp retries while the monitor is away (libvirt restarting).
+constexpr auto kGiveUpRetryFor = std::chrono::minutes(30);
+constexpr auto kGiveUpRetryEvery = std::chrono::milliseconds(500);
+// The lifecycle thread wakes at least this often.
+constexpr auto kMaxNap = std::chrono::milliseconds(50);
+}  // namespace
+
+std::string_view PrimaryStateName(PrimaryState s) {
+  switch (s) {
+    case PrimaryState::kStarting: return "starting";
+    case PrimaryState::kSyncing: return "syncing";
+    case PrimaryState::kProtected: return "protected";
+    case PrimaryState::kUnprotected: return "unprotected";
+    case PrimaryState::kFailedOver: return "failed-over";
+    case PrimaryState::kStopped: return "stopped";
+  }
+  return "unknown";
+}
+
+PrimaryLifecycle::PrimaryLifecycle(LifecycleOptions opts, const Clock& clock)
+    : opts_(std::move(opts)),
+      clock_(clock),
+      hb_(clock, opts_.heartbeat),
+      interval_ms_(opts_.interval_ms),
+      checkpoints_(clock, std::chrono::seconds(10)) {
+  lifecycle_thread_ = std::thread([this] { LifecycleLoop(); });
+}
+
+PrimaryLifecycle::~PrimaryLifecycle() {
+  {
+    MutexLock l(mu_);
+    destroy_ = true;
+    ev_cv_.NotifyAll();
+  }
+  // It tears down (if nothing else did) before it returns.
+  lifecycle_thread_.join();
+  // The ack reader may still be draining the link after GOODBYE.
+  if (link_) link_->Shutdown();
+  if (source_) source_->Abort();
+  for (auto* t : {&epoch_thread_, &sender_thread_, &ack_thread_, &hb_thread_})
+    if (t->joinable()) t->join();
+}
+
+bool PrimaryLifecycle::Advance(PrimaryState from, PrimaryState to) {
+  if (!state_.compare_exchange_strong(from, to)) return false;
+  LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+  return true;
+}
+
+void PrimaryLifecycle::EnterFinal(PrimaryState to) {
+  PrimaryState from = state_.exchange(to);
+  LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+}
+
+void PrimaryLifecycle::SetError(const std::string& e) {
+  MutexLock l(mu_);
+  if (error_.empty()) error_ = e;
+}
+
+std::string PrimaryLifecycle::error() const {
+  MutexLock l(mu_);
+  return error_;
+}
+
+void PrimaryLifecycle::Post(Event e) {
+  MutexLock l(mu_);
+  events_.push_back(std::move(e));
+  ev_cv_.NotifyAll();
+}
+
+Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
+  {
+    MutexLock l(mu_);
+    if (attached_ || attaching_ || ended_ || destroy_)
+      return FailedPrecondition("domain " + opts_.domain + ": protection already started or ended");
+    attaching_ = true;
+  }
+  link_ = std::move(deps.link);
+  source_ = std::move(deps.source);
+  monitor_ = deps.monitor;
+  make_netbuf_ = std::move(deps.make_netbuf);
+  qemu_running_ = std::move(deps.qemu_running);
+  monitor_connected_ = std::move(deps.monitor_connected);
+  if (deps.make_disks)
+    disks_ = deps.make_disks([this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len,
+                                    std::span<const uint8_t> data) { OnDiskWrite(i, op, off, len, data); });
+  deps_ready_ = true;  // monitor events may look at disks_ from here on
+  // A backstop so no thread waits on a write forever. The backup's loss is
+  // judged from receipt (LifecycleLoop), well before this; a backup that
+  // lives but takes no data (busy applying a commit) is not lost.
+  link_->SetSendTimeout(std::chrono::duration_cast<std::chrono::milliseconds>(SendBackstop()));
+  hb_.Received();  // silence counts from now
+  Status s = source_->Start();
+  if (s.ok()) {
+    Advance(PrimaryState::kStarting, PrimaryState::kSyncing);
+    ack_thread_ = std::thread([this] { AckLoop(); });
+    sender_thread_ = std::thread([this] { SenderLoop(); });
+    hb_thread_ = std::thread([this] { HeartbeatLoop(); });
+    epoch_thread_ = std::thread([this] { EpochLoop(); });
+  }
+  {
+    MutexLock l(mu_);
+    attaching_ = false;
+    attached_ = true;
+    ev_cv_.NotifyAll();
+  }
+  if (!s.ok()) {
+    // As any other end: GOODBYE (CONFIG went out), GiveUp, netbuf and disks.
+    Post({s, false, true});
+    MutexLock l(mu_);
+    ev_cv_.Wait(mu_, [&]() REQUIRES(mu_) { return ended_; });
+  }
+  return s;
+}
+
+void PrimaryLifecycle::FailStart(const Status& why) { Post({why, false, false}); }
+
+Status PrimaryLifecycle::Unprotect() {
+  // Protection that already ended (the backup was lost, say) has nothing
+  // left to undo: the guest runs unprotected, so unprotect succeeds and the
+  // earlier error stays visible in the status.
+  const bool was_running = !IsFinal(state_.load());
+  Post({Cancelled("unprotected by the operator"), false, true});
+  MutexLock l(mu_);
+  ev_cv_.Wait(mu_, [&]() REQUIRES(mu_) { return ended_; });
+  if (!was_running) return OkStatus();
+  return error_.empty() || state_ != PrimaryState::kUnprotected ? OkStatus() : Internal(error_);
+}
+
+Status PrimaryLifecycle::SetInterval(int ms) {
+  if (IsFinal(state_.load())) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  {
+    MutexLock l(mu_);
+    if (!attached_ || !source_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
+  }
+  RETURN_IF_ERROR(source_->SetInterval(ms));
+  interval_ms_ = ms;
+  return OkStatus();
+}
+
+void PrimaryLifecycle::OnQemuEvent(const json& ev) {
+  // On the monitor's event thread: count, post, never issue a command.
+  std::string name = ev.value("event", "");
+  if (deps_ready_ && disks_ && name.rfind("BLOCK_JOB_", 0) == 0) disks_->OnEvent(ev);
+  const json& ts = ev.contains("timestamp") ? ev["timestamp"] : json::object();
+  int64_t us = ts.value("seconds", int64_t{0}) * 1000000 + ts.value("microseconds", int64_t{0});
+  if (name == "STOP") {
+    stop_ts_us_ = us;
+  } else if (name == "RESUME") {
+    int64_t s = stop_ts_us_.exchange(-1);
+    if (s >= 0 && state_ == PrimaryState::kProtected) {
+      pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
+      pause_hist_.Observe(static_cast<double>(us - s) / 1e6);
+    }
+  } else if (name == "SHUTDOWN") {
+    const json& data = ev.contains("data") && ev["data"].is_object() ? ev["data"] : json::object();
+    std::string reason = data.value("reason", "");
+    if (data.value("guest", false)) {
+      LOG_INFO(Tag()) << "the guest shut down (" << reason << "); protection ends with it";
+      Post({Cancelled("the guest shut down"), false, false});
+    } else {
+      // A signal (`virsh destroy`, a host shutdown) or a QMP quit: QEMU
+      // exits next, and its death is a failover like any other.
+      host_shutdown_ = true;
+      LOG_WARN(Tag()) << "QEMU is shutting down on the host's request (" << reason
+                      << "), not the guest's; the backup takes over when it exits";
+    }
+  }
+}
+
+void PrimaryLifecycle::OnQemuLost(const std::string& why) {
+  LOG_WARN(Tag()) << "QEMU is gone: " << why;
+  // Wakes every wait of the epoch loop (the stall fault, backpressure); the
+  // loop then ends and reports QEMU's death (EpochLoop).
+  MutexLock l(mu_);
+  qemu_dead_ = true;
+  cv_.NotifyAll();
+}
+
+void PrimaryLifecycle::LifecycleLoop() {
+  for (;;) {
+    Event ev;
+    bool have = false, destroy = false;
+    {
+      MutexLock l(mu_);
+      // Events wait while Attach is handing over the pieces.
+      // Wake when the backup's silence would reach the timeout.
+      Nanos nap = kMaxNap;
+      const PrimaryState s = state_.load();
+      if ((s == PrimaryState::kSyncing || s == PrimaryState::kProtected) && !stopping_)
+        nap = std::clamp<Nanos>(opts_.heartbeat.timeout - hb_.SinceLastReceived() + std::chrono::milliseconds(1),
+                                std::chrono::milliseconds(1), kMaxNap);
+      ev_cv_.WaitFor(mu_, nap, [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_; });
+      if (!events_.empty() && !attaching_) {
+        ev = std::move(events_.front());
+        events_.pop_front();
+        have = true;
+      }
+      destroy = destroy_ && !have && !attaching_;
+    }
+    if (have) Teardown(ev.why, ev.qemu_dead);
+    if (destroy) {
+      Teardown(Cancelled("daemon shutting down"), false);
+      return;
+    }
+    const PrimaryState s = state_.load();
+    if ((s == PrimaryState::kSyncing || s == PrimaryState::kProtected) && !stopping_ && hb_.PeerLost()) {
+      Teardown(DeadlineExceeded("the backup " + opts_.backup + " has been silent for " +
+                                std::to_string(static_cast<int>(ToMillis(hb_.SinceLastReceived()))) +
+                                " ms (heartbeat timeout " +
+                                std::to_string(static_cast<int>(ToMillis(opts_.heartbeat.timeout))) + " ms)"),
+               false);
+    }
+    RetryGiveUp();
+  }
+}
+
+void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
+  auto finish = [&] {
+    MutexLock l(mu_);
+    ended_ = true;
+    ev_cv_.NotifyAll();
+  };
+  if (IsFinal(state_.load())) return finish();
+  const bool on_purpose = why.code() == Code::kCancelled;
+  if (!on_purpose) SetError(why.message());
+  bool attached;
+  {
+    MutexLock l(mu_);
+    stopping_ = true;
+    attached = attached_;
+    cv_.NotifyAll();  // backpressure, flow control, the sender, the stall fault
+  }
+  if (!attached) {
+    // A start that never got as far as Attach: nothing to undo here.
+    if (!on_purpose) LOG_ERROR(Tag()) << "protection did not start: " << why.message();
+    EnterFinal(on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected);
+    return finish();
+  }
+  OutputBuffer* nb = netbuf_.load();
+  // Last words are worth waiting for while the backup lives (a GOODBYE that
+  // never arrives makes it promote), never once it has gone silent.
+  const auto last_words_deadline = std::chrono::steady_clock::now() + SendBackstop();
+  const std::function<bool()> backup_silent = [this] { return hb_.PeerLost(); };
+  if (qemu_dead) {
+    LOG_ERROR(Tag()) << why.message() << "; telling the backup to take over";
+    // The backup promotes on silence anyway; FAILOVER only makes it quicker.
+    Status f = link_->SendBefore(last_words_deadline, MsgType::kFailover, 0, wire::EncodeReason({why.message()}), 0,
+                                 backup_silent);
+    if (!f.ok()) LOG_WARN(Tag()) << "FAILOVER not sent (" << f.message() << "); the backup promotes on silence";
+    EnterFinal(PrimaryState::kFailedOver);
+    // The guest is gone: what it sent after the last ACK is dropped, since
+    // the backup resumes from a state that never sent it.
+    if (nb) (void)nb->Finish(false);
+    if (disks_) disks_->Stop(false);
+    // The ack reader keeps reading until the backup closes its end, so the
+    // last frame is delivered, not reset (see Link::ShutdownWrite).
+    link_->ShutdownWrite();
+    source_->Abort();
+    return finish();
+  }
+  if (on_purpose) LOG_INFO(Tag()) << "protection ends: " << why.message();
+  else LOG_ERROR(Tag()) << "protection lost: " << why.message() << "; the guest keeps running unprotected";
+  // First the guest: it may be paused on backpressure (LOADED withheld),
+  // and nothing that could wait on the backup comes before its release.
+  ReleaseGuest();
+  Status g = link_->SendBefore(last_words_deadline, MsgType::kGoodbye, 0, wire::EncodeReason({why.message()}), 0,
+                               backup_silent);
+  if (!g.ok()) LOG_WARN(Tag()) << "GOODBYE not sent: " << g.message();
+  // The guest runs on unprotected: release everything it sent.
+  if (nb) (void)nb->Finish(true);
+  // The guest keeps its own disk; the mirror target goes away. QMP
+  // commands: this is why teardown never runs on the monitor's thread.
+  if (disks_) disks_->Stop(true);
+  EnterFinal(on_purpose ? PrimaryState::kStopped : PrimaryState::kUnprotected);
+  // A silent backup gets no chance to drain: both directions go, which also
+  // ends a write stuck on it. Otherwise read on until the backup closes.
+  if (hb_.PeerLost()) link_->Shutdown();
+  else link_->ShutdownWrite();
+  source_->Abort();
+  finish();
+}
+
+void PrimaryLifecycle::ReleaseGuest() {
+  Status g = source_->GiveUp();
+  if (g.ok()) return;
+  LOG_ERROR(Tag()) << g.ToString();
+  SetError(g.message());
+  // libvirtd is away: QEMU's COLO engine waits for x-colo-lost-heartbeat (a
+  // guest stopped mid-checkpoint stays stopped until then): retry once
+  // libvirt is back.
+  if (monitor_connected_ && g.code() == Code::kUnavailable) {
+    MutexLock l(mu_);
+    give_up_pending_ = true;
+    give_up_deadline_ = clock_.Now() + kGiveUpRetryFor;
+  }
+}
+
+void PrimaryLifecycle::RetryGiveUp() {
+  {
+    MutexLock l(mu_);
+    if (!give_up_pending_) return;
+    if (qemu_dead_ || clock_.Now() > give_up_deadline_) {
+      give_up_pending_ = false;
+      return;
+    }
+    // Pace the retries; an event or the destructor ends the nap early.
+    ev_cv_.WaitFor(mu_, kGiveUpRetryEvery, [&]() REQUIRES(mu_) { return !events_.empty() || destroy_; });
+    if (destroy_) return;
+  }
+  if (!monitor_connected_()) return;
+  Status g = source_->GiveUp();
+  MutexLock l(mu_);
+  if (g.ok()) {
+    LOG_INFO(Tag()) << "libvirt is back: left COLO, the guest runs unprotected";
+    error_ += " (COLO ended once libvirt was back)";
+    give_up_pending_ = false;
+    return;
+  }
+  LOG_ERROR(Tag()) << "leaving COLO after libvirt came back: " << g.ToString();
+  if (g.code() != Code::kUnavailable) give_up_pending_ = false;
+}
+
+void PrimaryLifecycle::FillStatus(json* out) const {
+  json& j = *out;
+  const PrimaryState st = state_.load();
+  j["state"] = PrimaryStateName(st);
+  // Pages dirtied during the first pass are sent again, so the bytes sent can
+  // pass the guest's size before the copy is complete.
+  uint64_t total = sync_total_bytes_, done = std::min<uint64_t>(sync_done_bytes_, sync_total_bytes_);
+  double pct = total ? 100.0 * static_cast<double>(done) / static_cast<double>(total) : 0.0;
+  if (st == PrimaryState::kSyncing || st == PrimaryState::kStarting) pct = std::min(pct, 99.0);
+  else if (st == PrimaryState::kProtected) pct = 100.0;
+  bool attached;
+  {
+    MutexLock l(mu_);
+    attached = attached_;
+    j["last_acked_epoch"] = last_acked_epoch_;
+    j["last_staged_epoch"] = last_staged_epoch_;
+    j["unacked_epochs"] = unacked_.size();
+    j["unacked_bytes"] = unacked_bytes_;
+    j["error"] = error_;
+  }
+  if (attached && disks_) {
+    json dj = disks_->Progress();
+    if (st == PrimaryState::kSyncing) pct = std::min(pct, std::min(99.0, 100.0 * disks_->Fraction()));
+    j["disks"] = dj;
+  }
+  j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
+  j["interval_ms"] = interval_ms_.load();
+  j["compress"] = opts_.compress ? "lz4" : "none";
+  j["checkpoints_total"] = checkpoints_total_.load();
+  j["checkpoints_per_sec"] = checkpoints_.PerSecond();
+  j["pause_ms"] = {{"p50", pause_ms_.Quantile(0.5)}, {"p99", pause_ms_.Quantile(0.99)},
+                   {"mean", pause_ms_.Mean()}, {"samples", pause_ms_.size()}};
+  j["ack_ms"] = {{"p50", ack_ms_.Quantile(0.5)}, {"p99", ack_ms_.Quantile(0.99)}};
+  // The part of each pause between our REPLY and our LOADED (QEMU serializes
+  // and we stage); the rest of pause_ms is QEMU stopping and resuming.
+  j["stage_ms"] = {{"p50", stage_ms_.Quantile(0.5)}, {"p99", stage_ms_.Quantile(0.99)}, {"mean", stage_ms_.Mean()}};
+  j["dirty_pages_per_epoch"] = {{"p50", dirty_pages_.Quantile(0.5)}, {"mean", dirty_pages_.Mean()}};
+  j["bytes_per_epoch"] = {{"p50", epoch_bytes_.Quantile(0.5)}, {"mean", epoch_bytes_.Mean()}};
+  j["backpressure_waits"] = backpressure_waits_.load();
+  j["dirty_pages_total"] = dirty_pages_total_.load();
+  j["epoch_bytes_total"] = epoch_bytes_total_.load();
+  j["histograms"] = {{"pause_seconds", HistogramToJson(pause_hist_.Snapshot())},
+                     {"ack_seconds", HistogramToJson(ack_hist_.Snapshot())},
+                     {"dirty_pages", HistogramToJson(dirty_hist_.Snapshot())}};
+  j["link"] = {{"bytes_sent", attached && link_ ? link_->bytes_sent() : 0}};
+}
+
+}  // namespace remus

@@ -1,0 +1,291 @@
+// The primary's lifecycle for one protected domain: one state machine, one
+// owner of its threads and of its lock. PrimaryReplicator (primary.h)
+// connects to QEMU and the backup and hands the pieces over (Attach); this
+// class runs protection and ends it.
+//
+//   starting --Attach--> syncing --ACK covering the initial copy--> protected
+//      |                   |                                           |
+//      +-------------------+----------------Teardown-------------------+
+//                          v
+//      unprotected (protection lost; the guest runs on)
+//      failed-over (QEMU died; the backup was told to promote)
+//      stopped     (ended on purpose: unprotect, guest shutdown, daemon stop)
+//
+// The three ends are final, and only the lifecycle thread enters them
+// (Teardown), so an end runs once and on a thread that may issue QMP
+// commands. Everything else only posts:
+//   - monitor events and monitor loss (QMP reader thread, libvirt's event
+//     thread: both refuse QMP commands of their own),
+//   - the epoch loop ending (QEMU gone, the stream broke),
+//   - the sender or ack reader losing the link, the backup's ERROR,
+//   - Unprotect (which then waits for the end) and the destructor.
+//
+// Threads, all owned here: lifecycle (constructor to destructor), and from
+// Attach on epoch, sender, ack reader and heartbeat sender.
+//
+// The backup's liveness is judged on receipt only, on the lifecycle thread:
+// any frame from the backup counts, and silence for the heartbeat timeout
+// is its loss, whatever the sender is doing. Heartbeats go out with
+// Link::TrySend (a link busy with a frame is carrying data anyway); every
+// write is bounded by the link's send timeout (LifecycleOptions::send_timeout,
+// a backstop: liveness is not its job, and a live backup busy applying a
+// commit may take no data for a while). Whenever protection ends without
+// QEMU's death, the guest is released first (GiveUp: QEMU leaves COLO, the
+// guest resumes), then GOODBYE is sent, waiting only while the backup is not
+// silent, then output is released, and a silent backup's link is shut down
+// both ways, which also ends a write stuck on it. So a backpressure pause
+// (LOADED withheld) lasts at most heartbeat timeout + one interval after the
+// backup's last frame, plus the time QEMU takes to leave COLO.
+//
+// Thread-safety: public methods are thread-safe. Callbacks handed to other
+// components (event handler, disk writes) may run on any thread.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "common/stats.h"
+#include "common/thread_annotations.h"
+#include "heartbeat/heartbeat.h"
+#include "netbuf/netbuf.h"
+#include "replicator/link/page_batch.h"
+#include "replicator/link/wire.h"
+#include "replicator/primary/disk_source.h"
+#include "replicator/qemu/checkpoint_stream.h"
+#include "replicator/qemu/qmp.h"
+
+namespace remus {
+
+enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped };
+std::string_view PrimaryStateName(PrimaryState s);
+inline bool IsFinal(PrimaryState s) {
+  return s == PrimaryState::kUnprotected || s == PrimaryState::kFailedOver || s == PrimaryState::kStopped;
+}
+
+struct LifecycleOptions {
+  std::string domain;
+  std::string backup;  // "host:port", for messages
+  HeartbeatConfig heartbeat;
+  uint64_t max_unacked_epochs = 8;
+  uint64_t max_unacked_bytes = 1ull << 30;
+  bool compress = false;
+  int interval_ms = 100;
+  // No write waits longer than this for the backup to take data (zero:
+  // max(30 s, 4 x heartbeat timeout)), nor do GOODBYE/FAILOVER. A backstop:
+  // the backup's loss is judged on receipt, within the heartbeat timeout.
+  Nanos send_timeout{0};
+  // "stall-after-reply@EPOCH" (tests): see PrimaryOptions::fault.
+  std::string fault;
+};
+
+// What Attach takes over. Only link and source are required.
+struct LifecycleDeps {
+  // Authenticated, CONFIG sent. Owned from Attach on.
+  std::unique_ptr<wire::Link> link;
+  // Not yet started (Attach starts it).
+  std::unique_ptr<CheckpointStream> source;
+  // QEMU's monitor (outlives this): asked whether QEMU still runs when the
+  // stream breaks. Null: a broken stream under a running QEMU is assumed.
+  QemuMonitor* monitor = nullptr;
+  // Output buffering, made while the guest is paused at the end of the
+  // initial copy. Null: NoOutputBuffer.
+  std::function<StatusOr<std::unique_ptr<OutputBuffer>>()> make_netbuf;
+  // The disk mirror, given the function its writes go to. Null: no disks.
+  std::function<std::unique_ptr<DiskMirror>(DiskMirror::WriteFn)> make_disks;
+  // Whether QEMU's process still exists. Null: assume it does.
+  std::function<bool()> qemu_running;
+  // libvirt mode: whether the monitor is reachable. Set, a GiveUp that
+  // failed with Unavailable is retried once it is back.
+  std::function<bool()> monitor_connected;
+};
+
+class PrimaryLifecycle {
+ public:
+  static constexpr size_t kBatchBytes = 4u << 20;            // PAGES payload target
+  static constexpr uint64_t kInitialQueueBound = 64u << 20;  // flow control during the initial copy
+
+  // Starts the lifecycle thread; the state is "starting".
+  PrimaryLifecycle(LifecycleOptions opts, const Clock& clock);
+  // Ends protection if it still runs (stopped: "daemon shutting down"),
+  // then joins every thread. REQUIRES: no callback of this object can run
+  // any more or runs concurrently only until it returns (clear the monitor's
+  // event handler first).
+  ~PrimaryLifecycle();
+  PrimaryLifecycle(const PrimaryLifecycle&) = delete;
+  PrimaryLifecycle& operator=(const PrimaryLifecycle&) = delete;
+
+  // starting -> syncing: takes the pieces, starts QEMU's COLO migration
+  // (source->Start) and the threads. On error protection has ended
+  // (unprotected, the error as its reason) and the error is returned.
+  // Once only; not concurrently with Unprotect or the destructor.
+  Status Attach(LifecycleDeps deps);
+  // starting -> unprotected (or stopped, for Cancelled): a start that never
+  // reached Attach.
+  void FailStart(const Status& why);
+
+  // Ends protection on purpose (GOODBYE: the backup does not promote; the
+  // guest runs on) and waits until it has ended. Idempotent: protection
+  // that already ended stays as it ended. The error is the reason
+  // protection had been lost, if it had been.
+  Status Unprotect();
+  Status SetInterval(int ms);
+
+  // Monitor callbacks: post to the lifecycle, never block, never issue QMP.
+  void OnQemuEvent(const nlohmann::json& ev);
+  void OnQemuLost(const std::string& why);
+
+  PrimaryState state() const { return state_.load(); }
+  // The fields this object knows (state, sync, epochs, metrics, netbuf
+  // counters, disks, link).
+  void FillStatus(nlohmann::json* j) const;
+  std::string error() const;
+  OutputBuffer* netbuf() const { return netbuf_.load(); }
+
+ private:
+  struct Event {
+    Status why;              // Cancelled: ended on purpose
+    bool qemu_dead = false;  // failover
+    bool unprotect = false;  // from Unprotect(): wake it when done
+  };
+  struct OutFrame {
+    wire::MsgType type;
+    uint64_t epoch;
+    std::string payload;
+    uint16_t flags = 0;
+    // A checkpoint's pages, batched by the sender (type kPages, payload empty).
+    std::shared_ptr<wire::DeferredPages> pages;
+    uint64_t size() const { return pages ? pages->bytes() : payload.size(); }
+  };
+
+  // ---- lifecycle.cc: the state machine ----
+  void Post(Event e) EXCLUDES(mu_);
+  void LifecycleLoop() EXCLUDES(mu_);
+  // The one place protection ends. Lifecycle thread only.
+  void Teardown(const Status& why, bool qemu_dead) EXCLUDES(mu_);
+  // GiveUp; schedules retries when the monitor is away (libvirt restarting).
+  void ReleaseGuest() EXCLUDES(mu_);
+  void RetryGiveUp() EXCLUDES(mu_);
+  // A transition that is not into a final state (CAS on `from`).
+  bool Advance(PrimaryState from, PrimaryState to);
+  void EnterFinal(PrimaryState to);
+  void SetError(const std::string& e) EXCLUDES(mu_);
+  std::string Tag() const { return "primary[" + opts_.domain + "]"; }
+  Nanos SendBackstop() const {
+    return opts_.send_timeout.count() > 0 ? opts_.send_timeout
+                                          : std::max<Nanos>(std::chrono::seconds(30), 4 * opts_.heartbeat.timeout);
+  }
+
+  // ---- epoch_loop.cc: QEMU's checkpoints ----
+  // Wall-clock seconds with microseconds, for the debug lines tests line up
+  // with packet timestamps taken elsewhere on the host (barrier, ack).
+  static std::string WallSeconds();
+  void EpochLoop() EXCLUDES(mu_);
+  Status RunInitialSync() EXCLUDES(mu_);
+  Status RunCheckpoint(uint64_t epoch) EXCLUDES(mu_);
+  bool QemuExited();
+
+  // ---- sender.cc: the send queue, the link's two directions ----
+  // Blocks while the queue holds more than the bound (initial-copy flow control).
+  void Enqueue(OutFrame f) EXCLUDES(mu_);
+  void PushLocked(OutFrame f) REQUIRES(mu_);
+  // Ends epoch `epoch` in the queue: DISK_SYNCED when due, then COMMIT.
+  void PushCommitLocked(uint64_t epoch, wire::CommitInfo ci) REQUIRES(mu_);
+  void OnDiskWrite(uint32_t disk, wire::DiskOp op, uint64_t offset, uint64_t length,
+                   std::span<const uint8_t> data) EXCLUDES(mu_);
+  void SenderLoop() EXCLUDES(mu_);
+  Status SendFrame(OutFrame& f);
+  Status SendPages(uint64_t epoch, std::string* payload);
+  void AckLoop() EXCLUDES(mu_);
+  void OnAck(uint64_t e) EXCLUDES(mu_);
+  void HeartbeatLoop() EXCLUDES(mu_);
+
+  const LifecycleOptions opts_;
+  const Clock& clock_;
+  HeartbeatMonitor hb_;
+
+  // Set by Attach before the worker threads start, read-only afterwards
+  // (the lifecycle thread waits for Attach before it handles events).
+  std::unique_ptr<wire::Link> link_;
+  std::unique_ptr<CheckpointStream> source_;
+  std::unique_ptr<DiskMirror> disks_;
+  QemuMonitor* monitor_ = nullptr;
+  std::function<StatusOr<std::unique_ptr<OutputBuffer>>()> make_netbuf_;
+  std::function<bool()> qemu_running_;
+  std::function<bool()> monitor_connected_;
+  // Made by the epoch thread while the guest is paused at the end of the
+  // initial copy; others read netbuf_.
+  std::unique_ptr<OutputBuffer> netbuf_owner_;
+  std::atomic<OutputBuffer*> netbuf_{nullptr};
+
+  // Set by Attach once the fields above are: monitor events (which may
+  // arrive before Attach returns) read disks_ only then.
+  std::atomic<bool> deps_ready_{false};
+  std::atomic<PrimaryState> state_{PrimaryState::kStarting};
+  // Set (under mu_, so waits see it) when protection starts ending.
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> qemu_dead_{false};
+  // QEMU reported a SHUTDOWN the host asked for (data.guest false): it exits next.
+  std::atomic<bool> host_shutdown_{false};
+  std::atomic<int> interval_ms_;
+
+  mutable Mutex mu_;
+  CondVar cv_;     // queue, acks, stopping_, qemu_dead_
+  CondVar ev_cv_;  // events_, attaching_, destroy_, ended_
+  std::deque<Event> events_ GUARDED_BY(mu_);
+  bool attaching_ GUARDED_BY(mu_) = false;
+  bool attached_ GUARDED_BY(mu_) = false;
+  bool destroy_ GUARDED_BY(mu_) = false;
+  bool ended_ GUARDED_BY(mu_) = false;  // Teardown finished
+  // GiveUp failed with Unavailable: retried while this is set.
+  bool give_up_pending_ GUARDED_BY(mu_) = false;
+  TimePoint give_up_deadline_ GUARDED_BY(mu_);
+  std::string error_ GUARDED_BY(mu_);
+
+  std::deque<OutFrame> queue_ GUARDED_BY(mu_);
+  uint64_t queued_bytes_ GUARDED_BY(mu_) = 0;
+  uint64_t last_staged_epoch_ GUARDED_BY(mu_) = 0;
+  uint64_t disk_epoch_ GUARDED_BY(mu_) = 0;    // the epoch disk writes belong to
+  uint64_t disk_records_ GUARDED_BY(mu_) = 0;  // kDisk frames of disk_epoch_
+  uint64_t disk_bytes_ GUARDED_BY(mu_) = 0;    // their payload bytes
+  int64_t disk_synced_epoch_ GUARDED_BY(mu_) = -1;  // DISK_SYNCED sent with this epoch
+  int64_t last_acked_epoch_ GUARDED_BY(mu_) = -1;
+  std::deque<std::pair<uint64_t, uint64_t>> unacked_ GUARDED_BY(mu_);  // (epoch, bytes)
+  uint64_t unacked_bytes_ GUARDED_BY(mu_) = 0;
+  std::deque<std::pair<uint64_t, TimePoint>> loaded_at_ GUARDED_BY(mu_);
+  size_t last_epoch_pages_ = 0;  // epoch thread only
+
+  // Initial sync progress.
+  std::atomic<uint64_t> sync_total_bytes_{0};
+  std::atomic<uint64_t> sync_done_bytes_{0};
+
+  // Metrics (each internally synchronized).
+  SampleWindow pause_ms_;     // from QMP STOP/RESUME timestamps
+  SampleWindow ack_ms_;       // LOADED -> ACK
+  SampleWindow stage_ms_;     // REPLY written -> LOADED written: remus's own part of the pause
+  SampleWindow dirty_pages_;  // pages per epoch
+  SampleWindow epoch_bytes_;  // wire bytes per epoch
+  RateMeter checkpoints_;
+  Histogram pause_hist_{Histogram::LatencySeconds()};  // seconds
+  Histogram ack_hist_{Histogram::LatencySeconds()};    // seconds
+  Histogram dirty_hist_{Histogram::PageCounts()};      // pages per epoch
+  std::atomic<int64_t> stop_ts_us_{-1};
+  std::atomic<uint64_t> checkpoints_total_{0};
+  std::atomic<uint64_t> dirty_pages_total_{0};
+  std::atomic<uint64_t> epoch_bytes_total_{0};
+  std::atomic<uint64_t> backpressure_waits_{0};
+
+  std::thread epoch_thread_, sender_thread_, ack_thread_, hb_thread_;
+  std::thread lifecycle_thread_;  // last: started when everything above exists
+};
+
+}  // namespace remus

@@ -1,0 +1,681 @@
+// PrimaryLifecycle with fakes: a checkpoint stream the test drives, a backup
+// at the other end of a socket pair, a monitor whose event thread refuses
+// commands (as QMP's reader thread and libvirt's event thread do), a netbuf
+// and a disk mirror that record what was asked of them. Real time, short
+// heartbeat settings.
+#include "replicator/primary/lifecycle.h"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "replicator/link/messages.h"
+
+namespace remus {
+namespace {
+
+using json = nlohmann::json;
+using wire::MsgType;
+using Steady = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+int64_t Ms(Steady::duration d) { return std::chrono::duration_cast<milliseconds>(d).count(); }
+
+// Waits (polling) until pred() or the limit; returns pred().
+template <class Pred>
+bool Eventually(Pred pred, milliseconds limit = milliseconds(5000)) {
+  const auto until = Steady::now() + limit;
+  while (!pred()) {
+    if (Steady::now() > until) return pred();
+    std::this_thread::sleep_for(milliseconds(2));
+  }
+  return true;
+}
+
+// ---- Fakes -------------------------------------------------------------------
+
+// QEMU's checkpoints on demand. With auto_epochs, a request comes every
+// interval; otherwise one per Fire().
+class FakeStream final : public CheckpointStream {
+ public:
+  bool auto_epochs = true;
+  milliseconds interval{5};
+  size_t blob_bytes = 1000;  // device state per checkpoint
+
+  Status Start() override { return OkStatus(); }
+  Status ReadInitial(qemu::PageSink* sink, qemu::InitialInfo* info) override {
+    for (uint64_t i = 0; i < 4; i++) RETURN_IF_ERROR(sink->OnPage(0, i * wire::kPageSize, nullptr));
+    info->device_state = "initial-device-state";
+    return OkStatus();
+  }
+  Status SendReady() override { return OkStatus(); }
+  Status WaitForRequest() override {
+    std::unique_lock<std::mutex> l(mu_);
+    if (auto_epochs) {
+      cv_.wait_for(l, interval, [&] { return aborted_ || fail_next_.has_value(); });
+    } else {
+      cv_.wait(l, [&] { return aborted_ || fail_next_.has_value() || fired_ > 0; });
+      if (fired_ > 0) fired_--;
+    }
+    if (fail_next_) return *fail_next_;
+    if (aborted_) return Cancelled("stream aborted");
+    return OkStatus();
+  }
+  Status BeginPause() override {
+    std::lock_guard<std::mutex> l(mu_);
+    paused_ = true;
+    paused_at_ = Steady::now();
+    pauses_++;
+    return OkStatus();
+  }
+  StatusOr<std::string> ReadCheckpoint(qemu::PageSink* sink, uint64_t* pages) override {
+    RETURN_IF_ERROR(sink->OnPage(0, 0, nullptr));
+    *pages = 1;
+    return std::string(blob_bytes, 'd');
+  }
+  std::vector<std::vector<uint8_t>> TakeRetained() override { return {}; }
+  const std::shared_ptr<BufferPool>& pool() const override { return pool_; }
+  Status EndPause() override {
+    std::lock_guard<std::mutex> l(mu_);
+    paused_ = false;
+    loaded_++;
+    cv_.notify_all();
+    return OkStatus();
+  }
+  Status SetInterval(int) override { return OkStatus(); }
+  Status CheckInColo() override { return OkStatus(); }
+  const std::vector<qemu::RamBlock>& blocks() const override { return blocks_; }
+  void Abort() override {
+    std::lock_guard<std::mutex> l(mu_);
+    aborted_ = true;
+    cv_.notify_all();
+  }
+  Status GiveUp() override {
+    std::lock_guard<std::mutex> l(mu_);
+    give_up_calls_++;
+    if (give_up_failures_ > 0) {
+      give_up_failures_--;
+      return Unavailable("libvirt is not connected");
+    }
+    if (gave_up_) return OkStatus();
+    gave_up_ = true;
+    give_up_at_ = Steady::now();
+    give_up_thread_ = std::this_thread::get_id();
+    paused_ = false;  // QEMU leaves COLO and the guest runs
+    return OkStatus();
+  }
+
+  // The next n GiveUp calls find the monitor unreachable.
+  void FailGiveUp(int n) {
+    std::lock_guard<std::mutex> l(mu_);
+    give_up_failures_ = n;
+  }
+  int give_up_calls() const { std::lock_guard<std::mutex> l(mu_); return give_up_calls_; }
+  void Fire() {
+    std::lock_guard<std::mutex> l(mu_);
+    fired_++;
+    cv_.notify_all();
+  }
+  // The stream breaks (QEMU died, say).
+  void Break(Status s) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_next_ = std::move(s);
+    cv_.notify_all();
+  }
+  bool paused() const { std::lock_guard<std::mutex> l(mu_); return paused_; }
+  Steady::time_point paused_at() const { std::lock_guard<std::mutex> l(mu_); return paused_at_; }
+  uint64_t loaded() const { std::lock_guard<std::mutex> l(mu_); return loaded_; }
+  uint64_t pauses() const { std::lock_guard<std::mutex> l(mu_); return pauses_; }
+  bool gave_up() const { std::lock_guard<std::mutex> l(mu_); return gave_up_; }
+  Steady::time_point give_up_at() const { std::lock_guard<std::mutex> l(mu_); return give_up_at_; }
+  std::thread::id give_up_thread() const { std::lock_guard<std::mutex> l(mu_); return give_up_thread_; }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool aborted_ = false, paused_ = false, gave_up_ = false;
+  std::optional<Status> fail_next_;
+  uint64_t fired_ = 0, loaded_ = 0, pauses_ = 0;
+  int give_up_failures_ = 0, give_up_calls_ = 0;
+  Steady::time_point paused_at_, give_up_at_;
+  std::thread::id give_up_thread_;
+  std::shared_ptr<BufferPool> pool_;
+  std::vector<qemu::RamBlock> blocks_{{"pc.ram", 4 * wire::kPageSize}};
+};
+
+// A monitor whose events arrive on a thread of its own, on which (like
+// QMP's reader thread and libvirt's event thread) every command is refused.
+class FakeMonitor final : public QemuMonitor {
+ public:
+  StatusOr<json> Execute(const std::string& command, const json& = json::object(), int = 10000) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (std::this_thread::get_id() == event_thread_) {
+      refused_.push_back(command);
+      return FailedPrecondition("QMP command '" + command + "' issued from the monitor's event thread");
+    }
+    done_.push_back(command);
+    if (command == "query-status") return json{{"status", "running"}};
+    return json::object();
+  }
+  void SetEventHandler(std::function<void(const json&)> h) override {
+    std::lock_guard<std::mutex> l(mu_);
+    handler_ = std::move(h);
+  }
+  // Delivers ev on the event thread and waits for the handler to return.
+  void Deliver(const json& ev) {
+    std::thread t([&] {
+      std::function<void(const json&)> h;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        event_thread_ = std::this_thread::get_id();
+        h = handler_;
+      }
+      if (h) h(ev);
+    });
+    t.join();
+  }
+  std::vector<std::string> refused() const { std::lock_guard<std::mutex> l(mu_); return refused_; }
+  std::vector<std::string> done() const { std::lock_guard<std::mutex> l(mu_); return done_; }
+
+ private:
+  mutable std::mutex mu_;
+  std::function<void(const json&)> handler_;
+  std::thread::id event_thread_;
+  std::vector<std::string> refused_, done_;
+};
+
+class FakeNetbuf final : public OutputBuffer {
+ public:
+  Status Barrier(uint64_t e) override { return Log("barrier", e); }
+  Status Release(uint64_t e) override { return Log("release", e); }
+  Status Finish(bool primary_continues) override { return Log(primary_continues ? "finish-release" : "finish-drop", 0); }
+  std::string_view mode() const override { return "fake"; }
+  std::string_view guarantee() const override { return "fake"; }
+  uint64_t buffered_packets() const override { return 0; }
+  std::vector<std::pair<std::string, uint64_t>> log() const { std::lock_guard<std::mutex> l(mu_); return log_; }
+
+ private:
+  Status Log(const char* what, uint64_t e) {
+    std::lock_guard<std::mutex> l(mu_);
+    log_.emplace_back(what, e);
+    return OkStatus();
+  }
+  mutable std::mutex mu_;
+  std::vector<std::pair<std::string, uint64_t>> log_;
+};
+
+// Stop cancels the mirror jobs through the monitor, as DiskSource does.
+class FakeDisks final : public DiskMirror {
+ public:
+  explicit FakeDisks(QemuMonitor* m) : monitor_(m) {}
+  Status Start() override { return OkStatus(); }
+  void OnEvent(const json&) override {}
+  bool AllReady() const override { return true; }
+  Status failure() const override { return OkStatus(); }
+  json Progress() const override { return json::array(); }
+  double Fraction() const override { return 1.0; }
+  void Stop(bool qemu_alive) override {
+    std::lock_guard<std::mutex> l(mu_);
+    stops_.push_back(qemu_alive);
+    if (qemu_alive) cancel_ = monitor_->Execute("block-job-cancel", {{"device", "remus-drive0"}}).status();
+  }
+  std::vector<bool> stops() const { std::lock_guard<std::mutex> l(mu_); return stops_; }
+  Status cancel() const { std::lock_guard<std::mutex> l(mu_); return cancel_; }
+
+ private:
+  QemuMonitor* monitor_;
+  mutable std::mutex mu_;
+  std::vector<bool> stops_;
+  Status cancel_ = Internal("never cancelled");
+};
+
+// The backup: acks every COMMIT, sends heartbeats; can hold its acks, or go
+// silent altogether (a blackhole: it neither reads nor sends, and the
+// connection stays open).
+class FakeBackup {
+ public:
+  FakeBackup(std::unique_ptr<wire::Link> link, milliseconds hb_interval)
+      : link_(std::move(link)), hb_interval_(hb_interval) {
+    reader_ = std::thread([this] { ReadLoop(); });
+    beater_ = std::thread([this] { BeatLoop(); });
+  }
+  ~FakeBackup() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      closing_ = true;
+      cv_.notify_all();
+    }
+    link_->Shutdown();
+    reader_.join();
+    beater_.join();
+  }
+  void HoldAcks(bool hold) {
+    std::lock_guard<std::mutex> l(mu_);
+    hold_acks_ = hold;
+    if (!hold) {
+      for (uint64_t e : held_) (void)link_->Send(MsgType::kAck, e, "");
+      held_.clear();
+    }
+  }
+  // Neither reads nor sends: a pulled cable, a powered-off host.
+  void Blackhole() {
+    std::lock_guard<std::mutex> l(mu_);
+    blackhole_ = true;
+    not_reading_ = true;
+  }
+  // Alive (heartbeats go on) but takes no data: busy applying a commit.
+  void StopReading(bool stop) {
+    std::lock_guard<std::mutex> l(mu_);
+    not_reading_ = stop;
+    cv_.notify_all();
+  }
+  bool Saw(MsgType t) const {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto x : types_)
+      if (x == t) return true;
+    return false;
+  }
+  int64_t commits() const { std::lock_guard<std::mutex> l(mu_); return commits_; }
+  std::string goodbye_reason() const { std::lock_guard<std::mutex> l(mu_); return goodbye_reason_; }
+
+ private:
+  void ReadLoop() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return !not_reading_ || closing_; });
+        if (closing_) return;
+      }
+      auto f = link_->Recv();
+      if (!f.ok()) {
+        link_->Shutdown();  // the primary's ack reader ends
+        return;
+      }
+      std::lock_guard<std::mutex> l(mu_);
+      types_.push_back(f->type);
+      if (f->type == MsgType::kGoodbye || f->type == MsgType::kFailover) {
+        auto r = wire::DecodeReason(f->payload);
+        if (r.ok()) goodbye_reason_ = r->reason;
+      }
+      if (f->type != MsgType::kCommit || blackhole_) continue;
+      commits_++;
+      if (hold_acks_) held_.push_back(f->epoch);
+      else (void)link_->Send(MsgType::kAck, f->epoch, "");
+    }
+  }
+  void BeatLoop() {
+    std::unique_lock<std::mutex> l(mu_);
+    while (!closing_) {
+      cv_.wait_for(l, hb_interval_);
+      if (!closing_ && !blackhole_) (void)link_->TrySend(MsgType::kHeartbeat, 0, "");
+    }
+  }
+
+  std::unique_ptr<wire::Link> link_;
+  const milliseconds hb_interval_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool closing_ = false, blackhole_ = false, not_reading_ = false, hold_acks_ = false;
+  std::vector<uint64_t> held_;
+  std::vector<MsgType> types_;
+  int64_t commits_ = 0;
+  std::string goodbye_reason_;
+  std::thread reader_, beater_;
+};
+
+// ---- The fixture -------------------------------------------------------------
+
+struct World {
+  FakeMonitor monitor;
+  FakeStream* stream = nullptr;   // owned by the lifecycle
+  FakeNetbuf* netbuf = nullptr;   // owned by the lifecycle
+  FakeDisks* disks = nullptr;     // owned by the lifecycle
+  std::unique_ptr<FakeBackup> backup;
+  std::unique_ptr<PrimaryLifecycle> lc;
+  bool qemu_running = true;
+  bool libvirt_mode = false;               // set before Start
+  std::atomic<bool> monitor_connected{true};
+  std::mutex mu;
+
+  // small_buffers: a few hundred KiB fill the socket (a stuck sender).
+  void Start(LifecycleOptions o, bool small_buffers = false, std::function<void(FakeStream*)> setup = nullptr) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    if (small_buffers) {
+      int small = 16 * 1024;
+      ::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+      ::setsockopt(sv[1], SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    }
+    backup = std::make_unique<FakeBackup>(std::make_unique<wire::Link>(Fd(sv[1])),
+                                          std::chrono::duration_cast<milliseconds>(o.heartbeat.interval));
+    lc = std::make_unique<PrimaryLifecycle>(std::move(o), RealClock::Get());
+    auto s = std::make_unique<FakeStream>();
+    stream = s.get();
+    if (setup) setup(stream);
+    LifecycleDeps d;
+    d.link = std::make_unique<wire::Link>(Fd(sv[0]));
+    d.source = std::move(s);
+    d.monitor = &monitor;
+    d.make_netbuf = [this]() -> StatusOr<std::unique_ptr<OutputBuffer>> {
+      auto n = std::make_unique<FakeNetbuf>();
+      netbuf = n.get();
+      return std::unique_ptr<OutputBuffer>(std::move(n));
+    };
+    d.make_disks = [this](DiskMirror::WriteFn) {
+      auto f = std::make_unique<FakeDisks>(&monitor);
+      disks = f.get();
+      return std::unique_ptr<DiskMirror>(std::move(f));
+    };
+    d.qemu_running = [this] {
+      std::lock_guard<std::mutex> l(mu);
+      return qemu_running;
+    };
+    if (libvirt_mode) d.monitor_connected = [this] { return monitor_connected.load(); };
+    monitor.SetEventHandler([l = lc.get()](const json& ev) { l->OnQemuEvent(ev); });
+    ASSERT_TRUE(lc->Attach(std::move(d)).ok());
+  }
+  ~World() {
+    monitor.SetEventHandler(nullptr);
+    lc.reset();
+    backup.reset();
+  }
+};
+
+LifecycleOptions Opts(milliseconds hb_interval = milliseconds(20), milliseconds hb_timeout = milliseconds(200)) {
+  LifecycleOptions o;
+  o.domain = "vm1";
+  o.backup = "fake-backup";
+  o.heartbeat = {hb_interval, hb_timeout};
+  return o;
+}
+
+// ---- Tests -------------------------------------------------------------------
+
+TEST(PrimaryLifecycle, EpochsFlowAcksReleaseOutputInOrderAndUnprotectSaysGoodbye) {
+  World w;
+  w.Start(Opts());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kSyncing);
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= 10; }));
+  ASSERT_TRUE(w.lc->Unprotect().ok());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kStopped);
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
+  EXPECT_EQ(w.backup->goodbye_reason(), "unprotected by the operator");
+  EXPECT_TRUE(w.stream->gave_up());
+
+  // Barriers in epoch order; each release covers an epoch already barred,
+  // never goes back, and the end releases the rest (the guest runs on).
+  auto log = w.netbuf->log();
+  ASSERT_FALSE(log.empty());
+  uint64_t last_barrier = 0, last_release = 0;
+  int releases = 0;
+  for (size_t i = 0; i < log.size(); i++) {
+    const auto& [what, e] = log[i];
+    if (what == "barrier") {
+      EXPECT_EQ(e, last_barrier + 1);
+      last_barrier = e;
+    } else if (what == "release") {
+      EXPECT_GE(e, last_release);
+      EXPECT_LE(e, last_barrier);
+      last_release = e;
+      releases++;
+    } else {
+      EXPECT_EQ(what, "finish-release");
+      EXPECT_EQ(i, log.size() - 1);
+    }
+  }
+  EXPECT_GE(releases, 5);
+  ASSERT_EQ(w.disks->stops(), std::vector<bool>{true});
+  EXPECT_TRUE(w.disks->cancel().ok());
+  // Idempotent; SetInterval refuses once it ended.
+  EXPECT_TRUE(w.lc->Unprotect().ok());
+  EXPECT_EQ(w.lc->SetInterval(50).code(), Code::kFailedPrecondition);
+}
+
+TEST(PrimaryLifecycle, BackpressureHoldsLoadedWhileTooManyEpochsAreUnacked) {
+  World w;
+  LifecycleOptions o = Opts(milliseconds(20), milliseconds(2000));
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));  // epoch 0 acked
+  w.backup->HoldAcks(true);
+  w.stream->Fire();
+  w.stream->Fire();
+  ASSERT_TRUE(Eventually([&] { return w.stream->loaded() == 2; }));  // epochs 1, 2: LOADED at once
+  w.stream->Fire();  // epoch 3: two unacked, so LOADED waits; the guest stays paused
+  ASSERT_TRUE(Eventually([&] { return w.stream->pauses() == 3; }));
+  std::this_thread::sleep_for(milliseconds(150));
+  EXPECT_EQ(w.stream->loaded(), 2u);
+  EXPECT_TRUE(w.stream->paused());
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["backpressure_waits"], 1);
+  EXPECT_EQ(st["unacked_epochs"], 2);
+  w.backup->HoldAcks(false);  // ACK 1, 2
+  ASSERT_TRUE(Eventually([&] { return w.stream->loaded() == 3; }));
+  EXPECT_FALSE(w.stream->paused());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kProtected);
+}
+
+TEST(PrimaryLifecycle, BackpressureCountsUnackedBytes) {
+  World w;
+  LifecycleOptions o = Opts(milliseconds(20), milliseconds(2000));
+  o.max_unacked_bytes = 3000;  // one checkpoint of ~1 KiB fits, three do not
+  w.Start(std::move(o), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->HoldAcks(true);
+  for (int i = 0; i < 3; i++) w.stream->Fire();
+  ASSERT_TRUE(Eventually([&] { return w.stream->pauses() == 3; }));
+  std::this_thread::sleep_for(milliseconds(100));
+  EXPECT_EQ(w.stream->loaded(), 2u);
+  w.backup->HoldAcks(false);
+  ASSERT_TRUE(Eventually([&] { return w.stream->loaded() == 3; }));
+}
+
+// Issue 11, defect 3: a blackholed backup (no FIN, no RST) while the sender
+// is stuck in a write and the guest is paused on backpressure. The primary
+// must notice within the heartbeat timeout and release the guest: never
+// paused by us for longer than heartbeat timeout + one interval.
+TEST(PrimaryLifecycle, BlackholedBackupUnprotectsWithinTheHeartbeatTimeout) {
+  const milliseconds interval(50), timeout(200);
+  World w;
+  LifecycleOptions o = Opts(interval, timeout);
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), /*small_buffers=*/true, [](FakeStream* s) { s->blob_bytes = 1u << 20; });
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= 3; }));
+  const auto t_blackhole = Steady::now();
+  w.backup->Blackhole();
+  // The sender soon sticks in a 1 MiB write and the next checkpoint waits
+  // for acks that never come: the guest is paused by us.
+  ASSERT_TRUE(Eventually([&] { return w.stream->gave_up(); }, milliseconds(10000)))
+      << "the primary never noticed its backup was gone";
+  const int64_t detect_ms = Ms(w.stream->give_up_at() - t_blackhole);
+  const int64_t paused_ms = Ms(w.stream->give_up_at() - w.stream->paused_at());
+  std::printf("blackhole: guest released %lld ms after the backup went silent; last pause lasted %lld ms "
+              "(bound %lld ms)\n",
+              static_cast<long long>(detect_ms), static_cast<long long>(paused_ms),
+              static_cast<long long>((timeout + interval).count()));
+  EXPECT_LE(detect_ms, (timeout + interval).count());
+  EXPECT_LE(paused_ms, (timeout + interval).count());
+  EXPECT_FALSE(w.stream->paused());
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_GE(st["backpressure_waits"].get<int>(), 1);  // the guest was held for acks
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kUnprotected; }, milliseconds(1000)));
+  EXPECT_NE(w.lc->error().find("silent"), std::string::npos) << w.lc->error();
+  auto log = w.netbuf->log();
+  ASSERT_FALSE(log.empty());
+  EXPECT_EQ(log.back().first, "finish-release");  // output flows again
+  // The teardown itself is bounded too: GOODBYE gets one interval.
+  EXPECT_TRUE(Eventually([&] { return !w.disks->stops().empty(); }, timeout + 2 * interval));
+  // Unprotect afterwards succeeds and keeps the reason.
+  EXPECT_TRUE(w.lc->Unprotect().ok());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+}
+
+TEST(PrimaryLifecycle, UnprotectWithASilentBackupReleasesTheGuestFirst) {
+  const milliseconds interval(50), timeout(300);
+  World w;
+  LifecycleOptions o = Opts(interval, timeout);
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), /*small_buffers=*/true, [](FakeStream* s) { s->blob_bytes = 1u << 20; });
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= 3; }));
+  w.backup->Blackhole();
+  ASSERT_TRUE(Eventually([&] { return w.stream->paused(); }));  // held on backpressure
+  const auto t0 = Steady::now();
+  ASSERT_TRUE(w.lc->Unprotect().ok());
+  const int64_t unprotect_ms = Ms(Steady::now() - t0);
+  ASSERT_TRUE(w.stream->gave_up());
+  EXPECT_LE(Ms(w.stream->give_up_at() - t0), 50);  // at once, not after last words
+  EXPECT_LE(unprotect_ms, (timeout + interval).count());  // GOODBYE gave up with the backup's silence
+  EXPECT_EQ(w.lc->state(), PrimaryState::kStopped);
+  EXPECT_EQ(w.netbuf->log().back().first, "finish-release");
+}
+
+TEST(PrimaryLifecycle, ABackupThatLivesButTakesNoDataIsNotLostAndGetsItsGoodbye) {
+  // Heartbeats keep coming while the backup does not read (a slow commit):
+  // that is not a loss, however long the sender is stuck, and the GOODBYE
+  // of an unprotect during it is delivered, not dropped (a backup that gets
+  // no GOODBYE promotes).
+  const milliseconds interval(20), timeout(150);
+  World w;
+  LifecycleOptions o = Opts(interval, timeout);
+  o.max_unacked_epochs = 2;
+  w.Start(std::move(o), /*small_buffers=*/true, [](FakeStream* s) { s->blob_bytes = 1u << 20; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->StopReading(true);
+  std::this_thread::sleep_for(3 * timeout);
+  EXPECT_EQ(w.lc->state(), PrimaryState::kProtected) << w.lc->error();
+  const int64_t before = w.backup->commits();
+  std::thread later([&] {
+    std::this_thread::sleep_for(3 * timeout);  // Unprotect waits through this
+    w.backup->StopReading(false);
+  });
+  const auto t0 = Steady::now();
+  ASSERT_TRUE(w.lc->Unprotect().ok());
+  later.join();
+  EXPECT_GE(Ms(Steady::now() - t0), 2 * timeout.count());
+  EXPECT_TRUE(w.stream->gave_up());
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
+  EXPECT_GE(w.backup->commits(), before);
+  EXPECT_EQ(w.lc->error(), "");
+}
+
+TEST(PrimaryLifecycle, QemuDeathSendsFailoverAndDropsHeldOutput) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  {
+    std::lock_guard<std::mutex> l(w.mu);
+    w.qemu_running = false;
+  }
+  w.lc->OnQemuLost("its QMP monitor closed");
+  w.stream->Break(Unavailable("QEMU closed the migration stream"));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kFailedOver; }));
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kFailover); }));
+  EXPECT_FALSE(w.backup->Saw(MsgType::kGoodbye));
+  EXPECT_FALSE(w.stream->gave_up());  // nothing to give up: QEMU is gone
+  EXPECT_EQ(w.netbuf->log().back().first, "finish-drop");
+  EXPECT_EQ(w.disks->stops(), std::vector<bool>{false});
+}
+
+// Issue 11, defect 10: a guest shutdown arrives on the monitor's event
+// thread, which refuses commands. The teardown (GiveUp, block-job-cancel)
+// must run on the lifecycle's own thread.
+TEST(PrimaryLifecycle, GuestShutdownSaysGoodbyeAndTearsDownOffTheEventThread) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kStopped; }));
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
+  EXPECT_EQ(w.backup->goodbye_reason(), "the guest shut down");
+  EXPECT_FALSE(w.backup->Saw(MsgType::kFailover));
+  ASSERT_TRUE(Eventually([&] { return !w.disks->stops().empty(); }));
+  EXPECT_TRUE(w.disks->cancel().ok()) << w.disks->cancel().ToString();
+  EXPECT_TRUE(w.monitor.refused().empty());
+  EXPECT_TRUE(w.stream->gave_up());
+  EXPECT_EQ(w.lc->error(), "");
+}
+
+TEST(PrimaryLifecycle, HostShutdownIsNotTheEndButTheExitIsAFailover) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", false}, {"reason", "host-signal"}}}});
+  std::this_thread::sleep_for(milliseconds(50));
+  EXPECT_EQ(w.lc->state(), PrimaryState::kProtected);
+  {
+    std::lock_guard<std::mutex> l(w.mu);
+    w.qemu_running = false;
+  }
+  w.stream->Break(Unavailable("QEMU closed the migration stream"));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kFailedOver; }));
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kFailover); }));
+}
+
+TEST(PrimaryLifecycle, StreamBreakUnderALiveQemuLeavesTheGuestUnprotected) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.stream->Break(DataLoss("bad section id"));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kUnprotected; }));
+  EXPECT_TRUE(w.stream->gave_up());
+  EXPECT_NE(w.lc->error().find("bad section id"), std::string::npos);
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
+  // Unprotect after the loss: OK, the reason stays.
+  EXPECT_TRUE(w.lc->Unprotect().ok());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+}
+
+TEST(PrimaryLifecycle, LibvirtAwayAtTheEndRetriesLeavingColoOnceItIsBack) {
+  // libvirt mode: the monitor is libvirtd, which may be restarting when
+  // protection ends; QEMU then waits for x-colo-lost-heartbeat (GiveUp).
+  World w;
+  w.libvirt_mode = true;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.monitor_connected = false;
+  w.stream->FailGiveUp(1);
+  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kStopped; }));
+  std::this_thread::sleep_for(milliseconds(700));
+  EXPECT_EQ(w.stream->give_up_calls(), 1);  // not while libvirt is away
+  EXPECT_FALSE(w.stream->gave_up());
+  w.monitor_connected = true;
+  ASSERT_TRUE(Eventually([&] { return w.stream->gave_up(); }));
+  EXPECT_EQ(w.stream->give_up_calls(), 2);
+  EXPECT_NE(w.lc->error().find("once libvirt was back"), std::string::npos) << w.lc->error();
+}
+
+TEST(PrimaryLifecycle, StartThatNeverAttachedEndsWithoutThreads) {
+  PrimaryLifecycle lc(Opts(), RealClock::Get());
+  EXPECT_EQ(lc.state(), PrimaryState::kStarting);
+  lc.FailStart(Unavailable("backup unreachable"));
+  ASSERT_TRUE(Eventually([&] { return lc.state() == PrimaryState::kUnprotected; }));
+  EXPECT_EQ(lc.error(), "backup unreachable");
+  EXPECT_TRUE(lc.Unprotect().ok());
+  PrimaryLifecycle lc2(Opts(), RealClock::Get());
+  EXPECT_TRUE(lc2.Unprotect().ok());
+  EXPECT_EQ(lc2.state(), PrimaryState::kStopped);
+}
+
+TEST(PrimaryLifecycle, DestructorStopsProtectionOnPurpose) {
+  auto w = std::make_unique<World>();
+  w->Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w->backup->commits() >= 2; }));
+  FakeBackup* b = w->backup.get();
+  w->monitor.SetEventHandler(nullptr);
+  w->lc.reset();
+  EXPECT_TRUE(Eventually([&] { return b->Saw(MsgType::kGoodbye); }));
+  EXPECT_EQ(b->goodbye_reason(), "daemon shutting down");
+}
+
+}  // namespace
+}  // namespace remus
