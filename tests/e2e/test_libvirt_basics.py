@@ -24,7 +24,7 @@ import pytest
 from conftest import BUILD, INITRD, KERNEL, QEMU, record
 from libvirt_world import finish_worlds, LibvirtWorld, guest_files, skip_reason
 
-PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
+PROBE = BUILD / "replicator" / "libvirt" / "libvirt_monitor_probe"
 DOMAIN = "web1"
 BOOT_TIMEOUT = 120
 

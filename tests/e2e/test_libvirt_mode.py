@@ -24,7 +24,7 @@ import pytest
 from conftest import BUILD, INITRD, KERNEL, QEMU, REPO, read_text, record
 from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
 
-PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
+PROBE = BUILD / "replicator" / "libvirt" / "libvirt_monitor_probe"
 INSTALL_HOOK = REPO / "scripts" / "install-libvirt-hook.sh"
 HOOK = REPO / "scripts" / "libvirt-hooks" / "qemu"
 DOMAIN = "web1"

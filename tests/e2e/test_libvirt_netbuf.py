@@ -31,7 +31,7 @@ from conftest import BUILD, QEMU, read_store_counter, record
 from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
 from test_netbuf import GUEST_IP, PORT, TAP, Net, epoch_times, events, quantile, run_client
 
-PROBE = BUILD / "replicator" / "libvirt_monitor_probe"
+PROBE = BUILD / "replicator" / "libvirt" / "libvirt_monitor_probe"
 DOMAIN = "web1"
 BOOT_TIMEOUT = 120
 CHECK_OK = "remus-guest: check ok"
