@@ -65,7 +65,7 @@ enum class MsgType : uint16_t {
   kAuthOk = 4,      // backup -> primary, handshake
   kError = 5,       // either way: {"code","message"}, sender closes afterwards
   kConfig = 6,      // primary -> backup: domain configuration (JSON)
-  kSyncBegin = 7,   // primary -> backup: initial full copy starts {"total_bytes"}
+  kSyncBegin = 7,   // primary -> backup: initial full copy starts (SyncBeginMsg, messages.h)
   kPages = 8,       // primary -> backup: page records (AppendPageRecord)
   kDevice = 9,      // primary -> backup: device state blob, split with kFlagMore
   kCommit = 10,     // primary -> backup: end of checkpoint `epoch` (CommitInfo)
