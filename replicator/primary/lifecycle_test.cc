@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "replicator/link/messages.h"
+#include "tests/fakes/fake_monitor.h"
 
 namespace remus {
 namespace {
@@ -147,47 +148,6 @@ class FakeStream final : public CheckpointStream {
   std::thread::id give_up_thread_;
   std::shared_ptr<BufferPool> pool_;
   std::vector<qemu::RamBlock> blocks_{{"pc.ram", 4 * wire::kPageSize}};
-};
-
-// A monitor whose events arrive on a thread of its own, on which (like
-// QMP's reader thread and libvirt's event thread) every command is refused.
-class FakeMonitor final : public QemuMonitor {
- public:
-  StatusOr<json> Execute(const std::string& command, const json& = json::object(), int = 10000) override {
-    std::lock_guard<std::mutex> l(mu_);
-    if (std::this_thread::get_id() == event_thread_) {
-      refused_.push_back(command);
-      return FailedPrecondition("QMP command '" + command + "' issued from the monitor's event thread");
-    }
-    done_.push_back(command);
-    if (command == "query-status") return json{{"status", "running"}};
-    return json::object();
-  }
-  void SetEventHandler(std::function<void(const json&)> h) override {
-    std::lock_guard<std::mutex> l(mu_);
-    handler_ = std::move(h);
-  }
-  // Delivers ev on the event thread and waits for the handler to return.
-  void Deliver(const json& ev) {
-    std::thread t([&] {
-      std::function<void(const json&)> h;
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        event_thread_ = std::this_thread::get_id();
-        h = handler_;
-      }
-      if (h) h(ev);
-    });
-    t.join();
-  }
-  std::vector<std::string> refused() const { std::lock_guard<std::mutex> l(mu_); return refused_; }
-  std::vector<std::string> done() const { std::lock_guard<std::mutex> l(mu_); return done_; }
-
- private:
-  mutable std::mutex mu_;
-  std::function<void(const json&)> handler_;
-  std::thread::id event_thread_;
-  std::vector<std::string> refused_, done_;
 };
 
 class FakeNetbuf final : public OutputBuffer {
@@ -332,7 +292,9 @@ class FakeBackup {
 // ---- The fixture -------------------------------------------------------------
 
 struct World {
-  FakeMonitor monitor;
+  // Answers every command; refuses those issued from its event thread.
+  FakeMonitor monitor{"query-status", {{"status", "running"}}};
+  World() { monitor.AnswerOthers(json::object()); }
   FakeStream* stream = nullptr;   // owned by the lifecycle
   FakeNetbuf* netbuf = nullptr;   // owned by the lifecycle
   FakeDisks* disks = nullptr;     // owned by the lifecycle
@@ -592,7 +554,7 @@ TEST(PrimaryLifecycle, GuestShutdownSaysGoodbyeAndTearsDownOffTheEventThread) {
   World w;
   w.Start(Opts(milliseconds(20), milliseconds(2000)));
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
-  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
+  w.monitor.EmitOnEventThread({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kStopped; }));
   ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kGoodbye); }));
   EXPECT_EQ(w.backup->goodbye_reason(), "the guest shut down");
@@ -608,7 +570,7 @@ TEST(PrimaryLifecycle, HostShutdownIsNotTheEndButTheExitIsAFailover) {
   World w;
   w.Start(Opts(milliseconds(20), milliseconds(2000)));
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
-  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", false}, {"reason", "host-signal"}}}});
+  w.monitor.EmitOnEventThread({{"event", "SHUTDOWN"}, {"data", {{"guest", false}, {"reason", "host-signal"}}}});
   std::this_thread::sleep_for(milliseconds(50));
   EXPECT_EQ(w.lc->state(), PrimaryState::kProtected);
   {
@@ -643,7 +605,7 @@ TEST(PrimaryLifecycle, LibvirtAwayAtTheEndRetriesLeavingColoOnceItIsBack) {
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
   w.monitor_connected = false;
   w.stream->FailGiveUp(1);
-  w.monitor.Deliver({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
+  w.monitor.EmitOnEventThread({{"event", "SHUTDOWN"}, {"data", {{"guest", true}, {"reason", "guest-shutdown"}}}});
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kStopped; }));
   std::this_thread::sleep_for(milliseconds(700));
   EXPECT_EQ(w.stream->give_up_calls(), 1);  // not while libvirt is away

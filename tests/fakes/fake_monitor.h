@@ -9,10 +9,14 @@
 //   ... code under test calls m.Execute(...) ...
 //   EXPECT_EQ(m.count("migrate"), 1);
 //   m.Emit({{"event", "STOP"}});  // runs the installed event handler, on this thread
+//   m.EmitOnEventThread(ev);      // ... on a thread of the monitor's own, as QMP's
+//                                 // reader and libvirt's event thread do: a command
+//                                 // issued from there is refused (see refused())
 //
 // A command with no answer, failure or script fails with Unimplemented
 // ("no scripted answer for QMP command 'x'"), so an unexpected command shows
-// up in the test's error. Every call, answered or not, is recorded in order.
+// up in the test's error; AnswerOthers(result) answers those instead. Every
+// call, answered or not, is recorded in order.
 //
 // Thread-safety: all methods may be called from any thread; a script runs
 // without the fake's lock held, so it may call back into the fake.
@@ -21,6 +25,8 @@
 
 #include <functional>
 #include <map>
+#include <optional>
+#include <thread>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,6 +61,11 @@ class FakeMonitor : public QemuMonitor {
   void Fail(const std::string& command, Status s) {
     Script(command, [s = std::move(s)](const Json&) -> StatusOr<Json> { return s; });
   }
+  // From now on every command without a script of its own returns `result`.
+  void AnswerOthers(Json result) {
+    MutexLock l(mu_);
+    others_ = std::move(result);
+  }
   // From now on `command` runs `fn` with the command's arguments.
   void Script(const std::string& command, ScriptFn fn) {
     MutexLock l(mu_);
@@ -66,9 +77,16 @@ class FakeMonitor : public QemuMonitor {
     ScriptFn fn;
     {
       MutexLock l(mu_);
+      if (std::this_thread::get_id() == event_thread_) {
+        // QMP's reader thread (and libvirt's event thread) cannot wait for
+        // an answer it would have to read itself.
+        refused_.push_back(command);
+        return FailedPrecondition("QMP command '" + command + "' issued from the monitor's event thread");
+      }
       calls_.push_back({command, args, timeout_ms});
       auto it = scripts_.find(command);
       if (it != scripts_.end()) fn = it->second;
+      else if (others_) return *others_;
     }
     if (!fn) return Unimplemented("no scripted answer for QMP command '" + command + "'");
     return fn(args);
@@ -91,6 +109,29 @@ class FakeMonitor : public QemuMonitor {
     return true;
   }
 
+  // Delivers `event` to the installed handler on a thread of the monitor's
+  // own, and waits for the handler to return. Commands the handler issues
+  // from that thread are refused, as QMP's reader thread refuses them.
+  bool EmitOnEventThread(const Json& event) {
+    bool delivered = false;
+    std::thread t([&] {
+      {
+        MutexLock l(mu_);
+        event_thread_ = std::this_thread::get_id();
+      }
+      delivered = Emit(event);
+      MutexLock l(mu_);
+      event_thread_ = std::thread::id();
+    });
+    t.join();
+    return delivered;
+  }
+  // Commands refused because they came from the event thread.
+  std::vector<std::string> refused() const {
+    MutexLock l(mu_);
+    return refused_;
+  }
+
   // Every Execute so far, oldest first.
   std::vector<Call> calls() const {
     MutexLock l(mu_);
@@ -109,6 +150,9 @@ class FakeMonitor : public QemuMonitor {
   std::map<std::string, ScriptFn> scripts_ GUARDED_BY(mu_);
   std::vector<Call> calls_ GUARDED_BY(mu_);
   std::function<void(const Json&)> handler_ GUARDED_BY(mu_);
+  std::optional<Json> others_ GUARDED_BY(mu_);
+  std::thread::id event_thread_ GUARDED_BY(mu_);
+  std::vector<std::string> refused_ GUARDED_BY(mu_);
 };
 
 }  // namespace remus
