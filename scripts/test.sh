@@ -30,4 +30,4 @@ say "test guest"
 say "QEMU COLO self-test (1000 checkpoints)"
 python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU" --count 1000
 say "end-to-end tests"
-REMUS_BUILD_DIR="$BUILD" /usr/bin/python3 -m pytest -v -p no:cacheprovider "$ROOT/tests/e2e"
+REMUS_BUILD_DIR="$BUILD" /usr/bin/python3 -m pytest -v -p no:cacheprovider --durations=15 "$ROOT/tests/e2e"
