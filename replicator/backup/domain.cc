@@ -572,10 +572,11 @@ json BackupDomain::StatusJson() const {
   j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   j["last_committed_epoch"] = stats_.last_committed.load();
   j["apply_ms"] = {{"p50", stats_.apply_ms.Quantile(0.5)}, {"p99", stats_.apply_ms.Quantile(0.99)}};
-  std::string pstate = st == DomainState::kPromoting   ? "promoting"
-                       : st == DomainState::kFailedOver ? "promoted"
-                       : st == DomainState::kFailed && promotion_tried_ ? "failed"
-                                                                        : "standby";
+  // The names of heartbeat/promotion.h's PromotionState, as before the split.
+  std::string pstate(PromotionStateName(st == DomainState::kPromoting   ? PromotionState::kPromoting
+                                        : st == DomainState::kFailedOver ? PromotionState::kPromoted
+                                        : st == DomainState::kFailed && promotion_tried_ ? PromotionState::kFailed
+                                                                                         : PromotionState::kStandby));
   j["promotion"] = {{"state", pstate}, {"reason", promote_reason_}, {"error", promote_error_},
                     {"failover_ms", failover_ms_.load()}};
   if (st == DomainState::kPromoting) {

@@ -289,7 +289,7 @@ TEST_F(DomainTest, RetryAfterAFailedPromotionKillsTheFirstAttempt) {
   EXPECT_NE(s.message().find("monitor did not come up"), std::string::npos) << s.message();
   EXPECT_EQ(launcher_.killed(), std::vector<int>{900000});
   EXPECT_EQ(domain_->state(), DomainState::kFailed);
-  EXPECT_EQ(Status()["promotion"]["state"], "failed");
+  EXPECT_EQ(Status()["promotion"]["state"], "promotion-failed");
   launcher_.mode = FakeLauncher::Mode::kExitAtStart;
   s = domain_->Promote("operator requested failover");
   EXPECT_NE(s.message().find("exited at start"), std::string::npos) << s.ToString();
@@ -392,7 +392,7 @@ TEST_F(DomainTest, UncommittedResyncRestoresNothing) {
   json st = Status();
   EXPECT_FALSE(st["restorable"].get<bool>()) << st.dump();
   EXPECT_NE(st["error"].get<std::string>().find("no committed checkpoint"), std::string::npos) << st.dump();
-  EXPECT_EQ(st["promotion"]["state"], "failed") << st.dump();
+  EXPECT_EQ(st["promotion"]["state"], "promotion-failed") << st.dump();
   remus::Status s = domain_->Promote("operator requested failover");
   EXPECT_EQ(s.code(), Code::kFailedPrecondition);
   EXPECT_NE(s.message().find("new protection session"), std::string::npos) << s.message();

@@ -535,7 +535,7 @@ namespace {
 
 // Through the server's public API with automatic promotion on, as remusd
 // runs it. The primary's QEMU binary does not exist here, so a promotion
-// that wrongly happens shows as promotion.state "failed".
+// that wrongly happens shows as promotion.state "promotion-failed".
 class BackupServerAutoPromoteTest : public BackupServerTest {
  protected:
   void SetUp() override {
