@@ -171,6 +171,14 @@ void Daemon::ServeClient(int fd) {
                                                       " bytes; remusd closed the connection")));
         return;
       }
+      auto readable = WaitReadable(fd, opts_.control_idle_timeout_ms);
+      if (!readable.ok()) return;
+      if (!*readable) {
+        HangUpAfter(fd, Error(DeadlineExceeded("no complete request within " +
+                                               std::to_string(opts_.control_idle_timeout_ms) +
+                                               " ms; remusd closed the idle connection")));
+        return;
+      }
       ssize_t r = ::read(fd, tmp, sizeof tmp);
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) return;

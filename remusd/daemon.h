@@ -46,6 +46,9 @@ struct DaemonOptions {
   // Allow non-root control clients (tests run unprivileged unit tests only;
   // never set in production).
   bool allow_any_uid = false;
+  // A control connection that sends no complete request for this long is
+  // closed, so idle clients cannot hold the kMaxControlClients slots.
+  int control_idle_timeout_ms = 60000;
   // Prometheus endpoint, "ADDR:PORT" (remusd/metrics.h); empty: off.
   std::string metrics_listen;
 };

@@ -36,6 +36,7 @@ class DaemonTest : public ::testing::Test {
     o.control_socket = dir_ + "/control.sock";
     o.key_file = dir_ + "/key";
     o.allow_any_uid = any_uid_;
+    if (idle_timeout_ms_ > 0) o.control_idle_timeout_ms = idle_timeout_ms_;
     daemon_ = std::make_unique<Daemon>(o);
     Status s = daemon_->Start();
     ASSERT_TRUE(s.ok()) << s.ToString();
@@ -53,6 +54,7 @@ class DaemonTest : public ::testing::Test {
 
   std::string dir_;
   bool any_uid_ = false;
+  int idle_timeout_ms_ = 0;  // 0: the daemon's default
   std::unique_ptr<Daemon> daemon_;
 };
 
@@ -228,6 +230,35 @@ TEST_F(DaemonSocketTest, ConnectionsBeyondTheLimitAreRefusedUntilOneEnds) {
     ok = c.Call(R"({"command":"ping"})");
     if (IsOk(ok)) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(IsOk(ok)) << ok.dump();
+}
+
+class DaemonIdleTest : public DaemonSocketTest {
+ protected:
+  DaemonIdleTest() { idle_timeout_ms_ = 300; }
+};
+
+TEST_F(DaemonIdleTest, AnIdleConnectionIsClosedAndFreesItsSlot) {
+  std::vector<std::unique_ptr<RawClient>> idle;
+  for (int i = 0; i < Daemon::kMaxControlClients; i++) {
+    idle.push_back(std::make_unique<RawClient>(sock()));
+    ASSERT_TRUE(idle.back()->connected());
+  }
+  idle[0]->Send(R"({"command":)");  // half a request, then silence
+  // Each gets told why, and the connection ends.
+  for (auto& c : idle) {
+    json r = c->ReadReply();
+    ASSERT_TRUE(r.is_object()) << "no reply";
+    ExpectError(r, "DEADLINE_EXCEEDED", "no complete request within 300 ms");
+    EXPECT_TRUE(c->ReadReply().is_null());
+  }
+  // The slots are free again.
+  json ok;
+  for (int i = 0; i < 100 && !IsOk(ok); i++) {
+    RawClient c(sock());
+    ok = c.Call(R"({"command":"ping"})");
+    if (!IsOk(ok)) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_TRUE(IsOk(ok)) << ok.dump();
 }
