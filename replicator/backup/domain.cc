@@ -20,12 +20,9 @@ namespace remus {
 using nlohmann::json;
 using wire::MsgType;
 
-bool ValidDomainName(std::string_view d) {
-  if (d.empty() || d.size() > 64 || d[0] == '.' || d[0] == '-') return false;
-  for (char c : d)
-    if (!(isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
-  return true;
-}
+// A domain name and a disk id both name a directory or file on the backup:
+// one rule for both (replicator/link/messages.h).
+bool ValidDomainName(std::string_view d) { return wire::ValidDiskId(d); }
 
 namespace {
 
