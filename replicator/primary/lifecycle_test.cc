@@ -17,6 +17,7 @@
 
 #include "replicator/link/messages.h"
 #include "tests/fakes/fake_monitor.h"
+#include "tests/fakes/loopback_link.h"
 
 namespace remus {
 namespace {
@@ -307,21 +308,15 @@ struct World {
 
   // small_buffers: a few hundred KiB fill the socket (a stuck sender).
   void Start(LifecycleOptions o, bool small_buffers = false, std::function<void(FakeStream*)> setup = nullptr) {
-    int sv[2];
-    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    if (small_buffers) {
-      int small = 16 * 1024;
-      ::setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
-      ::setsockopt(sv[1], SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    }
-    backup = std::make_unique<FakeBackup>(std::make_unique<wire::Link>(Fd(sv[1])),
+    auto [primary_end, backup_end] = testing::MakeLoopbackLinks(small_buffers ? 16 * 1024 : 0);
+    backup = std::make_unique<FakeBackup>(std::move(backup_end),
                                           std::chrono::duration_cast<milliseconds>(o.heartbeat.interval));
     lc = std::make_unique<PrimaryLifecycle>(std::move(o), RealClock::Get());
     auto s = std::make_unique<FakeStream>();
     stream = s.get();
     if (setup) setup(stream);
     LifecycleDeps d;
-    d.link = std::make_unique<wire::Link>(Fd(sv[0]));
+    d.link = std::move(primary_end);
     d.source = std::move(s);
     d.monitor = &monitor;
     d.make_netbuf = [this]() -> StatusOr<std::unique_ptr<OutputBuffer>> {
