@@ -1,5 +1,7 @@
 #include "common/clock.h"
 
+#include <time.h>
+
 namespace remus {
 
 int64_t RealClock::WallNanos() const {
@@ -8,6 +10,17 @@ int64_t RealClock::WallNanos() const {
 
 RealClock& RealClock::Get() {
   static RealClock c;
+  return c;
+}
+
+TimePoint BootClock::Now() const {
+  timespec ts{};
+  ::clock_gettime(CLOCK_BOOTTIME, &ts);
+  return TimePoint(Nanos(int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec));
+}
+
+BootClock& BootClock::Get() {
+  static BootClock c;
   return c;
 }
 

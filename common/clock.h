@@ -28,6 +28,17 @@ class RealClock final : public Clock {
   static RealClock& Get();
 };
 
+// CLOCK_BOOTTIME: monotonic, and it keeps counting while the host is
+// suspended, which CLOCK_MONOTONIC (steady_clock) does not. Lease deadlines
+// use it: a host that slept through its lease must wake up past its deadline,
+// not before it (docs/architecture.md, "Arbitration").
+class BootClock final : public Clock {
+ public:
+  TimePoint Now() const override;
+  int64_t WallNanos() const override { return RealClock::Get().WallNanos(); }
+  static BootClock& Get();
+};
+
 inline double ToMillis(Nanos d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
 }  // namespace remus

@@ -6,14 +6,19 @@
 //   kStandby --Begin--> kPromoting --Finish(ok)--> kPromoted (final)
 //                            |--Finish(error)--> kFailed --Begin--> kPromoting
 //
-// Before promoting, the caller asks an Arbiter. Automatic promotion assumes
-// fail-stop; a later arbiter (etcd lease) plugs in here against split brain.
+// Before promoting, the caller asks an Arbiter: EtcdArbiter (arbiter/) wins
+// an etcd transaction first; FailStopArbiter (--arbiter none) assumes that a
+// primary that went silent is dead.
 //
 // Thread-safety: all methods are thread-safe.
 #pragma once
 
 #include <atomic>
+#include <cstdint>
+#include <functional>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "common/status.h"
 #include "common/thread_annotations.h"
@@ -41,18 +46,47 @@ class PromotionGate {
   std::string error_ GUARDED_BY(mu_);
 };
 
+// What winning arbitration gave: the fencing token (etcd: the revision of
+// the winning transaction; 0 without an arbiter).
+struct PromotionGrant {
+  int64_t token = 0;
+};
+
 class Arbiter {
  public:
   virtual ~Arbiter() = default;
-  // OK if this node may take over `domain` now.
-  virtual Status MayPromote(const std::string& domain) = 0;
+  // "etcd" or "none".
+  virtual std::string_view name() const = 0;
+  // OK with a grant if this node may take over `domain` now, from the
+  // checkpoints of protection session `session` (CONFIG's session id).
+  // FailedPrecondition or Unavailable: not now, ask again (the primary still
+  // holds its lease; the arbiter is unreachable). Aborted: never for this
+  // session (the primary retired it, or another host won it).
+  virtual StatusOr<PromotionGrant> MayPromote(const std::string& domain, const std::string& session) = 0;
+  // The promoted guest runs as `pid`: from now on it is what this node
+  // fences when it cannot keep its ownership. `destroy` (may be empty) ends
+  // it for good instead of SIGKILL (libvirt: virDomainDestroy).
+  virtual void Promoted(const std::string& domain, int pid, std::function<Status()> destroy) {
+    (void)domain, (void)pid, (void)destroy;
+  }
+  // The "arbiter" object of a domain's status.
+  virtual nlohmann::json StatusJson(const std::string& domain) const {
+    (void)domain;
+    return {{"name", std::string(name())}};
+  }
 };
 
 // Grants every promotion: correct only when failures are fail-stop (a primary
-// that stops talking is dead). The documented default until arbitration lands.
+// that stops talking is dead). `--arbiter none`: a partition, or a primary
+// remusd that froze while its QEMU ran on, leaves two running copies.
 class FailStopArbiter final : public Arbiter {
  public:
-  Status MayPromote(const std::string&) override { return OkStatus(); }
+  std::string_view name() const override { return "none"; }
+  StatusOr<PromotionGrant> MayPromote(const std::string&, const std::string&) override { return PromotionGrant{}; }
+  nlohmann::json StatusJson(const std::string&) const override {
+    return {{"name", "none"},
+            {"warning", "no arbiter: a network partition or a frozen primary remusd can leave two running copies"}};
+  }
 };
 
 }  // namespace remus

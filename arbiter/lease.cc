@@ -1,0 +1,463 @@
+#include "arbiter/lease.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+
+#include "common/log.h"
+
+namespace remus {
+
+using nlohmann::json;
+
+std::string OwnerKey(const ArbiterOptions& o, const std::string& domain) {
+  return o.prefix + "/domains/" + domain + "/owner";
+}
+std::string SessionKey(const ArbiterOptions& o, const std::string& domain) {
+  return o.prefix + "/domains/" + domain + "/session";
+}
+
+std::string OwnerRecord::Encode() const {
+  return json{{"host", host}, {"instance", instance}, {"session", session}}.dump();
+}
+
+OwnerRecord OwnerRecord::Decode(const std::string& value) {
+  OwnerRecord r;
+  json j = json::parse(value, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return r;
+  auto str = [&](const char* k) {
+    auto it = j.find(k);
+    return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  r.host = str("host");
+  r.instance = str("instance");
+  r.session = str("session");
+  return r;
+}
+
+// ---- PidFencer ----
+
+void PidFencer::set_destroy(std::function<Status()> f) {
+  MutexLock l(mu_);
+  destroy_ = std::move(f);
+}
+
+Status PidFencer::Signal(int sig, const char* what) {
+  int pid = pid_.load();
+  if (pid <= 0) return OkStatus();  // no copy (yet): nothing to fence
+  if (::kill(pid, sig) != 0 && errno != ESRCH) return ErrnoStatus(std::string(what) + " QEMU pid " + std::to_string(pid), errno);
+  return OkStatus();
+}
+
+Status PidFencer::Pause() { return Signal(SIGSTOP, "pausing"); }
+Status PidFencer::Resume() { return Signal(SIGCONT, "resuming"); }
+
+Status PidFencer::Destroy() {
+  std::function<Status()> d;
+  {
+    MutexLock l(mu_);
+    d = destroy_;
+  }
+  if (d) {
+    Status s = d();
+    if (s.ok()) return s;
+    LOG_WARN("fence") << "destroy through libvirt failed (" << s.message() << "); killing QEMU";
+  }
+  return Signal(SIGKILL, "killing");
+}
+
+// ---- DomainLease ----
+
+std::string_view LeaseStateName(LeaseState s) {
+  switch (s) {
+    case LeaseState::kAcquiring: return "acquiring";
+    case LeaseState::kHeld: return "held";
+    case LeaseState::kFenced: return "fenced";
+    case LeaseState::kLost: return "lost";
+    case LeaseState::kReleased: return "released";
+  }
+  return "?";
+}
+
+namespace {
+
+int64_t TtlSeconds(Nanos ttl) {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::chrono::duration<double>(ttl).count())));
+}
+
+}  // namespace
+
+DomainLease::DomainLease(ArbiterOptions opts, std::string domain, etcd::Kv* kv, const Clock& clock, Fencer* fencer)
+    : opts_(std::move(opts)),
+      domain_(std::move(domain)),
+      owner_key_(OwnerKey(opts_, domain_)),
+      session_key_(SessionKey(opts_, domain_)),
+      kv_(kv),
+      clock_(clock),
+      fencer_(fencer) {}
+
+DomainLease::~DomainLease() {
+  {
+    MutexLock l(mu_);
+    stop_ = true;
+    cv_.NotifyAll();
+  }
+  if (renewer_.joinable()) renewer_.join();
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+Status DomainLease::Acquire(const std::string& session) {
+  const OwnerRecord me{opts_.host, opts_.instance, session};
+  TimePoint sent = clock_.Now();
+  ASSIGN_OR_RETURN(int64_t lease, kv_->Grant(TtlSeconds(opts_.ttl)));
+  etcd::TxnRequest t;
+  t.compare = {etcd::Compare::Absent(owner_key_)};
+  t.success = {etcd::Op::Put(owner_key_, me.Encode(), lease), etcd::Op::Put(session_key_, session)};
+  t.failure = {etcd::Op::Get(owner_key_)};
+  StatusOr<etcd::TxnResult> r = kv_->Txn(t);
+  if (r.ok() && !r->succeeded && !r->gets.empty() && r->gets[0]) {
+    const etcd::KeyValue& cur = *r->gets[0];
+    OwnerRecord rec = OwnerRecord::Decode(cur.value);
+    if (rec.host != opts_.host) {
+      (void)kv_->Revoke(lease);
+      return FailedPrecondition("domain " + domain_ + " is owned by host '" + rec.host + "' (token " +
+                                std::to_string(cur.mod_revision) +
+                                "): its guest runs there; protect it from that host, or wait for its lease to end");
+    }
+    // A remusd of this host that restarted left its key: ours to take over,
+    // as long as no one else moved it meanwhile.
+    t.compare = {etcd::Compare::ModRevisionIs(owner_key_, cur.mod_revision)};
+    r = kv_->Txn(t);
+  }
+  if (!r.ok() || !r->succeeded) {
+    (void)kv_->Revoke(lease);
+    if (!r.ok()) return r.status().Annotate("taking domain " + domain_ + "'s ownership key in etcd");
+    return Aborted("domain " + domain_ + ": its ownership key changed while it was being taken; try again");
+  }
+  Adopt(session, lease, sent, r->revision);
+  LOG_INFO(Tag()) << "owns " << owner_key_ << " (lease " << lease << ", token " << r->revision << ", session "
+                  << session << ")";
+  return OkStatus();
+}
+
+void DomainLease::Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token) {
+  MutexLock l(mu_);
+  session_ = session;
+  lease_ = lease;
+  last_renewal_ = sent;
+  deadline_ = sent + opts_.ttl - opts_.margin;
+  token_ = token;
+  state_ = LeaseState::kHeld;
+}
+
+void DomainLease::Start() {
+  renewer_ = std::thread([this] { RenewerLoop(); });
+  watchdog_ = std::thread([this] { WatchdogLoop(); });
+}
+
+bool DomainLease::Valid() const {
+  if (state_.load() != LeaseState::kHeld) return false;
+  MutexLock l(mu_);
+  return !paused_ && clock_.Now() < deadline_;
+}
+
+void DomainLease::OnLost(std::function<void(const std::string&, int64_t)> f) {
+  MutexLock l(mu_);
+  on_lost_ = std::move(f);
+}
+
+void DomainLease::CheckDeadline() {
+  MutexLock l(mu_);
+  LeaseState s = state_.load();
+  if ((s != LeaseState::kHeld && s != LeaseState::kFenced) || paused_) return;
+  if (clock_.Now() < deadline_) return;
+  // Paused before anything else: the rest can wait, the guest cannot.
+  Status p = fencer_->Pause();
+  paused_ = true;
+  state_ = LeaseState::kFenced;
+  fence_events_++;
+  fenced_why_ = "no lease renewal for " +
+                std::to_string(static_cast<int64_t>(ToMillis(clock_.Now() - last_renewal_))) + " ms" +
+                (last_error_.empty() ? "" : " (" + last_error_ + ")");
+  if (!p.ok()) LOG_ERROR(Tag()) << "fencing: " << p.ToString();
+  LOG_WARN(Tag()) << "fenced: the guest is paused, its output held (" << fenced_why_ << ")";
+  cv_.NotifyAll();
+}
+
+void DomainLease::RenewOnce() {
+  int64_t lease;
+  bool retire;
+  {
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (s != LeaseState::kHeld && s != LeaseState::kFenced) return;
+    lease = lease_;
+    retire = retire_pending_;
+  }
+  TimePoint sent = clock_.Now();
+  StatusOr<int64_t> ttl = kv_->KeepAlive(lease);
+  renew_hist_.Observe(std::chrono::duration<double>(clock_.Now() - sent).count());
+  if (!ttl.ok()) {
+    renewal_failures_++;
+    MutexLock l(mu_);
+    last_error_ = ttl.status().message();
+    return;
+  }
+  if (*ttl <= 0) {
+    // The lease is gone (etcd expired it): we may no longer run. Pause now
+    // if the watchdog has not yet, then find out who owns the key.
+    renewal_failures_++;
+    {
+      MutexLock l(mu_);
+      last_error_ = "lease " + std::to_string(lease) + " expired";
+      deadline_ = std::min(deadline_, clock_.Now());
+    }
+    CheckDeadline();
+    Resolve();
+    return;
+  }
+  renewals_++;
+  bool was_paused;
+  {
+    MutexLock l(mu_);
+    last_error_.clear();
+    last_renewal_ = sent;
+    deadline_ = sent + std::min<Nanos>(opts_.ttl, std::chrono::seconds(*ttl)) - opts_.margin;
+    was_paused = paused_;
+  }
+  if (was_paused) {
+    // Renewed: the lease lived, so no one else can have taken the key. Check
+    // anyway before the guest runs again.
+    StatusOr<std::optional<etcd::KeyValue>> cur = kv_->Get(owner_key_);
+    if (!cur.ok()) return;  // next round
+    if (!*cur || (*cur)->lease != lease) {
+      OwnerRecord rec = *cur ? OwnerRecord::Decode((*cur)->value) : OwnerRecord{};
+      Lose(rec.host, *cur ? (*cur)->mod_revision : 0, "the ownership key is no longer attached to our lease");
+      return;
+    }
+    MutexLock l(mu_);
+    Status r = fencer_->Resume();
+    if (!r.ok()) LOG_ERROR(Tag()) << r.ToString();
+    paused_ = false;
+    if (state_ == LeaseState::kFenced) state_ = LeaseState::kHeld;
+    LOG_INFO(Tag()) << "lease renewed: still the owner; the guest resumes";
+  }
+  if (retire) (void)TryRetire();
+}
+
+void DomainLease::Resolve() {
+  std::string session;
+  {
+    MutexLock l(mu_);
+    session = session_;
+  }
+  StatusOr<std::optional<etcd::KeyValue>> cur = kv_->Get(owner_key_);
+  if (!cur.ok()) return;  // etcd unreachable again: the next round
+  if (*cur) {
+    OwnerRecord rec = OwnerRecord::Decode((*cur)->value);
+    Lose(rec.host, (*cur)->mod_revision, "host '" + rec.host + "' owns the domain now");
+    return;
+  }
+  // Nobody owns it. Ours again only if our session is still the one that
+  // may run: a backup that won and lost its lease since left "promoted:S".
+  TimePoint sent = clock_.Now();
+  StatusOr<int64_t> lease = kv_->Grant(TtlSeconds(opts_.ttl));
+  if (!lease.ok()) return;
+  etcd::TxnRequest t;
+  t.compare = {etcd::Compare::Absent(owner_key_), etcd::Compare::ValueIs(session_key_, session)};
+  t.success = {etcd::Op::Put(owner_key_, OwnerRecord{opts_.host, opts_.instance, session}.Encode(), *lease)};
+  t.failure = {etcd::Op::Get(owner_key_), etcd::Op::Get(session_key_)};
+  StatusOr<etcd::TxnResult> r = kv_->Txn(t);
+  if (!r.ok()) {
+    (void)kv_->Revoke(*lease);
+    return;
+  }
+  if (!r->succeeded) {
+    (void)kv_->Revoke(*lease);
+    const auto& owner = r->gets.size() > 0 ? r->gets[0] : std::nullopt;
+    const auto& sess = r->gets.size() > 1 ? r->gets[1] : std::nullopt;
+    if (owner) {
+      OwnerRecord rec = OwnerRecord::Decode(owner->value);
+      Lose(rec.host, owner->mod_revision, "host '" + rec.host + "' owns the domain now");
+    } else {
+      Lose("", sess ? sess->mod_revision : 0,
+           "session " + session + " is no longer promotable (" + (sess ? sess->value : std::string("no session key")) + ")");
+    }
+    return;
+  }
+  {
+    MutexLock l(mu_);
+    lease_ = *lease;
+    last_renewal_ = sent;
+    deadline_ = sent + opts_.ttl - opts_.margin;
+    token_ = r->revision;
+    Status s = fencer_->Resume();
+    if (!s.ok()) LOG_ERROR(Tag()) << s.ToString();
+    paused_ = false;
+    state_ = LeaseState::kHeld;
+    last_error_.clear();
+  }
+  renewals_++;
+  LOG_WARN(Tag()) << "our lease had expired but no one took the domain: owner again (token " << r->revision
+                  << "); the guest resumes";
+}
+
+void DomainLease::Lose(const std::string& winner, int64_t token, const std::string& why) {
+  std::function<void(const std::string&, int64_t)> cb;
+  {
+    MutexLock l(mu_);
+    if (state_ == LeaseState::kLost || state_ == LeaseState::kReleased) return;
+    if (!paused_) {
+      (void)fencer_->Pause();
+      paused_ = true;
+      fence_events_++;
+    }
+    state_ = LeaseState::kLost;
+    winner_ = winner;
+    token_ = token;
+    fenced_why_ = why;
+    retire_pending_ = false;
+    cb = on_lost_;
+    cv_.NotifyAll();
+  }
+  // Outside the lock: under libvirt this waits for virDomainDestroy, and
+  // status must not wait with it. The copy is paused meanwhile.
+  Status d = fencer_->Destroy();
+  if (!d.ok()) LOG_ERROR(Tag()) << "destroying our copy: " << d.ToString();
+  LOG_ERROR(Tag()) << "fenced for good: " << why << "; our copy was destroyed, nothing it held was released"
+                   << (winner.empty() ? "" : " (winner '" + winner + "', token " + std::to_string(token) + ")");
+  if (cb) cb(winner, token);
+}
+
+Status DomainLease::Retire(const std::string& why) {
+  {
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (s == LeaseState::kReleased) return OkStatus();
+    if (s == LeaseState::kLost) return Aborted("domain " + domain_ + ": fenced, another host owns it");
+    retire_pending_ = true;
+    retire_why_ = why;
+  }
+  return TryRetire();
+}
+
+Status DomainLease::TryRetire() {
+  std::string session;
+  int64_t lease;
+  {
+    MutexLock l(mu_);
+    if (!retire_pending_) return state_ == LeaseState::kReleased ? OkStatus() : Aborted("not retiring");
+    session = session_;
+    lease = lease_;
+  }
+  etcd::TxnRequest t;
+  t.compare = {etcd::Compare::LeaseIs(owner_key_, lease), etcd::Compare::ValueIs(session_key_, session)};
+  t.success = {etcd::Op::Put(session_key_, "retired:" + session), etcd::Op::Delete(owner_key_)};
+  t.failure = {etcd::Op::Get(owner_key_)};
+  StatusOr<etcd::TxnResult> r = kv_->Txn(t);
+  if (!r.ok()) {
+    MutexLock l(mu_);
+    last_error_ = r.status().message();
+    return r.status().Annotate("retiring session " + session + " in etcd");
+  }
+  if (!r->succeeded) {
+    // Our lease is gone. If another host owns the key, we lost; if no one
+    // does, the renewer's Resolve takes it back first, then retires.
+    if (!r->gets.empty() && r->gets[0]) {
+      OwnerRecord rec = OwnerRecord::Decode(r->gets[0]->value);
+      Lose(rec.host, r->gets[0]->mod_revision, "host '" + rec.host + "' owns the domain now");
+      return Aborted("domain " + domain_ + ": host '" + rec.host + "' owns it now; our copy was destroyed");
+    }
+    return Unavailable("domain " + domain_ + ": our lease expired before session " + session +
+                       " could be retired; retrying once it is ours again");
+  }
+  (void)kv_->Revoke(lease);
+  {
+    MutexLock l(mu_);
+    retire_pending_ = false;
+    if (paused_) {
+      Status s = fencer_->Resume();
+      if (!s.ok()) LOG_ERROR(Tag()) << s.ToString();
+      paused_ = false;
+    }
+    state_ = LeaseState::kReleased;
+    cv_.NotifyAll();
+    LOG_INFO(Tag()) << "session " << session << " retired in etcd (" << retire_why_
+                    << "): no backup can promote it; the key is released";
+  }
+  return OkStatus();
+}
+
+void DomainLease::Abandon() {
+  int64_t lease;
+  {
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (s != LeaseState::kHeld && s != LeaseState::kFenced) return;
+    lease = lease_;
+    state_ = LeaseState::kReleased;
+    retire_pending_ = false;
+    cv_.NotifyAll();
+  }
+  Status r = kv_->Revoke(lease);
+  if (r.ok()) LOG_INFO(Tag()) << "QEMU is gone: lease " << lease << " revoked, so the backup may take over now";
+  else LOG_WARN(Tag()) << "revoking lease " << lease << ": " << r.message() << " (it expires within the TTL)";
+}
+
+void DomainLease::RenewerLoop() {
+  for (;;) {
+    RenewOnce();
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (stop_ || s == LeaseState::kLost || s == LeaseState::kReleased) return;
+    // Fenced, or a renewal that failed: try again soon, not a period later.
+    Nanos wait = opts_.renew_period();
+    if (paused_ || !last_error_.empty()) wait = std::min<Nanos>(wait, std::chrono::milliseconds(250));
+    cv_.WaitFor(mu_, wait, [&]() REQUIRES(mu_) { return stop_; });
+  }
+}
+
+void DomainLease::WatchdogLoop() {
+  for (;;) {
+    CheckDeadline();
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (stop_ || s == LeaseState::kLost || s == LeaseState::kReleased) return;
+    // Sleep to the deadline (a renewal moves it; the 50 ms cap also bounds
+    // how late a missed wake-up can make the fence).
+    Nanos left = deadline_ - clock_.Now();
+    Nanos wait = paused_ ? std::chrono::milliseconds(50)
+                         : std::clamp<Nanos>(left, std::chrono::milliseconds(1), std::chrono::milliseconds(50));
+    cv_.WaitFor(mu_, wait, [&]() REQUIRES(mu_) { return stop_; });
+  }
+}
+
+json DomainLease::StatusJson() const {
+  MutexLock l(mu_);
+  json j = {{"state", std::string(LeaseStateName(state_.load()))},
+            {"key", owner_key_},
+            {"session", session_},
+            {"lease", lease_},
+            {"token", token_.load()},
+            {"ttl_ms", static_cast<int64_t>(ToMillis(opts_.ttl))},
+            {"margin_ms", static_cast<int64_t>(ToMillis(opts_.margin))},
+            {"renewals", renewals_.load()},
+            {"renewal_failures", renewal_failures_.load()},
+            {"fence_events", fence_events_.load()}};
+  LeaseState s = state_.load();
+  if (s == LeaseState::kHeld || s == LeaseState::kFenced) {
+    j["owner"] = opts_.host;
+    j["deadline_in_ms"] = static_cast<int64_t>(ToMillis(deadline_ - clock_.Now()));
+    j["since_renewal_ms"] = static_cast<int64_t>(ToMillis(clock_.Now() - last_renewal_));
+  }
+  if (s == LeaseState::kLost) j["owner"] = winner_;
+  if (!winner_.empty()) j["winner"] = winner_;
+  if (!fenced_why_.empty()) j["fenced_reason"] = fenced_why_;
+  if (!last_error_.empty()) j["error"] = last_error_;
+  if (retire_pending_) j["retiring"] = retire_why_;
+  return j;
+}
+
+}  // namespace remus
