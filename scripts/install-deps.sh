@@ -14,6 +14,8 @@ PKGS=(
   liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev libxml2-dev
   # CRC-32C on frames and journal records (common/crc32c.h)
   libisal-dev
+  # arbiter/etcd_http.h: etcd's JSON gateway over libcurl
+  libcurl4-openssl-dev
   # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb
   prometheus-cpp-dev libcivetweb-dev
   # the hypervisor and tools the tests drive
@@ -24,6 +26,8 @@ PKGS=(
   dpkg-dev meson libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison libfdt-dev libslirp-dev
   # end-to-end tests
   python3 python3-pytest
+  # arbiter tests start their own etcd clusters (/usr/bin/etcd); etcdctl for debugging them
+  etcd-server etcd-client
   # NBD clients for diskmirror's interoperability tests (nbdinfo, nbdcopy)
   libnbd-bin
   # libvirt mode's tests: a private libvirtd per simulated host (tests/e2e/libvirt_world.py).
@@ -51,11 +55,30 @@ EOS
   need_update=1
 fi
 
+# Debian's etcd-server starts a system etcd on 127.0.0.1:2379/2380 at install.
+# The tests start their own clusters, and a remus node must not talk to an
+# accidental local etcd, so the packaged service is stopped and disabled:
+# with systemd as init through systemctl; without it (containers), through
+# the SysV script if that etcd happens to run. Never fatal.
+stop_packaged_etcd() {
+  if [ -d /run/systemd/system ]; then
+    if systemctl is-enabled --quiet etcd.service 2>/dev/null || systemctl is-active --quiet etcd.service 2>/dev/null; then
+      log "stopping and disabling Debian's etcd.service (tests run their own etcd)"
+      systemctl disable --now etcd.service >/dev/null 2>&1 || log "warning: could not disable etcd.service"
+    fi
+  elif [ -x /etc/init.d/etcd ] && /etc/init.d/etcd status >/dev/null 2>&1; then
+    log "stopping Debian's etcd (/etc/init.d/etcd; tests run their own etcd)"
+    /etc/init.d/etcd stop >/dev/null 2>&1 || log "warning: could not stop /etc/init.d/etcd"
+    update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
+}
+
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ] && [ $need_update = 0 ]; then
+  stop_packaged_etcd
   log "all packages present"; exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -65,4 +88,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing: ${missing[*]}"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+stop_packaged_etcd
 log "done"
