@@ -1,5 +1,5 @@
 // The part of etcd's v3 API that arbitration needs (leases, one-key reads,
-// transactions), as an interface: EtcdHttpClient (etcd_http.h) speaks it to a
+// transactions), as an interface: etcd::HttpClient (etcd_http.h) speaks it to a
 // real cluster through etcd's JSON gateway; unit tests use a fake.
 //
 // Keys and values are raw bytes here; the client encodes them (base64) for

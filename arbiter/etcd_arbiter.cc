@@ -64,6 +64,10 @@ StatusOr<PromotionGrant> EtcdArbiter::MayPromote(const std::string& domain, cons
                etcd::Op::Put(session_key, "promoted:" + session)};
   t.failure = {etcd::Op::Get(owner_key), etcd::Op::Get(session_key)};
   StatusOr<etcd::TxnResult> r = kv_->Txn(t);
+  if (r.ok() && !r->succeeded && !r->gets.empty() && r->gets[0] && r->gets[0]->lease == *lease) {
+    r->succeeded = true;  // the client resent a write whose first attempt took effect
+    r->revision = r->gets[0]->mod_revision;
+  }
   if (!r.ok() || !r->succeeded) (void)kv_->Revoke(*lease);
   if (!r.ok()) return refuse(r.status().Annotate("etcd"));
   if (!r->succeeded) {

@@ -117,6 +117,10 @@ Status DomainLease::Acquire(const std::string& session) {
   t.success = {etcd::Op::Put(owner_key_, me.Encode(), lease), etcd::Op::Put(session_key_, session)};
   t.failure = {etcd::Op::Get(owner_key_)};
   StatusOr<etcd::TxnResult> r = kv_->Txn(t);
+  if (r.ok() && !r->succeeded && !r->gets.empty() && r->gets[0] && r->gets[0]->lease == lease) {
+    r->succeeded = true;  // a resent write whose first attempt took effect
+    r->revision = r->gets[0]->mod_revision;
+  }
   if (r.ok() && !r->succeeded && !r->gets.empty() && r->gets[0]) {
     const etcd::KeyValue& cur = *r->gets[0];
     OwnerRecord rec = OwnerRecord::Decode(cur.value);
@@ -274,7 +278,9 @@ void DomainLease::Resolve() {
     (void)kv_->Revoke(*lease);
     return;
   }
-  if (!r->succeeded) {
+  const bool taken_before = !r->succeeded && !r->gets.empty() && r->gets[0] && r->gets[0]->lease == *lease;
+  if (taken_before) r->revision = r->gets[0]->mod_revision;  // a resent write that took effect
+  if (!r->succeeded && !taken_before) {
     (void)kv_->Revoke(*lease);
     const auto& owner = r->gets.size() > 0 ? r->gets[0] : std::nullopt;
     const auto& sess = r->gets.size() > 1 ? r->gets[1] : std::nullopt;
@@ -355,14 +361,18 @@ Status DomainLease::TryRetire() {
   etcd::TxnRequest t;
   t.compare = {etcd::Compare::LeaseIs(owner_key_, lease), etcd::Compare::ValueIs(session_key_, session)};
   t.success = {etcd::Op::Put(session_key_, "retired:" + session), etcd::Op::Delete(owner_key_)};
-  t.failure = {etcd::Op::Get(owner_key_)};
+  t.failure = {etcd::Op::Get(owner_key_), etcd::Op::Get(session_key_)};
   StatusOr<etcd::TxnResult> r = kv_->Txn(t);
   if (!r.ok()) {
     MutexLock l(mu_);
     last_error_ = r.status().message();
     return r.status().Annotate("retiring session " + session + " in etcd");
   }
-  if (!r->succeeded) {
+  // The client resends a write whose answer was lost: if an earlier attempt
+  // took effect, this one fails against our own result.
+  const bool done_before = !r->succeeded && r->gets.size() > 1 && !r->gets[0] && r->gets[1] &&
+                           r->gets[1]->value == "retired:" + session;
+  if (!r->succeeded && !done_before) {
     // Our lease is gone. If another host owns the key, we lost; if no one
     // does, the renewer's Resolve takes it back first, then retires.
     if (!r->gets.empty() && r->gets[0]) {

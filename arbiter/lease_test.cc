@@ -241,6 +241,39 @@ TEST_F(LeaseTest, RetriedPromotionKeepsItsToken) {
   EXPECT_EQ(g1->token, g2->token);
 }
 
+// The etcd client resends a write whose answer was lost; each transaction
+// must take a failure against its own earlier success for what it is.
+TEST_F(LeaseTest, ResentWritesAreRecognisedAsOurOwn) {
+  etcd_.ResendNextTxn();
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  EXPECT_EQ(a_->state(), LeaseState::kHeld);
+  EXPECT_EQ(a_->token(), etcd_.Peek("/t/domains/vm1/owner")->mod_revision);
+  etcd_.ResendNextTxn();
+  ASSERT_TRUE(a_->Retire("done").ok());
+  EXPECT_EQ(a_->state(), LeaseState::kReleased);
+}
+
+TEST_F(LeaseTest, ResentPromotionIsAWin) {
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  a_->Abandon();
+  etcd_.ResendNextTxn();
+  auto g = b_.MayPromote("vm1", "s1");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->token, etcd_.Peek("/t/domains/vm1/owner")->mod_revision);
+}
+
+TEST_F(LeaseTest, ResentRetakeAfterExpiryIsOurs) {
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  a_link_.set_up(false);
+  clock_.Advance(seconds(6));
+  a_->CheckDeadline();
+  a_link_.set_up(true);
+  etcd_.ResendNextTxn();
+  a_->RenewOnce();
+  EXPECT_EQ(a_->state(), LeaseState::kHeld);
+  EXPECT_FALSE(fencer_.destroyed);
+}
+
 // The ordering argument, checked over random schedules: whenever a backup's
 // transaction can succeed, the primary's copy is already paused (it fences
 // T - margin after sending its last successful keep-alive; etcd expires the

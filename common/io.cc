@@ -519,4 +519,16 @@ void StoreU64(void* p, uint64_t v) {
   std::memcpy(p, &v, 8);
 }
 
+Status SyncDir(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return ErrnoStatus("open " + dir, errno);
+  if (::fsync(fd.get()) < 0) return ErrnoStatus("fsync " + dir, errno);
+  return OkStatus();
+}
+
+Status WriteDurable(const std::string& dir, const std::string& file, const std::string& data) {
+  RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + file, data));
+  return SyncDir(dir);
+}
+
 }  // namespace remus

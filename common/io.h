@@ -79,6 +79,10 @@ StatusOr<std::string> ReadFileToString(const std::string& path);
 bool ProcessRunning(int pid);
 // Writes via a temporary file + fsync + rename, so readers see old or new.
 Status WriteFileAtomic(const std::string& path, std::string_view data);
+// fsync of a directory: a rename or unlink in it is durable afterwards.
+Status SyncDir(const std::string& dir);
+// WriteFileAtomic of dir/file, then SyncDir(dir): the new content survives a crash.
+Status WriteDurable(const std::string& dir, const std::string& file, const std::string& data);
 Status MakeDirs(const std::string& path, unsigned mode);
 
 // A source of bytes: an fd, or memory in tests.

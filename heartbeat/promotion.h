@@ -76,6 +76,22 @@ class Arbiter {
   }
 };
 
+// Forwards to an arbiter owned elsewhere (remusd shares its EtcdArbiter
+// between the primaries and the backup).
+class ArbiterRef final : public Arbiter {
+ public:
+  explicit ArbiterRef(Arbiter* a) : a_(a) {}
+  std::string_view name() const override { return a_->name(); }
+  StatusOr<PromotionGrant> MayPromote(const std::string& d, const std::string& s) override { return a_->MayPromote(d, s); }
+  void Promoted(const std::string& d, int pid, std::function<Status()> destroy) override {
+    a_->Promoted(d, pid, std::move(destroy));
+  }
+  nlohmann::json StatusJson(const std::string& d) const override { return a_->StatusJson(d); }
+
+ private:
+  Arbiter* const a_;
+};
+
 // Grants every promotion: correct only when failures are fail-stop (a primary
 // that stops talking is dead). `--arbiter none`: a partition, or a primary
 // remusd that froze while its QEMU ran on, leaves two running copies.

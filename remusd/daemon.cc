@@ -7,6 +7,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <thread>
+
+#include "arbiter/etcd_http.h"
+#include "arbiter/leftovers.h"
 
 #include "common/log.h"
 #include "common/thread_annotations.h"
@@ -30,6 +34,27 @@ StatusOr<std::string> DomainArg(const RequestReader& req) {
 
 }  // namespace
 
+Status ValidateArbiterOptions(const DaemonOptions& o) {
+  if (o.arbiter == "none") {
+    if (!o.etcd_endpoints.empty())
+      return InvalidArgument("--etcd-endpoints is given but --arbiter is none; drop one of them");
+    return OkStatus();
+  }
+  if (o.arbiter != "etcd") return InvalidArgument("--arbiter must be etcd or none, not '" + o.arbiter + "'");
+  if (o.etcd_endpoints.empty())
+    return InvalidArgument(
+        "no arbiter: give --etcd-endpoints URL[,URL...] (--arbiter etcd is the default), or --arbiter none to run "
+        "without arbitration, accepting that a network partition or a frozen remusd can leave two running copies");
+  if (o.lease_ttl_ms < 1000 || o.lease_ttl_ms > 600000)
+    return InvalidArgument("--lease-ttl-ms must be 1000..600000, not " + std::to_string(o.lease_ttl_ms));
+  if (o.lease_margin_ms < 100 || o.lease_margin_ms * 2 > o.lease_ttl_ms)
+    return InvalidArgument("--lease-margin-ms must be at least 100 and at most half of --lease-ttl-ms (" +
+                           std::to_string(o.lease_ttl_ms) + "), not " + std::to_string(o.lease_margin_ms));
+  if (o.etcd_prefix.empty() || o.etcd_prefix[0] != '/')
+    return InvalidArgument("--etcd-prefix must start with '/', not '" + o.etcd_prefix + "'");
+  return OkStatus();
+}
+
 Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)), clock_(clock) {}
 
 Daemon::~Daemon() { Shutdown(); }
@@ -41,6 +66,32 @@ Status Daemon::Start() {
     return InvalidArgument("key file " + opts_.key_file + " is not a regular file; create one with `remusctl keygen --out " +
                            opts_.key_file + "`");
   ASSIGN_OR_RETURN(key_, wire::LoadKey(opts_.key_file));
+  RETURN_IF_ERROR(ValidateArbiterOptions(opts_));
+  if (opts_.arbiter == "etcd") {
+    etcd::HttpClientOptions eo;
+    eo.endpoints = opts_.etcd_endpoints;
+    eo.cacert = opts_.etcd_cacert;
+    eo.cert = opts_.etcd_cert;
+    eo.key = opts_.etcd_key;
+    ASSIGN_OR_RETURN(std::unique_ptr<etcd::HttpClient> c, etcd::HttpClient::Create(eo));
+    etcd_ = std::move(c);
+    ArbiterOptions ao;
+    ao.prefix = opts_.etcd_prefix;
+    ao.host = opts_.host_id.empty() ? LocalHostId() : opts_.host_id;
+    ao.instance = RandomId();
+    ao.ttl = std::chrono::milliseconds(opts_.lease_ttl_ms);
+    ao.margin = std::chrono::milliseconds(opts_.lease_margin_ms);
+    // Lease deadlines count through a suspend (CLOCK_BOOTTIME).
+    arbiter_ = std::make_unique<EtcdArbiter>(ao, etcd_.get(), BootClock::Get());
+    std::string eps;
+    for (const auto& e : opts_.etcd_endpoints) eps += (eps.empty() ? "" : ",") + e;
+    LOG_INFO("remusd") << "arbiter: etcd " << eps << ", prefix " << ao.prefix << ", host "
+                       << ao.host << ", lease TTL " << opts_.lease_ttl_ms << " ms, margin " << opts_.lease_margin_ms
+                       << " ms";
+  } else {
+    LOG_WARN("remusd") << "--arbiter none: promotion assumes a silent primary is dead; a network partition or a "
+                          "frozen remusd can leave two running copies of a guest";
+  }
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir, 0700));
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
   size_t slash = opts_.control_socket.rfind('/');
@@ -55,12 +106,18 @@ Status Daemon::Start() {
     bo.auto_promote = opts_.auto_promote;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
-    backup_ = std::make_unique<BackupServer>(bo, clock_, std::make_unique<FailStopArbiter>());
+    std::unique_ptr<Arbiter> a;
+    if (arbiter_) a = std::make_unique<ArbiterRef>(arbiter_.get());
+    else a = std::make_unique<FailStopArbiter>();
+    backup_ = std::make_unique<BackupServer>(bo, clock_, std::move(a));
     RETURN_IF_ERROR(backup_->Listen(*opts_.listen).Annotate("listening for primaries"));
   }
   // Output-buffering rules left by a remusd that died must not keep holding
-  // (or dropping) a guest's packets.
-  if (Status c = CleanupStaleNetbuf(); !c.ok()) LOG_WARN("remusd") << "netbuf cleanup: " << c.message();
+  // (or dropping) a guest's packets; but a guest another host owns now must
+  // be gone before its held output could leave.
+  if (ResolveLeftovers()) {
+    if (Status c = CleanupStaleNetbuf(); !c.ok()) LOG_WARN("remusd") << "netbuf cleanup: " << c.message();
+  }
   ASSIGN_OR_RETURN(control_fd_, ListenUnix(opts_.control_socket, 0600));
   control_thread_ = std::thread([this] { ControlLoop(); });
   // Last: a scrape reads backup_, which must be set by then.
@@ -76,6 +133,25 @@ Status Daemon::Start() {
   LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
                      << ", key fingerprint " << wire::KeyFingerprint(key_);
   return OkStatus();
+}
+
+bool Daemon::ResolveLeftovers() {
+  if (!arbiter_) return true;
+  // Bounded: etcd may be down; then the rules stay and the operator is told.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * opts_.lease_ttl_ms);
+  for (;;) {
+    bool undecided = false;
+    for (const auto& o : remus::ResolveLeftovers(opts_.state_dir + "/run", arbiter_->options(), etcd_.get(), &undecided))
+      LOG_WARN("remusd") << "left by the previous remusd: domain " << o.domain << ": " << o.action << " (" << o.detail
+                         << ")";
+    if (!undecided) return true;
+    if (std::chrono::steady_clock::now() >= until) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+  LOG_ERROR("remusd") << "etcd cannot say who owns a domain the previous remusd protected: its output-buffering "
+                         "rules stay (the guest's output stays held) until a start that can; see "
+                         "docs/operator-guide.md, \"Failure matrix\"";
+  return false;
 }
 
 void Daemon::Wait() {
@@ -245,6 +321,7 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.interval_ms = static_cast<int>(interval);
   po.key = key_;
   po.heartbeat = opts_.heartbeat;
+  po.arbiter = arbiter_.get();
   ASSIGN_OR_RETURN(po.netbuf.mode, req.String("netbuf", "plug"));
   ASSIGN_OR_RETURN(std::vector<std::string> ifs, req.StringList("netbuf_interfaces"));
   for (const std::string& i : ifs) {

@@ -20,6 +20,7 @@
 #include "common/clock.h"
 #include "common/io.h"
 #include "common/thread_annotations.h"
+#include "arbiter/etcd_arbiter.h"
 #include "remusd/metrics.h"
 #include "remusd/request.h"
 #include "replicator/backup/backup.h"
@@ -51,7 +52,21 @@ struct DaemonOptions {
   int control_idle_timeout_ms = 60000;
   // Prometheus endpoint, "ADDR:PORT" (remusd/metrics.h); empty: off.
   std::string metrics_listen;
+  // Arbitration (docs/architecture.md, "Arbitration"). "etcd", the default:
+  // remusd refuses to start without etcd_endpoints, so no host runs without
+  // arbitration by omission. "none": fail-stop, which a network partition
+  // or a frozen remusd turns into two running copies; status says so.
+  std::string arbiter = "etcd";
+  std::vector<std::string> etcd_endpoints;
+  std::string etcd_cacert, etcd_cert, etcd_key;
+  std::string etcd_prefix = "/remus";
+  std::string host_id;  // empty: the hostname
+  int lease_ttl_ms = 5000;
+  int lease_margin_ms = 1000;
 };
+
+// Checks the arbitration options: InvalidArgument naming the flag.
+Status ValidateArbiterOptions(const DaemonOptions& o);
 
 class Daemon {
  public:
@@ -60,6 +75,10 @@ class Daemon {
 
   // Loads the key, starts the backup listener (if any) and the control socket.
   Status Start();
+  // Start's first step with --arbiter etcd: resolves what a remusd that died
+  // left of the domains it owned (arbiter/leftovers.h). True when output
+  // rules may be removed: nothing was left undecided.
+  bool ResolveLeftovers();
   // Blocks until Shutdown().
   void Wait();
   void Shutdown();
@@ -88,6 +107,10 @@ class Daemon {
   DaemonOptions opts_;
   const Clock& clock_;
   wire::Key key_;
+  // Arbitration (--arbiter etcd): the etcd client and the arbiter the
+  // primaries and the backup share. Before backup_: destroyed after it.
+  std::unique_ptr<etcd::Kv> etcd_;
+  std::unique_ptr<EtcdArbiter> arbiter_;
   std::unique_ptr<BackupServer> backup_;
   Fd control_fd_;
   std::thread control_thread_;

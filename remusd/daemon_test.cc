@@ -32,6 +32,7 @@ class DaemonTest : public ::testing::Test {
     ASSERT_TRUE(WriteFileAtomic(dir_ + "/key", std::string(64, 'a')).ok());
     ::chmod((dir_ + "/key").c_str(), 0600);
     DaemonOptions o;
+    o.arbiter = "none";
     o.state_dir = dir_ + "/state";
     o.control_socket = dir_ + "/control.sock";
     o.key_file = dir_ + "/key";
@@ -344,6 +345,7 @@ TEST(DaemonStart, RefusesAWorldReadableKey) {
   ASSERT_TRUE(WriteFileAtomic(dir + "/key", std::string(64, 'a')).ok());
   ::chmod((dir + "/key").c_str(), 0644);
   DaemonOptions o;
+  o.arbiter = "none";
   o.state_dir = dir + "/state";
   o.control_socket = dir + "/control.sock";
   o.key_file = dir + "/key";
@@ -361,6 +363,7 @@ TEST(DaemonStart, RefusesAKeyFileThatIsNotARegularFile) {
   std::string dir = mkdtemp(tmpl);
   ASSERT_EQ(::mkfifo((dir + "/key").c_str(), 0600), 0);
   DaemonOptions o;
+  o.arbiter = "none";
   o.state_dir = dir + "/state";
   o.control_socket = dir + "/control.sock";
   o.key_file = dir + "/key";
@@ -402,6 +405,7 @@ TEST(DaemonMetrics, ServesPrometheusTextWhileRunning) {
   ASSERT_TRUE(WriteFileAtomic(dir + "/key", std::string(64, 'a')).ok());
   ::chmod((dir + "/key").c_str(), 0600);
   DaemonOptions o;
+  o.arbiter = "none";
   o.state_dir = dir + "/state";
   o.control_socket = dir + "/control.sock";
   o.key_file = dir + "/key";

@@ -36,10 +36,24 @@ counter() {
 
 "$REMUSCTL" keygen --out "$D/key" >/dev/null
 PORT=$((20000 + RANDOM % 20000))
-say "starting the backup remusd (127.0.0.1:$PORT) and the primary remusd"
-"$REMUSD" --state-dir "$D/b" --key-file "$D/key" --control "$D/b.sock" --listen "127.0.0.1:$PORT" 2>"$D/backup.log" &
+# Arbitration: the backup takes over only after winning the domain in etcd,
+# which the primary holds through a lease (docs/architecture.md,
+# "Arbitration"). One etcd member on loopback stands in for the cluster a
+# real deployment runs on three other hosts.
+say "starting etcd (127.0.0.1:$((PORT + 1))), the arbiter both remusd use"
+etcd --name demo --data-dir "$D/etcd" --listen-client-urls "http://127.0.0.1:$((PORT + 1))" \
+  --advertise-client-urls "http://127.0.0.1:$((PORT + 1))" --listen-peer-urls "http://127.0.0.1:$((PORT + 2))" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$((PORT + 2))" \
+  --initial-cluster "demo=http://127.0.0.1:$((PORT + 2))" >"$D/etcd.log" 2>&1 &
 PIDS+=($!)
-"$REMUSD" --state-dir "$D/a" --key-file "$D/key" --control "$D/a.sock" 2>"$D/primary.log" &
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((PORT + 1))/health" >/dev/null && break; sleep 0.1; done
+ARB=(--etcd-endpoints "http://127.0.0.1:$((PORT + 1))" --lease-ttl-ms 3000)
+say "starting the backup remusd (127.0.0.1:$PORT) and the primary remusd"
+"$REMUSD" --state-dir "$D/b" --key-file "$D/key" --control "$D/b.sock" --listen "127.0.0.1:$PORT" \
+  "${ARB[@]}" --host-id backup 2>"$D/backup.log" &
+PIDS+=($!)
+"$REMUSD" --state-dir "$D/a" --key-file "$D/key" --control "$D/a.sock" "${ARB[@]}" --host-id primary \
+  2>"$D/primary.log" &
 PIDS+=($!)
 
 say "booting the guest under TCG (memory dirtier, consistency checker, counter at 0x4000000)"

@@ -24,23 +24,6 @@ using wire::MsgType;
 // one rule for both (replicator/link/messages.h).
 bool ValidDomainName(std::string_view d) { return wire::ValidDiskId(d); }
 
-namespace {
-
-// fsync of a directory: a rename or unlink in it is durable afterwards.
-Status SyncDir(const std::string& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) return ErrnoStatus("open " + dir, errno);
-  if (::fsync(fd.get()) < 0) return ErrnoStatus("fsync " + dir, errno);
-  return OkStatus();
-}
-
-Status WriteDurable(const std::string& dir, const std::string& file, const std::string& data) {
-  RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + file, data));
-  return SyncDir(dir);
-}
-
-}  // namespace
-
 BackupDomain::BackupDomain(std::string name, const BackupOptions& opts, const Clock& clock, Arbiter* arbiter,
                            ProcessLauncher* launcher)
     : name_(std::move(name)), opts_(opts), clock_(clock), arbiter_(arbiter), launcher_(launcher),
@@ -172,6 +155,13 @@ bool BackupDomain::Promoting() {
 }
 
 Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
+  // Both hosts must arbitrate the same way: a backup without an arbiter
+  // would promote behind an etcd primary's back, and an etcd backup could
+  // never win a session no primary holds a lease for.
+  const std::string theirs = c.arbiter.empty() ? "none" : c.arbiter;
+  if (theirs != arbiter_->name())
+    return FailedPrecondition("the primary runs with --arbiter " + theirs + " but this backup with --arbiter " +
+                              std::string(arbiter_->name()) + "; give both hosts the same arbiter");
   RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
   MutexLock g(mu_);
   session_config_ = std::move(c);
@@ -333,11 +323,64 @@ void BackupDomain::AutoPromoteAfter(uint64_t generation, Nanos wait, const std::
       cv_.WaitFor(mu_, std::min<Nanos>(left, std::chrono::milliseconds(20)));
     }
   }
-  Status p = PromoteImpl(reason, generation);
+  std::optional<PromotionGrant> grant = Arbitrate(generation, reason);
+  if (!grant) return;
+  Status p = PromoteImpl(reason, generation, grant);
   if (!p.ok()) LOG_ERROR(tag_) << "automatic promotion did not happen: " << p.ToString();
 }
 
-Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64_t> generation) {
+std::optional<PromotionGrant> BackupDomain::Arbitrate(uint64_t generation, const std::string& reason) {
+  std::string last;
+  for (;;) {
+    std::string session;
+    {
+      MutexLock l(mu_);
+      if (stopping_ || generation_ != generation || state_ != DomainState::kPrimaryLost) {
+        arbitration_.clear();
+        return std::nullopt;
+      }
+      // Nothing to restore: PromoteImpl says so as a failed promotion;
+      // winning etcd first would only take the domain from everyone.
+      if (!Restorable().ok()) return PromotionGrant{};
+      session = config_.session;
+    }
+    StatusOr<PromotionGrant> g = arbiter_->MayPromote(name_, session);
+    MutexLock l(mu_);
+    if (g.ok()) {
+      arbitration_.clear();
+      return *g;
+    }
+    if (g.status().code() == Code::kAborted) {
+      arbitration_ = "not promoting: " + g.status().message();
+      error_ = reason + "; " + arbitration_;
+      LOG_ERROR(tag_) << error_;
+      return std::nullopt;
+    }
+    arbitration_ = "waiting for arbitration: " + g.status().message();
+    if (arbitration_ != last) LOG_WARN(tag_) << reason << "; " << arbitration_;
+    last = arbitration_;
+    cv_.WaitFor(mu_, opts_.arbitration_retry,
+                [&]() REQUIRES(mu_) { return stopping_ || generation_ != generation; });
+  }
+}
+
+Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64_t> generation,
+                                 std::optional<PromotionGrant> grant) {
+  if (!grant) {
+    // An operator's failover: arbitration first, while nothing has changed
+    // here yet (a primary that still holds its lease keeps its session).
+    std::string session;
+    {
+      MutexLock l(mu_);
+      if (state_ != DomainState::kPromoting && state_ != DomainState::kFailedOver && Restorable().ok())
+        session = config_.session;
+    }
+    if (!session.empty() || arbiter_->name() == "none") {
+      StatusOr<PromotionGrant> g = arbiter_->MayPromote(name_, session);
+      if (!g.ok()) return g.status().Annotate("domain " + name_ + ": arbitration refused the promotion");
+      grant = *g;
+    }
+  }
   {
     MutexLock l(mu_);
     if (generation && (*generation != generation_ || state_ != DomainState::kPrimaryLost || stopping_))
@@ -375,10 +418,11 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
     while (session_running_) cv_.Wait(mu_);
   }
   LOG_WARN(tag_) << "promoting: " << reason;
-  Status s = arbiter_->MayPromote(name_);
+  Status s = grant ? OkStatus() : FailedPrecondition("domain " + name_ + ": no arbitration was won");
   PromoteInput in;
   if (s.ok()) {
     MutexLock l(mu_);
+    promotion_token_ = grant->token;
     s = Restorable();
     if (s.ok()) {
       in.store = committed_.get();
@@ -407,12 +451,16 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   stats_.last_committed = static_cast<int64_t>(in.epoch);
   // Remembered across a restart of remusd: the guest runs here now, and
   // restoring the (older) checkpoint again would make a second copy.
-  json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason}};
+  json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason},
+                 {"arbiter", std::string(arbiter_->name())}, {"token", promotion_token_}};
   if (!libvirt_uri_.empty()) marker["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
   Status w = WriteDurable(dir_, "promoted.json", marker.dump());
   if (!w.ok()) LOG_ERROR(tag_) << "cannot record the promotion: " << w.ToString();
   else ::unlink((dir_ + "/promoting.json").c_str());
-  LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now";
+  // From now on this node owns the domain: its copy is what it fences.
+  arbiter_->Promoted(name_, qemu_pid_, nullptr);
+  LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now"
+                 << (promotion_token_ ? " (fencing token " + std::to_string(promotion_token_) + ")" : "");
   return OkStatus();
 }
 
@@ -478,6 +526,7 @@ Status BackupDomain::Recover() {
     // checkpoint is never restored again by itself.
     MutexLock g(mu_);
     stats_.last_committed = p->marker.epoch;
+    promotion_token_ = p->marker.token;
     promotion_tried_ = true;
     promote_reason_ = p->finished ? "promoted before remusd restarted" : "a promotion was under way when remusd stopped";
     if (p->alive) {
@@ -575,7 +624,9 @@ json BackupDomain::StatusJson() const {
                                         : st == DomainState::kFailed && promotion_tried_ ? PromotionState::kFailed
                                                                                          : PromotionState::kStandby));
   j["promotion"] = {{"state", pstate}, {"reason", promote_reason_}, {"error", promote_error_},
-                    {"failover_ms", failover_ms_.load()}};
+                    {"failover_ms", failover_ms_.load()}, {"token", promotion_token_}};
+  if (!arbitration_.empty()) j["promotion"]["arbitration"] = arbitration_;
+  j["arbiter"] = arbiter_->StatusJson(name_);
   if (st == DomainState::kPromoting) {
     const char* phase = promote_phase_.load();
     uint64_t streamed = restore_progress_.ram_done.load(), all = restore_progress_.ram_total.load();

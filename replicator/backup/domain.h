@@ -75,6 +75,9 @@ struct BackupOptions {
   std::string libvirt_uri = "qemu:///system";
   std::string libvirt_pid_dir = "/run/libvirt/qemu";
   bool auto_promote = true;         // promote when the primary is lost
+  // A refused arbitration (the primary still holds its lease) is asked again
+  // this often while the primary stays lost.
+  Nanos arbitration_retry = std::chrono::milliseconds(200);
   int handshake_timeout_ms = 5000;
   // Connections served at once (authenticated or not), and of those, how many
   // may be in the handshake. More are closed at once, with a log line.
@@ -113,7 +116,7 @@ class BackupDomain final : private SessionHost {
   // Operator-requested promotion (`remusctl failover`): ends a live session
   // first. FailedPrecondition when there is nothing to restore, or a
   // promotion runs or ran.
-  Status Promote(const std::string& reason) EXCLUDES(mu_) { return PromoteImpl(reason, std::nullopt); }
+  Status Promote(const std::string& reason) EXCLUDES(mu_) { return PromoteImpl(reason, std::nullopt, std::nullopt); }
   // Stops pending automatic promotions (the server is shutting down).
   void Stop() EXCLUDES(mu_);
   nlohmann::json StatusJson() const EXCLUDES(mu_);
@@ -133,7 +136,13 @@ class BackupDomain final : private SessionHost {
 
   // Applies `e` to state_; false (and a log line) when not allowed.
   bool Transition(DomainEvent e) REQUIRES(mu_);
-  Status PromoteImpl(const std::string& reason, std::optional<uint64_t> generation) EXCLUDES(mu_);
+  // generation: an automatic promotion of that session; grant: arbitration
+  // already won (automatic promotions win it first, while still standby).
+  Status PromoteImpl(const std::string& reason, std::optional<uint64_t> generation,
+                     std::optional<PromotionGrant> grant) EXCLUDES(mu_);
+  // Asks the arbiter until it grants, refuses for good, or the primary's
+  // loss is over (a new session, remusd stopping). Automatic promotions only.
+  std::optional<PromotionGrant> Arbitrate(uint64_t generation, const std::string& reason) EXCLUDES(mu_);
   // FailedPrecondition unless the current session has a restorable checkpoint.
   Status Restorable() const REQUIRES(mu_);
   // Restores the guest through promoter.h and records what runs.
@@ -190,6 +199,10 @@ class BackupDomain final : private SessionHost {
   std::string promote_reason_ GUARDED_BY(mu_);
   std::string promote_error_ GUARDED_BY(mu_);
   bool promotion_tried_ GUARDED_BY(mu_) = false;
+  // Arbitration: the fencing token this node won (0: none), and why an
+  // automatic promotion is waiting or was refused.
+  int64_t promotion_token_ GUARDED_BY(mu_) = 0;
+  std::string arbitration_ GUARDED_BY(mu_);
   int qemu_pid_ GUARDED_BY(mu_) = -1;
   bool qemu_ours_ GUARDED_BY(mu_) = false;  // spawned by launcher_ (not libvirt's, not recovered)
   std::string qmp_socket_ GUARDED_BY(mu_);

@@ -56,12 +56,13 @@ StatusOr<std::vector<ReplicaDisk>> ParseDisksFile(std::string_view text, const s
 StatusOr<PromotionMarker> ParsePromotionMarker(std::string_view text) {
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return DataLoss("not a JSON object");
-  if (!IntOrAbsent(j, "pid") || !IntOrAbsent(j, "epoch") || !StringOrAbsent(j, "qmp_socket") ||
+  if (!IntOrAbsent(j, "pid") || !IntOrAbsent(j, "epoch") || !IntOrAbsent(j, "token") || !StringOrAbsent(j, "qmp_socket") ||
       !StringOrAbsent(j, "via"))
     return DataLoss("a field has the wrong type");
   PromotionMarker m;
   m.pid = static_cast<int>(j.value("pid", int64_t{-1}));
   m.epoch = j.value("epoch", int64_t{-1});
+  m.token = j.value("token", int64_t{0});
   m.qmp_socket = j.value("qmp_socket", "");
   m.via_libvirt = j.value("via", "") == "libvirt";
   if (j.contains("libvirt")) {

@@ -40,6 +40,7 @@ struct PromotionMarker {
   bool via_libvirt = false;
   std::string libvirt_uri;
   std::string libvirt_domain;
+  int64_t token = 0;  // the fencing token the promotion won (0: no arbiter)
 };
 StatusOr<PromotionMarker> ParsePromotionMarker(std::string_view text);
 

@@ -143,6 +143,8 @@ std::string EncodeConfig(const ConfigMsg& m) {
     j["heartbeat_timeout_ms"] = m.heartbeat_timeout_ms;
   }
   if (m.libvirt) j["libvirt"] = {{"xml", m.libvirt->xml}, {"name", m.libvirt->name}, {"uri", m.libvirt->uri}};
+  if (!m.session.empty()) j["session"] = m.session;
+  if (!m.arbiter.empty()) j["arbiter"] = m.arbiter;
   return Dump(j);
 }
 
@@ -157,6 +159,13 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
   int64_t interval = 0;
   RETURN_IF_ERROR(GetInt(j, w, "interval_ms", 0, kMaxIntervalMs, &interval));
   m.interval_ms = static_cast<int>(interval);
+  RETURN_IF_ERROR(GetString(j, w, "session", &m.session));
+  if (m.session.size() > 64 ||
+      m.session.find_first_not_of("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-") != std::string::npos)
+    return w.Error("session", "is not 1-64 letters, digits, '_' or '-'");
+  RETURN_IF_ERROR(GetString(j, w, "arbiter", &m.arbiter));
+  if (!m.arbiter.empty() && m.arbiter != "none" && m.arbiter != "etcd")
+    return w.Error("arbiter", "is '" + m.arbiter + "', not \"none\" or \"etcd\"");
 
   if (const json* lv = Find(j, "libvirt")) {
     const Where lw{w.msg, "libvirt."};

@@ -83,6 +83,11 @@ struct ConfigMsg {
   // Both 0 (absent), or 0 < interval < timeout <= kMaxIntervalMs.
   int64_t heartbeat_interval_ms = 0, heartbeat_timeout_ms = 0;
   std::optional<LibvirtConfig> libvirt;  // libvirt domains only
+  // The protection session's id (arbitration: the backup may promote this
+  // session's checkpoints only while etcd says the session is current), and
+  // the primary's arbiter ("etcd", "none"). Empty from older primaries.
+  std::string session;  // <= 64 of [0-9A-Za-z_-]
+  std::string arbiter;  // "", "none" or "etcd"
   bool operator==(const ConfigMsg&) const = default;
 };
 std::string EncodeConfig(const ConfigMsg& m);

@@ -28,6 +28,7 @@ std::string_view PrimaryStateName(PrimaryState s) {
     case PrimaryState::kUnprotected: return "unprotected";
     case PrimaryState::kFailedOver: return "failed-over";
     case PrimaryState::kStopped: return "stopped";
+    case PrimaryState::kFenced: return "fenced";
   }
   return "unknown";
 }
@@ -96,6 +97,7 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
   make_netbuf_ = std::move(deps.make_netbuf);
   qemu_running_ = std::move(deps.qemu_running);
   monitor_connected_ = std::move(deps.monitor_connected);
+  lease_ = deps.lease;
   if (deps.make_disks)
     disks_ = deps.make_disks([this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len,
                                     std::span<const uint8_t> data) { OnDiskWrite(i, op, off, len, data); });
@@ -226,6 +228,15 @@ void PrimaryLifecycle::LifecycleLoop() {
                                 std::to_string(static_cast<int>(ToMillis(opts_.heartbeat.timeout))) + " ms)"),
                false);
     }
+    // Arbitration: another host won the domain and our copy was destroyed
+    // (polled: the lease outlives this object, so it holds no callback of ours).
+    if (lease_ && lease_->state() == LeaseState::kLost && !IsFinal(state_.load()) && !stopping_) {
+      json a = lease_->StatusJson();
+      Teardown(Aborted("fenced: " + a.value("fenced_reason", std::string("the lease was lost")) +
+                       "; host '" + a.value("winner", std::string("?")) + "' owns the domain (token " +
+                       std::to_string(a.value("token", int64_t{0})) + "), our copy was destroyed"),
+               true);
+    }
     RetryGiveUp();
   }
 }
@@ -257,7 +268,21 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
   // never arrives makes it promote), never once it has gone silent.
   const auto last_words_deadline = std::chrono::steady_clock::now() + SendBackstop();
   const std::function<bool()> backup_silent = [this] { return hb_.PeerLost(); };
+  if (qemu_dead && lease_ && lease_->state() == LeaseState::kLost) {
+    // We destroyed our copy: another host owns the domain. Nothing held
+    // leaves; the backup (the winner, or it knows better) needs no word.
+    LOG_ERROR(Tag()) << why.message();
+    EnterFinal(PrimaryState::kFenced);
+    if (nb) (void)nb->Finish(false);
+    if (disks_) disks_->Stop(false);
+    link_->Shutdown();
+    source_->Abort();
+    return finish();
+  }
   if (qemu_dead) {
+    // The guest is gone: give up the lease now, so the backup wins at once
+    // instead of a TTL from now.
+    if (lease_) lease_->Abandon();
     LOG_ERROR(Tag()) << why.message() << "; telling the backup to take over";
     // The backup promotes on silence anyway; FAILOVER only makes it quicker.
     Status f = link_->SendBefore(last_words_deadline, MsgType::kFailover, 0, wire::EncodeReason({why.message()}), 0,
@@ -282,8 +307,18 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
   Status g = link_->SendBefore(last_words_deadline, MsgType::kGoodbye, 0, wire::EncodeReason({why.message()}), 0,
                                backup_silent);
   if (!g.ok()) LOG_WARN(Tag()) << "GOODBYE not sent: " << g.message();
-  // The guest runs on unprotected: release everything it sent.
-  if (nb) (void)nb->Finish(true);
+  // The guest runs on unprotected: release everything it sent, once no
+  // backup can promote this session any more.
+  const bool retired = RetireSession(why);
+  if (!retired && lease_ && lease_->state() == LeaseState::kLost) {
+    if (nb) (void)nb->Finish(false);
+    if (disks_) disks_->Stop(false);
+    EnterFinal(PrimaryState::kFenced);
+    link_->Shutdown();
+    source_->Abort();
+    return finish();
+  }
+  if (nb) (void)nb->Finish(retired);
   // The guest keeps its own disk; the mirror target goes away. QMP
   // commands: this is why teardown never runs on the monitor's thread.
   if (disks_) disks_->Stop(true);
@@ -294,6 +329,24 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
   else link_->ShutdownWrite();
   source_->Abort();
   finish();
+}
+
+bool PrimaryLifecycle::RetireSession(const Status& why) {
+  if (!lease_) return true;
+  std::string last;
+  for (;;) {
+    Status r = lease_->Retire(why.message());
+    if (r.ok()) return true;
+    if (lease_->state() == LeaseState::kLost) return false;
+    if (r.message() != last) {
+      LOG_WARN(Tag()) << "output stays held until the session is retired in etcd: " << r.message();
+      SetError("waiting to retire the session in etcd: " + r.message());
+      last = r.message();
+    }
+    MutexLock l(mu_);
+    if (destroy_) return false;
+    ev_cv_.WaitFor(mu_, std::chrono::milliseconds(250), [&]() REQUIRES(mu_) { return destroy_; });
+  }
 }
 
 void PrimaryLifecycle::ReleaseGuest() {
@@ -375,6 +428,7 @@ void PrimaryLifecycle::FillStatus(json* out) const {
   j["dirty_pages_per_epoch"] = {{"p50", dirty_pages_.Quantile(0.5)}, {"mean", dirty_pages_.Mean()}};
   j["bytes_per_epoch"] = {{"p50", epoch_bytes_.Quantile(0.5)}, {"mean", epoch_bytes_.Mean()}};
   j["backpressure_waits"] = backpressure_waits_.load();
+  j["releases_deferred"] = releases_deferred_.load();
   j["dirty_pages_total"] = dirty_pages_total_.load();
   j["epoch_bytes_total"] = epoch_bytes_total_.load();
   j["histograms"] = {{"pause_seconds", HistogramToJson(pause_hist_.Snapshot())},

@@ -10,6 +10,14 @@
 //      unprotected (protection lost; the guest runs on)
 //      failed-over (QEMU died; the backup was told to promote)
 //      stopped     (ended on purpose: unprotect, guest shutdown, daemon stop)
+//      fenced      (arbitration: another host won the domain; our copy was
+//                   destroyed and nothing it held was released)
+//
+// With an arbiter (LifecycleDeps::lease), output leaves only while the lease
+// is valid, and protection that ends with the guest running retires the
+// session in etcd before anything held is released: until then a backup
+// could still promote the session's last checkpoint. (docs/architecture.md,
+// "Arbitration".)
 //
 // The three ends are final, and only the lifecycle thread enters them
 // (Teardown), so an end runs once and on a thread that may issue QMP
@@ -53,6 +61,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "arbiter/lease.h"
 #include "common/clock.h"
 #include "common/stats.h"
 #include "common/thread_annotations.h"
@@ -66,10 +75,11 @@
 
 namespace remus {
 
-enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped };
+enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped, kFenced };
 std::string_view PrimaryStateName(PrimaryState s);
 inline bool IsFinal(PrimaryState s) {
-  return s == PrimaryState::kUnprotected || s == PrimaryState::kFailedOver || s == PrimaryState::kStopped;
+  return s == PrimaryState::kUnprotected || s == PrimaryState::kFailedOver || s == PrimaryState::kStopped ||
+         s == PrimaryState::kFenced;
 }
 
 struct LifecycleOptions {
@@ -107,6 +117,9 @@ struct LifecycleDeps {
   // libvirt mode: whether the monitor is reachable. Set, a GiveUp that
   // failed with Unavailable is retried once it is back.
   std::function<bool()> monitor_connected;
+  // Arbitration: this host's lease on the domain (outlives this object,
+  // started). Null: --arbiter none.
+  DomainLease* lease = nullptr;
 };
 
 class PrimaryLifecycle {
@@ -175,6 +188,10 @@ class PrimaryLifecycle {
   // GiveUp; schedules retries when the monitor is away (libvirt restarting).
   void ReleaseGuest() EXCLUDES(mu_);
   void RetryGiveUp() EXCLUDES(mu_);
+  // Arbitration: retires the session (retrying while etcd is away) before
+  // held output may go. False if it could not: the copy was fenced for good,
+  // or the lifecycle is being destroyed.
+  bool RetireSession(const Status& why) EXCLUDES(mu_);
   // A transition that is not into a final state (CAS on `from`).
   bool Advance(PrimaryState from, PrimaryState to);
   void EnterFinal(PrimaryState to);
@@ -222,6 +239,7 @@ class PrimaryLifecycle {
   std::function<StatusOr<std::unique_ptr<OutputBuffer>>()> make_netbuf_;
   std::function<bool()> qemu_running_;
   std::function<bool()> monitor_connected_;
+  DomainLease* lease_ = nullptr;
   // Made by the epoch thread while the guest is paused at the end of the
   // initial copy; others read netbuf_.
   std::unique_ptr<OutputBuffer> netbuf_owner_;
@@ -283,6 +301,7 @@ class PrimaryLifecycle {
   std::atomic<uint64_t> dirty_pages_total_{0};
   std::atomic<uint64_t> epoch_bytes_total_{0};
   std::atomic<uint64_t> backpressure_waits_{0};
+  std::atomic<uint64_t> releases_deferred_{0};  // ACKs whose output waited for a valid lease
 
   std::thread epoch_thread_, sender_thread_, ack_thread_, hb_thread_;
   std::thread lifecycle_thread_;  // last: started when everything above exists

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <chrono>
 
+#include "arbiter/leftovers.h"
 #include "common/log.h"
 #include "replicator/libvirt/interfaces.h"
 #include "replicator/libvirt/restore.h"
@@ -101,6 +102,12 @@ PrimaryReplicator::~PrimaryReplicator() {
   // Tears down (stopped: "daemon shutting down") and joins its threads while
   // the monitor it needs for that still exists.
   lifecycle_.reset();
+  if (owned_) {
+    LeaseState s = owned_->lease().state();
+    if (s == LeaseState::kReleased || s == LeaseState::kLost) RemoveOwnershipRecord(opts_.run_dir, opts_.domain);
+    else LOG_ERROR("primary[" + opts_.domain + "]")
+        << "remusd stops while it still owns the domain (session not retired in etcd): the next start resolves it";
+  }
 }
 
 Status PrimaryReplicator::ConnectQmp() {
@@ -193,6 +200,29 @@ Status PrimaryReplicator::Connect() {
   ASSIGN_OR_RETURN(std::vector<GuestDisk> disks,
                    ListGuestDisks(monitor_.get(), d, opts_.disks, libvirt_ ? &targets : nullptr));
 
+  // Arbitration: this host owns the domain for the new session before any
+  // backup may hold a checkpoint of it.
+  const std::string session = RandomId();
+  if (opts_.arbiter) {
+    ASSIGN_OR_RETURN(owned_, opts_.arbiter->Own(d, session, qemu_pid_, nullptr));
+    // A remusd that dies while owning leaves this; the next one resolves it
+    // before it removes any netbuf rule (arbiter/leftovers.h).
+    Status w = WriteOwnershipRecord(opts_.run_dir, {d, session, qemu_pid_, ProcessStartTime(qemu_pid_)});
+    if (!w.ok()) {
+      owned_->lease().Abandon();
+      return w.Annotate("domain " + d + ": recording its ownership");
+    }
+  }
+  // A start that fails from here on leaves no backup able to promote this
+  // session (no checkpoint of it committed): the key may go at once.
+  struct AbandonOnError {
+    OwnedDomain* o;
+    bool armed = true;
+    ~AbandonOnError() {
+      if (armed && o) o->lease().Abandon();
+    }
+  } abandon{owned_.get()};
+
   auto fd = ConnectTcp(opts_.backup, opts_.connect_timeout_ms);
   if (!fd.ok())
     return Status(Code::kUnavailable, "domain " + d + ": backup " + opts_.backup.ToString() +
@@ -211,6 +241,8 @@ Status PrimaryReplicator::Connect() {
       .interval_ms = opts_.interval_ms,
       .heartbeat_interval_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.interval).count(),
       .heartbeat_timeout_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()};
+  config.session = session;
+  config.arbiter = opts_.arbiter ? "etcd" : "none";
   for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.
   if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};
@@ -231,6 +263,7 @@ Status PrimaryReplicator::Connect() {
   deps.make_netbuf = [nb = netbuf_opts_] { return MakeOutputBuffer(nb); };
   deps.qemu_running = [pid = qemu_pid_] { return ProcessRunning(pid); };
   if (libvirt_) deps.monitor_connected = [lv = libvirt_] { return lv->connected(); };
+  if (owned_) deps.lease = &owned_->lease();
   CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
   so.pass_fd = pass_fd;  // a socketpair end instead of our listening socket
   deps.source = std::make_unique<CheckpointSource>(monitor_.get(), std::move(so));
@@ -244,6 +277,8 @@ Status PrimaryReplicator::Connect() {
                                 MsgType::kGoodbye, 0, wire::EncodeReason({c.message()}));
     return c;
   }
+  // Attach owns the end from here on: its teardown retires or abandons.
+  abandon.armed = false;
   RETURN_IF_ERROR(lifecycle_->Attach(std::move(deps)));
   LOG_INFO(tag) << "protecting" << (libvirt_ ? " libvirt domain (" + opts_.libvirt_uri + ")" : std::string())
                 << ": QEMU " << probe_.version << " (" << probe_.accelerator << "), backup "
@@ -330,6 +365,12 @@ json PrimaryReplicator::StatusJson() const {
                  {"buffered_packets", nb ? nb->buffered_packets() : 0},
                  {"dropped_packets", nb ? nb->dropped_packets() : 0},
                  {"released_packets", nb ? nb->released_packets() : 0}};
+  if (ready && owned_) {
+    j["arbiter"] = {{"name", "etcd"}};
+    j["arbiter"].update(owned_->lease().StatusJson());
+  } else {
+    j["arbiter"] = opts_.arbiter ? json{{"name", "etcd"}, {"state", "acquiring"}} : FailStopArbiter().StatusJson("");
+  }
   j["qemu"] = {{"version", ready ? probe_.version : std::string()},
                {"accelerator", ready ? probe_.accelerator : std::string()},
                {"pid", ready ? qemu_pid_ : -1}};

@@ -41,6 +41,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "arbiter/etcd_arbiter.h"
 #include "common/clock.h"
 #include "common/io.h"
 #include "common/thread_annotations.h"
@@ -83,6 +84,9 @@ struct PrimaryOptions {
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
   int connect_timeout_ms = 5000;
+  // Arbitration (--arbiter etcd): owns the domain in etcd for each protection
+  // session, fencing this host's copy when it cannot. Null: --arbiter none.
+  EtcdArbiter* arbiter = nullptr;
   // Test-only fault injection: "stall-after-reply@EPOCH" makes the epoch loop
   // stop forever right after REPLY of that epoch (the guest is then paused),
   // so tests can kill processes in that protocol phase.
@@ -144,6 +148,9 @@ class PrimaryReplicator {
   std::atomic<bool> ready_{false};     // Connect returned (either way)
   std::atomic<bool> cancel_start_{false};
   std::thread start_thread_;           // StartAsync
+  // This session's ownership (arbitration), set by Connect. Outlives the
+  // lifecycle, which retires the session through it.
+  std::unique_ptr<OwnedDomain> owned_;
   // After the monitor: destroyed (torn down, threads joined) first.
   std::unique_ptr<PrimaryLifecycle> lifecycle_;
 };

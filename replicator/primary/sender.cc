@@ -160,7 +160,12 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
   }
   // Output commit: the backup holds every checkpoint up to e, so the
   // packets of those epochs may leave (the netbuf releases in order).
-  if (OutputBuffer* nb = netbuf_.load()) {
+  // With an arbiter, only while our lease is valid: a copy past its
+  // deadline may have been replaced; a later ACK releases these too.
+  if (lease_ && !lease_->Valid()) {
+    releases_deferred_++;
+    LOG_DEBUG(Tag()) << "epoch " << e << ": acked, output held: the lease is not valid";
+  } else if (OutputBuffer* nb = netbuf_.load()) {
     LOG_DEBUG(Tag()) << "epoch " << e << ": acked, releasing output, wall " << WallSeconds();
     Status r = nb->Release(e);
     if (!r.ok()) LOG_ERROR(Tag()) << "netbuf release of epoch " << e << ": " << r.ToString();

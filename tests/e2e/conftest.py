@@ -371,10 +371,13 @@ class World:
 
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
                      ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
-                     listen_host="127.0.0.1"):
+                     listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None):
         """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
         netns: run this remusd in that network namespace (default: the world's).
-        listen_host: the backup's listen address (an address of its namespace)."""
+        listen_host: the backup's listen address (an address of its namespace).
+        etcd: a list of etcd client URLs: --arbiter etcd with them (lease TTL
+        and margin as given, --host-id host_id or the daemon's name);
+        without, --arbiter none (the fail-stop tests predate arbitration)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
         state = self.dir / name
@@ -393,6 +396,12 @@ class World:
             argv += ["--fault", fault]
         if not auto_promote:
             argv += ["--no-auto-promote"]
+        if etcd:
+            argv += ["--arbiter", "etcd", "--etcd-endpoints", ",".join(etcd), "--etcd-prefix", f"/remus-{self.dir.name}",
+                     "--lease-ttl-ms", str(lease_ttl_ms), "--lease-margin-ms", str(lease_margin_ms),
+                     "--host-id", host_id or name]
+        else:
+            argv += ["--arbiter", "none"]
         argv += list(extra)
         p = self._spawn(f"remusd {name}", argv, log, netns=netns)
         d = Daemon(self, name, state, control, log, p, listen=addr, key=key or self.key)

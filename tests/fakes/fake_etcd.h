@@ -90,10 +90,26 @@ class FakeEtcd final : public etcd::Kv {
     if (it == kvs_.end()) return std::optional<etcd::KeyValue>();
     return std::optional<etcd::KeyValue>(it->second);
   }
+  // The next transaction is applied twice and the second answer returned:
+  // what a client that resent a write whose first answer was lost sees.
+  void ResendNextTxn() {
+    std::lock_guard l(mu_);
+    resend_next_ = true;
+  }
+
   StatusOr<etcd::TxnResult> Txn(const etcd::TxnRequest& t) override {
     std::lock_guard l(mu_);
     if (!reachable_) return Unavailable("etcd unreachable (fake partition)");
     Sweep();
+    if (resend_next_) {
+      resend_next_ = false;
+      (void)TxnLocked(t);
+    }
+    return TxnLocked(t);
+  }
+
+ private:
+  StatusOr<etcd::TxnResult> TxnLocked(const etcd::TxnRequest& t) {
     bool ok = true;
     for (const auto& c : t.compare) {
       auto it = kvs_.find(c.key);
@@ -128,8 +144,6 @@ class FakeEtcd final : public etcd::Kv {
     r.revision = revision_;
     return r;
   }
-
- private:
   struct Lease {
     int64_t ttl;
     TimePoint expires;
@@ -175,6 +189,7 @@ class FakeEtcd final : public etcd::Kv {
   const Clock& clock_;
   std::mutex mu_;
   bool reachable_ = true;
+  bool resend_next_ = false;
   int64_t revision_ = 1;
   int64_t next_lease_ = 7000;
   std::map<std::string, etcd::KeyValue> kvs_;
