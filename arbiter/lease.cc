@@ -182,6 +182,7 @@ void DomainLease::CheckDeadline() {
   paused_ = true;
   state_ = LeaseState::kFenced;
   fence_events_++;
+  last_fence_after_renewal_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - last_renewal_));
   fenced_why_ = "no lease renewal for " +
                 std::to_string(static_cast<int64_t>(ToMillis(clock_.Now() - last_renewal_))) + " ms" +
                 (last_error_.empty() ? "" : " (" + last_error_ + ")");
@@ -455,7 +456,8 @@ json DomainLease::StatusJson() const {
             {"margin_ms", static_cast<int64_t>(ToMillis(opts_.margin))},
             {"renewals", renewals_.load()},
             {"renewal_failures", renewal_failures_.load()},
-            {"fence_events", fence_events_.load()}};
+            {"fence_events", fence_events_.load()},
+            {"last_fence_after_renewal_ms", last_fence_after_renewal_ms_.load()}};
   LeaseState s = state_.load();
   if (s == LeaseState::kHeld || s == LeaseState::kFenced) {
     j["owner"] = opts_.host;

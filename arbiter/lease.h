@@ -179,6 +179,9 @@ class DomainLease {
   std::atomic<LeaseState> state_{LeaseState::kAcquiring};
   std::atomic<int64_t> token_{0};
   std::atomic<uint64_t> renewals_{0}, renewal_failures_{0}, fence_events_{0};
+  // The last fence: how long after the send of the last successful renewal
+  // the guest was paused (the bound is ttl - margin), -1 before any.
+  std::atomic<int64_t> last_fence_after_renewal_ms_{-1};
   Histogram renew_hist_{Histogram::LatencySeconds()};
 
   mutable Mutex mu_;
