@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 
+#include "arbiter/leftovers.h"
 #include "common/hex.h"
 #include "common/log.h"
 
@@ -31,6 +32,7 @@ StatusOr<std::unique_ptr<OwnedDomain>> EtcdArbiter::Own(const std::string& domai
   o->fencer().set_pid(pid);
   if (destroy) o->fencer().set_destroy(std::move(destroy));
   RETURN_IF_ERROR(o->lease().Acquire(session));
+  if (fence_table_) o->lease().AttachFence(fence_table_, pid, ProcessStartTime(pid));
   o->lease().Start();
   return o;
 }
@@ -101,6 +103,7 @@ void EtcdArbiter::Promoted(const std::string& domain, int pid, std::function<Sta
   if (it == won_.end()) return;
   it->second->fencer().set_pid(pid);
   if (destroy) it->second->fencer().set_destroy(std::move(destroy));
+  if (fence_table_ && pid > 0) it->second->lease().AttachFence(fence_table_, pid, ProcessStartTime(pid));
 }
 
 json EtcdArbiter::StatusJson(const std::string& domain) const {

@@ -38,6 +38,9 @@ class EtcdArbiter final : public Arbiter {
   EtcdArbiter(ArbiterOptions opts, etcd::Kv* kv, const Clock& clock) : opts_(std::move(opts)), kv_(kv), clock_(clock) {}
 
   const ArbiterOptions& options() const { return opts_; }
+  // The fence watchdog's table (remusd's remus-fence); null: fencing by
+  // remusd's own threads only (tests). Set before any Own or promotion.
+  void set_fence_table(FenceTable* t) { fence_table_ = t; }
 
   // Primary: owns `domain` for protection session `session`, fencing `pid`.
   // Started (renewing). Errors as DomainLease::Acquire.
@@ -56,6 +59,7 @@ class EtcdArbiter final : public Arbiter {
   const ArbiterOptions opts_;
   etcd::Kv* const kv_;
   const Clock& clock_;
+  FenceTable* fence_table_ = nullptr;
   mutable Mutex mu_;
   // Domains this backup won (its promoted copies), kept while remusd runs.
   std::map<std::string, std::shared_ptr<OwnedDomain>> won_ GUARDED_BY(mu_);

@@ -161,6 +161,40 @@ void DomainLease::Start() {
   watchdog_ = std::thread([this] { WatchdogLoop(); });
 }
 
+bool DomainLease::AttachFence(FenceTable* table, int pid, uint64_t pid_start) {
+  MutexLock l(mu_);
+  if (fence_table_) fence_table_->Free(fence_slot_);
+  fence_table_ = table;
+  fence_slot_ = table->Arm(pid, pid_start, deadline_.time_since_epoch().count());
+  if (fence_slot_ < 0) {
+    LOG_ERROR(Tag()) << "the fence table is full: this copy is fenced by remusd's own thread only";
+    fence_table_ = nullptr;
+    return false;
+  }
+  return true;
+}
+
+void DomainLease::PublishDeadline() {
+  if (fence_table_) fence_table_->SetDeadline(fence_slot_, deadline_.time_since_epoch().count());
+}
+
+void DomainLease::ResumeLocked(const char* why) {
+  // The watchdog first, with the new deadline: it must not stop the copy
+  // again for the old one.
+  if (fence_table_) fence_table_->Rearm(fence_slot_, deadline_.time_since_epoch().count());
+  Status r = fencer_->Resume();
+  if (!r.ok()) LOG_ERROR(Tag()) << r.ToString();
+  paused_ = false;
+  if (state_ == LeaseState::kFenced) state_ = LeaseState::kHeld;
+  LOG_INFO(Tag()) << why;
+}
+
+void DomainLease::FreeFence() {
+  if (fence_table_) fence_table_->Free(fence_slot_);
+  fence_table_ = nullptr;
+  fence_slot_ = -1;
+}
+
 bool DomainLease::Valid() const {
   if (state_.load() != LeaseState::kHeld) return false;
   MutexLock l(mu_);
@@ -176,7 +210,8 @@ void DomainLease::CheckDeadline() {
   MutexLock l(mu_);
   LeaseState s = state_.load();
   if ((s != LeaseState::kHeld && s != LeaseState::kFenced) || paused_) return;
-  if (clock_.Now() < deadline_) return;
+  const bool by_watchdog = fence_table_ && fence_table_->Fenced(fence_slot_);
+  if (clock_.Now() < deadline_ && !by_watchdog) return;
   // Paused before anything else: the rest can wait, the guest cannot.
   Status p = fencer_->Pause();
   paused_ = true;
@@ -187,7 +222,8 @@ void DomainLease::CheckDeadline() {
                 std::to_string(static_cast<int64_t>(ToMillis(clock_.Now() - last_renewal_))) + " ms" +
                 (last_error_.empty() ? "" : " (" + last_error_ + ")");
   if (!p.ok()) LOG_ERROR(Tag()) << "fencing: " << p.ToString();
-  LOG_WARN(Tag()) << "fenced: the guest is paused, its output held (" << fenced_why_ << ")";
+  LOG_WARN(Tag()) << "fenced" << (by_watchdog ? " (by the fence watchdog first)" : "")
+                  << ": the guest is paused, its output held (" << fenced_why_ << ")";
   cv_.NotifyAll();
 }
 
@@ -218,6 +254,7 @@ void DomainLease::RenewOnce() {
       MutexLock l(mu_);
       last_error_ = "lease " + std::to_string(lease) + " expired";
       deadline_ = std::min(deadline_, clock_.Now());
+      PublishDeadline();
     }
     CheckDeadline();
     Resolve();
@@ -230,7 +267,9 @@ void DomainLease::RenewOnce() {
     last_error_.clear();
     last_renewal_ = sent;
     deadline_ = sent + std::min<Nanos>(opts_.ttl, std::chrono::seconds(*ttl)) - opts_.margin;
-    was_paused = paused_;
+    PublishDeadline();
+    // The watchdog may have stopped the copy while this thread was late.
+    was_paused = paused_ || (fence_table_ && fence_table_->Fenced(fence_slot_));
   }
   if (was_paused) {
     // Renewed: the lease lived, so no one else can have taken the key. Check
@@ -243,11 +282,7 @@ void DomainLease::RenewOnce() {
       return;
     }
     MutexLock l(mu_);
-    Status r = fencer_->Resume();
-    if (!r.ok()) LOG_ERROR(Tag()) << r.ToString();
-    paused_ = false;
-    if (state_ == LeaseState::kFenced) state_ = LeaseState::kHeld;
-    LOG_INFO(Tag()) << "lease renewed: still the owner; the guest resumes";
+    ResumeLocked("lease renewed: still the owner; the guest resumes");
   }
   if (retire) (void)TryRetire();
 }
@@ -300,10 +335,8 @@ void DomainLease::Resolve() {
     last_renewal_ = sent;
     deadline_ = sent + opts_.ttl - opts_.margin;
     token_ = r->revision;
-    Status s = fencer_->Resume();
-    if (!s.ok()) LOG_ERROR(Tag()) << s.ToString();
-    paused_ = false;
-    state_ = LeaseState::kHeld;
+    state_ = LeaseState::kFenced;
+    ResumeLocked("the key is ours again");
     last_error_.clear();
   }
   renewals_++;
@@ -322,6 +355,7 @@ void DomainLease::Lose(const std::string& winner, int64_t token, const std::stri
       fence_events_++;
     }
     state_ = LeaseState::kLost;
+    FreeFence();  // stopped already (paused above); the kill follows
     winner_ = winner;
     token_ = token;
     fenced_why_ = why;
@@ -388,7 +422,10 @@ Status DomainLease::TryRetire() {
   {
     MutexLock l(mu_);
     retire_pending_ = false;
-    if (paused_) {
+    // No backup can promote the session now: the copy runs free.
+    const bool stopped = paused_ || (fence_table_ && fence_table_->Fenced(fence_slot_));
+    FreeFence();
+    if (stopped) {
       Status s = fencer_->Resume();
       if (!s.ok()) LOG_ERROR(Tag()) << s.ToString();
       paused_ = false;
@@ -410,6 +447,7 @@ void DomainLease::Abandon() {
     lease = lease_;
     state_ = LeaseState::kReleased;
     retire_pending_ = false;
+    FreeFence();  // the copy is dead
     cv_.NotifyAll();
   }
   Status r = kv_->Revoke(lease);
@@ -457,7 +495,8 @@ json DomainLease::StatusJson() const {
             {"renewals", renewals_.load()},
             {"renewal_failures", renewal_failures_.load()},
             {"fence_events", fence_events_.load()},
-            {"last_fence_after_renewal_ms", last_fence_after_renewal_ms_.load()}};
+            {"last_fence_after_renewal_ms", last_fence_after_renewal_ms_.load()},
+            {"histograms", {{"renewal_seconds", HistogramToJson(renew_hist_.Snapshot())}}}};
   LeaseState s = state_.load();
   if (s == LeaseState::kHeld || s == LeaseState::kFenced) {
     j["owner"] = opts_.host;

@@ -48,6 +48,7 @@
 #include <nlohmann/json.hpp>
 
 #include "arbiter/etcd.h"
+#include "arbiter/fence_table.h"
 #include "common/clock.h"
 #include "common/stats.h"
 #include "common/thread_annotations.h"
@@ -129,6 +130,13 @@ class DomainLease {
   void Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token);
   // Starts the renewer and the watchdog. Once, after Acquire or Adopt.
   void Start();
+  // Hands the deadline to the fence watchdog process too (remus-fence:
+  // arbiter/fence_table.h), for the copy `pid`, so it is stopped at the
+  // deadline even when this process is frozen. The slot stays armed when
+  // this object goes without releasing: the watchdog outlives remusd.
+  // Deadlines are read as CLOCK_BOOTTIME nanoseconds (the clock must be
+  // BootClock). False when the table is full.
+  bool AttachFence(FenceTable* table, int pid, uint64_t pid_start) EXCLUDES(mu_);
 
   // Whether this host may let its copy's effects out now (release held
   // output): held, and before the local deadline.
@@ -167,6 +175,11 @@ class DomainLease {
   void Resolve() EXCLUDES(mu_);
   void Lose(const std::string& winner, int64_t token, const std::string& why) EXCLUDES(mu_);
   Status TryRetire() EXCLUDES(mu_);
+  // deadline_ changed: tell the fence table.
+  void PublishDeadline() REQUIRES(mu_);
+  // The copy may run again (renewed, retaken): table re-armed, then SIGCONT.
+  void ResumeLocked(const char* why) REQUIRES(mu_);
+  void FreeFence() REQUIRES(mu_);
   std::string Tag() const { return "arbiter[" + domain_ + "]"; }
 
   const ArbiterOptions opts_;
@@ -198,6 +211,8 @@ class DomainLease {
   std::string fenced_why_ GUARDED_BY(mu_);
   std::function<void(const std::string&, int64_t)> on_lost_ GUARDED_BY(mu_);
   bool stop_ GUARDED_BY(mu_) = false;
+  FenceTable* fence_table_ GUARDED_BY(mu_) = nullptr;
+  int fence_slot_ GUARDED_BY(mu_) = -1;
   std::thread renewer_, watchdog_;
 };
 

@@ -3,6 +3,9 @@
 // renewals, partitions and a backup's transaction is chosen by the test.
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <random>
 
 #include "arbiter/etcd_arbiter.h"
@@ -312,6 +315,104 @@ TEST_F(LeaseTest, NoScheduleLetsTheBackupWinWhileThePrimaryRuns) {
   // The schedules exercise both outcomes, or the check above proves nothing.
   EXPECT_GT(wins, 20);
   EXPECT_GT(fenced_then_resumed, 20);
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+TEST(FenceTableTest, StopsOnlyTheArmedProcessPastItsDeadline) {
+  auto t = FenceTable::Create();
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  FenceTable& table = **t;
+  int a = table.Arm(100, 7, 1000);
+  int b = table.Arm(200, 9, 5000);
+  ASSERT_GE(a, 0);
+  ASSERT_GE(b, 0);
+  std::vector<int> stopped;
+  auto start = [](int pid) -> uint64_t { return pid == 100 ? 7 : 10; };  // pid 200 was reused
+  auto stop = [&](int pid) { stopped.push_back(pid); };
+  EXPECT_EQ(table.Enforce(999, start, stop), 2);
+  EXPECT_TRUE(stopped.empty());
+  EXPECT_EQ(table.Enforce(1000, start, stop), 1);
+  EXPECT_EQ(stopped, std::vector<int>{100});
+  EXPECT_TRUE(table.Fenced(a));
+  // A renewal moves the deadline; a fenced slot is re-armed by remusd only.
+  EXPECT_TRUE(table.Rearm(a, 3000));
+  EXPECT_FALSE(table.Fenced(a));
+  EXPECT_EQ(table.Enforce(2000, start, stop), 2);
+  // pid 200's start time differs: marked fenced, but never signalled.
+  EXPECT_EQ(table.Enforce(6000, start, stop), 0);
+  EXPECT_EQ(stopped, (std::vector<int>{100, 100}));
+  EXPECT_TRUE(table.Fenced(b));
+  table.Free(a);
+  table.Free(b);
+  EXPECT_EQ(table.Enforce(10000, start, stop), 0);
+}
+
+TEST(FenceTableTest, TheWatchdogSeesTheSameTableThroughTheFd) {
+  auto t = FenceTable::Create();
+  ASSERT_TRUE(t.ok());
+  int dupfd = ::dup((*t)->fd());
+  auto m = FenceTable::Map(dupfd);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  int s = (*t)->Arm(1, 1, 50);
+  std::vector<int> stopped;
+  (*m)->Enforce(60, [](int) -> uint64_t { return 1; }, [&](int pid) { stopped.push_back(pid); });
+  EXPECT_EQ(stopped, std::vector<int>{1});
+  EXPECT_TRUE((*t)->Fenced(s));
+}
+
+TEST(FenceTableTest, MapRefusesWhatIsNotATable) {
+  int fd = ::memfd_create("x", 0);
+  ASSERT_EQ(::ftruncate(fd, 1 << 20), 0);
+  EXPECT_EQ(FenceTable::Map(fd).status().code(), Code::kInvalidArgument);
+}
+
+TEST_F(LeaseTest, TheWatchdogsFenceIsSeenAndUndoneOnRenewal) {
+  auto t = FenceTable::Create();
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  ASSERT_TRUE(a_->AttachFence(t->get(), 4242, 1));
+  std::vector<int> stopped;
+  auto enforce = [&] {
+    (*t)->Enforce(clock_.Now().time_since_epoch().count(), [](int) -> uint64_t { return 1; },
+                  [&](int pid) { stopped.push_back(pid); });
+  };
+  a_link_.set_up(false);
+  clock_.Advance(milliseconds(3500));
+  enforce();
+  EXPECT_TRUE(stopped.empty());  // the deadline is 4 s out
+  a_->RenewOnce();              // fails: unreachable; the deadline stays
+  clock_.Advance(milliseconds(500));
+  enforce();  // remusd "frozen": only the watchdog acts
+  EXPECT_EQ(stopped, std::vector<int>{4242});
+  a_->CheckDeadline();  // remusd wakes
+  EXPECT_EQ(a_->state(), LeaseState::kFenced);
+  EXPECT_TRUE(fencer_.paused);
+  a_link_.set_up(true);
+  a_->RenewOnce();  // still within etcd's TTL: resumes, re-armed with the new deadline
+  EXPECT_EQ(a_->state(), LeaseState::kHeld);
+  EXPECT_FALSE(fencer_.paused);
+  clock_.Advance(milliseconds(1000));
+  enforce();
+  EXPECT_EQ(stopped.size(), 1u);  // not stopped again for the old deadline
+}
+
+TEST_F(LeaseTest, RetiringFreesTheWatchdogSlot) {
+  auto t = FenceTable::Create();
+  ASSERT_TRUE(t.ok());
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  ASSERT_TRUE(a_->AttachFence(t->get(), 4242, 1));
+  ASSERT_TRUE(a_->Retire("done").ok());
+  std::vector<int> stopped;
+  clock_.Advance(seconds(60));
+  EXPECT_EQ((*t)->Enforce(clock_.Now().time_since_epoch().count(), [](int) -> uint64_t { return 1; },
+                          [&](int pid) { stopped.push_back(pid); }),
+            0);
+  EXPECT_TRUE(stopped.empty());
 }
 
 }  // namespace

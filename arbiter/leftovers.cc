@@ -52,7 +52,7 @@ namespace {
 bool Alive(const OwnershipRecord& r) { return r.pid_start != 0 && ProcessStartTime(r.pid) == r.pid_start; }
 
 LeftoverOutcome Resolve(const OwnershipRecord& r, const ArbiterOptions& o, etcd::Kv* kv) {
-  LeftoverOutcome out{r.domain, "undecided", ""};
+  LeftoverOutcome out{r.domain, r.pid, "undecided", ""};
   const std::string owner_key = OwnerKey(o, r.domain), session_key = SessionKey(o, r.domain);
   const bool alive = Alive(r);
   // Ours if the session is still ours and the key is free: retire it.
@@ -73,7 +73,13 @@ LeftoverOutcome Resolve(const OwnershipRecord& r, const ArbiterOptions& o, etcd:
     out.action = alive ? "killed" : "gone";
     out.detail = why;
   };
+  // Ours to run on: the fence watchdog of the dead remusd may have stopped
+  // it at its deadline.
+  auto run_on = [&] {
+    if (alive) ::kill(r.pid, SIGCONT);
+  };
   if (res->succeeded) {
+    run_on();
     out.action = alive ? "retired" : "gone";
     out.detail = "session " + r.session + " retired in etcd: no backup can promote it" +
                  (alive ? std::string("; the guest runs on unprotected") : std::string());
@@ -100,6 +106,7 @@ LeftoverOutcome Resolve(const OwnershipRecord& r, const ArbiterOptions& o, etcd:
         return out;
       }
       if (owner->lease) (void)kv->Revoke(owner->lease);
+      run_on();
       out.action = alive ? "retired" : "gone";
       out.detail = "session " + r.session + " retired in etcd (its lease was still ours)";
       return out;
@@ -108,6 +115,7 @@ LeftoverOutcome Resolve(const OwnershipRecord& r, const ArbiterOptions& o, etcd:
     return out;
   }
   if (sv == "retired:" + r.session) {
+    run_on();
     out.action = alive ? "retired" : "gone";
     out.detail = "session " + r.session + " was retired already";
     return out;
@@ -142,7 +150,7 @@ std::vector<LeftoverOutcome> ResolveLeftovers(const std::string& run_dir, const 
       r.pid_start = j.value("pid_start", uint64_t{0});
     }
     if (r.domain.empty() || r.session.empty()) {
-      outs.push_back({f, "undecided", path + " is unreadable; remove it once the guest's owner is known"});
+      outs.push_back({f, -1, "undecided", path + " is unreadable; remove it once the guest's owner is known"});
       *undecided = true;
       continue;
     }

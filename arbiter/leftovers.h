@@ -41,6 +41,7 @@ void RemoveOwnershipRecord(const std::string& run_dir, const std::string& domain
 
 struct LeftoverOutcome {
   std::string domain;
+  int pid = -1;  // the QEMU the record named
   // "killed" (another host owns it), "retired" (ours: the guest runs on
   // unprotected), "gone" (its QEMU had exited already), "undecided"
   // (etcd unreachable: the record stays).

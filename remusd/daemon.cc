@@ -1,5 +1,7 @@
 #include "remusd/daemon.h"
 
+#include <signal.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,6 +12,7 @@
 #include <thread>
 
 #include "arbiter/etcd_http.h"
+#include "arbiter/fence_table.h"
 #include "arbiter/leftovers.h"
 
 #include "common/log.h"
@@ -115,7 +118,9 @@ Status Daemon::Start() {
   // Output-buffering rules left by a remusd that died must not keep holding
   // (or dropping) a guest's packets; but a guest another host owns now must
   // be gone before its held output could leave.
-  if (ResolveLeftovers()) {
+  const bool decided = ResolveLeftovers();
+  if (arbiter_) RETURN_IF_ERROR(StartFenceWatchdog());
+  if (decided) {
     if (Status c = CleanupStaleNetbuf(); !c.ok()) LOG_WARN("remusd") << "netbuf cleanup: " << c.message();
   }
   ASSIGN_OR_RETURN(control_fd_, ListenUnix(opts_.control_socket, 0600));
@@ -141,9 +146,11 @@ bool Daemon::ResolveLeftovers() {
   const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2 * opts_.lease_ttl_ms);
   for (;;) {
     bool undecided = false;
-    for (const auto& o : remus::ResolveLeftovers(opts_.state_dir + "/run", arbiter_->options(), etcd_.get(), &undecided))
+    for (const auto& o : remus::ResolveLeftovers(opts_.state_dir + "/run", arbiter_->options(), etcd_.get(), &undecided)) {
       LOG_WARN("remusd") << "left by the previous remusd: domain " << o.domain << ": " << o.action << " (" << o.detail
                          << ")";
+      if (o.action == "retired") resumed_leftovers_.push_back(o.pid);
+    }
     if (!undecided) return true;
     if (std::chrono::steady_clock::now() >= until) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(250));
@@ -152,6 +159,49 @@ bool Daemon::ResolveLeftovers() {
                          "rules stay (the guest's output stays held) until a start that can; see "
                          "docs/operator-guide.md, \"Failure matrix\"";
   return false;
+}
+
+Status Daemon::StartFenceWatchdog() {
+  const std::string pidfile = opts_.state_dir + "/run/remus-fence.pid";
+  // The previous remusd's watchdog holds deadlines of a table no one renews
+  // any more: it would stop guests that run on legitimately.
+  if (auto old = ReadFileToString(pidfile); old.ok()) {
+    int pid = std::atoi(old->c_str());
+    auto cmd = pid > 0 ? ReadFileToString("/proc/" + std::to_string(pid) + "/cmdline") : StatusOr<std::string>(NotFound(""));
+    if (cmd.ok() && cmd->find("remus-fence") != std::string::npos) {
+      ::kill(pid, SIGKILL);
+      LOG_INFO("remusd") << "stopped the fence watchdog of the previous remusd (pid " << pid << ")";
+    }
+  }
+  for (int pid : resumed_leftovers_) ::kill(pid, SIGCONT);
+  std::string helper = opts_.fence_helper;
+  if (helper.empty()) {
+    char self[4096];
+    ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    std::string dir = n > 0 ? std::string(self, static_cast<size_t>(n)) : std::string();
+    helper = dir.substr(0, dir.rfind('/') + 1) + "remus-fence";
+  }
+  if (::access(helper.c_str(), X_OK) != 0)
+    return FailedPrecondition("the fence watchdog " + helper + " is missing; install remus-fence next to remusd");
+  ASSIGN_OR_RETURN(fence_table_, FenceTable::Create());
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, fence_table_->fd(), 3);  // dup2 clears close-on-exec
+  const std::string parent = std::to_string(::getpid());
+  std::vector<std::string> args = {helper, "--table-fd", "3", "--parent", parent};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = ::posix_spawn(&pid, helper.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) return ErrnoStatus("starting the fence watchdog " + helper, rc);
+  fence_pid_ = pid;
+  if (Status w = WriteFileAtomic(pidfile, std::to_string(pid) + "\n"); !w.ok())
+    LOG_WARN("remusd") << "cannot record the fence watchdog's pid: " << w.message();
+  arbiter_->set_fence_table(fence_table_.get());
+  LOG_INFO("remusd") << "fence watchdog: " << helper << " (pid " << pid << ")";
+  return OkStatus();
 }
 
 void Daemon::Wait() {

@@ -61,6 +61,8 @@ struct DaemonOptions {
   std::string etcd_cacert, etcd_cert, etcd_key;
   std::string etcd_prefix = "/remus";
   std::string host_id;  // empty: the hostname
+  // The fence watchdog binary; empty: remus-fence next to remusd's own binary.
+  std::string fence_helper;
   int lease_ttl_ms = 5000;
   int lease_margin_ms = 1000;
 };
@@ -79,6 +81,9 @@ class Daemon {
   // left of the domains it owned (arbiter/leftovers.h). True when output
   // rules may be removed: nothing was left undecided.
   bool ResolveLeftovers();
+  // Starts remus-fence (arbiter/fence_table.h) on a new fence table, after
+  // stopping the one a previous remusd left.
+  Status StartFenceWatchdog();
   // Blocks until Shutdown().
   void Wait();
   void Shutdown();
@@ -111,6 +116,11 @@ class Daemon {
   // primaries and the backup share. Before backup_: destroyed after it.
   std::unique_ptr<etcd::Kv> etcd_;
   std::unique_ptr<EtcdArbiter> arbiter_;
+  std::unique_ptr<FenceTable> fence_table_;
+  int fence_pid_ = -1;
+  // Leftover guests of a dead remusd that run on here (their sessions
+  // retired): resumed again once its fence watchdog is gone.
+  std::vector<int> resumed_leftovers_;
   std::unique_ptr<BackupServer> backup_;
   Fd control_fd_;
   std::thread control_thread_;

@@ -34,7 +34,9 @@ namespace {
 // replicator/backup/backup.cc BackupDomain::StateName), for the enum-style
 // remus_state gauge: one series per state, 1 for the current one.
 const std::vector<std::string> kPrimaryStates = {"starting", "syncing", "protected", "unprotected", "failed-over",
-                                                 "stopped"};
+                                                 "stopped", "fenced"};
+// arbiter/lease.h LeaseStateName.
+const std::vector<std::string> kLeaseStates = {"acquiring", "held", "fenced", "lost", "released"};
 const std::vector<std::string> kBackupStates = {"waiting",     "syncing",  "protected",   "primary-lost",
                                                 "unprotected", "promoting", "failed-over", "failed"};
 
@@ -110,6 +112,27 @@ void AddDomain(Families& f, const json& d) {
   f.Counter("remus_checkpoints_total", "Checkpoints taken (primary) or committed (backup) after the initial copy", l,
             Num(d, "checkpoints_total"));
   const json& hist = Field(d, "histograms");
+  // Arbitration (etcd): the lease this daemon holds on the domain, as
+  // primary or as the backup that won it.
+  const json& arb = Field(d, "arbiter");
+  if (arb.value("name", "") == "etcd" && arb.contains("state")) {
+    std::string ls = arb.value("state", "");
+    for (const auto& s : kLeaseStates)
+      f.Gauge("remus_arbiter_lease_state", "State of this host's ownership lease on the domain (1 for the current)",
+              with("state", s), s == ls ? 1 : 0);
+    f.Counter("remus_arbiter_lease_renewals_total", "Lease keep-alives etcd answered", l, Num(arb, "renewals"));
+    f.Counter("remus_arbiter_lease_renewal_failures_total", "Lease keep-alives that failed or found the lease gone", l,
+              Num(arb, "renewal_failures"));
+    f.Counter("remus_arbiter_fence_events_total", "Times the guest was paused because the lease deadline passed", l,
+              Num(arb, "fence_events"));
+    f.Gauge("remus_arbiter_fencing_token", "The etcd revision that won the domain (the fencing token)", l,
+            Num(arb, "token"));
+    if (arb.contains("deadline_in_ms"))
+      f.Gauge("remus_arbiter_lease_deadline_seconds", "Time left until the guest is fenced without a renewal", l,
+              Num(arb, "deadline_in_ms") / 1000.0);
+    f.Histogram("remus_arbiter_lease_renewal_seconds", "Latency of lease keep-alives to etcd", l,
+                Field(Field(arb, "histograms"), "renewal_seconds"));
+  }
   if (primary) {
     f.Gauge("remus_last_acked_epoch", "Last checkpoint epoch the backup acknowledged (-1: none yet)", l,
             Num(d, "last_acked_epoch"));
@@ -143,6 +166,8 @@ void AddDomain(Families& f, const json& d) {
             d.value("connected", false) ? 1 : 0);
     f.Histogram("remus_apply_seconds", "Time to commit a checkpoint to the page store", l,
                 Field(hist, "apply_seconds"));
+    f.Gauge("remus_promotion_token", "Fencing token of this backup's promotion (0: none, or no arbiter)", l,
+            Num(Field(d, "promotion"), "token"));
   }
 }
 

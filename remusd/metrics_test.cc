@@ -75,6 +75,29 @@ TEST(RenderMetrics, CountersGaugesAndStateEnum) {
   EXPECT_EQ(t.find("remus_failovers_total{"), std::string::npos);
 }
 
+TEST(RenderMetrics, ArbiterLeaseRenewalsFencesAndToken) {
+  json d = PrimaryStatus("web1");
+  Histogram renew(Histogram::LatencySeconds());
+  renew.Observe(0.002);
+  renew.Observe(0.004);
+  d["arbiter"] = {{"name", "etcd"},   {"state", "fenced"},   {"renewals", 17},
+                  {"renewal_failures", 2}, {"fence_events", 1}, {"token", 1234},
+                  {"deadline_in_ms", -250}, {"histograms", {{"renewal_seconds", HistogramToJson(renew.Snapshot())}}}};
+  std::string t = RenderMetrics(json::array({d}));
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_renewals_total{domain="web1",role="primary"})")), 17);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_renewal_failures_total{domain="web1",role="primary"})")), 2);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_fence_events_total{domain="web1",role="primary"})")), 1);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_fencing_token{domain="web1",role="primary"})")), 1234);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_deadline_seconds{domain="web1",role="primary"})")), -0.25);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_state{domain="web1",role="primary",state="fenced"})")), 1);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_state{domain="web1",role="primary",state="held"})")), 0);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_arbiter_lease_renewal_seconds_count{domain="web1",role="primary"})")), 2);
+  // --arbiter none: no lease families at all.
+  d["arbiter"] = {{"name", "none"}, {"warning", "..."}};
+  t = RenderMetrics(json::array({d}));
+  EXPECT_EQ(t.find("remus_arbiter_"), std::string::npos) << t;
+}
+
 TEST(RenderMetrics, HistogramBucketsAreCumulativeWithInf) {
   std::string t = RenderMetrics(json::array({PrimaryStatus("web1")}));
   EXPECT_NE(t.find("# TYPE remus_pause_seconds histogram\n"), std::string::npos) << t;

@@ -211,16 +211,23 @@ def test_both_cut_from_etcd_primary_fences_then_resumes(world, arbiter_net, requ
 # ------------------------------------------- A's remusd frozen > TTL
 
 def test_frozen_primary_remusd_backup_promotes_and_woken_remusd_destroys_its_copy(world, arbiter_net, request):
-    """Row "A's remusd frozen longer than T": its QEMU runs on with output
-    held; B wins and promotes; on waking, A's remusd finds its lease lost and
-    destroys its copy, releasing nothing."""
+    """Row "A's remusd frozen longer than T": the fence watchdog (remus-fence,
+    a process of its own) stops A's QEMU at the deadline although remusd is
+    frozen, before B can win; B promotes; on waking, A's remusd finds its
+    lease lost and destroys its copy, releasing nothing."""
     s = ArbiterSetup(world, arbiter_net)
     qemu_pid = s.guest.pid
     released0 = s.a.status()["netbuf"]["released_packets"]
-    net = arbiter_net
     pause(s.a.pid)
+    t_frozen = time.monotonic()
     try:
+        world.wait_for(lambda: process_state(qemu_pid) == "T", (TTL_MS - MARGIN_MS) / 1000 + 2,
+                       "A's QEMU stopped by the fence watchdog", interval=0.01)
+        stopped_s = time.monotonic() - t_frozen
+        assert restored_pids(world, s.b) is None, "B's copy started before A's was stopped"
         bst = world.wait_status(s.b, lambda x: x["state"] == "failed-over", 30, "B promoted")
+        assert process_state(qemu_pid) == "T", "A's QEMU ran again while B's runs"
+        record(request, frozen_to_stopped_s=round(stopped_s, 2))
         world.extra_pids.append(("restored qemu", bst["qemu"]["pid"]))
         time.sleep(0.5)
     finally:

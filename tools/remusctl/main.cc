@@ -79,6 +79,7 @@ void PrintTable(const json& domains) {
                     static_cast<unsigned long long>(nb.value("buffered_packets", uint64_t{0})),
                     static_cast<unsigned long long>(nb.value("dropped_packets", uint64_t{0})));
     }
+    if (std::string a = remus::ArbiterLine(d); !a.empty()) std::printf("%s\n", a.c_str());
     if (!primary && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
     else if (!primary && d.contains("libvirt") && d["state"] == "failed-over")

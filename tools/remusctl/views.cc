@@ -250,4 +250,37 @@ std::string StatsText(const json& d, bool histograms) {
   return out;
 }
 
+std::string ArbiterLine(const json& d) {
+  if (!d.is_object() || !d.contains("arbiter") || !d["arbiter"].is_object()) return "";
+  const json& a = d["arbiter"];
+  const std::string name = a.value("name", std::string("?"));
+  if (name != "etcd") return "  arbiter " + name + (a.contains("warning") ? ": WARNING " + a.value("warning", std::string()) : "");
+  std::string st = a.value("state", std::string());
+  std::string token = Fmt("%.0f", Num(a, "token"));
+  std::string out = "  arbiter etcd: ";
+  if (st == "held") {
+    out += "lease held by " + a.value("owner", std::string("?")) + ", token " + token + "; fenced in " +
+           Fmt("%.1f", Num(a, "deadline_in_ms") / 1000.0) + " s without a renewal (TTL " +
+           Fmt("%.1f", Num(a, "ttl_ms") / 1000.0) + " s)";
+  } else if (st == "fenced") {
+    out += "FENCED: the guest is paused, its output held (" + a.value("fenced_reason", std::string()) +
+           "); it resumes if the lease is renewed";
+  } else if (st == "lost") {
+    out += "FENCED for good: host '" + a.value("winner", std::string("?")) + "' won (token " + token +
+           "); this copy was destroyed";
+  } else if (st == "released") {
+    out += "lease released (session retired: no backup can promote it)";
+  } else if (!st.empty()) {
+    out += st;
+  } else {
+    out += "standby (host " + a.value("host", std::string("?")) + ")";
+  }
+  if (a.contains("retiring")) out += "; retiring the session (" + a.value("retiring", std::string()) + ")";
+  if (a.contains("error")) out += "; etcd: " + a.value("error", std::string());
+  const json& pr = d.contains("promotion") && d["promotion"].is_object() ? d["promotion"] : json::object();
+  if (pr.contains("arbitration")) out += "\n  promotion: " + pr.value("arbitration", std::string());
+  else if (a.contains("refused") && st.empty()) out += "\n  last promotion refused: " + a.value("refused", std::string());
+  return out;
+}
+
 }  // namespace remus

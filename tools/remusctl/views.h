@@ -42,6 +42,11 @@ std::string FormatHistogram(const std::string& title, const std::string& unit, c
 // `remusctl stats` of one domain status: totals, and with histograms the
 // distributions, as text or as JSON.
 std::string StatsText(const nlohmann::json& status, bool histograms);
+
+// `remusctl status`'s arbiter line for one domain ("" when the status has no
+// arbiter object): the arbiter, the owner, the token, the lease time left,
+// and a fence or a refused promotion in words.
+std::string ArbiterLine(const nlohmann::json& status);
 nlohmann::json StatsJson(const nlohmann::json& status, bool histograms);
 
 }  // namespace remus

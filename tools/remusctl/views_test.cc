@@ -124,3 +124,28 @@ TEST(Stats, TextAndJson) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+TEST(ArbiterLine, SaysOwnerTokenTimeLeftAndFences) {
+  json held = {{"arbiter",
+                {{"name", "etcd"}, {"state", "held"}, {"owner", "hostA"}, {"token", 812}, {"deadline_in_ms", 1700},
+                 {"ttl_ms", 5000}}}};
+  EXPECT_EQ(ArbiterLine(held),
+            "  arbiter etcd: lease held by hostA, token 812; fenced in 1.7 s without a renewal (TTL 5.0 s)");
+  json lost = {{"arbiter", {{"name", "etcd"}, {"state", "lost"}, {"winner", "hostB"}, {"token", 900}}}};
+  EXPECT_NE(ArbiterLine(lost).find("FENCED for good: host 'hostB' won (token 900)"), std::string::npos);
+  json fenced = {{"arbiter", {{"name", "etcd"}, {"state", "fenced"}, {"fenced_reason", "no lease renewal for 4000 ms"}}}};
+  EXPECT_NE(ArbiterLine(fenced).find("FENCED: the guest is paused"), std::string::npos);
+  json waiting = {{"arbiter", {{"name", "etcd"}, {"host", "hostB"}}},
+                  {"promotion", {{"arbitration", "waiting for arbitration: host 'hostA' still holds ..."}}}};
+  EXPECT_NE(ArbiterLine(waiting).find("standby (host hostB)\n  promotion: waiting for arbitration"), std::string::npos)
+      << ArbiterLine(waiting);
+  json none = {{"arbiter", {{"name", "none"}, {"warning", "no arbiter: two copies possible"}}}};
+  EXPECT_EQ(ArbiterLine(none), "  arbiter none: WARNING no arbiter: two copies possible");
+  EXPECT_EQ(ArbiterLine(json::object()), "");
+}
+
+}  // namespace
+}  // namespace remus
