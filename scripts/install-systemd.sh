@@ -53,7 +53,7 @@ fi
 
 SRC_REMUSD=$BUILD/remusd/remusd
 SRC_REMUSCTL=$BUILD/tools/remusctl/remusctl
-for f in "$SRC_REMUSD" "$SRC_REMUSCTL"; do
+for f in "$SRC_REMUSD" "$SRC_REMUSCTL" "$BUILD/remusd/remus-fence"; do
   if [ ! -x "$f" ]; then
     log "$f is missing: build first (scripts/build.sh, or --build-dir DIR)"; exit 1
   fi
@@ -79,6 +79,8 @@ put() {
 }
 
 put "$SRC_REMUSD" /usr/local/sbin/remusd 0755
+# The fence watchdog remusd starts with --arbiter etcd: it looks next to itself.
+put "$BUILD/remusd/remus-fence" /usr/local/sbin/remus-fence 0755
 put "$SRC_REMUSCTL" /usr/local/bin/remusctl 0755
 put "$ROOT/scripts/remus-netbuf-setup" /usr/local/bin/remus-netbuf-setup 0755
 changed=0
@@ -109,17 +111,24 @@ else
 # After a change: `systemctl restart remusd`, which ends protection of the
 # guests this host protects (they keep running; protect them again).
 #
+# Arbitration through etcd is the default and needs the cluster's client
+# URLs, the same on both hosts (docs/operator-guide.md, section 10); remusd
+# does not start without them unless --arbiter none is given.
+#
 # A host that only protects its own guests (primary):
-#REMUSD_ARGS=""
+#REMUSD_ARGS="--etcd-endpoints http://10.0.0.21:2379,http://10.0.0.22:2379,http://10.0.0.23:2379"
 #
 # A host that is also a backup for other hosts (needed on the host you want
 # to fail back to, too). Port 7788 unless given:
-#REMUSD_ARGS="--listen 0.0.0.0:7788"
+#REMUSD_ARGS="--listen 0.0.0.0:7788 --etcd-endpoints http://10.0.0.21:2379,..."
 #
 # A backup that never promotes by itself (an operator runs
-# `remusctl failover DOMAIN`): see "Fail-stop and split brain" in
-# docs/operator-guide.md.
-#REMUSD_ARGS="--listen 0.0.0.0:7788 --no-auto-promote"
+# `remusctl failover DOMAIN`): see section 10 of docs/operator-guide.md.
+#REMUSD_ARGS="--listen 0.0.0.0:7788 --no-auto-promote --etcd-endpoints ..."
+#
+# No arbiter (fail-stop: a partition or a frozen remusd can leave two
+# running copies of a guest):
+#REMUSD_ARGS="--arbiter none"
 #
 # Other flags: --qemu PATH (QEMU binary for restored guests, default the
 # primary's), --heartbeat-interval-ms N (100), --heartbeat-timeout-ms N
