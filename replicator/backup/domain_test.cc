@@ -498,3 +498,133 @@ TEST_F(DomainTest, OversizedCheckpointIsRefusedWithResourceExhausted) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// An arbiter whose answers the test scripts: the first `refusals` calls are
+// refused with `refusal`, then it grants `token`.
+class ScriptedArbiter final : public Arbiter {
+ public:
+  std::string_view name() const override { return "etcd"; }
+  StatusOr<PromotionGrant> MayPromote(const std::string&, const std::string& session) override {
+    calls++;
+    last_session = session;
+    if (calls <= refusals) return refusal;
+    return PromotionGrant{token};
+  }
+  void Promoted(const std::string&, int pid, std::function<Status()>) override { promoted_pid = pid; }
+  std::atomic<int> calls{0};
+  int refusals = 0;
+  Status refusal = FailedPrecondition("host 'A' still holds domain vm1's lease");
+  int64_t token = 77;
+  std::string last_session;
+  std::atomic<int> promoted_pid{0};
+};
+
+class ArbitratedDomainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    opts_.state_dir = remus::testing::MakeTempDir("remus-arbitrated-domain-test");
+    opts_.auto_promote = true;
+    opts_.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    opts_.qemu_start_timeout_ms = 300;
+    opts_.arbitration_retry = std::chrono::milliseconds(20);
+    domain_ = std::make_unique<BackupDomain>("vm1", opts_, RealClock::Get(), &arbiter_, &launcher_);
+  }
+  void TearDown() override {
+    domain_->Stop();
+    if (primary_) primary_->Shutdown();
+    if (session_.joinable()) session_.join();
+  }
+  wire::Link& Connect() {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    session_ = std::thread([this, l = std::make_unique<wire::Link>(Fd(sv[1]))]() mutable { domain_->Serve(std::move(l)); });
+    primary_ = std::make_unique<wire::Link>(Fd(sv[0]));
+    return *primary_;
+  }
+  static json Config(const std::string& arbiter = "etcd") {
+    json c = testing::TestConfig("qemu-system-x86_64", 400);
+    c["session"] = "s-123";
+    c["arbiter"] = arbiter;
+    return c;
+  }
+  // Protected with one acked checkpoint, then the primary goes silent.
+  void LosePrimary() {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+    testing::ExpectAck(l, 1);
+    l.Shutdown();
+  }
+  bool Eventually(const std::function<bool()>& f, int ms = 3000) {
+    for (int i = 0; i < ms / 10; i++, std::this_thread::sleep_for(std::chrono::milliseconds(10)))
+      if (f()) return true;
+    return f();
+  }
+
+  BackupOptions opts_;
+  testing::FakeLauncher launcher_;
+  ScriptedArbiter arbiter_;
+  std::unique_ptr<BackupDomain> domain_;
+  std::thread session_;
+  std::unique_ptr<wire::Link> primary_;
+};
+
+TEST_F(ArbitratedDomainTest, WaitsWhileThePrimaryHoldsItsLeaseThenPromotesWithTheToken) {
+  arbiter_.refusals = 5;
+  LosePrimary();
+  ASSERT_TRUE(Eventually([&] {
+    return domain_->StatusJson()["promotion"].value("arbitration", "").find("still holds") != std::string::npos;
+  })) << domain_->StatusJson().dump();
+  EXPECT_EQ(launcher_.spawns(), 0);
+  ASSERT_TRUE(Eventually([&] { return domain_->state() == DomainState::kFailedOver; }));
+  EXPECT_EQ(arbiter_.calls, 6);
+  EXPECT_EQ(arbiter_.last_session, "s-123");
+  json st = domain_->StatusJson();
+  EXPECT_EQ(st["promotion"]["token"], 77);
+  EXPECT_FALSE(st["promotion"].contains("arbitration"));
+  auto marker = ReadFileToString(opts_.state_dir + "/domains/vm1/promoted.json");
+  ASSERT_TRUE(marker.ok());
+  EXPECT_EQ(json::parse(*marker)["token"], 77);
+  EXPECT_EQ(arbiter_.promoted_pid, st["qemu"]["pid"].get<int>());
+}
+
+TEST_F(ArbitratedDomainTest, RetiredSessionIsNeverPromoted) {
+  arbiter_.refusals = 1000;
+  arbiter_.refusal = Aborted("session s-123 can no longer be promoted (etcd: 'retired:s-123')");
+  LosePrimary();
+  ASSERT_TRUE(Eventually([&] { return domain_->StatusJson().value("error", "").find("retired") != std::string::npos; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(arbiter_.calls, 1);  // refused for good: not asked again
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_NE(domain_->state(), DomainState::kFailedOver);
+}
+
+TEST_F(ArbitratedDomainTest, OperatorFailoverIsRefusedWithTheArbitersReason) {
+  arbiter_.refusals = 1000;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  Status s = domain_->Promote("operator requested failover");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("still holds"), std::string::npos) << s.message();
+  // Nothing changed here: the session still runs.
+  EXPECT_EQ(launcher_.spawns(), 0);
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+}
+
+TEST_F(ArbitratedDomainTest, PrimaryWithAnotherArbiterIsRefused) {
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, Config("none").dump()).ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, wire::MsgType::kError);
+  Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kFailedPrecondition);
+  EXPECT_NE(e.message().find("--arbiter none"), std::string::npos) << e.message();
+}
+
+}  // namespace
+}  // namespace remus

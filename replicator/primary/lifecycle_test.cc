@@ -8,14 +8,19 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "arbiter/etcd_arbiter.h"
 #include "replicator/link/messages.h"
+#include "tests/fakes/fake_clock.h"
+#include "tests/fakes/fake_etcd.h"
 #include "tests/fakes/fake_monitor.h"
 #include "tests/fakes/loopback_link.h"
 
@@ -303,6 +308,7 @@ struct World {
   std::unique_ptr<PrimaryLifecycle> lc;
   bool qemu_running = true;
   bool libvirt_mode = false;               // set before Start
+  DomainLease* lease = nullptr;            // set before Start: arbitration
   std::atomic<bool> monitor_connected{true};
   std::mutex mu;
 
@@ -334,6 +340,7 @@ struct World {
       return qemu_running;
     };
     if (libvirt_mode) d.monitor_connected = [this] { return monitor_connected.load(); };
+    d.lease = lease;
     monitor.SetEventHandler([l = lc.get()](const json& ev) { l->OnQemuEvent(ev); });
     ASSERT_TRUE(lc->Attach(std::move(d)).ok());
   }
@@ -632,6 +639,93 @@ TEST(PrimaryLifecycle, DestructorStopsProtectionOnPurpose) {
   w->lc.reset();
   EXPECT_TRUE(Eventually([&] { return b->Saw(MsgType::kGoodbye); }));
   EXPECT_EQ(b->goodbye_reason(), "daemon shutting down");
+}
+
+// ---- Arbitration -------------------------------------------------------------
+
+class NullFencer final : public Fencer {
+ public:
+  Status Pause() override { return OkStatus(); }
+  Status Resume() override { return OkStatus(); }
+  Status Destroy() override {
+    destroyed = true;
+    return OkStatus();
+  }
+  std::atomic<bool> destroyed{false};
+};
+
+ArbiterOptions LeaseOpts(const std::string& host) {
+  ArbiterOptions o;
+  o.prefix = "/t";
+  o.host = host;
+  o.instance = host + "-1";
+  return o;  // TTL 5 s, margin 1 s
+}
+
+size_t Count(const std::vector<std::pair<std::string, uint64_t>>& log, const std::string& what) {
+  return static_cast<size_t>(std::count_if(log.begin(), log.end(), [&](const auto& x) { return x.first == what; }));
+}
+
+// Output leaves only while the lease is valid; an end with the guest running
+// retires the session in etcd before anything held is released.
+TEST(PrimaryLifecycle, LeaseGatesOutputAndTheEndRetiresBeforeReleasing) {
+  FakeClock clock;
+  FakeEtcd etcd(clock);
+  FakeEtcdLink link(&etcd);
+  NullFencer fencer;
+  DomainLease lease(LeaseOpts("A"), "vm1", &link, clock, &fencer);
+  ASSERT_TRUE(lease.Acquire("s1").ok());
+  World w;
+  w.lease = &lease;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  ASSERT_TRUE(Eventually([&] { return Count(w.netbuf->log(), "release") >= 3; }));
+  // etcd is gone and the deadline passes: ACKs go on, output does not.
+  link.set_up(false);
+  clock.Advance(std::chrono::milliseconds(4100));
+  size_t released = Count(w.netbuf->log(), "release");
+  int64_t commits = w.backup->commits();
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= commits + 5; }));
+  EXPECT_EQ(Count(w.netbuf->log(), "release"), released);
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_GT(st["releases_deferred"].get<int>(), 0);
+  // Unprotect waits for the retirement; nothing held leaves meanwhile.
+  auto done = std::async(std::launch::async, [&] { return w.lc->Unprotect(); });
+  EXPECT_EQ(done.wait_for(std::chrono::milliseconds(600)), std::future_status::timeout);
+  EXPECT_EQ(Count(w.netbuf->log(), "finish-release"), 0u);
+  link.set_up(true);  // within the TTL: the lease is still ours in etcd
+  ASSERT_EQ(done.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_EQ(w.netbuf->log().back().first, "finish-release");
+  EXPECT_EQ(etcd.Peek("/t/domains/vm1/session")->value, "retired:s1");
+  EXPECT_EQ(lease.state(), LeaseState::kReleased);
+}
+
+// Another host won: the lifecycle ends "fenced", drops what it held and
+// sends no FAILOVER.
+TEST(PrimaryLifecycle, ALostLeaseEndsFencedAndReleasesNothing) {
+  FakeClock clock;
+  FakeEtcd etcd(clock);
+  FakeEtcdLink a_link(&etcd);
+  NullFencer fencer;
+  DomainLease lease(LeaseOpts("A"), "vm1", &a_link, clock, &fencer);
+  ASSERT_TRUE(lease.Acquire("s1").ok());
+  World w;
+  w.lease = &lease;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)));
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  a_link.set_up(false);
+  clock.Advance(std::chrono::seconds(6));
+  lease.CheckDeadline();
+  EtcdArbiter b(LeaseOpts("B"), &etcd, clock);
+  ASSERT_TRUE(b.MayPromote("vm1", "s1").ok());
+  a_link.set_up(true);
+  lease.RenewOnce();
+  EXPECT_TRUE(fencer.destroyed);
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kFenced; }));
+  EXPECT_EQ(w.netbuf->log().back().first, "finish-drop");
+  EXPECT_FALSE(w.backup->Saw(MsgType::kFailover));
+  EXPECT_NE(w.lc->error().find("host 'B' owns the domain"), std::string::npos) << w.lc->error();
 }
 
 }  // namespace
