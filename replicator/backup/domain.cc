@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "common/hex.h"
+#include "replicator/libvirt/restore.h"
 #include "common/log.h"
 #include "diskmirror/disk_replica.h"
 #include "replicator/backup/promoter.h"
@@ -458,7 +459,10 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   if (!w.ok()) LOG_ERROR(tag_) << "cannot record the promotion: " << w.ToString();
   else ::unlink((dir_ + "/promoting.json").c_str());
   // From now on this node owns the domain: its copy is what it fences.
-  arbiter_->Promoted(name_, qemu_pid_, nullptr);
+  std::function<Status()> destroy;
+  if (!libvirt_uri_.empty())
+    destroy = [uri = libvirt_uri_, dom = libvirt_domain_] { return DestroyLibvirtDomain(uri, dom); };
+  arbiter_->Promoted(name_, qemu_pid_, std::move(destroy));
   LOG_INFO(tag_) << "promoted in " << failover_ms_ << " ms (detection excluded); the guest runs here now"
                  << (promotion_token_ ? " (fencing token " + std::to_string(promotion_token_) + ")" : "");
   return OkStatus();

@@ -4,6 +4,7 @@
 // in-process) and a URI whose socket does not exist. The real daemon is
 // exercised by tests/e2e/test_libvirt_basics.py.
 #include "replicator/libvirt/monitor.h"
+#include "replicator/libvirt/restore.h"
 
 #include <fcntl.h>
 #include <libvirt/libvirt.h>
@@ -565,6 +566,32 @@ TEST(LibvirtRestore, UnreachableLibvirt) {
   EXPECT_EQ(r.status().code(), Code::kUnavailable);
   EXPECT_THAT(r.status().message(), HasSubstr("restore domain web1"));
   EXPECT_EQ(RestoreDomain(o, "<domain/>", [](int) { return OkStatus(); }).status().code(), Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// A fenced copy under libvirt ends with virDomainDestroy (test driver: a
+// transient domain destroyed is gone).
+TEST(DestroyLibvirtDomain, DestroysARunningDomainAndToleratesAMissingOne) {
+  virConnectPtr c = virConnectOpen("test:///default");
+  ASSERT_NE(c, nullptr);
+  const char* xml =
+      "<domain type='test'><name>fence1</name><memory>65536</memory>"
+      "<os><type>hvm</type></os></domain>";
+  virDomainPtr d = virDomainCreateXML(c, xml, 0);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(virDomainIsActive(d), 1);
+  virDomainFree(d);
+  EXPECT_TRUE(DestroyLibvirtDomain("test:///default", "fence1").ok());
+  virDomainPtr again = virDomainLookupByName(c, "fence1");
+  EXPECT_TRUE(again == nullptr || virDomainIsActive(again) == 0);
+  if (again) virDomainFree(again);
+  EXPECT_TRUE(DestroyLibvirtDomain("test:///default", "no-such-domain").ok());
+  virConnectClose(c);
 }
 
 }  // namespace

@@ -261,6 +261,20 @@ StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std
   return Text(doc.get(), xml);
 }
 
+Status DestroyLibvirtDomain(const std::string& uri, const std::string& name) {
+  virConnectPtr conn = virConnectOpen(uri.c_str());
+  if (!conn) return Unavailable("cannot connect to libvirt at " + uri + " to destroy domain " + name + ": " + LastErrorMessage());
+  virDomainPtr dom = virDomainLookupByName(conn, name.c_str());
+  Status s;
+  if (dom) {
+    if (virDomainIsActive(dom) == 1 && virDomainDestroy(dom) != 0)
+      s = Internal("virDomainDestroy of " + name + " at " + uri + ": " + LastErrorMessage());
+    virDomainFree(dom);
+  }
+  virConnectClose(conn);
+  return s;
+}
+
 StatusOr<LibvirtRestoreResult> RestoreDomain(const LibvirtRestoreOptions& opts, const std::string& xml,
                                              const StreamWriter& write_stream) {
   LibvirtRestoreResult r;

@@ -134,6 +134,11 @@ struct LibvirtRestoreResult {
 // that name is already running there (restoring would make a second copy) or
 // libvirt/QEMU refuse the image or stream (libvirt's message, with the
 // writer's error if it failed first).
+// virDomainDestroy of domain `name` at `uri`: how a fenced copy under
+// libvirt is ended (arbiter/lease.h), so libvirt records why it stopped.
+// OK when the domain is not running (or does not exist).
+Status DestroyLibvirtDomain(const std::string& uri, const std::string& name);
+
 StatusOr<LibvirtRestoreResult> RestoreDomain(const LibvirtRestoreOptions& opts, const std::string& xml,
                                              const StreamWriter& write_stream);
 

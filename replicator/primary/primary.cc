@@ -204,7 +204,11 @@ Status PrimaryReplicator::Connect() {
   // backup may hold a checkpoint of it.
   const std::string session = RandomId();
   if (opts_.arbiter) {
-    ASSIGN_OR_RETURN(owned_, opts_.arbiter->Own(d, session, qemu_pid_, nullptr));
+    // Under libvirt a fenced copy is ended through libvirt, which then
+    // records why the domain stopped.
+    std::function<Status()> destroy;
+    if (libvirt_) destroy = [uri = opts_.libvirt_uri, d] { return DestroyLibvirtDomain(uri, d); };
+    ASSIGN_OR_RETURN(owned_, opts_.arbiter->Own(d, session, qemu_pid_, std::move(destroy)));
     // A remusd that dies while owning leaves this; the next one resolves it
     // before it removes any netbuf rule (arbiter/leftovers.h).
     Status w = WriteOwnershipRecord(opts_.run_dir, {d, session, qemu_pid_, ProcessStartTime(qemu_pid_)});
