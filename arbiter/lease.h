@@ -63,8 +63,6 @@ struct ArbiterOptions {
   Nanos margin = std::chrono::seconds(1);
   // Keep-alive period; zero: ttl / 3.
   Nanos renew_every{0};
-  // A backup whose primary is lost retries its promotion transaction this often.
-  Nanos promote_retry = std::chrono::milliseconds(200);
   Nanos renew_period() const { return renew_every.count() > 0 ? renew_every : ttl / 3; }
 };
 

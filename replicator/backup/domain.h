@@ -76,8 +76,9 @@ struct BackupOptions {
   std::string libvirt_pid_dir = "/run/libvirt/qemu";
   bool auto_promote = true;         // promote when the primary is lost
   // A refused arbitration (the primary still holds its lease) is asked again
-  // this often while the primary stays lost.
-  Nanos arbitration_retry = std::chrono::milliseconds(200);
+  // this often while the primary stays lost: one failing etcd transaction
+  // per retry, and at most this much added to a failover after a host death.
+  Nanos arbitration_retry = std::chrono::milliseconds(100);
   int handshake_timeout_ms = 5000;
   // Connections served at once (authenticated or not), and of those, how many
   // may be in the handshake. More are closed at once, with a log line.
