@@ -268,16 +268,20 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
   // never arrives makes it promote), never once it has gone silent.
   const auto last_words_deadline = std::chrono::steady_clock::now() + SendBackstop();
   const std::function<bool()> backup_silent = [this] { return hb_.PeerLost(); };
-  if (qemu_dead && lease_ && lease_->state() == LeaseState::kLost) {
-    // We destroyed our copy: another host owns the domain. Nothing held
-    // leaves; the backup (the winner, or it knows better) needs no word.
-    LOG_ERROR(Tag()) << why.message();
+  // Fenced for good: another host owns the domain and our copy was
+  // destroyed. Nothing held leaves; the backup (the winner, or it knows
+  // better) needs no word.
+  auto end_fenced = [&] {
     EnterFinal(PrimaryState::kFenced);
     if (nb) (void)nb->Finish(false);
     if (disks_) disks_->Stop(false);
     link_->Shutdown();
     source_->Abort();
-    return finish();
+    finish();
+  };
+  if (qemu_dead && lease_ && lease_->state() == LeaseState::kLost) {
+    LOG_ERROR(Tag()) << why.message();
+    return end_fenced();
   }
   if (qemu_dead) {
     // The guest is gone: give up the lease now, so the backup wins at once
@@ -310,14 +314,7 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
   // The guest runs on unprotected: release everything it sent, once no
   // backup can promote this session any more.
   const bool retired = RetireSession(why);
-  if (!retired && lease_ && lease_->state() == LeaseState::kLost) {
-    if (nb) (void)nb->Finish(false);
-    if (disks_) disks_->Stop(false);
-    EnterFinal(PrimaryState::kFenced);
-    link_->Shutdown();
-    source_->Abort();
-    return finish();
-  }
+  if (!retired && lease_ && lease_->state() == LeaseState::kLost) return end_fenced();
   if (nb) (void)nb->Finish(retired);
   // The guest keeps its own disk; the mirror target goes away. QMP
   // commands: this is why teardown never runs on the monitor's thread.
