@@ -87,7 +87,7 @@ StatusOr<PromotionGrant> EtcdArbiter::MayPromote(const std::string& domain, cons
                           (v.rfind("retired:", 0) == 0 ? ": the primary ended it and runs on unprotected" : "") + ")"));
   }
   auto o = std::make_shared<OwnedDomain>(opts_, domain, kv_, clock_);
-  o->lease().Adopt(session, *lease, sent, r->revision);
+  o->lease().Adopt(session, *lease, sent, r->revision, "promoted:" + session);
   o->lease().Start();
   LOG_WARN("arbiter[" + domain + "]") << "won domain " << domain << " (session " << session << "): fencing token "
                                       << r->revision;

@@ -146,9 +146,11 @@ Status DomainLease::Acquire(const std::string& session) {
   return OkStatus();
 }
 
-void DomainLease::Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token) {
+void DomainLease::Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token,
+                        const std::string& session_value) {
   MutexLock l(mu_);
   session_ = session;
+  session_value_ = session_value.empty() ? session : session_value;
   lease_ = lease;
   last_renewal_ = sent;
   deadline_ = sent + opts_.ttl - opts_.margin;
@@ -288,10 +290,11 @@ void DomainLease::RenewOnce() {
 }
 
 void DomainLease::Resolve() {
-  std::string session;
+  std::string session, session_value;
   {
     MutexLock l(mu_);
     session = session_;
+    session_value = session_value_;
   }
   StatusOr<std::optional<etcd::KeyValue>> cur = kv_->Get(owner_key_);
   if (!cur.ok()) return;  // etcd unreachable again: the next round
@@ -306,7 +309,7 @@ void DomainLease::Resolve() {
   StatusOr<int64_t> lease = kv_->Grant(TtlSeconds(opts_.ttl));
   if (!lease.ok()) return;
   etcd::TxnRequest t;
-  t.compare = {etcd::Compare::Absent(owner_key_), etcd::Compare::ValueIs(session_key_, session)};
+  t.compare = {etcd::Compare::Absent(owner_key_), etcd::Compare::ValueIs(session_key_, session_value)};
   t.success = {etcd::Op::Put(owner_key_, OwnerRecord{opts_.host, opts_.instance, session}.Encode(), *lease)};
   t.failure = {etcd::Op::Get(owner_key_), etcd::Op::Get(session_key_)};
   StatusOr<etcd::TxnResult> r = kv_->Txn(t);
@@ -325,7 +328,8 @@ void DomainLease::Resolve() {
       Lose(rec.host, owner->mod_revision, "host '" + rec.host + "' owns the domain now");
     } else {
       Lose("", sess ? sess->mod_revision : 0,
-           "session " + session + " is no longer promotable (" + (sess ? sess->value : std::string("no session key")) + ")");
+           "session " + session + " is no longer this copy's (etcd: " + (sess ? "'" + sess->value + "'" : std::string("no session key")) +
+               ", this copy runs while it is '" + session_value + "')");
     }
     return;
   }

@@ -124,8 +124,11 @@ class DomainLease {
   // another host holds it; Unavailable when etcd cannot be reached.
   Status Acquire(const std::string& session);
   // acquiring -> held with a lease and token won elsewhere (a backup's
-  // promotion transaction: EtcdArbiter).
-  void Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token);
+  // promotion transaction: EtcdArbiter). session_value: what the session
+  // key says while this copy may run ("promoted:S" for a promoted backup;
+  // empty: the session itself).
+  void Adopt(const std::string& session, int64_t lease, TimePoint sent, int64_t token,
+             const std::string& session_value = "");
   // Starts the renewer and the watchdog. Once, after Acquire or Adopt.
   void Start();
   // Hands the deadline to the fence watchdog process too (remus-fence:
@@ -198,6 +201,10 @@ class DomainLease {
   mutable Mutex mu_;
   CondVar cv_;
   std::string session_ GUARDED_BY(mu_);
+  // The session key's value while this copy may run: the session id on a
+  // primary, "promoted:" + id on a promoted backup. Taking an expired key
+  // back compares against it.
+  std::string session_value_ GUARDED_BY(mu_);
   int64_t lease_ GUARDED_BY(mu_) = 0;
   TimePoint deadline_ GUARDED_BY(mu_);
   TimePoint last_renewal_ GUARDED_BY(mu_);

@@ -417,3 +417,34 @@ TEST_F(LeaseTest, RetiringFreesTheWatchdogSlot) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// Found by the fault campaign (seed 1, run 7): a promoted backup cut from
+// etcd past its TTL fenced its copy, and on return compared the session key
+// against the primary's value ("S") instead of its own ("promoted:S"), so it
+// destroyed the only copy. It must take its key back.
+TEST(PromotedBackupLease, TakesItsExpiredKeyBackAfterAnEtcdOutage) {
+  FakeClock clock;
+  FakeEtcd etcd(clock);
+  FakeEtcdLink a_link(&etcd), b_link(&etcd);
+  RecordingFencer fa;
+  DomainLease a(Opts("A"), "vm1", &a_link, clock, &fa);
+  ASSERT_TRUE(a.Acquire("s1").ok());
+  a.Abandon();
+  EtcdArbiter b(Opts("B"), &b_link, clock);
+  ASSERT_TRUE(b.MayPromote("vm1", "s1").ok());
+  auto won = b.won().at("vm1");
+  b_link.set_up(false);
+  clock.Advance(seconds(6));
+  won->lease().CheckDeadline();
+  EXPECT_EQ(won->lease().state(), LeaseState::kFenced);
+  b_link.set_up(true);
+  won->lease().RenewOnce();  // expired: nobody owns it, the session says promoted:s1
+  EXPECT_EQ(won->lease().state(), LeaseState::kHeld) << won->lease().StatusJson().dump();
+  EXPECT_EQ(OwnerRecord::Decode(etcd.Peek("/t/domains/vm1/owner")->value).host, "B");
+}
+
+}  // namespace
+}  // namespace remus
