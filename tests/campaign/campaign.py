@@ -72,14 +72,36 @@ def sh(argv, check=True):
     return r
 
 
+PF_EXITING = 0x4
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
 def proc_state(pid):
-    """The kernel's one-letter process state, None if the process is gone (or a zombie)."""
+    """The kernel's one-letter process state, None if the process is gone (or
+    a zombie), "K" if it is dying: a SIGKILL pending (SigPnd/ShdPnd) or its
+    main thread exiting (PF_EXITING).  A dying process runs no user code any
+    more; a stopped (T) process that is SIGKILLed shows "R" for a moment while
+    it exits, which is not the guest running."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            s = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+        s, flags = fields[0], int(fields[6])
+    except (OSError, IndexError, ValueError):
         return None
-    return None if s in "ZX" else s
+    if s in "ZX":
+        return None
+    if s in "Tt":
+        return s
+    if flags & PF_EXITING:
+        return "K"
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & SIGKILL_BIT:
+                    return "K"
+    except (OSError, ValueError):
+        return None
+    return s
 
 
 # ------------------------------------------------------------------ world
@@ -558,7 +580,7 @@ class Run:
             b = self.status(self.b, 2.0) if not self.b_killed else "dead"
             sig = (a if not isinstance(a, dict) else (a.get("state"), a.get("arbiter", {}).get("state")),
                    b if not isinstance(b, dict) else b.get("state"),
-                   tuple(sorted((p, "gone" if s is None else "stopped" if s in "Tt" else "up")
+                   tuple(sorted((p, "gone" if s in (None, "K") else "stopped" if s in "Tt" else "up")
                                 for p, s in (self.sampler.samples[-1][1].items() if self.sampler.samples else []))))
             now = time.monotonic()
             if sig != last:
@@ -617,7 +639,7 @@ class Run:
         self.check_client(t_b_run, committed)
         # The outcome: which copy runs at the end.
         last_t, last_st = self.sampler.samples[-1]
-        running = [p for p, s in last_st.items() if s and s not in "Tt" and vt.running(p, last_t)]
+        running = [p for p, s in last_st.items() if s and s not in "TtK" and vt.running(p, last_t)]
         if len(running) > 1:
             self.outcome = "both"
         elif not running:
@@ -635,12 +657,14 @@ class Run:
         overlaps, cur = [], None
         prev_t = None
         for t, st in self.sampler.samples:
-            running = sorted(p for p, s in st.items() if s and s not in "Tt" and vt.running(p, t))
+            running = sorted(p for p, s in st.items() if s and s not in "TtK" and vt.running(p, t))
             if len(running) > 1:
                 if cur is None:
                     cur = {"start": t, "end": t, "samples": 0, "pids": running,
-                           "labels": [self.sampler.pids[p] for p in running]}
+                           "labels": [self.sampler.pids[p] for p in running], "first_states": dict(st),
+                           "prev": prev_t and round(t - prev_t, 4)}
                 cur["end"] = t
+                cur["last_states"] = dict(st)
                 cur["samples"] += 1
             elif cur is not None:
                 cur["next_sample"] = t
@@ -658,7 +682,9 @@ class Run:
         for o in overlaps:
             dur = o["end"] - o["start"]
             desc = (f"two running copies ({', '.join(o['labels'])}, pids {o['pids']}) from t={o['start'] - self.t0:.3f}"
-                    f" to t={o['end'] - self.t0:.3f} s ({dur * 1000:.0f} ms, {o['samples']} samples)")
+                    f" to t={o['end'] - self.t0:.3f} s ({dur * 1000:.0f} ms, {o['samples']} samples; "
+                    f"process states first {o['first_states']}, last {o['last_states']}; previous sample "
+                    f"{o['prev']} s before)")
             # Tolerance: one sample (the two states were read microseconds
             # apart, but a transition can fall between reads).
             if o["samples"] >= 2:
@@ -772,6 +798,9 @@ class Run:
         except Exception as e:  # noqa: BLE001 - a harness error is recorded, not a violation
             error = f"{type(e).__name__}: {e}"[:4000]
             log(f"  run {self.index}: harness error: {traceback.format_exc()[-3000:]}")
+        except BaseException:
+            self.cleanup(keep=True)
+            raise
         rec = self.record(error)
         self.cleanup(keep=self.opts.keep or (bool(self.violations or error) and not self.opts.no_keep))
         return rec
@@ -910,7 +939,13 @@ def summary(results, markdown=False):
     return "\n".join(out)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main():
+    # SIGTERM (kill, nohup's end) tears the world down like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--seed", default="1")
