@@ -57,6 +57,10 @@ SAMPLE_S = 0.005
 
 KINDS = ("qemu_kill_A", "remusd_kill_A", "remusd_kill_B", "part_A_B", "part_A_etcd", "part_B_etcd",
          "isolate_A", "pause_remusd_A", "diskfull_B")
+# A run puts the link proxy in front of B (and may then corrupt a frame) with
+# this probability, drawn from its own stream so that runs without it replay
+# exactly as before it existed.
+PROXY_P = 0.2
 FIRST_PHASES = ("sync", "steady", "steady", "checkpoint")
 LATER_PHASES = ("failover", "fenced", "steady")
 
@@ -295,6 +299,12 @@ class Run:
     def __init__(self, cw, seed, index, opts):
         self.cw, self.net, self.seed, self.index, self.opts = cw, cw.net, seed, index, opts
         self.rng = random.Random(f"{seed}-{index}")
+        self.link_rng = random.Random(f"{seed}-{index}-link")
+        self.use_proxy = self.link_rng.random() < PROXY_P
+        if getattr(opts, "proxy", None) is not None:
+            self.use_proxy = opts.proxy
+        self.proxy = None
+        self.corrupt_used = False
         self.ttl, self.margin = opts.ttl_ms, opts.margin_ms
         self.faults = []
         self.violations = []
@@ -350,6 +360,18 @@ class Run:
             return None
         ds = r["result"]["domains"]
         return ds[0] if ds else None
+
+    def start_proxy(self):
+        """tests/campaign/linkproxy.py in B's namespace, in front of B's listen port."""
+        out = self.world.dir / "linkproxy.log"
+        f = open(out, "wb")
+        self.proxy = self.net.popen("B", [sys.executable, str(HERE / "linkproxy.py"), self.net.ip("B"), self.b.listen],
+                                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        f.close()
+        self.world.procs.append(("linkproxy", self.proxy))
+        self.proxy_log = out
+        m = self.world.wait_for(lambda: re.search(r"listening (\S+)", read_text(out)), 15, "the link proxy")
+        return m.group(1)
 
     def counter(self):
         out = self.guest.qmp.hmp(f"xp /1xg {GPA:#x}")
@@ -469,6 +491,9 @@ class Run:
             # SIGCONT on time whatever the main thread is waiting for.
             self.pause_timer = threading.Timer(d, self._unpause, args=(self.a.pid, f))
             self.pause_timer.start()
+        elif kind == "corrupt_link":
+            os.kill(self.proxy.pid, signal.SIGUSR1)
+            self.corrupt_used = True
         elif kind == "diskfull_B":
             self.fill_file = self.b_state / "fill.bin"
             st = os.statvfs(self.b_state)
@@ -530,16 +555,20 @@ class Run:
         w.wait_booted(self.guest)
         self.events = QmpEventLog(w, self.guest.event_qmp_sock)
         self.start_client()
+        backup_addr = None
+        if self.use_proxy:
+            backup_addr = self.start_proxy()
         n_faults = rng.choice((1, 1, 2, 2, 3))
         first_phase = rng.choice(FIRST_PHASES)
         self.c0 = None
         self.notes["boot_s"] = self.t_rel()
         extra = ["--netbuf", "nfqueue"]
         if first_phase == "sync":
-            w.protect(self.a, self.b, self.guest, interval_ms=INTERVAL_MS, no_wait=True, extra=extra)
+            w.protect(self.a, self.b, self.guest, interval_ms=INTERVAL_MS, no_wait=True, extra=extra,
+                      backup_addr=backup_addr)
             time.sleep(rng.uniform(0, 0.6))
         else:
-            w.protect(self.a, self.b, self.guest, interval_ms=INTERVAL_MS, extra=extra)
+            w.protect(self.a, self.b, self.guest, interval_ms=INTERVAL_MS, extra=extra, backup_addr=backup_addr)
             w.wait_status(self.a, lambda s: s["state"] == "protected" and s["last_acked_epoch"] >= 5, 60,
                           "protected with 5 acked epochs")
             # An acked reference (conftest.Protected.acked_reference): every
@@ -554,10 +583,22 @@ class Run:
                        "5 client answers")
             self.notes["protected_s"] = self.t_rel()
             self.wait_phase(first_phase)
+        # With the proxy, a corrupted frame comes on top of the drawn faults,
+        # before fault number `corrupt_at` (n_faults: after the last), from
+        # its own random stream.
+        corrupt_at = self.link_rng.randrange(n_faults + 1) if self.use_proxy else -1
+        corrupt_delay = self.link_rng.uniform(0, 1.0)
+        if corrupt_at == 0:
+            self.inject("corrupt_link", first_phase)
+            time.sleep(corrupt_delay)
         self.inject(self.pick_kind(), first_phase)
-        for _ in range(n_faults - 1):
+        for k in range(1, n_faults + 1):
+            if k == corrupt_at:
+                time.sleep(corrupt_delay)
+                self.inject("corrupt_link", "steady")
+            if k == n_faults:
+                break
             phase = rng.choice(LATER_PHASES)
-            t_end = time.monotonic()
             self.wait_phase(phase)
             self.maybe_unpause()
             self.inject(self.pick_kind(), phase)
@@ -616,6 +657,11 @@ class Run:
                 vt.add(self.guest.pid, t, name == "RESUME")
         vt.finish()
         self.check_one_copy(vt)
+        if self.proxy is not None:
+            for f in self.faults:
+                if f["kind"] == "corrupt_link":
+                    m = re.search(r"corrupted (.*)", read_text(self.proxy_log))
+                    f["corrupted"] = json.loads(m.group(1)) if m else None
         b_pids = [p for p, l in self.sampler.pids.items() if p != self.guest.pid]
         t_b_run = min([t for t in (vt.first_running(p) for p in b_pids) if t is not None], default=None)
         self.t_b_run = t_b_run
@@ -822,7 +868,7 @@ def requirements_missing():
     return etcd_missing()
 
 
-def run_campaign(seed, indices, results=None, opts=None, on_record=None):
+def run_campaign(seed, indices, results=None, opts=None, on_record=None, overrides=None):
     """Runs the given run indices of a seed in one world; returns the records.
     Appends each record to `results` (a path) as soon as it is done."""
     opts = opts or default_opts()
@@ -835,7 +881,10 @@ def run_campaign(seed, indices, results=None, opts=None, on_record=None):
         for i in indices:
             cw.ensure_etcd()
             log(f"run {i} (seed {seed})")
-            rec = Run(cw, seed, i, opts).go()
+            o = opts
+            if overrides and i in overrides:
+                o = argparse.Namespace(**{**vars(opts), **overrides[i]})
+            rec = Run(cw, seed, i, o).go()
             records.append(rec)
             log(f"run {i}: outcome {rec['outcome']}, {len(rec['violations'])} violations, "
                 f"{rec['duration_s']} s, notes {json.dumps(rec['notes'])}{', ERROR ' + rec['error'][:200] if rec.get('error') else ''}"
@@ -854,6 +903,7 @@ def run_campaign(seed, indices, results=None, opts=None, on_record=None):
 
 def default_opts(**kw):
     ns = argparse.Namespace(ttl_ms=TTL_MS, margin_ms=MARGIN_MS, work_dir="/tmp/remus-campaign", no_keep=False, keep=False,
+                            proxy=None,
                             commit=git_commit())
     for k, v in kw.items():
         setattr(ns, k, v)
@@ -960,6 +1010,7 @@ def main():
     ap.add_argument("--work-dir", default="/tmp/remus-campaign")
     ap.add_argument("--no-keep", action="store_true", help="delete the run directory even after a violation")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
+    ap.add_argument("--proxy", choices=("on", "off"), help="force the link proxy (and its corrupted frame) on or off")
     a = ap.parse_args()
     if a.summary:
         print(summary(a.results, a.markdown))
@@ -968,7 +1019,8 @@ def main():
     if why:
         print(f"campaign.py: {why}", file=sys.stderr)
         return 2
-    opts = default_opts(ttl_ms=a.ttl_ms, margin_ms=a.margin_ms, work_dir=a.work_dir, no_keep=a.no_keep, keep=a.keep)
+    opts = default_opts(ttl_ms=a.ttl_ms, margin_ms=a.margin_ms, work_dir=a.work_dir, no_keep=a.no_keep, keep=a.keep,
+                        proxy=None if a.proxy is None else a.proxy == "on")
     idx = [a.only_run] if a.only_run is not None else range(a.first_run, a.first_run + a.runs)
     recs = run_campaign(a.seed, idx, None if a.no_results else a.results, opts)
     nv = sum(1 for r in recs if r["violations"])

@@ -28,10 +28,16 @@ def _campaign():
 
 
 def _runs():
+    """{seed: ([run, ...], {run: option overrides})}: the fixed-seed runs and
+    every regression (an entry may pin options, e.g. "proxy": false for a run
+    found before the link proxy existed)."""
     n = int(os.environ.get("REMUS_CAMPAIGN_CI_RUNS", "4"))
-    runs = {CI_SEED: list(range(n))}
+    runs = {CI_SEED: (list(range(n)), {})}
     for r in json.loads((CAMPAIGN / "regressions.json").read_text()):
-        runs.setdefault(str(r["seed"]), []).append(int(r["run"]))
+        idx, over = runs.setdefault(str(r["seed"]), ([], {}))
+        idx.append(int(r["run"]))
+        if "proxy" in r:
+            over[int(r["run"])] = {"proxy": bool(r["proxy"])}
     return runs
 
 
@@ -45,8 +51,8 @@ def test_fault_campaign_fixed_seed_and_regressions(tmp_path, request):
     opts = campaign.default_opts(work_dir=str(tmp_path / "work"), no_keep=False)
     results = tmp_path / "runs.jsonl"
     records = []
-    for seed, idx in _runs().items():
-        records += campaign.run_campaign(seed, sorted(set(idx)), str(results), opts)
+    for seed, (idx, over) in _runs().items():
+        records += campaign.run_campaign(seed, sorted(set(idx)), str(results), opts, overrides=over)
     bad = [r for r in records if r["violations"] or r.get("error")]
     for r in records:
         request.node.user_properties.append((f"run {r['seed']}/{r['run']}",
