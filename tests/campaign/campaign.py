@@ -805,7 +805,7 @@ class Run:
     def record(self, error=None):
         rec = {"seed": self.seed, "run": self.index,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": self.opts.commit, "ttl_ms": self.ttl, "margin_ms": self.margin,
+               "commit": self.opts.commit, "remusd": self.build, "ttl_ms": self.ttl, "margin_ms": self.margin,
                "faults": self.faults, "outcome": getattr(self, "outcome", None),
                "violations": self.violations, "warnings": self.warnings,
                "failover_ms": self.notes.get("failover_ms"),
@@ -837,6 +837,7 @@ class Run:
 
     def go(self):
         self.t_start = time.time()
+        self.build = remusd_build()
         error = None
         try:
             self.execute()
@@ -857,6 +858,17 @@ class Run:
 def git_commit():
     r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() or None
+
+
+def remusd_build():
+    """Which remusd binary a run used: its mtime and size (the build dir can be
+    refreshed under a long campaign)."""
+    try:
+        st = os.stat(conftest.REMUSD)
+    except OSError:
+        return None
+    mtime = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"{mtime} {st.st_size}"
 
 
 def requirements_missing():
