@@ -342,13 +342,17 @@ class Run:
         return g
 
     def start_a(self):
-        return self.world.start_remusd("A", netns=self.net.ns("A"), etcd=self.eps, lease_ttl_ms=self.ttl,
+        return self.world.start_remusd("A", netns=self.net.ns("A"), etcd=self.etcd_eps(), lease_ttl_ms=self.ttl,
                                        lease_margin_ms=self.margin, host_id="A", hb_timeout_ms=HB_TIMEOUT_MS)
 
     def start_b(self):
         return self.world.start_remusd("B", listen=True, netns=self.net.ns("B"), listen_host=self.net.ip("B"),
-                                       etcd=self.eps, lease_ttl_ms=self.ttl, lease_margin_ms=self.margin,
+                                       etcd=self.etcd_eps(), lease_ttl_ms=self.ttl, lease_margin_ms=self.margin,
                                        host_id="B", hb_timeout_ms=HB_TIMEOUT_MS)
+
+    def etcd_eps(self):
+        # --arbiter none (an oracle self-check only): no etcd at all.
+        return None if getattr(self.opts, "arbiter", "etcd") == "none" else self.eps
 
     def status(self, d, timeout=2.0):
         """A daemon's status of the domain; None when it has none; "dead" when it does not answer."""
@@ -562,7 +566,7 @@ class Run:
         first_phase = rng.choice(FIRST_PHASES)
         self.c0 = None
         self.notes["boot_s"] = self.t_rel()
-        extra = ["--netbuf", "nfqueue"]
+        extra = ["--netbuf", getattr(self.opts, "netbuf", "nfqueue")]
         if first_phase == "sync":
             w.protect(self.a, self.b, self.guest, interval_ms=INTERVAL_MS, no_wait=True, extra=extra,
                       backup_addr=backup_addr)
@@ -1023,6 +1027,10 @@ def main():
     ap.add_argument("--no-keep", action="store_true", help="delete the run directory even after a violation")
     ap.add_argument("--keep", action="store_true", help="keep every run's directory")
     ap.add_argument("--proxy", choices=("on", "off"), help="force the link proxy (and its corrupted frame) on or off")
+    ap.add_argument("--netbuf", default="nfqueue", choices=("nfqueue", "none"),
+                    help="oracle self-check: 'none' releases output unbuffered (the client oracle must object)")
+    ap.add_argument("--arbiter", default="etcd", choices=("etcd", "none"),
+                    help="oracle self-check: 'none' is fail-stop (a partition must give two running copies)")
     a = ap.parse_args()
     if a.summary:
         print(summary(a.results, a.markdown))
@@ -1032,7 +1040,7 @@ def main():
         print(f"campaign.py: {why}", file=sys.stderr)
         return 2
     opts = default_opts(ttl_ms=a.ttl_ms, margin_ms=a.margin_ms, work_dir=a.work_dir, no_keep=a.no_keep, keep=a.keep,
-                        proxy=None if a.proxy is None else a.proxy == "on")
+                        proxy=None if a.proxy is None else a.proxy == "on", netbuf=a.netbuf, arbiter=a.arbiter)
     idx = [a.only_run] if a.only_run is not None else range(a.first_run, a.first_run + a.runs)
     recs = run_campaign(a.seed, idx, None if a.no_results else a.results, opts)
     nv = sum(1 for r in recs if r["violations"])

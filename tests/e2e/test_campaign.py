@@ -62,3 +62,23 @@ def test_fault_campaign_fixed_seed_and_regressions(tmp_path, request):
     assert not bad, "campaign runs with violations or harness errors:\n" + "\n".join(
         json.dumps({k: r.get(k) for k in ("seed", "run", "faults", "outcome", "violations", "error")})
         for r in bad)
+
+
+def test_campaign_oracles_object_to_broken_configurations(tmp_path):
+    """The oracles are not vacuous: the same run (seed 1, run 6: A isolated
+    both ways at steady state, B promotes) with output not buffered
+    (--netbuf none) must fail the client oracle, and with fail-stop
+    arbitration (--arbiter none) the one-copy oracle."""
+    campaign = _campaign()
+    why = campaign.requirements_missing()
+    if why:
+        pytest.fail(why, pytrace=False)
+    recs = {}
+    for name, over in (("netbuf none", {"netbuf": "none"}), ("arbiter none", {"arbiter": "none"})):
+        opts = campaign.default_opts(work_dir=str(tmp_path / "work"), no_keep=True, proxy=False, **over)
+        (r,) = campaign.run_campaign("1", [6], None, opts)
+        assert not r.get("error"), r
+        assert [f["kind"] for f in r["faults"]] == ["isolate_A"], f"seed 1 run 6 changed: {r['faults']}"
+        recs[name] = {v["oracle"] for v in r["violations"]}
+    assert "client" in recs["netbuf none"], recs
+    assert "one-copy" in recs["arbiter none"], recs
