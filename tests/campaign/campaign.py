@@ -954,11 +954,21 @@ def summary(results, markdown=False):
     fr = [r["fault_to_running_s"] for r in done if r.get("fault_to_running_s") is not None]
     dur = [r["duration_s"] for r in done]
     seeds = sorted({str(r["seed"]) for r in recs})
+    builds = {}
+    for r in done:
+        b = builds.setdefault(r.get("remusd") or "not recorded", [0, 0])
+        b[0] += 1
+        b[1] += bool(r["violations"])
     out = []
     if markdown:
         out.append(f"| runs | harness errors | violations (runs) | seeds | median run s |")
         out.append("|---|---|---|---|---|")
         out.append(f"| {len(done)} | {len(errors)} | {len(viol)} | {', '.join(seeds)} | {pct(dur, 0.5)} |")
+        out.append("")
+        out.append("| remusd build (mtime, size) | runs | runs with violations |")
+        out.append("|---|---|---|")
+        for b, (n, v) in sorted(builds.items()):
+            out.append(f"| {b} | {n} | {v} |")
         out.append("")
         out.append("| fault \\ phase | " + " | ".join(phases) + " | total |")
         out.append("|---|" + "---|" * (len(phases) + 1))
@@ -987,6 +997,8 @@ def summary(results, markdown=False):
     else:
         out.append(f"runs: {len(done)} (harness errors: {len(errors)}), seeds: {', '.join(seeds)}")
         out.append(f"runs with violations: {len(viol)}")
+        for b, (n, v) in sorted(builds.items()):
+            out.append(f"  remusd build {b}: {n} runs, {v} with violations")
         for r in viol:
             fs = ", ".join(f"{f['kind']}@{f['phase']}" for f in r["faults"])
             out.append(f"  seed {r['seed']} run {r['run']} [{fs}]: {r['violations'][0]['what'][:200]}")
