@@ -26,6 +26,11 @@ std::string RandomId() {
   return HexEncode(std::string_view(reinterpret_cast<const char*>(b), sizeof b));
 }
 
+EtcdArbiter::~EtcdArbiter() {
+  MutexLock l(mu_);
+  for (auto& [domain, o] : won_) o->lease().DetachFence();
+}
+
 StatusOr<std::unique_ptr<OwnedDomain>> EtcdArbiter::Own(const std::string& domain, const std::string& session, int pid,
                                                         std::function<Status()> destroy) {
   auto o = std::make_unique<OwnedDomain>(opts_, domain, kv_, clock_);

@@ -36,6 +36,9 @@ class EtcdArbiter final : public Arbiter {
  public:
   // kv and clock (CLOCK_BOOTTIME in production) outlive this object.
   EtcdArbiter(ArbiterOptions opts, etcd::Kv* kv, const Clock& clock) : opts_(std::move(opts)), kv_(kv), clock_(clock) {}
+  // A promoted copy runs on after remusd stops: its watchdog slots are
+  // freed (DomainLease::DetachFence says why); its lease lapses in etcd.
+  ~EtcdArbiter() override;
 
   const ArbiterOptions& options() const { return opts_; }
   // The fence watchdog's table (remusd's remus-fence); null: fencing by

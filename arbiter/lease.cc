@@ -176,6 +176,11 @@ bool DomainLease::AttachFence(FenceTable* table, int pid, uint64_t pid_start) {
   return true;
 }
 
+void DomainLease::DetachFence() {
+  MutexLock l(mu_);
+  FreeFence();
+}
+
 void DomainLease::PublishDeadline() {
   if (fence_table_) fence_table_->SetDeadline(fence_slot_, deadline_.time_since_epoch().count());
 }

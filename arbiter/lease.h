@@ -138,6 +138,11 @@ class DomainLease {
   // Deadlines are read as CLOCK_BOOTTIME nanoseconds (the clock must be
   // BootClock). False when the table is full.
   bool AttachFence(FenceTable* table, int pid, uint64_t pid_start) EXCLUDES(mu_);
+  // Frees the watchdog slot without touching etcd: the copy is no longer
+  // fenced once this process is gone (a promoted backup's remusd stopping
+  // on purpose: no other host can take a promoted session, and a guest
+  // stopped by a watchdog nobody resumes would be down for good).
+  void DetachFence() EXCLUDES(mu_);
 
   // Whether this host may let its copy's effects out now (release held
   // output): held, and before the local deadline.

@@ -10,6 +10,7 @@
 
 #include "arbiter/etcd_arbiter.h"
 #include "arbiter/lease.h"
+#include "arbiter/leftovers.h"
 #include "tests/fakes/fake_clock.h"
 #include "tests/fakes/fake_etcd.h"
 
@@ -444,6 +445,41 @@ TEST(PromotedBackupLease, TakesItsExpiredKeyBackAfterAnEtcdOutage) {
   won->lease().RenewOnce();  // expired: nobody owns it, the session says promoted:s1
   EXPECT_EQ(won->lease().state(), LeaseState::kHeld) << won->lease().StatusJson().dump();
   EXPECT_EQ(OwnerRecord::Decode(etcd.Peek("/t/domains/vm1/owner")->value).host, "B");
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// A promoted copy must not be stopped by the watchdog after its remusd
+// stopped on purpose (nobody would resume it).
+TEST(PromotedBackupLease, StoppingTheArbiterFreesItsWatchdogSlots) {
+  FakeClock clock;
+  FakeEtcd etcd(clock);
+  auto table = FenceTable::Create();
+  ASSERT_TRUE(table.ok());
+  {
+    RecordingFencer fa;
+    DomainLease a(Opts("A"), "vm1", &etcd, clock, &fa);
+    ASSERT_TRUE(a.Acquire("s1").ok());
+    a.Abandon();
+    EtcdArbiter b(Opts("B"), &etcd, clock);
+    b.set_fence_table(table->get());
+    ASSERT_TRUE(b.MayPromote("vm1", "s1").ok());
+    b.Promoted("vm1", ::getpid(), nullptr);
+    // Armed while B's remusd runs (before the deadline: nothing stopped).
+    EXPECT_EQ((*table)->Enforce(clock.Now().time_since_epoch().count(), [](int) -> uint64_t { return 0; },
+                                [](int) { ADD_FAILURE() << "stopped before the deadline"; }),
+              1);
+  }
+  std::vector<int> stopped;
+  EXPECT_EQ((*table)->Enforce((clock.Now() + seconds(60)).time_since_epoch().count(),
+                              [](int) -> uint64_t { return ProcessStartTime(::getpid()); },
+                              [&](int pid) { stopped.push_back(pid); }),
+            0);
+  EXPECT_TRUE(stopped.empty());
 }
 
 }  // namespace

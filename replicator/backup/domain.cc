@@ -1,6 +1,7 @@
 #include "replicator/backup/domain.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -542,6 +543,9 @@ Status BackupDomain::Recover() {
         qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/qmp.sock";
       }
       Transition(DomainEvent::kRecoveredPromotion);
+      // The fence watchdog of the remusd that died may have stopped it at
+      // its lease's deadline; no other host can take a promoted session.
+      ::kill(p->pid, SIGCONT);
       LOG_INFO(tag_) << "the guest promoted here before the restart runs on (pid " << p->pid << ")";
     } else {
       error_ = std::string(p->finished ? "the guest promoted here before remusd restarted"
