@@ -115,8 +115,9 @@ class Daemon {
   // Arbitration (--arbiter etcd): the etcd client and the arbiter the
   // primaries and the backup share. Before backup_: destroyed after it.
   std::unique_ptr<etcd::Kv> etcd_;
-  std::unique_ptr<EtcdArbiter> arbiter_;
+  // Before arbiter_: the leases it holds free their slots when it goes.
   std::unique_ptr<FenceTable> fence_table_;
+  std::unique_ptr<EtcdArbiter> arbiter_;
   int fence_pid_ = -1;
   // Leftover guests of a dead remusd that run on here (their sessions
   // retired): resumed again once its fence watchdog is gone.
