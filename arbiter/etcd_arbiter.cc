@@ -2,7 +2,6 @@
 
 #include <unistd.h>
 
-#include <cmath>
 #include <random>
 
 #include "arbiter/leftovers.h"
@@ -62,8 +61,7 @@ StatusOr<PromotionGrant> EtcdArbiter::MayPromote(const std::string& domain, cons
   }
   const std::string owner_key = OwnerKey(opts_, domain), session_key = SessionKey(opts_, domain);
   TimePoint sent = clock_.Now();
-  const int64_t ttl_s = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::chrono::duration<double>(opts_.ttl).count())));
-  StatusOr<int64_t> lease = kv_->Grant(ttl_s);
+  StatusOr<int64_t> lease = kv_->Grant(opts_.ttl_seconds());
   if (!lease.ok()) return refuse(lease.status().Annotate("etcd"));
   etcd::TxnRequest t;
   t.compare = {etcd::Compare::Absent(owner_key), etcd::Compare::ValueIs(session_key, session)};

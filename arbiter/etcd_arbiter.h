@@ -55,7 +55,7 @@ class EtcdArbiter final : public Arbiter {
   StatusOr<PromotionGrant> MayPromote(const std::string& domain, const std::string& session) override EXCLUDES(mu_);
   void Promoted(const std::string& domain, int pid, std::function<Status()> destroy) override EXCLUDES(mu_);
   nlohmann::json StatusJson(const std::string& domain) const override EXCLUDES(mu_);
-  // Metrics of the promoted copies this backup owns (by domain).
+  // The promoted copies this backup owns, by domain.
   std::map<std::string, std::shared_ptr<OwnedDomain>> won() const EXCLUDES(mu_);
 
  private:

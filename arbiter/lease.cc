@@ -12,6 +12,10 @@ namespace remus {
 
 using nlohmann::json;
 
+int64_t ArbiterOptions::ttl_seconds() const {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::chrono::duration<double>(ttl).count())));
+}
+
 std::string OwnerKey(const ArbiterOptions& o, const std::string& domain) {
   return o.prefix + "/domains/" + domain + "/owner";
 }
@@ -81,14 +85,6 @@ std::string_view LeaseStateName(LeaseState s) {
   return "?";
 }
 
-namespace {
-
-int64_t TtlSeconds(Nanos ttl) {
-  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::chrono::duration<double>(ttl).count())));
-}
-
-}  // namespace
-
 DomainLease::DomainLease(ArbiterOptions opts, std::string domain, etcd::Kv* kv, const Clock& clock, Fencer* fencer)
     : opts_(std::move(opts)),
       domain_(std::move(domain)),
@@ -111,7 +107,7 @@ DomainLease::~DomainLease() {
 Status DomainLease::Acquire(const std::string& session) {
   const OwnerRecord me{opts_.host, opts_.instance, session};
   TimePoint sent = clock_.Now();
-  ASSIGN_OR_RETURN(int64_t lease, kv_->Grant(TtlSeconds(opts_.ttl)));
+  ASSIGN_OR_RETURN(int64_t lease, kv_->Grant(opts_.ttl_seconds()));
   etcd::TxnRequest t;
   t.compare = {etcd::Compare::Absent(owner_key_)};
   t.success = {etcd::Op::Put(owner_key_, me.Encode(), lease), etcd::Op::Put(session_key_, session)};
@@ -206,11 +202,6 @@ bool DomainLease::Valid() const {
   if (state_.load() != LeaseState::kHeld) return false;
   MutexLock l(mu_);
   return !paused_ && clock_.Now() < deadline_;
-}
-
-void DomainLease::OnLost(std::function<void(const std::string&, int64_t)> f) {
-  MutexLock l(mu_);
-  on_lost_ = std::move(f);
 }
 
 void DomainLease::CheckDeadline() {
@@ -311,7 +302,7 @@ void DomainLease::Resolve() {
   // Nobody owns it. Ours again only if our session is still the one that
   // may run: a backup that won and lost its lease since left "promoted:S".
   TimePoint sent = clock_.Now();
-  StatusOr<int64_t> lease = kv_->Grant(TtlSeconds(opts_.ttl));
+  StatusOr<int64_t> lease = kv_->Grant(opts_.ttl_seconds());
   if (!lease.ok()) return;
   etcd::TxnRequest t;
   t.compare = {etcd::Compare::Absent(owner_key_), etcd::Compare::ValueIs(session_key_, session_value)};
@@ -354,7 +345,6 @@ void DomainLease::Resolve() {
 }
 
 void DomainLease::Lose(const std::string& winner, int64_t token, const std::string& why) {
-  std::function<void(const std::string&, int64_t)> cb;
   {
     MutexLock l(mu_);
     if (state_ == LeaseState::kLost || state_ == LeaseState::kReleased) return;
@@ -369,7 +359,6 @@ void DomainLease::Lose(const std::string& winner, int64_t token, const std::stri
     token_ = token;
     fenced_why_ = why;
     retire_pending_ = false;
-    cb = on_lost_;
     cv_.NotifyAll();
   }
   // Outside the lock: under libvirt this waits for virDomainDestroy, and
@@ -378,7 +367,6 @@ void DomainLease::Lose(const std::string& winner, int64_t token, const std::stri
   if (!d.ok()) LOG_ERROR(Tag()) << "destroying our copy: " << d.ToString();
   LOG_ERROR(Tag()) << "fenced for good: " << why << "; our copy was destroyed, nothing it held was released"
                    << (winner.empty() ? "" : " (winner '" + winner + "', token " + std::to_string(token) + ")");
-  if (cb) cb(winner, token);
 }
 
 Status DomainLease::Retire(const std::string& why) {

@@ -64,6 +64,8 @@ struct ArbiterOptions {
   // Keep-alive period; zero: ttl / 3.
   Nanos renew_every{0};
   Nanos renew_period() const { return renew_every.count() > 0 ? renew_every : ttl / 3; }
+  // The TTL etcd grants leases in: whole seconds, rounded up.
+  int64_t ttl_seconds() const;
 };
 
 std::string OwnerKey(const ArbiterOptions& o, const std::string& domain);
@@ -155,8 +157,6 @@ class DomainLease {
   // held/fenced -> released: QEMU is dead; revoke the lease so a backup wins
   // at once instead of after the TTL. Best effort: the lease expires anyway.
   void Abandon();
-  // Called once, from the renewer, when the copy was destroyed (lost).
-  void OnLost(std::function<void(const std::string& winner, int64_t token)> f);
 
   // One keep-alive round (renewer thread; tests).
   void RenewOnce() EXCLUDES(mu_);
@@ -219,7 +219,6 @@ class DomainLease {
   std::string winner_ GUARDED_BY(mu_);
   std::string last_error_ GUARDED_BY(mu_);
   std::string fenced_why_ GUARDED_BY(mu_);
-  std::function<void(const std::string&, int64_t)> on_lost_ GUARDED_BY(mu_);
   bool stop_ GUARDED_BY(mu_) = false;
   FenceTable* fence_table_ GUARDED_BY(mu_) = nullptr;
   int fence_slot_ GUARDED_BY(mu_) = -1;

@@ -150,12 +150,6 @@ TEST_F(LeaseTest, TakesTheKeyBackWhenItExpiredButNoOneWon) {
 
 TEST_F(LeaseTest, DestroysItsCopyWhenTheBackupWon) {
   ASSERT_TRUE(a_->Acquire("s1").ok());
-  std::string winner;
-  int64_t token = -1;
-  a_->OnLost([&](const std::string& w, int64_t t) {
-    winner = w;
-    token = t;
-  });
   a_link_.set_up(false);
   clock_.Advance(seconds(4));
   a_->CheckDeadline();
@@ -167,8 +161,8 @@ TEST_F(LeaseTest, DestroysItsCopyWhenTheBackupWon) {
   a_->RenewOnce();
   EXPECT_EQ(a_->state(), LeaseState::kLost);
   EXPECT_TRUE(fencer_.destroyed);
-  EXPECT_EQ(winner, "B");
-  EXPECT_EQ(token, g->token);
+  EXPECT_EQ(a_->StatusJson()["owner"], "B");
+  EXPECT_EQ(a_->token(), g->token);
   EXPECT_EQ(a_->StatusJson()["winner"], "B");
   EXPECT_EQ(etcd_.Peek("/t/domains/vm1/session")->value, "promoted:s1");
 }

@@ -39,13 +39,13 @@ int main(int argc, char** argv) {
   app.add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");
   app.add_option("--metrics", o.metrics_listen,
                  "serve Prometheus metrics on http://ADDR:PORT/metrics (numeric IPv4 address, e.g. 127.0.0.1:9100); off by default");
-  std::string etcd_endpoints;
   app.add_option("--arbiter", o.arbiter,
                  "who decides that a backup may take over: etcd (the default; needs --etcd-endpoints) or none "
                  "(fail-stop: a network partition or a frozen remusd can leave two running copies)")
       ->capture_default_str()
       ->check(CLI::IsMember({"etcd", "none"}));
-  app.add_option("--etcd-endpoints", etcd_endpoints, "etcd client URLs, comma-separated (http://10.0.0.5:2379,...)");
+  app.add_option("--etcd-endpoints", o.etcd_endpoints, "etcd client URLs, comma-separated (http://10.0.0.5:2379,...)")
+      ->delimiter(',');
   app.add_option("--etcd-prefix", o.etcd_prefix, "key prefix in etcd, the same on both hosts")->capture_default_str();
   app.add_option("--etcd-cacert", o.etcd_cacert, "CA certificate etcd's server certificate is checked against");
   app.add_option("--etcd-cert", o.etcd_cert, "client certificate for etcd");
@@ -103,13 +103,6 @@ int main(int argc, char** argv) {
     remus::Status c = remus::CheckNetbufSupport(check_mode);
     std::printf("%s: %s\n", check_mode.c_str(), c.ok() ? "supported" : c.message().c_str());
     return c.ok() ? 0 : 1;
-  }
-  for (size_t b = 0; !etcd_endpoints.empty();) {
-    size_t e = etcd_endpoints.find(',', b);
-    std::string one = etcd_endpoints.substr(b, e == std::string::npos ? std::string::npos : e - b);
-    if (!one.empty()) o.etcd_endpoints.push_back(one);
-    if (e == std::string::npos) break;
-    b = e + 1;
   }
   if (remus::Status a = remus::ValidateArbiterOptions(o); !a.ok()) {
     std::fprintf(stderr, "remusd: %s\n", a.message().c_str());
