@@ -108,9 +108,14 @@ Status Journal::Create() {
   sb_ = journal::Superblock{1, 1, false, 0, opts_.disk_size};
   recovery_ = JournalRecovery{};
   recovery_.created = true;
-  uint8_t slot[journal::kSlotSize];
-  journal::EncodeSuperblock(sb_, slot);
-  RETURN_IF_ERROR(file_->Write(journal::kSlotOffset[1], {slot, sizeof slot}));
+  // Slot 0 is zeroed with it: a file too short to read a slot from may still
+  // hold a stale superblock there, which would outrank this one once the
+  // file is long enough (and name another generation, killing our records).
+  uint8_t slots[2][journal::kSlotSize] = {};
+  journal::EncodeSuperblock(sb_, slots[1]);
+  const WriteOp ops[2] = {{journal::kSlotOffset[0], {slots[0], journal::kSlotSize}},
+                          {journal::kSlotOffset[1], {slots[1], journal::kSlotSize}}};
+  RETURN_IF_ERROR(file_->Write(ops));
   RETURN_IF_ERROR(file_->Truncate(kDataStart));
   RETURN_IF_ERROR(file_->Sync());
   RETURN_IF_ERROR(io_->SyncDir(Dirname(path_)));
