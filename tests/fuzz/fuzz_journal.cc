@@ -166,8 +166,11 @@ void Run(const std::vector<uint8_t>& file, uint64_t disk_size, std::optional<uin
   again->reset();
   auto third = Open(env, disk_size, std::nullopt);
   if (!third.ok()) fuzz::Fail(kTarget, "reopening after a commit failed", third.status());
-  fuzz::Check((*third)->recovery().committed_pending == std::vector<uint64_t>{next}, kTarget,
-              "the committed epoch was not recovered");
+  // The new epoch is the last one recovered. (Epochs before it may still be
+  // listed: a COMMIT of no records, which Journal never writes but a file
+  // may hold, has nothing to apply and stays until an apply truncates.)
+  const auto& pend = (*third)->recovery().committed_pending;
+  fuzz::Check(!pend.empty() && pend.back() == next, kTarget, "the committed epoch was not recovered");
   s = (*third)->ApplyCommitted(image->get());
   if (!s.ok()) fuzz::Fail(kTarget, "applying the new epoch failed", s);
   uint8_t got = 0;
