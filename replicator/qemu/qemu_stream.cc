@@ -99,7 +99,8 @@ StatusOr<uint64_t> StreamParser::ReadRamRecords(PageSink* sink, uint64_t* zero_p
       return DataLoss("ram record at offset " + std::to_string(at) + " continues a block but none was named");
     }
     const RamBlock& b = blocks_[static_cast<size_t>(current_block_)];
-    if (offset + kPageSize > b.used_length)
+    // Not offset + kPageSize > used_length: that wraps for an offset near 2^64.
+    if (offset >= b.used_length || b.used_length - offset < kPageSize)
       return DataLoss("ram record at offset " + std::to_string(at) + " writes " + Hex(offset) + " beyond block '" +
                       b.id + "' of " + std::to_string(b.used_length) + " bytes");
     const uint8_t* data = nullptr;

@@ -188,6 +188,19 @@ TEST(QemuStream, LongDeviceTailInSmallReads) {
 
 }
 
+// An offset whose end wraps past 2^64 is beyond the block too, not page 0
+// of it (found by tests/fuzz/fuzz_qemu_stream's check of every page's range).
+TEST(QemuStream, PageOffsetThatWrapsIsRefused) {
+  std::string s = BuildInitial([](StreamWriter& w, std::string&) {
+    w.ZeroPage(0, Blocks(), 0xFFFFFFFFFFFFF000ull);
+  });
+  RecordingSink sink;
+  Status st = ParseInitial(s, &sink);
+  EXPECT_EQ(st.code(), Code::kDataLoss) << st.ToString();
+  EXPECT_NE(st.message().find("beyond block 'pc.ram'"), std::string::npos) << st.message();
+  EXPECT_TRUE(sink.pages.empty());
+}
+
 TEST(QemuStream, UnknownRamFlagsRefused) {
   std::string s = BuildInitial([](StreamWriter&, std::string& out) {
     PutU64(&out, 0x40 /* XBZRLE */);
