@@ -15,7 +15,7 @@
 #   scripts/fuzz.sh --runs 10000000      long runs, by executions, no time bound
 #   scripts/fuzz.sh --targets "fuzz_nbd fuzz_link" ...
 #   scripts/fuzz.sh --merge ...          afterwards minimize corpus + new inputs
-#                                        (-merge=1) into tests/fuzz/corpus (not in CI)
+#                                        (-merge=1 -use_counters=0) into tests/fuzz/corpus (not in CI)
 # Environment: REMUS_FUZZ_BUILD_DIR (default build-fuzz), CCACHE_DIR; a crash
 # leaves its input in $REMUS_FUZZ_BUILD_DIR/fuzz-artifacts/<target>/.
 set -euo pipefail
@@ -112,7 +112,9 @@ for t in $TARGETS; do
   elif [ $MERGE = 1 ] && [ "$new" -gt 0 ]; then
     merged=$TMP/$t.merged
     mkdir -p "$merged" "$corpus"
-    "$bin" -merge=1 -max_len="$(max_len "$t")" "$merged" "$corpus" "$out" >"$TMP/$t.merge.log" 2>&1 \
+    # -use_counters=0: one input per new edge, not per hit-count bucket,
+    # which keeps the committed corpus small (a third of the files).
+    "$bin" -merge=1 -use_counters=0 -max_len="$(max_len "$t")" "$merged" "$corpus" "$out" >"$TMP/$t.merge.log" 2>&1 \
       || { tail -n 20 "$TMP/$t.merge.log" >&2; failed+=("$t(merge)"); continue; }
     find "$corpus" -type f ! -name 'seed-*' -delete
     # Seeds stay, by name (tests/fuzz/make_seeds.py); the rest go by content hash.
