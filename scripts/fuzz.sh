@@ -10,8 +10,10 @@
 # inputs go to a temporary directory, dropped at the end unless --merge.
 # Idempotent; needs clang (Debian's clang-14 with libFuzzer).
 #
-#   scripts/fuzz.sh                      CI: each target --seconds 15
-#   scripts/fuzz.sh --seconds 60         longer
+#   scripts/fuzz.sh                      CI: about 4 minutes in all, the build included
+#                                        (--budget 240): each target gets an equal share
+#                                        of what the build left, 5..15 s
+#   scripts/fuzz.sh --seconds 60         each target 60 s
 #   scripts/fuzz.sh --runs 10000000      long runs, by executions, no time bound
 #   scripts/fuzz.sh --targets "fuzz_nbd fuzz_link" ...
 #   scripts/fuzz.sh --merge ...          afterwards minimize corpus + new inputs
@@ -23,17 +25,19 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${REMUS_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 FUZZ=$ROOT/tests/fuzz
 ALL="fuzz_messages fuzz_qemu_stream fuzz_link fuzz_page_batch fuzz_nbd fuzz_journal fuzz_libvirt_xml fuzz_request fuzz_config"
-SECONDS_EACH=15
+SECONDS_EACH=""
+BUDGET=240
 RUNS=""
 TARGETS=$ALL
 MERGE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) SECONDS_EACH=$2; shift 2 ;;
+    --budget) BUDGET=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --targets) TARGETS=$2; shift 2 ;;
     --merge) MERGE=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "fuzz.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +67,17 @@ if [ ! -f "$BUILD/build.ninja" ]; then
   rm -f "$BUILD.configure.log"
 fi
 ninja -C "$BUILD" -j"${REMUS_FUZZ_JOBS:-2}" $TARGETS >/dev/null || { ninja -C "$BUILD" -j1 $TARGETS >&2; exit 1; }
-echo "fuzz.sh: built $(echo $TARGETS | wc -w) targets in $(( $(date +%s) - t0 )) s"
+ntargets=$(echo $TARGETS | wc -w)
+built=$(( $(date +%s) - t0 ))
+if [ -z "$SECONDS_EACH" ]; then
+  # What the build left of the budget, shared; a few seconds per target go
+  # to loading its corpus and the regressions.
+  SECONDS_EACH=$(( (BUDGET - built) / ntargets - 3 ))
+  [ $SECONDS_EACH -gt 15 ] && SECONDS_EACH=15
+  [ $SECONDS_EACH -lt 5 ] && SECONDS_EACH=5
+fi
+if [ -n "$RUNS" ]; then how="for $RUNS runs"; else how="for $SECONDS_EACH s"; fi
+echo "fuzz.sh: built $ntargets targets in $built s; fuzzing each $how"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/remus-fuzz.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
