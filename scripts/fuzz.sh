@@ -81,6 +81,7 @@ echo "fuzz.sh: built $ntargets targets in $built s; fuzzing each $how"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/remus-fuzz.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
+export REMUS_FUZZ_TMP=$TMP  # fuzz_journal's io_uring files
 failed=()
 printf '%-18s %12s %8s %8s %8s %8s  %s\n' target executions cov ft corpus new result
 for t in $TARGETS; do

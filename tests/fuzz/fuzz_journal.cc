@@ -76,17 +76,17 @@ struct Env {
   std::string journal, image;
 };
 
+// Where the io_uring inputs keep their two files: $REMUS_FUZZ_TMP
+// (scripts/fuzz.sh's temporary directory) or /dev/shm. The files are
+// removed after each input, the directory at exit.
 const std::string& ShmDir() {
   static std::string dir = [] {
-    char t[] = "/dev/shm/fuzz_journal.XXXXXX";
-    if (!::mkdtemp(t)) fuzz::Fail(kTarget, "mkdtemp failed");
+    const char* base = std::getenv("REMUS_FUZZ_TMP");
+    std::string t = std::string(base && *base ? base : "/dev/shm") + "/fuzz_journal.XXXXXX";
+    if (!::mkdtemp(t.data())) fuzz::Fail(kTarget, "mkdtemp failed");
     static std::string d = t;
-    std::atexit([] {
-      ::unlink((d + "/journal").c_str());
-      ::unlink((d + "/image").c_str());
-      ::rmdir(d.c_str());
-    });
-    return std::string(t);
+    std::atexit([] { ::rmdir(d.c_str()); });
+    return t;
   }();
   return dir;
 }
@@ -97,6 +97,17 @@ StatusOr<std::unique_ptr<Journal>> Open(Env& env, uint64_t disk_size, std::optio
   o.name = "fuzz";
   o.discard_after = discard_after;
   return Journal::Open(env.io.get(), env.journal, o);
+}
+
+void Run(const std::vector<uint8_t>& file, uint64_t disk_size, std::optional<uint64_t> discard_after, bool uring);
+
+void RunAndClean(const std::vector<uint8_t>& file, uint64_t disk_size, std::optional<uint64_t> discard_after,
+                 bool uring) {
+  Run(file, disk_size, discard_after, uring);
+  if (uring) {
+    ::unlink((ShmDir() + "/journal").c_str());
+    ::unlink((ShmDir() + "/image").c_str());
+  }
 }
 
 void Run(const std::vector<uint8_t>& file, uint64_t disk_size, std::optional<uint64_t> discard_after, bool uring) {
@@ -194,7 +205,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::optional<uint64_t> discard;
   if ((sel & 4) && size > 1) discard = data[1];
   try {
-    Run(file, kSizes[sel & 3], discard, (sel >> 5) == 7);
+    RunAndClean(file, kSizes[sel & 3], discard, (sel >> 5) == 7);
   } catch (...) {
     fuzz::Fail(kTarget, "threw");
   }

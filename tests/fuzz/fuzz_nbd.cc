@@ -90,16 +90,14 @@ struct Server {
 
 Server* GetServer(int which) {
   static Server servers[4];
-  static std::string dir = [] {
+  static const bool init = [] {
     SetLogLevel(LogLevel::kError);
-    char t[] = "/dev/shm/fuzz_nbd.XXXXXX";
-    if (!::mkdtemp(t)) fuzz::Fail(kTarget, "mkdtemp failed");
     std::atexit([] {
       for (auto& s : servers) s.server.reset();
-      ::rmdir(dir.c_str());
     });
-    return std::string(t);
+    return true;
   }();
+  (void)init;
   Server& s = servers[which];
   if (!s.server) {
     s.exp.name = "vda";
@@ -115,9 +113,15 @@ Server* GetServer(int which) {
       s.exp.size = 0;
     }
     s.sink = std::make_unique<CheckingSink>(s.exp);
+    char dir[] = "/dev/shm/fuzz_nbd.XXXXXX";
+    if (!::mkdtemp(dir)) fuzz::Fail(kTarget, "mkdtemp failed");
     NbdServerOptions o;
-    o.unix_path = dir + "/s" + std::to_string(which);
+    o.unix_path = std::string(dir) + "/s";
     auto st = NbdServer::Start(s.exp, s.sink.get(), o);
+    // Connections come through ServeConnection, never the path: nothing is
+    // left behind however the process ends.
+    ::unlink(o.unix_path.c_str());
+    ::rmdir(dir);
     if (!st.ok()) fuzz::Fail(kTarget, "NbdServer::Start failed", st.status());
     s.server = std::move(st).value();
   }
