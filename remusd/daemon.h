@@ -32,6 +32,9 @@ struct DaemonOptions {
   std::string state_dir = "/var/lib/remus";
   std::string control_socket = "/run/remus/remusd.sock";
   std::string key_file = "/etc/remus/key";
+  // Certificate mode for replication links instead of the key file (all
+  // three, or none); the peer's expected name (replicator/link/tls.h).
+  std::string tls_cert, tls_key, tls_ca, tls_peer_name;
   std::optional<HostPort> listen;  // backup role
   HeartbeatConfig heartbeat;
   int ack_delay_ms = 0;
@@ -111,7 +114,8 @@ class Daemon {
 
   DaemonOptions opts_;
   const Clock& clock_;
-  wire::Key key_;
+  // One TLS context per role, shared by every link (tls.h).
+  std::shared_ptr<const wire::TlsContext> tls_primary_, tls_backup_;
   // Arbitration (--arbiter etcd): the etcd client and the arbiter the
   // primaries and the backup share. Before backup_: destroyed after it.
   std::unique_ptr<etcd::Kv> etcd_;

@@ -21,6 +21,13 @@ int main(int argc, char** argv) {
   app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key is an error, not ignored
   app.add_option("--state-dir", o.state_dir, "where page stores and run files live")->capture_default_str();
   app.add_option("--key-file", o.key_file, "shared key (remusctl keygen --out PATH), mode 0600")->capture_default_str();
+  app.add_option("--tls-cert", o.tls_cert,
+                 "replication links: this host's certificate (PEM chain), instead of --key-file; with --tls-key and --tls-ca");
+  app.add_option("--tls-key", o.tls_key, "the private key of --tls-cert (PEM; root-owned, mode 0600)");
+  app.add_option("--tls-ca", o.tls_ca, "the CA that signed the peers' certificates (PEM)");
+  app.add_option("--tls-peer-name", o.tls_peer_name,
+                 "the name (DNS or IP) the peer's certificate must carry; primary default: the --backup host; "
+                 "backup default: any certificate the CA signed");
   app.add_option("--control", o.control_socket, "control socket path (root only)")->capture_default_str();
   app.add_option("--listen", listen, "act as a backup, accepting primaries on HOST:PORT (port 7788 by default)");
   app.add_option("--heartbeat-interval-ms", hb_interval, "heartbeat period")->capture_default_str()->check(CLI::Range(1, 60000));
@@ -84,6 +91,10 @@ int main(int argc, char** argv) {
     else
       return app.exit(e);
     return e.get_exit_code();
+  }
+  if (app.count("--key-file") > 0 && (!o.tls_cert.empty() || !o.tls_key.empty() || !o.tls_ca.empty())) {
+    std::fprintf(stderr, "remusd: choose one way to authenticate replication links: --key-file or --tls-cert/--tls-key/--tls-ca\n");
+    return 2;
   }
   if (hb_interval >= hb_timeout) {
     std::fprintf(stderr, "remusd: --heartbeat-interval-ms must be less than --heartbeat-timeout-ms\n");

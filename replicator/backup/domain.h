@@ -56,6 +56,7 @@
 #include "replicator/backup/session.h"
 #include "replicator/backup/restore.h"
 #include "replicator/link/messages.h"
+#include "replicator/link/tls.h"
 #include "replicator/link/wire.h"
 #include "replicator/qemu/launcher.h"
 
@@ -66,7 +67,8 @@ class FileIo;
 
 struct BackupOptions {
   std::string state_dir;
-  wire::Key key;
+  // How links from primaries are authenticated and encrypted (tls.h).
+  std::shared_ptr<const wire::TlsContext> tls;
   HeartbeatConfig heartbeat;        // used until the primary's CONFIG names its own
   int ack_delay_ms = 0;             // test and benchmark knob: hold each ACK this long
   std::string qemu_binary;          // overrides the primary's argv[0] (libvirt: <emulator>) when set
