@@ -241,6 +241,9 @@ StatusOr<TlsChannel::Step> TlsChannel::Outcome(int ret, const char* op) {
       if (mac)
         return DataLoss("a TLS record failed authentication (" + why +
                         "): the stream was altered, injected into or replayed in transit");
+      if (alert == SSL_AD_BAD_RECORD_MAC)
+        return DataLoss("the peer refused a TLS record of ours: it failed authentication there (TLS alert \"bad "
+                        "record mac\"): the stream was altered, injected into or replayed in transit");
       if (IsCertificateAlert(alert))
         return Unauthenticated(std::string("refused this host's certificate (TLS alert \"") +
                                SSL_alert_desc_string_long(alert) + "\")");

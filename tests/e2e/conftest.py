@@ -874,41 +874,48 @@ def arbiter_net(world):
         net.close()
 
 
-# Replication link frame header (docs/formats/replication-link.md).
-LINK_HDR = struct.Struct(">IHHQII")  # magic type flags epoch length crc32c
-LINK_MAGIC = 0x524D5553
-MSG = {"PAGES": 8, "DEVICE": 9, "COMMIT": 10, "DISK": 16}
+# The replication link is TLS 1.3 (docs/formats/replication-link.md): on the
+# wire, TLS records: u8 content type, u16 version, u16 length, then the
+# (encrypted) fragment. Application data is type 23.
+TLS_APPDATA = 23
 
 
 class LinkProxy:
-    """A TCP proxy between a primary and its backup that forwards the
-    replication link unchanged until armed, then flips one payload byte of the
-    next primary->backup frame of the chosen types (e.g. PAGES or DEVICE) from
-    a given epoch on. The frame's crc32c then fails on the backup: an honest
-    stand-in for corruption on the wire that TCP's checksum missed.
+    """A TCP proxy between a primary and its backup: an on-path attacker. It
+    forwards the link unchanged until armed, then tampers with the next
+    primary->backup TLS application-data record of at least `min_len` bytes
+    (past the handshake, so a checkpoint's PAGES/DEVICE/COMMIT):
+      alter:  flips one byte in the middle of the record;
+      inject: sends a forged record (random bytes) before it;
+      replay: sends an earlier record again before it.
+    Each must fail the record's authentication on the backup.
 
     Point `remusctl protect --backup` at proxy.addr."""
 
-    def __init__(self, world, target):
+    MODES = ("alter", "inject", "replay")
+
+    def __init__(self, world, target, listen_ip="127.0.0.1"):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.bind((listen_ip, 0))
         self.lsock.listen(8)
-        self.addr = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.addr = f"{listen_ip}:{self.lsock.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._armed = None  # (types, min_epoch)
-        self.corrupted = None  # dict once a frame was corrupted
+        self._armed = None  # (mode, min_len)
+        self.corrupted = None  # dict once a record was tampered with
         self.done = threading.Event()
-        self.frames = {}  # type -> count forwarded
+        self.frames = {}  # TLS record type -> count forwarded
         self._socks = []
-        world._closers.append(self.close)
+        if world is not None:
+            world._closers.append(self.close)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def corrupt_next(self, types=("PAGES", "DEVICE"), min_epoch=1):
+    def tamper_next(self, mode="alter", min_len=256):
+        assert mode in self.MODES, mode
         with self._lock:
-            self._armed = ({MSG[t] for t in types}, min_epoch)
+            self._armed = (mode, min_len)
 
     def _accept(self):
         while True:
@@ -945,47 +952,51 @@ class LinkProxy:
 
     def _c2s(self, src, dst):
         buf = bytearray()
-        parsing = True
+        last_app = None  # the last application-data record forwarded, for a replay
         try:
             while True:
                 b = src.recv(1 << 20)
                 if not b:
                     break
-                if not parsing:
-                    dst.sendall(b)
-                    continue
                 buf += b
-                while len(buf) >= LINK_HDR.size:
-                    magic, typ, flags, epoch, length, crc = LINK_HDR.unpack_from(buf)
-                    if magic != LINK_MAGIC:
-                        parsing = False  # not our protocol any more: pass it through
-                        break
-                    n = LINK_HDR.size + length
+                out = bytearray()
+                while len(buf) >= 5:
+                    typ, length = buf[0], int.from_bytes(buf[3:5], "big")
+                    n = 5 + length
                     if len(buf) < n:
                         break
-                    self._maybe_corrupt(buf, typ, epoch, length)
-                    self.frames[typ] = self.frames.get(typ, 0) + 1
-                    dst.sendall(memoryview(buf)[:n])
+                    rec = bytes(buf[:n])
                     del buf[:n]
-                if not parsing and buf:
-                    dst.sendall(buf)
-                    buf = bytearray()
+                    self.frames[typ] = self.frames.get(typ, 0) + 1
+                    if typ == TLS_APPDATA:
+                        out += self._maybe_tamper(rec, last_app)
+                        last_app = rec
+                    else:
+                        out += rec
+                if out:
+                    dst.sendall(out)
         except OSError:
             pass
         self._eof(src, dst)
 
-    def _maybe_corrupt(self, buf, typ, epoch, length):
+    def _maybe_tamper(self, rec, last_app):
         with self._lock:
-            if self._armed is None or length == 0:
-                return
-            types, min_epoch = self._armed
-            if typ not in types or epoch < min_epoch:
-                return
+            if self._armed is None or len(rec) < self._armed[1] or (self._armed[0] == "replay" and last_app is None):
+                return rec
+            mode = self._armed[0]
             self._armed = None
-        off = LINK_HDR.size + length // 2
-        buf[off] ^= 0x40
-        self.corrupted = {"type": typ, "epoch": epoch, "length": length, "offset": off}
+        if mode == "alter":
+            b = bytearray(rec)
+            b[len(b) // 2] ^= 0x40
+            out = bytes(b)
+        elif mode == "inject":
+            body = os.urandom(len(rec) - 5)
+            out = rec[:5] + body + rec
+        else:
+            out = last_app + rec
+        self.corrupted = {"mode": mode, "record_len": len(rec)}
         self.done.set()
+        return out
 
     def close(self):
         with contextlib.suppress(OSError):
