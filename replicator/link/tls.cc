@@ -510,7 +510,13 @@ Status CheckSpeaksTls(Link& link, const std::string& peer, SteadyTime deadline, 
     const std::string e = EncodeFrame(MsgType::kError, 0,
                                       EncodeError(Unauthenticated("this backup requires TLS on the replication "
                                                                   "link; upgrade remus on the primary")));
+    // Consume what it sent first: closing with unread data would reset the
+    // connection and could destroy the ERROR on its way.
+    char sink[4096];
+    for (int i = 0; i < 16 && ::recv(link.fd(), sink, sizeof sink, MSG_DONTWAIT) > 0; i++) {
+    }
     (void)::send(link.fd(), e.data(), e.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    ::shutdown(link.fd(), SHUT_WR);
     return Unauthenticated(peer + " does not speak TLS: it runs a remus release without link encryption (it sent a "
                            "plain HELLO frame); upgrade it");
   }
@@ -605,8 +611,12 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
   RETURN_IF_ERROR(StartTls(link, ctx, std::string(host), peer, deadline, timeout_ms));
 
   json hello = {{"version", kProtocolVersion}, {"domain", dom}};
-  RETURN_IF_ERROR(link.Send(MsgType::kHello, 0, hello.dump()));
-  auto got = RecvHandshake(link, deadline, timeout_ms, peer, "AUTH_OK");
+  // A backup that refused our certificate already hung up, and the send may
+  // fail: its alert is still to be read, and says why.
+  Status sent = link.Send(MsgType::kHello, 0, hello.dump());
+  const SteadyTime recv_deadline =
+      sent.ok() ? deadline : std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1));
+  auto got = RecvHandshake(link, recv_deadline, timeout_ms, peer, "AUTH_OK");
   if (!got.ok() && got.status().code() == Code::kUnauthenticated) {
     // TLS 1.3: the backup checks our certificate after our handshake ended,
     // and its refusal is the first thing we read.
@@ -615,6 +625,7 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
     return Unauthenticated(peer + " " + (at == std::string::npos ? m : m.substr(at)) +
                            "; its log says why. This host presents " + ctx.description());
   }
+  if (!sent.ok()) return sent;
   ASSIGN_OR_RETURN(Frame ok, std::move(got));
   if (ok.type == MsgType::kError) {
     Status e = DecodeError(ok.payload);

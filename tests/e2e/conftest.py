@@ -371,19 +371,22 @@ class World:
 
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
                      ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
-                     listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None):
+                     listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None,
+                     key_file=True):
         """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
         netns: run this remusd in that network namespace (default: the world's).
         listen_host: the backup's listen address (an address of its namespace).
         etcd: a list of etcd client URLs: --arbiter etcd with them (lease TTL
         and margin as given, --host-id host_id or the daemon's name);
-        without, --arbiter none (the fail-stop tests predate arbitration)."""
+        without, --arbiter none (the fail-stop tests predate arbitration).
+        key_file=False: no --key-file (certificate mode: pass --tls-* in extra)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
         state = self.dir / name
         control = self.dir / f"{name}.sock"
         log = self.dir / f"{name}.log"
-        argv = [str(REMUSD), "--state-dir", str(state), "--key-file", str(key or self.key),
+        argv = [str(REMUSD), "--state-dir", str(state),
+                *(["--key-file", str(key or self.key)] if key_file else []),
                 "--control", str(control), "--heartbeat-interval-ms", str(hb_interval_ms),
                 "--heartbeat-timeout-ms", str(hb_timeout_ms), "--log-level", "debug"]
         addr = None
