@@ -303,7 +303,8 @@ Status MetricsServer::MakeSslCtx() {
   if (SSL_CTX_use_certificate_chain_file(ctx, t.cert_file.c_str()) != 1)
     return fail("tls_server_config.cert_file " + t.cert_file);
   if (SSL_CTX_use_PrivateKey_file(ctx, t.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
-    return fail("tls_server_config.key_file " + t.key_file);
+    return fail("tls_server_config.key_file " + t.key_file + " (a PEM private key, the one of cert_file " +
+                t.cert_file + "?)");
   if (SSL_CTX_check_private_key(ctx) != 1) return fail("key_file does not match cert_file");
   static const unsigned char kSessionContext[] = "remusd-metrics";
   SSL_CTX_set_session_id_context(ctx, kSessionContext, sizeof kSessionContext - 1);
