@@ -137,9 +137,11 @@ Status Daemon::Start() {
                        const json none = json::object();
                        json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
-                     }));
-    LOG_INFO("remusd") << "metrics: http://" << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":"
-                       << metrics_->port() << "/metrics";
+                     }, opts_.metrics_web ? &*opts_.metrics_web : nullptr));
+    LOG_INFO("remusd") << "metrics: " << (metrics_->tls() ? "https" : "http") << "://"
+                       << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":" << metrics_->port()
+                       << "/metrics"
+                       << (opts_.metrics_web && !opts_.metrics_web->basic_auth_users.empty() ? " (basic auth)" : "");
   }
   LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
                      << ", replication links TLS 1.3 with " << tls_primary_->description();

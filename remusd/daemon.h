@@ -55,6 +55,9 @@ struct DaemonOptions {
   int control_idle_timeout_ms = 60000;
   // Prometheus endpoint, "ADDR:PORT" (remusd/metrics.h); empty: off.
   std::string metrics_listen;
+  // Its TLS and basic auth (--metrics-web-config, remusd/web_config.h);
+  // unset: plain HTTP, no authentication.
+  std::optional<WebConfig> metrics_web;
   // Arbitration (docs/architecture.md, "Arbitration"). "etcd", the default:
   // remusd refuses to start without etcd_endpoints, so no host runs without
   // arbitration by omission. "none": fail-stop, which a network partition

@@ -46,6 +46,10 @@ int main(int argc, char** argv) {
   app.add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");
   app.add_option("--metrics", o.metrics_listen,
                  "serve Prometheus metrics on http://ADDR:PORT/metrics (numeric IPv4 address, e.g. 127.0.0.1:9100); off by default");
+  std::string metrics_web_config;
+  app.add_option("--metrics-web-config,--web.config.file", metrics_web_config,
+                 "TLS and basic auth for --metrics: a Prometheus exporter web config file (YAML: tls_server_config, "
+                 "basic_auth_users)");
   app.add_option("--arbiter", o.arbiter,
                  "who decides that a backup may take over: etcd (the default; needs --etcd-endpoints) or none "
                  "(fail-stop: a network partition or a frozen remusd can leave two running copies)")
@@ -114,6 +118,18 @@ int main(int argc, char** argv) {
     remus::Status c = remus::CheckNetbufSupport(check_mode);
     std::printf("%s: %s\n", check_mode.c_str(), c.ok() ? "supported" : c.message().c_str());
     return c.ok() ? 0 : 1;
+  }
+  if (!metrics_web_config.empty()) {
+    if (o.metrics_listen.empty()) {
+      std::fprintf(stderr, "remusd: --metrics-web-config needs --metrics ADDR:PORT\n");
+      return 2;
+    }
+    auto web = remus::LoadWebConfig(metrics_web_config);
+    if (!web.ok()) {
+      std::fprintf(stderr, "remusd: %s\n", web.status().message().c_str());
+      return 2;
+    }
+    o.metrics_web = std::move(*web);
   }
   if (remus::Status a = remus::ValidateArbiterOptions(o); !a.ok()) {
     std::fprintf(stderr, "remusd: %s\n", a.message().c_str());

@@ -18,6 +18,8 @@ PKGS=(
   libcurl4-openssl-dev
   # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb
   prometheus-cpp-dev libcivetweb-dev
+  # remusd --metrics-web-config: its YAML (yaml-cpp); bcrypt hashes through libxcrypt
+  libyaml-cpp-dev libcrypt-dev
   # the hypervisor and tools the tests drive
   qemu-system-x86 qemu-utils socat iproute2 iptables
   # the test guest (scripts/build-guest.sh)

@@ -56,7 +56,7 @@ DEFAULT_HB_TIMEOUT_MS = 3000
 
 # ----------------------------------------------------------------- skipping
 
-def _missing_requirements(needs_build=True):
+def _missing_requirements(needs_build=True, needs_qemu=True):
     if os.geteuid() != 0:
         return "the end-to-end tests need root (remusd's control socket is root-only)"
     if not needs_build:
@@ -64,6 +64,8 @@ def _missing_requirements(needs_build=True):
     for what, p in [("remusd", REMUSD), ("remusctl", REMUSCTL)]:
         if not p.is_file():
             return f"{what} is not built ({p} missing; run cmake --build build)"
+    if not needs_qemu:
+        return None
     if not (QEMU.is_file() and os.access(QEMU, os.X_OK)):
         return (f"no COLO-capable QEMU at {QEMU} (build it with scripts/build-qemu.sh "
                 f"or point REMUS_QEMU at one)")
@@ -75,13 +77,17 @@ def _missing_requirements(needs_build=True):
 
 def pytest_collection_modifyitems(config, items):
     """Skips the tests whose requirements are missing.  Tests marked no_build
-    (the arbiter world's own) need root but no remus build and no QEMU."""
+    (the arbiter world's own) need root but no remus build and no QEMU;
+    tests marked no_qemu need the build but no QEMU and no guest."""
     here = Path(__file__).resolve().parent
-    reasons = {nb: _missing_requirements(needs_build=not nb) for nb in (False, True)}
+    reasons = {"no_build": _missing_requirements(needs_build=False),
+               "no_qemu": _missing_requirements(needs_qemu=False),
+               None: _missing_requirements()}
     for item in items:
         if Path(str(item.fspath)).resolve().parent != here:
             continue
-        reason = reasons[item.get_closest_marker("no_build") is not None]
+        kind = next((m for m in ("no_build", "no_qemu") if item.get_closest_marker(m) is not None), None)
+        reason = reasons[kind]
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
