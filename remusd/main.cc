@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--allow-qemu-files", o.peer_policy.file_dirs,
                  "backup: a directory whose files (kernels, initrds, firmware, read-only images) a restored guest "
                  "may read (repeatable; none by default)");
+  app.add_option("--allow-shared-disks", o.peer_policy.shared_disk_dirs,
+                 "backup: shared storage: a writable disk this backup does not mirror may be opened at the primary's "
+                 "path when it lies under this directory (repeatable; none by default)");
   app.add_option("--allow-libvirt-element", o.peer_policy.extra_libvirt_elements,
                  "backup: accept this <devices> element (e.g. hostdev) in a primary's libvirt XML (repeatable)");
   app.add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");

@@ -92,9 +92,18 @@ Status Disk(xmlNode* n, const std::set<std::string>& mirrored, const PeerPolicy&
   std::vector<xmlNode*> sources = xp.Nodes("./source | .//backingStore/source", n);
   if (sources.empty()) return OkStatus();  // an empty CD-ROM drive
   bool read_only = Child(n, "readonly") != nullptr;
+  if (!read_only && (type == "file" || type == "block")) {
+    // Shared storage: the primary's own image, reachable here at its path.
+    bool shared = true;
+    for (xmlNode* s : sources)
+      for (const char* attr : {"file", "dev", "dir"})
+        if (libvirt_xml::HasProp(s, attr)) shared &= CheckSharedDisk(Prop(s, attr), "", p).ok();
+    if (shared) return OkStatus();
+  }
   if (!read_only)
     return Refuse(n, "disk '" + dev + "' is writable and not mirrored to this backup: the restored guest would open "
-                     "the primary's storage on this host (mirror the disk, or make it <readonly/>)");
+                     "the primary's storage on this host (mirror the disk, make it <readonly/>, or, on shared storage, "
+                     "remusd --allow-shared-disks DIR)");
   for (xmlNode* s : sources) {
     if (type != "file" && type != "block" && !(Named(s->parent, "backingStore") && Prop(s->parent, "type") == "file"))
       return Refuse(n, "disk '" + dev + "' of type '" + type + "': only file and block sources are accepted");

@@ -197,6 +197,11 @@ TEST(XmlPolicy, OperatorExtensions) {
   EXPECT_EQ(Check(xml, p).code(), Code::kPermissionDenied);
   p.extra_libvirt_elements = {"hostdev"};
   EXPECT_TRUE(Check(xml, p).ok());
+  std::string shared = MigratableXml("<disk type='file' device='disk'><source file='/srv/shared/web1-data.img'/>"
+                                     "<target dev='vdb'/></disk>");
+  EXPECT_EQ(Check(shared, p).code(), Code::kPermissionDenied);
+  p.shared_disk_dirs = {"/srv/shared"};
+  EXPECT_TRUE(Check(shared, p).ok());
 }
 
 TEST(XmlPolicy, MalformedXmlIsInvalidArgument) {

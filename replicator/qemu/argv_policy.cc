@@ -161,9 +161,11 @@ Status Drive(const Ctx& c) {
   std::string id = GetOr(o, "id");
   if (!id.empty() && c.mirrored.count(id)) return OkStatus();  // file= becomes the backup's own image
   bool read_only = IsOn(GetOr(o, "readonly")) || GetOr(o, "media") == "cdrom";
+  if (!read_only && CheckSharedDisk(*file, "", c.policy).ok()) return OkStatus();  // shared storage
   if (!read_only)
     return Refuse(c, "drive '" + id + "' is writable and not mirrored to this backup: the restored guest would open " +
-                         *file + " on this host (mirror the disk, or make it readonly=on)");
+                         *file + " on this host (mirror the disk, make it readonly=on, or, on shared storage, "
+                         "remusd --allow-shared-disks DIR)");
   return File(c, *file, "a read-only disk image");
 }
 
@@ -471,13 +473,15 @@ StatusOr<Opts> ParseQemuOpts(std::string_view value, const std::string& implied)
   return out;
 }
 
-Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy) {
+namespace {
+Status UnderDirs(const std::string& path, const std::string& what, const std::vector<std::string>& dirs_in,
+                 const char* flag) {
   if (path.empty() || path[0] != '/') return PermissionDenied(what + " '" + path + "' is not an absolute path");
   std::filesystem::path p(path);
   for (const auto& part : p)
     if (part == "." || part == "..")
       return PermissionDenied(what + " '" + path + "' has a '.' or '..' component");
-  for (const std::string& d : policy.file_dirs) {
+  for (const std::string& d : dirs_in) {
     std::string dir = std::filesystem::path(d).lexically_normal().string();
     while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
     if (dir.empty() || dir[0] != '/') continue;
@@ -485,9 +489,18 @@ Status CheckPeerFile(const std::string& path, const std::string& what, const Pee
       return OkStatus();
   }
   std::string dirs;
-  for (const std::string& d : policy.file_dirs) dirs += (dirs.empty() ? "" : ", ") + d;
+  for (const std::string& d : dirs_in) dirs += (dirs.empty() ? "" : ", ") + d;
   return PermissionDenied(what + " '" + path + "' is outside the directories this backup lets a restored guest use (" +
-                          (dirs.empty() ? "none" : dirs) + "; remusd --allow-qemu-files DIR)");
+                          (dirs.empty() ? "none" : dirs) + "; remusd " + flag + " DIR)");
+}
+}  // namespace
+
+Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy) {
+  return UnderDirs(path, what, policy.file_dirs, "--allow-qemu-files");
+}
+
+Status CheckSharedDisk(const std::string& path, const std::string& what, const PeerPolicy& policy) {
+  return UnderDirs(path, what, policy.shared_disk_dirs, "--allow-shared-disks");
 }
 
 bool IsQemuBinaryName(std::string_view name) {

@@ -45,6 +45,11 @@ struct PeerPolicy {
   // --allow-qemu-files DIR: directories whose files a restored guest may
   // read (kernels, initrds, firmware, ISO images). None by default.
   std::vector<std::string> file_dirs;
+  // --allow-shared-disks DIR: shared storage. A writable disk the backup
+  // does not mirror is accepted when its file lies under one of these (the
+  // restored guest opens the primary's path on this host: safe only when it
+  // is the same storage and the primary's copy is dead or fenced).
+  std::vector<std::string> shared_disk_dirs;
   // --allow-libvirt-element NAME: a <devices> child refused by default
   // (hostdev, filesystem, ...) that this backup accepts in a peer's XML.
   std::vector<std::string> extra_libvirt_elements;
@@ -61,6 +66,8 @@ StatusOr<std::vector<std::pair<std::string, std::string>>> ParseQemuOpts(std::st
 // OK if `path` is absolute, has no "." or ".." component, and lies under one
 // of policy.file_dirs; PermissionDenied naming `what` otherwise.
 Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy);
+// The same for a writable disk: under one of policy.shared_disk_dirs.
+Status CheckSharedDisk(const std::string& path, const std::string& what, const PeerPolicy& policy);
 
 // Whether `name` (a path's last component) is a QEMU system emulator's name:
 // qemu-system-ARCH (ARCH of letters, digits and '_'), qemu-kvm or kvm.

@@ -177,6 +177,11 @@ TEST(ArgvPolicy, OperatorExtensions) {
   EXPECT_EQ(Check(dev, {}, p).code(), Code::kPermissionDenied);
   p.extra_devices = {"vfio-pci"};
   EXPECT_TRUE(Check(dev, {}, p).ok());
+  // Shared storage: a writable disk at the primary's path.
+  auto shared = With(GuestArgv(), {"-drive", "file=/srv/shared/web1.img,if=virtio,id=d1"});
+  EXPECT_EQ(Check(shared, {}, p).code(), Code::kPermissionDenied);
+  p.shared_disk_dirs = {"/srv/shared"};
+  EXPECT_TRUE(Check(shared, {}, p).ok());
   // No file directory: the test guest's kernel is refused.
   p.file_dirs.clear();
   Status s = Check(GuestArgv(), {}, p);
