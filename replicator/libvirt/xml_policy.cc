@@ -38,8 +38,9 @@ bool Extra(const PeerPolicy& p, const xmlNode* n) {
                    reinterpret_cast<const char*>(n->name)) != p.extra_libvirt_elements.end();
 }
 
-Status File(const xmlNode* n, const std::string& path, const std::string& what, const PeerPolicy& p) {
-  Status s = CheckPeerFile(path, what, p);
+Status File(const xmlNode* n, const std::string& path, const std::string& what, const PeerPolicy& p,
+            PeerFileAccess access = PeerFileAccess::kRead) {
+  Status s = CheckPeerFile(path, what, p, access);
   return s.ok() ? s : Refuse(n, s.message());
 }
 
@@ -78,7 +79,7 @@ Status Chardev(xmlNode* n, const PeerPolicy& p) {
   if (type == "unix") {
     for (xmlNode* c = n->children; c; c = c->next)
       if (Named(c, "source") && libvirt_xml::HasProp(c, "path"))
-        RETURN_IF_ERROR(File(n, Prop(c, "path"), "a unix socket", p));
+        RETURN_IF_ERROR(File(n, Prop(c, "path"), "a unix socket", p, PeerFileAccess::kWrite));
     return OkStatus();
   }
   return Refuse(n, "only file, pty, null, vc, stdio, spicevmc, qemu-vdagent and unix character devices are accepted");
@@ -154,13 +155,13 @@ Status Device(xmlNode* n, const std::set<std::string>& mirrored, const PeerPolic
   if (Named(n, "memory")) {
     XPath xp(n->doc);
     if (xmlNode* path = xp.First("./source/path", n))
-      RETURN_IF_ERROR(File(n, libvirt_xml::Text(path), "a guest memory file", p));
+      RETURN_IF_ERROR(File(n, libvirt_xml::Text(path), "a guest memory file", p, PeerFileAccess::kWrite));
   }
   if (Named(n, "audio") && type == "file") return Refuse(n, "it writes a file on this host");
   if (Named(n, "graphics")) {
     for (xmlNode* c = n->children; c; c = c->next)
       if (Named(c, "listen") && Prop(c, "type") == "socket" && libvirt_xml::HasProp(c, "socket"))
-        RETURN_IF_ERROR(File(n, Prop(c, "socket"), "a display socket", p));
+        RETURN_IF_ERROR(File(n, Prop(c, "socket"), "a display socket", p, PeerFileAccess::kWrite));
   }
   return OkStatus();
 }
@@ -194,11 +195,13 @@ Status CheckDomainXml(std::string_view xml, const std::set<std::string>& mirrore
     if (!IsQemuBinaryName(std::filesystem::path(path).filename().string()))
       return Refuse(e, "emulator '" + path + "' is not named qemu-system-ARCH, and this backup has no --qemu of its own");
   }
-  for (xmlNode* n : xp.Nodes("/domain/os/kernel | /domain/os/initrd | /domain/os/dtb | /domain/os/loader"))
-    RETURN_IF_ERROR(File(n, libvirt_xml::Text(n), "a file the restored guest boots from", policy));
+  for (xmlNode* n : xp.Nodes("/domain/os/kernel | /domain/os/initrd | /domain/os/dtb | /domain/os/loader")) {
+    std::string path = libvirt_xml::Text(n);
+    if (!path.empty()) RETURN_IF_ERROR(File(n, path, "a file the restored guest boots from", policy));
+  }
   for (xmlNode* n : xp.Nodes("/domain/os/nvram")) {
     std::string path = libvirt_xml::Text(n);
-    if (!path.empty()) RETURN_IF_ERROR(File(n, path, "a firmware variables file", policy));
+    if (!path.empty()) RETURN_IF_ERROR(File(n, path, "a firmware variables file", policy, PeerFileAccess::kWrite));
     if (libvirt_xml::HasProp(n, "template"))
       RETURN_IF_ERROR(File(n, Prop(n, "template"), "a firmware variables template", policy));
   }

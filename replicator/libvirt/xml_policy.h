@@ -21,8 +21,9 @@
 //   directory; a <log file=> anywhere but on a file chardev;
 // - a <disk> that is not mirrored to this backup and has a source, unless
 //   it is read-only and its file lies under PeerPolicy::file_dirs;
-// - <os> files (<kernel>, <initrd>, <dtb>, <loader>, <nvram>, ACPI tables)
-//   and <sysinfo> fw_cfg files outside PeerPolicy::file_dirs;
+// - <os> files (<kernel>, <initrd>, <dtb>, <loader>, ACPI tables) and
+//   <sysinfo> fw_cfg files outside PeerPolicy::file_dirs and kFirmwareDirs;
+//   an <nvram> (written) outside PeerPolicy::file_dirs;
 // - an <emulator> not named qemu-system-ARCH when the backup has no --qemu.
 // The peer's <seclabel>s are not refused: the restore removes them, so the
 // backup's libvirt applies its own security driver's defaults

@@ -57,8 +57,9 @@ Status Refuse(const Ctx& c, const std::string& why) {
   return PermissionDenied("QEMU option " + c.opt + v + " is not accepted from a peer: " + why);
 }
 
-Status File(const Ctx& c, const std::string& path, const std::string& what) {
-  Status s = CheckPeerFile(path, what, c.policy);
+Status File(const Ctx& c, const std::string& path, const std::string& what,
+            PeerFileAccess access = PeerFileAccess::kRead) {
+  Status s = CheckPeerFile(path, what, c.policy, access);
   if (s.ok()) return s;
   return Refuse(c, s.message());
 }
@@ -307,7 +308,7 @@ Status Object(const Ctx& c) {
   if (t == "memory-backend-ram" || t == "memory-backend-memfd" || t == "rng-builtin" || t == "iothread" ||
       t == "throttle-group")
     return OkStatus();
-  if (t == "memory-backend-file") return File(c, GetOr(o, "mem-path"), "a guest memory file");
+  if (t == "memory-backend-file") return File(c, GetOr(o, "mem-path"), "a guest memory file", PeerFileAccess::kWrite);
   if (t == "rng-random") {
     std::string f = GetOr(o, "filename", "/dev/urandom");
     if (f != "/dev/urandom" && f != "/dev/random" && f != "/dev/hwrng")
@@ -474,9 +475,11 @@ StatusOr<Opts> ParseQemuOpts(std::string_view value, const std::string& implied)
 }
 
 namespace {
-Status UnderDirs(const std::string& path, const std::string& what, const std::vector<std::string>& dirs_in,
-                 const char* flag) {
+Status UnderDirs(const std::string& path, const std::string& what, std::vector<std::string> dirs_in,
+                 const char* flag, bool firmware) {
   if (path.empty() || path[0] != '/') return PermissionDenied(what + " '" + path + "' is not an absolute path");
+  if (path.find(',') != std::string::npos)
+    return PermissionDenied(what + " '" + path + "' has a comma (QEMU may read it as a list)");
   std::filesystem::path p(path);
   for (const auto& part : p)
     if (part == "." || part == "..")
@@ -488,6 +491,12 @@ Status UnderDirs(const std::string& path, const std::string& what, const std::ve
     if (dir == "/" || (path.size() > dir.size() && path.rfind(dir, 0) == 0 && path[dir.size()] == '/'))
       return OkStatus();
   }
+  if (firmware) {
+    for (const char* d : kFirmwareDirs) {
+      std::string dir(d);
+      if (path.size() > dir.size() && path.rfind(dir, 0) == 0 && path[dir.size()] == '/') return OkStatus();
+    }
+  }
   std::string dirs;
   for (const std::string& d : dirs_in) dirs += (dirs.empty() ? "" : ", ") + d;
   return PermissionDenied(what + " '" + path + "' is outside the directories this backup lets a restored guest use (" +
@@ -495,12 +504,13 @@ Status UnderDirs(const std::string& path, const std::string& what, const std::ve
 }
 }  // namespace
 
-Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy) {
-  return UnderDirs(path, what, policy.file_dirs, "--allow-qemu-files");
+Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy,
+                     PeerFileAccess access) {
+  return UnderDirs(path, what, policy.file_dirs, "--allow-qemu-files", access == PeerFileAccess::kRead);
 }
 
 Status CheckSharedDisk(const std::string& path, const std::string& what, const PeerPolicy& policy) {
-  return UnderDirs(path, what, policy.shared_disk_dirs, "--allow-shared-disks");
+  return UnderDirs(path, what, policy.shared_disk_dirs, "--allow-shared-disks", false);
 }
 
 bool IsQemuBinaryName(std::string_view name) {

@@ -63,9 +63,22 @@ struct PeerPolicy {
 StatusOr<std::vector<std::pair<std::string, std::string>>> ParseQemuOpts(std::string_view value,
                                                                         const std::string& implied = "");
 
-// OK if `path` is absolute, has no "." or ".." component, and lies under one
-// of policy.file_dirs; PermissionDenied naming `what` otherwise.
-Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy);
+// System firmware directories whose files any restored guest may read
+// (QEMU's ROMs, SeaBIOS, OVMF/AAVMF, iPXE): Debian's and common paths.
+inline constexpr const char* kFirmwareDirs[] = {"/usr/share/qemu", "/usr/share/seabios", "/usr/share/OVMF",
+                                                "/usr/share/ovmf", "/usr/share/AAVMF", "/usr/share/qemu-efi-aarch64",
+                                                "/usr/lib/ipxe/qemu"};
+
+enum class PeerFileAccess {
+  kRead,   // the restored guest reads it: policy.file_dirs and kFirmwareDirs
+  kWrite,  // QEMU or libvirt creates or writes it: policy.file_dirs only
+};
+
+// OK if `path` is absolute, has no "." or ".." component and no ',', and
+// lies under one of the directories `access` allows; PermissionDenied
+// naming `what` otherwise.
+Status CheckPeerFile(const std::string& path, const std::string& what, const PeerPolicy& policy,
+                     PeerFileAccess access = PeerFileAccess::kRead);
 // The same for a writable disk: under one of policy.shared_disk_dirs.
 Status CheckSharedDisk(const std::string& path, const std::string& what, const PeerPolicy& policy);
 

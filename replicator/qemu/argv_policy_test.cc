@@ -200,6 +200,13 @@ TEST(ArgvPolicy, PeerFiles) {
   EXPECT_FALSE(CheckPeerFile("/srv/images/../a", "x", p).ok());
   EXPECT_FALSE(CheckPeerFile("images/a.iso", "x", p).ok());
   EXPECT_FALSE(CheckPeerFile("", "x", p).ok());
+  EXPECT_FALSE(CheckPeerFile("/srv/images/a,/etc/shadow", "x", p).ok());  // multiboot reads a list
+  // System firmware is readable, not writable.
+  EXPECT_TRUE(CheckPeerFile("/usr/share/OVMF/OVMF_CODE.fd", "x", p).ok());
+  EXPECT_FALSE(CheckPeerFile("/usr/share/OVMF/OVMF_CODE.fd", "x", p, PeerFileAccess::kWrite).ok());
+  EXPECT_TRUE(CheckPeerFile("/srv/images/m.mem", "x", p, PeerFileAccess::kWrite).ok());
+  auto ovmf = With({"qemu-system-x86_64"}, {"-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd"});
+  EXPECT_TRUE(CheckQemuArgv(ovmf, {}, p, true).ok());
 }
 
 TEST(ArgvPolicy, ParsesOptionsAsQemuDoes) {
