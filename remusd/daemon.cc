@@ -112,6 +112,7 @@ Status Daemon::Start() {
     bo.heartbeat = opts_.heartbeat;
     bo.ack_delay_ms = opts_.ack_delay_ms;
     bo.qemu_binary = opts_.qemu_binary;
+    bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;

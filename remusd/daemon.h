@@ -39,6 +39,9 @@ struct DaemonOptions {
   HeartbeatConfig heartbeat;
   int ack_delay_ms = 0;
   std::string qemu_binary;
+  // Backup: what a primary's CONFIG may make this host run beyond the
+  // built-in allow-lists (replicator/backup/peer_policy.h).
+  PeerPolicy peer_policy;
   bool auto_promote = true;
   // libvirt mode: the libvirt a `protect` without --qmp (or --connect) uses
   // on this host, and the one a backup restores libvirt domains into; where

@@ -33,7 +33,22 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-interval-ms", hb_interval, "heartbeat period")->capture_default_str()->check(CLI::Range(1, 60000));
   app.add_option("--heartbeat-timeout-ms", hb_timeout, "peer counts as lost after this much silence")
       ->capture_default_str()->check(CLI::Range(2, 600000));
-  app.add_option("--qemu", o.qemu_binary, "QEMU binary for restored guests (default: the primary's)");
+  app.add_option("--qemu", o.qemu_binary,
+                 "QEMU binary for restored guests (default: the primary's qemu-system-ARCH, found in this host's "
+                 "PATH; the primary's path is never run)");
+  app.add_option("--allow-qemu-option", o.peer_policy.extra_options,
+                 "backup: accept this QEMU option (e.g. vnc) in a primary's command line, with any value "
+                 "(repeatable; see 'What the backup accepts from a peer' in docs/operator-guide.md)");
+  app.add_option("--allow-qemu-device", o.peer_policy.extra_devices,
+                 "backup: accept this -device driver in a primary's command line (repeatable)");
+  app.add_option("--allow-qemu-files", o.peer_policy.file_dirs,
+                 "backup: a directory whose files (kernels, initrds, firmware, read-only images) a restored guest "
+                 "may read (repeatable; none by default)");
+  app.add_option("--allow-shared-disks", o.peer_policy.shared_disk_dirs,
+                 "backup: shared storage: a writable disk this backup does not mirror may be opened at the primary's "
+                 "path when it lies under this directory (repeatable; none by default)");
+  app.add_option("--allow-libvirt-element", o.peer_policy.extra_libvirt_elements,
+                 "backup: accept this <devices> element (e.g. hostdev) in a primary's libvirt XML (repeatable)");
   app.add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");
   app.add_option("--libvirt-uri", o.libvirt_uri,
                  "libvirt of this host: protect without --qmp uses it (unless --connect), and a backup restores "

@@ -139,7 +139,9 @@ else
 #REMUSD_ARGS="--arbiter none"
 #
 # Other flags: --qemu PATH (QEMU binary for restored guests, default the
-# primary's), --heartbeat-interval-ms N (100), --heartbeat-timeout-ms N
+# qemu-system-ARCH of the primary's binary's name from this host's PATH),
+# --allow-qemu-files DIR (B: where a restored guest's kernel, initrd and
+# firmware may come from; section 15 of the operator guide), --heartbeat-interval-ms N (100), --heartbeat-timeout-ms N
 # (1000), --metrics ADDR:PORT (Prometheus, no authentication: loopback or a
 # management network), --log-level debug|info|warn|error, --config FILE
 # (flags from a file, where this remusd version has it; the command line,

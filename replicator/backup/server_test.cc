@@ -41,6 +41,7 @@ class BackupServerTest : public ::testing::Test {
     o.state_dir = dir_;
     o.tls = BackupTls('k');
     o.auto_promote = false;  // no QEMU here: promotion is covered end to end
+    o.qemu_binary = "/bin/false";  // the backup's own "QEMU": exits at start
     o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     // Find a free port by binding to 0 through the OS.
@@ -426,7 +427,7 @@ TEST(BackupFullDisk, RefusesWithResourceExhausted) {
     ASSERT_TRUE(fd.ok());
     wire::Link l(std::move(fd).value());
     ASSERT_TRUE(wire::ClientHandshake(l, *TestKey('k'), "127.0.0.1", "vm1", 2000).ok());
-    ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, nlohmann::json{{"argv", {"qemu"}}}.dump()).ok());
+    ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, nlohmann::json{{"argv", {"qemu-system-x86_64"}}}.dump()).ok());
     nlohmann::json begin = {{"total_bytes", 16 << 20},
                             {"blocks", {{{"id", "pc.ram"}, {"used_length", 16 << 20}}}},
                             {"configuration", "0700000003616263"}};
@@ -552,6 +553,7 @@ class BackupServerAutoPromoteTest : public BackupServerTest {
     o.tls = BackupTls('k');
     o.auto_promote = true;
     o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    o.qemu_binary = "/nonexistent/qemu-system-x86_64";  // fails to start, as the tests want
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     for (uint16_t port = 27300; port < 27400 && !port_; port++)
       if (server_->Listen({"127.0.0.1", port}).ok()) port_ = port;

@@ -399,6 +399,10 @@ class World:
         if listen:
             addr = f"{listen_host}:{free_port()}"
             argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
+            # The test guest boots from files a restored guest reads on this
+            # host: the backup must allow their directory (its peer policy).
+            for d in sorted({str(KERNEL.parent), str(INITRD.parent)}):
+                argv += ["--allow-qemu-files", d]
         if ack_delay_ms is not None:
             argv += ["--ack-delay-ms", str(ack_delay_ms)]
         if fault:
