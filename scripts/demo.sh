@@ -50,7 +50,7 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((PORT + 1))/health" >/dev/n
 ARB=(--etcd-endpoints "http://127.0.0.1:$((PORT + 1))" --lease-ttl-ms 3000)
 say "starting the backup remusd (127.0.0.1:$PORT) and the primary remusd"
 "$REMUSD" --state-dir "$D/b" --key-file "$D/key" --control "$D/b.sock" --listen "127.0.0.1:$PORT" \
-  "${ARB[@]}" --host-id backup 2>"$D/backup.log" &
+  --allow-qemu-files "$BUILD/guest" "${ARB[@]}" --host-id backup 2>"$D/backup.log" &
 PIDS+=($!)
 "$REMUSD" --state-dir "$D/a" --key-file "$D/key" --control "$D/a.sock" "${ARB[@]}" --host-id primary \
   2>"$D/primary.log" &
