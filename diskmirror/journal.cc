@@ -26,15 +26,16 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Reads [pos, pos+n) of a file through a window buffer; sequential scans
-// read kScanChunk at a time.
+// Reads [pos, pos+n) of a file of `size` bytes through a window buffer;
+// sequential scans read kScanChunk at a time (less near the end of the file,
+// so a small journal costs no 4 MiB buffer).
 class Window {
  public:
-  explicit Window(File* f) : f_(f) {}
+  Window(File* f, uint64_t size) : f_(f), size_(size) {}
   // Returns a pointer to n bytes at pos, or nullptr if the file ends first.
   StatusOr<const uint8_t*> Get(uint64_t pos, size_t n) {
     if (pos >= pos_ && pos + n <= pos_ + len_) return buf_.data() + (pos - pos_);
-    size_t want = std::max(n, kScanChunk);
+    size_t want = std::max<uint64_t>(n, std::min<uint64_t>(kScanChunk, size_ > pos ? size_ - pos : 0));
     if (buf_.size() < want) buf_.resize(want);
     ASSIGN_OR_RETURN(size_t got, f_->Read(pos, {buf_.data(), want}));
     pos_ = pos;
@@ -45,6 +46,7 @@ class Window {
 
  private:
   File* f_;
+  uint64_t size_;
   std::vector<uint8_t> buf_;
   uint64_t pos_ = 0;
   size_t len_ = 0;
@@ -106,9 +108,14 @@ Status Journal::Create() {
   sb_ = journal::Superblock{1, 1, false, 0, opts_.disk_size};
   recovery_ = JournalRecovery{};
   recovery_.created = true;
-  uint8_t slot[journal::kSlotSize];
-  journal::EncodeSuperblock(sb_, slot);
-  RETURN_IF_ERROR(file_->Write(journal::kSlotOffset[1], {slot, sizeof slot}));
+  // Slot 0 is zeroed with it: a file too short to read a slot from may still
+  // hold a stale superblock there, which would outrank this one once the
+  // file is long enough (and name another generation, killing our records).
+  uint8_t slots[2][journal::kSlotSize] = {};
+  journal::EncodeSuperblock(sb_, slots[1]);
+  const WriteOp ops[2] = {{journal::kSlotOffset[0], {slots[0], journal::kSlotSize}},
+                          {journal::kSlotOffset[1], {slots[1], journal::kSlotSize}}};
+  RETURN_IF_ERROR(file_->Write(ops));
   RETURN_IF_ERROR(file_->Truncate(kDataStart));
   RETURN_IF_ERROR(file_->Sync());
   RETURN_IF_ERROR(io_->SyncDir(Dirname(path_)));
@@ -162,7 +169,7 @@ Status Journal::Scan(uint64_t size, uint64_t* valid_end) {
   std::optional<uint64_t> lower;  // records must be of a later epoch
   if (sb_.has_applied) lower = sb_.applied_epoch;
 
-  Window w(file_.get());
+  Window w(file_.get(), size);
   uint64_t pos = kDataStart;
   std::string stop_reason;
   while (pos < size) {
@@ -243,7 +250,8 @@ Status Journal::Scan(uint64_t size, uint64_t* valid_end) {
 }
 
 Status Journal::CheckNoCommitAfter(uint64_t from, uint64_t size, std::optional<uint64_t> lower) {
-  std::vector<uint8_t> buf(kScanChunk + kRecordHeaderSize);
+  // A window of kScanChunk candidates plus one header; only what the file holds.
+  std::vector<uint8_t> buf(std::min<uint64_t>(kScanChunk, size - from) + kRecordHeaderSize);
   uint8_t magic[4];
   StoreU32(magic, journal::kRecordMagic);
   for (uint64_t base = from; base < size; base += kScanChunk) {

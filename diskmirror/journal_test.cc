@@ -649,6 +649,27 @@ TEST_F(JournalDamageTest, DamagedSuperblocks) {
   EXPECT_NE(j.status().message().find("superblocks"), std::string::npos) << j.status().message();
 }
 
+// A journal created over a short file whose first bytes hold a valid
+// superblock (of whatever used the file before) must not let that stale
+// slot outrank its own: the stale one names another generation, so the new
+// journal's committed records would be dropped as dead on the next open.
+// Found by tests/fuzz/fuzz_journal.
+TEST_F(JournalTest, CreateOverAShortFileClearsAStaleSuperblock) {
+  uint8_t slot[journal::kSlotSize];
+  journal::EncodeSuperblock(journal::Superblock{/*seq=*/9, /*generation=*/7, false, 0, kDisk}, slot);
+  io_.SetContents(kJournal, std::vector<uint8_t>(slot, slot + 200));  // shorter than a slot: not read as one
+  {
+    auto j = OpenJournal();
+    ASSERT_TRUE(j.ok()) << j.status().ToString();
+    EXPECT_TRUE((*j)->recovery().created);
+    ASSERT_TRUE(AppendEpoch(j->get(), 1, SampleEpochs()[0]).ok());
+    ASSERT_TRUE((*j)->Commit(1).ok());
+  }
+  auto j = OpenJournal();
+  ASSERT_TRUE(j.ok()) << j.status().ToString();
+  EXPECT_EQ((*j)->recovery().committed_pending, std::vector<uint64_t>{1}) << "the committed epoch survives";
+}
+
 TEST_F(JournalDamageTest, RandomGarbageNeverCrashesRecovery) {
   Build();
   auto f = io_.Contents(kJournal);

@@ -59,7 +59,7 @@ class NbdServer::Session {
  public:
   Session(NbdServer* server, int fd) : s_(server), fd_(fd) {}
 
-  void Run() {
+  Status Run() {
     Status st = Handshake();
     if (st.ok() && go_) st = Transmission();
     if (st.ok()) {
@@ -70,6 +70,7 @@ class NbdServer::Session {
     } else {
       LOG_INFO(s_->opts_.tag) << "connection ended: " << st.message();
     }
+    return st;
   }
 
  private:
@@ -390,6 +391,11 @@ uint16_t NbdServer::transmission_flags() const {
   return f;
 }
 
+Status NbdServer::ServeConnection(int fd) {
+  stats_.connections++;
+  return Session(this, fd).Run();
+}
+
 std::string NbdServer::UnixUri() const { return "nbd+unix:///" + exp_.name + "?socket=" + opts_.unix_path; }
 
 StatusOr<std::unique_ptr<NbdServer>> NbdServer::Start(NbdExport exp, DiskSink* sink, NbdServerOptions opts) {
@@ -465,7 +471,7 @@ void NbdServer::AcceptLoop(int listen_fd) {
     c->fd = std::move(fd).value();
     Conn* raw = c.get();
     raw->thread = std::thread([this, raw] {
-      Session(this, raw->fd.get()).Run();
+      (void)Session(this, raw->fd.get()).Run();
       // Hang up now, not when the thread is reaped. Under mu_, so Stop()
       // never shuts down a descriptor number that was reused meanwhile.
       MutexLock g(mu_);

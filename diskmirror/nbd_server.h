@@ -99,6 +99,15 @@ class NbdServer {
   // Idempotent. After it returns no thread of the server touches the sink.
   void Stop();
 
+  // Serves one connected client on the calling thread, as an accepted
+  // connection is served, until the session ends; the caller keeps fd.
+  // Returns how it ended: OK when the client disconnected (NBD_CMD_DISC,
+  // NBD_OPT_ABORT), Aborted for a protocol violation, NotFound for an unknown
+  // export name, else the I/O error (Unavailable when the client hung up
+  // mid-message). For tests and the fuzz target (tests/fuzz/fuzz_nbd.cc);
+  // not counted against max_connections.
+  Status ServeConnection(int fd);
+
   const std::string& unix_path() const { return opts_.unix_path; }
   // The bound TCP port (0 without a TCP listener).
   uint16_t tcp_port() const { return tcp_port_; }

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <thread>
 
 #include "common/io.h"
 #include "tests/fakes/temp_dir.h"
@@ -584,6 +585,39 @@ TEST_F(NbdServerTest, StopReturnsPromptlyWithClientsConnected) {
   EXPECT_TRUE(a.Closed());
   EXPECT_TRUE(b.Closed());
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/nbd.sock"));
+}
+
+// ServeConnection runs the session of an accepted connection on the calling
+// thread and says how it ended (tests/fuzz/fuzz_nbd.cc relies on it).
+TEST_F(NbdServerTest, ServeConnectionServesOneClientOnTheCallingThread) {
+  StartServer();
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  Fd server_end(sv[0]);
+  RawClient c{Fd(sv[1])};
+  Status ended;
+  std::thread t([&] { ended = server_->ServeConnection(server_end.get()); });
+  c.HandshakeGo();
+  EXPECT_EQ(c.Do(nbd::kCmdWrite, 4096, 4, 0, "abcd"), 0);
+  std::string d;
+  c.Request(nbd::kCmdRead, 4096, 4);
+  EXPECT_EQ(c.Reply(4, &d), 0);
+  EXPECT_EQ(d, "abcd");
+  c.Request(nbd::kCmdDisc, 0, 0);
+  t.join();
+  EXPECT_TRUE(ended.ok()) << ended.ToString();
+  EXPECT_EQ(File()[4096], 'a');
+
+  // A protocol violation is Aborted.
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  Fd server_end2(sv[0]);
+  RawClient c2{Fd(sv[1])};
+  std::thread t2([&] { ended = server_->ServeConnection(server_end2.get()); });
+  c2.Hello();
+  c2.ClientFlags(0x80);
+  t2.join();
+  EXPECT_EQ(ended.code(), Code::kAborted) << ended.ToString();
+  EXPECT_EQ(server_->stats().protocol_violations.load(), 1u);
 }
 
 }  // namespace

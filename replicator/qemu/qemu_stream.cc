@@ -1,6 +1,8 @@
 #include "replicator/qemu/qemu_stream.h"
 
 #include <cstring>
+#include <map>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -97,7 +99,8 @@ StatusOr<uint64_t> StreamParser::ReadRamRecords(PageSink* sink, uint64_t* zero_p
       return DataLoss("ram record at offset " + std::to_string(at) + " continues a block but none was named");
     }
     const RamBlock& b = blocks_[static_cast<size_t>(current_block_)];
-    if (offset + kPageSize > b.used_length)
+    // Not offset + kPageSize > used_length: that wraps for an offset near 2^64.
+    if (offset >= b.used_length || b.used_length - offset < kPageSize)
       return DataLoss("ram record at offset " + std::to_string(at) + " writes " + Hex(offset) + " beyond block '" +
                       b.id + "' of " + std::to_string(b.used_length) + " bytes");
     const uint8_t* data = nullptr;
@@ -121,34 +124,52 @@ StatusOr<uint64_t> StreamParser::ReadRamRecords(PageSink* sink, uint64_t* zero_p
 Status StreamParser::ReadInitialDeviceTail(InitialInfo* info) {
   // The device sections carry no lengths. QEMU writes them, EOF and the
   // VMDESCRIPTION, then waits for checkpoint-ready, so the stream pauses
-  // right after `00 06 <be32 L> <L bytes of JSON>`. Whenever what we hold
-  // ends in '}', look for that exact framing at the end.
+  // right after `00 06 <be32 L> <L bytes of JSON>`. After each read, the
+  // earliest candidate whose description has all arrived and is valid wins.
+  //
+  // Each position is judged once when it arrives: not a candidate, or
+  // rejected for good (a length over the limit), or pending until its
+  // description is complete, then judged for good. So a tail that arrives
+  // in many small reads costs O(n log n), not a rescan of it all per read.
   std::string buf;
-  size_t scanned = 0;  // candidates before this offset were rejected for good
+  size_t scanned = 0;                         // positions before this were judged
+  std::multimap<size_t, size_t> pending;      // end of the description -> candidate
+  auto valid = [&](size_t p, size_t end) {    // REQUIRES end <= buf.size()
+    return end > p + 6 && buf[end - 1] == '}' &&
+           nlohmann::json::accept(std::string_view(buf.data() + p + 6, end - p - 6));
+  };
   for (;;) {
     if (buf.size() >= kMaxDeviceState + kMaxVmDescriptionLen)
       return ResourceExhausted("initial device state exceeds " + std::to_string(kMaxDeviceState) + " bytes");
-    ASSIGN_OR_RETURN(size_t got, in_->ReadAvailable(&buf, 1 << 20));
-    for (size_t p = scanned; p + 6 <= buf.size(); p++) {
+    RETURN_IF_ERROR(in_->ReadAvailable(&buf, 1 << 20).status());
+    std::optional<size_t> found;
+    // Candidates that completed with this read (all before the new bytes).
+    while (!pending.empty() && pending.begin()->first <= buf.size()) {
+      auto [end, p] = *pending.begin();
+      pending.erase(pending.begin());
+      if (valid(p, end) && (!found || p < *found)) found = p;
+    }
+    // New positions: after every pending one, so the first valid one is
+    // only needed when none completed.
+    for (size_t p = scanned; !found && p + 6 <= buf.size(); p++) {
       if (buf[p] != 0 || buf[p + 1] != kSecVmDescription) continue;
       uint32_t len = LoadU32(buf.data() + p + 2);
       if (len > kMaxVmDescriptionLen) continue;
       size_t end = p + 6 + len;
-      if (end > buf.size()) continue;  // may still complete: rescan later
-      if (len == 0 || buf[end - 1] != '}') continue;
-      std::string_view json(buf.data() + p + 6, len);
-      if (!nlohmann::json::accept(json)) continue;
-      info->vmdescription_json = std::string(json);
-      info->device_state = buf.substr(0, p + 1);  // up to and including EOF
-      // Bytes past the description belong to the COLO exchange.
-      in_->Unread(buf.size() - end);
-      if (static_cast<uint8_t>(info->device_state[0]) != kSecFull)
-        return DataLoss("initial device state does not start with a FULL section");
-      return OkStatus();
+      if (end > buf.size()) pending.emplace(end, p);
+      else if (valid(p, end)) found = p;
     }
-    // Candidates whose length field points past the buffer may complete later;
-    // keep rescanning from a bounded window back.
-    scanned = buf.size() > got + kMaxVmDescriptionLen ? buf.size() - got - kMaxVmDescriptionLen : 0;
+    scanned = buf.size() >= 5 ? buf.size() - 5 : 0;  // a header needs 6 bytes
+    if (!found) continue;
+    const size_t p = *found;
+    const size_t end = p + 6 + LoadU32(buf.data() + p + 2);
+    info->vmdescription_json = buf.substr(p + 6, end - p - 6);
+    info->device_state = buf.substr(0, p + 1);  // up to and including EOF
+    // Bytes past the description belong to the COLO exchange.
+    in_->Unread(buf.size() - end);
+    if (static_cast<uint8_t>(info->device_state[0]) != kSecFull)
+      return DataLoss("initial device state does not start with a FULL section");
+    return OkStatus();
   }
 }
 

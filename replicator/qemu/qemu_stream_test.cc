@@ -155,6 +155,52 @@ TEST(QemuStream, WriterRoundTrip) {
   EXPECT_EQ(info.zero_pages, 2u);
 }
 
+// The device tail has no length: the parser looks for `00 06 <len> <json>`
+// at the end of what arrived. A big tail full of `00 06` look-alikes whose
+// lengths point past the end, arriving in small reads, is judged in linear
+// time (each candidate once, the incomplete ones again); this took seconds
+// before, rescanning the whole tail on every read (found while making
+// tests/fuzz/fuzz_qemu_stream fast).
+TEST(QemuStream, LongDeviceTailInSmallReads) {
+  std::string s = BuildInitial([](StreamWriter&, std::string&) {});
+  std::string tail = DeviceTail();
+  const size_t at = s.size() - tail.size();
+  std::string dev;
+  PutU8(&dev, kSecFull);
+  for (int i = 0; i < 300000; ++i) dev += std::string("\x00\x06\x00\x10\x00\x00 ", 7);  // 1 MiB descriptions: never complete
+  PutU8(&dev, kSecEof);
+  std::string json = R"({"page_size":4096,"devices":[]})";
+  std::string big = s.substr(0, at) + dev;
+  PutU8(&big, kSecVmDescription);
+  PutU32(&big, static_cast<uint32_t>(json.size()));
+  big += json;
+  big += "COLO";  // what follows the description is left unread
+  MemorySource src(big, 512);
+  BufferedReader in(&src, 4096);  // small reads reach the parser as such
+  StreamParser p(&in);
+  RecordingSink sink;
+  InitialInfo info;
+  Status st = p.ReadInitial(&sink, &info);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(info.device_state, dev);
+  EXPECT_EQ(info.vmdescription_json, json);
+  EXPECT_EQ(in.offset(), big.size() - 4);
+
+}
+
+// An offset whose end wraps past 2^64 is beyond the block too, not page 0
+// of it (found by tests/fuzz/fuzz_qemu_stream's check of every page's range).
+TEST(QemuStream, PageOffsetThatWrapsIsRefused) {
+  std::string s = BuildInitial([](StreamWriter& w, std::string&) {
+    w.ZeroPage(0, Blocks(), 0xFFFFFFFFFFFFF000ull);
+  });
+  RecordingSink sink;
+  Status st = ParseInitial(s, &sink);
+  EXPECT_EQ(st.code(), Code::kDataLoss) << st.ToString();
+  EXPECT_NE(st.message().find("beyond block 'pc.ram'"), std::string::npos) << st.message();
+  EXPECT_TRUE(sink.pages.empty());
+}
+
 TEST(QemuStream, UnknownRamFlagsRefused) {
   std::string s = BuildInitial([](StreamWriter&, std::string& out) {
     PutU64(&out, 0x40 /* XBZRLE */);

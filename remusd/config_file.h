@@ -1,0 +1,54 @@
+// remusd's flags and its config file (TOML or INI through CLI11; sample:
+// scripts/remusd.conf.example). main.cc binds the flags to a CLI::App with
+// AddRemusdFlags, parses argv and finishes with FinishRemusdFlags;
+// ParseRemusdConfig reads the text of a config file alone, as
+// `remusd --config FILE` does, for tests and the fuzz target
+// (tests/fuzz/fuzz_config.cc).
+//
+// Thread-safety: pure functions; a RemusdFlags is a value.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <CLI/CLI.hpp>
+
+#include "common/status.h"
+#include "remusd/daemon.h"
+
+namespace remus {
+
+// Everything remusd's command line and config file set.
+struct RemusdFlags {
+  DaemonOptions daemon;
+  std::string listen;  // --listen as given; FinishRemusdFlags parses it into daemon.listen
+  std::string log_level = "info";
+  int heartbeat_interval_ms = 100;
+  int heartbeat_timeout_ms = 1000;
+  bool cleanup_netbuf = false;  // one-shot actions: never from a config file
+  std::string check_netbuf;
+  std::string metrics_web_config;  // --metrics-web-config: loaded by main (remusd/web_config.h)
+};
+
+// Adds every remusd flag (and --config) to app, bound to *f, which must
+// outlive the app's parsing. A config file key is a long flag name without
+// its dashes; an unknown key is an error.
+void AddRemusdFlags(CLI::App* app, RemusdFlags* f);
+
+// The checks that span flags, after parsing: the heartbeat interval below the
+// timeout, --listen a HOST[:PORT] (into f->daemon.listen, port 7788 by
+// default), and f->daemon.heartbeat set. InvalidArgument naming the flag,
+// worded for "remusd: <message>".
+Status FinishRemusdFlags(RemusdFlags* f);
+
+// For a CLI11 parse error: the sentence remusd prints about its config file
+// (naming the file and the fix), or "" when the error is not about the config
+// file (then CLI11's own message and exit code apply).
+std::string DescribeConfigError(const CLI::ParseError& e, const std::string& config_path);
+
+// Parses the text of a config file, with no command line, then
+// FinishRemusdFlags. InvalidArgument with DescribeConfigError's sentence (or
+// CLI11's message) for a file remusd refuses. Never throws.
+StatusOr<RemusdFlags> ParseRemusdConfig(std::string_view text);
+
+}  // namespace remus
