@@ -167,16 +167,19 @@ TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
 // Defect 6: the primary came back within the timeout; the old session's
 // pending promotion must not end the new session.
 TEST_F(DomainTest, NewSessionCancelsTheOldSessionsPromotion) {
+  // A 2 s heartbeat timeout, not 400 ms: the new session must reach the
+  // backup within it, which a slow machine (TSan) sometimes missed.
+  const json config = testing::TestConfig("qemu-system-x86_64", 2000);
   {
     wire::Link& l = Connect();
-    testing::InitialSync(l, Config());
+    testing::InitialSync(l, config);
     l.Shutdown();
   }
   WaitState(DomainState::kPrimaryLost);
   wire::Link& l2 = Connect();
-  testing::InitialSync(l2, Config());
+  testing::InitialSync(l2, config);
   // Past the old session's deadline, the new primary alive all along.
-  for (int i = 0; i < 16; i++) {
+  for (int i = 0; i < 48; i++) {
     ASSERT_TRUE(l2.Send(MsgType::kHeartbeat, 0, "").ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -347,7 +350,12 @@ TEST_F(RecoverPromotingTest, ItsQemuRunsOnAsFailedOver) {
     execl("/bin/sh", "sh", "-c", "sleep 30 >/dev/null 2>&1", run.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Recover recognizes the guest by its command line: wait for the exec.
+  for (int i = 0; i < 500; i++) {
+    auto cmdline = ReadFileToString("/proc/" + std::to_string(child) + "/cmdline");
+    if (cmdline.ok() && cmdline->find(run) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   CrashWhilePromoting(child);
   EXPECT_EQ(domain_->state(), DomainState::kFailedOver) << Status().dump();
   EXPECT_EQ(Status()["qemu"]["pid"], child);
