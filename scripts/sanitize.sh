@@ -64,8 +64,11 @@ E2E_DEFAULT=(
   # remusctl's errors against both daemons; watch/stats/metrics (the HTTP endpoint)
   "$E2E/test_cli.py::test_cli_errors"
   "$E2E/test_cli_watch.py::test_watch_stats_metrics"
-  # faults: a corrupt frame; a kill during resync; a kill between LOADED and ACK
-  "$E2E/test_faults.py::test_corrupt_frame_stops_protection_and_backup_does_not_promote"
+  # faults: a tampered TLS record; a kill during resync; a kill between LOADED and ACK
+  "$E2E/test_faults.py::test_tampered_link_stops_protection_and_backup_does_not_promote[alter]"
+  # link security: certificates (OpenSSL paths), refusals; a hostile CONFIG from an authenticated peer
+  "$E2E/test_link_security.py::test_certificates_protect_and_refuse_strangers_expired_and_other_modes"
+  "$E2E/test_peer_policy.py::test_hostile_config_is_refused_before_anything_is_written[qemu-commandline]"
   "$E2E/test_faults.py::test_kill_during_resync_restores_no_stale_checkpoint"
   "$E2E/test_kill_phases.py::test_kill_between_loaded_and_ack"
   # disk mirroring (NBD server, journal) through a failover
