@@ -104,9 +104,13 @@ struct Notes {
   std::string failed_subject, failed_not_before, failed_not_after;
 };
 
-int g_notes_index = -1;  // SSL ex_data slot for Notes; set once in Create
+// The SSL ex_data slot for Notes (allocated once, thread-safe).
+int NotesIndex() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
 
-Notes* NotesOf(SSL* ssl) { return static_cast<Notes*>(SSL_get_ex_data(ssl, g_notes_index)); }
+Notes* NotesOf(SSL* ssl) { return static_cast<Notes*>(SSL_get_ex_data(ssl, NotesIndex())); }
 
 }  // namespace
 
@@ -308,8 +312,6 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Create(const LinkSecurit
   // remusd ignores it anyway; any process with a TLS link must too.
   static const bool sigpipe_ignored = (::signal(SIGPIPE, SIG_IGN), true);
   (void)sigpipe_ignored;
-  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
-  g_notes_index = index;
 
   std::shared_ptr<TlsContext> c(new TlsContext());
   c->role_ = role;
@@ -539,7 +541,7 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
   auto channel = std::make_unique<TlsChannel>(ssl);  // frees ssl on every path
   Notes notes;
   notes.ctx = &ctx;
-  SSL_set_ex_data(ssl, g_notes_index, &notes);
+  SSL_set_ex_data(ssl, NotesIndex(), &notes);
   if (SSL_set_fd(ssl, link.fd()) != 1) return Internal("OpenSSL: SSL_set_fd: " + TakeSslError());
   if (!ctx.psk()) {
     // Certificate mode: whose name the peer's certificate must carry.
@@ -555,7 +557,7 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
     }
   }
   Status s = RunHandshake(link, ssl, ctx, notes, peer, deadline, timeout_ms);
-  SSL_set_ex_data(ssl, g_notes_index, nullptr);
+  SSL_set_ex_data(ssl, NotesIndex(), nullptr);
   if (!s.ok()) {
     ERR_clear_error();
     return s;
