@@ -308,7 +308,8 @@ class World:
                 "--control", sock, "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms", "3000",
                 "--log-level", "debug"]
         if listen_port:
-            argv += ["--listen", f"127.0.0.1:{listen_port}", "--qemu", self.qemu, "--no-auto-promote"]
+            argv += ["--listen", f"127.0.0.1:{listen_port}", "--qemu", self.qemu, "--no-auto-promote",
+                     "--allow-qemu-files", os.path.dirname(self.kernel)]
         p, logf = self.spawn(f"remusd-{name}", argv, self.h)
         deadline = time.monotonic() + 15
         while not os.path.exists(sock):

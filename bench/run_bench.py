@@ -445,7 +445,9 @@ class RemusPair:
         self.a_sock = os.path.join(workdir, "a.sock")
         self.b_sock = os.path.join(workdir, "b.sock")
         b_argv = [env.remusd, "--state-dir", os.path.join(workdir, "b"), "--key-file", env.key,
-                  "--control", self.b_sock, "--listen", f"127.0.0.1:{self.port}"]
+                  "--control", self.b_sock, "--listen", f"127.0.0.1:{self.port}",
+                  # the backup's peer policy: restored guests boot from the test guest's files
+                  "--allow-qemu-files", os.path.dirname(env.kernel)]
         if ack_delay_ms:
             b_argv += ["--ack-delay-ms", str(ack_delay_ms)]
         if not auto_promote:

@@ -4,9 +4,16 @@ set(REMUS_COPTS -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wno-missin
 if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
   list(APPEND REMUS_COPTS -Wthread-safety)
 endif()
-if(REMUS_SANITIZE)
-  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer)
-  add_link_options(-fsanitize=address,undefined)
+# Sanitizers (REMUS_SANITIZE, see the top CMakeLists.txt). UBSan findings are
+# fatal (-fno-sanitize-recover) so that they fail the test that hits them.
+if(REMUS_SANITIZE STREQUAL "thread")
+  add_compile_options(-fsanitize=thread -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=thread)
+elseif(REMUS_SANITIZE STREQUAL "address" OR REMUS_SANITIZE MATCHES "^(ON|On|on|TRUE|True|true|YES|Yes|yes|Y|y|1)$")
+  add_compile_options(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=address,undefined -fno-sanitize-recover=undefined)
+elseif(REMUS_SANITIZE)
+  message(FATAL_ERROR "REMUS_SANITIZE=${REMUS_SANITIZE}: expected OFF, ON, address or thread")
 endif()
 
 # remus_cc_library(NAME name SRCS ... DEPS ...)

@@ -12,7 +12,19 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
   app->set_config("--config", "", "read flags from this TOML/INI file (command-line flags override it)");
   app->allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key is an error, not ignored
   app->add_option("--state-dir", o.state_dir, "where page stores and run files live")->capture_default_str();
-  app->add_option("--key-file", o.key_file, "shared key (remusctl keygen --out PATH), mode 0600")->capture_default_str();
+  CLI::Option* key_file =
+      app->add_option("--key-file", o.key_file, "shared key (remusctl keygen --out PATH), root-owned, mode 0600")
+          ->capture_default_str();
+  // Certificates instead of the key file: one way to authenticate links.
+  app->add_option("--tls-cert", o.tls_cert,
+                  "replication links: this host's certificate (PEM chain), instead of --key-file; with --tls-key and "
+                  "--tls-ca")
+      ->excludes(key_file);
+  app->add_option("--tls-key", o.tls_key, "the private key of --tls-cert (PEM; root-owned, mode 0600)")->excludes(key_file);
+  app->add_option("--tls-ca", o.tls_ca, "the CA that signed the peers' certificates (PEM)")->excludes(key_file);
+  app->add_option("--tls-peer-name", o.tls_peer_name,
+                  "the name (DNS or IP) the peer's certificate must carry; primary default: the --backup host; "
+                  "backup default: any certificate the CA signed");
   app->add_option("--control", o.control_socket, "control socket path (root only)")->capture_default_str();
   app->add_option("--listen", f->listen, "act as a backup, accepting primaries on HOST:PORT (port 7788 by default)");
   app->add_option("--heartbeat-interval-ms", f->heartbeat_interval_ms, "heartbeat period")
@@ -21,7 +33,22 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
   app->add_option("--heartbeat-timeout-ms", f->heartbeat_timeout_ms, "peer counts as lost after this much silence")
       ->capture_default_str()
       ->check(CLI::Range(2, 600000));
-  app->add_option("--qemu", o.qemu_binary, "QEMU binary for restored guests (default: the primary's)");
+  app->add_option("--qemu", o.qemu_binary,
+                  "QEMU binary for restored guests (default: the primary's qemu-system-ARCH, found in this host's "
+                  "PATH; the primary's path is never run)");
+  app->add_option("--allow-qemu-option", o.peer_policy.extra_options,
+                  "backup: accept this QEMU option (e.g. vnc) in a primary's command line, with any value "
+                  "(repeatable; see 'What the backup accepts from a peer' in docs/operator-guide.md)");
+  app->add_option("--allow-qemu-device", o.peer_policy.extra_devices,
+                  "backup: accept this -device driver in a primary's command line (repeatable)");
+  app->add_option("--allow-qemu-files", o.peer_policy.file_dirs,
+                  "backup: a directory whose files (kernels, initrds, firmware, read-only images) a restored guest "
+                  "may read (repeatable; none by default)");
+  app->add_option("--allow-shared-disks", o.peer_policy.shared_disk_dirs,
+                  "backup: shared storage: a writable disk this backup does not mirror may be opened at the "
+                  "primary's path when it lies under this directory (repeatable; none by default)");
+  app->add_option("--allow-libvirt-element", o.peer_policy.extra_libvirt_elements,
+                  "backup: accept this <devices> element (e.g. hostdev) in a primary's libvirt XML (repeatable)");
   app->add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");
   app->add_option("--libvirt-uri", o.libvirt_uri,
                   "libvirt of this host: protect without --qmp uses it (unless --connect), and a backup restores "
@@ -35,6 +62,9 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
   app->add_option("--metrics", o.metrics_listen,
                   "serve Prometheus metrics on http://ADDR:PORT/metrics (numeric IPv4 address, e.g. 127.0.0.1:9100); "
                   "off by default");
+  app->add_option("--metrics-web-config,--web.config.file", f->metrics_web_config,
+                  "TLS and basic auth for --metrics: a Prometheus exporter web config file (YAML: tls_server_config, "
+                  "basic_auth_users)");
   app->add_option("--arbiter", o.arbiter,
                   "who decides that a backup may take over: etcd (the default; needs --etcd-endpoints) or none "
                   "(fail-stop: a network partition or a frozen remusd can leave two running copies)")

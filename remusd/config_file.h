@@ -27,6 +27,7 @@ struct RemusdFlags {
   int heartbeat_timeout_ms = 1000;
   bool cleanup_netbuf = false;  // one-shot actions: never from a config file
   std::string check_netbuf;
+  std::string metrics_web_config;  // --metrics-web-config: loaded by main (remusd/web_config.h)
 };
 
 // Adds every remusd flag (and --config) to app, bound to *f, which must

@@ -63,12 +63,18 @@ Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)),
 Daemon::~Daemon() { Shutdown(); }
 
 Status Daemon::Start() {
-  // A FIFO or device given as the key file would block open(2) in LoadKey,
-  // before the signal thread runs: refuse it by its type first.
-  if (struct stat st {}; ::stat(opts_.key_file.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-    return InvalidArgument("key file " + opts_.key_file + " is not a regular file; create one with `remusctl keygen --out " +
-                           opts_.key_file + "`");
-  ASSIGN_OR_RETURN(key_, wire::LoadKey(opts_.key_file));
+  // Replication links: TLS 1.3 with the shared key, or with certificates.
+  wire::LinkSecurity sec;
+  sec.peer_name = opts_.tls_peer_name;
+  if (opts_.tls_cert.empty() && opts_.tls_key.empty() && opts_.tls_ca.empty()) {
+    ASSIGN_OR_RETURN(sec.key, wire::LoadKey(opts_.key_file));
+  } else {
+    sec.cert_file = opts_.tls_cert;
+    sec.key_file = opts_.tls_key;
+    sec.ca_file = opts_.tls_ca;
+  }
+  ASSIGN_OR_RETURN(tls_primary_, wire::TlsContext::Create(sec, wire::TlsRole::kPrimary));
+  ASSIGN_OR_RETURN(tls_backup_, wire::TlsContext::Create(sec, wire::TlsRole::kBackup));
   RETURN_IF_ERROR(ValidateArbiterOptions(opts_));
   if (opts_.arbiter == "etcd") {
     etcd::HttpClientOptions eo;
@@ -102,10 +108,11 @@ Status Daemon::Start() {
   if (opts_.listen) {
     BackupOptions bo;
     bo.state_dir = opts_.state_dir;
-    bo.key = key_;
+    bo.tls = tls_backup_;
     bo.heartbeat = opts_.heartbeat;
     bo.ack_delay_ms = opts_.ack_delay_ms;
     bo.qemu_binary = opts_.qemu_binary;
+    bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
@@ -131,12 +138,14 @@ Status Daemon::Start() {
                        const json none = json::object();
                        json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
-                     }));
-    LOG_INFO("remusd") << "metrics: http://" << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":"
-                       << metrics_->port() << "/metrics";
+                     }, opts_.metrics_web ? &*opts_.metrics_web : nullptr));
+    LOG_INFO("remusd") << "metrics: " << (metrics_->tls() ? "https" : "http") << "://"
+                       << opts_.metrics_listen.substr(0, opts_.metrics_listen.rfind(':')) << ":" << metrics_->port()
+                       << "/metrics"
+                       << (opts_.metrics_web && !opts_.metrics_web->basic_auth_users.empty() ? " (basic auth)" : "");
   }
   LOG_INFO("remusd") << "ready: control socket " << opts_.control_socket << ", state " << opts_.state_dir
-                     << ", key fingerprint " << wire::KeyFingerprint(key_);
+                     << ", replication links TLS 1.3 with " << tls_primary_->description();
   return OkStatus();
 }
 
@@ -369,7 +378,7 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.run_dir = opts_.state_dir + "/run";
   ASSIGN_OR_RETURN(int64_t interval, req.Int("interval_ms", 100, 1, 600000));
   po.interval_ms = static_cast<int>(interval);
-  po.key = key_;
+  po.tls = tls_primary_;
   po.heartbeat = opts_.heartbeat;
   po.arbiter = arbiter_.get();
   ASSIGN_OR_RETURN(po.netbuf.mode, req.String("netbuf", "plug"));

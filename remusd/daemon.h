@@ -32,10 +32,16 @@ struct DaemonOptions {
   std::string state_dir = "/var/lib/remus";
   std::string control_socket = "/run/remus/remusd.sock";
   std::string key_file = "/etc/remus/key";
+  // Certificate mode for replication links instead of the key file (all
+  // three, or none); the peer's expected name (replicator/link/tls.h).
+  std::string tls_cert, tls_key, tls_ca, tls_peer_name;
   std::optional<HostPort> listen;  // backup role
   HeartbeatConfig heartbeat;
   int ack_delay_ms = 0;
   std::string qemu_binary;
+  // Backup: what a primary's CONFIG may make this host run beyond the
+  // built-in allow-lists (replicator/backup/peer_policy.h).
+  PeerPolicy peer_policy;
   bool auto_promote = true;
   // libvirt mode: the libvirt a `protect` without --qmp (or --connect) uses
   // on this host, and the one a backup restores libvirt domains into; where
@@ -52,6 +58,9 @@ struct DaemonOptions {
   int control_idle_timeout_ms = 60000;
   // Prometheus endpoint, "ADDR:PORT" (remusd/metrics.h); empty: off.
   std::string metrics_listen;
+  // Its TLS and basic auth (--metrics-web-config, remusd/web_config.h);
+  // unset: plain HTTP, no authentication.
+  std::optional<WebConfig> metrics_web;
   // Arbitration (docs/architecture.md, "Arbitration"). "etcd", the default:
   // remusd refuses to start without etcd_endpoints, so no host runs without
   // arbitration by omission. "none": fail-stop, which a network partition
@@ -111,7 +120,8 @@ class Daemon {
 
   DaemonOptions opts_;
   const Clock& clock_;
-  wire::Key key_;
+  // One TLS context per role, shared by every link (tls.h).
+  std::shared_ptr<const wire::TlsContext> tls_primary_, tls_backup_;
   // Arbitration (--arbiter etcd): the etcd client and the arbiter the
   // primaries and the backup share. Before backup_: destroyed after it.
   std::unique_ptr<etcd::Kv> etcd_;

@@ -45,6 +45,18 @@ int main(int argc, char** argv) {
     std::printf("%s: %s\n", f.check_netbuf.c_str(), c.ok() ? "supported" : c.message().c_str());
     return c.ok() ? 0 : 1;
   }
+  if (const std::string& metrics_web_config = f.metrics_web_config; !metrics_web_config.empty()) {
+    if (o.metrics_listen.empty()) {
+      std::fprintf(stderr, "remusd: --metrics-web-config needs --metrics ADDR:PORT\n");
+      return 2;
+    }
+    auto web = remus::LoadWebConfig(metrics_web_config);
+    if (!web.ok()) {
+      std::fprintf(stderr, "remusd: %s\n", web.status().message().c_str());
+      return 2;
+    }
+    o.metrics_web = std::move(*web);
+  }
   if (remus::Status a = remus::ValidateArbiterOptions(o); !a.ok()) {
     std::fprintf(stderr, "remusd: %s\n", a.message().c_str());
     return 2;

@@ -2,6 +2,10 @@
 
 #include <arpa/inet.h>
 #include <civetweb.h>
+#include <dlfcn.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <unistd.h>
 #include <prometheus/metric_family.h>
 #include <prometheus/text_serializer.h>
 
@@ -10,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -209,6 +214,63 @@ Status CheckListenAddress(const std::string& addr) {
   return OkStatus();
 }
 
+// The TLS-capable civetweb: loads the OpenSSL 3 shims (ssl_shim.c), then
+// has civetweb load OpenSSL. Once per process; the result is kept.
+Status EnableCivetwebTls() {
+  static std::once_flag once;
+  static Status result;
+  std::call_once(once, [] {
+    if (!mg_check_feature(MG_FEATURES_TLS)) {
+      result = FailedPrecondition("this remusd's civetweb was built without TLS support");
+      return;
+    }
+    std::vector<std::filesystem::path> dirs;
+    char self[4096];
+    ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+      std::filesystem::path exe(std::string(self, static_cast<size_t>(n)));
+      dirs.push_back(exe.parent_path());
+      dirs.push_back((exe.parent_path() / ".." / "lib" / "remus").lexically_normal());
+    }
+#ifdef REMUS_CIVETWEB_SHIM_DIR
+    dirs.push_back(REMUS_CIVETWEB_SHIM_DIR);
+#endif
+    std::string tried;
+    bool loaded = false;
+    for (const auto& d : dirs) {
+      std::string crypto = (d / "libremus-civetweb-crypto.so").string(), ssl = (d / "libremus-civetweb-ssl.so").string();
+      tried += (tried.empty() ? "" : ", ") + d.string();
+      if (::access(ssl.c_str(), R_OK) != 0 || ::access(crypto.c_str(), R_OK) != 0) continue;
+      // Kept loaded for the life of the process: civetweb holds on to them.
+      if (::dlopen(crypto.c_str(), RTLD_NOW) == nullptr || ::dlopen(ssl.c_str(), RTLD_NOW) == nullptr) {
+        const char* e = ::dlerror();
+        result = FailedPrecondition(std::string("cannot load ") + ssl + ": " + (e ? e : "dlopen failed"));
+        return;
+      }
+      loaded = true;
+      break;
+    }
+    if (!loaded) LOG_WARN("metrics") << "libremus-civetweb-ssl.so not found in " << tried << "; TLS may fail";
+    unsigned features = mg_init_library(MG_FEATURES_TLS);
+    if (!(features & MG_FEATURES_TLS))
+      result = FailedPrecondition(
+          std::string("civetweb could not load OpenSSL") +
+          (loaded ? "" : " (libremus-civetweb-ssl.so and libremus-civetweb-crypto.so, which Debian 12's civetweb "
+                         "needs for OpenSSL 3, are not in " + tried + "; scripts/install-systemd.sh installs them)"));
+  });
+  return result;
+}
+
+std::string OpenSslError() {
+  std::string out;
+  while (unsigned long e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    out += (out.empty() ? "" : "; ") + std::string(buf);
+  }
+  return out.empty() ? "unknown OpenSSL error" : out;
+}
+
 }  // namespace
 
 std::string RenderMetrics(const json& domains) {
@@ -227,12 +289,64 @@ std::string RenderMetrics(const json& domains) {
   return out.str();
 }
 
-StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& addr, Source source) {
+Status MetricsServer::MakeSslCtx() {
+  const WebTlsConfig& t = *web_.tls;
+  ERR_clear_error();
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == nullptr) return Internal("SSL_CTX_new: " + OpenSslError());
+  ssl_ctx_ = ctx;  // freed by the destructor, also on the errors below
+  auto fail = [&](const std::string& what) {
+    return FailedPrecondition("metrics web config " + web_.path + ": " + what + ": " + OpenSslError());
+  };
+  if (SSL_CTX_set_min_proto_version(ctx, t.min_version) != 1) return fail("min_version");
+  SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  if (SSL_CTX_use_certificate_chain_file(ctx, t.cert_file.c_str()) != 1)
+    return fail("tls_server_config.cert_file " + t.cert_file);
+  if (SSL_CTX_use_PrivateKey_file(ctx, t.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
+    return fail("tls_server_config.key_file " + t.key_file + " (a PEM private key, the one of cert_file " +
+                t.cert_file + "?)");
+  if (SSL_CTX_check_private_key(ctx) != 1) return fail("key_file does not match cert_file");
+  static const unsigned char kSessionContext[] = "remusd-metrics";
+  SSL_CTX_set_session_id_context(ctx, kSessionContext, sizeof kSessionContext - 1);
+  if (!t.client_ca_file.empty()) {
+    if (SSL_CTX_load_verify_locations(ctx, t.client_ca_file.c_str(), nullptr) != 1)
+      return fail("tls_server_config.client_ca_file " + t.client_ca_file);
+    // The CA names offered to clients in the handshake.
+    STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(t.client_ca_file.c_str());
+    if (names == nullptr) return fail("tls_server_config.client_ca_file " + t.client_ca_file);
+    SSL_CTX_set_client_CA_list(ctx, names);
+  }
+  if (t.require_client_cert) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  return OkStatus();
+}
+
+// civetweb calls this when it sets up TLS (once, in mg_start2) and when it
+// frees its context; 1 tells it the SSL_CTX is ours, to use and not free.
+int MetricsServer::ExternalSslCtx(void** ssl_ctx, void* user_data) {
+  auto* self = static_cast<MetricsServer*>(user_data);
+  if (self->ssl_ctx_ == nullptr) {
+    if (Status st = self->MakeSslCtx(); !st.ok()) {
+      self->tls_error_ = st.message();
+      return -1;
+    }
+  }
+  *ssl_ctx = self->ssl_ctx_;
+  return 1;
+}
+
+StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& addr, Source source,
+                                                              const WebConfig* web) {
   RETURN_IF_ERROR(CheckListenAddress(addr));
   static std::once_flag init;
   std::call_once(init, [] { mg_init_library(0); });
   std::unique_ptr<MetricsServer> s(new MetricsServer(std::move(source)));
-  const char* options[] = {"listening_ports", addr.c_str(),
+  if (web) s->web_ = *web;
+  std::string listening = addr;
+  if (s->tls()) {
+    RETURN_IF_ERROR(EnableCivetwebTls().Annotate("metrics web config " + web->path + ": cannot serve TLS"));
+    listening += "s";  // civetweb: this port speaks TLS only
+  }
+  const char* options[] = {"listening_ports", listening.c_str(),
                            "num_threads", "2",
                            "request_timeout_ms", "10000",
                            "max_request_size", "8192",
@@ -243,11 +357,13 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string&
   std::memset(&cb, 0, sizeof cb);
   cb.begin_request = &MetricsServer::BeginRequest;
   cb.log_message = &LogMessage;
+  if (s->tls()) cb.external_ssl_ctx = &MetricsServer::ExternalSslCtx;
   mg_init_data init_data{&cb, s.get(), options};
   char err[256] = "";
   unsigned code = 0;
   mg_error_data error{&code, err, sizeof err};
   s->ctx_ = mg_start2(&init_data, &error);
+  if (s->ctx_ == nullptr && !s->tls_error_.empty()) return FailedPrecondition(s->tls_error_);
   if (s->ctx_ == nullptr)
     return Unavailable("cannot serve metrics on " + addr + ": " + (err[0] ? std::string(err) : "civetweb failed") +
                        " (is the address on this host and the port free? pick another with --metrics)");
@@ -263,7 +379,10 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string&
 }
 
 MetricsServer::~MetricsServer() {
-  if (!ctx_) return;
+  if (!ctx_) {
+    SSL_CTX_free(static_cast<SSL_CTX*>(ssl_ctx_));
+    return;
+  }
   // civetweb's listener polls in 2 s quanta and only then sees the stop
   // flag: connections wake it, so a daemon with --metrics stops promptly.
   std::atomic<bool> stopped{false};
@@ -276,6 +395,7 @@ MetricsServer::~MetricsServer() {
   mg_stop(ctx_);  // joins civetweb's threads
   stopped = true;
   poke.join();
+  SSL_CTX_free(static_cast<SSL_CTX*>(ssl_ctx_));  // civetweb was told not to
 }
 
 int MetricsServer::BeginRequest(mg_connection* c) {
@@ -283,6 +403,15 @@ int MetricsServer::BeginRequest(mg_connection* c) {
   const mg_request_info* ri = mg_get_request_info(c);
   std::string uri = ri->local_uri ? ri->local_uri : "";
   std::string method = ri->request_method ? ri->request_method : "";
+  // Basic auth, when configured, guards every path (as exporter-toolkit).
+  if (!self->web_.basic_auth_users.empty()) {
+    const char* authz = mg_get_header(c, "Authorization");
+    if (!CheckBasicAuth(self->web_.basic_auth_users, authz ? authz : "")) {
+      LOG_DEBUG("metrics") << "401 for " << method << " " << uri << (authz ? ": wrong credentials" : ": no credentials");
+      Reply(c, 401, "Unauthorized", "unauthorized\n", "WWW-Authenticate: Basic realm=\"remusd metrics\"\r\n");
+      return 401;
+    }
+  }
   if (uri != "/metrics") {
     Reply(c, 404, "Not Found", "not found: remusd serves GET /metrics only\n");
     return 404;

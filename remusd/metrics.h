@@ -1,5 +1,6 @@
 // remusd's Prometheus endpoint (`remusd --metrics ADDR:PORT`): GET /metrics
-// over plain HTTP/1.0 or 1.1 in the text exposition format, version 0.0.4.
+// over HTTP/1.0 or 1.1 (or HTTPS, below) in the text exposition format,
+// version 0.0.4.
 //
 // The metrics are rendered at scrape time from the domains' status JSON (the
 // same objects `remusctl status --json` shows), so there is one source of
@@ -15,6 +16,12 @@
 // without `version=0.0.4`, so requests are routed here, in civetweb's
 // begin_request callback.
 //
+// Optional TLS and HTTP basic auth come from a web config file in the
+// format of Prometheus exporters (remusd/web_config.h). TLS is civetweb's,
+// on an SSL_CTX remusd builds with OpenSSL (the external_ssl_ctx callback);
+// Debian 12's civetweb needs two shim libraries to load OpenSSL 3
+// (civetweb_openssl3/ssl_shim.c).
+//
 // Thread-safety: MetricsServer serves from its own civetweb threads (a fixed
 // pool; slow clients time out), so a scrape never blocks the daemon beyond
 // the status call it makes. The source callback runs on those threads.
@@ -28,6 +35,7 @@
 
 #include "common/io.h"
 #include "common/status.h"
+#include "remusd/web_config.h"
 
 struct mg_connection;  // civetweb
 struct mg_context;
@@ -51,19 +59,29 @@ class MetricsServer {
   // 0: any free port, see port(). Other paths get 404,
   // other methods 405; requests are limited to 8 KiB of headers and 10 s.
   // InvalidArgument for a malformed address, Unavailable when it cannot be
-  // bound.
-  static StatusOr<std::unique_ptr<MetricsServer>> Start(const std::string& addr, Source source);
+  // bound. With `web`: HTTPS instead of HTTP if web->tls (the certificate
+  // and key are read here; FailedPrecondition if TLS cannot be set up), and
+  // 401 without the credentials of one of web->basic_auth_users.
+  static StatusOr<std::unique_ptr<MetricsServer>> Start(const std::string& addr, Source source,
+                                                        const WebConfig* web = nullptr);
   // Stops serving; no call of the source is running or starts afterwards.
   ~MetricsServer();
 
   // The TCP port served.
   int port() const { return port_; }
+  // Whether it is served over TLS.
+  bool tls() const { return web_.tls.has_value(); }
 
  private:
   MetricsServer(Source source) : source_(std::move(source)) {}
   static int BeginRequest(mg_connection* conn);
+  static int ExternalSslCtx(void** ssl_ctx, void* user_data);
+  Status MakeSslCtx();
 
   Source source_;
+  WebConfig web_;             // set before civetweb starts, read-only after
+  void* ssl_ctx_ = nullptr;   // SSL_CTX*, owned; freed after mg_stop
+  std::string tls_error_;     // why MakeSslCtx failed, for Start's message
   mg_context* ctx_ = nullptr;
   int port_ = 0;
   HostPort poke_;  // where the destructor connects to wake civetweb's listener

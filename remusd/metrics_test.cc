@@ -1,6 +1,7 @@
 #include "remusd/metrics.h"
 
 #include <civetweb.h>
+#include <crypt.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -235,6 +236,48 @@ TEST(MetricsServer, ServesGetMetricsOnly) {
   // ... and the server still answers afterwards.
   r = HttpExchange(port, "GET /metrics HTTP/1.0\r\n\r\n");
   EXPECT_EQ(r.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << r;
+}
+
+TEST(MetricsServer, BasicAuthGuardsEveryPath) {
+  char salt[CRYPT_GENSALT_OUTPUT_SIZE];
+  ASSERT_NE(crypt_gensalt_rn("$2b$", 4, nullptr, 0, salt, sizeof salt), nullptr);
+  crypt_data data{};
+  WebConfig web;
+  web.path = "web.yml";
+  web.basic_auth_users["alice"] = crypt_rn("pw", salt, &data, sizeof data);
+  auto s = MetricsServer::Start("127.0.0.1:0", [] { return json::array({PrimaryStatus("web1")}); }, &web);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  EXPECT_FALSE((*s)->tls());
+  int port = (*s)->port();
+  std::string r = HttpExchange(port, "GET /metrics HTTP/1.0\r\n\r\n");
+  EXPECT_EQ(r.rfind("HTTP/1.1 401 ", 0), 0u) << r;
+  EXPECT_NE(r.find("WWW-Authenticate: Basic realm="), std::string::npos) << r;
+  EXPECT_EQ(r.find("remus_"), std::string::npos) << r;
+  // "alice:px", then "alice:pw", base64.
+  r = HttpExchange(port, "GET /metrics HTTP/1.0\r\nAuthorization: Basic YWxpY2U6cHg=\r\n\r\n");
+  EXPECT_EQ(r.rfind("HTTP/1.1 401 ", 0), 0u) << r;
+  r = HttpExchange(port, "GET / HTTP/1.0\r\n\r\n");
+  EXPECT_EQ(r.rfind("HTTP/1.1 401 ", 0), 0u) << r;
+  r = HttpExchange(port, "GET /metrics HTTP/1.0\r\nAuthorization: Basic YWxpY2U6cHc=\r\n\r\n");
+  EXPECT_EQ(r.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << r;
+  EXPECT_NE(r.find("remus_checkpoints_total{domain=\"web1\",role=\"primary\"} 42\n"), std::string::npos) << r;
+  r = HttpExchange(port, "GET / HTTP/1.0\r\nAuthorization: Basic YWxpY2U6cHc=\r\n\r\n");
+  EXPECT_EQ(r.rfind("HTTP/1.1 404 ", 0), 0u) << r;
+}
+
+TEST(MetricsServer, TlsErrorsNameTheFile) {
+  WebConfig web;
+  web.path = "/etc/remus/web.yml";
+  web.tls = WebTlsConfig{};
+  web.tls->cert_file = "/nonexistent/metrics.crt";
+  web.tls->key_file = "/nonexistent/metrics.key";
+  auto s = MetricsServer::Start("127.0.0.1:0", [] { return json::array(); }, &web);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Code::kFailedPrecondition) << s.status().ToString();
+  EXPECT_NE(s.status().message().find("metrics web config /etc/remus/web.yml: tls_server_config.cert_file "
+                                      "/nonexistent/metrics.crt: "),
+            std::string::npos)
+      << s.status().message();
 }
 
 TEST(MetricsServer, AddressErrorsSayWhatToUse) {

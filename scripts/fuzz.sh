@@ -24,7 +24,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${REMUS_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 FUZZ=$ROOT/tests/fuzz
-ALL="fuzz_messages fuzz_qemu_stream fuzz_link fuzz_page_batch fuzz_nbd fuzz_journal fuzz_libvirt_xml fuzz_request fuzz_config"
+ALL="fuzz_messages fuzz_qemu_stream fuzz_link fuzz_page_batch fuzz_nbd fuzz_journal fuzz_libvirt_xml fuzz_request fuzz_config fuzz_tls_handshake"
 SECONDS_EACH=""
 BUDGET=240
 RUNS=""

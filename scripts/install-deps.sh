@@ -7,8 +7,9 @@ set -euo pipefail
 PKGS=(
   # build
   build-essential cmake ninja-build pkg-config
-  # scripts/check-thread-safety.sh: clang's -Wthread-safety over the sources
-  clang
+  # scripts/check-thread-safety.sh: clang's -Wthread-safety over the sources;
+  # scripts/sanitize.sh: clang's ASan/UBSan/TSan builds (runtimes: libclang-rt-14-dev)
+  clang libclang-rt-14-dev
   # libraries
   libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
   liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev libxml2-dev
@@ -18,6 +19,8 @@ PKGS=(
   libcurl4-openssl-dev
   # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb
   prometheus-cpp-dev libcivetweb-dev
+  # remusd --metrics-web-config: its YAML (yaml-cpp); bcrypt hashes through libxcrypt
+  libyaml-cpp-dev libcrypt-dev
   # the hypervisor and tools the tests drive
   qemu-system-x86 qemu-utils socat iproute2 iptables
   # the test guest (scripts/build-guest.sh)
@@ -25,7 +28,7 @@ PKGS=(
   # QEMU source build (scripts/build-qemu.sh)
   dpkg-dev meson libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison libfdt-dev libslirp-dev
   # end-to-end tests
-  python3 python3-pytest
+  python3 python3-pytest python3-cryptography
   # arbiter tests start their own etcd clusters (/usr/bin/etcd); etcdctl for debugging them
   etcd-server etcd-client
   # NBD clients for diskmirror's interoperability tests (nbdinfo, nbdcopy)

@@ -3,6 +3,8 @@
 #
 #   build/remusd/remusd              -> /usr/local/sbin/remusd
 #   build/tools/remusctl/remusctl    -> /usr/local/bin/remusctl
+#   build/remusd/libremus-civetweb-{ssl,crypto}.so -> /usr/local/lib/remus/
+#                                       (TLS on the metrics endpoint: remusd/civetweb_openssl3/)
 #   scripts/remus-netbuf-setup       -> /usr/local/bin/remus-netbuf-setup
 #   scripts/systemd/remusd.service   -> /etc/systemd/system/remusd.service
 #   scripts/systemd/remusd@.service  -> /etc/systemd/system/remusd@.service
@@ -53,7 +55,8 @@ fi
 
 SRC_REMUSD=$BUILD/remusd/remusd
 SRC_REMUSCTL=$BUILD/tools/remusctl/remusctl
-for f in "$SRC_REMUSD" "$SRC_REMUSCTL" "$BUILD/remusd/remus-fence"; do
+for f in "$SRC_REMUSD" "$SRC_REMUSCTL" "$BUILD/remusd/remus-fence" "$BUILD/remusd/libremus-civetweb-ssl.so" \
+         "$BUILD/remusd/libremus-civetweb-crypto.so"; do
   if [ ! -x "$f" ]; then
     log "$f is missing: build first (scripts/build.sh, or --build-dir DIR)"; exit 1
   fi
@@ -82,6 +85,11 @@ put "$SRC_REMUSD" /usr/local/sbin/remusd 0755
 # The fence watchdog remusd starts with --arbiter etcd: it looks next to itself.
 put "$BUILD/remusd/remus-fence" /usr/local/sbin/remus-fence 0755
 put "$SRC_REMUSCTL" /usr/local/bin/remusctl 0755
+# Let Debian 12's civetweb load OpenSSL 3 for --metrics-web-config's TLS;
+# remusd looks in ../lib/remus from its own directory.
+for shim in ssl crypto; do
+  put "$BUILD/remusd/libremus-civetweb-$shim.so" /usr/local/lib/remus/libremus-civetweb-$shim.so 0644
+done
 put "$ROOT/scripts/remus-netbuf-setup" /usr/local/bin/remus-netbuf-setup 0755
 changed=0
 put "$ROOT/scripts/systemd/remusd.service" /etc/systemd/system/remusd.service 0644
@@ -131,7 +139,9 @@ else
 #REMUSD_ARGS="--arbiter none"
 #
 # Other flags: --qemu PATH (QEMU binary for restored guests, default the
-# primary's), --heartbeat-interval-ms N (100), --heartbeat-timeout-ms N
+# qemu-system-ARCH of the primary's binary's name from this host's PATH),
+# --allow-qemu-files DIR (B: where a restored guest's kernel, initrd and
+# firmware may come from; section 15 of the operator guide), --heartbeat-interval-ms N (100), --heartbeat-timeout-ms N
 # (1000), --metrics ADDR:PORT (Prometheus, no authentication: loopback or a
 # management network), --log-level debug|info|warn|error, --config FILE
 # (flags from a file, where this remusd version has it; the command line,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs every test: unit tests (CTest/GoogleTest), the clang
-# thread-safety check, and the end-to-end tests against a real QEMU
-# (tests/e2e, pytest). Sets everything up first:
+# thread-safety check, the end-to-end tests against a real QEMU (tests/e2e,
+# pytest), the libFuzzer targets for a bounded time (scripts/fuzz.sh), and
+# the unit tests plus an e2e subset under ASan+UBSan and the unit tests under
+# TSan (scripts/sanitize.sh). Sets everything up first:
 # packages, the patched QEMU (cached in /var/cache/remus), the test guest.
 # Idempotent. Needs root (packages, QEMU processes, network namespaces).
 #
@@ -31,3 +33,7 @@ say "QEMU COLO self-test (1000 checkpoints)"
 python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU" --count 1000
 say "end-to-end tests"
 REMUS_BUILD_DIR="$BUILD" /usr/bin/python3 -m pytest -v -p no:cacheprovider --durations=15 "$ROOT/tests/e2e"
+say "fuzz targets (libFuzzer): regressions, then each target on its corpus for a bounded time"
+"$ROOT/scripts/fuzz.sh" --seconds 10
+say "sanitizers (ASan+UBSan: unit tests + e2e subset; TSan: unit tests)"
+REMUS_BUILD_DIR="$BUILD" "$ROOT/scripts/sanitize.sh" all

@@ -12,9 +12,11 @@
 #include "replicator/libvirt/restore.h"
 #include "common/log.h"
 #include "diskmirror/disk_replica.h"
+#include "replicator/backup/peer_policy.h"
 #include "replicator/backup/promoter.h"
 #include "replicator/backup/records.h"
 #include "replicator/backup/recovery.h"
+#include "replicator/libvirt/xml_policy.h"
 #include "replicator/link/page_batch.h"
 
 namespace remus {
@@ -164,6 +166,11 @@ Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
   if (theirs != arbiter_->name())
     return FailedPrecondition("the primary runs with --arbiter " + theirs + " but this backup with --arbiter " +
                               std::string(arbiter_->name()) + "; give both hosts the same arbiter");
+  // What the primary would have this host run, checked before anything here
+  // changes: a refusal writes nothing, starts nothing, and (as ERROR) leaves
+  // the primary's guest running unprotected.
+  if (Status p = CheckPeerConfig(c, opts_.peer_policy, !opts_.qemu_binary.empty()); !p.ok())
+    return Status(p.code(), "domain " + name_ + ": " + p.message() + "; this backup refuses to protect it");
   RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
   MutexLock g(mu_);
   session_config_ = std::move(c);
@@ -470,6 +477,23 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
 }
 
 Status BackupDomain::DoPromote(const PromoteInput& in) {
+  // Defence in depth: the config.json a restart read back is peer input too,
+  // and the policy may have changed since it was accepted.
+  bool via_libvirt = in.config.libvirt.has_value();
+  RETURN_IF_ERROR(CheckPeerConfig(in.config, opts_.peer_policy, !opts_.qemu_binary.empty())
+                      .Annotate("domain " + name_ + ": the stored configuration of checkpoint " +
+                                std::to_string(in.epoch) + " is refused"));
+  // The QEMU to run: ours, never a path the primary chose.
+  std::string qemu = opts_.qemu_binary;
+  if (qemu.empty() && via_libvirt) {
+    std::string emulator = DomainXmlEmulator(in.config.libvirt->xml);
+    if (!emulator.empty()) {
+      ASSIGN_OR_RETURN(qemu, ResolveQemuBinary("", emulator));
+    }
+  } else if (qemu.empty() && !in.config.argv.empty()) {
+    // Checked to be qemu-system-ARCH: posix_spawnp finds it in our PATH.
+    qemu = std::filesystem::path(in.config.argv[0]).filename().string();
+  }
   RestoreRequest req;
   req.domain = name_;
   req.store = in.store;
@@ -487,8 +511,6 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
     for (size_t i = 0; i < in.disks->size(); i++) req.drive_images[in.disks->disk(i).id] = in.disks->ImagePath(i);
   }
   RETURN_IF_ERROR(MakeDirs(req.run_dir, 0700));
-  // A libvirt domain's disks are named by their <target dev=>.
-  bool via_libvirt = in.config.libvirt.has_value();
   // Before anything can start the guest: a crash of remusd from here on must
   // never lead to restoring this checkpoint again (Recover).
   json marker = {{"epoch", in.epoch}, {"via", via_libvirt ? "libvirt" : "qemu"}, {"pid", -1}};
@@ -504,9 +526,9 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   std::unique_ptr<Promoter> promoter;
   if (via_libvirt)
     promoter = std::make_unique<LibvirtPromoter>(
-        LibvirtPromoterOptions{opts_.libvirt_uri, opts_.libvirt_pid_dir, opts_.qemu_binary});
+        LibvirtPromoterOptions{opts_.libvirt_uri, opts_.libvirt_pid_dir, qemu});
   else
-    promoter = std::make_unique<QemuPromoter>(launcher_, QemuPromoterOptions{opts_.qemu_binary, opts_.qemu_start_timeout_ms});
+    promoter = std::make_unique<QemuPromoter>(launcher_, QemuPromoterOptions{qemu, opts_.qemu_start_timeout_ms});
   StatusOr<RestoredGuest> g = promoter->Restore(req);
   MutexLock l(mu_);
   if (!g.ok()) {

@@ -56,7 +56,9 @@
 #include "replicator/backup/session.h"
 #include "replicator/backup/restore.h"
 #include "replicator/link/messages.h"
+#include "replicator/link/tls.h"
 #include "replicator/link/wire.h"
+#include "replicator/qemu/argv_policy.h"
 #include "replicator/qemu/launcher.h"
 
 namespace remus {
@@ -66,10 +68,17 @@ class FileIo;
 
 struct BackupOptions {
   std::string state_dir;
-  wire::Key key;
+  // How links from primaries are authenticated and encrypted (tls.h).
+  std::shared_ptr<const wire::TlsContext> tls;
   HeartbeatConfig heartbeat;        // used until the primary's CONFIG names its own
   int ack_delay_ms = 0;             // test and benchmark knob: hold each ACK this long
-  std::string qemu_binary;          // overrides the primary's argv[0] (libvirt: <emulator>) when set
+  // The QEMU restored guests run (libvirt: <emulator>). Empty: the binary of
+  // the primary's name (qemu-system-ARCH only) from this host's PATH; the
+  // primary's path is never run (argv_policy.h).
+  std::string qemu_binary;
+  // What this backup accepts from a primary beyond the built-in allow-lists
+  // (peer_policy.h): checked when CONFIG arrives and before a promotion.
+  PeerPolicy peer_policy;
   // Where libvirt domains are restored, and where that libvirt keeps its
   // <domain>.pid files.
   std::string libvirt_uri = "qemu:///system";

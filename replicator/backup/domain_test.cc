@@ -30,6 +30,9 @@ class DomainTest : public ::testing::Test {
     opts_.auto_promote = true;
     opts_.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
     opts_.qemu_start_timeout_ms = 300;
+    // The backup's own QEMU (the fake launcher starts none): the tests'
+    // argv[0]s are then names, not binaries this host would look up.
+    opts_.qemu_binary = "/usr/bin/qemu-system-x86_64";
     NewDomain();
   }
   void TearDown() override { EndAll(); }
@@ -164,16 +167,19 @@ TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
 // Defect 6: the primary came back within the timeout; the old session's
 // pending promotion must not end the new session.
 TEST_F(DomainTest, NewSessionCancelsTheOldSessionsPromotion) {
+  // A 2 s heartbeat timeout, not 400 ms: the new session must reach the
+  // backup within it, which a slow machine (TSan) sometimes missed.
+  const json config = testing::TestConfig("qemu-system-x86_64", 2000);
   {
     wire::Link& l = Connect();
-    testing::InitialSync(l, Config());
+    testing::InitialSync(l, config);
     l.Shutdown();
   }
   WaitState(DomainState::kPrimaryLost);
   wire::Link& l2 = Connect();
-  testing::InitialSync(l2, Config());
+  testing::InitialSync(l2, config);
   // Past the old session's deadline, the new primary alive all along.
-  for (int i = 0; i < 16; i++) {
+  for (int i = 0; i < 48; i++) {
     ASSERT_TRUE(l2.Send(MsgType::kHeartbeat, 0, "").ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -344,7 +350,12 @@ TEST_F(RecoverPromotingTest, ItsQemuRunsOnAsFailedOver) {
     execl("/bin/sh", "sh", "-c", "sleep 30 >/dev/null 2>&1", run.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Recover recognizes the guest by its command line: wait for the exec.
+  for (int i = 0; i < 500; i++) {
+    auto cmdline = ReadFileToString("/proc/" + std::to_string(child) + "/cmdline");
+    if (cmdline.ok() && cmdline->find(run) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   CrashWhilePromoting(child);
   EXPECT_EQ(domain_->state(), DomainState::kFailedOver) << Status().dump();
   EXPECT_EQ(Status()["qemu"]["pid"], child);
@@ -475,6 +486,91 @@ TEST_F(DomainTest, CorruptStateFilesAreErrorsNotCrashes) {
   r = domain_->Recover();
   EXPECT_EQ(r.code(), Code::kDataLoss) << r.ToString();
   EXPECT_NE(r.message().find("promoted.json"), std::string::npos) << r.message();
+}
+
+// Issue 13: what the backup runs is its policy's choice. A CONFIG whose argv
+// or libvirt XML the policy refuses is answered with ERROR naming the reason
+// before anything is written or started; the domain is unprotected (the
+// primary's guest runs on) and nothing promotes.
+TEST_F(DomainTest, HostileConfigIsRefusedBeforeAnythingIsWritten) {
+  opts_.qemu_binary.clear();  // no --qemu: the peer's binary name is checked too
+  NewDomain();
+  struct Case {
+    json config;
+    std::string names, why;
+  };
+  json tap = Config("qemu-system-x86_64");
+  tap["argv"] = {"qemu-system-x86_64", "-m", "1", "-netdev", "tap,id=n0,ifname=t0,script=/tmp/evil,downscript=no"};
+  json binary = Config("/tmp/evil");
+  json unmirrored = Config("qemu-system-x86_64");
+  unmirrored["argv"] = {"qemu-system-x86_64", "-m", "1", "-drive", "id=d0,file=/dev/sda,if=virtio"};
+  json xml = Config("qemu-system-x86_64");
+  xml["libvirt"] = {{"xml", "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+                            "<name>vm1</name><devices/><qemu:commandline><qemu:arg value='-plugin'/>"
+                            "<qemu:arg value='/tmp/evil.so'/></qemu:commandline></domain>"},
+                    {"name", "vm1"}};
+  for (const Case& c : {Case{tap, "-netdev", "script=no,downscript=no"}, Case{binary, "/tmp/evil", "qemu-system-ARCH"},
+                        Case{unmirrored, "-drive", "not mirrored"}, Case{xml, "<qemu:commandline>", "QEMU namespace"}}) {
+    SCOPED_TRACE(c.names);
+    wire::Link& l = Connect();
+    ASSERT_TRUE(l.Send(MsgType::kConfig, 0, c.config.dump()).ok());
+    auto f = testing::NextNonHeartbeat(l);
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    ASSERT_EQ(f->type, MsgType::kError);
+    remus::Status e = wire::DecodeError(f->payload);
+    EXPECT_EQ(e.code(), Code::kPermissionDenied) << e.ToString();
+    EXPECT_NE(e.message().find(c.names), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find(c.why), std::string::npos) << e.message();
+    EXPECT_NE(e.message().find("refuses to protect"), std::string::npos) << e.message();
+    l.Shutdown();
+    WaitState(DomainState::kUnprotected);
+    // Nothing written: no domain directory, no store, no config.json.
+    EXPECT_FALSE(std::filesystem::exists(dir())) << dir();
+    std::string err = Status()["error"];
+    EXPECT_NE(err.find(c.names), std::string::npos) << err;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));  // twice the heartbeat timeout
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_EQ(domain_->state(), DomainState::kUnprotected);
+  EXPECT_EQ(domain_->Promote("operator requested failover").code(), Code::kFailedPrecondition);
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_FALSE(std::filesystem::exists(dir()));
+  // The product's own CONFIG is still accepted afterwards.
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config("qemu-system-x86_64"));
+  EXPECT_EQ(domain_->state(), DomainState::kProtected);
+}
+
+// Issue 13, defence in depth: the config.json a restart reads back is checked
+// again before QEMU starts; a refused one starts nothing and records no
+// promotion (promoting.json), so a retry under a fixed policy is possible.
+TEST_F(DomainTest, StoredConfigIsCheckedAgainBeforeQemuStarts) {
+  opts_.auto_promote = false;
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    l.Shutdown();
+  }
+  WaitState(DomainState::kPrimaryLost);
+  std::string store = Status()["store"];
+  json cfg = json::parse(*ReadFileToString(store + "/config.json"));
+  cfg["argv"] = {"qemu-system-x86_64", "-m", "1", "-plugin", "/tmp/evil.so"};
+  ASSERT_TRUE(WriteFileAtomic(store + "/config.json", cfg.dump()).ok());
+  NewDomain();
+  ASSERT_TRUE(domain_->Recover().ok());
+  remus::Status s = domain_->Promote("operator requested failover");
+  EXPECT_EQ(s.code(), Code::kPermissionDenied) << s.ToString();
+  EXPECT_NE(s.message().find("-plugin"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("stored configuration"), std::string::npos) << s.message();
+  EXPECT_EQ(launcher_.spawns(), 0);
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/promoting.json"));
+  EXPECT_EQ(domain_->state(), DomainState::kFailed);
+  // An operator who accepts the option (remusd --allow-qemu-option plugin)
+  // can retry.
+  opts_.peer_policy.extra_options = {"plugin"};
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  EXPECT_EQ(launcher_.spawns(), 1);
+  opts_.peer_policy.extra_options.clear();
 }
 
 // Defect 9: a checkpoint that would stage more than the bound is refused.

@@ -96,7 +96,7 @@ void BackupServer::AcceptLoop() {
 
 void BackupServer::Serve(Fd fd, Conn* conn) {
   auto link = std::make_unique<wire::Link>(std::move(fd));
-  auto domain = wire::ServerHandshake(*link, opts_.key, opts_.handshake_timeout_ms);
+  auto domain = wire::ServerHandshake(*link, *opts_.tls, opts_.handshake_timeout_ms);
   {
     MutexLock g(mu_);
     handshakes_--;

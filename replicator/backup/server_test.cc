@@ -24,7 +24,14 @@ std::string TempDir() {
   return mkdtemp(tmpl);
 }
 
-wire::Key TestKey(char c) { return wire::Key(std::string(32, c)); }
+// TLS contexts holding the shared key `c`, for either end.
+std::shared_ptr<const wire::TlsContext> Tls(char c, wire::TlsRole role) {
+  wire::LinkSecurity sec;
+  sec.key = wire::Key(std::string(32, c));
+  return *wire::TlsContext::Create(sec, role);
+}
+std::shared_ptr<const wire::TlsContext> BackupTls(char c) { return Tls(c, wire::TlsRole::kBackup); }
+std::shared_ptr<const wire::TlsContext> TestKey(char c) { return Tls(c, wire::TlsRole::kPrimary); }
 
 class BackupServerTest : public ::testing::Test {
  protected:
@@ -32,8 +39,9 @@ class BackupServerTest : public ::testing::Test {
     dir_ = TempDir();
     BackupOptions o;
     o.state_dir = dir_;
-    o.key = TestKey('k');
+    o.tls = BackupTls('k');
     o.auto_promote = false;  // no QEMU here: promotion is covered end to end
+    o.qemu_binary = "/bin/false";  // the backup's own "QEMU": exits at start
     o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     // Find a free port by binding to 0 through the OS.
@@ -50,11 +58,11 @@ class BackupServerTest : public ::testing::Test {
     std::filesystem::remove_all(dir_);
   }
 
-  std::unique_ptr<wire::Link> Connect(const wire::Key& key, remus::Status* hs) {
+  std::unique_ptr<wire::Link> Connect(const std::shared_ptr<const wire::TlsContext>& key, remus::Status* hs) {
     auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
     EXPECT_TRUE(fd.ok());
     auto link = std::make_unique<wire::Link>(std::move(fd).value());
-    *hs = wire::ClientHandshake(*link, key, "vm1", 2000);
+    *hs = wire::ClientHandshake(*link, *key, "127.0.0.1", "vm1", 2000);
     return link;
   }
 
@@ -312,7 +320,7 @@ TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
   server_.reset();
   BackupOptions o;
   o.state_dir = dir_;
-  o.key = TestKey('k');
+  o.tls = BackupTls('k');
   o.auto_promote = false;
   o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
   server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
@@ -366,7 +374,7 @@ class BackupRecoverTest : public BackupServerTest {
                     .ok());
     BackupOptions o;
     o.state_dir = dir_;
-    o.key = TestKey('k');
+    o.tls = BackupTls('k');
     o.auto_promote = false;
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
@@ -408,7 +416,7 @@ TEST(BackupFullDisk, RefusesWithResourceExhausted) {
   {
     BackupOptions o;
     o.state_dir = dir;
-    o.key = wire::Key(std::string(32, 'k'));
+    o.tls = BackupTls('k');
     o.auto_promote = false;
     BackupServer server(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     uint16_t port = 0;
@@ -418,8 +426,8 @@ TEST(BackupFullDisk, RefusesWithResourceExhausted) {
     auto fd = ConnectTcp({"127.0.0.1", port}, 2000);
     ASSERT_TRUE(fd.ok());
     wire::Link l(std::move(fd).value());
-    ASSERT_TRUE(wire::ClientHandshake(l, o.key, "vm1", 2000).ok());
-    ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, nlohmann::json{{"argv", {"qemu"}}}.dump()).ok());
+    ASSERT_TRUE(wire::ClientHandshake(l, *TestKey('k'), "127.0.0.1", "vm1", 2000).ok());
+    ASSERT_TRUE(l.Send(wire::MsgType::kConfig, 0, nlohmann::json{{"argv", {"qemu-system-x86_64"}}}.dump()).ok());
     nlohmann::json begin = {{"total_bytes", 16 << 20},
                             {"blocks", {{{"id", "pc.ram"}, {"used_length", 16 << 20}}}},
                             {"configuration", "0700000003616263"}};
@@ -452,7 +460,7 @@ class BackupServerCapsTest : public ::testing::Test {
     dir_ = TempDir();
     BackupOptions o;
     o.state_dir = dir_;
-    o.key = TestKey('k');
+    o.tls = BackupTls('k');
     o.auto_promote = false;
     o.max_connections = max_connections;
     o.max_handshakes = max_handshakes;
@@ -501,7 +509,7 @@ TEST_F(BackupServerCapsTest, ConnectionsOverTheCapAreClosed) {
   auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
   ASSERT_TRUE(fd.ok());
   wire::Link l(std::move(fd).value());
-  EXPECT_TRUE(wire::ClientHandshake(l, TestKey('k'), "vm1", 2000).ok());
+  EXPECT_TRUE(wire::ClientHandshake(l, *TestKey('k'), "127.0.0.1", "vm1", 2000).ok());
 }
 
 TEST_F(BackupServerCapsTest, HandshakesOverTheCapAreClosed) {
@@ -521,7 +529,7 @@ TEST_F(BackupServerCapsTest, ManyFailedHandshakesLeaveNoThreads) {
     auto fd = ConnectTcp({"127.0.0.1", port_}, 2000);
     ASSERT_TRUE(fd.ok());
     wire::Link l(std::move(fd).value());
-    EXPECT_FALSE(wire::ClientHandshake(l, TestKey('x'), "vm1", 2000).ok());
+    EXPECT_FALSE(wire::ClientHandshake(l, *TestKey('x'), "127.0.0.1", "vm1", 2000).ok());
   }
   WaitConnections(0);
   EXPECT_FALSE(server_->HasDomain("vm1"));
@@ -542,9 +550,10 @@ class BackupServerAutoPromoteTest : public BackupServerTest {
     dir_ = TempDir();
     BackupOptions o;
     o.state_dir = dir_;
-    o.key = TestKey('k');
+    o.tls = BackupTls('k');
     o.auto_promote = true;
     o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
+    o.qemu_binary = "/nonexistent/qemu-system-x86_64";  // fails to start, as the tests want
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
     for (uint16_t port = 27300; port < 27400 && !port_; port++)
       if (server_->Listen({"127.0.0.1", port}).ok()) port_ = port;
@@ -659,7 +668,7 @@ TEST_F(BackupServerTest, UncommittedResyncLeavesNoCheckpoint) {
   server_.reset();
   BackupOptions o;
   o.state_dir = dir_;
-  o.key = TestKey('k');
+  o.tls = BackupTls('k');
   o.auto_promote = false;
   server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
   ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());

@@ -394,21 +394,31 @@ StatusOr<std::unique_ptr<LibvirtMonitor>> LibvirtMonitor::Connect(const LibvirtM
   RETURN_IF_ERROR(check_running());
 
   // Callbacks, then the state again, so a stop in between is not missed.
-  m->qemu_event_cb_ = virConnectDomainQemuMonitorEventRegister(conn, dom, nullptr, OnQemuEvent, NewSinkRef(m->sink_),
-                                                               FreeSink, 0);
+  // libvirt calls FreeSink on a callback's ref when the callback is
+  // deregistered; a registration that fails leaves the ref to us.
+  void* ref = NewSinkRef(m->sink_);
+  m->qemu_event_cb_ = virConnectDomainQemuMonitorEventRegister(conn, dom, nullptr, OnQemuEvent, ref, FreeSink, 0);
   if (m->qemu_event_cb_ < 0) {
     VirError e = LastError();
+    FreeSink(ref);
     if (e.code == VIR_ERR_NO_SUPPORT)
       return FailedPrecondition(where + " is not run by libvirt's QEMU driver (no QEMU monitor): " + e.message);
     return Unavailable("cannot subscribe to QEMU events of " + where + ": " + e.message);
   }
+  ref = NewSinkRef(m->sink_);
   m->lifecycle_cb_ = virConnectDomainEventRegisterAny(conn, dom, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                      VIR_DOMAIN_EVENT_CALLBACK(OnLifecycle), NewSinkRef(m->sink_),
-                                                      FreeSink);
-  if (m->lifecycle_cb_ < 0)
-    return Unavailable("cannot subscribe to lifecycle events of " + where + ": " + LastError().message);
-  if (virConnectRegisterCloseCallback(conn, OnClose, NewSinkRef(m->sink_), FreeSink) < 0)
-    return Unavailable("cannot register a close callback on libvirt " + opts.uri + ": " + LastError().message);
+                                                      VIR_DOMAIN_EVENT_CALLBACK(OnLifecycle), ref, FreeSink);
+  if (m->lifecycle_cb_ < 0) {
+    VirError e = LastError();
+    FreeSink(ref);
+    return Unavailable("cannot subscribe to lifecycle events of " + where + ": " + e.message);
+  }
+  ref = NewSinkRef(m->sink_);
+  if (virConnectRegisterCloseCallback(conn, OnClose, ref, FreeSink) < 0) {
+    VirError e = LastError();
+    FreeSink(ref);
+    return Unavailable("cannot register a close callback on libvirt " + opts.uri + ": " + e.message);
+  }
   m->close_cb_registered_ = true;
   RETURN_IF_ERROR(check_running());
 

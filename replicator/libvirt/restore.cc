@@ -247,6 +247,12 @@ StatusOr<std::string> RewriteDomainXmlForRestore(std::string_view xml, const std
     SetProp(n, attr, it->second);
     changed = true;
   }
+  // The peer's security labels: the backup's libvirt applies its own
+  // security driver's defaults (a peer must not turn confinement off here).
+  for (xmlNode* n : xp.Nodes("//seclabel")) {
+    libvirt_xml::Remove(n);
+    changed = true;
+  }
   // remus's own metadata: <P:protect xmlns:P="kRemusXmlNamespace" .../>.
   for (xmlNode* n : xp.Nodes("//remus:protect[not(ancestor::remus:protect)]")) {
     libvirt_xml::Remove(n);

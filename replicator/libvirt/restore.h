@@ -85,6 +85,9 @@ inline constexpr char kRemusXmlNamespace[] = "https://remus.dev/xmlns/1";
 //     <parallel>, <channel> of type 'file', and their <log file=>) move into
 //     run_dir: the first distinct path is serial.log (the guest console, as
 //     in the QMP-mode restore), the others chardev-N.log;
+//   - every <seclabel> (the domain's and its devices') is removed: the
+//     backup's libvirt applies its own security driver's defaults, so a peer
+//     cannot turn confinement off here (<seclabel type='none'>);
 //   - remus's <protect> metadata is removed: the restored guest is not
 //     protected, and a libvirt hook on this host must not protect it back to
 //     the host it came from.

@@ -24,6 +24,7 @@
 #include "common/crc32c.h"
 #include "common/hex.h"
 #include "common/log.h"
+#include "replicator/link/tls_channel.h"
 
 namespace remus::wire {
 
@@ -71,9 +72,6 @@ std::string Proof(const Key& key, std::string_view label, std::string_view domai
   return std::string(reinterpret_cast<char*>(out), len);
 }
 
-bool ConstantTimeEqual(std::string_view a, std::string_view b) {
-  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
-}
 
 std::optional<std::string> JsonString(const json& j, const char* field) {
   if (!j.is_object()) return std::nullopt;
@@ -89,38 +87,9 @@ std::optional<json> ParseObject(std::string_view payload) {
   return j;
 }
 
-// Decodes a hex field of exactly n bytes.
-std::optional<std::string> HexField(const json& j, const char* field, size_t n) {
-  auto s = JsonString(j, field);
-  if (!s || s->size() != 2 * n) return std::nullopt;
-  return HexDecode(*s);
-}
 
-bool ValidDomain(std::string_view d) {
-  if (d.empty() || d.size() > 255) return false;
-  for (unsigned char c : d)
-    if (c < 0x20 || c == 0x7f) return false;
-  return true;
-}
 
-// One handshake receive: bounded size, shared deadline, clear timeout message.
-StatusOr<Frame> RecvHandshake(Link& link, SteadyTime deadline, int timeout_ms,
-                              const std::string& peer, std::string_view waiting_for) {
-  auto f = link.RecvUntil(deadline, kMaxHandshakePayload);
-  if (f.ok()) return f;
-  const Status& s = f.status();
-  if (s.code() == Code::kDeadlineExceeded)
-    return DeadlineExceeded(peer + " did not send " + std::string(waiting_for) + " within the " +
-                            std::to_string(timeout_ms) + " ms handshake timeout");
-  return s.Annotate("handshake with " + peer + ", waiting for " + std::string(waiting_for));
-}
 
-// Best effort: tell the peer why we hang up, then return s.
-Status SendErrorAndFail(Link& link, const Status& s, const Status& to_peer) {
-  Status ignored = link.Send(MsgType::kError, 0, EncodeError(to_peer));
-  (void)ignored;
-  return s;
-}
 
 }  // namespace
 
@@ -174,6 +143,13 @@ std::string EncodeFrame(MsgType type, uint64_t epoch, std::string_view payload, 
   out.append(payload);
   return out;
 }
+
+Link::Link(Fd fd) : fd_(std::move(fd)) {}
+Link::~Link() = default;
+
+void Link::UseTls(std::unique_ptr<TlsChannel> tls) { tls_ = std::move(tls); }
+
+std::string Link::Cipher() const { return tls_ ? tls_->Describe() : std::string(); }
 
 Status Link::Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
   return SendV(type, epoch, {payload}, flags);
@@ -247,8 +223,7 @@ Status Link::SendLocked(MsgType type, uint64_t epoch, const std::vector<std::str
 
 Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline,
                       const std::function<bool()>* abandon) {
-  using std::chrono::milliseconds;
-  const int64_t timeout_ms = send_timeout_ms_.load();
+  if (tls_) return WriteAllTls(iov, iovcnt, deadline, abandon);
   auto last_progress = std::chrono::steady_clock::now();
   bool wrote_some = false;
   while (iovcnt > 0) {
@@ -278,36 +253,83 @@ Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> d
       }
       continue;
     }
-    // No room: wait for some, in slices, so a shutdown from another thread
-    // is seen even where poll would not report it.
-    const auto now = std::chrono::steady_clock::now();
-    std::optional<SteadyTime> until = deadline;
-    if (timeout_ms > 0) {
-      SteadyTime stall = last_progress + milliseconds(timeout_ms);
-      if (!until || stall < *until) until = stall;
-    }
-    if (until && now >= *until) {
-      const bool stalled = timeout_ms > 0 && now >= last_progress + milliseconds(timeout_ms);
-      // A frame cut in the middle leaves the peer's parser nowhere, and a
-      // peer that took nothing for the send timeout is gone: break.
-      if (wrote_some || stalled) Break();
-      if (stalled)
-        return DeadlineExceeded("the peer took no data for " + std::to_string(timeout_ms) +
-                                " ms (send timeout): it stopped reading or is unreachable");
-      return DeadlineExceeded("the frame was not sent before its deadline");
-    }
-    if (abandon && (*abandon)()) {
-      if (wrote_some) Break();
-      return DeadlineExceeded("the frame was abandoned before the peer took it");
-    }
-    int slice = abandon ? 5 : 100;
-    if (until)
-      slice = static_cast<int>(std::clamp<int64_t>(
-          std::chrono::duration_cast<milliseconds>(*until - now).count() + 1, 1, slice));
-    pollfd pfd{fd_.get(), POLLOUT, 0};
-    int pr = ::poll(&pfd, 1, slice);
-    if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
+    RETURN_IF_ERROR(WaitToWrite(POLLOUT, deadline, last_progress, wrote_some, abandon));
   }
+  return OkStatus();
+}
+
+Status Link::WriteAllTls(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline,
+                         const std::function<bool()>* abandon) {
+  // 256 KiB: 16 records per fill, few enough copies to stay out of the way.
+  constexpr size_t kChunk = 256 << 10;
+  auto last_progress = std::chrono::steady_clock::now();
+  bool wrote_some = false;
+  while (iovcnt > 0) {
+    tls_out_.clear();
+    while (iovcnt > 0 && tls_out_.size() < kChunk) {
+      size_t take = std::min(iov->iov_len, kChunk - tls_out_.size());
+      tls_out_.append(static_cast<const char*>(iov->iov_base), take);
+      iov->iov_base = static_cast<char*>(iov->iov_base) + take;
+      iov->iov_len -= take;
+      if (iov->iov_len == 0) {
+        iov++;
+        iovcnt--;
+      }
+    }
+    size_t off = 0;
+    while (off < tls_out_.size()) {
+      auto step = tls_->WriteSome(tls_out_.data() + off, tls_out_.size() - off);
+      if (!step.ok()) {
+        if (wrote_some) Break();
+        return step.status();
+      }
+      // OpenSSL may hold part of a record from here on: giving up now leaves
+      // the stream unusable, as a cut frame does.
+      wrote_some = true;
+      if (step->n > 0) {
+        off += step->n;
+        last_progress = std::chrono::steady_clock::now();
+        continue;
+      }
+      RETURN_IF_ERROR(WaitToWrite(step->wait, deadline, last_progress, wrote_some, abandon));
+    }
+  }
+  return OkStatus();
+}
+
+Status Link::WaitToWrite(short events, std::optional<SteadyTime> deadline, SteadyTime last_progress,
+                         bool wrote_some, const std::function<bool()>* abandon) {
+  using std::chrono::milliseconds;
+  const int64_t timeout_ms = send_timeout_ms_.load();
+  // No room: wait for some, in slices, so a shutdown from another thread
+  // is seen even where poll would not report it.
+  const auto now = std::chrono::steady_clock::now();
+  std::optional<SteadyTime> until = deadline;
+  if (timeout_ms > 0) {
+    SteadyTime stall = last_progress + milliseconds(timeout_ms);
+    if (!until || stall < *until) until = stall;
+  }
+  if (until && now >= *until) {
+    const bool stalled = timeout_ms > 0 && now >= last_progress + milliseconds(timeout_ms);
+    // A frame cut in the middle leaves the peer's parser nowhere, and a
+    // peer that took nothing for the send timeout is gone: break.
+    if (wrote_some || stalled) Break();
+    if (stalled)
+      return DeadlineExceeded("the peer took no data for " + std::to_string(timeout_ms) +
+                              " ms (send timeout): it stopped reading or is unreachable");
+    return DeadlineExceeded("the frame was not sent before its deadline");
+  }
+  if (abandon && (*abandon)()) {
+    if (wrote_some) Break();
+    return DeadlineExceeded("the frame was abandoned before the peer took it");
+  }
+  int slice = abandon ? 5 : 100;
+  if (until)
+    slice = static_cast<int>(std::clamp<int64_t>(
+        std::chrono::duration_cast<milliseconds>(*until - now).count() + 1, 1, slice));
+  pollfd pfd{fd_.get(), events, 0};
+  int pr = ::poll(&pfd, 1, slice);
+  if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
   return OkStatus();
 }
 
@@ -318,6 +340,26 @@ void Link::Break() {
 
 Status Link::ReadExact(void* buf, size_t n, std::optional<SteadyTime> deadline) {
   auto* p = static_cast<char*>(buf);
+  while (n > 0 && tls_) {
+    // Decrypted bytes OpenSSL already holds come first: the socket may have
+    // nothing more to say about them.
+    ASSIGN_OR_RETURN(TlsChannel::Step step, tls_->ReadSome(p, n));
+    if (step.n > 0) {
+      bytes_received_.fetch_add(step.n, std::memory_order_relaxed);
+      p += step.n;
+      n -= step.n;
+      continue;
+    }
+    int wait_ms = -1;
+    if (deadline) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*deadline - std::chrono::steady_clock::now())
+                      .count();
+      if (left <= 0) return DeadlineExceeded("timed out waiting for the peer");
+      wait_ms = static_cast<int>(std::min<int64_t>(left, INT32_MAX));
+    }
+    pollfd pfd{fd_.get(), step.wait, 0};
+    if (::poll(&pfd, 1, wait_ms) < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
+  }
   while (n > 0) {
     if (deadline) {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -390,7 +432,15 @@ StatusOr<Frame> Link::RecvImpl(std::optional<SteadyTime> deadline, uint32_t max_
 }
 
 void Link::Shutdown() { ::shutdown(fd_.get(), SHUT_RDWR); }
-void Link::ShutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+void Link::ShutdownWrite() {
+  // close_notify only between frames: a frame another thread is writing
+  // must not be cut by an alert (the peer takes a FIN the same way).
+  if (tls_ && send_mu_.TryLock()) {
+    tls_->CloseNotify();
+    send_mu_.Unlock();
+  }
+  ::shutdown(fd_.get(), SHUT_WR);
+}
 
 std::string Link::PeerName() const {
   sockaddr_storage ss{};
@@ -437,23 +487,54 @@ Key::~Key() {
   if (!secret.empty()) OPENSSL_cleanse(secret.data(), secret.size());
 }
 
+namespace {
+
+// The checks of CheckSecretFile on an open file's stat.
+Status CheckSecretStat(const std::string& path, std::string_view what, const struct stat& st) {
+  const std::string name = std::string(what) + " " + path;
+  if (S_ISLNK(st.st_mode))
+    return InvalidArgument(name + " is a symbolic link; a secret must be a regular file in place (copy it there)");
+  if (!S_ISREG(st.st_mode)) return InvalidArgument(name + " is not a regular file");
+  if (st.st_uid != ::geteuid())
+    return PermissionDenied(name + " is owned by uid " + std::to_string(st.st_uid) + ", not by " +
+                            (::geteuid() == 0 ? std::string("root") : "uid " + std::to_string(::geteuid())) +
+                            " who runs remusd; run `chown root:root " + path + "`");
+  if (st.st_mode & 077) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return PermissionDenied(name + " has mode " + mode + " and is accessible to group or others; run `chmod 600 " +
+                            path + "`");
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+Status CheckSecretFile(const std::string& path, std::string_view what) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) < 0) {
+    if (errno == ENOENT) return NotFound(std::string(what) + " " + path + " does not exist");
+    return ErrnoStatus(std::string(what) + " " + path, errno);
+  }
+  return CheckSecretStat(path, what, st);
+}
+
 StatusOr<Key> LoadKey(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  // O_NOFOLLOW: a symlink fails here (ELOOP) instead of being followed;
+  // O_NONBLOCK: a FIFO put in its place cannot block the open.
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
   if (!fd.valid()) {
     if (errno == ENOENT)
       return NotFound("key file " + path + " does not exist; create one with `remusctl keygen --out " +
                       path + "` and copy it to both hosts");
+    if (errno == ELOOP)
+      return InvalidArgument("key file " + path +
+                             " is a symbolic link; a key must be a regular file in place (copy it there)");
     return ErrnoStatus("open key file " + path, errno);
   }
   struct stat st {};
   if (::fstat(fd.get(), &st) < 0) return ErrnoStatus("stat key file " + path, errno);
-  if (!S_ISREG(st.st_mode)) return InvalidArgument("key file " + path + " is not a regular file");
-  if (st.st_mode & 077) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return PermissionDenied("key file " + path + " has mode " + mode +
-                            " and is accessible to group or others; run `chmod 600 " + path + "`");
-  }
+  RETURN_IF_ERROR(CheckSecretStat(path, "key file", st));
   constexpr size_t kMaxKeyFile = 64 * 1024;
   if (static_cast<uint64_t>(st.st_size) > kMaxKeyFile)
     return InvalidArgument("key file " + path + " is " + std::to_string(st.st_size) +
@@ -508,141 +589,6 @@ StatusOr<std::string> GenerateKeyHex() {
 
 std::string KeyFingerprint(const Key& key) {
   return HexEncode(Proof(key, "remus-fingerprint", "", "", "")).substr(0, 16);
-}
-
-// ---- Handshake ----------------------------------------------------------------
-//
-//   primary                                  backup
-//   HELLO {version, domain, nonce_c}   ->
-//                                      <-   CHALLENGE {version, nonce_s, proof_s}
-//   check proof_s
-//   AUTH {proof_c}                     ->
-//                                           check proof_c
-//                                      <-   AUTH_OK
-//
-// proof_s = HMAC(key, "remus-server\0" domain nonce_c nonce_s)
-// proof_c = HMAC(key, "remus-client\0" domain nonce_s nonce_c)
-
-Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int timeout_ms) {
-  const SteadyTime deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  const std::string peer = "backup at " + link.PeerName();
-  const std::string dom(domain);
-  if (!ValidDomain(domain))
-    return InvalidArgument("domain name '" + dom + "' is empty, too long or has control characters");
-  ASSIGN_OR_RETURN(std::string nonce_c, RandomBytes(kNonceSize));
-
-  json hello = {{"version", kProtocolVersion}, {"domain", dom}, {"nonce", HexEncode(nonce_c)}};
-  RETURN_IF_ERROR(link.Send(MsgType::kHello, 0, hello.dump()));
-  LOG_DEBUG(kTag) << "[" << dom << "] HELLO sent to " << peer;
-
-  ASSIGN_OR_RETURN(Frame ch, RecvHandshake(link, deadline, timeout_ms, peer, "CHALLENGE"));
-  if (ch.type == MsgType::kError) {
-    Status e = DecodeError(ch.payload);
-    return Status(e.code(), peer + " refused domain " + dom + ": " + e.message());
-  }
-  if (ch.type != MsgType::kChallenge)
-    return Unauthenticated(peer + " sent " + MsgTypeName(ch.type) +
-                           " instead of CHALLENGE; it does not speak the remus handshake");
-  auto j = ParseObject(ch.payload);
-  if (!j) return Unauthenticated(peer + " sent a malformed CHALLENGE");
-  if (auto v = j->find("version"); v != j->end() && v->is_number_integer() &&
-                                   v->get<int64_t>() != kProtocolVersion)
-    return FailedPrecondition("protocol version mismatch: " + peer + " speaks version " +
-                              std::to_string(v->get<int64_t>()) + ", this primary speaks version " +
-                              std::to_string(kProtocolVersion) +
-                              "; run the same remus release on both hosts");
-  auto nonce_s = HexField(*j, "nonce", kNonceSize);
-  auto proof_s = HexField(*j, "proof", 32);
-  if (!nonce_s || !proof_s) return Unauthenticated(peer + " sent a malformed CHALLENGE");
-  if (!ConstantTimeEqual(*proof_s, Proof(key, "remus-server", dom, nonce_c, *nonce_s))) {
-    return SendErrorAndFail(
-        link,
-        Unauthenticated(peer + " failed authentication for domain " + dom +
-                        ": the key files differ (compare the key fingerprints remusd logs at start, \"ready: ... key fingerprint\"; this host's is " +
-                        KeyFingerprint(key) + ")"),
-        Unauthenticated("authentication failed"));
-  }
-  LOG_DEBUG(kTag) << "[" << dom << "] " << peer << " proved it holds the key";
-
-  json auth = {{"proof", HexEncode(Proof(key, "remus-client", dom, *nonce_s, nonce_c))}};
-  RETURN_IF_ERROR(link.Send(MsgType::kAuth, 0, auth.dump()));
-
-  ASSIGN_OR_RETURN(Frame ok, RecvHandshake(link, deadline, timeout_ms, peer, "AUTH_OK"));
-  if (ok.type == MsgType::kError) {
-    Status e = DecodeError(ok.payload);
-    if (e.code() == Code::kUnauthenticated)
-      return Unauthenticated(peer + " rejected this primary's key for domain " + dom +
-                             ": the key files differ");
-    return Status(e.code(), peer + " refused domain " + dom + ": " + e.message());
-  }
-  if (ok.type != MsgType::kAuthOk)
-    return Unauthenticated(peer + " sent " + MsgTypeName(ok.type) + " instead of AUTH_OK");
-  LOG_INFO(kTag) << "[" << dom << "] authenticated link to " << peer;
-  return OkStatus();
-}
-
-StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms) {
-  const SteadyTime deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  const std::string peer = "primary at " + link.PeerName();
-
-  ASSIGN_OR_RETURN(Frame hello, RecvHandshake(link, deadline, timeout_ms, peer, "HELLO"));
-  if (hello.type != MsgType::kHello)
-    return SendErrorAndFail(link,
-                            Unauthenticated(peer + " sent " + MsgTypeName(hello.type) +
-                                            " before authenticating; dropping the connection"),
-                            Unauthenticated("expected HELLO"));
-  auto j = ParseObject(hello.payload);
-  auto v = j ? j->find("version") : json::iterator{};
-  if (!j || v == j->end() || !v->is_number_integer())
-    return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"),
-                            InvalidArgument("malformed HELLO"));
-  if (v->get<int64_t>() != kProtocolVersion) {
-    Status s = FailedPrecondition(
-        "protocol version mismatch: " + peer + " speaks version " + std::to_string(v->get<int64_t>()) +
-        ", this backup speaks version " + std::to_string(kProtocolVersion) +
-        "; run the same remus release on both hosts");
-    return SendErrorAndFail(link, s, s);
-  }
-  auto domain = JsonString(*j, "domain");
-  auto nonce_c = HexField(*j, "nonce", kNonceSize);
-  if (!domain || !ValidDomain(*domain) || !nonce_c)
-    return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"),
-                            InvalidArgument("malformed HELLO"));
-  const std::string& dom = *domain;
-
-  ASSIGN_OR_RETURN(std::string nonce_s, RandomBytes(kNonceSize));
-  json challenge = {{"version", kProtocolVersion},
-                    {"nonce", HexEncode(nonce_s)},
-                    {"proof", HexEncode(Proof(key, "remus-server", dom, *nonce_c, nonce_s))}};
-  RETURN_IF_ERROR(link.Send(MsgType::kChallenge, 0, challenge.dump()));
-  LOG_DEBUG(kTag) << "[" << dom << "] CHALLENGE sent to " << peer;
-
-  ASSIGN_OR_RETURN(Frame auth, RecvHandshake(link, deadline, timeout_ms, peer, "AUTH"));
-  if (auth.type == MsgType::kError) {
-    Status e = DecodeError(auth.payload);
-    if (e.code() == Code::kUnauthenticated)
-      return Unauthenticated(peer + " rejected this backup's key for domain " + dom +
-                             ": the key files differ (this host's key fingerprint is " +
-                             KeyFingerprint(key) + ")");
-    return Status(e.code(), peer + " ended the handshake for domain " + dom + ": " + e.message());
-  }
-  if (auth.type != MsgType::kAuth)
-    return SendErrorAndFail(link,
-                            Unauthenticated(peer + " sent " + MsgTypeName(auth.type) + " for domain " +
-                                            dom + " before authenticating; dropping the connection"),
-                            Unauthenticated("expected AUTH"));
-  auto aj = ParseObject(auth.payload);
-  auto proof_c = aj ? HexField(*aj, "proof", 32) : std::nullopt;
-  if (!proof_c || !ConstantTimeEqual(*proof_c, Proof(key, "remus-client", dom, nonce_s, *nonce_c)))
-    return SendErrorAndFail(link,
-                            Unauthenticated(peer + " failed authentication for domain " + dom +
-                                            ": the key files differ (this host's key fingerprint is " +
-                                            KeyFingerprint(key) + ")"),
-                            Unauthenticated("authentication failed"));
-
-  RETURN_IF_ERROR(link.Send(MsgType::kAuthOk, 0, ""));
-  LOG_INFO(kTag) << "[" << dom << "] authenticated link from " << peer;
-  return dom;
 }
 
 // ---- Commit records -----------------------------------------------------------

@@ -1,6 +1,9 @@
 // The replication link between a primary and its backup: one TCP connection
-// per protected domain carrying length-prefixed, checksummed frames, opened by
-// a mutual HMAC-SHA256 handshake over a shared key. The byte format, every
+// per protected domain carrying length-prefixed, checksummed frames inside
+// TLS 1.3 (replicator/link/tls.h: the handshake, with a shared key or with
+// certificates). A Link without TLS exists for unit tests and benchmarks
+// only: remusd never reads a frame that did not come through TLS. The byte
+// format, every
 // message type and the message sequences are specified in
 // docs/formats/replication-link.md; the constants here must match it.
 //
@@ -32,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -50,8 +54,7 @@ inline constexpr uint32_t kMaxPayload = 16u << 20;  // 16 MiB
 // Handshake frames (HELLO..AUTH_OK, ERROR during the handshake) are tiny; an
 // unauthenticated peer may not make us allocate more than this.
 inline constexpr uint32_t kMaxHandshakePayload = 4096;
-inline constexpr int kProtocolVersion = 1;
-inline constexpr size_t kNonceSize = 32;
+inline constexpr int kProtocolVersion = 2;  // 2: TLS 1.3 (2026-12)
 inline constexpr size_t kMinKeySize = 32;
 
 // Frame flags.
@@ -59,9 +62,9 @@ inline constexpr uint16_t kFlagMore = 0x1;  // more frames of this logical messa
 inline constexpr uint16_t kFlagLz4 = 0x2;   // PAGES payload is LZ4-compressed (page_batch.h)
 
 enum class MsgType : uint16_t {
-  kHello = 1,       // primary -> backup, handshake
-  kChallenge = 2,   // backup -> primary, handshake
-  kAuth = 3,        // primary -> backup, handshake
+  kHello = 1,       // primary -> backup, handshake (inside TLS)
+  kChallenge = 2,   // reserved (version 1's HMAC handshake)
+  kAuth = 3,        // reserved (version 1's HMAC handshake)
   kAuthOk = 4,      // backup -> primary, handshake
   kError = 5,       // either way: {"code","message"}, sender closes afterwards
   kConfig = 6,      // primary -> backup: domain configuration (JSON)
@@ -101,11 +104,22 @@ std::string EncodeFrame(MsgType type, uint64_t epoch, std::string_view payload, 
 // length over the limit, or a crc mismatch is DataLoss; a well-formed frame of
 // an unknown type is InvalidArgument. After any error other than
 // InvalidArgument from Recv the stream position is lost: close the link.
+class TlsChannel;
+
 class Link {
  public:
-  explicit Link(Fd fd) : fd_(std::move(fd)) {}
+  explicit Link(Fd fd);
+  ~Link();
   Link(const Link&) = delete;
   Link& operator=(const Link&) = delete;
+
+  // From now on every byte goes through `tls` (its handshake is done; tls.h
+  // calls this). Before any other thread uses the link.
+  void UseTls(std::unique_ptr<TlsChannel> tls);
+  // True once UseTls ran; the negotiated suite, e.g. "TLS_AES_128_GCM_SHA256
+  // (TLSv1.3)", or "" for a plain link.
+  bool encrypted() const { return tls_ != nullptr; }
+  std::string Cipher() const;
 
   // REQUIRES: payload.size() <= kMaxPayload (else InvalidArgument, nothing sent).
   Status Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
@@ -156,7 +170,7 @@ class Link {
   // (a send within its next poll interval, at most 100 ms). The fd stays
   // open until the Link is destroyed.
   void Shutdown();
-  // Sends FIN after everything queued, but keeps reading: the last frame
+  // Sends close_notify (TLS) and FIN after everything queued, but keeps reading: the last frame
   // (FAILOVER, GOODBYE) reaches the peer instead of being cut off by a reset
   // when unread data meets a closed socket.
   void ShutdownWrite();
@@ -177,6 +191,16 @@ class Link {
   // shutdown or the deadline/send timeout ends the wait.
   Status WriteAll(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
                   const std::function<bool()>* abandon) REQUIRES(send_mu_);
+  // WriteAll through TLS: the frame is copied into tls_out_ a chunk at a
+  // time (encryption needs a copy anyway) and handed to OpenSSL from there.
+  Status WriteAllTls(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
+                     const std::function<bool()>* abandon) REQUIRES(send_mu_);
+  // Waits for room to write (events), in slices, until the deadline, the
+  // send timeout since last_progress, or abandon(); an error says which
+  // (and breaks the link if wrote_some or the peer stalled).
+  Status WaitToWrite(short events, std::optional<std::chrono::steady_clock::time_point> deadline,
+                     std::chrono::steady_clock::time_point last_progress, bool wrote_some,
+                     const std::function<bool()>* abandon);
   // Marks the stream unusable and shuts the socket down both ways.
   void Break();
   StatusOr<Frame> RecvImpl(std::optional<std::chrono::steady_clock::time_point> deadline,
@@ -185,7 +209,9 @@ class Link {
                    std::optional<std::chrono::steady_clock::time_point> deadline);
 
   Fd fd_;
+  std::unique_ptr<TlsChannel> tls_;  // set once, before the link is shared
   Mutex send_mu_;  // serializes whole frames on the socket
+  std::string tls_out_ GUARDED_BY(send_mu_);
   std::atomic<int64_t> send_timeout_ms_{0};
   std::atomic<bool> broken_{false};
   std::atomic<uint64_t> bytes_sent_{0};
@@ -213,27 +239,23 @@ struct Key {
 };
 
 // Reads a key file: >= 64 hex digits (surrounding whitespace ignored), or
-// >= 32 raw bytes. Errors: NotFound (missing; says how to create one),
-// PermissionDenied (group/other may access it; says to chmod 600),
-// InvalidArgument (too short, odd hex, not a regular file).
+// >= 32 raw bytes. The file must pass CheckSecretFile. Errors: NotFound
+// (missing; says how to create one), PermissionDenied (see
+// CheckSecretFile), InvalidArgument (too short, odd hex, not a regular
+// file, a symlink).
 StatusOr<Key> LoadKey(const std::string& path);
+// A file holding a secret (the key file, --tls-key) must be a regular file,
+// not a symlink, owned by the user remusd runs as (root), and not readable
+// or writable by group or others. Says what is wrong and the command that
+// fixes it. `what` names the file in messages ("key file", "--tls-key").
+Status CheckSecretFile(const std::string& path, std::string_view what);
 // 32 random bytes as 64 lowercase hex digits (no newline), for `remusctl keygen`.
 StatusOr<std::string> GenerateKeyHex();
 // A short non-secret fingerprint (16 hex digits) so operators can compare the
 // keys on two hosts without revealing them.
 std::string KeyFingerprint(const Key& key);
 
-// The primary (client) side. Sends HELLO, checks the backup's proof, sends
-// AUTH, waits for AUTH_OK; the whole exchange must finish within timeout_ms.
-// Errors: Unauthenticated (keys differ, or the peer broke the handshake),
-// FailedPrecondition (protocol versions differ), DeadlineExceeded, and link errors.
-Status ClientHandshake(Link& link, const Key& key, std::string_view domain, int timeout_ms);
-// The backup (server) side. Returns the domain the primary asked for only
-// after the primary proved it holds the key. Any frame other than the next
-// expected handshake step, or one larger than kMaxHandshakePayload, ends the
-// handshake without reading further. Errors as for ClientHandshake, plus
-// InvalidArgument for a malformed HELLO/AUTH.
-StatusOr<std::string> ServerHandshake(Link& link, const Key& key, int timeout_ms);
+// The handshake (TLS, then HELLO/AUTH_OK inside it): replicator/link/tls.h.
 
 // ---- Checkpoint payloads ----------------------------------------------------
 

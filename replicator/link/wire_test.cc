@@ -55,7 +55,6 @@ RawPair RawSocketPair() {
   return {std::make_unique<Link>(Fd(sv[0])), Fd(sv[1])};
 }
 
-Key TestKey(char fill) { return Key(std::string(32, fill)); }
 
 // ---- Framing ----------------------------------------------------------------
 
@@ -329,242 +328,6 @@ TEST(WireFrame, ErrorPayloadRoundTrip) {
   EXPECT_CODE(DecodeError(R"({"code":"NOPE","message":"x"})"), Code::kUnavailable);
 }
 
-// ---- Handshake ----------------------------------------------------------------
-
-struct HandshakeResult {
-  Status client;
-  StatusOr<std::string> server = Internal("not run");
-};
-
-HandshakeResult RunHandshake(Link& client, Link& server, const Key& ck, const Key& sk,
-                             std::string_view domain, int timeout_ms = 5000) {
-  HandshakeResult r;
-  std::thread st([&] { r.server = ServerHandshake(server, sk, timeout_ms); });
-  r.client = ClientHandshake(client, ck, domain, timeout_ms);
-  st.join();
-  return r;
-}
-
-TEST(WireHandshake, SucceedsWithTheSameKey) {
-  auto [c, s] = SocketPair();
-  auto hex = GenerateKeyHex();
-  ASSERT_TRUE(hex.ok());
-  Key key(*hex);
-  auto r = RunHandshake(*c, *s, key, key, "web1");
-  EXPECT_TRUE(r.client.ok()) << r.client.ToString();
-  ASSERT_TRUE(r.server.ok()) << r.server.status().ToString();
-  EXPECT_EQ(*r.server, "web1");
-  // The link carries data after the handshake, both ways.
-  ASSERT_TRUE(c->Send(MsgType::kPages, 1, "data").ok());
-  auto f = s->Recv();
-  ASSERT_TRUE(f.ok());
-  EXPECT_EQ(f->payload, "data");
-  ASSERT_TRUE(s->Send(MsgType::kAck, 1, "").ok());
-  f = c->Recv();
-  ASSERT_TRUE(f.ok());
-  EXPECT_EQ(f->type, MsgType::kAck);
-}
-
-TEST(WireHandshake, WorksOverLoopbackTcp) {
-  auto listener = ListenTcp({"127.0.0.1", 0});
-  ASSERT_TRUE(listener.ok()) << listener.status().ToString();
-  sockaddr_in addr{};
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(::getsockname(listener->get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  const uint16_t port = ntohs(addr.sin_port);
-
-  Key key = TestKey('k');
-  StatusOr<std::string> server_result = Internal("not run");
-  std::string server_got;
-  std::thread st([&] {
-    auto fd = Accept(listener->get());
-    ASSERT_TRUE(fd.ok());
-    Link link(std::move(*fd));
-    server_result = ServerHandshake(link, key, 5000);
-    if (!server_result.ok()) return;
-    auto f = link.Recv();
-    if (f.ok()) server_got = f->payload;
-    (void)link.Send(MsgType::kAck, f.ok() ? f->epoch : 0, "");
-  });
-  auto fd = ConnectTcp({"127.0.0.1", port}, 5000);
-  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
-  Link client(std::move(*fd));
-  EXPECT_THAT(client.PeerName(), HasSubstr("127.0.0.1:" + std::to_string(port)));
-  ASSERT_TRUE(ClientHandshake(client, key, "db-7", 5000).ok());
-  std::string pages;
-  std::vector<uint8_t> page(kPageSize, 0xab);
-  AppendPageRecord(&pages, 0, 0x2000, page.data());
-  ASSERT_TRUE(client.Send(MsgType::kPages, 12, pages).ok());
-  auto ack = client.Recv();
-  st.join();
-  ASSERT_TRUE(server_result.ok()) << server_result.status().ToString();
-  EXPECT_EQ(*server_result, "db-7");
-  EXPECT_EQ(server_got, pages);
-  ASSERT_TRUE(ack.ok());
-  EXPECT_EQ(ack->type, MsgType::kAck);
-  EXPECT_EQ(ack->epoch, 12u);
-}
-
-TEST(WireHandshake, WrongKeyFailsOnBothSides) {
-  auto [c, s] = SocketPair();
-  auto r = RunHandshake(*c, *s, TestKey('a'), TestKey('b'), "web1");
-  EXPECT_CODE(r.client, Code::kUnauthenticated);
-  EXPECT_THAT(r.client.message(), HasSubstr("key files differ"));
-  EXPECT_THAT(r.client.message(), HasSubstr("backup at"));
-  EXPECT_FALSE(r.server.ok());
-  EXPECT_CODE(r.server.status(), Code::kUnauthenticated);
-}
-
-// A client holding a wrong key that skips the server-proof check (a hostile
-// primary) is refused by the server's own check.
-TEST(WireHandshake, ServerRejectsABadClientProof) {
-  auto [raw_link, s] = SocketPair();
-  Key key = TestKey('k');
-  StatusOr<std::string> server = Internal("not run");
-  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
-  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
-  auto ch = raw_link->Recv();
-  ASSERT_TRUE(ch.ok());
-  EXPECT_EQ(ch->type, MsgType::kChallenge);
-  ASSERT_TRUE(raw_link->Send(MsgType::kAuth, 0, json{{"proof", std::string(64, '0')}}.dump()).ok());
-  auto err = raw_link->Recv();
-  st.join();
-  EXPECT_CODE(server.status(), Code::kUnauthenticated);
-  ASSERT_TRUE(err.ok());
-  EXPECT_EQ(err->type, MsgType::kError);
-  EXPECT_EQ(json::parse(err->payload)["message"], "authentication failed");
-}
-
-TEST(WireHandshake, ClientSkippingAuthIsRefused) {
-  auto [raw_link, s] = SocketPair();
-  Key key = TestKey('k');
-  StatusOr<std::string> server = Internal("not run");
-  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
-  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
-  ASSERT_TRUE(raw_link->Send(MsgType::kPages, 1, "pages before auth").ok());
-  st.join();
-  EXPECT_CODE(server.status(), Code::kUnauthenticated);
-  EXPECT_THAT(server.status().message(), HasSubstr("sent PAGES"));
-}
-
-TEST(WireHandshake, DataBeforeHelloIsRefused) {
-  auto [raw_link, s] = SocketPair();
-  Key key = TestKey('k');
-  StatusOr<std::string> server = Internal("not run");
-  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-  ASSERT_TRUE(raw_link->Send(MsgType::kCommit, 1, EncodeCommit({})).ok());
-  st.join();
-  EXPECT_CODE(server.status(), Code::kUnauthenticated);
-}
-
-TEST(WireHandshake, OversizedHelloIsRefused) {
-  auto [raw_link, s] = SocketPair();
-  Key key = TestKey('k');
-  StatusOr<std::string> server = Internal("not run");
-  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-  json hello = {{"version", 1}, {"domain", std::string(5000, 'd')}, {"nonce", std::string(64, 'a')}};
-  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
-  st.join();
-  EXPECT_CODE(server.status(), Code::kDataLoss);
-}
-
-TEST(WireHandshake, SilentClientHitsTheDeadline) {
-  auto [c, s] = SocketPair();
-  auto start = std::chrono::steady_clock::now();
-  auto r = ServerHandshake(*s, TestKey('k'), 300);
-  auto elapsed = std::chrono::steady_clock::now() - start;
-  EXPECT_CODE(r.status(), Code::kDeadlineExceeded);
-  EXPECT_GE(elapsed, std::chrono::milliseconds(250));
-  EXPECT_LT(elapsed, std::chrono::milliseconds(2000));
-}
-
-TEST(WireHandshake, SlowDripClientHitsTheDeadline) {
-  // A peer that sends a valid header and then trickles: the deadline covers
-  // the whole handshake, not each read.
-  auto [link, raw] = RawSocketPair();
-  std::string f = EncodeFrame(MsgType::kHello, 0, std::string(1000, ' '));
-  std::thread dripper([&, &raw = raw] {
-    for (size_t i = 0; i < 20 && i < f.size(); i++) {
-      if (!WriteFull(raw.get(), f.data() + i * 30, 30).ok()) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-  });
-  auto start = std::chrono::steady_clock::now();
-  auto r = ServerHandshake(*link, TestKey('k'), 300);
-  auto elapsed = std::chrono::steady_clock::now() - start;
-  EXPECT_CODE(r.status(), Code::kDeadlineExceeded);
-  EXPECT_LT(elapsed, std::chrono::milliseconds(800));
-  link->Shutdown();
-  dripper.join();
-}
-
-TEST(WireHandshake, SilentServerHitsTheDeadline) {
-  auto [c, s] = SocketPair();
-  auto start = std::chrono::steady_clock::now();
-  Status st = ClientHandshake(*c, TestKey('k'), "web1", 300);
-  EXPECT_CODE(st, Code::kDeadlineExceeded);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(2000));
-}
-
-TEST(WireHandshake, VersionMismatchNamesBothVersions) {
-  auto [raw_link, s] = SocketPair();
-  Key key = TestKey('k');
-  StatusOr<std::string> server = Internal("not run");
-  std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-  json hello = {{"version", 2}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
-  ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
-  auto err = raw_link->Recv();
-  st.join();
-  EXPECT_CODE(server.status(), Code::kFailedPrecondition);
-  EXPECT_THAT(server.status().message(), HasSubstr("version 2"));
-  EXPECT_THAT(server.status().message(), HasSubstr("version 1"));
-  ASSERT_TRUE(err.ok());
-  ASSERT_EQ(err->type, MsgType::kError);
-  EXPECT_CODE(DecodeError(err->payload), Code::kFailedPrecondition);
-}
-
-TEST(WireHandshake, ClientSeesTheServersVersionMismatch) {
-  auto [c, raw_server] = SocketPair();
-  std::thread st([&, &raw_server = raw_server] {
-    auto hello = raw_server->Recv();
-    ASSERT_TRUE(hello.ok());
-    (void)raw_server->Send(MsgType::kError, 0,
-                           EncodeError(FailedPrecondition(
-                               "protocol version mismatch: primary speaks version 1, this backup "
-                               "speaks version 2")));
-  });
-  Status s = ClientHandshake(*c, TestKey('k'), "web1", 5000);
-  st.join();
-  EXPECT_CODE(s, Code::kFailedPrecondition);
-  EXPECT_THAT(s.message(), HasSubstr("version 2"));
-}
-
-TEST(WireHandshake, ChallengesAreFreshEachTime) {
-  // The same HELLO replayed gets a different server nonce and proof, so a
-  // recorded AUTH cannot be replayed.
-  Key key = TestKey('k');
-  json hello = {{"version", 1}, {"domain", "web1"}, {"nonce", std::string(64, 'a')}};
-  std::string challenges[2];
-  for (auto& challenge : challenges) {
-    auto [raw_link, s] = SocketPair();
-    StatusOr<std::string> server = Internal("not run");
-    std::thread st([&, &s = s] { server = ServerHandshake(*s, key, 5000); });
-    ASSERT_TRUE(raw_link->Send(MsgType::kHello, 0, hello.dump()).ok());
-    auto ch = raw_link->Recv();
-    ASSERT_TRUE(ch.ok());
-    ASSERT_EQ(ch->type, MsgType::kChallenge);
-    challenge = ch->payload;
-    raw_link->Shutdown();
-    st.join();
-    EXPECT_CODE(server.status(), Code::kUnavailable);
-  }
-  auto a = json::parse(challenges[0]), b = json::parse(challenges[1]);
-  EXPECT_NE(a["nonce"], b["nonce"]);
-  EXPECT_NE(a["proof"], b["proof"]);
-}
-
 // ---- Keys ---------------------------------------------------------------------
 
 class KeyFileTest : public ::testing::Test {
@@ -642,16 +405,35 @@ TEST_F(KeyFileTest, RefusesShortKeys) {
   EXPECT_CODE(LoadKey(Write("empty", "", 0600)).status(), Code::kInvalidArgument);
 }
 
-TEST_F(KeyFileTest, KeysLoadedFromFilesAuthenticate) {
+TEST_F(KeyFileTest, RefusesSymlinksOthersFilesAndLooseModes) {
   auto hex = GenerateKeyHex();
   ASSERT_TRUE(hex.ok());
-  auto k1 = LoadKey(Write("a.key", *hex + "\n", 0600));
-  auto k2 = LoadKey(Write("b.key", *hex, 0600));
-  ASSERT_TRUE(k1.ok() && k2.ok());
-  auto [c, s] = SocketPair();
-  auto r = RunHandshake(*c, *s, *k1, *k2, "web1");
-  EXPECT_TRUE(r.client.ok()) << r.client.ToString();
-  EXPECT_TRUE(r.server.ok());
+  std::string real = Write("real.key", *hex, 0600);
+  std::string link = dir_ + "/link.key";
+  ASSERT_EQ(::symlink(real.c_str(), link.c_str()), 0);
+  files_.push_back(link);
+  auto k = LoadKey(link);
+  EXPECT_CODE(k.status(), Code::kInvalidArgument);
+  EXPECT_THAT(k.status().message(), HasSubstr("symbolic link"));
+  EXPECT_CODE(CheckSecretFile(link, "--tls-key"), Code::kInvalidArgument);
+
+  std::string loose = Write("loose.key", *hex, 0640);
+  k = LoadKey(loose);
+  EXPECT_CODE(k.status(), Code::kPermissionDenied);
+  EXPECT_THAT(k.status().message(), HasSubstr("chmod 600 " + loose));
+
+  // Owned by someone else (needs root to chown).
+  if (::geteuid() == 0) {
+    std::string theirs = Write("theirs.key", *hex, 0600);
+    ASSERT_EQ(::chown(theirs.c_str(), 65534, 65534), 0);
+    k = LoadKey(theirs);
+    EXPECT_CODE(k.status(), Code::kPermissionDenied);
+    EXPECT_THAT(k.status().message(), HasSubstr("owned by uid 65534"));
+    EXPECT_THAT(k.status().message(), HasSubstr("chown root:root " + theirs));
+    EXPECT_CODE(CheckSecretFile(theirs, "--tls-key"), Code::kPermissionDenied);
+  }
+  EXPECT_TRUE(CheckSecretFile(real, "--tls-key").ok());
+  EXPECT_CODE(CheckSecretFile(dir_ + "/absent", "--tls-key"), Code::kNotFound);
 }
 
 // ---- Page records and commits ---------------------------------------------------

@@ -545,6 +545,8 @@ TEST(PrimaryLifecycle, QemuDeathSendsFailoverAndDropsHeldOutput) {
   ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kFailover); }));
   EXPECT_FALSE(w.backup->Saw(MsgType::kGoodbye));
   EXPECT_FALSE(w.stream->gave_up());  // nothing to give up: QEMU is gone
+  // The state is final before the output buffer and the disks are finished.
+  ASSERT_TRUE(Eventually([&] { return !w.disks->stops().empty(); }));
   EXPECT_EQ(w.netbuf->log().back().first, "finish-drop");
   EXPECT_EQ(w.disks->stops(), std::vector<bool>{false});
 }
@@ -723,6 +725,11 @@ TEST(PrimaryLifecycle, ALostLeaseEndsFencedAndReleasesNothing) {
   lease.RenewOnce();
   EXPECT_TRUE(fencer.destroyed);
   ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kFenced; }));
+  // The state is final before the output buffer is finished.
+  ASSERT_TRUE(Eventually([&] {
+    auto log = w.netbuf->log();
+    return !log.empty() && log.back().first.rfind("finish-", 0) == 0;
+  }));
   EXPECT_EQ(w.netbuf->log().back().first, "finish-drop");
   EXPECT_FALSE(w.backup->Saw(MsgType::kFailover));
   EXPECT_NE(w.lc->error().find("host 'B' owns the domain"), std::string::npos) << w.lc->error();

@@ -233,7 +233,7 @@ Status PrimaryReplicator::Connect() {
                                           " is unreachable: " + fd.status().message() +
                                           " (is remusd --listen running there?)");
   auto link_ = std::make_unique<wire::Link>(std::move(fd).value());
-  Status hs = wire::ClientHandshake(*link_, opts_.key, d, opts_.connect_timeout_ms);
+  Status hs = wire::ClientHandshake(*link_, *opts_.tls, opts_.backup.host, d, opts_.connect_timeout_ms);
   if (!hs.ok()) return Status(hs.code(), "domain " + d + ": " + hs.message());
 
   wire::ConfigMsg config{

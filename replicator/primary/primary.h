@@ -53,6 +53,7 @@
 #include "replicator/libvirt/session.h"
 #include "replicator/link/page_batch.h"
 #include "replicator/qemu/qmp.h"
+#include "replicator/link/tls.h"
 #include "replicator/link/wire.h"
 
 namespace remus {
@@ -71,7 +72,8 @@ struct PrimaryOptions {
   HostPort backup;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
-  wire::Key key;
+  // How the link to the backup is authenticated and encrypted (tls.h).
+  std::shared_ptr<const wire::TlsContext> tls;
   HeartbeatConfig heartbeat;
   // Output commit. interfaces empty: the guest's taps, asked from QEMU.
   NetbufOptions netbuf;

@@ -56,7 +56,7 @@ DEFAULT_HB_TIMEOUT_MS = 3000
 
 # ----------------------------------------------------------------- skipping
 
-def _missing_requirements(needs_build=True):
+def _missing_requirements(needs_build=True, needs_qemu=True):
     if os.geteuid() != 0:
         return "the end-to-end tests need root (remusd's control socket is root-only)"
     if not needs_build:
@@ -64,6 +64,8 @@ def _missing_requirements(needs_build=True):
     for what, p in [("remusd", REMUSD), ("remusctl", REMUSCTL)]:
         if not p.is_file():
             return f"{what} is not built ({p} missing; run cmake --build build)"
+    if not needs_qemu:
+        return None
     if not (QEMU.is_file() and os.access(QEMU, os.X_OK)):
         return (f"no COLO-capable QEMU at {QEMU} (build it with scripts/build-qemu.sh "
                 f"or point REMUS_QEMU at one)")
@@ -75,13 +77,17 @@ def _missing_requirements(needs_build=True):
 
 def pytest_collection_modifyitems(config, items):
     """Skips the tests whose requirements are missing.  Tests marked no_build
-    (the arbiter world's own) need root but no remus build and no QEMU."""
+    (the arbiter world's own) need root but no remus build and no QEMU;
+    tests marked no_qemu need the build but no QEMU and no guest."""
     here = Path(__file__).resolve().parent
-    reasons = {nb: _missing_requirements(needs_build=not nb) for nb in (False, True)}
+    reasons = {"no_build": _missing_requirements(needs_build=False),
+               "no_qemu": _missing_requirements(needs_qemu=False),
+               None: _missing_requirements()}
     for item in items:
         if Path(str(item.fspath)).resolve().parent != here:
             continue
-        reason = reasons[item.get_closest_marker("no_build") is not None]
+        kind = next((m for m in ("no_build", "no_qemu") if item.get_closest_marker(m) is not None), None)
+        reason = reasons[kind]
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
@@ -371,25 +377,32 @@ class World:
 
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
                      ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
-                     listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None):
+                     listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None,
+                     key_file=True):
         """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
         netns: run this remusd in that network namespace (default: the world's).
         listen_host: the backup's listen address (an address of its namespace).
         etcd: a list of etcd client URLs: --arbiter etcd with them (lease TTL
         and margin as given, --host-id host_id or the daemon's name);
-        without, --arbiter none (the fail-stop tests predate arbitration)."""
+        without, --arbiter none (the fail-stop tests predate arbitration).
+        key_file=False: no --key-file (certificate mode: pass --tls-* in extra)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
         state = self.dir / name
         control = self.dir / f"{name}.sock"
         log = self.dir / f"{name}.log"
-        argv = [str(REMUSD), "--state-dir", str(state), "--key-file", str(key or self.key),
+        argv = [str(REMUSD), "--state-dir", str(state),
+                *(["--key-file", str(key or self.key)] if key_file else []),
                 "--control", str(control), "--heartbeat-interval-ms", str(hb_interval_ms),
                 "--heartbeat-timeout-ms", str(hb_timeout_ms), "--log-level", "debug"]
         addr = None
         if listen:
             addr = f"{listen_host}:{free_port()}"
             argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
+            # The test guest boots from files a restored guest reads on this
+            # host: the backup must allow their directory (its peer policy).
+            for d in sorted({str(KERNEL.parent), str(INITRD.parent)}):
+                argv += ["--allow-qemu-files", d]
         if ack_delay_ms is not None:
             argv += ["--ack-delay-ms", str(ack_delay_ms)]
         if fault:
@@ -552,6 +565,19 @@ class World:
         for c in self._closers:
             with contextlib.suppress(Exception):
                 c()
+        # REMUS_E2E_GRACEFUL_STOP=N (scripts/sanitize.sh): SIGTERM every live
+        # remusd first and give it N seconds to shut down, so that its shutdown
+        # path runs and LeakSanitizer checks it at exit; then SIGKILL as usual.
+        grace = float(os.environ.get("REMUS_E2E_GRACEFUL_STOP") or 0)
+        if grace > 0:
+            live = [d.proc for d in self.daemons if d.alive()]
+            for p in live:
+                with contextlib.suppress(OSError):
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in live:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
         # Restored QEMUs first (they run in their own session).
         for pid in self.restored_qemu_pids():
             with contextlib.suppress(OSError):
@@ -874,41 +900,48 @@ def arbiter_net(world):
         net.close()
 
 
-# Replication link frame header (docs/formats/replication-link.md).
-LINK_HDR = struct.Struct(">IHHQII")  # magic type flags epoch length crc32c
-LINK_MAGIC = 0x524D5553
-MSG = {"PAGES": 8, "DEVICE": 9, "COMMIT": 10, "DISK": 16}
+# The replication link is TLS 1.3 (docs/formats/replication-link.md): on the
+# wire, TLS records: u8 content type, u16 version, u16 length, then the
+# (encrypted) fragment. Application data is type 23.
+TLS_APPDATA = 23
 
 
 class LinkProxy:
-    """A TCP proxy between a primary and its backup that forwards the
-    replication link unchanged until armed, then flips one payload byte of the
-    next primary->backup frame of the chosen types (e.g. PAGES or DEVICE) from
-    a given epoch on. The frame's crc32c then fails on the backup: an honest
-    stand-in for corruption on the wire that TCP's checksum missed.
+    """A TCP proxy between a primary and its backup: an on-path attacker. It
+    forwards the link unchanged until armed, then tampers with the next
+    primary->backup TLS application-data record of at least `min_len` bytes
+    (past the handshake, so a checkpoint's PAGES/DEVICE/COMMIT):
+      alter:  flips one byte in the middle of the record;
+      inject: sends a forged record (random bytes) before it;
+      replay: sends an earlier record again before it.
+    Each must fail the record's authentication on the backup.
 
     Point `remusctl protect --backup` at proxy.addr."""
 
-    def __init__(self, world, target):
+    MODES = ("alter", "inject", "replay")
+
+    def __init__(self, world, target, listen_ip="127.0.0.1"):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.bind((listen_ip, 0))
         self.lsock.listen(8)
-        self.addr = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.addr = f"{listen_ip}:{self.lsock.getsockname()[1]}"
         self._lock = threading.Lock()
-        self._armed = None  # (types, min_epoch)
-        self.corrupted = None  # dict once a frame was corrupted
+        self._armed = None  # (mode, min_len)
+        self.corrupted = None  # dict once a record was tampered with
         self.done = threading.Event()
-        self.frames = {}  # type -> count forwarded
+        self.frames = {}  # TLS record type -> count forwarded
         self._socks = []
-        world._closers.append(self.close)
+        if world is not None:
+            world._closers.append(self.close)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def corrupt_next(self, types=("PAGES", "DEVICE"), min_epoch=1):
+    def tamper_next(self, mode="alter", min_len=256):
+        assert mode in self.MODES, mode
         with self._lock:
-            self._armed = ({MSG[t] for t in types}, min_epoch)
+            self._armed = (mode, min_len)
 
     def _accept(self):
         while True:
@@ -945,47 +978,51 @@ class LinkProxy:
 
     def _c2s(self, src, dst):
         buf = bytearray()
-        parsing = True
+        last_app = None  # the last application-data record forwarded, for a replay
         try:
             while True:
                 b = src.recv(1 << 20)
                 if not b:
                     break
-                if not parsing:
-                    dst.sendall(b)
-                    continue
                 buf += b
-                while len(buf) >= LINK_HDR.size:
-                    magic, typ, flags, epoch, length, crc = LINK_HDR.unpack_from(buf)
-                    if magic != LINK_MAGIC:
-                        parsing = False  # not our protocol any more: pass it through
-                        break
-                    n = LINK_HDR.size + length
+                out = bytearray()
+                while len(buf) >= 5:
+                    typ, length = buf[0], int.from_bytes(buf[3:5], "big")
+                    n = 5 + length
                     if len(buf) < n:
                         break
-                    self._maybe_corrupt(buf, typ, epoch, length)
-                    self.frames[typ] = self.frames.get(typ, 0) + 1
-                    dst.sendall(memoryview(buf)[:n])
+                    rec = bytes(buf[:n])
                     del buf[:n]
-                if not parsing and buf:
-                    dst.sendall(buf)
-                    buf = bytearray()
+                    self.frames[typ] = self.frames.get(typ, 0) + 1
+                    if typ == TLS_APPDATA:
+                        out += self._maybe_tamper(rec, last_app)
+                        last_app = rec
+                    else:
+                        out += rec
+                if out:
+                    dst.sendall(out)
         except OSError:
             pass
         self._eof(src, dst)
 
-    def _maybe_corrupt(self, buf, typ, epoch, length):
+    def _maybe_tamper(self, rec, last_app):
         with self._lock:
-            if self._armed is None or length == 0:
-                return
-            types, min_epoch = self._armed
-            if typ not in types or epoch < min_epoch:
-                return
+            if self._armed is None or len(rec) < self._armed[1] or (self._armed[0] == "replay" and last_app is None):
+                return rec
+            mode = self._armed[0]
             self._armed = None
-        off = LINK_HDR.size + length // 2
-        buf[off] ^= 0x40
-        self.corrupted = {"type": typ, "epoch": epoch, "length": length, "offset": off}
+        if mode == "alter":
+            b = bytearray(rec)
+            b[len(b) // 2] ^= 0x40
+            out = bytes(b)
+        elif mode == "inject":
+            body = os.urandom(len(rec) - 5)
+            out = rec[:5] + body + rec
+        else:
+            out = last_app + rec
+        self.corrupted = {"mode": mode, "record_len": len(rec)}
         self.done.set()
+        return out
 
     def close(self):
         with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ Runs in the client network namespace (started with `ip netns exec`). Holds
 ONE TCP connection and sends the next request as soon as the previous answer
 arrived. Writes one JSON line per event to stdout:
 
+  {"ev": "connected", "local": "10.77.0.3:41234", "peer": "10.77.0.2:7000", "t": ..}
   {"ev": "resp", "i": 7, "seq": 7, "counter": 1234, "t_send": .., "t_recv": ..}
   {"ev": "error", "what": "...", "t": ..}
   {"ev": "end", "t": ..}
@@ -52,7 +53,7 @@ def main():
     s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.settimeout(120)
-    emit(ev="connected", t=time.time())
+    emit(ev="connected", local="%s:%d" % s.getsockname()[:2], peer="%s:%d" % s.getpeername()[:2], t=time.time())
     end = time.time() + a.duration
     buf = b""
     i = 0

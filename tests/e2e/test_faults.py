@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import (DEFAULT_HB_TIMEOUT_MS, DOMAIN, QEMU, LinkProxy, QmpEventLog, check_promoted, live_qemus,
+from conftest import (DEFAULT_HB_TIMEOUT_MS, DOMAIN, QEMU, LinkProxy, QmpEventLog, check_promoted, live_qemus, read_text, tail,
                       pid_alive, read_store_counter, read_text, record, setup_protected, tail)
 from test_disk import DISK_GPA, NONE, _disk_guest, _disk_lines, _last_ok, _wait_disk_ok, diskcheck
 
@@ -138,9 +138,12 @@ def test_blackholed_backup_is_noticed_within_heartbeat_timeout(world, netns_pair
 
 # ------------------------------------------------------------------ 2 (R1)
 
-def test_corrupt_frame_stops_protection_and_backup_does_not_promote(world, request):
-    """A proxy on the link flips one payload byte of a PAGES/DEVICE frame after
-    20 acked epochs: B's crc check fails, B tells A why (ERROR) and stops.
+@pytest.mark.parametrize("attack", LinkProxy.MODES)
+def test_tampered_link_stops_protection_and_backup_does_not_promote(world, request, attack):
+    """An on-path attacker between A and B, after 20 acked epochs, alters a
+    checkpoint's TLS record, injects a forged one, or replays an earlier one.
+    B's TLS refuses the record (its authentication fails) before any frame is
+    read from it: nothing of it is applied. B tells A why (ERROR) and stops;
     A drops to `unprotected` with B's reason, its guest runs on, and B (auto-
     promote ON) must not promote: it knows the primary lives."""
     guest = world.start_guest(wait_boot=False)
@@ -150,20 +153,28 @@ def test_corrupt_frame_stops_protection_and_backup_does_not_promote(world, reque
     world.wait_booted(guest)
     world.protect(primary, backup, guest, interval_ms=100, backup_addr=proxy.addr)
     world.wait_status(primary, lambda s: s["last_acked_epoch"] >= 20, 60, "20 acked epochs")
-    proxy.corrupt_next(("PAGES", "DEVICE"), min_epoch=1)
-    assert proxy.done.wait(15), f"no PAGES/DEVICE frame went through the proxy: {proxy.frames}"
+    committed = backup.status()["last_committed_epoch"]
+    proxy.tamper_next(attack)
+    assert proxy.done.wait(15), f"no checkpoint record went through the proxy: {proxy.frames}"
     m0 = time.monotonic()
     st = world.wait_status(primary, lambda s: s["state"] != "protected", 15,
-                           "A to stop protection after the corrupt frame")
+                           "A to stop protection after the tampered record")
     took = time.monotonic() - m0
     assert st["state"] == "unprotected", f"A after B refused the stream: {json.dumps(st, indent=1)}"
-    assert "crc" in st["error"].lower() and "backup" in st["error"].lower(), \
-        f"A's error does not carry B's reason (crc mismatch): {st['error']!r}"
+    err = st["error"].lower()
+    assert "backup" in err and "failed authentication" in err and "altered, injected into or replayed" in err, \
+        f"A's error does not carry B's reason (a TLS record failed authentication): {st['error']!r}"
+    log = read_text(backup.log)
+    assert "failed authentication" in log, tail(backup.log)
     # Past B's heartbeat timeout (B adopts A's) and then some.
-    bst = _watch_no_promotion(world, guest, backup, HB_S + 4, "after B's own ERROR")
+    bst = _watch_no_promotion(world, guest, backup, HB_S + 4, "after B refused a tampered record")
     assert bst["state"] != "protected", f"B still claims to protect the guest: {bst}"
-    record(request, corrupted=proxy.corrupted, unprotected_after_s=round(took, 2), primary_error=st["error"],
-           backup_state=bst["state"], backup_error=bst["error"])
+    # Nothing after the tampered record was committed: at most the
+    # checkpoints in flight before it.
+    assert bst["last_committed_epoch"] <= st["last_acked_epoch"] + 8, (bst, st)
+    record(request, attack=attack, corrupted=proxy.corrupted, unprotected_after_s=round(took, 2),
+           primary_error=st["error"], backup_state=bst["state"], backup_error=bst["error"],
+           committed_before=committed, committed_after=bst["last_committed_epoch"])
 
 
 # ------------------------------------------------------------------ 3 (R1)

@@ -1,0 +1,59 @@
+// The TLS record layer of one replication link, after its handshake
+// (replicator/link/tls.h does the handshake). wire::Link owns one of these
+// once the link is encrypted, and routes every frame's bytes through it.
+//
+// An OpenSSL SSL object may not be used by two threads at once, but a link is
+// read by one thread while others write to it. So the socket is non-blocking,
+// every SSL_read/SSL_write runs under one mutex and never waits inside
+// OpenSSL, and the waiting (poll) happens in wire::Link without the lock.
+// A write hands OpenSSL one record's worth at a time
+// (SSL_MODE_ENABLE_PARTIAL_WRITE), so a reader never waits behind more than
+// one record's encryption.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+#include "common/status.h"
+#include "common/thread_annotations.h"
+
+typedef struct ssl_st SSL;
+
+namespace remus::wire {
+
+class TlsChannel {
+ public:
+  // Takes ownership of an SSL object whose handshake completed on a
+  // non-blocking socket.
+  explicit TlsChannel(SSL* ssl);
+  ~TlsChannel();
+  TlsChannel(const TlsChannel&) = delete;
+  TlsChannel& operator=(const TlsChannel&) = delete;
+
+  // The outcome of one non-blocking step: `n` bytes moved, or none and the
+  // poll(2) events to wait for before trying again.
+  struct Step {
+    size_t n = 0;
+    short wait = 0;
+  };
+  // Reads decrypted bytes (at most n). Errors: Unavailable when the peer
+  // closed the connection; DataLoss when a record fails authentication (the
+  // stream was altered in transit) or violates TLS; the errno otherwise.
+  StatusOr<Step> ReadSome(void* buf, size_t n);
+  // Encrypts and writes at most one record of buf. After a step that moved
+  // nothing, the next call must pass the same bytes (OpenSSL's retry rule).
+  StatusOr<Step> WriteSome(const void* buf, size_t n);
+  // Best effort, never waits: tells the peer we send no more (close_notify).
+  void CloseNotify();
+  // "TLS_AES_128_GCM_SHA256 (TLSv1.3)": for logs and status.
+  std::string Describe() const;
+
+ private:
+  // Turns a failed SSL call's result into a Step to wait for or an error.
+  StatusOr<Step> Outcome(int ret, const char* op) REQUIRES(mu_);
+
+  mutable Mutex mu_;
+  SSL* ssl_ GUARDED_BY(mu_);
+};
+
+}  // namespace remus::wire
