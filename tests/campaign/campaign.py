@@ -346,9 +346,13 @@ class Run:
                                        lease_margin_ms=self.margin, host_id="A", hb_timeout_ms=HB_TIMEOUT_MS)
 
     def start_b(self):
+        # The guest's -trace vm_state_notify is the campaign's run-state
+        # oracle on B's restored copy too; B's peer policy refuses -trace
+        # unless told (docs/operator-guide.md section 15).
         return self.world.start_remusd("B", listen=True, netns=self.net.ns("B"), listen_host=self.net.ip("B"),
                                        etcd=self.etcd_eps(), lease_ttl_ms=self.ttl, lease_margin_ms=self.margin,
-                                       host_id="B", hb_timeout_ms=HB_TIMEOUT_MS)
+                                       host_id="B", hb_timeout_ms=HB_TIMEOUT_MS,
+                                       extra=["--allow-qemu-option", "trace"])
 
     def etcd_eps(self):
         # --arbiter none (an oracle self-check only): no etcd at all.
