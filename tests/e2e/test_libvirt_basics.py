@@ -375,7 +375,13 @@ def test_failover_from_page_store_into_libvirt(worlds, world, request):
     libvirt world by RestoreDomain (the stream WriteRestoreStream makes)."""
     a = worlds.start("A")
     b = worlds.start("B")
-    backup = world.start_backup(auto_promote=False)
+    # The primary is libvirt's QEMU protected through QMP, not libvirt mode:
+    # CONFIG carries libvirt's command line (JSON-form options, passed fds),
+    # which a QMP-mode backup's peer policy refuses. This test is about the
+    # restore path (the backup is a page store here), so it allows them.
+    allow = [x for o in ("object", "add-fd", "chardev", "device", "audiodev", "mon", "no-acpi", "boot", "machine")
+             for x in ("--allow-qemu-option", o)]
+    backup = world.start_backup(auto_promote=False, extra=allow)
     primary = world.start_primary()
     qsock = a.dir / "q.sock"
     serial_a = boot_guest(a, emulator=QEMU, qemu_args=["-qmp", f"unix:{qsock},server=on,wait=off"])
