@@ -345,7 +345,7 @@ json Daemon::Handle(const json& req) {
 json Daemon::Dispatch(const json& j) {
   if (!j.is_object()) return Error(InvalidArgument("request is not a JSON object"));
   RequestReader req(j);
-  if (!req.Has("command")) return Error(InvalidArgument("request has no 'command' (protect, unprotect, status, failover, tune or ping)"));
+  if (!req.Has("command")) return Error(InvalidArgument("request has no 'command' (protect, unprotect, status, failover, switchover, tune or ping)"));
   auto c = req.String("command", "");
   if (!c.ok()) return Error(c.status());
   const std::string& cmd = *c;
@@ -354,6 +354,7 @@ json Daemon::Dispatch(const json& j) {
   if (cmd == "status") return StatusOf(req);
   if (cmd == "failover") return Failover(req);
   if (cmd == "tune") return Tune(req);
+  if (cmd == "switchover") return Switchover(req);
   if (cmd == "ping") return Ok({{"version", "0.1.0"}, {"backup", backup_ != nullptr}});
   return Error(InvalidArgument("unknown command '" + cmd.substr(0, 64) + "'"));
 }
@@ -545,6 +546,28 @@ json Daemon::Tune(const RequestReader& req) {
   Status s = it->second->SetInterval(static_cast<int>(*ms));
   if (!s.ok()) return Error(s);
   return Ok(it->second->StatusJson());
+}
+
+json Daemon::Switchover(const RequestReader& req) {
+  auto d = DomainArg(req);
+  if (!d.ok()) return Error(d.status());
+  std::shared_ptr<PrimaryReplicator> p;
+  {
+    MutexLock g(mu_);
+    auto it = primaries_.find(*d);
+    if (it == primaries_.end()) {
+      if (backup_ && !backup_->StatusJson(*d).empty())
+        return Error(FailedPrecondition("domain " + *d + " is replicated to this host, not protected from it: run "
+                                        "`remusctl switchover " + *d + "` on its primary"));
+      return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
+    }
+    p = it->second;
+  }
+  // Returns when the switchover ended (seconds: a checkpoint, its ACK, the
+  // backup's answer); `status` shows its progress meanwhile.
+  Status s = p->Switchover();
+  if (!s.ok()) return Error(s);
+  return Ok(p->StatusJson());
 }
 
 }  // namespace remus

@@ -117,6 +117,7 @@ class Daemon {
   nlohmann::json StatusOf(const RequestReader& req);
   nlohmann::json Failover(const RequestReader& req);
   nlohmann::json Tune(const RequestReader& req);
+  nlohmann::json Switchover(const RequestReader& req);
 
   DaemonOptions opts_;
   const Clock& clock_;

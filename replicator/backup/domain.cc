@@ -69,6 +69,8 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       refuse = Unavailable("this backup is shutting down");
     else if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver)
       refuse = FailedPrecondition("domain " + name_ + " was promoted on this backup; it runs here now");
+    else if (state_ == DomainState::kSwitchingOver)
+      refuse = FailedPrecondition("domain " + name_ + " is switching over to this host; it runs here next");
     else if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
       refuse = AlreadyExists("domain " + name_ + " already has a primary connected");
     if (!refuse.ok()) {
@@ -79,6 +81,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     }
     Transition(DomainEvent::kSessionStart);
     gen = ++generation_;  // an older session's pending automatic promotion is off
+    switchover_epoch_ = -1;
     session_running_ = true;
     error_.clear();
     primary_ = link->PeerName();
@@ -108,6 +111,27 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver) return;
     Status restorable = Restorable();
     std::string nothing = restorable.ok() ? "" : "; " + restorable.message();
+    if (state_ == DomainState::kSwitchingOver && out.end != SessionEnd::kEnded) {
+      // The primary's guest stays paused at the final checkpoint for good:
+      // promote from it, at once when the primary said its QEMU ended, after
+      // the heartbeat timeout when the link just ended (it may still be
+      // ending it). An operator's switchover: --no-auto-promote does not apply.
+      Transition(DomainEvent::kPrimaryLost);
+      std::string reason = "planned switchover from " + primary_ + " at checkpoint " +
+                           std::to_string(switchover_epoch_);
+      if (out.end == SessionEnd::kSwitchover || out.end == SessionEnd::kFailover) {
+        error_.clear();
+      } else {
+        error_ = reason + ": the link ended before the primary confirmed its QEMU ended (" + out.why +
+                 "); promoting after the heartbeat timeout" + nothing;
+        LOG_WARN(tag_) << error_;
+        reason += " (unconfirmed: " + out.why + ")";
+        wait = std::max(Nanos(0), session.heartbeat().timeout - session.SilentFor());
+      }
+      l.Unlock();
+      AutoPromoteAfter(gen, wait, reason);
+      return;
+    }
     switch (out.end) {
       case SessionEnd::kEnded: {
         // GOODBYE, or an ERROR either way: the primary lived when protection
@@ -126,6 +150,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
         return;
       }
       case SessionEnd::kPromoting:
+      case SessionEnd::kSwitchover:  // only after an accepted switchover (above)
         return;
       case SessionEnd::kFailover:
         Transition(DomainEvent::kPrimaryLost);
@@ -156,6 +181,25 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
 bool BackupDomain::Promoting() {
   MutexLock l(mu_);
   return state_ == DomainState::kPromoting;
+}
+
+Status BackupDomain::AcceptSwitchover(uint64_t epoch) {
+  MutexLock l(mu_);
+  const std::string e = std::to_string(epoch);
+  if (state_ != DomainState::kProtected)
+    return FailedPrecondition("domain " + name_ + " is " + std::string(DomainStateName(state_)) +
+                              " on this backup, not protected; refusing the switchover at checkpoint " + e);
+  if (!committed_ || committed_->committed_epoch() != epoch)
+    return FailedPrecondition("domain " + name_ + ": the primary names checkpoint " + e +
+                              " as the final one, but this backup's committed checkpoint is " +
+                              (committed_ ? std::to_string(committed_->committed_epoch()) : std::string("none")) +
+                              "; refusing the switchover");
+  RETURN_IF_ERROR(Restorable().Annotate("refusing the switchover at checkpoint " + e));
+  if (!Transition(DomainEvent::kSwitchover))
+    return FailedPrecondition("domain " + name_ + ": cannot switch over now");
+  switchover_epoch_ = static_cast<int64_t>(epoch);
+  cv_.NotifyAll();
+  return OkStatus();
 }
 
 Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
@@ -320,7 +364,7 @@ void BackupDomain::AutoPromoteAfter(uint64_t generation, Nanos wait, const std::
   {
     MutexLock l(mu_);
     for (;;) {
-      if (stopping_ || generation_ != generation || state_ != DomainState::kPrimaryLost) {
+      if (stopping_ || generation_ != generation || !AwaitingPromotion()) {
         LOG_INFO(tag_) << "automatic promotion of session " << generation << " called off: "
                        << (stopping_ ? "remusd is stopping"
                                      : generation_ != generation ? "a newer session started"
@@ -344,7 +388,7 @@ std::optional<PromotionGrant> BackupDomain::Arbitrate(uint64_t generation, const
     std::string session;
     {
       MutexLock l(mu_);
-      if (stopping_ || generation_ != generation || state_ != DomainState::kPrimaryLost) {
+      if (stopping_ || generation_ != generation || !AwaitingPromotion()) {
         arbitration_.clear();
         return std::nullopt;
       }
@@ -392,7 +436,7 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   }
   {
     MutexLock l(mu_);
-    if (generation && (*generation != generation_ || state_ != DomainState::kPrimaryLost || stopping_))
+    if (generation && (*generation != generation_ || !AwaitingPromotion() || stopping_))
       return Cancelled("domain " + name_ + ": the automatic promotion of session " + std::to_string(*generation) +
                        " was superseded");
     if (state_ == DomainState::kPromoting)
@@ -656,6 +700,7 @@ json BackupDomain::StatusJson() const {
   j["promotion"] = {{"state", pstate}, {"reason", promote_reason_}, {"error", promote_error_},
                     {"failover_ms", failover_ms_.load()}, {"token", promotion_token_}};
   if (!arbitration_.empty()) j["promotion"]["arbitration"] = arbitration_;
+  if (switchover_epoch_ >= 0) j["promotion"]["switchover_epoch"] = switchover_epoch_;
   j["arbiter"] = arbiter_->StatusJson(name_);
   if (st == DomainState::kPromoting) {
     const char* phase = promote_phase_.load();

@@ -166,6 +166,12 @@ class BackupDomain final : private SessionHost {
   Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
   Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
   bool Promoting() override EXCLUDES(mu_);
+  Status AcceptSwitchover(uint64_t epoch) override EXCLUDES(mu_);
+  // An automatic promotion may go ahead in this state: the primary was lost,
+  // or it handed over (switching-over).
+  bool AwaitingPromotion() const REQUIRES(mu_) {
+    return state_ == DomainState::kPrimaryLost || state_ == DomainState::kSwitchingOver;
+  }
   // Removes `current` durably: the committed image is stale from now on.
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
@@ -209,6 +215,7 @@ class BackupDomain final : private SessionHost {
   std::string promote_reason_ GUARDED_BY(mu_);
   std::string promote_error_ GUARDED_BY(mu_);
   bool promotion_tried_ GUARDED_BY(mu_) = false;
+  int64_t switchover_epoch_ GUARDED_BY(mu_) = -1;  // the accepted switchover's final epoch
   // Arbitration: the fencing token this node won (0: none), and why an
   // automatic promotion is waiting or was refused.
   int64_t promotion_token_ GUARDED_BY(mu_) = 0;

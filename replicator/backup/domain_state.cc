@@ -12,6 +12,7 @@ std::string_view DomainStateName(DomainState s) {
     case DomainState::kPromoting: return "promoting";
     case DomainState::kFailedOver: return "failed-over";
     case DomainState::kFailed: return "failed";
+    case DomainState::kSwitchingOver: return "switching-over";
   }
   return "unknown";
 }
@@ -30,6 +31,7 @@ std::string_view DomainEventName(DomainEvent e) {
     case DomainEvent::kRecoveredCheckpoint: return "recovered-checkpoint";
     case DomainEvent::kRecoveredPromotion: return "recovered-promotion";
     case DomainEvent::kRecoveredBroken: return "recovered-broken";
+    case DomainEvent::kSwitchover: return "switchover";
   }
   return "unknown";
 }
@@ -57,9 +59,15 @@ std::optional<DomainState> NextState(DomainState s, DomainEvent e) {
       return std::nullopt;
     case E::kPrimaryLost:
       if (SessionState(s) || s == S::kPrimaryLost) return S::kPrimaryLost;
+      // The primary's guest stays paused for good: the promotion goes ahead.
+      if (s == S::kSwitchingOver) return S::kSwitchingOver;
       return std::nullopt;
     case E::kPrimaryEnded:
-      if (SessionState(s) || s == S::kPrimaryLost || s == S::kUnprotected) return S::kUnprotected;
+      if (SessionState(s) || s == S::kPrimaryLost || s == S::kUnprotected || s == S::kSwitchingOver)
+        return S::kUnprotected;
+      return std::nullopt;
+    case E::kSwitchover:
+      if (s == S::kProtected) return S::kSwitchingOver;
       return std::nullopt;
     case E::kPromote:
       // An operator may promote over a live session (it is ended first).

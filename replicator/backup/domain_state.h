@@ -9,6 +9,9 @@
 //   waiting/syncing/protected --link lost, silent, FAILOVER--> primary-lost
 //   waiting/syncing/protected/primary-lost --GOODBYE, ERROR either way--> unprotected
 //   primary-lost, unprotected, failed --a primary connects--> waiting
+//   protected --SWITCHOVER (the final epoch is ours)--> switching-over
+//   switching-over --link lost, FAILOVER--> switching-over (then promotes)
+//   switching-over --GOODBYE, ERROR--> unprotected
 //   any but promoting/failed-over --promote--> promoting --ok--> failed-over (final)
 //                                                        \--error--> failed (may retry)
 //   restart: a fresh domain --> primary-lost (checkpoint kept, or none),
@@ -18,7 +21,11 @@
 // session (generation) that lost its primary; when nothing is restorable it
 // ends in failed, saying why. unprotected means the primary was alive when
 // protection ended (its GOODBYE or ERROR, or our ERROR): the backup never
-// promotes by itself there, an operator still may.
+// promotes by itself there, an operator still may. switching-over means the
+// primary asked for a planned switchover at our committed epoch and we
+// accepted: its guest never resumes, so this backup promotes from that epoch
+// (at once on FAILOVER, after the heartbeat timeout when the link just ends),
+// with or without --no-auto-promote.
 #pragma once
 
 #include <optional>
@@ -35,6 +42,7 @@ enum class DomainState {
   kPromoting,    // a promotion runs: no session may start
   kFailedOver,   // the guest runs here now (final)
   kFailed,       // the promotion failed, or cannot be trusted after a restart
+  kSwitchingOver,  // a planned switchover was accepted: promotes from the final epoch
 };
 std::string_view DomainStateName(DomainState s);
 
@@ -51,6 +59,7 @@ enum class DomainEvent {
   kRecoveredCheckpoint,   // restart: a committed checkpoint was kept
   kRecoveredPromotion,    // restart: a promotion ran before and its guest lives
   kRecoveredBroken,       // restart: a promotion ran before and its guest is gone
+  kSwitchover,            // SWITCHOVER naming our committed epoch was accepted
 };
 std::string_view DomainEventName(DomainEvent e);
 

@@ -11,7 +11,8 @@ using S = DomainState;
 using E = DomainEvent;
 
 const std::vector<S> kAll = {S::kWaiting,     S::kSyncing,   S::kProtected,  S::kPrimaryLost,
-                             S::kUnprotected, S::kPromoting, S::kFailedOver, S::kFailed};
+                             S::kUnprotected, S::kPromoting, S::kFailedOver, S::kFailed,
+                             S::kSwitchingOver};
 
 TEST(DomainState, ASessionRunsWaitingSyncingProtected) {
   EXPECT_EQ(NextState(S::kWaiting, E::kSyncBegin), S::kSyncing);
@@ -64,8 +65,27 @@ TEST(DomainState, PromotesOnceAndRetriesAfterAFailure) {
 TEST(DomainState, FailedOverIsFinal) {
   for (E e : {E::kSessionStart, E::kSyncBegin, E::kInitialCommit, E::kProtectedNow, E::kPrimaryLost,
               E::kPrimaryEnded, E::kPromote, E::kPromoted, E::kPromoteFailed, E::kRecoveredCheckpoint,
-              E::kRecoveredPromotion, E::kRecoveredBroken})
+              E::kRecoveredPromotion, E::kRecoveredBroken, E::kSwitchover})
     EXPECT_EQ(NextState(S::kFailedOver, e), std::nullopt) << DomainEventName(e);
+}
+
+// A planned switchover is accepted only from protected (a committed
+// checkpoint of the live session); once accepted, losing the link does not
+// call the promotion off (the primary's guest never resumes), no new session
+// may start, and only the primary's own GOODBYE or ERROR ends it unpromoted.
+TEST(DomainState, ASwitchoverIsAcceptedOnlyWhenProtectedAndThenPromotes) {
+  for (S s : kAll) {
+    auto n = NextState(s, E::kSwitchover);
+    if (s == S::kProtected) EXPECT_EQ(n, S::kSwitchingOver);
+    else EXPECT_EQ(n, std::nullopt) << DomainStateName(s);
+  }
+  EXPECT_EQ(NextState(S::kSwitchingOver, E::kPrimaryLost), S::kSwitchingOver);
+  EXPECT_EQ(NextState(S::kSwitchingOver, E::kSessionStart), std::nullopt);
+  EXPECT_EQ(NextState(S::kSwitchingOver, E::kSyncBegin), std::nullopt);
+  EXPECT_EQ(NextState(S::kSwitchingOver, E::kPromote), S::kPromoting);
+  EXPECT_EQ(NextState(S::kSwitchingOver, E::kPrimaryEnded), S::kUnprotected);
+  EXPECT_FALSE(SessionState(S::kSwitchingOver));
+  EXPECT_EQ(DomainStateName(S::kSwitchingOver), "switching-over");
 }
 
 TEST(DomainState, RecoveryStartsFromAFreshDomain) {

@@ -164,6 +164,85 @@ TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
   EXPECT_FALSE(std::filesystem::exists(dir() + "/promoting.json"));
 }
 
+// Planned switchover: SWITCHOVER naming the committed epoch is accepted
+// (answered SWITCHOVER), and FAILOVER then promotes at once from exactly
+// that epoch, also with --no-auto-promote (the operator asked for it).
+TEST_F(DomainTest, AcceptedSwitchoverPromotesFromTheFinalEpochAtOnce) {
+  opts_.auto_promote = false;
+  NewDomain();
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, R"({"reason":"planned switchover"})").ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kSwitchover) << wire::MsgTypeName(f->type) << " " << f->payload;
+  EXPECT_EQ(f->epoch, 1u);
+  WaitState(DomainState::kSwitchingOver);
+  // No promotion before the primary says its QEMU ended.
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  EXPECT_EQ(launcher_.spawns(), 0);
+  // A second primary cannot connect meanwhile.
+  wire::Link& other = Connect();
+  auto refused = testing::NextNonHeartbeat(other);
+  ASSERT_TRUE(refused.ok());
+  EXPECT_EQ(refused->type, MsgType::kError);
+  EXPECT_NE(wire::DecodeError(refused->payload).message().find("switching over"), std::string::npos);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(l.Send(MsgType::kFailover, 1, R"({"reason":"planned switchover: QEMU ended after checkpoint 1"})").ok());
+  WaitState(DomainState::kFailedOver);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(300));  // not the heartbeat timeout
+  EXPECT_EQ(launcher_.spawns(), 1);
+  json st = Status();
+  EXPECT_EQ(st["last_committed_epoch"], 1);
+  EXPECT_EQ(st["promotion"]["switchover_epoch"], 1);
+  EXPECT_NE(st["promotion"]["reason"].get<std::string>().find("planned switchover"), std::string::npos) << st.dump();
+  auto marker = ReadFileToString(dir() + "/promoted.json");
+  ASSERT_TRUE(marker.ok());
+  EXPECT_EQ(json::parse(*marker)["epoch"], 1);
+}
+
+// The primary names an epoch that is not the committed one: refused with
+// ERROR, and the session ends as the backup's own refusal (no promotion).
+TEST_F(DomainTest, SwitchoverNamingAnotherEpochIsRefusedAndNeverPromotes) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  ASSERT_TRUE(l.Send(MsgType::kSwitchover, 2, "").ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  remus::Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kFailedPrecondition);
+  EXPECT_NE(e.message().find("committed 1"), std::string::npos) << e.ToString();
+  l.Shutdown();
+  WaitState(DomainState::kUnprotected);
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(launcher_.spawns(), 0);
+}
+
+// Accepted, then the link ends without FAILOVER (the primary's remusd
+// died, say): its guest never resumes, so the backup promotes after the
+// heartbeat timeout, even with --no-auto-promote.
+TEST_F(DomainTest, AcceptedSwitchoverWhoseLinkEndsPromotesAfterTheTimeout) {
+  opts_.auto_promote = false;
+  NewDomain();
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, "").ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kSwitchover);
+  l.Shutdown();
+  WaitState(DomainState::kFailedOver);
+  EXPECT_EQ(launcher_.spawns(), 1);
+  EXPECT_EQ(Status()["last_committed_epoch"], 1);
+}
+
 // Defect 6: the primary came back within the timeout; the old session's
 // pending promotion must not end the new session.
 TEST_F(DomainTest, NewSessionCancelsTheOldSessionsPromotion) {

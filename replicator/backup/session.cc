@@ -46,6 +46,13 @@ SessionOutcome Session::Run(wire::Link& link) {
     hb_.SetBusy(true);
     s = HandleFrame(*f, &out);
     hb_.SetBusy(false);
+    if (s.ok() && switchover_reply_due_) {
+      // Accepted: tell the primary, which then ends its QEMU and says so
+      // with FAILOVER. From here on this backup promotes whatever happens.
+      switchover_reply_due_ = false;
+      Status r = link.Send(MsgType::kSwitchover, static_cast<uint64_t>(switchover_epoch_), "");
+      if (!r.ok()) LOG_WARN(tag_) << "answering SWITCHOVER: " << r.ToString() << "; promoting anyway";
+    }
     RecycleBuffer(std::move(f->payload));  // kept unless HandleFrame took it
     if (!s.ok()) {
       ours = s.code() != Code::kAborted && s.code() != Code::kCancelled;
@@ -143,7 +150,26 @@ void Session::AckLoop(wire::Link* link) {
 }
 
 Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
+  if (switchover_epoch_ >= 0) {
+    // After an accepted switchover only the primary's last words count.
+    switch (f.type) {
+      case MsgType::kFailover:
+        *outcome = {SessionEnd::kSwitchover, "planned switchover: the primary ended its QEMU after checkpoint " +
+                                                 std::to_string(switchover_epoch_)};
+        LOG_INFO(tag_) << outcome->why;
+        return Aborted("switchover");
+      case MsgType::kGoodbye:
+      case MsgType::kError:
+      case MsgType::kHeartbeat:
+        break;
+      default:
+        LOG_WARN(tag_) << "ignoring " << wire::MsgTypeName(f.type) << " after the switchover was accepted";
+        return OkStatus();
+    }
+  }
   switch (f.type) {
+    case MsgType::kSwitchover:
+      return HandleSwitchover(f.epoch);
     case MsgType::kHeartbeat:
     case MsgType::kProgress:
       return OkStatus();
@@ -227,6 +253,24 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
     default:
       return InvalidArgument("unexpected " + wire::MsgTypeName(f.type) + " from the primary");
   }
+}
+
+Status Session::HandleSwitchover(uint64_t epoch) {
+  const std::string e = std::to_string(epoch);
+  // The guest on the primary is paused at `epoch`: nothing of a later
+  // checkpoint can be on its way, and `epoch` must be the one committed here.
+  if (staging_.bytes() > 0 || !device_buf_.empty() || staged_page_bytes_ > 0 || staged_disk_records_ > 0)
+    return FailedPrecondition("domain " + opts_.domain + ": SWITCHOVER at checkpoint " + e +
+                              " while frames of a later checkpoint are staged here; refusing the switchover");
+  if (stats_->last_committed != static_cast<int64_t>(epoch))
+    return FailedPrecondition("domain " + opts_.domain + ": the primary names checkpoint " + e +
+                              " as the final one, but this backup committed " +
+                              std::to_string(stats_->last_committed.load()) + "; refusing the switchover");
+  RETURN_IF_ERROR(host_->AcceptSwitchover(epoch));
+  switchover_epoch_ = static_cast<int64_t>(epoch);
+  switchover_reply_due_ = true;
+  LOG_INFO(tag_) << "switchover accepted at checkpoint " << e << "; promoting from it once the primary's QEMU ended";
+  return OkStatus();
 }
 
 Status Session::HandleConfig(const std::string& payload) {

@@ -36,6 +36,7 @@ enum class SessionEnd {
   kFailover,   // the primary said FAILOVER
   kEnded,      // GOODBYE, or an ERROR either way: the primary lives
   kPromoting,  // a promotion on this backup ended it
+  kSwitchover, // a switchover was accepted and the primary said its QEMU ended (FAILOVER)
 };
 
 struct SessionOutcome {
@@ -65,6 +66,10 @@ class SessionHost {
   virtual Status DisksSynced(int64_t epoch) = 0;
   // True once a promotion on this backup ended the session.
   virtual bool Promoting() = 0;
+  // SWITCHOVER(epoch): the primary's guest stays paused at its final
+  // checkpoint `epoch`. OK: accepted (the domain is switching-over and will
+  // promote from `epoch`); an error: refused (the session ends with ERROR).
+  virtual Status AcceptSwitchover(uint64_t epoch) = 0;
 };
 
 // Counters that outlive sessions (status and metrics). Written by the
@@ -110,6 +115,7 @@ class Session {
   Status HandleConfig(const std::string& payload);
   Status HandleSyncBegin(const std::string& payload);
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
+  Status HandleSwitchover(uint64_t epoch);
   void AckLoop(wire::Link* link) EXCLUDES(sess_mu_);
   void HeartbeatLoop(wire::Link* link) EXCLUDES(sess_mu_);
   void Discard();
@@ -141,6 +147,10 @@ class Session {
   std::shared_ptr<DiskReplicaSet> disks_;  // used under disk_mu_
   int64_t disk_synced_ = -1;               // DISK_SYNCED of this session
   bool disks_synced_reported_ = false;
+  // The switchover this session accepted (its final epoch), and whether its
+  // SWITCHOVER answer is still to be sent.
+  int64_t switchover_epoch_ = -1;
+  bool switchover_reply_due_ = false;
   // Receive buffers handed back by committed page batches: a checkpoint's
   // frames are read into the previous ones' memory (no fresh 4 MiB
   // allocation, page faults and zero-fill per frame).

@@ -114,6 +114,7 @@ std::string MsgTypeName(uint16_t t) {
     case MsgType::kProgress: return "PROGRESS";
     case MsgType::kDisk: return "DISK";
     case MsgType::kDiskSynced: return "DISK_SYNCED";
+    case MsgType::kSwitchover: return "SWITCHOVER";
   }
   return "TYPE_" + std::to_string(t);
 }

@@ -79,9 +79,11 @@ enum class MsgType : uint16_t {
   kProgress = 15,   // primary -> backup: initial sync progress (JSON)
   kDisk = 16,       // primary -> backup: one disk write of epoch `epoch` (DiskRecord)
   kDiskSynced = 17, // primary -> backup: every disk copy is complete as of checkpoint `epoch`
+  kSwitchover = 18, // primary -> backup: planned switchover from final checkpoint `epoch`;
+                    // backup -> primary: accepted, it promotes from `epoch`
 };
 inline constexpr uint16_t kMinMsgType = 1;
-inline constexpr uint16_t kMaxMsgType = 17;
+inline constexpr uint16_t kMaxMsgType = 18;
 
 // "HELLO", "PAGES", ...; "TYPE_<n>" for values outside the enum.
 std::string MsgTypeName(MsgType t);

@@ -153,6 +153,9 @@ Status PrimaryLifecycle::RunCheckpoint(uint64_t epoch) {
   RETURN_IF_ERROR(source_->WaitForRequest());
   RETURN_IF_ERROR(source_->BeginPause());  // QEMU stops the guest now
   const TimePoint t_reply = clock_.Now();
+  // A switchover was asked for: this checkpoint is the final one, and the
+  // guest stays paused from here on (LOADED is never sent).
+  const bool final_checkpoint = switch_requested_.load();
   if (opts_.fault == "stall-after-reply@" + std::to_string(epoch)) {
     LOG_WARN(Tag()) << "fault injection: stalling after REPLY of epoch " << epoch;
     MutexLock l(mu_);
@@ -205,6 +208,19 @@ Status PrimaryLifecycle::RunCheckpoint(uint64_t epoch) {
     PushCommitLocked(epoch, ci);
     last_staged_epoch_ = epoch;
     loaded_at_.push_back({epoch, clock_.Now()});
+    if (final_checkpoint) {
+      final_epoch_ = static_cast<int64_t>(epoch);
+      cv_.NotifyAll();  // the sender
+    }
+  }
+  if (final_checkpoint) {
+    LOG_INFO(Tag()) << "switchover: checkpoint " << epoch << " is the final one; the guest stays paused";
+    SetSwitchPhase("final-ack", opts_.heartbeat.timeout);
+    // The lifecycle thread takes it from here; the guest resumes only if
+    // the switchover ends before the backup was told (Teardown's GiveUp).
+    MutexLock l(mu_);
+    cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || qemu_dead_; });
+    return Cancelled("the switchover's final checkpoint " + std::to_string(epoch) + " was the last");
   }
   Status resumed = source_->EndPause();  // the guest resumes: speculative execution
   stage_ms_.Add(ToMillis(clock_.Now() - t_reply));

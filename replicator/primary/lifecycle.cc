@@ -29,8 +29,27 @@ std::string_view PrimaryStateName(PrimaryState s) {
     case PrimaryState::kFailedOver: return "failed-over";
     case PrimaryState::kStopped: return "stopped";
     case PrimaryState::kFenced: return "fenced";
+    case PrimaryState::kSwitchingOver: return "switching-over";
+    case PrimaryState::kSwitchedOver: return "switched-over";
   }
   return "unknown";
+}
+
+bool PrimaryTransitionAllowed(PrimaryState from, PrimaryState to) {
+  using S = PrimaryState;
+  if (IsFinal(from)) return false;
+  switch (to) {
+    case S::kStarting: return false;
+    case S::kSyncing: return from == S::kStarting;
+    case S::kProtected: return from == S::kSyncing;
+    case S::kSwitchingOver: return from == S::kProtected;
+    case S::kSwitchedOver: return from == S::kSwitchingOver;
+    case S::kUnprotected:
+    case S::kFailedOver:
+    case S::kStopped:
+    case S::kFenced: return true;
+  }
+  return false;
 }
 
 PrimaryLifecycle::PrimaryLifecycle(LifecycleOptions opts, const Clock& clock)
@@ -58,13 +77,24 @@ PrimaryLifecycle::~PrimaryLifecycle() {
 }
 
 bool PrimaryLifecycle::Advance(PrimaryState from, PrimaryState to) {
+  if (!PrimaryTransitionAllowed(from, to)) {
+    LOG_ERROR(Tag()) << "refused transition " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+    return false;
+  }
   if (!state_.compare_exchange_strong(from, to)) return false;
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
   return true;
 }
 
 void PrimaryLifecycle::EnterFinal(PrimaryState to) {
-  PrimaryState from = state_.exchange(to);
+  // Only the lifecycle thread enters an end, so nothing else moves the state
+  // from a final one; the others CAS from non-final states only.
+  PrimaryState from = state_.load();
+  if (!PrimaryTransitionAllowed(from, to)) {
+    LOG_ERROR(Tag()) << "refused transition " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+    return;
+  }
+  from = state_.exchange(to);
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
 }
 
@@ -96,6 +126,7 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
   monitor_ = deps.monitor;
   make_netbuf_ = std::move(deps.make_netbuf);
   qemu_running_ = std::move(deps.qemu_running);
+  end_qemu_ = std::move(deps.end_qemu);
   monitor_connected_ = std::move(deps.monitor_connected);
   lease_ = deps.lease;
   if (deps.make_disks)
@@ -155,6 +186,152 @@ Status PrimaryLifecycle::SetInterval(int ms) {
   return OkStatus();
 }
 
+Status PrimaryLifecycle::Switchover() {
+  const std::string& d = opts_.domain;
+  {
+    MutexLock l(mu_);
+    if (!attached_ || !source_) return FailedPrecondition("domain " + d + " is still starting, not protected");
+  }
+  if (!end_qemu_) return FailedPrecondition("domain " + d + ": this protection cannot end its QEMU; no switchover");
+  const PrimaryState s = state_.load();
+  if (s == PrimaryState::kSwitchingOver) {
+    MutexLock l(mu_);
+    return AlreadyExists("domain " + d + ": a switchover is already under way (" + switch_phase_ + ")");
+  }
+  if (s != PrimaryState::kProtected)
+    return FailedPrecondition("domain " + d + " is " + std::string(PrimaryStateName(s)) +
+                              ", not protected: a switchover needs the backup to hold a committed checkpoint and "
+                              "the link up" +
+                              (s == PrimaryState::kSyncing ? " (wait until the initial copy completes)" : ""));
+  {
+    MutexLock l(mu_);
+    switch_started_ = clock_.Now();
+    switch_took_ms_ = -1;
+    switch_result_.clear();
+    switch_status_ = OkStatus();
+  }
+  // QEMU takes the final checkpoint at once (below) or at the next interval.
+  SetSwitchPhase("final-checkpoint", std::chrono::seconds(5) + 2 * std::chrono::milliseconds(interval_ms_.load()));
+  if (!Advance(PrimaryState::kProtected, PrimaryState::kSwitchingOver))
+    return FailedPrecondition("domain " + d + " is " + std::string(PrimaryStateName(state_.load())) +
+                              ", not protected any more");
+  switch_requested_ = true;
+  LOG_INFO(Tag()) << "switchover to " << opts_.backup << " requested: the next checkpoint is the final one";
+  // Setting the interval makes QEMU take a checkpoint now.
+  if (Status t = source_->SetInterval(interval_ms_.load()); !t.ok())
+    LOG_WARN(Tag()) << "switchover: could not trigger a checkpoint (" << t.message()
+                    << "); the next regular one is the final one";
+  MutexLock l(mu_);
+  ev_cv_.Wait(mu_, [&]() REQUIRES(mu_) { return ended_; });
+  if (state_.load() == PrimaryState::kSwitchedOver && switch_status_.ok()) return OkStatus();
+  if (!switch_status_.ok()) return switch_status_;
+  return Aborted("domain " + d + ": the switchover did not happen: " + (error_.empty() ? switch_result_ : error_) +
+                 "; the domain is " + std::string(PrimaryStateName(state_.load())));
+}
+
+void PrimaryLifecycle::SetSwitchPhase(const char* phase, Nanos deadline_in) {
+  MutexLock l(mu_);
+  switch_phase_ = phase;
+  switch_deadline_ = deadline_in.count() > 0 ? clock_.Now() + deadline_in : TimePoint::max();
+  switch_kick_ = true;
+  ev_cv_.NotifyAll();
+}
+
+void PrimaryLifecycle::StepSwitchover() {
+  if (state_.load() != PrimaryState::kSwitchingOver || stopping_) return;
+  const TimePoint now = clock_.Now();
+  if (switch_accepted_) return Teardown(OkStatus(), false);
+  bool late;
+  std::string phase;
+  int64_t acked;
+  {
+    MutexLock l(mu_);
+    late = now > switch_deadline_;
+    phase = switch_phase_;
+    acked = last_acked_epoch_;
+  }
+  if (switch_told_) {
+    // Waiting for the backup's answer: an ERROR (refusal) or a lost link
+    // is posted by the ack reader, silence seen by the loop; this is the
+    // backstop for a backup that lives but never answers.
+    if (late)
+      Teardown(DeadlineExceeded("switchover: the backup " + opts_.backup + " did not answer SWITCHOVER within " +
+                                std::to_string(static_cast<int64_t>(ToMillis(SendBackstop()))) + " ms"),
+               false);
+    return;
+  }
+  const int64_t fe = final_epoch_.load();
+  // The final checkpoint is acked and its output released (unless the lease
+  // is not valid: then it is never released, and dropped at the end).
+  const bool ready = fe >= 0 && acked >= fe && (released_epoch_.load() >= fe || (lease_ && !lease_->Valid()));
+  if (!ready) {
+    if (late)
+      Teardown(DeadlineExceeded(phase == "final-checkpoint"
+                                    ? "switchover: QEMU took no final checkpoint in time"
+                                    : "switchover: the backup " + opts_.backup + " did not ack the final checkpoint " +
+                                          std::to_string(fe) + " within the heartbeat timeout"),
+               false);
+    return;
+  }
+  // From here on the backup may promote: our guest never runs again.
+  switch_told_ = true;
+  SetSwitchPhase("handover", SendBackstop());
+  LOG_INFO(Tag()) << "switchover: the backup committed the final checkpoint " << fe << "; telling it to take over";
+  Status s = link_->SendBefore(std::chrono::steady_clock::now() + SendBackstop(), MsgType::kSwitchover,
+                               static_cast<uint64_t>(fe), wire::EncodeReason({"planned switchover"}), 0,
+                               [this] { return hb_.PeerLost(); });
+  if (!s.ok()) Teardown(Unavailable("switchover: SWITCHOVER not sent: " + s.message()), false);
+}
+
+void PrimaryLifecycle::EndSwitchover(const Status& why, bool qemu_dead) {
+  {
+    MutexLock l(mu_);
+    stopping_ = true;
+    cv_.NotifyAll();  // the epoch loop's hold of the final checkpoint, the sender
+  }
+  const int64_t fe = final_epoch_.load();
+  const std::string at = "checkpoint " + std::to_string(fe);
+  if (why.ok()) {
+    LOG_INFO(Tag()) << "switchover: the backup accepted " << at << "; ending QEMU";
+  } else {
+    LOG_ERROR(Tag()) << why.message() << "; the backup was told to take over from " << at
+                     << ", so our guest never resumes: ending QEMU";
+    SetError(why.message() + "; the backup was told to take over from " + at +
+             ": it promotes by itself once it notices the primary is gone");
+  }
+  SetSwitchPhase("ending-qemu");
+  Status k = qemu_dead ? OkStatus() : end_qemu_();
+  if (!k.ok()) {
+    LOG_ERROR(Tag()) << "switchover: ending QEMU: " << k.ToString();
+    SetError("switchover: ending QEMU failed (" + k.message() +
+             "); it stays paused and must never run again: end it by hand");
+  }
+  const auto deadline = std::chrono::steady_clock::now() + SendBackstop();
+  const std::function<bool()> backup_silent = [this] { return hb_.PeerLost(); };
+  if (k.ok()) {
+    // Our copy is gone: the backup wins etcd at once instead of a TTL later.
+    if (lease_) lease_->Abandon();
+    Status f = link_->SendBefore(deadline, MsgType::kFailover, static_cast<uint64_t>(std::max<int64_t>(fe, 0)),
+                                 wire::EncodeReason({"planned switchover: QEMU ended after " + at}), 0, backup_silent);
+    if (!f.ok()) LOG_WARN(Tag()) << "FAILOVER not sent (" << f.message() << "); the backup promotes on silence";
+  }
+  EnterFinal(PrimaryState::kSwitchedOver);
+  // Everything acked was released on its ACK; the guest sent nothing after
+  // the final checkpoint's capture (it stayed paused).
+  if (OutputBuffer* nb = netbuf_.load()) (void)nb->Finish(false);
+  if (disks_) disks_->Stop(false);
+  if (hb_.PeerLost()) link_->Shutdown();
+  else link_->ShutdownWrite();
+  source_->Abort();
+  MutexLock l(mu_);
+  switch_took_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
+  switch_phase_ = why.ok() && k.ok() ? "done" : "failed";
+  switch_result_ = why.ok() && k.ok()
+                       ? "the backup runs the guest from " + at + "; QEMU here ended"
+                       : (why.ok() ? k.message() : why.message()) + "; the backup takes over from " + at;
+  switch_status_ = why.ok() ? k : why;
+}
+
 void PrimaryLifecycle::OnQemuEvent(const json& ev) {
   // On the monitor's event thread: count, post, never issue a command.
   std::string name = ev.value("event", "");
@@ -203,11 +380,12 @@ void PrimaryLifecycle::LifecycleLoop() {
       // Events wait while Attach is handing over the pieces.
       // Wake when the backup's silence would reach the timeout.
       Nanos nap = kMaxNap;
-      const PrimaryState s = state_.load();
-      if ((s == PrimaryState::kSyncing || s == PrimaryState::kProtected) && !stopping_)
+      if (IsLive(state_.load()) && !stopping_)
         nap = std::clamp<Nanos>(opts_.heartbeat.timeout - hb_.SinceLastReceived() + std::chrono::milliseconds(1),
                                 std::chrono::milliseconds(1), kMaxNap);
-      ev_cv_.WaitFor(mu_, nap, [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_; });
+      ev_cv_.WaitFor(mu_, nap,
+                     [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_ || switch_kick_; });
+      switch_kick_ = false;
       if (!events_.empty() && !attaching_) {
         ev = std::move(events_.front());
         events_.pop_front();
@@ -220,8 +398,8 @@ void PrimaryLifecycle::LifecycleLoop() {
       Teardown(Cancelled("daemon shutting down"), false);
       return;
     }
-    const PrimaryState s = state_.load();
-    if ((s == PrimaryState::kSyncing || s == PrimaryState::kProtected) && !stopping_ && hb_.PeerLost()) {
+    StepSwitchover();
+    if (IsLive(state_.load()) && !stopping_ && hb_.PeerLost()) {
       Teardown(DeadlineExceeded("the backup " + opts_.backup + " has been silent for " +
                                 std::to_string(static_cast<int>(ToMillis(hb_.SinceLastReceived()))) +
                                 " ms (heartbeat timeout " +
@@ -248,6 +426,20 @@ void PrimaryLifecycle::Teardown(const Status& why, bool qemu_dead) {
     ev_cv_.NotifyAll();
   };
   if (IsFinal(state_.load())) return finish();
+  // SWITCHOVER went out: the backup may promote, so whatever ends the
+  // switchover now, our guest never runs again. (A refusal is the one
+  // exception: the backup said it never promotes this session.)
+  if (switch_told_ && !switch_refused_) {
+    EndSwitchover(why.code() == Code::kCancelled ? Status(Code::kAborted, why.message()) : why, qemu_dead);
+    return finish();
+  }
+  if (state_.load() == PrimaryState::kSwitchingOver) {
+    SetSwitchPhase("aborted");
+    MutexLock l(mu_);
+    switch_took_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
+    switch_result_ = "aborted before the backup was told to take over (" + why.message() + "); the guest resumes here";
+    switch_status_ = Aborted("domain " + opts_.domain + ": switchover " + switch_result_ + ", unprotected");
+  }
   const bool on_purpose = why.code() == Code::kCancelled;
   if (!on_purpose) SetError(why.message());
   bool attached;
@@ -432,6 +624,14 @@ void PrimaryLifecycle::FillStatus(json* out) const {
                      {"ack_seconds", HistogramToJson(ack_hist_.Snapshot())},
                      {"dirty_pages", HistogramToJson(dirty_hist_.Snapshot())}};
   j["link"] = {{"bytes_sent", attached && link_ ? link_->bytes_sent() : 0}};
+  MutexLock l(mu_);
+  if (!switch_phase_.empty()) {
+    json sw = {{"phase", switch_phase_}, {"final_epoch", final_epoch_.load()}, {"result", switch_result_}};
+    if (switch_took_ms_ >= 0) sw["took_ms"] = switch_took_ms_;
+    else sw["elapsed_ms"] = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
+    if (!switch_status_.ok()) sw["error"] = switch_status_.message();
+    j["switchover"] = sw;
+  }
 }
 
 }  // namespace remus

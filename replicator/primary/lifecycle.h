@@ -5,13 +5,31 @@
 //
 //   starting --Attach--> syncing --ACK covering the initial copy--> protected
 //      |                   |                                           |
-//      +-------------------+----------------Teardown-------------------+
-//                          v
-//      unprotected (protection lost; the guest runs on)
+//      |                   |                              Switchover   |
+//      |                   |                                           v
+//      |                   |                                    switching-over
+//      |                   |                                           |
+//      +-------------------+---------Teardown--------------------------+
+//                          v                                           | accepted, or
+//      unprotected (protection lost; the guest runs on)                v lost once told
+//                                                                switched-over
 //      failed-over (QEMU died; the backup was told to promote)
 //      stopped     (ended on purpose: unprotect, guest shutdown, daemon stop)
 //      fenced      (arbitration: another host won the domain; our copy was
 //                   destroyed and nothing it held was released)
+//      switched-over (a planned switchover: the backup accepted the final
+//                   checkpoint, our QEMU was ended, the backup runs the guest)
+//
+// Planned switchover (Switchover): the next checkpoint is the final one; the
+// guest stays paused from its capture on (LOADED is never sent). Once the
+// backup acked it, SWITCHOVER(final) goes out, and from then on our guest
+// never resumes: the backup may promote. It answers SWITCHOVER (accepted) or
+// ERROR (refused: it never promotes this session, so the guest resumes here,
+// unprotected). On acceptance, or silence, or a broken link after SWITCHOVER
+// went out, QEMU is ended (LifecycleDeps::end_qemu), the lease given up and
+// FAILOVER sent (the backup promotes at once). Anything that ends protection
+// before SWITCHOVER went out (the backup lost, the final ACK late, unprotect)
+// is an ordinary end: the guest resumes here, unprotected.
 //
 // With an arbiter (LifecycleDeps::lease), output leaves only while the lease
 // is valid, and protection that ends with the guest running retires the
@@ -75,12 +93,23 @@
 
 namespace remus {
 
-enum class PrimaryState { kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped, kFenced };
+enum class PrimaryState {
+  kStarting, kSyncing, kProtected, kUnprotected, kFailedOver, kStopped, kFenced, kSwitchingOver, kSwitchedOver
+};
 std::string_view PrimaryStateName(PrimaryState s);
 inline bool IsFinal(PrimaryState s) {
   return s == PrimaryState::kUnprotected || s == PrimaryState::kFailedOver || s == PrimaryState::kStopped ||
-         s == PrimaryState::kFenced;
+         s == PrimaryState::kFenced || s == PrimaryState::kSwitchedOver;
 }
+// Protection runs (the backup's liveness is watched) in these states.
+inline bool IsLive(PrimaryState s) {
+  return s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kSwitchingOver;
+}
+// The transitions the lifecycle makes (Advance, EnterFinal check them):
+// starting -> syncing -> protected -> switching-over; any state but a final
+// one -> unprotected, failed-over, stopped, fenced; switching-over ->
+// switched-over.
+bool PrimaryTransitionAllowed(PrimaryState from, PrimaryState to);
 
 struct LifecycleOptions {
   std::string domain;
@@ -114,6 +143,9 @@ struct LifecycleDeps {
   std::function<std::unique_ptr<DiskMirror>(DiskMirror::WriteFn)> make_disks;
   // Whether QEMU's process still exists. Null: assume it does.
   std::function<bool()> qemu_running;
+  // Ends QEMU for good (a planned switchover: the backup runs the guest
+  // now) and returns once it is gone. Null: switchover is refused.
+  std::function<Status()> end_qemu;
   // libvirt mode: whether the monitor is reachable. Set, a GiveUp that
   // failed with Unavailable is retried once it is back.
   std::function<bool()> monitor_connected;
@@ -152,6 +184,14 @@ class PrimaryLifecycle {
   // protection had been lost, if it had been.
   Status Unprotect();
   Status SetInterval(int ms);
+  // Planned switchover to the backup (see the top of this file): protected
+  // -> switching-over, then waits until the switchover ended. OK when the
+  // backup accepted and our QEMU ended (switched-over); otherwise the error,
+  // with the state saying where the guest runs (unprotected: here;
+  // switched-over with an error: the backup was told and promotes by itself).
+  // FailedPrecondition when not protected, AlreadyExists when a switchover
+  // runs already.
+  Status Switchover() EXCLUDES(mu_);
 
   // Monitor callbacks: post to the lifecycle, never block, never issue QMP.
   void OnQemuEvent(const nlohmann::json& ev);
@@ -185,6 +225,15 @@ class PrimaryLifecycle {
   void LifecycleLoop() EXCLUDES(mu_);
   // The one place protection ends. Lifecycle thread only.
   void Teardown(const Status& why, bool qemu_dead) EXCLUDES(mu_);
+  // Switchover: drives it from the lifecycle thread (the final ACK, then
+  // SWITCHOVER, then the backup's answer).
+  void StepSwitchover() EXCLUDES(mu_);
+  // The end of a switchover once SWITCHOVER went out: QEMU ended, the lease
+  // given up, FAILOVER, switched-over. why: OK for an accepted one.
+  // Lifecycle thread only.
+  void EndSwitchover(const Status& why, bool qemu_dead) EXCLUDES(mu_);
+  // phase for status; deadline: when the phase gives up (zero: never).
+  void SetSwitchPhase(const char* phase, Nanos deadline_in = Nanos(0)) EXCLUDES(mu_);
   // GiveUp; schedules retries when the monitor is away (libvirt restarting).
   void ReleaseGuest() EXCLUDES(mu_);
   void RetryGiveUp() EXCLUDES(mu_);
@@ -238,6 +287,7 @@ class PrimaryLifecycle {
   QemuMonitor* monitor_ = nullptr;
   std::function<StatusOr<std::unique_ptr<OutputBuffer>>()> make_netbuf_;
   std::function<bool()> qemu_running_;
+  std::function<Status()> end_qemu_;
   std::function<bool()> monitor_connected_;
   DomainLease* lease_ = nullptr;
   // Made by the epoch thread while the guest is paused at the end of the
@@ -256,6 +306,16 @@ class PrimaryLifecycle {
   std::atomic<bool> host_shutdown_{false};
   std::atomic<int> interval_ms_;
 
+  // Switchover. requested: the epoch loop makes its next checkpoint the
+  // final one. told: SWITCHOVER went out (or may have): our guest never
+  // resumes. accepted/refused: the backup's answer (ack reader).
+  std::atomic<bool> switch_requested_{false};
+  std::atomic<int64_t> final_epoch_{-1};
+  std::atomic<int64_t> released_epoch_{-1};  // output released through this epoch (ack reader)
+  std::atomic<bool> switch_told_{false};
+  std::atomic<bool> switch_accepted_{false};
+  std::atomic<bool> switch_refused_{false};
+
   mutable Mutex mu_;
   CondVar cv_;     // queue, acks, stopping_, qemu_dead_
   CondVar ev_cv_;  // events_, attaching_, destroy_, ended_
@@ -268,6 +328,14 @@ class PrimaryLifecycle {
   bool give_up_pending_ GUARDED_BY(mu_) = false;
   TimePoint give_up_deadline_ GUARDED_BY(mu_);
   std::string error_ GUARDED_BY(mu_);
+  // The switchover's progress, for status: phase ("" before any).
+  std::string switch_phase_ GUARDED_BY(mu_);
+  TimePoint switch_started_ GUARDED_BY(mu_);
+  TimePoint switch_deadline_ GUARDED_BY(mu_);  // for the current phase
+  int64_t switch_took_ms_ GUARDED_BY(mu_) = -1;
+  std::string switch_result_ GUARDED_BY(mu_);
+  bool switch_kick_ GUARDED_BY(mu_) = false;  // wakes the lifecycle thread for StepSwitchover
+  Status switch_status_ GUARDED_BY(mu_);  // how the switchover ended
 
   std::deque<OutFrame> queue_ GUARDED_BY(mu_);
   uint64_t queued_bytes_ GUARDED_BY(mu_) = 0;

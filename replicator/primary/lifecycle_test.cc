@@ -95,7 +95,14 @@ class FakeStream final : public CheckpointStream {
     cv_.notify_all();
     return OkStatus();
   }
-  Status SetInterval(int) override { return OkStatus(); }
+  Status SetInterval(int) override {
+    std::lock_guard<std::mutex> l(mu_);
+    set_interval_calls_++;
+    if (!auto_epochs) fired_++;  // as QEMU: a new interval triggers a checkpoint
+    cv_.notify_all();
+    return OkStatus();
+  }
+  int set_interval_calls() const { std::lock_guard<std::mutex> l(mu_); return set_interval_calls_; }
   Status CheckInColo() override { return OkStatus(); }
   const std::vector<qemu::RamBlock>& blocks() const override { return blocks_; }
   void Abort() override {
@@ -149,7 +156,7 @@ class FakeStream final : public CheckpointStream {
   bool aborted_ = false, paused_ = false, gave_up_ = false;
   std::optional<Status> fail_next_;
   uint64_t fired_ = 0, loaded_ = 0, pauses_ = 0;
-  int give_up_failures_ = 0, give_up_calls_ = 0;
+  int give_up_failures_ = 0, give_up_calls_ = 0, set_interval_calls_ = 0;
   Steady::time_point paused_at_, give_up_at_;
   std::thread::id give_up_thread_;
   std::shared_ptr<BufferPool> pool_;
@@ -241,6 +248,16 @@ class FakeBackup {
     not_reading_ = stop;
     cv_.notify_all();
   }
+  // How it answers SWITCHOVER.
+  enum class OnSwitchover { kAccept, kRefuse, kSilent, kHangUp };
+  void SetOnSwitchover(OnSwitchover a) {
+    std::lock_guard<std::mutex> l(mu_);
+    on_switchover_ = a;
+  }
+  int64_t switchover_epoch() const { std::lock_guard<std::mutex> l(mu_); return switchover_epoch_; }
+  int64_t last_commit() const { std::lock_guard<std::mutex> l(mu_); return last_commit_; }
+  // The frame types it received, in order.
+  std::vector<MsgType> types() const { std::lock_guard<std::mutex> l(mu_); return types_; }
   bool Saw(MsgType t) const {
     std::lock_guard<std::mutex> l(mu_);
     for (auto x : types_)
@@ -263,14 +280,30 @@ class FakeBackup {
         link_->Shutdown();  // the primary's ack reader ends
         return;
       }
-      std::lock_guard<std::mutex> l(mu_);
+      std::unique_lock<std::mutex> l(mu_);
       types_.push_back(f->type);
+      if (f->type == MsgType::kSwitchover) {
+        switchover_epoch_ = static_cast<int64_t>(f->epoch);
+        switch (on_switchover_) {
+          case OnSwitchover::kAccept: (void)link_->Send(MsgType::kSwitchover, f->epoch, ""); break;
+          case OnSwitchover::kRefuse:
+            (void)link_->Send(MsgType::kError, 0, wire::EncodeError(FailedPrecondition("refused by the test")));
+            break;
+          case OnSwitchover::kSilent: break;
+          case OnSwitchover::kHangUp:
+            l.unlock();
+            link_->Shutdown();
+            return;
+        }
+        continue;
+      }
       if (f->type == MsgType::kGoodbye || f->type == MsgType::kFailover) {
         auto r = wire::DecodeReason(f->payload);
         if (r.ok()) goodbye_reason_ = r->reason;
       }
       if (f->type != MsgType::kCommit || blackhole_) continue;
       commits_++;
+      last_commit_ = static_cast<int64_t>(f->epoch);
       if (hold_acks_) held_.push_back(f->epoch);
       else (void)link_->Send(MsgType::kAck, f->epoch, "");
     }
@@ -290,7 +323,8 @@ class FakeBackup {
   bool closing_ = false, blackhole_ = false, not_reading_ = false, hold_acks_ = false;
   std::vector<uint64_t> held_;
   std::vector<MsgType> types_;
-  int64_t commits_ = 0;
+  int64_t commits_ = 0, last_commit_ = -1, switchover_epoch_ = -1;
+  OnSwitchover on_switchover_ = OnSwitchover::kAccept;
   std::string goodbye_reason_;
   std::thread reader_, beater_;
 };
@@ -307,6 +341,7 @@ struct World {
   std::unique_ptr<FakeBackup> backup;
   std::unique_ptr<PrimaryLifecycle> lc;
   bool qemu_running = true;
+  int end_qemu_calls = 0;                  // under mu
   bool libvirt_mode = false;               // set before Start
   DomainLease* lease = nullptr;            // set before Start: arbitration
   std::atomic<bool> monitor_connected{true};
@@ -340,9 +375,19 @@ struct World {
       return qemu_running;
     };
     if (libvirt_mode) d.monitor_connected = [this] { return monitor_connected.load(); };
+    d.end_qemu = [this] {
+      std::lock_guard<std::mutex> l(mu);
+      end_qemu_calls++;
+      qemu_running = false;
+      return OkStatus();
+    };
     d.lease = lease;
     monitor.SetEventHandler([l = lc.get()](const json& ev) { l->OnQemuEvent(ev); });
     ASSERT_TRUE(lc->Attach(std::move(d)).ok());
+  }
+  int end_qemu() {
+    std::lock_guard<std::mutex> l(mu);
+    return end_qemu_calls;
   }
   ~World() {
     monitor.SetEventHandler(nullptr);
@@ -641,6 +686,136 @@ TEST(PrimaryLifecycle, DestructorStopsProtectionOnPurpose) {
   w->lc.reset();
   EXPECT_TRUE(Eventually([&] { return b->Saw(MsgType::kGoodbye); }));
   EXPECT_EQ(b->goodbye_reason(), "daemon shutting down");
+}
+
+// ---- Planned switchover -----------------------------------------------------
+
+// The final checkpoint is never LOADED: the guest stays paused from its
+// capture on. Only after its ACK (and the release of its output) does
+// SWITCHOVER name it; on acceptance QEMU is ended and FAILOVER follows; the
+// guest never resumed (no GiveUp) and nothing held is released at the end.
+TEST(PrimaryLifecycle, SwitchoverHoldsTheFinalCheckpointAndEndsQemuOnceAccepted) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.stream->Fire();
+  w.stream->Fire();
+  ASSERT_TRUE(Eventually([&] { return w.backup->commits() >= 3; }));  // epochs 0, 1, 2
+  ASSERT_TRUE(w.lc->Switchover().ok()) << w.lc->error();
+  EXPECT_EQ(w.lc->state(), PrimaryState::kSwitchedOver);
+  EXPECT_EQ(w.stream->set_interval_calls(), 1);  // the final checkpoint was asked for at once
+  EXPECT_EQ(w.stream->pauses(), 3u);
+  EXPECT_EQ(w.stream->loaded(), 2u);  // epoch 3 paused the guest, never resumed it
+  EXPECT_TRUE(w.stream->paused());
+  EXPECT_FALSE(w.stream->gave_up());
+  EXPECT_EQ(w.end_qemu(), 1);
+  EXPECT_EQ(w.backup->switchover_epoch(), 3);
+  ASSERT_TRUE(Eventually([&] { return w.backup->Saw(MsgType::kFailover); }));
+  EXPECT_FALSE(w.backup->Saw(MsgType::kGoodbye));
+  // SWITCHOVER came after COMMIT 3 and before FAILOVER.
+  auto t = w.backup->types();
+  auto at = [&](MsgType x) { return std::find(t.begin(), t.end(), x) - t.begin(); };
+  EXPECT_LT(at(MsgType::kSwitchover), at(MsgType::kFailover));
+  EXPECT_EQ(w.backup->last_commit(), 3);
+  // Output: epoch 3's packets were released on its ACK, before the end
+  // dropped the (empty) rest.
+  auto log = w.netbuf->log();
+  ASSERT_GE(log.size(), 2u);
+  EXPECT_EQ(log.back().first, "finish-drop");
+  EXPECT_EQ(log[log.size() - 2], (std::pair<std::string, uint64_t>{"release", 3}));
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["state"], "switched-over");
+  EXPECT_EQ(st["switchover"]["phase"], "done");
+  EXPECT_EQ(st["switchover"]["final_epoch"], 3);
+  EXPECT_GE(st["switchover"]["took_ms"].get<int64_t>(), 0);
+  EXPECT_EQ(w.lc->error(), "");
+  // Once over, a second one is refused, and so is unprotect's work.
+  EXPECT_EQ(w.lc->Switchover().code(), Code::kFailedPrecondition);
+  EXPECT_TRUE(w.lc->Unprotect().ok());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kSwitchedOver);
+}
+
+TEST(PrimaryLifecycle, SwitchoverIsRefusedUnlessProtectedAndOnlyOnceAtATime) {
+  World w;
+  LifecycleOptions o = Opts(milliseconds(20), milliseconds(2000));
+  w.Start(std::move(o), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->HoldAcks(true);
+  auto first = std::async(std::launch::async, [&] { return w.lc->Switchover(); });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kSwitchingOver; }));
+  Status again = w.lc->Switchover();
+  EXPECT_EQ(again.code(), Code::kAlreadyExists) << again.ToString();
+  w.backup->HoldAcks(false);
+  ASSERT_EQ(first.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  EXPECT_TRUE(first.get().ok());
+  PrimaryLifecycle starting(Opts(), RealClock::Get());
+  EXPECT_EQ(starting.Switchover().code(), Code::kFailedPrecondition);
+}
+
+// The backup refuses (ERROR): it never promotes this session, so the guest
+// resumes here, unprotected, and QEMU lives.
+TEST(PrimaryLifecycle, ARefusedSwitchoverResumesTheGuestUnprotected) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(2000)), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->SetOnSwitchover(FakeBackup::OnSwitchover::kRefuse);
+  Status s = w.lc->Switchover();
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+  EXPECT_NE(w.lc->error().find("refused by the test"), std::string::npos) << w.lc->error();
+  EXPECT_TRUE(w.stream->gave_up());
+  EXPECT_EQ(w.end_qemu(), 0);
+  EXPECT_FALSE(w.backup->Saw(MsgType::kFailover));
+}
+
+// The backup is lost before it acked the final checkpoint: nobody was told
+// to promote, so the guest resumes here (unprotected), QEMU lives.
+TEST(PrimaryLifecycle, ABackupLostBeforeTheFinalAckLeavesTheGuestRunningHere) {
+  World w;
+  w.Start(Opts(milliseconds(20), milliseconds(300)), false, [](FakeStream* s) { s->auto_epochs = false; });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  w.backup->Blackhole();
+  const auto t0 = Steady::now();
+  Status s = w.lc->Switchover();
+  EXPECT_FALSE(s.ok());
+  EXPECT_LT(Ms(Steady::now() - t0), 2000);
+  EXPECT_EQ(w.lc->state(), PrimaryState::kUnprotected);
+  EXPECT_TRUE(w.stream->gave_up());
+  EXPECT_EQ(w.end_qemu(), 0);
+  EXPECT_EQ(w.backup->switchover_epoch(), -1);
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["switchover"]["phase"], "aborted");
+}
+
+// Once SWITCHOVER went out the backup may promote: a link that breaks
+// before its answer (or a silent backup) ends QEMU here; the guest never
+// resumes.
+TEST(PrimaryLifecycle, ALinkLostAfterSwitchoverWasSentEndsQemuAndNeverResumes) {
+  for (auto mode : {FakeBackup::OnSwitchover::kHangUp, FakeBackup::OnSwitchover::kSilent}) {
+    World w;
+    w.Start(Opts(milliseconds(20), milliseconds(300)), false, [](FakeStream* s) { s->auto_epochs = false; });
+    ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+    w.backup->SetOnSwitchover(mode);
+    if (mode == FakeBackup::OnSwitchover::kSilent) {
+      // Silent from SWITCHOVER on: heartbeats stop too.
+      std::thread([b = w.backup.get()] {
+        Eventually([&] { return b->switchover_epoch() >= 0; });
+        b->Blackhole();
+      }).detach();
+    }
+    Status s = w.lc->Switchover();
+    EXPECT_FALSE(s.ok());
+    EXPECT_EQ(w.lc->state(), PrimaryState::kSwitchedOver);
+    EXPECT_FALSE(w.stream->gave_up());
+    EXPECT_TRUE(w.stream->paused());
+    EXPECT_EQ(w.end_qemu(), 1);
+    EXPECT_NE(w.lc->error().find("told to take over"), std::string::npos) << w.lc->error();
+    json st;
+    w.lc->FillStatus(&st);
+    EXPECT_EQ(st["switchover"]["phase"], "failed");
+  }
 }
 
 // ---- Arbitration -------------------------------------------------------------

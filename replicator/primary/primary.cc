@@ -266,6 +266,23 @@ Status PrimaryReplicator::Connect() {
     };
   deps.make_netbuf = [nb = netbuf_opts_] { return MakeOutputBuffer(nb); };
   deps.qemu_running = [pid = qemu_pid_] { return ProcessRunning(pid); };
+  // A planned switchover ends our QEMU for good: SIGKILL (it is paused in the
+  // final checkpoint, and nothing it could still do may reach anyone), or
+  // libvirt's destroy for a libvirt domain; then wait until it is gone.
+  deps.end_qemu = [pid = qemu_pid_, libvirt = libvirt_ != nullptr, uri = opts_.libvirt_uri, d]() -> Status {
+    if (libvirt) {
+      RETURN_IF_ERROR(DestroyLibvirtDomain(uri, d).Annotate("destroying libvirt domain " + d));
+    } else if (pid > 0 && ::kill(pid, SIGKILL) < 0 && errno != ESRCH) {
+      return ErrnoStatus("kill -9 QEMU (pid " + std::to_string(pid) + ")", errno);
+    }
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (pid > 0 && ProcessRunning(pid)) {
+      if (std::chrono::steady_clock::now() > until)
+        return DeadlineExceeded("QEMU (pid " + std::to_string(pid) + ") still runs 10 s after it was ended");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return OkStatus();
+  };
   if (libvirt_) deps.monitor_connected = [lv = libvirt_] { return lv->connected(); };
   if (owned_) deps.lease = &owned_->lease();
   CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
@@ -327,6 +344,11 @@ Status PrimaryReplicator::ResolveNetbuf() {
 Status PrimaryReplicator::Unprotect() {
   CancelStart();
   return lifecycle_->Unprotect();
+}
+
+Status PrimaryReplicator::Switchover() {
+  if (!ready_) return FailedPrecondition("domain " + opts_.domain + " is still starting, not protected");
+  return lifecycle_->Switchover();
 }
 
 Status PrimaryReplicator::SetInterval(int ms) {

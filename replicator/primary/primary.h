@@ -114,6 +114,9 @@ class PrimaryReplicator {
   // guest running. Idempotent. Cancels a start in progress (waits for it).
   Status Unprotect();
   Status SetInterval(int ms);
+  // Planned switchover to the backup (PrimaryLifecycle::Switchover): returns
+  // once it ended; our QEMU is gone then and the backup runs the guest.
+  Status Switchover();
 
   PrimaryState state() const { return lifecycle_->state(); }
   nlohmann::json StatusJson() const;

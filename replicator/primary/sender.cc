@@ -130,8 +130,21 @@ void PrimaryLifecycle::AckLoop() {
       case MsgType::kHeartbeat:
         break;
       case MsgType::kError:
+        // After SWITCHOVER went out, an ERROR is the backup's refusal: it
+        // never promotes this session, so our guest may resume.
+        if (switch_told_ && !switch_accepted_) switch_refused_ = true;
         Post({wire::DecodeError(f->payload).Annotate("the backup refused the stream"), false, false});
         return;
+      case MsgType::kSwitchover:
+        if (switch_told_ && static_cast<int64_t>(f->epoch) == final_epoch_.load()) {
+          switch_accepted_ = true;
+          MutexLock l(mu_);
+          switch_kick_ = true;
+          ev_cv_.NotifyAll();
+        } else {
+          LOG_WARN(Tag()) << "ignoring SWITCHOVER " << f->epoch << " from the backup: none asked for that epoch";
+        }
+        break;
       default:
         LOG_WARN(Tag()) << "ignoring unexpected " << wire::MsgTypeName(f->type) << " from the backup";
     }
@@ -169,6 +182,14 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
     LOG_DEBUG(Tag()) << "epoch " << e << ": acked, releasing output, wall " << WallSeconds();
     Status r = nb->Release(e);
     if (!r.ok()) LOG_ERROR(Tag()) << "netbuf release of epoch " << e << ": " << r.ToString();
+    released_epoch_ = std::max<int64_t>(released_epoch_.load(), static_cast<int64_t>(e));
+  } else {
+    released_epoch_ = std::max<int64_t>(released_epoch_.load(), static_cast<int64_t>(e));
+  }
+  if (switch_requested_ && static_cast<int64_t>(e) >= final_epoch_.load() && final_epoch_.load() >= 0) {
+    MutexLock l(mu_);
+    switch_kick_ = true;
+    ev_cv_.NotifyAll();  // the switchover's next step
   }
   if (complete && Advance(PrimaryState::kSyncing, PrimaryState::kProtected))
     LOG_INFO(Tag()) << "protected: the backup committed checkpoint " << e

@@ -79,6 +79,14 @@ void PrintTable(const json& domains) {
                     static_cast<unsigned long long>(nb.value("buffered_packets", uint64_t{0})),
                     static_cast<unsigned long long>(nb.value("dropped_packets", uint64_t{0})));
     }
+    if (primary && d.contains("switchover")) {
+      const json& sw = d["switchover"];
+      std::string took = sw.contains("took_ms") ? ", took " + std::to_string(sw.value("took_ms", int64_t{0})) + " ms"
+                                                : ", " + std::to_string(sw.value("elapsed_ms", int64_t{0})) + " ms so far";
+      std::printf("  switchover %s (final checkpoint %lld%s)%s%s\n", sw.value("phase", "").c_str(),
+                  static_cast<long long>(sw.value("final_epoch", int64_t{-1})), took.c_str(),
+                  sw.value("result", "").empty() ? "" : ": ", sw.value("result", "").c_str());
+    }
     if (std::string a = remus::ArbiterLine(d); !a.empty()) std::printf("%s\n", a.c_str());
     if (!primary && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
@@ -180,6 +188,51 @@ remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::s
   }
   call.join();
   if (drew) std::printf("\n");
+  return std::move(*result);
+}
+
+// What a switchover phase (PrimaryLifecycle's status) means, for progress lines.
+std::string SwitchPhaseText(const json& sw) {
+  const std::string phase = sw.value("phase", "");
+  const std::string e = std::to_string(sw.value("final_epoch", int64_t{-1}));
+  if (phase == "final-checkpoint") return "taking the final checkpoint";
+  if (phase == "final-ack") return "final checkpoint " + e + " staged, guest paused; waiting for the backup's ack";
+  if (phase == "handover") return "backup committed checkpoint " + e + "; told it to take over";
+  if (phase == "ending-qemu") return "backup accepted; ending QEMU here";
+  return phase;
+}
+
+// Runs the switchover request (it returns when the switchover ended) and
+// prints each step as the status shows it.
+remus::StatusOr<json> SwitchoverWithProgress(const std::string& sock, const std::string& domain) {
+  remus::Mutex mu;
+  remus::CondVar cv;
+  std::optional<remus::StatusOr<json>> result;
+  std::thread call([&] {
+    auto r = remus::ControlCall(sock, {{"command", "switchover"}, {"domain", domain}});
+    remus::MutexLock g(mu);
+    result = std::move(r);
+    cv.NotifyAll();
+  });
+  std::string last;
+  for (;;) {
+    {
+      remus::MutexLock l(mu);
+      if (cv.WaitFor(mu, std::chrono::milliseconds(50), [&] { return result.has_value(); })) break;
+    }
+    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    if (!st.ok() || !st->contains("domains")) continue;
+    for (const auto& d : (*st)["domains"]) {
+      if (d.value("role", "") != "primary" || !d.contains("switchover")) continue;
+      std::string text = SwitchPhaseText(d["switchover"]);
+      if (text != last && d["switchover"].value("phase", "") != "done") {
+        std::printf("%s: %s\n", domain.c_str(), text.c_str());
+        std::fflush(stdout);
+        last = text;
+      }
+    }
+  }
+  call.join();
   return std::move(*result);
 }
 
@@ -291,6 +344,10 @@ int main(int argc, char** argv) {
   auto* failover = app.add_subcommand("failover", "on the backup: start the guest here from the last checkpoint");
   failover->add_option("domain", domain, "domain name")->required();
 
+  auto* switchover = app.add_subcommand(
+      "switchover", "on the primary: move a protected guest to its backup, nothing lost (QEMU here ends)");
+  switchover->add_option("domain", domain, "domain name")->required();
+
   auto* tune = app.add_subcommand("tune", "change a protected domain's checkpoint interval");
   tune->add_option("domain", domain, "domain name")->required();
   tune->add_option("--interval", interval, "checkpoint interval in ms")->required()->check(CLI::Range(1, 600000));
@@ -390,6 +447,17 @@ int main(int argc, char** argv) {
                                                           : "no monitor reported";
     std::printf("%s: running here (%s) after %lld ms\n", domain.c_str(), where.c_str(),
                 static_cast<long long>(d["promotion"].value("failover_ms", int64_t{-1})));
+    return 0;
+  }
+  if (*switchover) {
+    std::printf("%s: switching over to the backup...\n", domain.c_str());
+    std::fflush(stdout);
+    auto r = SwitchoverWithProgress(sock, domain);
+    if (!r.ok()) return FailDomain(r.status());
+    const json& sw = r->value("switchover", json::object());
+    std::printf("%s: switched over in %lld ms from checkpoint %lld; %s\n", domain.c_str(),
+                static_cast<long long>(sw.value("took_ms", int64_t{-1})),
+                static_cast<long long>(sw.value("final_epoch", int64_t{-1})), sw.value("result", "").c_str());
     return 0;
   }
   if (*tune) {
