@@ -114,6 +114,7 @@ Status Daemon::Start() {
     bo.qemu_binary = opts_.qemu_binary;
     bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
+    bo.fault = opts_.fault;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
     std::unique_ptr<Arbiter> a;

@@ -48,7 +48,8 @@ struct DaemonOptions {
   // that libvirt keeps its <domain>.pid files.
   std::string libvirt_uri = "qemu:///system";
   std::string libvirt_pid_dir = "/run/libvirt/qemu";
-  // Test-only: fault injection handed to every PrimaryReplicator.
+  // Test-only: fault injection handed to every PrimaryReplicator (and to the
+  // backup: switchover-no-answer).
   std::string fault;
   // Allow non-root control clients (tests run unprivileged unit tests only;
   // never set in production).

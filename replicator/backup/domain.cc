@@ -96,6 +96,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   so.ack_delay_ms = opts_.ack_delay_ms;
   so.max_staged_bytes = opts_.max_staged_bytes;
   so.before_commit_for_test = opts_.before_commit_for_test;
+  so.fault = opts_.fault;
   Session session(std::move(so), clock_, this, &stats_, &disk_mu_);
   SessionOutcome out = session.Run(*link);
   Nanos wait{0};

@@ -101,6 +101,10 @@ struct BackupOptions {
   // Test hook: called by the session thread before it commits an epoch (after
   // its disk writes are durable). Never set in production.
   std::function<void(uint64_t epoch)> before_commit_for_test;
+  // Test-only fault injection (remusd --fault): "switchover-no-answer"
+  // accepts a switchover but never answers it (the primary then waits in
+  // its handover phase, for tests to break the link there).
+  std::string fault;
 };
 
 // A domain name remus accepts (it names a directory in the state dir):

@@ -268,7 +268,8 @@ Status Session::HandleSwitchover(uint64_t epoch) {
                               std::to_string(stats_->last_committed.load()) + "; refusing the switchover");
   RETURN_IF_ERROR(host_->AcceptSwitchover(epoch));
   switchover_epoch_ = static_cast<int64_t>(epoch);
-  switchover_reply_due_ = true;
+  switchover_reply_due_ = opts_.fault != "switchover-no-answer";
+  if (!switchover_reply_due_) LOG_WARN(tag_) << "fault injection: not answering SWITCHOVER " << e;
   LOG_INFO(tag_) << "switchover accepted at checkpoint " << e << "; promoting from it once the primary's QEMU ended";
   return OkStatus();
 }

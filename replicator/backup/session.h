@@ -90,6 +90,7 @@ struct SessionOptions {
   int ack_delay_ms = 0;
   uint64_t max_staged_bytes = 2ull << 30;
   std::function<void(uint64_t epoch)> before_commit_for_test;
+  std::string fault;  // BackupOptions::fault
 };
 
 class Session {
