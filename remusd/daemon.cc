@@ -1,4 +1,5 @@
 #include "remusd/daemon.h"
+#include "remusd/status_rows.h"
 
 #include <signal.h>
 #include <spawn.h>
@@ -135,7 +136,7 @@ Status Daemon::Start() {
   // Last: a scrape reads backup_, which must be set by then.
   if (!opts_.metrics_listen.empty()) {
     ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(opts_.metrics_listen, [this] {
-                       const json none = json::object();
+                       const json none = {{"all_roles", true}};
                        json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
                      }, opts_.metrics_web ? &*opts_.metrics_web : nullptr));
@@ -364,6 +365,15 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.domain = d;
   ASSIGN_OR_RETURN(po.qmp_socket, req.String("qmp", ""));
   ASSIGN_OR_RETURN(std::string libvirt_uri, req.String("libvirt_uri", ""));
+  // Re-protection: a guest this host's backup side promoted is reached the
+  // way the promotion left it (remusd's own QMP socket, or this libvirt).
+  if (po.qmp_socket.empty() && libvirt_uri.empty() && backup_) {
+    if (auto g = backup_->RunningGuest(d)) {
+      po.qmp_socket = g->qmp_socket;
+      libvirt_uri = g->libvirt_uri;
+      po.reprotect = true;
+    }
+  }
   if (po.qmp_socket.empty()) {
     // libvirt mode: the domain is libvirt's, by name.
     po.libvirt_uri = libvirt_uri.empty() ? opts_.libvirt_uri : libvirt_uri;
@@ -510,17 +520,26 @@ json Daemon::StatusOf(const RequestReader& req) {
     if (!dom.ok()) return Error(dom.status());
     d = *dom;
   }
+  // role: one side's records only ("primary": what this host protects;
+  // "backup": what it backs up or promoted), unmerged: what remusctl's
+  // protect and failover follow.
+  auto role = req.String("role", "");
+  if (!role.ok()) return Error(role.status());
+  if (!role->empty() && *role != "primary" && *role != "backup")
+    return Error(InvalidArgument("status: role must be primary or backup"));
   json arr = json::array();
-  {
+  if (*role != "backup") {
     MutexLock g(mu_);
     for (const auto& [name, p] : primaries_)
       if (d.empty() || name == d) arr.push_back(p->StatusJson());
   }
-  if (backup_)
+  if (backup_ && *role != "primary")
     for (auto& j : backup_->StatusJson(d)) arr.push_back(j);
   if (!d.empty() && arr.empty())
     return Error(NotFound("unknown domain " + d + ": not protected from or replicated to this host"));
-  return Ok({{"domains", arr}});
+  // Metrics want every record; people want one row per guest (status_rows.h).
+  const bool all_rows = req.Has("all_roles") || !role->empty();
+  return Ok({{"domains", all_rows ? arr : OneRowPerDomain(arr)}});
 }
 
 json Daemon::Failover(const RequestReader& req) {

@@ -18,6 +18,7 @@
 #include "replicator/backup/recovery.h"
 #include "replicator/libvirt/xml_policy.h"
 #include "replicator/link/page_batch.h"
+#include "replicator/qemu/argv_rewrite.h"
 
 namespace remus {
 
@@ -65,10 +66,15 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   {
     MutexLock l(mu_);
     Status refuse;
+    NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
     if (stopping_)
       refuse = Unavailable("this backup is shutting down");
-    else if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver)
-      refuse = FailedPrecondition("domain " + name_ + " was promoted on this backup; it runs here now");
+    else if (state_ == DomainState::kFailedOver)
+      refuse = FailedPrecondition("domain " + name_ + " was promoted on this host and runs here (pid " +
+                                  std::to_string(qemu_pid_) +
+                                  "): a host cannot be the backup of a guest it runs; protect it from here to another host");
+    else if (state_ == DomainState::kPromoting)
+      refuse = FailedPrecondition("domain " + name_ + " is being promoted on this host");
     else if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
       refuse = AlreadyExists("domain " + name_ + " already has a primary connected");
     if (!refuse.ok()) {
@@ -400,6 +406,10 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
     if (state_ == DomainState::kFailedOver)
       return FailedPrecondition("domain " + name_ + " was promoted already (" + promote_reason_ +
                                 "); its guest runs here");
+    if (state_ == DomainState::kEnded)
+      return FailedPrecondition("domain " + name_ + ": the guest promoted here from checkpoint " +
+                                std::to_string(stats_.last_committed.load()) +
+                                " ran and is gone; it ran past that checkpoint, so it is never promoted again");
     if (Status r = Restorable(); !r.ok()) {
       if (generation) {
         // The primary is gone and nothing here can replace it: the guest is
@@ -539,6 +549,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   qemu_pid_ = g->pid;
   qemu_ours_ = g->ours;
   qmp_socket_ = g->qmp_socket;
+  remus_qmp_socket_ = g->remus_qmp_socket;
   libvirt_uri_ = g->libvirt_uri;
   libvirt_domain_ = g->libvirt_domain;
   return OkStatus();
@@ -562,7 +573,8 @@ Status BackupDomain::Recover() {
         libvirt_uri_ = p->marker.libvirt_uri.empty() ? opts_.libvirt_uri : p->marker.libvirt_uri;
         libvirt_domain_ = p->marker.libvirt_domain.empty() ? name_ : p->marker.libvirt_domain;
       } else {
-        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/qmp.sock";
+        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/" + kRestoredQmpSocket;
+        remus_qmp_socket_ = dir_ + "/run/" + kRestoredRemusdQmpSocket;
       }
       Transition(DomainEvent::kRecoveredPromotion);
       // The fence watchdog of the remusd that died may have stopped it at
@@ -573,10 +585,10 @@ Status BackupDomain::Recover() {
       error_ = std::string(p->finished ? "the guest promoted here before remusd restarted"
                                        : "a promotion was under way when remusd stopped, and the guest it started") +
                " (pid " + std::to_string(p->pid) + ") is gone; its checkpoint " + std::to_string(p->marker.epoch) +
-               " is older than what that guest may have run, so it is not restored again; remove " + dir_ +
-               " to protect this domain here anew";
+               " is older than what that guest may have run, so it is not restored again; protect the domain "
+               "to this host again from where it runs";
       promote_error_ = error_;
-      Transition(DomainEvent::kRecoveredBroken);
+      Transition(p->finished ? DomainEvent::kRecoveredEnded : DomainEvent::kRecoveredBroken);
       LOG_ERROR(tag_) << error_;
     }
     return OkStatus();
@@ -630,6 +642,42 @@ Status BackupDomain::Recover() {
   return OkStatus();
 }
 
+// ---- the promoted guest ----
+
+int BackupDomain::LiveGuestPid() const {
+  if (state_ != DomainState::kFailedOver) return -1;
+  int pid = qemu_pid_;
+  if (pid <= 0) return -1;
+  if (qemu_ours_) return launcher_->Running(pid) ? pid : -1;
+  return ProcessRunning(pid) ? pid : -1;  // libvirt's child or one from before a restart
+}
+
+void BackupDomain::NoticeGuestGoneLocked() {
+  if (state_ != DomainState::kFailedOver || LiveGuestPid() > 0) return;
+  Transition(DomainEvent::kPromotedGuestGone);
+  error_ = "the guest promoted here (pid " + std::to_string(qemu_pid_) + ", from checkpoint " +
+           std::to_string(stats_.last_committed.load()) +
+           ") no longer runs here; that checkpoint is never promoted again; this host may back the domain up anew";
+  LOG_WARN(tag_) << error_;
+}
+
+void BackupDomain::NoticeGuestGone() {
+  MutexLock l(mu_);
+  NoticeGuestGoneLocked();
+}
+
+std::optional<BackupDomain::PromotedGuest> BackupDomain::RunningGuest() const {
+  MutexLock l(mu_);
+  int pid = LiveGuestPid();
+  if (pid <= 0) return std::nullopt;
+  PromotedGuest g;
+  g.pid = pid;
+  if (libvirt_uri_.empty()) g.qmp_socket = remus_qmp_socket_;
+  g.libvirt_uri = libvirt_uri_;
+  g.libvirt_domain = libvirt_domain_;
+  return g;
+}
+
 // ---- status ----
 
 json BackupDomain::StatusJson() const {
@@ -679,6 +727,7 @@ json BackupDomain::StatusJson() const {
   j["connected"] = session_running_;
   j["error"] = error_;
   j["qmp_socket"] = qmp_socket_;
+  if (!remus_qmp_socket_.empty()) j["remusd_qmp_socket"] = remus_qmp_socket_;
   int pid = qemu_pid_;
   if (qemu_ours_) {
     if (!launcher_->Running(pid)) pid = -1;

@@ -131,6 +131,18 @@ class BackupDomain final : private SessionHost {
   void Stop() EXCLUDES(mu_);
   nlohmann::json StatusJson() const EXCLUDES(mu_);
   DomainState state() const EXCLUDES(mu_);
+  // failed-over whose guest no longer runs here -> ended (status and a new
+  // session call it: nothing watches a promoted QEMU between them).
+  void NoticeGuestGone() EXCLUDES(mu_);
+
+  // The guest promoted here, while it runs here: how this host's remusd
+  // reaches it to protect it again (re-protection after a failover).
+  struct PromotedGuest {
+    int pid = -1;
+    std::string qmp_socket;  // remusd's own monitor (QMP mode)
+    std::string libvirt_uri, libvirt_domain;  // libvirt mode
+  };
+  std::optional<PromotedGuest> RunningGuest() const EXCLUDES(mu_);
 
  private:
   // What a promotion reads, taken under mu_ once the session stopped. The
@@ -166,6 +178,9 @@ class BackupDomain final : private SessionHost {
   Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
   Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
   bool Promoting() override EXCLUDES(mu_);
+  // The promoted guest's pid while it runs; -1 when it is gone.
+  int LiveGuestPid() const REQUIRES(mu_);
+  void NoticeGuestGoneLocked() REQUIRES(mu_);
   // Removes `current` durably: the committed image is stale from now on.
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
@@ -215,7 +230,8 @@ class BackupDomain final : private SessionHost {
   std::string arbitration_ GUARDED_BY(mu_);
   int qemu_pid_ GUARDED_BY(mu_) = -1;
   bool qemu_ours_ GUARDED_BY(mu_) = false;  // spawned by launcher_ (not libvirt's, not recovered)
-  std::string qmp_socket_ GUARDED_BY(mu_);
+  std::string qmp_socket_ GUARDED_BY(mu_);         // the operators' monitor of the promoted guest
+  std::string remus_qmp_socket_ GUARDED_BY(mu_);   // remusd's own (argv_rewrite.h)
   std::string libvirt_uri_ GUARDED_BY(mu_);
   std::string libvirt_domain_ GUARDED_BY(mu_);
 

@@ -70,6 +70,8 @@ struct PrimaryOptions {
   // its hook scripts run, so a protect started by the hook waits for it.
   int connect_retry_ms = 0;
   HostPort backup;
+  // The guest is one this host promoted (a re-protection after a failover).
+  bool reprotect = false;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
   // How the link to the backup is authenticated and encrypted (tls.h).

@@ -101,7 +101,7 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
   auto start = std::chrono::steady_clock::now();
   int last_pct = -1;
   for (;;) {
-    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "primary"}});
     if (!r.ok()) return Fail(r.status());
     const json& d = (*r)["domains"][0];
     std::string st = d.value("state", "");
@@ -157,7 +157,7 @@ remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::s
       remus::MutexLock l(mu);
       if (cv.WaitFor(mu, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
     }
-    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "backup"}});
     if (!st.ok() || !st->contains("domains") || (*st)["domains"].empty()) continue;
     const json& p = (*st)["domains"][0].value("promotion", json::object());
     if (!p.contains("phase")) continue;  // not started yet, or finished
