@@ -90,3 +90,48 @@ def test_failover_then_reprotect_then_fail_back(world, request):
     m3, _ = _cycle(world, a, b, g_a)
     record(request, failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"],
            failover3_ms=m3["failover_ms"], epochs=[m1["epoch"], m2["epoch"], m3["epoch"]])
+
+
+def test_reprotect_with_etcd_moves_ownership_and_fails_back(world, arbiter_net, request):
+    """The same with arbitration (real 3-member etcd, A and B in their own
+    namespaces): B's re-protection takes the domain over from its promotion's
+    lease (one owner key, B's new session), the promotion's lease is handed
+    over (it neither fences the guest nor counts as a win later), and the
+    failback to A wins etcd with a newer token."""
+    from test_arbiter import etcd_get
+    net = arbiter_net
+    eps = net.etcd.endpoints()
+    kw = dict(etcd=eps, lease_ttl_ms=3000, lease_margin_ms=1000)
+    guest = world.start_guest(wait_boot=False, netns=net.ns("A"))
+    b = world.start_backup("B", netns=net.ns("B"), listen_host=net.ip("B"), host_id="B", **kw)
+    a = world.start_backup("A", netns=net.ns("A"), listen_host=net.ip("A"), host_id="A", **kw)
+    world.wait_booted(guest)
+    world.protect(a, b, guest)
+    prefix = f"/remus-{world.dir.name}/domains/{DOMAIN}"
+
+    def owner():
+        import json
+        v = etcd_get(net, f"{prefix}/owner")
+        return None if v is None else dict(json.loads(v["value"]), mod_revision=v["mod_revision"])
+
+    m1, g_b = _cycle(world, a, b, guest)
+    t1 = m1_token = b.status(DOMAIN)["promotion"]["token"]
+    assert owner()["host"] == "B" and owner()["mod_revision"] == t1, (owner(), t1)
+
+    st = _reprotect(world, b, a)
+    o = owner()
+    assert o["host"] == "B" and o["session"] == st["arbiter"]["session"] and o["mod_revision"] > t1, (o, st["arbiter"])
+    assert etcd_get(net, f"{prefix}/session")["value"] == o["session"]
+    # Past a TTL: the promotion's old lease fenced nothing, and the guest counts on.
+    c = g_b.counter()
+    time.sleep(4.5)
+    assert g_b.counter() > c, "the guest stopped after the re-protection took the domain over"
+    world.wait_status(b, lambda s: s["last_acked_epoch"] >= 20 and s["arbiter"]["state"] == "held", 60,
+                      "B's protection to hold its lease and be acked")
+
+    m2, _ = _cycle(world, b, a, g_b)
+    st_a = a.status()
+    t2 = st_a["promotion"]["token"]
+    assert t2 > o["mod_revision"] and owner()["host"] == "A" and owner()["mod_revision"] == t2, (owner(), t2)
+    record(request, token1=m1_token, reprotect_token=o["mod_revision"], token2=t2,
+           failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"])
