@@ -59,7 +59,8 @@ Status ValidateArbiterOptions(const DaemonOptions& o) {
   return OkStatus();
 }
 
-Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)), clock_(clock) {}
+Daemon::Daemon(DaemonOptions opts, const Clock& clock)
+    : opts_(std::move(opts)), clock_(clock), history_(std::make_unique<DomainHistory>(opts_.state_dir + "/history")) {}
 
 Daemon::~Daemon() { Shutdown(); }
 
@@ -117,6 +118,11 @@ Status Daemon::Start() {
     bo.auto_promote = opts_.auto_promote;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
+    bo.on_state = [h = history_.get()](const std::string& d, const std::string& to, const json& detail) {
+      h->Record(d, {{"role", "backup"},
+                    {"state", to},
+                    {"text", DomainHistory::BackupText(to, detail.value("primary", std::string()), detail)}});
+    };
     std::unique_ptr<Arbiter> a;
     if (arbiter_) a = std::make_unique<ArbiterRef>(arbiter_.get());
     else a = std::make_unique<FailStopArbiter>();
@@ -413,6 +419,12 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
     return InvalidArgument("domain " + d + ": --disks '" + po.disks.substr(0, 256) +
                            "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
+  po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect](const std::string& to,
+                                                                                      const std::string& why) {
+    std::string text = DomainHistory::PrimaryText(to, peer, why);
+    if (re && to == "protected") text += " (re-protection of the guest promoted here)";
+    h->Record(d, {{"role", "primary"}, {"state", to}, {"text", text}});
+  };
   return po;
 }
 
@@ -539,7 +551,10 @@ json Daemon::StatusOf(const RequestReader& req) {
     return Error(NotFound("unknown domain " + d + ": not protected from or replicated to this host"));
   // Metrics want every record; people want one row per guest (status_rows.h).
   const bool all_rows = req.Has("all_roles") || !role->empty();
-  return Ok({{"domains", all_rows ? arr : OneRowPerDomain(arr)}});
+  if (all_rows) return Ok({{"domains", arr}});
+  json rows = OneRowPerDomain(arr);
+  for (json& r : rows) r["history"] = history_->Recent(r.value("domain", ""), kStatusHistory);
+  return Ok({{"domains", rows}});
 }
 
 json Daemon::Failover(const RequestReader& req) {

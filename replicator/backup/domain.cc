@@ -53,9 +53,16 @@ bool BackupDomain::Transition(DomainEvent e) {
     LOG_WARN(tag_) << "event " << DomainEventName(e) << " ignored in state " << DomainStateName(state_);
     return false;
   }
-  if (*n != state_) LOG_INFO(tag_) << DomainStateName(state_) << " -> " << DomainStateName(*n) << " (" << DomainEventName(e) << ")";
+  const bool changed = *n != state_;
+  if (changed) LOG_INFO(tag_) << DomainStateName(state_) << " -> " << DomainStateName(*n) << " (" << DomainEventName(e) << ")";
   state_ = *n;
   state_view_ = static_cast<int>(*n);
+  if (changed && opts_.on_state)
+    opts_.on_state(name_, std::string(DomainStateName(*n)),
+                   {{"primary", primary_},
+                    {"epoch", stats_.last_committed.load()},
+                    {"token", promotion_token_},
+                    {"error", promote_error_.empty() ? error_ : promote_error_}});
   return true;
 }
 
@@ -414,12 +421,12 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
       if (generation) {
         // The primary is gone and nothing here can replace it: the guest is
         // down. Say so as a failed promotion, not as a loss still pending.
-        Transition(DomainEvent::kPromote);
-        Transition(DomainEvent::kPromoteFailed);
         promotion_tried_ = true;
         promote_reason_ = reason;
         promote_error_ = r.message();
         error_ = reason + "; cannot promote: " + r.message();
+        Transition(DomainEvent::kPromote);
+        Transition(DomainEvent::kPromoteFailed);
         LOG_ERROR(tag_) << error_;
       }
       return r;
@@ -459,15 +466,15 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   promote_phase_ = nullptr;
   MutexLock l(mu_);
   if (!s.ok()) {
-    Transition(DomainEvent::kPromoteFailed);
     promote_error_ = s.message();
     error_ = "promotion failed: " + s.message();
+    Transition(DomainEvent::kPromoteFailed);
     return s.Annotate("domain " + name_);
   }
   failover_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - t0));
+  stats_.last_committed = static_cast<int64_t>(in.epoch);
   Transition(DomainEvent::kPromoted);
   failovers_total_++;
-  stats_.last_committed = static_cast<int64_t>(in.epoch);
   // Remembered across a restart of remusd: the guest runs here now, and
   // restoring the (older) checkpoint again would make a second copy.
   json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason},

@@ -98,6 +98,10 @@ struct BackupOptions {
   uint64_t max_staged_bytes = 2ull << 30;
   // How long a restored QEMU may take to open its monitor.
   int qemu_start_timeout_ms = 5000;
+  // Told every state change of a domain (remusd's history), with what the
+  // sentence needs: {"primary","epoch","token","error"}. Called with the
+  // domain's lock held: it must not call back into the backup.
+  std::function<void(const std::string& domain, const std::string& state, const nlohmann::json& detail)> on_state;
   // Test hook: called by the session thread before it commits an epoch (after
   // its disk writes are durable). Never set in production.
   std::function<void(uint64_t epoch)> before_commit_for_test;

@@ -91,6 +91,9 @@ struct PrimaryOptions {
   // Arbitration (--arbiter etcd): owns the domain in etcd for each protection
   // session, fencing this host's copy when it cannot. Null: --arbiter none.
   EtcdArbiter* arbiter = nullptr;
+  // Told every state change ("protected", "failed-over", ...) with the error
+  // of an end (remusd's history). Must not block or call back.
+  std::function<void(const std::string& state, const std::string& why)> on_state;
   // Test-only fault injection: "stall-after-reply@EPOCH" makes the epoch loop
   // stop forever right after REPLY of that epoch (the guest is then paused),
   // so tests can kill processes in that protocol phase.

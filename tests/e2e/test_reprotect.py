@@ -88,6 +88,17 @@ def test_failover_then_reprotect_then_fail_back(world, request):
     # A third protection, A -> B again: B takes a session over its ended copy.
     _reprotect(world, a, b)
     m3, _ = _cycle(world, a, b, g_a)
+
+    # Each host's history says where the guest ran, in order.
+    hist_a = [h["text"] for h in a.status()["history"]]
+    expect_a = ["protected to", "failed over to", "backing up for primary", "failed over from",
+                "protected to", "failed over to"]
+    it = iter(hist_a)
+    assert all(any(t.startswith(e) or e in t for t in it) for e in expect_a), hist_a
+    hist_b = [h["text"] for h in b.status()["history"]]
+    assert any("re-protection of the guest promoted here" in t for t in hist_b), hist_b
+    out = b.ctl("status").stdout
+    assert hist_b[-1] in out and "also primary: failed-over" in out, out
     record(request, failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"],
            failover3_ms=m3["failover_ms"], epochs=[m1["epoch"], m2["epoch"], m3["epoch"]])
 

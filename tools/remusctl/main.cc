@@ -53,6 +53,9 @@ std::string StateCell(const json& d) {
   return s;
 }
 
+// History lines under each row of `status` (all of them are in --json).
+constexpr size_t kHistoryLines = 5;
+
 void PrintTable(const json& domains) {
   std::printf("%-16s %-18s %-16s %8s %8s %10s %10s %12s\n", "DOMAIN", "ROLE", "STATE", "EPOCH", "CKPT/S",
               "PAUSE p50", "PAUSE p99", "DIRTY/EPOCH");
@@ -80,11 +83,18 @@ void PrintTable(const json& domains) {
                     static_cast<unsigned long long>(nb.value("dropped_packets", uint64_t{0})));
     }
     if (std::string a = remus::ArbiterLine(d); !a.empty()) std::printf("%s\n", a.c_str());
-    if (!primary && !d.value("qmp_socket", "").empty())
+    const bool runs_here = !primary && d.value("state", "") == "failed-over";
+    if (runs_here && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
-    else if (!primary && d.contains("libvirt") && d["state"] == "failed-over")
+    else if (runs_here && d.contains("libvirt"))
       std::printf("  running here: libvirt domain %s (%s)\n", d["libvirt"].value("domain", "").c_str(),
                   d["libvirt"].value("uri", "").c_str());
+    for (const auto& o : d.value("other_roles", json::array()))
+      std::printf("  also %s: %s\n", o.value("role", "").c_str(), o.value("state", "").c_str());
+    // Where the guest ran: the last few entries of this host's history.
+    const json hist = d.value("history", json::array());
+    for (size_t i = hist.size() > kHistoryLines ? hist.size() - kHistoryLines : 0; i < hist.size(); i++)
+      std::printf("  %s  %s\n", hist[i].value("at", "").c_str(), hist[i].value("text", "").c_str());
   }
 }
 
