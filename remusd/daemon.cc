@@ -1,4 +1,5 @@
 #include "remusd/daemon.h"
+#include "remusd/status_rows.h"
 
 #include <signal.h>
 #include <spawn.h>
@@ -58,7 +59,8 @@ Status ValidateArbiterOptions(const DaemonOptions& o) {
   return OkStatus();
 }
 
-Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)), clock_(clock) {}
+Daemon::Daemon(DaemonOptions opts, const Clock& clock)
+    : opts_(std::move(opts)), clock_(clock), history_(std::make_unique<DomainHistory>(opts_.state_dir + "/history")) {}
 
 Daemon::~Daemon() { Shutdown(); }
 
@@ -117,6 +119,11 @@ Status Daemon::Start() {
     bo.fault = opts_.fault;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
+    bo.on_state = [h = history_.get()](const std::string& d, const std::string& to, const json& detail) {
+      h->Record(d, {{"role", "backup"},
+                    {"state", to},
+                    {"text", DomainHistory::BackupText(to, detail.value("primary", std::string()), detail)}});
+    };
     std::unique_ptr<Arbiter> a;
     if (arbiter_) a = std::make_unique<ArbiterRef>(arbiter_.get());
     else a = std::make_unique<FailStopArbiter>();
@@ -136,7 +143,7 @@ Status Daemon::Start() {
   // Last: a scrape reads backup_, which must be set by then.
   if (!opts_.metrics_listen.empty()) {
     ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(opts_.metrics_listen, [this] {
-                       const json none = json::object();
+                       const json none = {{"all_roles", true}};
                        json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
                      }, opts_.metrics_web ? &*opts_.metrics_web : nullptr));
@@ -366,6 +373,15 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.domain = d;
   ASSIGN_OR_RETURN(po.qmp_socket, req.String("qmp", ""));
   ASSIGN_OR_RETURN(std::string libvirt_uri, req.String("libvirt_uri", ""));
+  // Re-protection: a guest this host's backup side promoted is reached the
+  // way the promotion left it (remusd's own QMP socket, or this libvirt).
+  if (po.qmp_socket.empty() && libvirt_uri.empty() && backup_) {
+    if (auto g = backup_->RunningGuest(d)) {
+      po.qmp_socket = g->qmp_socket;
+      libvirt_uri = g->libvirt_uri;
+      po.reprotect = true;
+    }
+  }
   if (po.qmp_socket.empty()) {
     // libvirt mode: the domain is libvirt's, by name.
     po.libvirt_uri = libvirt_uri.empty() ? opts_.libvirt_uri : libvirt_uri;
@@ -405,6 +421,12 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
     return InvalidArgument("domain " + d + ": --disks '" + po.disks.substr(0, 256) +
                            "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
+  po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect](const std::string& to,
+                                                                                      const std::string& why) {
+    std::string text = DomainHistory::PrimaryText(to, peer, why);
+    if (re && to == "protected") text += " (re-protection of the guest promoted here)";
+    h->Record(d, {{"role", "primary"}, {"state", to}, {"text", text}});
+  };
   return po;
 }
 
@@ -512,17 +534,29 @@ json Daemon::StatusOf(const RequestReader& req) {
     if (!dom.ok()) return Error(dom.status());
     d = *dom;
   }
+  // role: one side's records only ("primary": what this host protects;
+  // "backup": what it backs up or promoted), unmerged: what remusctl's
+  // protect and failover follow.
+  auto role = req.String("role", "");
+  if (!role.ok()) return Error(role.status());
+  if (!role->empty() && *role != "primary" && *role != "backup")
+    return Error(InvalidArgument("status: role must be primary or backup"));
   json arr = json::array();
-  {
+  if (*role != "backup") {
     MutexLock g(mu_);
     for (const auto& [name, p] : primaries_)
       if (d.empty() || name == d) arr.push_back(p->StatusJson());
   }
-  if (backup_)
+  if (backup_ && *role != "primary")
     for (auto& j : backup_->StatusJson(d)) arr.push_back(j);
   if (!d.empty() && arr.empty())
     return Error(NotFound("unknown domain " + d + ": not protected from or replicated to this host"));
-  return Ok({{"domains", arr}});
+  // Metrics want every record; people want one row per guest (status_rows.h).
+  const bool all_rows = req.Has("all_roles") || !role->empty();
+  if (all_rows) return Ok({{"domains", arr}});
+  json rows = OneRowPerDomain(arr);
+  for (json& r : rows) r["history"] = history_->Recent(r.value("domain", ""), kStatusHistory);
+  return Ok({{"domains", rows}});
 }
 
 json Daemon::Failover(const RequestReader& req) {

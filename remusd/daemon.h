@@ -21,6 +21,7 @@
 #include "common/io.h"
 #include "common/thread_annotations.h"
 #include "arbiter/etcd_arbiter.h"
+#include "remusd/history.h"
 #include "remusd/metrics.h"
 #include "remusd/request.h"
 #include "replicator/backup/backup.h"
@@ -120,8 +121,13 @@ class Daemon {
   nlohmann::json Tune(const RequestReader& req);
   nlohmann::json Switchover(const RequestReader& req);
 
+  // Entries of each domain's history a status row carries.
+  static constexpr size_t kStatusHistory = 10;
+
   DaemonOptions opts_;
   const Clock& clock_;
+  // Each domain's history on this host (STATE/history); both sides report to it.
+  std::unique_ptr<DomainHistory> history_;
   // One TLS context per role, shared by every link (tls.h).
   std::shared_ptr<const wire::TlsContext> tls_primary_, tls_backup_;
   // Arbitration (--arbiter etcd): the etcd client and the arbiter the

@@ -83,6 +83,7 @@ bool PrimaryLifecycle::Advance(PrimaryState from, PrimaryState to) {
   }
   if (!state_.compare_exchange_strong(from, to)) return false;
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+  if (opts_.on_state) opts_.on_state(to, "");
   return true;
 }
 
@@ -96,6 +97,7 @@ void PrimaryLifecycle::EnterFinal(PrimaryState to) {
   }
   from = state_.exchange(to);
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+  if (from != to && opts_.on_state) opts_.on_state(to, error());
 }
 
 void PrimaryLifecycle::SetError(const std::string& e) {

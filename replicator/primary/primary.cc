@@ -54,6 +54,8 @@ LifecycleOptions ToLifecycleOptions(const PrimaryOptions& o) {
   lo.compress = o.compress;
   lo.interval_ms = o.interval_ms;
   lo.fault = o.fault;
+  if (o.on_state)
+    lo.on_state = [f = o.on_state](PrimaryState to, const std::string& why) { f(std::string(PrimaryStateName(to)), why); };
   return lo;
 }
 }  // namespace

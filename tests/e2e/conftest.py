@@ -735,7 +735,7 @@ def check_promoted(world, backup, c0, p_kill, window_s, domain=DOMAIN, timeout=3
     assert "CHECKER FAIL" not in read_text(serial)
     return {"failover_ms": st["promotion"]["failover_ms"], "epoch": epoch, "committed_counter": a,
             "c0": c0, "p_kill": p_kill, "restored_counter_start": r1, "restored_counter_end": last_r,
-            "check_ok_lines": ok_lines, "detect_s": detect_s}
+            "check_ok_lines": ok_lines, "detect_s": detect_s, "qmp": q, "pid": pid}
 
 
 def record(request, **kv):

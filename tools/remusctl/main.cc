@@ -53,6 +53,9 @@ std::string StateCell(const json& d) {
   return s;
 }
 
+// History lines under each row of `status` (all of them are in --json).
+constexpr size_t kHistoryLines = 5;
+
 void PrintTable(const json& domains) {
   std::printf("%-16s %-18s %-16s %8s %8s %10s %10s %12s\n", "DOMAIN", "ROLE", "STATE", "EPOCH", "CKPT/S",
               "PAUSE p50", "PAUSE p99", "DIRTY/EPOCH");
@@ -88,11 +91,18 @@ void PrintTable(const json& domains) {
                   sw.value("result", "").empty() ? "" : ": ", sw.value("result", "").c_str());
     }
     if (std::string a = remus::ArbiterLine(d); !a.empty()) std::printf("%s\n", a.c_str());
-    if (!primary && !d.value("qmp_socket", "").empty())
+    const bool runs_here = !primary && d.value("state", "") == "failed-over";
+    if (runs_here && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
-    else if (!primary && d.contains("libvirt") && d["state"] == "failed-over")
+    else if (runs_here && d.contains("libvirt"))
       std::printf("  running here: libvirt domain %s (%s)\n", d["libvirt"].value("domain", "").c_str(),
                   d["libvirt"].value("uri", "").c_str());
+    for (const auto& o : d.value("other_roles", json::array()))
+      std::printf("  also %s: %s\n", o.value("role", "").c_str(), o.value("state", "").c_str());
+    // Where the guest ran: the last few entries of this host's history.
+    const json hist = d.value("history", json::array());
+    for (size_t i = hist.size() > kHistoryLines ? hist.size() - kHistoryLines : 0; i < hist.size(); i++)
+      std::printf("  %s  %s\n", hist[i].value("at", "").c_str(), hist[i].value("text", "").c_str());
   }
 }
 
@@ -109,7 +119,7 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
   auto start = std::chrono::steady_clock::now();
   int last_pct = -1;
   for (;;) {
-    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "primary"}});
     if (!r.ok()) return Fail(r.status());
     const json& d = (*r)["domains"][0];
     std::string st = d.value("state", "");
@@ -165,7 +175,7 @@ remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::s
       remus::MutexLock l(mu);
       if (cv.WaitFor(mu, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
     }
-    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "backup"}});
     if (!st.ok() || !st->contains("domains") || (*st)["domains"].empty()) continue;
     const json& p = (*st)["domains"][0].value("promotion", json::object());
     if (!p.contains("phase")) continue;  // not started yet, or finished
