@@ -117,6 +117,24 @@ Status Daemon::Start() {
     bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
     bo.fault = opts_.fault;
+    // Reverse protection after a planned switchover: as an operator's
+    // `protect D --backup <old primary>` of the promoted guest, off the
+    // session's thread.
+    bo.on_switched_over = [this](const std::string& d, const wire::SwitchoverMsg& m) {
+      MutexLock g(mu_);
+      if (stopping_) return;
+      workers_.emplace_back([this, d, m] {
+        json req = {{"command", "protect"}, {"domain", d}, {"backup", m.reprotect_to}};
+        if (m.interval_ms > 0) req["interval_ms"] = m.interval_ms;
+        if (!m.netbuf.empty()) req["netbuf"] = m.netbuf;
+        json r = Protect(RequestReader(req));
+        if (r.value("ok", false))
+          LOG_INFO("remusd") << "domain " << d << ": switched over here; protecting it back to " << m.reprotect_to;
+        else
+          LOG_ERROR("remusd") << "domain " << d << ": switched over here, but protecting it back to " << m.reprotect_to
+                              << " failed: " << r.value("error", std::string("?"));
+      });
+    };
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
     bo.on_state = [h = history_.get()](const std::string& d, const std::string& to, const json& detail) {
@@ -598,9 +616,25 @@ json Daemon::Switchover(const RequestReader& req) {
     }
     p = it->second;
   }
+  // Reverse protection: where this host listens as the guest's new backup.
+  // Default: our --listen address, unless it is a wildcard; "none": no.
+  wire::SwitchoverMsg msg;
+  auto to = req.In("domain " + *d).String("reprotect_to", "");
+  if (!to.ok()) return Error(to.status());
+  if (to->empty() && opts_.listen && opts_.listen->host != "0.0.0.0" && opts_.listen->host != "::" &&
+      !opts_.listen->host.empty())
+    msg.reprotect_to = opts_.listen->ToString();
+  else if (*to != "none" && !to->empty()) {
+    if (!opts_.listen)
+      return Error(FailedPrecondition("domain " + *d + ": --reprotect-to needs this remusd to run with --listen "
+                                      "(it becomes the guest's backup)"));
+    auto hp = ParseHostPort(*to, 7788);
+    if (!hp.ok()) return Error(hp.status().Annotate("domain " + *d + ": --reprotect-to"));
+    msg.reprotect_to = hp->ToString();
+  }
   // Returns when the switchover ended (seconds: a checkpoint, its ACK, the
   // backup's answer); `status` shows its progress meanwhile.
-  Status s = p->Switchover();
+  Status s = p->Switchover(msg);
   if (!s.ok()) return Error(s);
   return Ok(p->StatusJson());
 }

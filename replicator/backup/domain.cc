@@ -95,6 +95,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     Transition(DomainEvent::kSessionStart);
     gen = ++generation_;  // an older session's pending automatic promotion is off
     switchover_epoch_ = -1;
+    switchover_msg_ = wire::SwitchoverMsg();
     session_running_ = true;
     error_.clear();
     primary_ = link->PeerName();
@@ -144,6 +145,17 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       }
       l.Unlock();
       AutoPromoteAfter(gen, wait, reason);
+      // Reverse protection: the old primary listens as this guest's backup.
+      wire::SwitchoverMsg msg;
+      {
+        MutexLock g(mu_);
+        if (state_ != DomainState::kFailedOver || switchover_msg_.reprotect_to.empty()) return;
+        msg = switchover_msg_;
+      }
+      if (opts_.on_switched_over) {
+        LOG_INFO(tag_) << "switchover done; protecting the guest back to " << msg.reprotect_to;
+        opts_.on_switched_over(name_, msg);
+      }
       return;
     }
     switch (out.end) {
@@ -197,7 +209,7 @@ bool BackupDomain::Promoting() {
   return state_ == DomainState::kPromoting;
 }
 
-Status BackupDomain::AcceptSwitchover(uint64_t epoch) {
+Status BackupDomain::AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg& msg) {
   MutexLock l(mu_);
   const std::string e = std::to_string(epoch);
   if (state_ != DomainState::kProtected)
@@ -212,6 +224,7 @@ Status BackupDomain::AcceptSwitchover(uint64_t epoch) {
   if (!Transition(DomainEvent::kSwitchover))
     return FailedPrecondition("domain " + name_ + ": cannot switch over now");
   switchover_epoch_ = static_cast<int64_t>(epoch);
+  switchover_msg_ = msg;
   cv_.NotifyAll();
   return OkStatus();
 }

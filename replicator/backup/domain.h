@@ -109,6 +109,10 @@ struct BackupOptions {
   // accepts a switchover but never answers it (the primary then waits in
   // its handover phase, for tests to break the link there).
   std::string fault;
+  // After a planned switchover promoted a domain whose old primary asked to
+  // become its backup (SWITCHOVER's reprotect_to): protect it back there.
+  // Called on the session's thread; must not block for long. Null: never.
+  std::function<void(const std::string& domain, const wire::SwitchoverMsg& msg)> on_switched_over;
 };
 
 // A domain name remus accepts (it names a directory in the state dir):
@@ -186,7 +190,7 @@ class BackupDomain final : private SessionHost {
   Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
   Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
   bool Promoting() override EXCLUDES(mu_);
-  Status AcceptSwitchover(uint64_t epoch) override EXCLUDES(mu_);
+  Status AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg& msg) override EXCLUDES(mu_);
   // An automatic promotion may go ahead in this state: the primary was lost,
   // or it handed over (switching-over).
   bool AwaitingPromotion() const REQUIRES(mu_) {
@@ -239,6 +243,7 @@ class BackupDomain final : private SessionHost {
   std::string promote_error_ GUARDED_BY(mu_);
   bool promotion_tried_ GUARDED_BY(mu_) = false;
   int64_t switchover_epoch_ GUARDED_BY(mu_) = -1;  // the accepted switchover's final epoch
+  wire::SwitchoverMsg switchover_msg_ GUARDED_BY(mu_);
   // Arbitration: the fencing token this node won (0: none), and why an
   // automatic promotion is waiting or was refused.
   int64_t promotion_token_ GUARDED_BY(mu_) = 0;

@@ -169,7 +169,7 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
   }
   switch (f.type) {
     case MsgType::kSwitchover:
-      return HandleSwitchover(f.epoch);
+      return HandleSwitchover(f.epoch, f.payload);
     case MsgType::kHeartbeat:
     case MsgType::kProgress:
       return OkStatus();
@@ -255,8 +255,9 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
   }
 }
 
-Status Session::HandleSwitchover(uint64_t epoch) {
+Status Session::HandleSwitchover(uint64_t epoch, const std::string& payload) {
   const std::string e = std::to_string(epoch);
+  ASSIGN_OR_RETURN(wire::SwitchoverMsg msg, wire::DecodeSwitchover(payload));
   // The guest on the primary is paused at `epoch`: nothing of a later
   // checkpoint can be on its way, and `epoch` must be the one committed here.
   if (staging_.bytes() > 0 || !device_buf_.empty() || staged_page_bytes_ > 0 || staged_disk_records_ > 0)
@@ -266,7 +267,7 @@ Status Session::HandleSwitchover(uint64_t epoch) {
     return FailedPrecondition("domain " + opts_.domain + ": the primary names checkpoint " + e +
                               " as the final one, but this backup committed " +
                               std::to_string(stats_->last_committed.load()) + "; refusing the switchover");
-  RETURN_IF_ERROR(host_->AcceptSwitchover(epoch));
+  RETURN_IF_ERROR(host_->AcceptSwitchover(epoch, msg));
   switchover_epoch_ = static_cast<int64_t>(epoch);
   switchover_reply_due_ = opts_.fault != "switchover-no-answer";
   if (!switchover_reply_due_) LOG_WARN(tag_) << "fault injection: not answering SWITCHOVER " << e;

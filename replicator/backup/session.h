@@ -69,7 +69,7 @@ class SessionHost {
   // SWITCHOVER(epoch): the primary's guest stays paused at its final
   // checkpoint `epoch`. OK: accepted (the domain is switching-over and will
   // promote from `epoch`); an error: refused (the session ends with ERROR).
-  virtual Status AcceptSwitchover(uint64_t epoch) = 0;
+  virtual Status AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg& msg) = 0;
 };
 
 // Counters that outlive sessions (status and metrics). Written by the
@@ -116,7 +116,7 @@ class Session {
   Status HandleConfig(const std::string& payload);
   Status HandleSyncBegin(const std::string& payload);
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
-  Status HandleSwitchover(uint64_t epoch);
+  Status HandleSwitchover(uint64_t epoch, const std::string& payload);
   void AckLoop(wire::Link* link) EXCLUDES(sess_mu_);
   void HeartbeatLoop(wire::Link* link) EXCLUDES(sess_mu_);
   void Discard();

@@ -270,4 +270,23 @@ StatusOr<ReasonMsg> DecodeReason(std::string_view payload) {
   return m;
 }
 
+std::string EncodeSwitchover(const SwitchoverMsg& m) {
+  return Dump(json{{"reason", m.reason}, {"reprotect_to", m.reprotect_to}, {"interval_ms", m.interval_ms},
+                   {"netbuf", m.netbuf}});
+}
+
+StatusOr<SwitchoverMsg> DecodeSwitchover(std::string_view payload) {
+  SwitchoverMsg m;
+  if (payload.empty()) return m;
+  const Where w{"SWITCHOVER"};
+  ASSIGN_OR_RETURN(json j, ParseObject(payload, w.msg));
+  RETURN_IF_ERROR(GetString(j, w, "reason", &m.reason));
+  RETURN_IF_ERROR(GetString(j, w, "reprotect_to", &m.reprotect_to, 300));
+  RETURN_IF_ERROR(GetInt(j, w, "interval_ms", 0, kMaxIntervalMs, &m.interval_ms));
+  RETURN_IF_ERROR(GetString(j, w, "netbuf", &m.netbuf, 16));
+  if (!m.netbuf.empty() && m.netbuf != "plug" && m.netbuf != "nfqueue" && m.netbuf != "none")
+    return InvalidArgument("SWITCHOVER: netbuf is not plug, nfqueue or none");
+  return m;
+}
+
 }  // namespace remus::wire

@@ -112,4 +112,18 @@ std::string EncodeReason(const ReasonMsg& m);
 // An empty payload is an empty reason (older peers sent none).
 StatusOr<ReasonMsg> DecodeReason(std::string_view payload);
 
+// SWITCHOVER, primary -> backup: {"reason","reprotect_to","interval_ms","netbuf"}.
+// reprotect_to: where the old primary listens as a backup ("host:port"):
+// the backup protects the guest it promotes back to it; "" for none. An
+// empty payload is all defaults.
+struct SwitchoverMsg {
+  std::string reason;
+  std::string reprotect_to;
+  int64_t interval_ms = 0;  // for the reverse protection; 0: the backup's default
+  std::string netbuf;       // likewise ("" default, plug, nfqueue, none)
+  bool operator==(const SwitchoverMsg&) const = default;
+};
+std::string EncodeSwitchover(const SwitchoverMsg& m);
+StatusOr<SwitchoverMsg> DecodeSwitchover(std::string_view payload);
+
 }  // namespace remus::wire

@@ -74,6 +74,20 @@ TEST(Messages, ReasonRoundTrip) {
   EXPECT_EQ(no_field->reason, "");
 }
 
+TEST(Messages, SwitchoverRoundTripAndBounds) {
+  SwitchoverMsg m{"planned switchover", "10.0.0.1:7788", 100, "nfqueue"};
+  auto d = DecodeSwitchover(EncodeSwitchover(m));
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(*d, m);
+  EXPECT_EQ(*DecodeSwitchover(""), SwitchoverMsg{});
+  EXPECT_EQ(DecodeSwitchover(R"({"reprotect_to":5})").status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(DecodeSwitchover(R"({"interval_ms":-1})").status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(DecodeSwitchover(R"({"netbuf":"tc"})").status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(DecodeSwitchover(R"({"reprotect_to":")" + std::string(400, 'a') + R"("})").status().code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(DecodeSwitchover("{").status().code(), Code::kDataLoss);
+}
+
 TEST(Messages, EncodersNeverThrowOnInvalidUtf8) {
   std::string out;
   ASSERT_NO_THROW(out = EncodeReason({"bad \xff byte"}));

@@ -209,13 +209,15 @@ Status PrimaryLifecycle::RunCheckpoint(uint64_t epoch) {
     last_staged_epoch_ = epoch;
     loaded_at_.push_back({epoch, clock_.Now()});
     if (final_checkpoint) {
+      // Under mu_ with the frames: the phase is set before the ACK can come.
       final_epoch_ = static_cast<int64_t>(epoch);
+      switch_phase_ = "final-ack";
+      switch_deadline_ = clock_.Now() + opts_.heartbeat.timeout;
       cv_.NotifyAll();  // the sender
     }
   }
   if (final_checkpoint) {
     LOG_INFO(Tag()) << "switchover: checkpoint " << epoch << " is the final one; the guest stays paused";
-    SetSwitchPhase("final-ack", opts_.heartbeat.timeout);
     // The lifecycle thread takes it from here; the guest resumes only if
     // the switchover ends before the backup was told (Teardown's GiveUp).
     MutexLock l(mu_);

@@ -188,7 +188,7 @@ Status PrimaryLifecycle::SetInterval(int ms) {
   return OkStatus();
 }
 
-Status PrimaryLifecycle::Switchover() {
+Status PrimaryLifecycle::Switchover(wire::SwitchoverMsg msg) {
   const std::string& d = opts_.domain;
   {
     MutexLock l(mu_);
@@ -211,6 +211,8 @@ Status PrimaryLifecycle::Switchover() {
     switch_took_ms_ = -1;
     switch_result_.clear();
     switch_status_ = OkStatus();
+    msg.reason = "planned switchover";
+    switch_msg_ = std::move(msg);
   }
   // QEMU takes the final checkpoint at once (below) or at the next interval.
   SetSwitchPhase("final-checkpoint", std::chrono::seconds(5) + 2 * std::chrono::milliseconds(interval_ms_.load()));
@@ -279,8 +281,13 @@ void PrimaryLifecycle::StepSwitchover() {
   switch_told_ = true;
   SetSwitchPhase("handover", SendBackstop());
   LOG_INFO(Tag()) << "switchover: the backup committed the final checkpoint " << fe << "; telling it to take over";
+  std::string payload;
+  {
+    MutexLock l(mu_);
+    payload = wire::EncodeSwitchover(switch_msg_);
+  }
   Status s = link_->SendBefore(std::chrono::steady_clock::now() + SendBackstop(), MsgType::kSwitchover,
-                               static_cast<uint64_t>(fe), wire::EncodeReason({"planned switchover"}), 0,
+                               static_cast<uint64_t>(fe), payload, 0,
                                [this] { return hb_.PeerLost(); });
   if (!s.ok()) Teardown(Unavailable("switchover: SWITCHOVER not sent: " + s.message()), false);
 }
@@ -628,7 +635,8 @@ void PrimaryLifecycle::FillStatus(json* out) const {
   j["link"] = {{"bytes_sent", attached && link_ ? link_->bytes_sent() : 0}};
   MutexLock l(mu_);
   if (!switch_phase_.empty()) {
-    json sw = {{"phase", switch_phase_}, {"final_epoch", final_epoch_.load()}, {"result", switch_result_}};
+    json sw = {{"phase", switch_phase_}, {"final_epoch", final_epoch_.load()}, {"result", switch_result_},
+               {"reprotect_to", switch_msg_.reprotect_to}};
     if (switch_took_ms_ >= 0) sw["took_ms"] = switch_took_ms_;
     else sw["elapsed_ms"] = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
     if (!switch_status_.ok()) sw["error"] = switch_status_.message();

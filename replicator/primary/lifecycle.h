@@ -85,6 +85,7 @@
 #include "common/thread_annotations.h"
 #include "heartbeat/heartbeat.h"
 #include "netbuf/netbuf.h"
+#include "replicator/link/messages.h"
 #include "replicator/link/page_batch.h"
 #include "replicator/link/wire.h"
 #include "replicator/primary/disk_source.h"
@@ -194,7 +195,9 @@ class PrimaryLifecycle {
   // switched-over with an error: the backup was told and promotes by itself).
   // FailedPrecondition when not protected, AlreadyExists when a switchover
   // runs already.
-  Status Switchover() EXCLUDES(mu_);
+  // msg travels in SWITCHOVER (its reason is set here): where the backup
+  // protects the guest back to (reverse protection), if anywhere.
+  Status Switchover(wire::SwitchoverMsg msg = {}) EXCLUDES(mu_);
 
   // Monitor callbacks: post to the lifecycle, never block, never issue QMP.
   void OnQemuEvent(const nlohmann::json& ev);
@@ -339,6 +342,7 @@ class PrimaryLifecycle {
   std::string switch_result_ GUARDED_BY(mu_);
   bool switch_kick_ GUARDED_BY(mu_) = false;  // wakes the lifecycle thread for StepSwitchover
   Status switch_status_ GUARDED_BY(mu_);  // how the switchover ended
+  wire::SwitchoverMsg switch_msg_ GUARDED_BY(mu_);
 
   std::deque<OutFrame> queue_ GUARDED_BY(mu_);
   uint64_t queued_bytes_ GUARDED_BY(mu_) = 0;

@@ -348,9 +348,11 @@ Status PrimaryReplicator::Unprotect() {
   return lifecycle_->Unprotect();
 }
 
-Status PrimaryReplicator::Switchover() {
+Status PrimaryReplicator::Switchover(wire::SwitchoverMsg msg) {
   if (!ready_) return FailedPrecondition("domain " + opts_.domain + " is still starting, not protected");
-  return lifecycle_->Switchover();
+  if (msg.interval_ms == 0) msg.interval_ms = opts_.interval_ms;
+  if (msg.netbuf.empty()) msg.netbuf = opts_.netbuf.mode;
+  return lifecycle_->Switchover(std::move(msg));
 }
 
 Status PrimaryReplicator::SetInterval(int ms) {

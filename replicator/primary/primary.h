@@ -121,7 +121,7 @@ class PrimaryReplicator {
   Status SetInterval(int ms);
   // Planned switchover to the backup (PrimaryLifecycle::Switchover): returns
   // once it ended; our QEMU is gone then and the backup runs the guest.
-  Status Switchover();
+  Status Switchover(wire::SwitchoverMsg msg = {});
 
   PrimaryState state() const { return lifecycle_->state(); }
   nlohmann::json StatusJson() const;

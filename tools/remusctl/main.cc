@@ -214,12 +214,15 @@ std::string SwitchPhaseText(const json& sw) {
 
 // Runs the switchover request (it returns when the switchover ended) and
 // prints each step as the status shows it.
-remus::StatusOr<json> SwitchoverWithProgress(const std::string& sock, const std::string& domain) {
+remus::StatusOr<json> SwitchoverWithProgress(const std::string& sock, const std::string& domain,
+                                             const std::string& reprotect_to) {
   remus::Mutex mu;
   remus::CondVar cv;
   std::optional<remus::StatusOr<json>> result;
   std::thread call([&] {
-    auto r = remus::ControlCall(sock, {{"command", "switchover"}, {"domain", domain}});
+    json req = {{"command", "switchover"}, {"domain", domain}};
+    if (!reprotect_to.empty()) req["reprotect_to"] = reprotect_to;
+    auto r = remus::ControlCall(sock, req);
     remus::MutexLock g(mu);
     result = std::move(r);
     cv.NotifyAll();
@@ -244,6 +247,37 @@ remus::StatusOr<json> SwitchoverWithProgress(const std::string& sock, const std:
   }
   call.join();
   return std::move(*result);
+}
+
+// After a switchover that asked for reverse protection: waits until this
+// host backs the guest up (the new primary protects it back here).
+int WaitReverseProtection(const std::string& sock, const std::string& domain, int timeout_s) {
+  auto start = std::chrono::steady_clock::now();
+  std::string last;
+  for (;;) {
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "backup"}});
+    if (r.ok() && !(*r)["domains"].empty()) {
+      const json& d = (*r)["domains"][0];
+      std::string st = d.value("state", "");
+      if (st == "protected") {
+        std::printf("%s: protected again, from %s to this host (reverse protection)\n", domain.c_str(),
+                    d.value("primary", "").c_str());
+        return 0;
+      }
+      std::string line = st + (st == "syncing" ? " " + Fixed(d["sync"].value("percent", 0.0), 0) + "%" : "");
+      if (line != last && !st.empty()) {
+        std::printf("%s: reverse protection: %s\n", domain.c_str(), line.c_str());
+        std::fflush(stdout);
+        last = line;
+      }
+    }
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(timeout_s)) {
+      std::fprintf(stderr, "remusctl: domain %s: switched over, but not protected back to this host after %d s "
+                           "(see remusctl status on both hosts)\n", domain.c_str(), timeout_s);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
 }
 
 std::string ClockNow() {
@@ -357,6 +391,12 @@ int main(int argc, char** argv) {
   auto* switchover = app.add_subcommand(
       "switchover", "on the primary: move a protected guest to its backup, nothing lost (QEMU here ends)");
   switchover->add_option("domain", domain, "domain name")->required();
+  std::string reprotect_to;
+  switchover->add_option("--reprotect-to", reprotect_to,
+                         "where this host listens as the guest's new backup, HOST[:PORT] (default: remusd's --listen "
+                         "address unless it is a wildcard), or none: the backup protects the guest back here");
+  switchover->add_flag("--no-wait", no_wait, "do not wait for the reverse protection's initial copy");
+  switchover->add_option("--timeout", timeout_s, "seconds to wait for the reverse protection")->capture_default_str();
 
   auto* tune = app.add_subcommand("tune", "change a protected domain's checkpoint interval");
   tune->add_option("domain", domain, "domain name")->required();
@@ -462,13 +502,14 @@ int main(int argc, char** argv) {
   if (*switchover) {
     std::printf("%s: switching over to the backup...\n", domain.c_str());
     std::fflush(stdout);
-    auto r = SwitchoverWithProgress(sock, domain);
+    auto r = SwitchoverWithProgress(sock, domain, reprotect_to);
     if (!r.ok()) return FailDomain(r.status());
     const json& sw = r->value("switchover", json::object());
     std::printf("%s: switched over in %lld ms from checkpoint %lld; %s\n", domain.c_str(),
                 static_cast<long long>(sw.value("took_ms", int64_t{-1})),
                 static_cast<long long>(sw.value("final_epoch", int64_t{-1})), sw.value("result", "").c_str());
-    return 0;
+    if (sw.value("reprotect_to", "").empty() || no_wait) return 0;
+    return WaitReverseProtection(sock, domain, timeout_s);
   }
   if (*tune) {
     auto r = remus::ControlCall(sock, {{"command", "tune"}, {"domain", domain}, {"interval_ms", interval}});
