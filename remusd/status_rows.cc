@@ -14,7 +14,10 @@ int StatusRowRank(const json& row) {
   // Backup rows say "backup", or "primary (promoted)" while their guest runs.
   const bool backup_side = role != "primary";
   if (!backup_side)
-    return state == "starting" || state == "syncing" || state == "protected" || state == "switching" ? 0 : 2;
+    return state == "starting" || state == "syncing" || state == "protected" || state == "switching" ||
+                   state == "switching-over"
+               ? 0
+               : 2;
   if (state == "ended" || state == "unprotected" || state == "failed") return 3;
   return 1;
 }

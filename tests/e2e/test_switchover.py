@@ -248,3 +248,72 @@ def test_backup_killed_after_it_was_told(world, request):
     res = check_promoted(world, b2, c0, last_a, window_s=5, exact_epoch=final)
     assert last_a <= read_store_counter(b2.status()["store"])
     record(request, final_epoch=final, failover_ms=res["failover_ms"])
+
+
+class BackupSide:
+    """A daemon's backup-side record of the domain (its status rows are merged
+    per domain; check_promoted follows the promotion, not the re-protection)."""
+
+    def __init__(self, d):
+        self.d, self.name = d, d.name + " (backup side)"
+
+    def status(self, domain=DOMAIN):
+        r = self.d.call({"command": "status", "domain": domain, "role": "backup"})
+        return r["result"]["domains"][0] if r.get("ok") and r["result"]["domains"] else None
+
+    def domain_dir(self, domain=DOMAIN):
+        return self.d.domain_dir(domain)
+
+
+class QmpCounter:
+    def __init__(self, q):
+        self.q = q
+
+    def counter(self):
+        return self.q.counter()
+
+
+def test_switchover_there_and_back_with_reverse_protection(world, net, request):
+    """A -> B, B protects the guest back to A (both remusds listen), then
+    B -> A the same way: one TCP connection through both, nothing lost."""
+    guest = world.start_guest(wait_boot=False, **net.guest_kw())
+    b = world.start_backup("B")
+    a = world.start_backup("A")  # listens: it becomes B's backup
+    world.wait_booted(guest)
+    world.protect(a, b, guest, interval_ms=100, extra=["--netbuf", "nfqueue"])
+    world.wait_status(a, lambda s: s["last_acked_epoch"] >= 20, 60, "20 acks")
+    p, out = net.client(duration=180, name="client")
+    world.wait_for(lambda: len([e for e in events(out) if e["ev"] == "resp"]) >= 30, 30, "30 answers")
+    results = []
+    src_guest = guest
+    for hop, (src, dst) in enumerate([(a, b), (b, a)]):
+        c0 = src_guest.counter()
+        time.sleep(0.5)  # an epoch after c0 is acked (interval 100 ms)
+        poller = CounterPoller(src_guest)
+        r = src.ctl("switchover", DOMAIN, timeout=300)
+        poller.close()
+        assert r.returncode == 0, f"hop {hop}: rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
+        assert "protected again, from" in r.stdout, r.stdout
+        pst = src.call({"command": "status", "domain": DOMAIN, "role": "primary"})["result"]["domains"][0]
+        final = pst["switchover"]["final_epoch"]
+        assert pst["state"] == "switched-over" and pst["switchover"]["reprotect_to"] == src.listen, pst
+        side = BackupSide(dst)
+        seen = [v for _, v in poller.values]
+        assert seen and max(seen) <= read_store_counter(side.status()["store"]), (max(seen) if seen else None)
+        m = check_promoted(world, side, c0, max(seen), window_s=5, exact_epoch=final)
+        # dst protects the guest back to src: dst's row is its protection now.
+        world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected", 60,
+                          "the reverse protection")
+        world.wait_status(dst, lambda s: s["last_acked_epoch"] >= 10, 60, "acks of the reverse protection")
+        results.append((final, m["failover_ms"], pst["switchover"]["took_ms"]))
+        src_guest = QmpCounter(m["qmp"])
+    time.sleep(2)
+    p.kill()
+    p.wait()
+    ev = events(out)
+    errs = [e for e in ev if e["ev"] == "error"]
+    assert not errs, f"the connection broke: {errs}" + world.diagnostics()
+    resp = [e for e in ev if e["ev"] == "resp"]
+    seqs = [x["seq"] for x in resp]
+    assert seqs == list(range(1, len(seqs) + 1)), f"answers out of sequence: {seqs[:50]}..."
+    record(request, hops=results, answers=len(resp))
