@@ -11,6 +11,7 @@
 
 #include <filesystem>
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "replicator/backup/backup_testing.h"
@@ -169,12 +170,19 @@ TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
 // that epoch, also with --no-auto-promote (the operator asked for it).
 TEST_F(DomainTest, AcceptedSwitchoverPromotesFromTheFinalEpochAtOnce) {
   opts_.auto_promote = false;
+  std::mutex hook_mu;
+  std::vector<std::pair<std::string, wire::SwitchoverMsg>> hooked;
+  opts_.on_switched_over = [&](const std::string& d, const wire::SwitchoverMsg& m) {
+    std::lock_guard<std::mutex> g(hook_mu);
+    hooked.emplace_back(d, m);
+  };
   NewDomain();
   wire::Link& l = Connect();
   testing::InitialSync(l, Config());
   testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
   testing::ExpectAck(l, 1);
-  ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, R"({"reason":"planned switchover"})").ok());
+  const wire::SwitchoverMsg asked{"planned switchover", "10.0.0.1:7788", 100, "nfqueue"};
+  ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, wire::EncodeSwitchover(asked)).ok());
   auto f = testing::NextNonHeartbeat(l);
   ASSERT_TRUE(f.ok()) << f.status().ToString();
   ASSERT_EQ(f->type, MsgType::kSwitchover) << wire::MsgTypeName(f->type) << " " << f->payload;
@@ -201,6 +209,18 @@ TEST_F(DomainTest, AcceptedSwitchoverPromotesFromTheFinalEpochAtOnce) {
   auto marker = ReadFileToString(dir() + "/promoted.json");
   ASSERT_TRUE(marker.ok());
   EXPECT_EQ(json::parse(*marker)["epoch"], 1);
+  // Reverse protection is asked for once the guest runs here.
+  for (int i = 0; i < 100; i++) {
+    {
+      std::lock_guard<std::mutex> g(hook_mu);
+      if (!hooked.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::lock_guard<std::mutex> g(hook_mu);
+  ASSERT_EQ(hooked.size(), 1u);
+  EXPECT_EQ(hooked[0].first, "vm1");
+  EXPECT_EQ(hooked[0].second, asked);
 }
 
 // The primary names an epoch that is not the committed one: refused with
