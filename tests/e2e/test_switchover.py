@@ -317,3 +317,41 @@ def test_switchover_there_and_back_with_reverse_protection(world, net, request):
     seqs = [x["seq"] for x in resp]
     assert seqs == list(range(1, len(seqs) + 1)), f"answers out of sequence: {seqs[:50]}..."
     record(request, hops=results, answers=len(resp))
+
+
+def test_switchover_with_etcd_hands_ownership_over_at_once(world, arbiter_net, request):
+    """--arbiter etcd (real 3-member cluster, A and B in namespaces of their
+    own, lease TTL 3 s): A gives its lease up once its QEMU ended, so B wins
+    etcd at once (well under a TTL), with a token; nothing fences B's guest
+    afterwards (it counts on past two TTLs), and A's lease is released."""
+    from test_arbiter import TTL_MS, ArbiterSetup, process_state
+    s = ArbiterSetup(world, arbiter_net)
+    assert s.owner()["host"] == "A", s.owner()
+    c0 = s.guest.counter()
+    time.sleep(0.5)
+    poller = CounterPoller(s.guest)
+    t0 = time.monotonic()
+    r = s.a.ctl("switchover", DOMAIN, timeout=120)
+    t_a = time.monotonic() - t0
+    poller.close()
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
+    ast = s.a.status()
+    final = ast["switchover"]["final_epoch"]
+    assert ast["state"] == "switched-over" and ast["arbiter"]["state"] == "released", (ast["state"], ast["arbiter"])
+    bst = world.wait_status(s.b, lambda x: x["state"] in ("failed-over", "failed"), 30, "B promoted")
+    t_b = time.monotonic() - t0
+    assert bst["state"] == "failed-over", bst
+    world.extra_pids.append(("restored qemu", bst["qemu"]["pid"]))
+    # Won at once: the lease was handed over, not left to expire.
+    assert t_b < TTL_MS / 1000, f"B promoted {t_b:.2f} s after the switchover began: it waited for A's lease TTL"
+    token = bst["promotion"]["token"]
+    owner = s.owner()
+    assert token > 0 and owner["host"] == "B" and owner["mod_revision"] == token, (owner, token)
+    assert s.session_value().startswith("promoted:"), s.session_value()
+    seen = [v for _, v in poller.values]
+    m = check_promoted(world, s.b, c0, max(seen), window_s=2 * TTL_MS / 1000 + 1, exact_epoch=final)
+    # The fence watchdog froze nothing: B's guest ran on throughout the window.
+    assert process_state(bst["qemu"]["pid"]) not in ("T", None), process_state(bst["qemu"]["pid"])
+    assert s.b.status()["arbiter"]["state"] == "held", s.b.status()["arbiter"]
+    record(request, final_epoch=final, a_done_s=round(t_a, 2), b_promoted_s=round(t_b, 2), token=token,
+           failover_ms=m["failover_ms"])
