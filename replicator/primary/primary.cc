@@ -269,14 +269,14 @@ Status PrimaryReplicator::Connect() {
   deps.make_netbuf = [nb = netbuf_opts_] { return MakeOutputBuffer(nb); };
   deps.qemu_running = [pid = qemu_pid_] { return ProcessRunning(pid); };
   // A planned switchover ends our QEMU for good: SIGKILL (it is paused in the
-  // final checkpoint, and nothing it could still do may reach anyone), or
-  // libvirt's destroy for a libvirt domain; then wait until it is gone.
+  // final checkpoint, and nothing it could still do may reach anyone; a
+  // graceful quit would wait for its COLO thread, blocked on our stream),
+  // then, for a libvirt domain, libvirt's destroy (it then knows the domain
+  // is off); then wait until it is gone.
   deps.end_qemu = [pid = qemu_pid_, libvirt = libvirt_ != nullptr, uri = opts_.libvirt_uri, d]() -> Status {
-    if (libvirt) {
-      RETURN_IF_ERROR(DestroyLibvirtDomain(uri, d).Annotate("destroying libvirt domain " + d));
-    } else if (pid > 0 && ::kill(pid, SIGKILL) < 0 && errno != ESRCH) {
+    if (pid > 0 && ::kill(pid, SIGKILL) < 0 && errno != ESRCH)
       return ErrnoStatus("kill -9 QEMU (pid " + std::to_string(pid) + ")", errno);
-    }
+    if (libvirt) RETURN_IF_ERROR(DestroyLibvirtDomain(uri, d).Annotate("destroying libvirt domain " + d));
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (pid > 0 && ProcessRunning(pid)) {
       if (std::chrono::steady_clock::now() > until)

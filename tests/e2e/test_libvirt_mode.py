@@ -285,3 +285,44 @@ def test_hook_script_alone(tmp_path):
     assert (d / "qemu").read_text() == "#!/bin/sh\nexit 0\n"
     assert (d / "qemu.d" / "remus").read_bytes() == HOOK.read_bytes()
     assert "is up to date" in i.stdout
+
+
+def test_switchover_through_libvirt(lvworlds, world, request):
+    """`remusctl switchover` of a libvirt domain: the final checkpoint is the
+    one B restores into its libvirt, A's domain is destroyed through A's
+    libvirt (it never runs again), and the guest counts on in B from there."""
+    a = lvworlds.start("A")
+    b = lvworlds.start("B")
+    primary, backup = libvirt_daemons(world, a, b)
+    a.define(domain_xml(a))
+    a.start_domain(DOMAIN)
+    wait_booted(world, a)
+    r = primary.ctl("protect", DOMAIN, "--backup", backup.listen, "--connect", a.uri, "--interval", "100",
+                    "--netbuf", "none", "--disks", "none")
+    assert r.returncode == 0, f"protect: {r.stdout}{r.stderr}" + world.diagnostics()
+    world.wait_status(primary, lambda s: s["state"] == "protected" and s["last_acked_epoch"] >= 20, 120,
+                      "20 acked checkpoints")
+    c0 = counter(a)
+    e0 = primary.status()["last_staged_epoch"]
+    world.wait_status(primary, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond epoch {e0}")
+    r = primary.ctl("switchover", DOMAIN, timeout=120)
+    assert r.returncode == 0, f"switchover: rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
+    pst = primary.status()
+    final = pst["switchover"]["final_epoch"]
+    assert pst["state"] == "switched-over" and pst["switchover"]["phase"] == "done", pst["switchover"]
+    # A's domain was destroyed through A's libvirt.
+    assert a.domstate(DOMAIN)[0] == "shut off", a.domstate(DOMAIN)
+    bst = world.wait_status(backup, lambda s: s["state"] in ("failed-over", "failed"), 60, "promotion")
+    assert bst["state"] == "failed-over", json.dumps(bst, indent=1) + world.diagnostics()
+    assert bst["last_committed_epoch"] == final and bst["promotion"]["switchover_epoch"] == final, bst
+    assert bst["libvirt"] == {"uri": b.uri, "domain": DOMAIN} and b.domstate(DOMAIN)[0] == "running", bst
+    c1 = counter(b)
+    assert c1 >= c0, (c0, c1)
+    world.wait_for(lambda: counter(b) > c1 + 500, 30, "the restored counter to advance", interval=0.5)
+    serial_b = backup.domain_dir() / "run" / "serial.log"
+    before = read_text(serial_b).count(CHECK_OK)
+    world.wait_for(lambda: read_text(serial_b).count(CHECK_OK) >= before + 3, 30,
+                   "three more 'check ok' lines from the restored guest", interval=0.5)
+    assert "CHECKER FAIL" not in read_text(serial_b)
+    record(request, final_epoch=final, took_ms=pst["switchover"]["took_ms"],
+           failover_ms=bst["promotion"]["failover_ms"])
