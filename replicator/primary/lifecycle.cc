@@ -216,9 +216,12 @@ Status PrimaryLifecycle::Switchover(wire::SwitchoverMsg msg) {
   }
   // QEMU takes the final checkpoint at once (below) or at the next interval.
   SetSwitchPhase("final-checkpoint", std::chrono::seconds(5) + 2 * std::chrono::milliseconds(interval_ms_.load()));
-  if (!Advance(PrimaryState::kProtected, PrimaryState::kSwitchingOver))
+  if (!Advance(PrimaryState::kProtected, PrimaryState::kSwitchingOver)) {
+    MutexLock l(mu_);
+    switch_phase_.clear();  // never began
     return FailedPrecondition("domain " + d + " is " + std::string(PrimaryStateName(state_.load())) +
                               ", not protected any more");
+  }
   switch_requested_ = true;
   LOG_INFO(Tag()) << "switchover to " << opts_.backup << " requested: the next checkpoint is the final one";
   // Setting the interval makes QEMU take a checkpoint now.
