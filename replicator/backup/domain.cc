@@ -62,7 +62,13 @@ bool BackupDomain::Transition(DomainEvent e) {
                    {{"primary", primary_},
                     {"epoch", stats_.last_committed.load()},
                     {"token", promotion_token_},
-                    {"error", promote_error_.empty() ? error_ : promote_error_}});
+                    {"error", promote_error_.empty() ? error_ : promote_error_},
+                    // What a re-protection after this promotion reuses.
+                    {"reprotect_to", config_.reprotect_to},
+                    {"interval_ms", config_.interval_ms},
+                    {"netbuf", config_.netbuf},
+                    {"compress", config_.compress},
+                    {"disks", config_.disks_option}});
   return true;
 }
 
