@@ -107,6 +107,24 @@ Status Daemon::Start() {
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
   size_t slash = opts_.control_socket.rfind('/');
   if (slash != std::string::npos && slash > 0) RETURN_IF_ERROR(MakeDirs(opts_.control_socket.substr(0, slash), 0755));
+  if (opts_.reprotect_to == "self") {
+    if (!opts_.listen || opts_.listen->port == 0 || opts_.listen->host.empty() || opts_.listen->host == "0.0.0.0" ||
+        opts_.listen->host == "::")
+      return InvalidArgument("--reprotect-to self names this host's --listen address, so --listen must give a "
+                             "host other hosts reach it by and a port (not 0.0.0.0 or ::); or give --reprotect-to "
+                             "HOST:PORT");
+    reprotect_to_ = opts_.listen->ToString();
+  } else if (opts_.reprotect_to != "none" && !opts_.reprotect_to.empty()) {
+    auto hp = ParseHostPort(opts_.reprotect_to, 7788);
+    if (!hp.ok()) return hp.status().Annotate("--reprotect-to");
+    reprotect_to_ = hp->ToString();
+  }
+  reprotector_ = std::make_unique<Reprotector>(Reprotector::Deps{
+      .protect = [this](const json& r) { return ProtectForReprotector(r); },
+      .wanted = [this](const std::string& d) { return ReprotectWanted(d); },
+      .report = [this](const std::string& d, const std::string& t) {
+        history_->Record(d, {{"role", "backup"}, {"state", "failed-over"}, {"text", t}});
+      }});
   if (opts_.listen) {
     BackupOptions bo;
     bo.state_dir = opts_.state_dir;
@@ -117,30 +135,17 @@ Status Daemon::Start() {
     bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
     bo.fault = opts_.fault;
-    // Reverse protection after a planned switchover: as an operator's
-    // `protect D --backup <old primary>` of the promoted guest, off the
-    // session's thread.
-    bo.on_switched_over = [this](const std::string& d, const wire::SwitchoverMsg& m) {
-      MutexLock g(mu_);
-      if (stopping_) return;
-      workers_.emplace_back([this, d, m] {
-        json req = {{"command", "protect"}, {"domain", d}, {"backup", m.reprotect_to}};
-        if (m.interval_ms > 0) req["interval_ms"] = m.interval_ms;
-        if (!m.netbuf.empty()) req["netbuf"] = m.netbuf;
-        json r = Protect(RequestReader(req));
-        if (r.value("ok", false))
-          LOG_INFO("remusd") << "domain " << d << ": switched over here; protecting it back to " << m.reprotect_to;
-        else
-          LOG_ERROR("remusd") << "domain " << d << ": switched over here, but protecting it back to " << m.reprotect_to
-                              << " failed: " << r.value("error", std::string("?"));
-      });
-    };
+    // Reverse protection after a planned switchover: the switchover names
+    // where (its reprotect_to replaces the CONFIG's); the same job as an
+    // automatic re-protection after a failover (one per domain).
+    bo.on_switched_over = [this](const std::string& d, const json& detail) { MaybeReprotect(d, detail); };
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
-    bo.on_state = [h = history_.get()](const std::string& d, const std::string& to, const json& detail) {
-      h->Record(d, {{"role", "backup"},
-                    {"state", to},
-                    {"text", DomainHistory::BackupText(to, detail.value("primary", std::string()), detail)}});
+    bo.on_state = [this](const std::string& d, const std::string& to, const json& detail) {
+      history_->Record(d, {{"role", "backup"},
+                           {"state", to},
+                           {"text", DomainHistory::BackupText(to, detail.value("primary", std::string()), detail)}});
+      if (to == "failed-over") MaybeReprotect(d, detail);
     };
     std::unique_ptr<Arbiter> a;
     if (arbiter_) a = std::make_unique<ArbiterRef>(arbiter_.get());
@@ -268,6 +273,7 @@ void Daemon::Shutdown() {
     workers.swap(workers_);
   }
   for (auto& w : workers) w.join();
+  if (reprotector_) reprotector_->Stop();  // before what its jobs call into
   ps.clear();  // each ends protection and leaves its guest running
   backup_.reset();
 }
@@ -439,6 +445,18 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
     return InvalidArgument("domain " + d + ": --disks '" + po.disks.substr(0, 256) +
                            "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
+  ASSIGN_OR_RETURN(std::string reprotect, req.String("reprotect_to", ""));
+  if (reprotect.empty()) {
+    po.reprotect_to = reprotect_to_;
+  } else if (reprotect == "self") {
+    if (!opts_.listen || reprotect_to_.empty() || opts_.reprotect_to != "self")
+      return InvalidArgument("domain " + d + ": --reprotect-to self needs remusd --reprotect-to self (and --listen)");
+    po.reprotect_to = reprotect_to_;
+  } else if (reprotect != "none") {
+    auto rp = ParseHostPort(reprotect, 7788);
+    if (!rp.ok()) return rp.status().Annotate("domain " + d + ": --reprotect-to");
+    po.reprotect_to = rp->ToString();
+  }
   po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect](const std::string& to,
                                                                                       const std::string& why) {
     std::string text = DomainHistory::PrimaryText(to, peer, why);
@@ -451,6 +469,10 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
 json Daemon::Protect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
+  auto automatic = req.In("domain " + *d).Bool("automatic", false);
+  if (!automatic.ok()) return Error(automatic.status());
+  // An operator's protect replaces an automatic re-protection still trying.
+  if (!*automatic && reprotector_) reprotector_->Cancel(*d);
   auto async_or = req.In("domain " + *d).Bool("async", false);
   if (!async_or.ok()) return Error(async_or.status());
   const bool async = *async_or;
@@ -502,6 +524,7 @@ json Daemon::Protect(const RequestReader& req) {
 json Daemon::Unprotect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
+  if (reprotector_) reprotector_->Cancel(*d);
   auto async = req.In("domain " + *d).Bool("async", false);
   if (!async.ok()) return Error(async.status());
   // libvirt's hook after the domain stopped: QEMU is gone, so protection
@@ -573,8 +596,45 @@ json Daemon::StatusOf(const RequestReader& req) {
   const bool all_rows = req.Has("all_roles") || !role->empty();
   if (all_rows) return Ok({{"domains", arr}});
   json rows = OneRowPerDomain(arr);
-  for (json& r : rows) r["history"] = history_->Recent(r.value("domain", ""), kStatusHistory);
+  for (json& r : rows) {
+    const std::string dom = r.value("domain", "");
+    r["history"] = history_->Recent(dom, kStatusHistory);
+    if (json rp = reprotector_ ? reprotector_->StatusJson(dom) : json(); !rp.is_null()) r["reprotect"] = rp;
+  }
   return Ok({{"domains", rows}});
+}
+
+// ---- automatic re-protection ----
+
+void Daemon::MaybeReprotect(const std::string& d, const json& detail) {
+  const std::string to = detail.value("reprotect_to", std::string());
+  if (to.empty() || !reprotector_) return;
+  if (!opts_.auto_reprotect) {
+    LOG_INFO("remusd") << "domain " << d << ": its primary asked for re-protection to " << to
+                       << "; not done (--no-auto-reprotect)";
+    return;
+  }
+  json req = {{"command", "protect"}, {"domain", d}, {"backup", to}, {"automatic", true},
+              {"interval_ms", std::max<int64_t>(1, detail.value("interval_ms", int64_t{100}))},
+              {"compress", detail.value("compress", false) ? "lz4" : "none"}};
+  if (std::string nb = detail.value("netbuf", std::string()); !nb.empty()) req["netbuf"] = nb;
+  if (std::string dk = detail.value("disks", std::string()); !dk.empty()) req["disks"] = dk;
+  reprotector_->Request({d, to, std::move(req)});
+}
+
+Status Daemon::ProtectForReprotector(const json& request) {
+  json r = Protect(RequestReader(request));
+  if (r.value("ok", false)) return OkStatus();
+  return Unavailable(r.value("error", std::string("protect failed")));
+}
+
+bool Daemon::ReprotectWanted(const std::string& d) {
+  if (stopping_ || !backup_ || !backup_->RunningGuest(d)) return false;
+  MutexLock g(mu_);
+  auto it = primaries_.find(d);
+  if (it == primaries_.end()) return true;
+  PrimaryState s = it->second->state();
+  return !(s == PrimaryState::kStarting || s == PrimaryState::kSyncing || s == PrimaryState::kProtected);
 }
 
 json Daemon::Failover(const RequestReader& req) {

@@ -62,7 +62,13 @@ bool BackupDomain::Transition(DomainEvent e) {
                    {{"primary", primary_},
                     {"epoch", stats_.last_committed.load()},
                     {"token", promotion_token_},
-                    {"error", promote_error_.empty() ? error_ : promote_error_}});
+                    {"error", promote_error_.empty() ? error_ : promote_error_},
+                    // What a re-protection after this promotion reuses.
+                    {"reprotect_to", config_.reprotect_to},
+                    {"interval_ms", config_.interval_ms},
+                    {"netbuf", config_.netbuf},
+                    {"compress", config_.compress},
+                    {"disks", config_.disks_option}});
   return true;
 }
 
@@ -146,15 +152,20 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       l.Unlock();
       AutoPromoteAfter(gen, wait, reason);
       // Reverse protection: the old primary listens as this guest's backup.
-      wire::SwitchoverMsg msg;
+      json detail;
       {
         MutexLock g(mu_);
         if (state_ != DomainState::kFailedOver || switchover_msg_.reprotect_to.empty()) return;
-        msg = switchover_msg_;
+        const wire::SwitchoverMsg& m = switchover_msg_;
+        detail = {{"reprotect_to", m.reprotect_to},
+                  {"interval_ms", m.interval_ms > 0 ? m.interval_ms : config_.interval_ms},
+                  {"netbuf", m.netbuf.empty() ? config_.netbuf : m.netbuf},
+                  {"compress", config_.compress},
+                  {"disks", config_.disks_option}};
       }
       if (opts_.on_switched_over) {
-        LOG_INFO(tag_) << "switchover done; protecting the guest back to " << msg.reprotect_to;
-        opts_.on_switched_over(name_, msg);
+        LOG_INFO(tag_) << "switchover done; protecting the guest back to " << detail["reprotect_to"].get<std::string>();
+        opts_.on_switched_over(name_, detail);
       }
       return;
     }

@@ -112,7 +112,9 @@ struct BackupOptions {
   // After a planned switchover promoted a domain whose old primary asked to
   // become its backup (SWITCHOVER's reprotect_to): protect it back there.
   // Called on the session's thread; must not block for long. Null: never.
-  std::function<void(const std::string& domain, const wire::SwitchoverMsg& msg)> on_switched_over;
+  // detail: as on_state's for failed-over, with the switchover's
+  // reprotect_to (and its interval and netbuf, when it names them).
+  std::function<void(const std::string& domain, const nlohmann::json& detail)> on_switched_over;
 };
 
 // A domain name remus accepts (it names a directory in the state dir):

@@ -72,6 +72,10 @@ struct PrimaryOptions {
   HostPort backup;
   // The guest is one this host promoted (a re-protection after a failover).
   bool reprotect = false;
+  // Where the backup protects the guest again after it promoted it
+  // ("host:port"; empty: it does not). Sent in CONFIG with the netbuf mode,
+  // compress and disks options, which it reuses.
+  std::string reprotect_to;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
   // How the link to the backup is authenticated and encrypted (tls.h).

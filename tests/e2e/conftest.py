@@ -272,9 +272,14 @@ class Daemon:
     def call(self, request, timeout=10.0):
         return control_call(self.control, request, timeout)
 
-    def status(self, domain=DOMAIN):
-        """The status JSON of one domain, or None if this daemon has no such domain."""
-        r = self.call({"command": "status", "domain": domain})
+    def status(self, domain=DOMAIN, role=None):
+        """The status JSON of one domain, or None if this daemon has no such domain.
+        role: "primary" or "backup": that side's record (default: the one row
+        status shows for the domain)."""
+        req = {"command": "status", "domain": domain}
+        if role:
+            req["role"] = role
+        r = self.call(req)
         if not r.get("ok"):
             if r.get("code") == "NOT_FOUND":
                 return None
@@ -378,17 +383,19 @@ class World:
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
                      ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
                      listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None,
-                     key_file=True):
+                     key_file=True, listen_port=None, state_name=None):
         """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
         netns: run this remusd in that network namespace (default: the world's).
         listen_host: the backup's listen address (an address of its namespace).
         etcd: a list of etcd client URLs: --arbiter etcd with them (lease TTL
         and margin as given, --host-id host_id or the daemon's name);
         without, --arbiter none (the fail-stop tests predate arbitration).
-        key_file=False: no --key-file (certificate mode: pass --tls-* in extra)."""
+        key_file=False: no --key-file (certificate mode: pass --tls-* in extra).
+        listen_port: listen there (a restarted remusd at its old address).
+        state_name: the state dir's name (default: name; a restart reuses it)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
-        state = self.dir / name
+        state = self.dir / (state_name or name)
         control = self.dir / f"{name}.sock"
         log = self.dir / f"{name}.log"
         argv = [str(REMUSD), "--state-dir", str(state),
@@ -397,7 +404,7 @@ class World:
                 "--heartbeat-timeout-ms", str(hb_timeout_ms), "--log-level", "debug"]
         addr = None
         if listen:
-            addr = f"{listen_host}:{free_port()}"
+            addr = f"{listen_host}:{listen_port or free_port()}"
             argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
             # The test guest boots from files a restored guest reads on this
             # host: the backup must allow their directory (its peer policy).
@@ -505,12 +512,12 @@ class World:
                                      + self.diagnostics())
             time.sleep(interval)
 
-    def wait_status(self, daemon, pred, timeout, what, domain=DOMAIN, interval=0.02):
+    def wait_status(self, daemon, pred, timeout, what, domain=DOMAIN, interval=0.02, role=None):
         """Waits until pred(status) holds for daemon's status of domain; returns the status."""
         last = {}
 
         def check():
-            st = daemon.status(domain)
+            st = daemon.status(domain, role=role)
             last["st"] = st
             return st if st is not None and pred(st) else None
         try:
@@ -676,8 +683,10 @@ def check_promoted(world, backup, c0, p_kill, window_s, domain=DOMAIN, timeout=3
     Returns a dict of measurements (failover_ms, epoch, A, ...).
     """
     t0 = time.monotonic()
+    # The backup side's record: an automatic re-protection may already have
+    # made the promoted guest's row a primary one.
     st = world.wait_status(backup, lambda s: s["state"] in ("failed-over", "failed"), timeout,
-                           "promotion (state failed-over)", domain=domain)
+                           "promotion (state failed-over)", domain=domain, role="backup")
     detect_s = time.monotonic() - t0
     assert st["state"] == "failed-over", f"promotion failed: {json.dumps(st, indent=1)}" + world.diagnostics()
     assert st["promotion"]["failover_ms"] >= 0, st

@@ -146,3 +146,88 @@ def test_reprotect_with_etcd_moves_ownership_and_fails_back(world, arbiter_net, 
     assert t2 > o["mod_revision"] and owner()["host"] == "A" and owner()["mod_revision"] == t2, (owner(), t2)
     record(request, token1=m1_token, reprotect_token=o["mod_revision"], token2=t2,
            failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"])
+
+
+def test_automatic_reprotection_both_ways(world, request):
+    """--reprotect-to self on both hosts: after each failover the promoted
+    guest is protected back with no command, and fails back."""
+    guest = world.start_guest(wait_boot=False)
+    b = world.start_backup("B", extra=("--reprotect-to", "self"))
+    a = world.start_backup("A", extra=("--reprotect-to", "self"))
+    world.wait_booted(guest)
+    world.protect(a, b, guest)
+    m1, g_b = _cycle(world, a, b, guest)
+    st = world.wait_status(b, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                           "B to protect the promoted guest again on its own")
+    assert st["backup"] == a.listen, st
+    assert st["reprotect"]["state"] == "done" and st["reprotect"]["to"] == a.listen, st["reprotect"]
+    assert any("re-protecting automatically to " + a.listen in h["text"] for h in st["history"]), st["history"]
+    m2, g_a = _cycle(world, b, a, g_b)
+    st = world.wait_status(a, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                           "A to protect the guest again on its own")
+    assert st["backup"] == b.listen, st
+    record(request, failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"])
+
+
+def test_automatic_reprotection_waits_for_the_lost_host(world, request):
+    """A dies whole (its remusd and its QEMU): B promotes and keeps trying to
+    protect the guest back to A, saying so in status, until A's remusd is
+    back at its address; then protection resumes with no command."""
+    guest = world.start_guest(wait_boot=False)
+    b = world.start_backup("B", extra=("--reprotect-to", "self"))
+    a = world.start_backup("A", extra=("--reprotect-to", "self"))
+    world.wait_booted(guest)
+    world.protect(a, b, guest)
+    pr = Protected(world, a, b, guest)
+    pr.wait_acked(20)
+    c0 = pr.acked_reference()
+    p_kill = guest.counter()
+    a.kill()
+    guest.kill()
+    m = check_promoted(world, b, c0, p_kill, window_s=3)
+    st = world.wait_status(b, lambda s: s.get("reprotect", {}).get("attempts", 0) >= 2, 30,
+                           "B to try A more than once")
+    assert st["reprotect"]["state"] in ("waiting", "trying") and "unreachable" in st["reprotect"].get("error", ""), st
+    assert st["state"] == "failed-over", st
+    port = int(a.listen.rsplit(":", 1)[1])
+    a2 = world.start_backup("A2", extra=("--reprotect-to", "self"), listen_port=port, state_name="A")
+    st = world.wait_status(b, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                           "B to protect the guest to A once A's remusd is back")
+    assert st["reprotect"]["state"] == "done", st
+    world.wait_status(a2, lambda s: s["role"] == "backup" and s["state"] == "protected", 30, "A2 backing up")
+    m2, _ = _cycle(world, b, a2, PromotedGuest(m))
+    record(request, failover_ms=m["failover_ms"], attempts=st["reprotect"]["attempts"], failback_ms=m2["failover_ms"])
+
+
+def test_ten_alternating_failovers(world, request):
+    """Ten failovers in a row, A -> B -> A -> ..., each followed by the
+    automatic re-protection to the host that lost the guest. At every step:
+    nothing acked is lost, nothing after the kill is restored, the checker
+    passes, and exactly one copy of the guest runs."""
+    from conftest import live_qemus
+    guest = world.start_guest(wait_boot=False)
+    hosts = [world.start_backup("A", extra=("--reprotect-to", "self")),
+             world.start_backup("B", extra=("--reprotect-to", "self"))]
+    world.wait_booted(guest)
+    world.protect(hosts[0], hosts[1], guest)
+    g = guest
+    times, epochs = [], []
+    for i in range(10):
+        src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+        if i > 0:
+            world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                              f"cycle {i}: the automatic re-protection from {src.name}")
+        copies = live_qemus(world.dir)
+        assert len(copies) == 1, f"cycle {i}: {len(copies)} copies of the guest run: {copies}"
+        pr = Protected(world, src, dst, g)
+        pr.wait_acked(10)
+        c0 = pr.acked_reference()
+        p_kill = g.counter()
+        g.kill()
+        m = check_promoted(world, dst, c0, p_kill, window_s=4)
+        g = PromotedGuest(m)
+        times.append(m["failover_ms"])
+        epochs.append(m["epoch"])
+        copies = live_qemus(world.dir)
+        assert copies == [m["pid"]], f"cycle {i}: copies {copies}, promoted {m['pid']}"
+    record(request, failover_ms=times, epochs=epochs)

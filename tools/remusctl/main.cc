@@ -344,7 +344,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out;
+  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out, reprotect_to;
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
   uint32_t queue_len = 65536;
@@ -368,6 +368,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(1u, 1u << 24));
   protect->add_flag("--netbuf-fail-open", fail_open,
                     "nfqueue: when the queue is full, let packets out unheld (default: drop them)");
+  protect->add_option("--reprotect-to", reprotect_to,
+                      "after a failover, the backup protects the guest again to this remusd: self (this host's "
+                      "--listen address), HOST:PORT, or none (default: remusd's --reprotect-to)");
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
   protect->add_option("--disks", disks,
@@ -391,7 +394,6 @@ int main(int argc, char** argv) {
   auto* switchover = app.add_subcommand(
       "switchover", "on the primary: move a protected guest to its backup, nothing lost (QEMU here ends)");
   switchover->add_option("domain", domain, "domain name")->required();
-  std::string reprotect_to;
   switchover->add_option("--reprotect-to", reprotect_to,
                          "where this host listens as the guest's new backup, HOST[:PORT] (default: remusd's --listen "
                          "address unless it is a wildcard), or none: the backup protects the guest back here");
@@ -446,6 +448,7 @@ int main(int argc, char** argv) {
                 {"disks", disks}};
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     if (!connect.empty()) req["libvirt_uri"] = connect;
+    if (!reprotect_to.empty()) req["reprotect_to"] = reprotect_to;
     auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
     if (no_wait) {
