@@ -280,13 +280,17 @@ Status PrimaryReplicator::Connect() {
   deps.end_qemu = [pid = qemu_pid_, libvirt = libvirt_ != nullptr, uri = opts_.libvirt_uri, d]() -> Status {
     if (pid > 0 && ::kill(pid, SIGKILL) < 0 && errno != ESRCH)
       return ErrnoStatus("kill -9 QEMU (pid " + std::to_string(pid) + ")", errno);
-    if (libvirt) RETURN_IF_ERROR(DestroyLibvirtDomain(uri, d).Annotate("destroying libvirt domain " + d));
+    // libvirt may have noticed the death already ("domain is not running"):
+    // what counts is that the process is gone.
+    Status destroyed = libvirt ? DestroyLibvirtDomain(uri, d) : OkStatus();
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (pid > 0 && ProcessRunning(pid)) {
       if (std::chrono::steady_clock::now() > until)
-        return DeadlineExceeded("QEMU (pid " + std::to_string(pid) + ") still runs 10 s after it was ended");
+        return DeadlineExceeded("QEMU (pid " + std::to_string(pid) + ") still runs 10 s after it was ended" +
+                                (destroyed.ok() ? "" : " (" + destroyed.message() + ")"));
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    if (pid <= 0) return destroyed.Annotate("destroying libvirt domain " + d);
     return OkStatus();
   };
   if (libvirt_) deps.monitor_connected = [lv = libvirt_] { return lv->connected(); };
