@@ -724,3 +724,45 @@ TEST_F(ArbitratedDomainTest, PrimaryWithAnotherArbiterIsRefused) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+// Re-protection to the host that promoted a guest: refused while the
+// promoted guest runs here, accepted once it is gone (ended), and the
+// checkpoint it ran from is never promoted again.
+TEST_F(DomainTest, APromotedGuestHoldsTheDomainUntilItIsGone) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  l.Shutdown();
+  WaitState(DomainState::kFailedOver);
+  auto guest = domain_->RunningGuest();
+  ASSERT_TRUE(guest.has_value());
+  EXPECT_NE(guest->qmp_socket.find("remusd-qmp.sock"), std::string::npos) << guest->qmp_socket;
+  EXPECT_EQ(Status()["qmp_socket"], dir() + "/run/qmp.sock");
+
+  wire::Link& again = Connect();
+  auto f = again.Recv();
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->type, MsgType::kError);
+  EXPECT_NE(f->payload.find("runs here"), std::string::npos) << f->payload;
+  EXPECT_EQ(domain_->state(), DomainState::kFailedOver);
+
+  ASSERT_TRUE(launcher_.Kill(guest->pid, std::chrono::milliseconds(0)).ok());
+  domain_->NoticeGuestGone();
+  EXPECT_EQ(domain_->state(), DomainState::kEnded);
+  EXPECT_FALSE(domain_->RunningGuest().has_value());
+  remus::Status p = domain_->Promote("operator requested failover");
+  EXPECT_EQ(p.code(), Code::kFailedPrecondition) << p.ToString();
+  EXPECT_NE(p.message().find("never promoted again"), std::string::npos) << p.ToString();
+  EXPECT_EQ(launcher_.spawns(), 1);
+
+  wire::Link& back = Connect();
+  testing::InitialSync(back, Config());
+  WaitState(DomainState::kProtected);
+}
+
+}  // namespace
+}  // namespace remus
