@@ -301,11 +301,7 @@ Status Session::HandleKeep(const wire::Frame& f) {
     if (r.first_page >= pages || r.count > pages - r.first_page)
       return DataLoss("KEEP run of block " + std::to_string(r.block) + " (pages " + std::to_string(r.first_page) +
                       "+" + std::to_string(r.count) + ") runs past its " + std::to_string(pages) + " pages");
-    const uint8_t* from = base_->BlockData(src);
-    for (uint64_t p = r.first_page; p < r.first_page + r.count; p++) {
-      const uint8_t* page = from + p * wire::kPageSize;
-      RETURN_IF_ERROR(syncing_->ApplyPage(r.block, p * wire::kPageSize, IsZeroPage(page) ? nullptr : page));
-    }
+    RETURN_IF_ERROR(syncing_->CopyPagesFrom(*base_, src, r.block, r.first_page, r.count));
     kept_pages_ += r.count;
     stats_->initial_kept_pages += r.count;
     stats_->sync_done += static_cast<uint64_t>(r.count) * wire::kPageSize;

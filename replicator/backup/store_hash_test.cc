@@ -62,5 +62,40 @@ TEST(StoreHash, HolesAreZeroPagesAndChunksCoverEveryPageOnce) {
   EXPECT_EQ(calls, 1);
 }
 
+// The delta resync's copy from an older store: data pages arrive, holes are
+// zero pages (clearing what the sync wrote there before), the source stays as
+// it was, and the result hashes as the source's pages do.
+TEST(StoreHash, CopyPagesFromAnOlderStore) {
+  std::string root = testing::MakeTempDir("remus-store-copy");
+  auto src = PageStore::Create(root + "/old", {{"pc.ram", 32 * 4096}});
+  auto dst = PageStore::Create(root + "/new", {{"pc.ram", 32 * 4096}});
+  ASSERT_TRUE(src.ok() && dst.ok());
+  std::string a(4096, 'a'), b(4096, 'b'), z(4096, 'z');
+  for (uint64_t p : {3, 4, 5, 20}) ASSERT_TRUE((*src)->ApplyPage(0, p * 4096, reinterpret_cast<const uint8_t*>(p == 20 ? b.data() : a.data())).ok());
+  // The sync wrote page 10 (a hole in the source) before the source's copy of it is kept.
+  ASSERT_TRUE((*dst)->ApplyPage(0, 10 * 4096, reinterpret_cast<const uint8_t*>(z.data())).ok());
+  ASSERT_TRUE((*dst)->CopyPagesFrom(**src, 0, 0, 2, 20).ok());  // pages 2..21
+  const uint8_t* d = (*dst)->BlockData(0);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(d) + 3 * 4096, 4096), a);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(d) + 5 * 4096, 4096), a);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(d) + 20 * 4096, 4096), b);
+  EXPECT_TRUE(IsZeroPage(d + 10 * 4096));
+  EXPECT_TRUE(IsZeroPage(d + 2 * 4096));
+  EXPECT_TRUE(IsZeroPage(d + 30 * 4096));  // outside the range: untouched (a hole)
+  auto ds = StoreDigest(**dst), ss = StoreDigest(**src);
+  ASSERT_TRUE(ds.ok() && ss.ok());
+  EXPECT_EQ(*ds, *ss);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*src)->BlockData(0)) + 20 * 4096, 4096), b);
+  // Bounds.
+  EXPECT_EQ((*dst)->CopyPagesFrom(**src, 0, 0, 30, 3).code(), Code::kOutOfRange);
+  EXPECT_EQ((*dst)->CopyPagesFrom(**src, 1, 0, 0, 1).code(), Code::kOutOfRange);
+  EXPECT_EQ((*dst)->CopyPagesFrom(**src, 0, 1, 0, 1).code(), Code::kOutOfRange);
+  auto other = PageStore::Create(root + "/other", {{"pc.ram", 16 * 4096}});
+  ASSERT_TRUE(other.ok());
+  EXPECT_EQ((*dst)->CopyPagesFrom(**other, 0, 0, 0, 1).code(), Code::kOutOfRange);
+  ASSERT_TRUE((*dst)->CompleteInitialSync(std::string("\x04x\0", 3)).ok());
+  EXPECT_EQ((*dst)->CopyPagesFrom(**src, 0, 0, 0, 1).code(), Code::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace remus
