@@ -38,6 +38,20 @@ StatusOr<std::unique_ptr<OwnedDomain>> EtcdArbiter::Own(const std::string& domai
   RETURN_IF_ERROR(o->lease().Acquire(session));
   if (fence_table_) o->lease().AttachFence(fence_table_, pid, ProcessStartTime(pid));
   o->lease().Start();
+  // A copy this host promoted, protected again from here: the key moved to
+  // the new session's lease (Acquire takes this host's own key). The
+  // promotion's lease must not go on as if it owned the domain: MayPromote
+  // would take it for a win of a later session.
+  std::shared_ptr<OwnedDomain> won;
+  {
+    MutexLock l(mu_);
+    auto it = won_.find(domain);
+    if (it != won_.end()) {
+      won = std::move(it->second);
+      won_.erase(it);
+    }
+  }
+  if (won) won->lease().HandOver(session);
   return o;
 }
 

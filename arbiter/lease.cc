@@ -452,6 +452,23 @@ void DomainLease::Abandon() {
   else LOG_WARN(Tag()) << "revoking lease " << lease << ": " << r.message() << " (it expires within the TTL)";
 }
 
+void DomainLease::HandOver(const std::string& to_session) {
+  int64_t lease;
+  {
+    MutexLock l(mu_);
+    LeaseState s = state_.load();
+    if (s != LeaseState::kHeld && s != LeaseState::kFenced) return;
+    lease = lease_;
+    state_ = LeaseState::kReleased;
+    retire_pending_ = false;
+    FreeFence();  // the new owner's lease fences the copy now
+    cv_.NotifyAll();
+  }
+  Status r = kv_->Revoke(lease);
+  LOG_INFO(Tag()) << "handed the domain over to protection session " << to_session << "; lease " << lease
+                  << (r.ok() ? " revoked" : " left to expire (" + r.message() + ")");
+}
+
 void DomainLease::RenewerLoop() {
   for (;;) {
     RenewOnce();

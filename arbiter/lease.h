@@ -157,6 +157,11 @@ class DomainLease {
   // held/fenced -> released: QEMU is dead; revoke the lease so a backup wins
   // at once instead of after the TTL. Best effort: the lease expires anyway.
   void Abandon();
+  // held/fenced -> released without touching the owner key: the key moved to
+  // another lease of this host (a promoted copy that this host now protects
+  // again: its protection session's lease owns the domain from here on). The
+  // old lease is revoked (it no longer holds the key) and its fence slot freed.
+  void HandOver(const std::string& to_session) EXCLUDES(mu_);
 
   // One keep-alive round (renewer thread; tests).
   void RenewOnce() EXCLUDES(mu_);

@@ -239,6 +239,37 @@ TEST_F(LeaseTest, RetriedPromotionKeepsItsToken) {
   EXPECT_EQ(g1->token, g2->token);
 }
 
+// Re-protection after a failover: B promoted session s1, then protects the
+// promoted guest again (session s2, to A). s2's lease owns the domain; the
+// promotion's lease is handed over, not kept as a win: otherwise B would take
+// it for a win of a later session and promote without etcd's say.
+TEST_F(LeaseTest, APromotedCopyProtectedAgainHandsItsWinOver) {
+  ASSERT_TRUE(a_->Acquire("s1").ok());
+  a_->Abandon();
+  StatusOr<PromotionGrant> g1 = b_.MayPromote("vm1", "s1");
+  ASSERT_TRUE(g1.ok()) << g1.status().ToString();
+  b_.Promoted("vm1", -1, nullptr);
+  ASSERT_EQ(b_.won().size(), 1u);
+
+  auto own = b_.Own("vm1", "s2", -1, nullptr);
+  ASSERT_TRUE(own.ok()) << own.status().ToString();
+  EXPECT_TRUE(b_.won().empty());
+  auto owner = etcd_.Peek("/t/domains/vm1/owner");
+  ASSERT_TRUE(owner.has_value());  // the old lease's revocation left the moved key alone
+  EXPECT_EQ(OwnerRecord::Decode(owner->value).session, "s2");
+  EXPECT_EQ(etcd_.Peek("/t/domains/vm1/session")->value, "s2");
+  EXPECT_GT((*own)->lease().token(), g1->token);
+
+  // B's QEMU dies; A, its backup now, wins s2 with a newer token.
+  (*own)->lease().Abandon();
+  EtcdArbiter a_backup{Opts("A"), &etcd_, clock_};
+  StatusOr<PromotionGrant> g2 = a_backup.MayPromote("vm1", "s2");
+  ASSERT_TRUE(g2.ok()) << g2.status().ToString();
+  EXPECT_GT(g2->token, (*own)->lease().token());
+  // While A owns the domain, B cannot promote it, whatever it won before.
+  EXPECT_FALSE(b_.MayPromote("vm1", "s2").ok());
+}
+
 // The etcd client resends a write whose answer was lost; each transaction
 // must take a failure against its own earlier success for what it is.
 TEST_F(LeaseTest, ResentWritesAreRecognisedAsOurOwn) {

@@ -50,6 +50,12 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
   app->add_option("--allow-libvirt-element", o.peer_policy.extra_libvirt_elements,
                   "backup: accept this <devices> element (e.g. hostdev) in a primary's libvirt XML (repeatable)");
   app->add_flag("!--no-auto-promote", o.auto_promote, "backup: never promote by itself; wait for remusctl failover");
+  app->add_option("--reprotect-to", o.reprotect_to,
+                  "primary: after a failover, the backup protects the promoted guest again to this remusd: 'self' "
+                  "(this host's --listen address), HOST:PORT (another host), or 'none'")
+      ->capture_default_str();
+  app->add_flag("!--no-auto-reprotect", o.auto_reprotect,
+                "backup: do not protect a promoted guest again on its own, whatever its primary asked for");
   app->add_option("--libvirt-uri", o.libvirt_uri,
                   "libvirt of this host: protect without --qmp uses it (unless --connect), and a backup restores "
                   "libvirt domains into it")

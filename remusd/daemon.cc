@@ -1,4 +1,5 @@
 #include "remusd/daemon.h"
+#include "remusd/status_rows.h"
 
 #include <signal.h>
 #include <spawn.h>
@@ -58,7 +59,8 @@ Status ValidateArbiterOptions(const DaemonOptions& o) {
   return OkStatus();
 }
 
-Daemon::Daemon(DaemonOptions opts, const Clock& clock) : opts_(std::move(opts)), clock_(clock) {}
+Daemon::Daemon(DaemonOptions opts, const Clock& clock)
+    : opts_(std::move(opts)), clock_(clock), history_(std::make_unique<DomainHistory>(opts_.state_dir + "/history")) {}
 
 Daemon::~Daemon() { Shutdown(); }
 
@@ -105,6 +107,24 @@ Status Daemon::Start() {
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
   size_t slash = opts_.control_socket.rfind('/');
   if (slash != std::string::npos && slash > 0) RETURN_IF_ERROR(MakeDirs(opts_.control_socket.substr(0, slash), 0755));
+  if (opts_.reprotect_to == "self") {
+    if (!opts_.listen || opts_.listen->port == 0 || opts_.listen->host.empty() || opts_.listen->host == "0.0.0.0" ||
+        opts_.listen->host == "::")
+      return InvalidArgument("--reprotect-to self names this host's --listen address, so --listen must give a "
+                             "host other hosts reach it by and a port (not 0.0.0.0 or ::); or give --reprotect-to "
+                             "HOST:PORT");
+    reprotect_to_ = opts_.listen->ToString();
+  } else if (opts_.reprotect_to != "none" && !opts_.reprotect_to.empty()) {
+    auto hp = ParseHostPort(opts_.reprotect_to, 7788);
+    if (!hp.ok()) return hp.status().Annotate("--reprotect-to");
+    reprotect_to_ = hp->ToString();
+  }
+  reprotector_ = std::make_unique<Reprotector>(Reprotector::Deps{
+      .protect = [this](const json& r) { return ProtectForReprotector(r); },
+      .wanted = [this](const std::string& d) { return ReprotectWanted(d); },
+      .report = [this](const std::string& d, const std::string& t) {
+        history_->Record(d, {{"role", "backup"}, {"state", "failed-over"}, {"text", t}});
+      }});
   if (opts_.listen) {
     BackupOptions bo;
     bo.state_dir = opts_.state_dir;
@@ -116,6 +136,12 @@ Status Daemon::Start() {
     bo.auto_promote = opts_.auto_promote;
     bo.libvirt_uri = opts_.libvirt_uri;
     bo.libvirt_pid_dir = opts_.libvirt_pid_dir;
+    bo.on_state = [this](const std::string& d, const std::string& to, const json& detail) {
+      history_->Record(d, {{"role", "backup"},
+                           {"state", to},
+                           {"text", DomainHistory::BackupText(to, detail.value("primary", std::string()), detail)}});
+      if (to == "failed-over") MaybeReprotect(d, detail);
+    };
     std::unique_ptr<Arbiter> a;
     if (arbiter_) a = std::make_unique<ArbiterRef>(arbiter_.get());
     else a = std::make_unique<FailStopArbiter>();
@@ -135,7 +161,7 @@ Status Daemon::Start() {
   // Last: a scrape reads backup_, which must be set by then.
   if (!opts_.metrics_listen.empty()) {
     ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(opts_.metrics_listen, [this] {
-                       const json none = json::object();
+                       const json none = {{"all_roles", true}};
                        json r = StatusOf(RequestReader(none));
                        return r.value("ok", false) ? r["result"]["domains"] : json::array();
                      }, opts_.metrics_web ? &*opts_.metrics_web : nullptr));
@@ -242,6 +268,7 @@ void Daemon::Shutdown() {
     workers.swap(workers_);
   }
   for (auto& w : workers) w.join();
+  if (reprotector_) reprotector_->Stop();  // before what its jobs call into
   ps.clear();  // each ends protection and leaves its guest running
   backup_.reset();
 }
@@ -364,6 +391,15 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.domain = d;
   ASSIGN_OR_RETURN(po.qmp_socket, req.String("qmp", ""));
   ASSIGN_OR_RETURN(std::string libvirt_uri, req.String("libvirt_uri", ""));
+  // Re-protection: a guest this host's backup side promoted is reached the
+  // way the promotion left it (remusd's own QMP socket, or this libvirt).
+  if (po.qmp_socket.empty() && libvirt_uri.empty() && backup_) {
+    if (auto g = backup_->RunningGuest(d)) {
+      po.qmp_socket = g->qmp_socket;
+      libvirt_uri = g->libvirt_uri;
+      po.reprotect = true;
+    }
+  }
   if (po.qmp_socket.empty()) {
     // libvirt mode: the domain is libvirt's, by name.
     po.libvirt_uri = libvirt_uri.empty() ? opts_.libvirt_uri : libvirt_uri;
@@ -403,12 +439,34 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
     return InvalidArgument("domain " + d + ": --disks '" + po.disks.substr(0, 256) +
                            "' is not all, none, or a comma-separated list of drive ids");
   po.fault = opts_.fault;
+  ASSIGN_OR_RETURN(std::string reprotect, req.String("reprotect_to", ""));
+  if (reprotect.empty()) {
+    po.reprotect_to = reprotect_to_;
+  } else if (reprotect == "self") {
+    if (!opts_.listen || reprotect_to_.empty() || opts_.reprotect_to != "self")
+      return InvalidArgument("domain " + d + ": --reprotect-to self needs remusd --reprotect-to self (and --listen)");
+    po.reprotect_to = reprotect_to_;
+  } else if (reprotect != "none") {
+    auto rp = ParseHostPort(reprotect, 7788);
+    if (!rp.ok()) return rp.status().Annotate("domain " + d + ": --reprotect-to");
+    po.reprotect_to = rp->ToString();
+  }
+  po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect](const std::string& to,
+                                                                                      const std::string& why) {
+    std::string text = DomainHistory::PrimaryText(to, peer, why);
+    if (re && to == "protected") text += " (re-protection of the guest promoted here)";
+    h->Record(d, {{"role", "primary"}, {"state", to}, {"text", text}});
+  };
   return po;
 }
 
 json Daemon::Protect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
+  auto automatic = req.In("domain " + *d).Bool("automatic", false);
+  if (!automatic.ok()) return Error(automatic.status());
+  // An operator's protect replaces an automatic re-protection still trying.
+  if (!*automatic && reprotector_) reprotector_->Cancel(*d);
   auto async_or = req.In("domain " + *d).Bool("async", false);
   if (!async_or.ok()) return Error(async_or.status());
   const bool async = *async_or;
@@ -460,6 +518,7 @@ json Daemon::Protect(const RequestReader& req) {
 json Daemon::Unprotect(const RequestReader& req) {
   auto d = DomainArg(req);
   if (!d.ok()) return Error(d.status());
+  if (reprotector_) reprotector_->Cancel(*d);
   auto async = req.In("domain " + *d).Bool("async", false);
   if (!async.ok()) return Error(async.status());
   // libvirt's hook after the domain stopped: QEMU is gone, so protection
@@ -510,17 +569,66 @@ json Daemon::StatusOf(const RequestReader& req) {
     if (!dom.ok()) return Error(dom.status());
     d = *dom;
   }
+  // role: one side's records only ("primary": what this host protects;
+  // "backup": what it backs up or promoted), unmerged: what remusctl's
+  // protect and failover follow.
+  auto role = req.String("role", "");
+  if (!role.ok()) return Error(role.status());
+  if (!role->empty() && *role != "primary" && *role != "backup")
+    return Error(InvalidArgument("status: role must be primary or backup"));
   json arr = json::array();
-  {
+  if (*role != "backup") {
     MutexLock g(mu_);
     for (const auto& [name, p] : primaries_)
       if (d.empty() || name == d) arr.push_back(p->StatusJson());
   }
-  if (backup_)
+  if (backup_ && *role != "primary")
     for (auto& j : backup_->StatusJson(d)) arr.push_back(j);
   if (!d.empty() && arr.empty())
     return Error(NotFound("unknown domain " + d + ": not protected from or replicated to this host"));
-  return Ok({{"domains", arr}});
+  // Metrics want every record; people want one row per guest (status_rows.h).
+  const bool all_rows = req.Has("all_roles") || !role->empty();
+  if (all_rows) return Ok({{"domains", arr}});
+  json rows = OneRowPerDomain(arr);
+  for (json& r : rows) {
+    const std::string dom = r.value("domain", "");
+    r["history"] = history_->Recent(dom, kStatusHistory);
+    if (json rp = reprotector_ ? reprotector_->StatusJson(dom) : json(); !rp.is_null()) r["reprotect"] = rp;
+  }
+  return Ok({{"domains", rows}});
+}
+
+// ---- automatic re-protection ----
+
+void Daemon::MaybeReprotect(const std::string& d, const json& detail) {
+  const std::string to = detail.value("reprotect_to", std::string());
+  if (to.empty() || !reprotector_) return;
+  if (!opts_.auto_reprotect) {
+    LOG_INFO("remusd") << "domain " << d << ": its primary asked for re-protection to " << to
+                       << "; not done (--no-auto-reprotect)";
+    return;
+  }
+  json req = {{"command", "protect"}, {"domain", d}, {"backup", to}, {"automatic", true},
+              {"interval_ms", std::max<int64_t>(1, detail.value("interval_ms", int64_t{100}))},
+              {"compress", detail.value("compress", false) ? "lz4" : "none"}};
+  if (std::string nb = detail.value("netbuf", std::string()); !nb.empty()) req["netbuf"] = nb;
+  if (std::string dk = detail.value("disks", std::string()); !dk.empty()) req["disks"] = dk;
+  reprotector_->Request({d, to, std::move(req)});
+}
+
+Status Daemon::ProtectForReprotector(const json& request) {
+  json r = Protect(RequestReader(request));
+  if (r.value("ok", false)) return OkStatus();
+  return Unavailable(r.value("error", std::string("protect failed")));
+}
+
+bool Daemon::ReprotectWanted(const std::string& d) {
+  if (stopping_ || !backup_ || !backup_->RunningGuest(d)) return false;
+  MutexLock g(mu_);
+  auto it = primaries_.find(d);
+  if (it == primaries_.end()) return true;
+  PrimaryState s = it->second->state();
+  return !(s == PrimaryState::kStarting || s == PrimaryState::kSyncing || s == PrimaryState::kProtected);
 }
 
 json Daemon::Failover(const RequestReader& req) {

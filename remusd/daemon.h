@@ -21,6 +21,8 @@
 #include "common/io.h"
 #include "common/thread_annotations.h"
 #include "arbiter/etcd_arbiter.h"
+#include "remusd/history.h"
+#include "remusd/reprotector.h"
 #include "remusd/metrics.h"
 #include "remusd/request.h"
 #include "replicator/backup/backup.h"
@@ -43,6 +45,12 @@ struct DaemonOptions {
   // built-in allow-lists (replicator/backup/peer_policy.h).
   PeerPolicy peer_policy;
   bool auto_promote = true;
+  // Re-protection after a failover (remusd/reprotector.h). Primary: what
+  // CONFIG asks the backup to do after it promoted: "none", "self" (this
+  // remusd's --listen address, which must name a host) or "host:port".
+  // Backup: whether it does what its primaries ask.
+  std::string reprotect_to = "none";
+  bool auto_reprotect = true;
   // libvirt mode: the libvirt a `protect` without --qmp (or --connect) uses
   // on this host, and the one a backup restores libvirt domains into; where
   // that libvirt keeps its <domain>.pid files.
@@ -118,8 +126,13 @@ class Daemon {
   nlohmann::json Failover(const RequestReader& req);
   nlohmann::json Tune(const RequestReader& req);
 
+  // Entries of each domain's history a status row carries.
+  static constexpr size_t kStatusHistory = 10;
+
   DaemonOptions opts_;
   const Clock& clock_;
+  // Each domain's history on this host (STATE/history); both sides report to it.
+  std::unique_ptr<DomainHistory> history_;
   // One TLS context per role, shared by every link (tls.h).
   std::shared_ptr<const wire::TlsContext> tls_primary_, tls_backup_;
   // Arbitration (--arbiter etcd): the etcd client and the arbiter the
@@ -133,6 +146,16 @@ class Daemon {
   // retired): resumed again once its fence watchdog is gone.
   std::vector<int> resumed_leftovers_;
   std::unique_ptr<BackupServer> backup_;
+  // "host:port" from opts_.reprotect_to ("" for none), set by Start.
+  std::string reprotect_to_;
+  // Before primaries_ and backup_ in Shutdown: its jobs call into both.
+  std::unique_ptr<Reprotector> reprotector_;
+  // The backup side promoted `domain`: start its automatic re-protection if
+  // its primary asked for one (detail: BackupOptions::on_state's).
+  void MaybeReprotect(const std::string& domain, const nlohmann::json& detail);
+  // StatusOr-style protect for the reprotector (automatic: true).
+  Status ProtectForReprotector(const nlohmann::json& request);
+  bool ReprotectWanted(const std::string& domain);
   Fd control_fd_;
   std::thread control_thread_;
   std::unique_ptr<MetricsServer> metrics_;  // set in Start, reset first in Shutdown

@@ -18,6 +18,7 @@
 #include "replicator/backup/recovery.h"
 #include "replicator/libvirt/xml_policy.h"
 #include "replicator/link/page_batch.h"
+#include "replicator/qemu/argv_rewrite.h"
 
 namespace remus {
 
@@ -52,9 +53,22 @@ bool BackupDomain::Transition(DomainEvent e) {
     LOG_WARN(tag_) << "event " << DomainEventName(e) << " ignored in state " << DomainStateName(state_);
     return false;
   }
-  if (*n != state_) LOG_INFO(tag_) << DomainStateName(state_) << " -> " << DomainStateName(*n) << " (" << DomainEventName(e) << ")";
+  const bool changed = *n != state_;
+  if (changed) LOG_INFO(tag_) << DomainStateName(state_) << " -> " << DomainStateName(*n) << " (" << DomainEventName(e) << ")";
   state_ = *n;
   state_view_ = static_cast<int>(*n);
+  if (changed && opts_.on_state)
+    opts_.on_state(name_, std::string(DomainStateName(*n)),
+                   {{"primary", primary_},
+                    {"epoch", stats_.last_committed.load()},
+                    {"token", promotion_token_},
+                    {"error", promote_error_.empty() ? error_ : promote_error_},
+                    // What a re-protection after this promotion reuses.
+                    {"reprotect_to", config_.reprotect_to},
+                    {"interval_ms", config_.interval_ms},
+                    {"netbuf", config_.netbuf},
+                    {"compress", config_.compress},
+                    {"disks", config_.disks_option}});
   return true;
 }
 
@@ -65,10 +79,15 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   {
     MutexLock l(mu_);
     Status refuse;
+    NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
     if (stopping_)
       refuse = Unavailable("this backup is shutting down");
-    else if (state_ == DomainState::kPromoting || state_ == DomainState::kFailedOver)
-      refuse = FailedPrecondition("domain " + name_ + " was promoted on this backup; it runs here now");
+    else if (state_ == DomainState::kFailedOver)
+      refuse = FailedPrecondition("domain " + name_ + " was promoted on this host and runs here (pid " +
+                                  std::to_string(qemu_pid_) +
+                                  "): a host cannot be the backup of a guest it runs; protect it from here to another host");
+    else if (state_ == DomainState::kPromoting)
+      refuse = FailedPrecondition("domain " + name_ + " is being promoted on this host");
     else if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
       refuse = AlreadyExists("domain " + name_ + " already has a primary connected");
     if (!refuse.ok()) {
@@ -313,8 +332,8 @@ void BackupDomain::RemoveBase(const std::string& why) {
   LOG_INFO(tag_) << "removed the delta resync base " << d << ": " << why;
 }
 
-std::string BackupDomain::RecoverBase(const std::string& current) {
-  auto b = ReadFileToString(dir_ + "/base");
+std::string BackupDomain::RecoverBase(const std::string& current, const char* file) {
+  auto b = ReadFileToString(dir_ + "/" + file);
   if (!b.ok()) return "";
   std::string name = *b;
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
@@ -323,6 +342,7 @@ std::string BackupDomain::RecoverBase(const std::string& current) {
                                                  : StatusOr<std::unique_ptr<PageStore>>(NotFound("not a base"));
   if (!s.ok()) {
     LOG_WARN(tag_) << "dropping the delta resync base '" << name << "': " << s.status().ToString();
+    if (std::string(file) != "base") return "";  // not ours to remove
     ::unlink((dir_ + "/base").c_str());
     if (valid) {
       std::error_code ec;
@@ -456,16 +476,20 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
     if (state_ == DomainState::kFailedOver)
       return FailedPrecondition("domain " + name_ + " was promoted already (" + promote_reason_ +
                                 "); its guest runs here");
+    if (state_ == DomainState::kEnded)
+      return FailedPrecondition("domain " + name_ + ": the guest promoted here from checkpoint " +
+                                std::to_string(stats_.last_committed.load()) +
+                                " ran and is gone; it ran past that checkpoint, so it is never promoted again");
     if (Status r = Restorable(); !r.ok()) {
       if (generation) {
         // The primary is gone and nothing here can replace it: the guest is
         // down. Say so as a failed promotion, not as a loss still pending.
-        Transition(DomainEvent::kPromote);
-        Transition(DomainEvent::kPromoteFailed);
         promotion_tried_ = true;
         promote_reason_ = reason;
         promote_error_ = r.message();
         error_ = reason + "; cannot promote: " + r.message();
+        Transition(DomainEvent::kPromote);
+        Transition(DomainEvent::kPromoteFailed);
         LOG_ERROR(tag_) << error_;
       }
       return r;
@@ -505,15 +529,15 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   promote_phase_ = nullptr;
   MutexLock l(mu_);
   if (!s.ok()) {
-    Transition(DomainEvent::kPromoteFailed);
     promote_error_ = s.message();
     error_ = "promotion failed: " + s.message();
+    Transition(DomainEvent::kPromoteFailed);
     return s.Annotate("domain " + name_);
   }
   failover_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - t0));
+  stats_.last_committed = static_cast<int64_t>(in.epoch);
   Transition(DomainEvent::kPromoted);
   failovers_total_++;
-  stats_.last_committed = static_cast<int64_t>(in.epoch);
   // Remembered across a restart of remusd: the guest runs here now, and
   // restoring the (older) checkpoint again would make a second copy.
   json marker = {{"pid", qemu_pid_}, {"qmp_socket", qmp_socket_}, {"epoch", in.epoch}, {"reason", reason},
@@ -595,6 +619,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   qemu_pid_ = g->pid;
   qemu_ours_ = g->ours;
   qmp_socket_ = g->qmp_socket;
+  remus_qmp_socket_ = g->remus_qmp_socket;
   libvirt_uri_ = g->libvirt_uri;
   libvirt_domain_ = g->libvirt_domain;
   return OkStatus();
@@ -605,6 +630,10 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
 Status BackupDomain::Recover() {
   StatusOr<FoundPromotion> p = FindPromotion(dir_, name_, opts_.libvirt_pid_dir);
   if (p.ok()) {
+    // The store the promotion was made from is never restored again, but it
+    // is the delta resync's base when the domain is protected to this host
+    // again.
+    RecoverBase("", "current");
     // A promotion ran, or was under way: its guest may have run, so this
     // checkpoint is never restored again by itself.
     MutexLock g(mu_);
@@ -618,7 +647,8 @@ Status BackupDomain::Recover() {
         libvirt_uri_ = p->marker.libvirt_uri.empty() ? opts_.libvirt_uri : p->marker.libvirt_uri;
         libvirt_domain_ = p->marker.libvirt_domain.empty() ? name_ : p->marker.libvirt_domain;
       } else {
-        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/qmp.sock";
+        qmp_socket_ = p->finished ? p->marker.qmp_socket : dir_ + "/run/" + kRestoredQmpSocket;
+        remus_qmp_socket_ = dir_ + "/run/" + kRestoredRemusdQmpSocket;
       }
       Transition(DomainEvent::kRecoveredPromotion);
       // The fence watchdog of the remusd that died may have stopped it at
@@ -629,10 +659,10 @@ Status BackupDomain::Recover() {
       error_ = std::string(p->finished ? "the guest promoted here before remusd restarted"
                                        : "a promotion was under way when remusd stopped, and the guest it started") +
                " (pid " + std::to_string(p->pid) + ") is gone; its checkpoint " + std::to_string(p->marker.epoch) +
-               " is older than what that guest may have run, so it is not restored again; remove " + dir_ +
-               " to protect this domain here anew";
+               " is older than what that guest may have run, so it is not restored again; protect the domain "
+               "to this host again from where it runs";
       promote_error_ = error_;
-      Transition(DomainEvent::kRecoveredBroken);
+      Transition(p->finished ? DomainEvent::kRecoveredEnded : DomainEvent::kRecoveredBroken);
       LOG_ERROR(tag_) << error_;
     }
     return OkStatus();
@@ -688,6 +718,42 @@ Status BackupDomain::Recover() {
   return OkStatus();
 }
 
+// ---- the promoted guest ----
+
+int BackupDomain::LiveGuestPid() const {
+  if (state_ != DomainState::kFailedOver) return -1;
+  int pid = qemu_pid_;
+  if (pid <= 0) return -1;
+  if (qemu_ours_) return launcher_->Running(pid) ? pid : -1;
+  return ProcessRunning(pid) ? pid : -1;  // libvirt's child or one from before a restart
+}
+
+void BackupDomain::NoticeGuestGoneLocked() {
+  if (state_ != DomainState::kFailedOver || LiveGuestPid() > 0) return;
+  Transition(DomainEvent::kPromotedGuestGone);
+  error_ = "the guest promoted here (pid " + std::to_string(qemu_pid_) + ", from checkpoint " +
+           std::to_string(stats_.last_committed.load()) +
+           ") no longer runs here; that checkpoint is never promoted again; this host may back the domain up anew";
+  LOG_WARN(tag_) << error_;
+}
+
+void BackupDomain::NoticeGuestGone() {
+  MutexLock l(mu_);
+  NoticeGuestGoneLocked();
+}
+
+std::optional<BackupDomain::PromotedGuest> BackupDomain::RunningGuest() const {
+  MutexLock l(mu_);
+  int pid = LiveGuestPid();
+  if (pid <= 0) return std::nullopt;
+  PromotedGuest g;
+  g.pid = pid;
+  if (libvirt_uri_.empty()) g.qmp_socket = remus_qmp_socket_;
+  g.libvirt_uri = libvirt_uri_;
+  g.libvirt_domain = libvirt_domain_;
+  return g;
+}
+
 // ---- status ----
 
 json BackupDomain::StatusJson() const {
@@ -737,6 +803,7 @@ json BackupDomain::StatusJson() const {
   j["connected"] = session_running_;
   j["error"] = error_;
   j["qmp_socket"] = qmp_socket_;
+  if (!remus_qmp_socket_.empty()) j["remusd_qmp_socket"] = remus_qmp_socket_;
   int pid = qemu_pid_;
   if (qemu_ours_) {
     if (!launcher_->Running(pid)) pid = -1;

@@ -13,6 +13,7 @@
 //                      image is stale and never restored again
 //   retired            why there is no `current` (a re-sync that never committed)
 //   base               the name of a retired store kept as the delta resync's
+//                      (after a promotion, the store `current` names is the base)
 //                      base: never restorable, only offered (hashed) to the
 //                      next session's primary and read for the pages it keeps;
 //                      removed when that session's initial copy commits
@@ -102,6 +103,10 @@ struct BackupOptions {
   uint64_t max_staged_bytes = 2ull << 30;
   // How long a restored QEMU may take to open its monitor.
   int qemu_start_timeout_ms = 5000;
+  // Told every state change of a domain (remusd's history), with what the
+  // sentence needs: {"primary","epoch","token","error"}. Called with the
+  // domain's lock held: it must not call back into the backup.
+  std::function<void(const std::string& domain, const std::string& state, const nlohmann::json& detail)> on_state;
   // Test hook: called by the session thread before it commits an epoch (after
   // its disk writes are durable). Never set in production.
   std::function<void(uint64_t epoch)> before_commit_for_test;
@@ -135,6 +140,18 @@ class BackupDomain final : private SessionHost {
   void Stop() EXCLUDES(mu_);
   nlohmann::json StatusJson() const EXCLUDES(mu_);
   DomainState state() const EXCLUDES(mu_);
+  // failed-over whose guest no longer runs here -> ended (status and a new
+  // session call it: nothing watches a promoted QEMU between them).
+  void NoticeGuestGone() EXCLUDES(mu_);
+
+  // The guest promoted here, while it runs here: how this host's remusd
+  // reaches it to protect it again (re-protection after a failover).
+  struct PromotedGuest {
+    int pid = -1;
+    std::string qmp_socket;  // remusd's own monitor (QMP mode)
+    std::string libvirt_uri, libvirt_domain;  // libvirt mode
+  };
+  std::optional<PromotedGuest> RunningGuest() const EXCLUDES(mu_);
 
  private:
   // What a promotion reads, taken under mu_ once the session stopped. The
@@ -170,13 +187,18 @@ class BackupDomain final : private SessionHost {
   Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
   Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
   bool Promoting() override EXCLUDES(mu_);
+  // The promoted guest's pid while it runs; -1 when it is gone.
+  int LiveGuestPid() const REQUIRES(mu_);
+  void NoticeGuestGoneLocked() REQUIRES(mu_);
   const PageStore* ResyncBase(std::string* why) override EXCLUDES(mu_);
   void DropResyncBase(const std::string& why) override EXCLUDES(mu_);
   // Removes the base store and its `base` file.
   void RemoveBase(const std::string& why) REQUIRES(mu_);
-  // After a restart: reopens the store `base` names (unless it is `current`'s,
-  // keep). Its name, or "" when there is none.
-  std::string RecoverBase(const std::string& current) EXCLUDES(mu_);
+  // After a restart: reopens the store `file` names (`base`; after a
+  // promotion, `current`: the store it was made from) as the resync base,
+  // unless it is `current`'s store, kept as the checkpoint. Its name, or ""
+  // when there is none.
+  std::string RecoverBase(const std::string& current, const char* file = "base") EXCLUDES(mu_);
   // Removes `current` durably: the committed image is stale from now on.
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
@@ -227,7 +249,8 @@ class BackupDomain final : private SessionHost {
   std::string arbitration_ GUARDED_BY(mu_);
   int qemu_pid_ GUARDED_BY(mu_) = -1;
   bool qemu_ours_ GUARDED_BY(mu_) = false;  // spawned by launcher_ (not libvirt's, not recovered)
-  std::string qmp_socket_ GUARDED_BY(mu_);
+  std::string qmp_socket_ GUARDED_BY(mu_);         // the operators' monitor of the promoted guest
+  std::string remus_qmp_socket_ GUARDED_BY(mu_);   // remusd's own (argv_rewrite.h)
   std::string libvirt_uri_ GUARDED_BY(mu_);
   std::string libvirt_domain_ GUARDED_BY(mu_);
 

@@ -12,6 +12,7 @@ std::string_view DomainStateName(DomainState s) {
     case DomainState::kPromoting: return "promoting";
     case DomainState::kFailedOver: return "failed-over";
     case DomainState::kFailed: return "failed";
+    case DomainState::kEnded: return "ended";
   }
   return "unknown";
 }
@@ -30,6 +31,8 @@ std::string_view DomainEventName(DomainEvent e) {
     case DomainEvent::kRecoveredCheckpoint: return "recovered-checkpoint";
     case DomainEvent::kRecoveredPromotion: return "recovered-promotion";
     case DomainEvent::kRecoveredBroken: return "recovered-broken";
+    case DomainEvent::kPromotedGuestGone: return "promoted-guest-gone";
+    case DomainEvent::kRecoveredEnded: return "recovered-ended";
   }
   return "unknown";
 }
@@ -44,7 +47,8 @@ std::optional<DomainState> NextState(DomainState s, DomainEvent e) {
   switch (e) {
     case E::kSessionStart:
       // Not while another session is live, nor once a promotion began.
-      if (s == S::kPrimaryLost || s == S::kUnprotected || s == S::kFailed || s == S::kWaiting) return S::kWaiting;
+      if (s == S::kPrimaryLost || s == S::kUnprotected || s == S::kFailed || s == S::kWaiting || s == S::kEnded)
+        return S::kWaiting;
       return std::nullopt;
     case E::kSyncBegin:
       if (s == S::kWaiting) return S::kSyncing;
@@ -63,7 +67,7 @@ std::optional<DomainState> NextState(DomainState s, DomainEvent e) {
       return std::nullopt;
     case E::kPromote:
       // An operator may promote over a live session (it is ended first).
-      if (s == S::kPromoting || s == S::kFailedOver) return std::nullopt;
+      if (s == S::kPromoting || s == S::kFailedOver || s == S::kEnded) return std::nullopt;
       return S::kPromoting;
     case E::kPromoted:
       if (s == S::kPromoting) return S::kFailedOver;
@@ -79,6 +83,12 @@ std::optional<DomainState> NextState(DomainState s, DomainEvent e) {
       return std::nullopt;
     case E::kRecoveredBroken:
       if (s == S::kWaiting) return S::kFailed;
+      return std::nullopt;
+    case E::kPromotedGuestGone:
+      if (s == S::kFailedOver) return S::kEnded;
+      return std::nullopt;
+    case E::kRecoveredEnded:
+      if (s == S::kWaiting) return S::kEnded;
       return std::nullopt;
   }
   return std::nullopt;

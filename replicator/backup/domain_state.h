@@ -9,16 +9,23 @@
 //   waiting/syncing/protected --link lost, silent, FAILOVER--> primary-lost
 //   waiting/syncing/protected/primary-lost --GOODBYE, ERROR either way--> unprotected
 //   primary-lost, unprotected, failed --a primary connects--> waiting
-//   any but promoting/failed-over --promote--> promoting --ok--> failed-over (final)
+//   any but promoting/failed-over/ended --promote--> promoting --ok--> failed-over
 //                                                        \--error--> failed (may retry)
+//   failed-over --the promoted guest is gone--> ended --a primary connects--> waiting
 //   restart: a fresh domain --> primary-lost (checkpoint kept, or none),
-//            failed-over (a promoted guest runs), failed (it is gone)
+//            failed-over (a promoted guest runs), ended (it ran and is gone),
+//            failed (a promotion was cut short and its guest is gone)
 //
 // Automatic promotion happens only from primary-lost, and only for the
 // session (generation) that lost its primary; when nothing is restorable it
 // ends in failed, saying why. unprotected means the primary was alive when
 // protection ended (its GOODBYE or ERROR, or our ERROR): the backup never
-// promotes by itself there, an operator still may.
+// promotes by itself there, an operator still may. ended means the guest
+// promoted here ran and stopped running here (its QEMU exited: it failed over
+// or switched over to another host, or was killed): the checkpoint it was
+// restored from is older than what it ran, so it is never promoted again;
+// the domain may be protected to this host anew (re-protection), and its
+// page store stays as the base of a delta resync.
 #pragma once
 
 #include <optional>
@@ -33,8 +40,9 @@ enum class DomainState {
   kPrimaryLost,  // the link broke or went silent without GOODBYE
   kUnprotected,  // protection ended while the primary lived (GOODBYE, ERROR)
   kPromoting,    // a promotion runs: no session may start
-  kFailedOver,   // the guest runs here now (final)
+  kFailedOver,   // the guest runs here now
   kFailed,       // the promotion failed, or cannot be trusted after a restart
+  kEnded,        // the guest promoted here ran and is gone: never promoted again
 };
 std::string_view DomainStateName(DomainState s);
 
@@ -50,7 +58,9 @@ enum class DomainEvent {
   kPromoteFailed,         // the promotion failed
   kRecoveredCheckpoint,   // restart: a committed checkpoint was kept
   kRecoveredPromotion,    // restart: a promotion ran before and its guest lives
-  kRecoveredBroken,       // restart: a promotion ran before and its guest is gone
+  kRecoveredBroken,       // restart: a promotion was cut short and its guest is gone
+  kPromotedGuestGone,     // the guest promoted here exited (or runs elsewhere now)
+  kRecoveredEnded,        // restart: a promotion finished before and its guest is gone
 };
 std::string_view DomainEventName(DomainEvent e);
 

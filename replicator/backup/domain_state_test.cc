@@ -11,7 +11,8 @@ using S = DomainState;
 using E = DomainEvent;
 
 const std::vector<S> kAll = {S::kWaiting,     S::kSyncing,   S::kProtected,  S::kPrimaryLost,
-                             S::kUnprotected, S::kPromoting, S::kFailedOver, S::kFailed};
+                             S::kUnprotected, S::kPromoting, S::kFailedOver, S::kFailed,
+                             S::kEnded};
 
 TEST(DomainState, ASessionRunsWaitingSyncingProtected) {
   EXPECT_EQ(NextState(S::kWaiting, E::kSyncBegin), S::kSyncing);
@@ -23,7 +24,7 @@ TEST(DomainState, ASessionRunsWaitingSyncingProtected) {
 }
 
 TEST(DomainState, OnlyOneSessionAndNoneOncePromoting) {
-  for (S s : {S::kPrimaryLost, S::kUnprotected, S::kFailed, S::kWaiting})
+  for (S s : {S::kPrimaryLost, S::kUnprotected, S::kFailed, S::kWaiting, S::kEnded})
     EXPECT_EQ(NextState(s, E::kSessionStart), S::kWaiting) << DomainStateName(s);
   for (S s : {S::kSyncing, S::kProtected, S::kPromoting, S::kFailedOver})
     EXPECT_EQ(NextState(s, E::kSessionStart), std::nullopt) << DomainStateName(s);
@@ -48,7 +49,7 @@ TEST(DomainState, LostOnlyFromALiveSession) {
 TEST(DomainState, PromotesOnceAndRetriesAfterAFailure) {
   for (S s : kAll) {
     auto n = NextState(s, E::kPromote);
-    if (s == S::kPromoting || s == S::kFailedOver) EXPECT_EQ(n, std::nullopt) << DomainStateName(s);
+    if (s == S::kPromoting || s == S::kFailedOver || s == S::kEnded) EXPECT_EQ(n, std::nullopt) << DomainStateName(s);
     else EXPECT_EQ(n, S::kPromoting) << DomainStateName(s);
   }
   EXPECT_EQ(NextState(S::kPromoting, E::kPromoted), S::kFailedOver);
@@ -61,17 +62,35 @@ TEST(DomainState, PromotesOnceAndRetriesAfterAFailure) {
   }
 }
 
-TEST(DomainState, FailedOverIsFinal) {
-  for (E e : {E::kSessionStart, E::kSyncBegin, E::kInitialCommit, E::kProtectedNow, E::kPrimaryLost,
-              E::kPrimaryEnded, E::kPromote, E::kPromoted, E::kPromoteFailed, E::kRecoveredCheckpoint,
-              E::kRecoveredPromotion, E::kRecoveredBroken})
+// A promoted guest that runs here holds the domain: no session, no second
+// promotion. Only its end lets a new session in (re-protection to this host),
+// and the checkpoint it ran from is never promoted again.
+TEST(DomainState, FailedOverEndsOnlyWhenItsGuestIsGone) {
+  const std::vector<E> all = {E::kSessionStart,       E::kSyncBegin,         E::kInitialCommit,
+                              E::kProtectedNow,       E::kPrimaryLost,       E::kPrimaryEnded,
+                              E::kPromote,            E::kPromoted,          E::kPromoteFailed,
+                              E::kRecoveredCheckpoint, E::kRecoveredPromotion, E::kRecoveredBroken,
+                              E::kPromotedGuestGone,  E::kRecoveredEnded};
+  for (E e : all) {
+    if (e == E::kPromotedGuestGone) continue;
     EXPECT_EQ(NextState(S::kFailedOver, e), std::nullopt) << DomainEventName(e);
+  }
+  EXPECT_EQ(NextState(S::kFailedOver, E::kPromotedGuestGone), S::kEnded);
+  for (S s : kAll)
+    if (s != S::kFailedOver) EXPECT_EQ(NextState(s, E::kPromotedGuestGone), std::nullopt) << DomainStateName(s);
+  for (E e : all) {
+    auto n = NextState(S::kEnded, e);
+    if (e == E::kSessionStart) EXPECT_EQ(n, S::kWaiting);
+    else EXPECT_EQ(n, std::nullopt) << DomainEventName(e);
+  }
 }
 
 TEST(DomainState, RecoveryStartsFromAFreshDomain) {
   EXPECT_EQ(NextState(S::kWaiting, E::kRecoveredCheckpoint), S::kPrimaryLost);
   EXPECT_EQ(NextState(S::kWaiting, E::kRecoveredPromotion), S::kFailedOver);
   EXPECT_EQ(NextState(S::kWaiting, E::kRecoveredBroken), S::kFailed);
+  EXPECT_EQ(NextState(S::kWaiting, E::kRecoveredEnded), S::kEnded);
+  EXPECT_EQ(NextState(S::kFailedOver, E::kRecoveredEnded), std::nullopt);
   EXPECT_EQ(NextState(S::kProtected, E::kRecoveredCheckpoint), std::nullopt);
 }
 

@@ -27,7 +27,9 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
   const std::string tag = "backup[" + req.domain + "]";
   const std::string& run = req.run_dir;
   std::vector<std::string> argv = req.config.argv;
-  for (const char* f : {"/qmp.sock", "/incoming.sock", "/qemu.pid"}) ::unlink((run + f).c_str());
+  for (std::string f : {std::string(kRestoredQmpSocket), std::string(kRestoredRemusdQmpSocket),
+                        std::string("incoming.sock"), std::string("qemu.pid")})
+    ::unlink((run + "/" + f).c_str());
   argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, req.drive_images);
   LOG_INFO(tag) << "restoring epoch " << req.epoch << " into a new QEMU";
   std::string log = run + "/qemu.log";
@@ -47,7 +49,8 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
     if (t.size() > 600) t = t.substr(t.size() - 600);
     return fail(Unavailable(what + "; QEMU's log " + log + " ends with: " + t));
   };
-  std::string qmp_path = run + "/qmp.sock";
+  // remusd's own monitor: the operators' stays free for them.
+  const std::string qmp_path = run + "/" + kRestoredRemusdQmpSocket;
   std::unique_ptr<QmpClient> qmp;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(opts_.start_timeout_ms);
   while (!qmp) {
@@ -83,7 +86,8 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
       RestoredGuest g;
       g.pid = pid;
       g.ours = true;
-      g.qmp_socket = qmp_path;
+      g.qmp_socket = run + "/" + kRestoredQmpSocket;
+      g.remus_qmp_socket = qmp_path;
       return g;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));

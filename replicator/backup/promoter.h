@@ -42,7 +42,8 @@ struct RestoreRequest {
 struct RestoredGuest {
   int pid = -1;
   bool ours = false;        // a child of the launcher (not libvirt's)
-  std::string qmp_socket;   // QemuPromoter
+  std::string qmp_socket;        // QemuPromoter: the operators' monitor
+  std::string remus_qmp_socket;  // and remusd's own
   std::string libvirt_uri;  // LibvirtPromoter
   std::string libvirt_domain;
 };

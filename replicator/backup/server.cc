@@ -151,8 +151,22 @@ json BackupServer::StatusJson(const std::string& domain) const {
       if (domain.empty() || name == domain) ds.push_back(d);
   }
   json arr = json::array();
-  for (const auto& d : ds) arr.push_back(d->StatusJson());
+  for (const auto& d : ds) {
+    d->NoticeGuestGone();  // status tells the truth about a promoted guest that exited
+    arr.push_back(d->StatusJson());
+  }
   return arr;
+}
+
+std::optional<BackupDomain::PromotedGuest> BackupServer::RunningGuest(const std::string& domain) const {
+  std::shared_ptr<BackupDomain> d;
+  {
+    MutexLock g(mu_);
+    auto it = domains_.find(domain);
+    if (it == domains_.end()) return std::nullopt;
+    d = it->second;
+  }
+  return d->RunningGuest();
 }
 
 }  // namespace remus

@@ -42,6 +42,8 @@ class BackupServer {
   Status Failover(const std::string& domain);
   nlohmann::json StatusJson(const std::string& domain_or_empty) const;
   bool HasDomain(const std::string& domain) const;
+  // The guest this backup promoted for `domain`, while it runs here.
+  std::optional<BackupDomain::PromotedGuest> RunningGuest(const std::string& domain) const;
   // Connections being served (tests, metrics).
   int connections() const;
 

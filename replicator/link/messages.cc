@@ -147,6 +147,10 @@ std::string EncodeConfig(const ConfigMsg& m) {
   if (m.libvirt) j["libvirt"] = {{"xml", m.libvirt->xml}, {"name", m.libvirt->name}, {"uri", m.libvirt->uri}};
   if (!m.session.empty()) j["session"] = m.session;
   if (!m.arbiter.empty()) j["arbiter"] = m.arbiter;
+  if (!m.reprotect_to.empty()) j["reprotect_to"] = m.reprotect_to;
+  if (!m.netbuf.empty()) j["netbuf"] = m.netbuf;
+  if (m.compress) j["compress"] = true;
+  if (!m.disks_option.empty()) j["disks_option"] = m.disks_option;
   if (m.delta_resync) j["delta_resync"] = true;
   return Dump(j);
 }
@@ -169,6 +173,20 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
   RETURN_IF_ERROR(GetString(j, w, "arbiter", &m.arbiter));
   if (!m.arbiter.empty() && m.arbiter != "none" && m.arbiter != "etcd")
     return w.Error("arbiter", "is '" + m.arbiter + "', not \"none\" or \"etcd\"");
+  RETURN_IF_ERROR(GetString(j, w, "reprotect_to", &m.reprotect_to, 255));
+  if (!m.reprotect_to.empty() && !ParseHostPort(m.reprotect_to, 7788).ok())
+    return w.Error("reprotect_to", "is not HOST:PORT");
+  RETURN_IF_ERROR(GetString(j, w, "netbuf", &m.netbuf));
+  if (!m.netbuf.empty() && m.netbuf != "plug" && m.netbuf != "nfqueue" && m.netbuf != "none")
+    return w.Error("netbuf", "is not \"plug\", \"nfqueue\" or \"none\"");
+  if (const json* c = Find(j, "compress")) {
+    if (!c->is_boolean()) return w.Error("compress", "is not a boolean");
+    m.compress = c->get<bool>();
+  }
+  RETURN_IF_ERROR(GetString(j, w, "disks_option", &m.disks_option, 1024));
+  if (m.disks_option.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") !=
+      std::string::npos)
+    return w.Error("disks_option", "is not all, none, or a comma-separated list of drive ids");
   if (const json* d = Find(j, "delta_resync")) {
     if (!d->is_boolean()) return w.Error("delta_resync", "is not a boolean");
     m.delta_resync = d->get<bool>();

@@ -90,6 +90,14 @@ struct ConfigMsg {
   // the primary's arbiter ("etcd", "none"). Empty from older primaries.
   std::string session;  // <= 64 of [0-9A-Za-z_-]
   std::string arbiter;  // "", "none" or "etcd"
+  // After a failover: where the backup protects the promoted guest again on
+  // its own ("host:port" of a remusd --listen, <= 255 bytes; empty: nowhere),
+  // and the protect options it reuses (netbuf mode "", "plug", "nfqueue" or
+  // "none"; LZ4; the disks "all", "none" or ids).
+  std::string reprotect_to;
+  std::string netbuf;
+  bool compress = false;
+  std::string disks_option;  // <= 1024 of [A-Za-z0-9_.,-]
   // The primary takes a RESYNC_OFFER: the backup answers CONFIG with one.
   bool delta_resync = false;
   bool operator==(const ConfigMsg&) const = default;

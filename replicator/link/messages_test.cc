@@ -161,6 +161,30 @@ TEST(Messages, MinimalAndForwardCompatiblePayloads) {
   EXPECT_EQ(r->reason, "x");
 }
 
+// The re-protection policy and the options it reuses (2026-12).
+TEST(Messages, ConfigReprotection) {
+  ConfigMsg m;
+  m.argv = {"qemu"};
+  m.reprotect_to = "10.0.0.1:7788";
+  m.netbuf = "nfqueue";
+  m.compress = true;
+  m.disks_option = "vda,vdb";
+  auto back = DecodeConfig(EncodeConfig(m));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, m);
+  // An older primary's CONFIG: no policy.
+  back = DecodeConfig(R"({"argv":["qemu"]})");
+  ASSERT_TRUE(back.ok());
+  EXPECT_TRUE(back->reprotect_to.empty() && back->netbuf.empty() && !back->compress && back->disks_option.empty());
+  for (const char* bad : {R"({"argv":["q"],"reprotect_to":"host:99999"})", R"({"argv":["q"],"reprotect_to":7})",
+                          R"({"argv":["q"],"netbuf":"tc"})", R"({"argv":["q"],"compress":"yes"})",
+                          R"({"argv":["q"],"disks_option":"a b"})"}) {
+    auto r = DecodeConfig(bad);
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
+  }
+  EXPECT_FALSE(DecodeConfig(R"({"argv":["q"],"reprotect_to":")" + std::string(256, 'h') + R"("})").ok());
+}
+
 TEST(Messages, Bounds) {
   // Exactly at the limits: accepted.
   ConfigMsg m;

@@ -60,12 +60,14 @@ PrimaryLifecycle::~PrimaryLifecycle() {
 bool PrimaryLifecycle::Advance(PrimaryState from, PrimaryState to) {
   if (!state_.compare_exchange_strong(from, to)) return false;
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+  if (opts_.on_state) opts_.on_state(to, "");
   return true;
 }
 
 void PrimaryLifecycle::EnterFinal(PrimaryState to) {
   PrimaryState from = state_.exchange(to);
   LOG_INFO(Tag()) << "state " << PrimaryStateName(from) << " -> " << PrimaryStateName(to);
+  if (from != to && opts_.on_state) opts_.on_state(to, error());
 }
 
 void PrimaryLifecycle::SetError(const std::string& e) {

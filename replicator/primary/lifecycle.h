@@ -97,6 +97,9 @@ struct LifecycleOptions {
   Nanos send_timeout{0};
   // "stall-after-reply@EPOCH" (tests): see PrimaryOptions::fault.
   std::string fault;
+  // Told every state change (remusd's history), with the error for an end.
+  // Called without the lifecycle's lock; it must not block.
+  std::function<void(PrimaryState to, const std::string& why)> on_state;
 };
 
 // What Attach takes over. Only link and source are required.
@@ -198,8 +201,8 @@ class PrimaryLifecycle {
   // or the lifecycle is being destroyed.
   bool RetireSession(const Status& why) EXCLUDES(mu_);
   // A transition that is not into a final state (CAS on `from`).
-  bool Advance(PrimaryState from, PrimaryState to);
-  void EnterFinal(PrimaryState to);
+  bool Advance(PrimaryState from, PrimaryState to) EXCLUDES(mu_);
+  void EnterFinal(PrimaryState to) EXCLUDES(mu_);
   void SetError(const std::string& e) EXCLUDES(mu_);
   std::string Tag() const { return "primary[" + opts_.domain + "]"; }
   Nanos SendBackstop() const {

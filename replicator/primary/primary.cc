@@ -101,6 +101,8 @@ LifecycleOptions ToLifecycleOptions(const PrimaryOptions& o) {
   lo.compress = o.compress;
   lo.interval_ms = o.interval_ms;
   lo.fault = o.fault;
+  if (o.on_state)
+    lo.on_state = [f = o.on_state](PrimaryState to, const std::string& why) { f(std::string(PrimaryStateName(to)), why); };
   return lo;
 }
 }  // namespace
@@ -294,6 +296,10 @@ Status PrimaryReplicator::Connect() {
       .heartbeat_timeout_ms = std::chrono::duration_cast<std::chrono::milliseconds>(opts_.heartbeat.timeout).count()};
   config.session = session;
   config.arbiter = opts_.arbiter ? "etcd" : "none";
+  config.reprotect_to = opts_.reprotect_to;
+  config.netbuf = opts_.netbuf.mode;
+  config.compress = opts_.compress;
+  config.disks_option = opts_.disks;
   for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.
   if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};

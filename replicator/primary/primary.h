@@ -70,6 +70,12 @@ struct PrimaryOptions {
   // its hook scripts run, so a protect started by the hook waits for it.
   int connect_retry_ms = 0;
   HostPort backup;
+  // The guest is one this host promoted (a re-protection after a failover).
+  bool reprotect = false;
+  // Where the backup protects the guest again after it promoted it
+  // ("host:port"; empty: it does not). Sent in CONFIG with the netbuf mode,
+  // compress and disks options, which it reuses.
+  std::string reprotect_to;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
   // How the link to the backup is authenticated and encrypted (tls.h).
@@ -95,6 +101,9 @@ struct PrimaryOptions {
   // Arbitration (--arbiter etcd): owns the domain in etcd for each protection
   // session, fencing this host's copy when it cannot. Null: --arbiter none.
   EtcdArbiter* arbiter = nullptr;
+  // Told every state change ("protected", "failed-over", ...) with the error
+  // of an end (remusd's history). Must not block or call back.
+  std::function<void(const std::string& state, const std::string& why)> on_state;
   // Test-only fault injection: "stall-after-reply@EPOCH" makes the epoch loop
   // stop forever right after REPLY of that epoch (the guest is then paused),
   // so tests can kill processes in that protocol phase.

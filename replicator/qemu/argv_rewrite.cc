@@ -98,7 +98,12 @@ std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& a
     }
     out.push_back(argv[i]);
   }
-  out.insert(out.end(), {"-qmp", "unix:" + run_dir + "/qmp.sock,server=on,wait=off"});
+  // Two monitors: the operators' (qmp.sock), and remusd's own
+  // (remusd-qmp.sock: the promotion, then a re-protection, use it), so
+  // protecting the restored guest again does not take the operators' away
+  // (a QMP socket serves one client at a time).
+  out.insert(out.end(), {"-qmp", "unix:" + run_dir + "/" + kRestoredQmpSocket + ",server=on,wait=off"});
+  out.insert(out.end(), {"-qmp", "unix:" + run_dir + "/" + kRestoredRemusdQmpSocket + ",server=on,wait=off"});
   if (!have_pidfile) out.insert(out.end(), {"-pidfile", run_dir + "/qemu.pid"});
   out.insert(out.end(), {"-incoming", "defer"});
   return out;

@@ -8,7 +8,12 @@
 
 namespace remus {
 
-// The primary's argv made fit for a restore on this host: its own monitor,
+// The restored QEMU's monitors, in run_dir: the operators' and remusd's own.
+inline constexpr const char* kRestoredQmpSocket = "qmp.sock";
+inline constexpr const char* kRestoredRemusdQmpSocket = "remusd-qmp.sock";
+
+// The primary's argv made fit for a restore on this host: two monitors
+// (kRestoredQmpSocket, kRestoredRemusdQmpSocket),
 // pidfile and serial/chardev paths under run_dir, `-incoming defer`, no
 // -daemonize, -S, -incoming or monitors of the primary. qemu_binary, when not
 // empty, replaces argv[0]. drive_images maps -drive ids to the backup's raw

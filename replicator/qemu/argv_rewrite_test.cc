@@ -17,14 +17,28 @@ TEST(RewriteArgv, RestoresOnThisHost) {
       "/usr/bin/qemu-system-x86_64", "-name", "web1", "-machine", "pc", "-m", "256",
       "-pidfile", "/state/web1/run/qemu.pid", "-serial", "file:/state/web1/run/serial.log",
       "-chardev", "file,id=log0,path=/state/web1/run/log0.log", "-kernel", "/boot/vmlinuz",
-      "-qmp", "unix:/state/web1/run/qmp.sock,server=on,wait=off", "-incoming", "defer"};
+      "-qmp", "unix:/state/web1/run/qmp.sock,server=on,wait=off",
+      "-qmp", "unix:/state/web1/run/remusd-qmp.sock,server=on,wait=off", "-incoming", "defer"};
   EXPECT_EQ(out, want);
+}
+
+// A restored guest protected again: its argv (read back from the running
+// QEMU) carries the monitors and -incoming of the first restore; a second
+// restore replaces them rather than adding more.
+TEST(RewriteArgv, ARestoredGuestsArgvRestoresTheSame) {
+  auto once = RewriteArgvForRestore({"q", "-m", "256", "-qmp", "unix:/x,server=on,wait=off"}, "/a/run", "");
+  auto twice = RewriteArgvForRestore(once, "/b/run", "");
+  std::vector<std::string> want = {"q", "-m", "256", "-pidfile", "/b/run/qemu.pid",
+                                   "-qmp", "unix:/b/run/qmp.sock,server=on,wait=off",
+                                   "-qmp", "unix:/b/run/remusd-qmp.sock,server=on,wait=off", "-incoming", "defer"};
+  EXPECT_EQ(twice, want);
 }
 
 TEST(RewriteArgv, OverridesBinaryAndAddsPidfile) {
   auto out = RewriteArgvForRestore({"qemu", "--qmp", "unix:/x", "-serial", "stdio"}, "/r", "/opt/qemu");
   std::vector<std::string> want = {"/opt/qemu", "-serial", "file:/r/serial.log", "-qmp",
-                                   "unix:/r/qmp.sock,server=on,wait=off", "-pidfile", "/r/qemu.pid",
+                                   "unix:/r/qmp.sock,server=on,wait=off", "-qmp",
+                                   "unix:/r/remusd-qmp.sock,server=on,wait=off", "-pidfile", "/r/qemu.pid",
                                    "-incoming", "defer"};
   EXPECT_EQ(out, want);
 }

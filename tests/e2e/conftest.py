@@ -378,17 +378,19 @@ class World:
     def start_remusd(self, name, listen=False, key=None, hb_interval_ms=100, hb_timeout_ms=None,
                      ack_delay_ms=None, fault=None, auto_promote=True, extra=(), qemu=None, netns=None,
                      listen_host="127.0.0.1", etcd=None, lease_ttl_ms=3000, lease_margin_ms=1000, host_id=None,
-                     key_file=True):
+                     key_file=True, listen_port=None, state_name=None):
         """qemu: the backup's --qemu for restored guests (default: the suite's QEMU).
         netns: run this remusd in that network namespace (default: the world's).
         listen_host: the backup's listen address (an address of its namespace).
         etcd: a list of etcd client URLs: --arbiter etcd with them (lease TTL
         and margin as given, --host-id host_id or the daemon's name);
         without, --arbiter none (the fail-stop tests predate arbitration).
-        key_file=False: no --key-file (certificate mode: pass --tls-* in extra)."""
+        key_file=False: no --key-file (certificate mode: pass --tls-* in extra).
+        listen_port: listen there (a restarted remusd at its old address).
+        state_name: the state dir's name (default: name; a restart reuses it)."""
         if hb_timeout_ms is None:
             hb_timeout_ms = DEFAULT_HB_TIMEOUT_MS
-        state = self.dir / name
+        state = self.dir / (state_name or name)
         control = self.dir / f"{name}.sock"
         log = self.dir / f"{name}.log"
         argv = [str(REMUSD), "--state-dir", str(state),
@@ -397,7 +399,7 @@ class World:
                 "--heartbeat-timeout-ms", str(hb_timeout_ms), "--log-level", "debug"]
         addr = None
         if listen:
-            addr = f"{listen_host}:{free_port()}"
+            addr = f"{listen_host}:{listen_port or free_port()}"
             argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
             # The test guest boots from files a restored guest reads on this
             # host: the backup must allow their directory (its peer policy).
@@ -735,7 +737,7 @@ def check_promoted(world, backup, c0, p_kill, window_s, domain=DOMAIN, timeout=3
     assert "CHECKER FAIL" not in read_text(serial)
     return {"failover_ms": st["promotion"]["failover_ms"], "epoch": epoch, "committed_counter": a,
             "c0": c0, "p_kill": p_kill, "restored_counter_start": r1, "restored_counter_end": last_r,
-            "check_ok_lines": ok_lines, "detect_s": detect_s}
+            "check_ok_lines": ok_lines, "detect_s": detect_s, "qmp": q, "pid": pid}
 
 
 def record(request, **kv):

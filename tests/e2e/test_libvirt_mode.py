@@ -285,3 +285,50 @@ def test_hook_script_alone(tmp_path):
     assert (d / "qemu").read_text() == "#!/bin/sh\nexit 0\n"
     assert (d / "qemu.d" / "remus").read_bytes() == HOOK.read_bytes()
     assert "is up to date" in i.stdout
+
+
+def test_reprotect_after_failover_and_fail_back_through_libvirt(lvworlds, world, request):
+    """libvirt mode, both ways: A -> B failover into B's libvirt, then B's
+    remusd protects the restored domain back to A (no --connect: it knows the
+    domain it restored), then `virsh destroy` in B fails it back into A's
+    libvirt. Counter and memory checker at every step."""
+    a = lvworlds.start("A")
+    b = lvworlds.start("B")
+    backup = world.start_backup("B", extra=["--libvirt-uri", b.uri, "--libvirt-pid-dir", str(b.pid_dir)])
+    primary = world.start_backup("A", extra=["--libvirt-uri", a.uri, "--libvirt-pid-dir", str(a.pid_dir)])
+    a.define(domain_xml(a))
+    a.start_domain(DOMAIN)
+    wait_booted(world, a)
+    r = primary.ctl("protect", DOMAIN, "--backup", backup.listen, "--interval", "100", "--netbuf", "none",
+                    "--disks", "none")
+    assert r.returncode == 0, f"protect: {r.stdout}{r.stderr}" + world.diagnostics()
+
+    def fail_over(src_daemon, src_world, dst_daemon, dst_world):
+        world.wait_status(src_daemon, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                          and s["last_acked_epoch"] >= 20, 120, "20 acked checkpoints")
+        c0 = counter(src_world)
+        e0 = src_daemon.status()["last_staged_epoch"]
+        world.wait_status(src_daemon, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond epoch {e0}")
+        src_world.destroy(DOMAIN)
+        st = world.wait_status(dst_daemon, lambda s: s["state"] in ("failed-over", "failed") and s["role"] != "primary",
+                               60, "promotion")
+        assert st["state"] == "failed-over" and st["libvirt"]["uri"] == dst_world.uri, st
+        c1 = counter(dst_world)
+        assert c1 >= c0, (c0, c1)
+        world.wait_for(lambda: counter(dst_world) > c1 + 300, 30, "the restored counter to advance", interval=0.5)
+        serial = dst_daemon.domain_dir() / "run" / "serial.log"
+        before = read_text(serial).count(CHECK_OK)
+        world.wait_for(lambda: read_text(serial).count(CHECK_OK) >= before + 2, 30, "'check ok' lines", interval=0.5)
+        assert "CHECKER FAIL" not in read_text(serial)
+        return st
+
+    st1 = fail_over(primary, a, backup, b)
+    r = backup.ctl("protect", DOMAIN, "--backup", primary.listen, "--interval", "100", "--netbuf", "none",
+                   "--disks", "none")
+    assert r.returncode == 0, f"re-protect: {r.stdout}{r.stderr}" + world.diagnostics()
+    st = world.wait_status(backup, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                           "B's re-protection")
+    assert st["libvirt"]["uri"] == b.uri, st
+    st2 = fail_over(backup, b, primary, a)
+    assert a.domstate(DOMAIN)[0] == "running", a.domstate(DOMAIN)
+    record(request, failover1_ms=st1["promotion"]["failover_ms"], failover2_ms=st2["promotion"]["failover_ms"])

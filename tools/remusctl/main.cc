@@ -53,6 +53,9 @@ std::string StateCell(const json& d) {
   return s;
 }
 
+// History lines under each row of `status` (all of them are in --json).
+constexpr size_t kHistoryLines = 5;
+
 void PrintTable(const json& domains) {
   std::printf("%-16s %-18s %-16s %8s %8s %10s %10s %12s\n", "DOMAIN", "ROLE", "STATE", "EPOCH", "CKPT/S",
               "PAUSE p50", "PAUSE p99", "DIRTY/EPOCH");
@@ -80,11 +83,18 @@ void PrintTable(const json& domains) {
                     static_cast<unsigned long long>(nb.value("dropped_packets", uint64_t{0})));
     }
     if (std::string a = remus::ArbiterLine(d); !a.empty()) std::printf("%s\n", a.c_str());
-    if (!primary && !d.value("qmp_socket", "").empty())
+    const bool runs_here = !primary && d.value("state", "") == "failed-over";
+    if (runs_here && !d.value("qmp_socket", "").empty())
       std::printf("  running here: QMP %s, pid %d\n", d.value("qmp_socket", "").c_str(), d["qemu"].value("pid", -1));
-    else if (!primary && d.contains("libvirt") && d["state"] == "failed-over")
+    else if (runs_here && d.contains("libvirt"))
       std::printf("  running here: libvirt domain %s (%s)\n", d["libvirt"].value("domain", "").c_str(),
                   d["libvirt"].value("uri", "").c_str());
+    for (const auto& o : d.value("other_roles", json::array()))
+      std::printf("  also %s: %s\n", o.value("role", "").c_str(), o.value("state", "").c_str());
+    // Where the guest ran: the last few entries of this host's history.
+    const json hist = d.value("history", json::array());
+    for (size_t i = hist.size() > kHistoryLines ? hist.size() - kHistoryLines : 0; i < hist.size(); i++)
+      std::printf("  %s  %s\n", hist[i].value("at", "").c_str(), hist[i].value("text", "").c_str());
   }
 }
 
@@ -101,7 +111,7 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
   auto start = std::chrono::steady_clock::now();
   int last_pct = -1;
   for (;;) {
-    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto r = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "primary"}});
     if (!r.ok()) return Fail(r.status());
     const json& d = (*r)["domains"][0];
     std::string st = d.value("state", "");
@@ -157,7 +167,7 @@ remus::StatusOr<json> FailoverWithProgress(const std::string& sock, const std::s
       remus::MutexLock l(mu);
       if (cv.WaitFor(mu, std::chrono::milliseconds(150), [&] { return result.has_value(); })) break;
     }
-    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}});
+    auto st = remus::ControlCall(sock, {{"command", "status"}, {"domain", domain}, {"role", "backup"}});
     if (!st.ok() || !st->contains("domains") || (*st)["domains"].empty()) continue;
     const json& p = (*st)["domains"][0].value("promotion", json::object());
     if (!p.contains("phase")) continue;  // not started yet, or finished
@@ -247,7 +257,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out;
+  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out, reprotect_to;
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
   uint32_t queue_len = 65536;
@@ -271,6 +281,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::Range(1u, 1u << 24));
   protect->add_flag("--netbuf-fail-open", fail_open,
                     "nfqueue: when the queue is full, let packets out unheld (default: drop them)");
+  protect->add_option("--reprotect-to", reprotect_to,
+                      "after a failover, the backup protects the guest again to this remusd: self (this host's "
+                      "--listen address), HOST:PORT, or none (default: remusd's --reprotect-to)");
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
   protect->add_option("--disks", disks,
@@ -339,6 +352,7 @@ int main(int argc, char** argv) {
                 {"disks", disks}};
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     if (!connect.empty()) req["libvirt_uri"] = connect;
+    if (!reprotect_to.empty()) req["reprotect_to"] = reprotect_to;
     auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
     if (no_wait) {
