@@ -404,8 +404,13 @@ TEST_F(BackupRecoverTest, APromotedGuestThatIsGoneLeavesAClearError) {
   ::waitpid(child, nullptr, 0);  // a pid that no longer runs
   RestartPromotedBy(child);
   json st = DomainStatus();
-  EXPECT_EQ(st["state"], "failed") << st.dump();
+  // ended: the guest ran from that checkpoint, so it is never promoted
+  // again; a new protection to this host may start.
+  EXPECT_EQ(st["state"], "ended") << st.dump();
   EXPECT_NE(st["error"].get<std::string>().find("not restored again"), std::string::npos) << st.dump();
+  remus::Status f = server_->Failover("vm1");
+  EXPECT_EQ(f.code(), Code::kFailedPrecondition) << f.ToString();
+  EXPECT_NE(f.message().find("never promoted again"), std::string::npos) << f.ToString();
 }
 
 TEST(BackupFullDisk, RefusesWithResourceExhausted) {

@@ -272,9 +272,14 @@ class Daemon:
     def call(self, request, timeout=10.0):
         return control_call(self.control, request, timeout)
 
-    def status(self, domain=DOMAIN):
-        """The status JSON of one domain, or None if this daemon has no such domain."""
-        r = self.call({"command": "status", "domain": domain})
+    def status(self, domain=DOMAIN, role=None):
+        """The status JSON of one domain, or None if this daemon has no such domain.
+        role: "primary" or "backup": that side's record (default: the one row
+        status shows for the domain)."""
+        req = {"command": "status", "domain": domain}
+        if role:
+            req["role"] = role
+        r = self.call(req)
         if not r.get("ok"):
             if r.get("code") == "NOT_FOUND":
                 return None
@@ -507,12 +512,12 @@ class World:
                                      + self.diagnostics())
             time.sleep(interval)
 
-    def wait_status(self, daemon, pred, timeout, what, domain=DOMAIN, interval=0.02):
+    def wait_status(self, daemon, pred, timeout, what, domain=DOMAIN, interval=0.02, role=None):
         """Waits until pred(status) holds for daemon's status of domain; returns the status."""
         last = {}
 
         def check():
-            st = daemon.status(domain)
+            st = daemon.status(domain, role=role)
             last["st"] = st
             return st if st is not None and pred(st) else None
         try:
@@ -678,8 +683,10 @@ def check_promoted(world, backup, c0, p_kill, window_s, domain=DOMAIN, timeout=3
     Returns a dict of measurements (failover_ms, epoch, A, ...).
     """
     t0 = time.monotonic()
+    # The backup side's record: an automatic re-protection may already have
+    # made the promoted guest's row a primary one.
     st = world.wait_status(backup, lambda s: s["state"] in ("failed-over", "failed"), timeout,
-                           "promotion (state failed-over)", domain=domain)
+                           "promotion (state failed-over)", domain=domain, role="backup")
     detect_s = time.monotonic() - t0
     assert st["state"] == "failed-over", f"promotion failed: {json.dumps(st, indent=1)}" + world.diagnostics()
     assert st["promotion"]["failover_ms"] >= 0, st

@@ -197,3 +197,37 @@ def test_automatic_reprotection_waits_for_the_lost_host(world, request):
     world.wait_status(a2, lambda s: s["role"] == "backup" and s["state"] == "protected", 30, "A2 backing up")
     m2, _ = _cycle(world, b, a2, PromotedGuest(m))
     record(request, failover_ms=m["failover_ms"], attempts=st["reprotect"]["attempts"], failback_ms=m2["failover_ms"])
+
+
+def test_ten_alternating_failovers(world, request):
+    """Ten failovers in a row, A -> B -> A -> ..., each followed by the
+    automatic re-protection to the host that lost the guest. At every step:
+    nothing acked is lost, nothing after the kill is restored, the checker
+    passes, and exactly one copy of the guest runs."""
+    from conftest import live_qemus
+    guest = world.start_guest(wait_boot=False)
+    hosts = [world.start_backup("A", extra=("--reprotect-to", "self")),
+             world.start_backup("B", extra=("--reprotect-to", "self"))]
+    world.wait_booted(guest)
+    world.protect(hosts[0], hosts[1], guest)
+    g = guest
+    times, epochs = [], []
+    for i in range(10):
+        src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+        if i > 0:
+            world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                              f"cycle {i}: the automatic re-protection from {src.name}")
+        copies = live_qemus(world.dir)
+        assert len(copies) == 1, f"cycle {i}: {len(copies)} copies of the guest run: {copies}"
+        pr = Protected(world, src, dst, g)
+        pr.wait_acked(10)
+        c0 = pr.acked_reference()
+        p_kill = g.counter()
+        g.kill()
+        m = check_promoted(world, dst, c0, p_kill, window_s=4)
+        g = PromotedGuest(m)
+        times.append(m["failover_ms"])
+        epochs.append(m["epoch"])
+        copies = live_qemus(world.dir)
+        assert copies == [m["pid"]], f"cycle {i}: copies {copies}, promoted {m['pid']}"
+    record(request, failover_ms=times, epochs=epochs)
