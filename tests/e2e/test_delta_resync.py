@@ -247,3 +247,31 @@ def test_backup_killed_mid_resync_keeps_no_half_image(world, request):
     p2, b2 = _initial(pr)
     _check_delta(p2, b2, p1["wire_bytes"])
     _kill_and_promote(world, pr, request, kept=p2["pages_kept"], sent=p2["pages_sent"])
+
+
+def test_fail_back_resyncs_a_delta_from_the_store_the_promotion_used(world, request):
+    """A -> B, B promotes; B protects the guest back to A (A holds no image:
+    full), A promotes; A protects it to B again: B still holds the store it
+    promoted from, which is that copy's base. Then B promotes from the
+    resynced image."""
+    from test_reprotect import _cycle, _reprotect
+    guest = world.start_guest(wait_boot=False, **GUEST)
+    b = world.start_backup("B")
+    a = world.start_backup("A")
+    world.wait_booted(guest)
+    world.protect(a, b, guest)
+    first = a.status()["initial_copy"]
+    assert first["mode"] == "full", first
+    _, g_b = _cycle(world, a, b, guest)
+    st = _reprotect(world, b, a)
+    assert st["initial_copy"]["mode"] == "full", st["initial_copy"]  # A never held an image
+    _, g_a = _cycle(world, b, a, g_b)
+    st = _reprotect(world, a, b)
+    p = st["initial_copy"]
+    total = p["pages_sent"] + p["pages_kept"]
+    assert p["mode"] == "delta", p
+    assert p["pages_kept"] > 0.5 * total and p["pages_sent"] < total, p
+    assert p["wire_bytes"] < 0.5 * first["wire_bytes"], (p, first)
+    m, _ = _cycle(world, a, b, g_a)
+    record(request, kept=p["pages_kept"], sent=p["pages_sent"], promoted_epoch=m["epoch"],
+           wire_ratio=round(p["wire_bytes"] / first["wire_bytes"], 4))
