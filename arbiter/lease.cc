@@ -435,35 +435,30 @@ Status DomainLease::TryRetire() {
   return OkStatus();
 }
 
+std::optional<int64_t> DomainLease::EndHere() {
+  MutexLock l(mu_);
+  LeaseState s = state_.load();
+  if (s != LeaseState::kHeld && s != LeaseState::kFenced) return std::nullopt;
+  state_ = LeaseState::kReleased;
+  retire_pending_ = false;
+  FreeFence();
+  cv_.NotifyAll();
+  return lease_;
+}
+
 void DomainLease::Abandon() {
-  int64_t lease;
-  {
-    MutexLock l(mu_);
-    LeaseState s = state_.load();
-    if (s != LeaseState::kHeld && s != LeaseState::kFenced) return;
-    lease = lease_;
-    state_ = LeaseState::kReleased;
-    retire_pending_ = false;
-    FreeFence();  // the copy is dead
-    cv_.NotifyAll();
-  }
+  std::optional<int64_t> ended = EndHere();  // the copy is dead: nothing to fence
+  if (!ended) return;
+  const int64_t lease = *ended;
   Status r = kv_->Revoke(lease);
   if (r.ok()) LOG_INFO(Tag()) << "QEMU is gone: lease " << lease << " revoked, so the backup may take over now";
   else LOG_WARN(Tag()) << "revoking lease " << lease << ": " << r.message() << " (it expires within the TTL)";
 }
 
 void DomainLease::HandOver(const std::string& to_session) {
-  int64_t lease;
-  {
-    MutexLock l(mu_);
-    LeaseState s = state_.load();
-    if (s != LeaseState::kHeld && s != LeaseState::kFenced) return;
-    lease = lease_;
-    state_ = LeaseState::kReleased;
-    retire_pending_ = false;
-    FreeFence();  // the new owner's lease fences the copy now
-    cv_.NotifyAll();
-  }
+  std::optional<int64_t> ended = EndHere();  // the new owner's lease fences the copy now
+  if (!ended) return;
+  const int64_t lease = *ended;
   Status r = kv_->Revoke(lease);
   LOG_INFO(Tag()) << "handed the domain over to protection session " << to_session << "; lease " << lease
                   << (r.ok() ? " revoked" : " left to expire (" + r.message() + ")");

@@ -42,6 +42,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -186,6 +187,9 @@ class DomainLease {
   void Resolve() EXCLUDES(mu_);
   void Lose(const std::string& winner, int64_t token, const std::string& why) EXCLUDES(mu_);
   Status TryRetire() EXCLUDES(mu_);
+  // held/fenced -> released in this process (no renewals, fence slot freed);
+  // the lease to revoke, or nullopt when it had ended already.
+  std::optional<int64_t> EndHere() EXCLUDES(mu_);
   // deadline_ changed: tell the fence table.
   void PublishDeadline() REQUIRES(mu_);
   // The copy may run again (renewed, retaken): table re-armed, then SIGCONT.

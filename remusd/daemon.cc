@@ -457,8 +457,13 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
     if (!rp.ok()) return rp.status().Annotate("domain " + d + ": --reprotect-to");
     po.reprotect_to = rp->ToString();
   }
-  po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect](const std::string& to,
-                                                                                      const std::string& why) {
+  // A protection that never started (the backup unreachable, QEMU refused)
+  // is the protect request's error, not history.
+  auto started = std::make_shared<std::atomic<bool>>(false);
+  po.on_state = [h = history_.get(), d, peer = po.backup.ToString(), re = po.reprotect, started](
+                    const std::string& to, const std::string& why) {
+    if (to == "syncing" || to == "protected") started->store(true);
+    if ((to == "stopped" || to == "unprotected") && !started->load()) return;
     std::string text = DomainHistory::PrimaryText(to, peer, why);
     if (re && to == "protected") text += " (re-protection of the guest promoted here)";
     h->Record(d, {{"role", "primary"}, {"state", to}, {"text", text}});

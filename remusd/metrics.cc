@@ -117,6 +117,17 @@ void AddDomain(Families& f, const json& d) {
   f.Counter("remus_checkpoints_total", "Checkpoints taken (primary) or committed (backup) after the initial copy", l,
             Num(d, "checkpoints_total"));
   const json& hist = Field(d, "histograms");
+  // The last initial copy (delta resync): pages that crossed the link, pages
+  // kept from the backup's earlier image, and the bytes that saved.
+  if (d.contains("initial_copy")) {
+    const json& ic = Field(d, "initial_copy");
+    f.Gauge("remus_initial_copy_pages_sent", "Pages the last initial copy sent (primary) or received (backup)", l,
+            Num(ic, primary ? "pages_sent" : "received_pages"));
+    f.Gauge("remus_initial_copy_pages_kept", "Pages the last initial copy kept from the backup's earlier image", l,
+            Num(ic, primary ? "pages_kept" : "kept_pages"));
+    f.Gauge("remus_initial_copy_saved_bytes", "Page bytes the last initial copy did not send (delta resync)", l,
+            Num(ic, "bytes_saved"));
+  }
   // Arbitration (etcd): the lease this daemon holds on the domain, as
   // primary or as the backup that won it.
   const json& arb = Field(d, "arbiter");

@@ -34,6 +34,7 @@ json PrimaryStatus(const std::string& name) {
           {"interval_ms", 100},
           {"checkpoints_total", 42},
           {"backpressure_waits", 3},
+          {"initial_copy", {{"mode", "delta"}, {"pages_sent", 655}, {"pages_kept", 65290}, {"bytes_saved", 267427840}}},
           {"link", {{"bytes_sent", 123456789012ull}}},
           {"netbuf", {{"mode", "nfqueue"}, {"buffered_packets", 5}, {"dropped_packets", 1}, {"released_packets", 9}}},
           {"histograms",
@@ -66,6 +67,9 @@ TEST(RenderMetrics, CountersGaugesAndStateEnum) {
   EXPECT_EQ(std::stod(Sample(t, R"(remus_netbuf_buffered_packets{domain="web1",role="primary"})")), 5);
   EXPECT_EQ(std::stod(Sample(t, R"(remus_netbuf_dropped_packets_total{domain="web1",role="primary"})")), 1);
   EXPECT_EQ(std::stod(Sample(t, R"(remus_checkpoint_interval_seconds{domain="web1",role="primary"})")), 0.1);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_initial_copy_pages_sent{domain="web1",role="primary"})")), 655);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_initial_copy_pages_kept{domain="web1",role="primary"})")), 65290);
+  EXPECT_EQ(std::stod(Sample(t, R"(remus_initial_copy_saved_bytes{domain="web1",role="primary"})")), 267427840);
   EXPECT_EQ(std::stod(Sample(t, R"(remus_domains{role="primary"})")), 1);
   EXPECT_EQ(std::stod(Sample(t, R"(remus_domains{role="backup"})")), 0);
   // Enum style: every state of the role, exactly one of them 1.

@@ -120,11 +120,17 @@ say "starting etcd (127.0.0.1:$((PORT + 1)) in $NSH), the arbiter both remusd us
 PIDS+=($!)
 for _ in $(seq 100); do "${INH[@]}" curl -sf "http://127.0.0.1:$((PORT + 1))/health" >/dev/null && break; sleep 0.1; done
 ARB=(--etcd-endpoints "http://127.0.0.1:$((PORT + 1))" --lease-ttl-ms 3000)
-say "starting the backup remusd (127.0.0.1:$PORT) and the primary remusd, in $NSH"
+APORT=$((PORT + 3))
+# Both listen and both say --reprotect-to self, as two hosts that back each
+# other up: after a failover the host that promoted the guest protects it
+# back to the other one on its own.
+say "starting the backup remusd (127.0.0.1:$PORT) and the primary remusd (127.0.0.1:$APORT), in $NSH"
 "${INH[@]}" "$REMUSD" --state-dir "$D/b" --key-file "$D/key" --control "$D/b.sock" --listen "127.0.0.1:$PORT" \
-  --allow-qemu-files "$BUILD/guest" "${ARB[@]}" --host-id backup 2>"$D/backup.log" &
+  --allow-qemu-files "$BUILD/guest" --qemu "$QEMU" --reprotect-to self "${ARB[@]}" --host-id backup \
+  2>"$D/backup.log" &
 PIDS+=($!)
-"${INH[@]}" "$REMUSD" --state-dir "$D/a" --key-file "$D/key" --control "$D/a.sock" "${ARB[@]}" --host-id primary \
+"${INH[@]}" "$REMUSD" --state-dir "$D/a" --key-file "$D/key" --control "$D/a.sock" --listen "127.0.0.1:$APORT" \
+  --allow-qemu-files "$BUILD/guest" --qemu "$QEMU" --reprotect-to self "${ARB[@]}" --host-id primary \
   2>"$D/primary.log" &
 PIDS+=($!)
 
@@ -174,13 +180,21 @@ if [ "$OVER" = 0 ]; then
   tail -n 20 "$D/backup.log" >&2
   echo "demo: the backup did not take over" >&2; exit 1
 fi
+T_OVER=$(date +%s.%N)
 say "the backup took over"
+python3 - "$T_OVER" "$T_KILL" "$("$REMUSCTL" --socket "$D/b.sock" status demo --json --role backup)" <<'EOF'
+import json, sys
+d = json.loads(sys.argv[3])[0]
+p = d["promotion"]
+print(f"failover: the guest runs on the backup from checkpoint {d['last_committed_epoch']}, restored in "
+      f"{p['failover_ms']} ms (fencing token {p['token']}); from kill -9 to running: "
+      f"{float(sys.argv[1]) - float(sys.argv[2]):.2f} s (status polled every 0.1 s)")
+EOF
 "$REMUSCTL" --socket "$D/b.sock" status
 RQMP=$D/b/domains/demo/run/qmp.sock
 # The client's TCP retransmits its pending request; the restored guest, which
-# has that connection in its state, answers it. With no backup left it runs
-# unprotected: answers are no longer held for an ack, so they come faster.
-say "the same TCP connection, now answered by the restored guest (unprotected: no output buffering)"
+# has that connection in its state, answers it.
+say "the same TCP connection, now answered by the restored guest"
 for _ in $(seq 300); do
   [ "$(answers_after "$T_KILL")" -gt 0 ] && break
   kill -0 "$CPID" 2>/dev/null || break
@@ -192,6 +206,25 @@ for i in 1 2 3; do
   sleep 2
 done
 client_socket
+
+# The primary's CONFIG said --reprotect-to self: the backup protects the
+# guest back to the primary host's remusd, with the same options (nfqueue).
+say "protection comes back: the backup protects the guest to the primary host's remusd on its own"
+PROT=0
+for _ in $(seq 600); do
+  "$REMUSCTL" --socket "$D/b.sock" status demo --json 2>/dev/null | python3 -c '
+import json, sys
+d = json.load(sys.stdin)[0]
+sys.exit(0 if d["role"] == "primary" and d["state"] == "protected" else 1)' && PROT=1 && break
+  sleep 0.2
+done
+if [ "$PROT" = 0 ]; then
+  "$REMUSCTL" --socket "$D/b.sock" status || true
+  echo "demo: the backup did not protect the guest again" >&2; exit 1
+fi
+"$REMUSCTL" --socket "$D/b.sock" status
+"$REMUSCTL" --socket "$D/a.sock" status
+client_progress
 say "the restored guest's console (its consistency checker keeps passing)"
 tail -n 4 "$D/b/domains/demo/run/serial.log"
 if grep -q 'CHECKER FAIL' "$D/b/domains/demo/run/serial.log"; then

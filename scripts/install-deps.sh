@@ -15,6 +15,8 @@ PKGS=(
   liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev libxml2-dev
   # CRC-32C on frames and journal records (common/crc32c.h)
   libisal-dev
+  # per-page XXH3-128 hashes for the delta resync (replicator/link/page_hash.h)
+  libxxhash-dev
   # arbiter/etcd_http.h: etcd's JSON gateway over libcurl
   libcurl4-openssl-dev
   # remusd --metrics: Prometheus text format (prometheus-cpp core) over civetweb

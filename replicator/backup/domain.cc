@@ -291,7 +291,7 @@ StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginM
   syncing_ = std::move(store);
   syncing_disks_ = disks;
   Transition(DomainEvent::kSyncBegin);
-  return SyncTarget{syncing_.get(), std::move(disks)};
+  return SyncTarget{syncing_.get(), std::move(disks), base_.get()};
 }
 
 Status BackupDomain::CommitInitial(std::string_view blob, uint64_t page_count) {
@@ -301,6 +301,8 @@ Status BackupDomain::CommitInitial(std::string_view blob, uint64_t page_count) {
   // This session's image is the restorable one from now on.
   RETURN_IF_ERROR(WriteDurable(dir_, "current", std::filesystem::path(syncing_->dir()).filename().string()));
   ::unlink((dir_ + "/retired").c_str());
+  // The new image replaces the base it may have been resynced from.
+  if (base_) RemoveBase("the initial copy of " + std::filesystem::path(syncing_->dir()).filename().string() + " committed");
   ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
   ::unlink((dir_ + "/promoting.json").c_str());
   committed_ = std::move(syncing_);
@@ -351,15 +353,70 @@ Status BackupDomain::RetireCheckpoint(const std::string& why) {
   committed_disks_.reset();
   disk_synced_epoch_ = -1;
   if (committed_) {
-    std::error_code ec;
-    std::filesystem::remove_all(committed_->dir(), ec);
     LOG_INFO(tag_) << "checkpoint " << committed_->committed_epoch() << " retired: " << why;
+    // Never restored again, but kept as the next session's delta resync base:
+    // `current` is gone (durably) already, so nothing can promote it.
+    if (base_) RemoveBase("a newer image replaces it as the resync base");
+    std::string name = std::filesystem::path(committed_->dir()).filename().string();
+    Status b = WriteDurable(dir_, "base", name);
+    if (b.ok()) {
+      base_ = std::move(committed_);
+      LOG_INFO(tag_) << "kept " << name << " as the delta resync base";
+    } else {
+      LOG_WARN(tag_) << "cannot keep " << name << " as the delta resync base: " << b.ToString();
+      std::error_code ec;
+      std::filesystem::remove_all(committed_->dir(), ec);
+    }
   }
   committed_.reset();
   committed_configuration_.clear();
   config_ = wire::ConfigMsg();
   stats_.last_committed = -1;
   return OkStatus();
+}
+
+const PageStore* BackupDomain::ResyncBase(std::string* why) {
+  MutexLock g(mu_);
+  if (!base_) *why = "this backup holds no earlier image of " + name_;
+  return base_.get();
+}
+
+void BackupDomain::DropResyncBase(const std::string& why) {
+  MutexLock g(mu_);
+  if (base_) RemoveBase(why);
+}
+
+void BackupDomain::RemoveBase(const std::string& why) {
+  ::unlink((dir_ + "/base").c_str());
+  std::string d = base_->dir();
+  base_.reset();
+  std::error_code ec;
+  std::filesystem::remove_all(d, ec);
+  LOG_INFO(tag_) << "removed the delta resync base " << d << ": " << why;
+}
+
+std::string BackupDomain::RecoverBase(const std::string& current, const char* file) {
+  auto b = ReadFileToString(dir_ + "/" + file);
+  if (!b.ok()) return "";
+  std::string name = *b;
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  bool valid = name.rfind("store-", 0) == 0 && name.find('/') == std::string::npos && name != current;
+  StatusOr<std::unique_ptr<PageStore>> s = valid ? PageStore::Open(dir_ + "/" + name)
+                                                 : StatusOr<std::unique_ptr<PageStore>>(NotFound("not a base"));
+  if (!s.ok()) {
+    LOG_WARN(tag_) << "dropping the delta resync base '" << name << "': " << s.status().ToString();
+    if (std::string(file) != "base") return "";  // not ours to remove
+    ::unlink((dir_ + "/base").c_str());
+    if (valid) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_ + "/" + name, ec);
+    }
+    return "";
+  }
+  MutexLock g(mu_);
+  base_ = std::move(s).value();
+  LOG_INFO(tag_) << "kept " << name << " as the delta resync base";
+  return name;
 }
 
 FileIo* BackupDomain::Io() {
@@ -636,6 +693,10 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
 Status BackupDomain::Recover() {
   StatusOr<FoundPromotion> p = FindPromotion(dir_, name_, opts_.libvirt_pid_dir);
   if (p.ok()) {
+    // The store the promotion was made from is never restored again, but it
+    // is the delta resync's base when the domain is protected to this host
+    // again.
+    RecoverBase("", "current");
     // A promotion ran, or was under way: its guest may have run, so this
     // checkpoint is never restored again by itself.
     MutexLock g(mu_);
@@ -674,7 +735,8 @@ Status BackupDomain::Recover() {
   StatusOr<KeptCheckpoint> k = LoadKeptCheckpoint(dir_, name_, &retired);
   if (!k.ok() && k.status().code() == Code::kNotFound && !retired.empty()) {
     // A re-sync began and never committed: there is no checkpoint to keep,
-    // and the retired one must not come back.
+    // and the retired one must not come back (as a resync base it may).
+    RecoverBase("");
     MutexLock g(mu_);
     no_checkpoint_reason_ = retired;
     Transition(DomainEvent::kRecoveredCheckpoint);
@@ -699,10 +761,11 @@ Status BackupDomain::Recover() {
     LOG_INFO(tag_) << "disk images replayed to checkpoint " << store.committed_epoch();
   }
   // Stores of sessions that never committed are of no use any more.
+  std::string base = RecoverBase(k->store_name);
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(dir_, ec)) {
     std::string n = e.path().filename().string();
-    if (n.rfind("store-", 0) == 0 && n != k->store_name) std::filesystem::remove_all(e.path(), ec);
+    if (n.rfind("store-", 0) == 0 && n != k->store_name && n != base) std::filesystem::remove_all(e.path(), ec);
   }
   MutexLock g(mu_);
   config_ = std::move(k->config);
@@ -814,6 +877,18 @@ json BackupDomain::StatusJson() const {
   if (!libvirt_uri_.empty()) j["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
   j["qemu"] = {{"pid", pid}};
   if (committed_) j["store"] = committed_->dir();
+  {
+    // The last initial copy: how much of it the delta resync kept.
+    uint64_t offered = stats_.initial_offered_pages, kept = stats_.initial_kept_pages;
+    int verified = stats_.initial_verified;
+    j["initial_copy"] = {{"mode", offered > 0 ? "delta" : "full"},
+                         {"offered_pages", offered},
+                         {"kept_pages", kept},
+                         {"received_pages", stats_.initial_received_pages.load()},
+                         {"bytes_saved", kept * wire::kPageSize},
+                         {"verified", verified < 0 ? json(nullptr) : json(verified == 1)}};
+    if (base_) j["initial_copy"]["base"] = base_->dir();
+  }
   if (committed_disks_) {
     json ids = json::array();
     for (size_t i = 0; i < committed_disks_->size(); i++)

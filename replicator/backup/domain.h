@@ -12,6 +12,11 @@
 //                      CONFIG is accepted: the guest ran on since, so the old
 //                      image is stale and never restored again
 //   retired            why there is no `current` (a re-sync that never committed)
+//   base               the name of a retired store kept as the delta resync's
+//                      (after a promotion, the store `current` names is the base)
+//                      base: never restorable, only offered (hashed) to the
+//                      next session's primary and read for the pages it keeps;
+//                      removed when that session's initial copy commits
 //   disks/             the mirrored disk images
 //   run/               the promoted QEMU's qmp.sock, qemu.pid, serial.log, qemu.log
 //                      (libvirt: domain.xml as restored, serial.log, the FIFO)
@@ -201,6 +206,15 @@ class BackupDomain final : private SessionHost {
   // The promoted guest's pid while it runs; -1 when it is gone.
   int LiveGuestPid() const REQUIRES(mu_);
   void NoticeGuestGoneLocked() REQUIRES(mu_);
+  const PageStore* ResyncBase(std::string* why) override EXCLUDES(mu_);
+  void DropResyncBase(const std::string& why) override EXCLUDES(mu_);
+  // Removes the base store and its `base` file.
+  void RemoveBase(const std::string& why) REQUIRES(mu_);
+  // After a restart: reopens the store `file` names (`base`; after a
+  // promotion, `current`: the store it was made from) as the resync base,
+  // unless it is `current`'s store, kept as the checkpoint. Its name, or ""
+  // when there is none.
+  std::string RecoverBase(const std::string& current, const char* file = "base") EXCLUDES(mu_);
   // Removes `current` durably: the committed image is stale from now on.
   Status RetireCheckpoint(const std::string& why) REQUIRES(mu_);
 
@@ -235,6 +249,7 @@ class BackupDomain final : private SessionHost {
   std::string committed_configuration_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> committed_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> syncing_ GUARDED_BY(mu_);                // the live session's, until COMMIT 0
+  std::unique_ptr<PageStore> base_ GUARDED_BY(mu_);  // the delta resync's base (`base`), never restorable
   std::shared_ptr<DiskReplicaSet> syncing_disks_ GUARDED_BY(mu_);  // its disks, likewise
   int session_seq_ GUARDED_BY(mu_) = 0;
   std::shared_ptr<DiskReplicaSet> committed_disks_ GUARDED_BY(mu_);

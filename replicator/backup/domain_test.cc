@@ -823,5 +823,242 @@ TEST_F(ArbitratedDomainTest, PrimaryWithAnotherArbiterIsRefused) {
   EXPECT_NE(e.message().find("--arbiter none"), std::string::npos) << e.message();
 }
 
+// ---- delta resync ----
+
+namespace delta {
+
+json DeltaConfig() {
+  json c = testing::TestConfig("qemu-system-x86_64", 400);
+  c["delta_resync"] = true;
+  return c;
+}
+
+std::string Page(char fill) { return std::string(4096, fill); }
+
+// The RESYNC_OFFER and the hashes the backup answers a delta CONFIG with.
+struct Offer {
+  wire::ResyncOfferMsg msg;
+  std::vector<wire::PageHash> hashes;
+};
+Offer ReadOffer(wire::Link& l) {
+  Offer o;
+  auto f = testing::NextNonHeartbeat(l);
+  EXPECT_TRUE(f.ok() && f->type == MsgType::kResyncOffer) << (f.ok() ? wire::MsgTypeName(f->type) : f.status().ToString());
+  if (!f.ok()) return o;
+  auto m = wire::DecodeResyncOffer(f->payload);
+  EXPECT_TRUE(m.ok()) << m.status().ToString();
+  o.msg = *m;
+  uint64_t want = 0;
+  for (const auto& b : o.msg.blocks) want += b.used_length / 4096;
+  while (o.hashes.size() < want) {
+    auto h = testing::NextNonHeartbeat(l);
+    EXPECT_TRUE(h.ok() && h->type == MsgType::kResyncHashes);
+    if (!h.ok()) break;
+    auto hm = wire::DecodeResyncHashes(h->payload);
+    EXPECT_TRUE(hm.ok());
+    o.hashes.insert(o.hashes.end(), hm->hashes.begin(), hm->hashes.end());
+  }
+  return o;
+}
+
+void SendSyncBegin(wire::Link& l, uint64_t pages = 4) {
+  json begin = {{"total_bytes", pages * 4096},
+                {"blocks", {{{"id", "pc.ram"}, {"used_length", pages * 4096}}}},
+                {"configuration", "0700000003616263"}};
+  ASSERT_TRUE(l.Send(MsgType::kSyncBegin, 0, begin.dump()).ok());
+}
+
+}  // namespace delta
+
+// The image a GOODBYE retired is offered to the next session, which keeps
+// pages 0 and 1 from it, sends 2 and 3, and commits once its digest matches.
+TEST_F(DomainTest, DeltaResyncOffersTheRetiredImageAndCommitsAVerifiedImage) {
+  wire::Link& l1 = Connect();
+  testing::InitialSync(l1, Config());  // pages 'a', 'b', 'c', zero
+  ASSERT_TRUE(l1.Send(MsgType::kGoodbye, 0, "").ok());
+  l1.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+  ASSERT_TRUE(std::filesystem::exists(dir() + "/base"));
+  EXPECT_EQ(Status()["restorable"], false);
+
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::Offer o = delta::ReadOffer(l);
+  ASSERT_EQ(o.msg.blocks, (std::vector<qemu::RamBlock>{{"pc.ram", 4 * 4096}}));
+  ASSERT_EQ(o.hashes.size(), 4u);
+  std::string a = delta::Page('a'), b = delta::Page('b'), x = delta::Page('x');
+  EXPECT_EQ(o.hashes[0], wire::HashPage(reinterpret_cast<const uint8_t*>(a.data())));
+  EXPECT_EQ(o.hashes[1], wire::HashPage(reinterpret_cast<const uint8_t*>(b.data())));
+  EXPECT_EQ(o.hashes[3], wire::ZeroPageHash());
+
+  delta::SendSyncBegin(l);
+  std::string keep;
+  wire::AppendKeepRun(&keep, {0, 0, 2});
+  ASSERT_TRUE(l.Send(MsgType::kKeep, 0, keep).ok());
+  std::string pages;
+  wire::AppendPageRecord(&pages, 0, 2 * 4096, reinterpret_cast<const uint8_t*>(x.data()));
+  wire::AppendPageRecord(&pages, 0, 3 * 4096, nullptr);
+  ASSERT_TRUE(l.Send(MsgType::kPages, 0, pages).ok());
+  ASSERT_TRUE(l.Send(MsgType::kDevice, 0, testing::Blob()).ok());
+  wire::ImageDigest d;
+  d.Add(o.hashes[0]);
+  d.Add(o.hashes[1]);
+  d.Add(wire::HashPage(reinterpret_cast<const uint8_t*>(x.data())));
+  d.Add(wire::ZeroPageHash());
+  wire::CommitInfo ci{2, pages.size(), testing::Blob().size()};
+  ci.kept_pages = 2;
+  ci.image_digest = wire::PageHashHex(d.Finish());
+  ASSERT_TRUE(l.Send(MsgType::kCommit, 0, wire::EncodeCommit(ci)).ok());
+  testing::ExpectAck(l, 0);
+
+  json st = Status();
+  EXPECT_EQ(st["restorable"], true) << st.dump();
+  EXPECT_EQ(st["initial_copy"]["mode"], "delta");
+  EXPECT_EQ(st["initial_copy"]["kept_pages"], 2);
+  EXPECT_EQ(st["initial_copy"]["received_pages"], 2);
+  EXPECT_EQ(st["initial_copy"]["verified"], true);
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/base"));  // replaced by the new image
+  auto store = PageStore::Open(st["store"].get<std::string>());
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*store)->BlockData(0)), 4096), a);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*store)->BlockData(0)) + 4096, 4096), b);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*store)->BlockData(0)) + 2 * 4096, 4096), x);
+}
+
+// A digest that does not match is never committed, and the base goes: the
+// next protection makes a full copy.
+TEST_F(DomainTest, DeltaResyncDigestMismatchIsRefusedAndTheBaseDropped) {
+  wire::Link& l1 = Connect();
+  testing::InitialSync(l1, Config());
+  ASSERT_TRUE(l1.Send(MsgType::kGoodbye, 0, "").ok());
+  l1.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::Offer o = delta::ReadOffer(l);
+  ASSERT_EQ(o.hashes.size(), 4u);
+  delta::SendSyncBegin(l);
+  std::string keep;
+  wire::AppendKeepRun(&keep, {0, 0, 4});
+  ASSERT_TRUE(l.Send(MsgType::kKeep, 0, keep).ok());
+  ASSERT_TRUE(l.Send(MsgType::kDevice, 0, testing::Blob()).ok());
+  wire::CommitInfo ci{0, 0, testing::Blob().size()};
+  ci.kept_pages = 4;
+  ci.image_digest = wire::PageHashHex(wire::ZeroPageHash());  // not the image's
+  ASSERT_TRUE(l.Send(MsgType::kCommit, 0, wire::EncodeCommit(ci)).ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  remus::Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kDataLoss);
+  EXPECT_NE(e.message().find("does not match the primary's"), std::string::npos) << e.ToString();
+  l.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+  json st = Status();
+  EXPECT_EQ(st["restorable"], false) << st.dump();
+  EXPECT_EQ(st["initial_copy"]["verified"], false);
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/base"));
+
+  wire::Link& l3 = Connect();
+  ASSERT_TRUE(l3.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::Offer none = delta::ReadOffer(l3);
+  EXPECT_TRUE(none.msg.blocks.empty());
+  EXPECT_NE(none.msg.reason, "");
+}
+
+// KEEP for a block whose layout differs from the offered image's is refused:
+// a kept page never comes from another block layout.
+TEST_F(DomainTest, DeltaResyncRefusesKeepAcrossLayouts) {
+  wire::Link& l1 = Connect();
+  testing::InitialSync(l1, Config());
+  ASSERT_TRUE(l1.Send(MsgType::kGoodbye, 0, "").ok());
+  l1.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::ReadOffer(l);
+  delta::SendSyncBegin(l, 8);  // pc.ram grew: 8 pages
+  std::string keep;
+  wire::AppendKeepRun(&keep, {0, 0, 1});
+  ASSERT_TRUE(l.Send(MsgType::kKeep, 0, keep).ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  EXPECT_NE(wire::DecodeError(f->payload).message().find("same id and length"), std::string::npos);
+}
+
+// A restarted backup still offers its base (the retired image), and never
+// restores it.
+TEST_F(DomainTest, DeltaResyncBaseSurvivesARestartButIsNeverRestorable) {
+  wire::Link& l1 = Connect();
+  testing::InitialSync(l1, Config());
+  ASSERT_TRUE(l1.Send(MsgType::kGoodbye, 0, "").ok());
+  l1.ShutdownWrite();
+  WaitState(DomainState::kUnprotected);
+  NewDomain();
+  ASSERT_TRUE(domain_->Recover().ok());
+  EXPECT_EQ(Status()["restorable"], false);
+  EXPECT_EQ(domain_->Promote("operator").code(), Code::kFailedPrecondition);
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::Offer o = delta::ReadOffer(l);
+  EXPECT_EQ(o.msg.blocks.size(), 1u);
+  EXPECT_EQ(o.hashes.size(), 4u);
+}
+
+// A primary without delta_resync gets no offer; one with it, on a backup
+// that holds nothing, gets an empty offer saying why.
+TEST_F(DomainTest, DeltaResyncWithoutABaseOffersNothing) {
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, delta::DeltaConfig().dump()).ok());
+  delta::Offer o = delta::ReadOffer(l);
+  EXPECT_TRUE(o.msg.blocks.empty());
+  EXPECT_NE(o.msg.reason.find("no earlier image"), std::string::npos) << o.msg.reason;
+}
+
+}  // namespace
+}  // namespace remus
+
+namespace remus {
+namespace {
+
+// Re-protection to the host that promoted a guest: refused while the
+// promoted guest runs here, accepted once it is gone (ended), and the
+// checkpoint it ran from is never promoted again.
+TEST_F(DomainTest, APromotedGuestHoldsTheDomainUntilItIsGone) {
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+  testing::ExpectAck(l, 1);
+  l.Shutdown();
+  WaitState(DomainState::kFailedOver);
+  auto guest = domain_->RunningGuest();
+  ASSERT_TRUE(guest.has_value());
+  EXPECT_NE(guest->qmp_socket.find("remusd-qmp.sock"), std::string::npos) << guest->qmp_socket;
+  EXPECT_EQ(Status()["qmp_socket"], dir() + "/run/qmp.sock");
+
+  wire::Link& again = Connect();
+  auto f = again.Recv();
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->type, MsgType::kError);
+  EXPECT_NE(f->payload.find("runs here"), std::string::npos) << f->payload;
+  EXPECT_EQ(domain_->state(), DomainState::kFailedOver);
+
+  ASSERT_TRUE(launcher_.Kill(guest->pid, std::chrono::milliseconds(0)).ok());
+  domain_->NoticeGuestGone();
+  EXPECT_EQ(domain_->state(), DomainState::kEnded);
+  EXPECT_FALSE(domain_->RunningGuest().has_value());
+  remus::Status p = domain_->Promote("operator requested failover");
+  EXPECT_EQ(p.code(), Code::kFailedPrecondition) << p.ToString();
+  EXPECT_NE(p.message().find("never promoted again"), std::string::npos) << p.ToString();
+  EXPECT_EQ(launcher_.spawns(), 1);
+
+  wire::Link& back = Connect();
+  testing::InitialSync(back, Config());
+  WaitState(DomainState::kProtected);
+}
+
 }  // namespace
 }  // namespace remus

@@ -344,6 +344,53 @@ Status PageStore::ApplyPage(uint32_t block, uint64_t offset, const uint8_t* data
   return OkStatus();
 }
 
+Status PageStore::CopyPagesFrom(const PageStore& src, size_t src_block, uint32_t block, uint64_t first_page,
+                                uint64_t count) {
+  if (state_ != State::kSyncing)
+    return FailedPrecondition("page store " + dir_ + ": CopyPagesFrom outside the initial sync");
+  if (block >= blocks_.size() || src_block >= src.blocks_.size())
+    return OutOfRange("page store: block index " + std::to_string(block) + " or source block " +
+                      std::to_string(src_block) + " out of range");
+  const uint64_t len = maps_[block].len;
+  const uint64_t pages = len / kPageSize;
+  if (src.maps_[src_block].len != len || first_page > pages || count > pages - first_page)
+    return OutOfRange("page store: pages " + std::to_string(first_page) + "+" + std::to_string(count) +
+                      " outside block '" + blocks_[block].id + "' or its source");
+  const Mapping& d = maps_[block];
+  const Mapping& sm = src.maps_[src_block];
+  std::vector<uint64_t>& written = written_[block];
+  uint64_t off = first_page * kPageSize;
+  const uint64_t end = off + count * kPageSize;
+  bool kernel_copy = true;
+  while (off < end) {
+    ASSIGN_OR_RETURN(uint64_t data, src.NextData(src_block, off));
+    data = std::min(end, data - data % kPageSize);
+    for (; off < data; off += kPageSize) RETURN_IF_ERROR(ApplyPage(block, off, nullptr));  // holes: zero pages
+    if (off >= end) break;
+    ASSIGN_OR_RETURN(uint64_t hole, src.NextHole(src_block, off));
+    hole = std::min(end, std::max(off + kPageSize, (hole + kPageSize - 1) / kPageSize * kPageSize));
+    uint64_t done = off;
+    while (kernel_copy && done < hole) {
+      loff_t in = static_cast<loff_t>(done), out = static_cast<loff_t>(done);
+      ssize_t n = ::copy_file_range(sm.fd, &in, d.fd, &out, hole - done, 0);
+      if (n <= 0) {
+        if (n < 0 && errno == EINTR) continue;
+        kernel_copy = false;  // not here (another filesystem, an old kernel): copy below
+        break;
+      }
+      done += static_cast<uint64_t>(n);
+    }
+    done -= done % kPageSize;  // a partial page is copied again below
+    for (uint64_t p = done; p < hole; p += kPageSize) std::memcpy(d.addr + p, sm.addr + p, kPageSize);
+    for (uint64_t p = off; p < hole; p += kPageSize) written[p / kPageSize / 64] |= 1ull << (p / kPageSize % 64);
+    const uint64_t n = (hole - off) / kPageSize;
+    stats_.pages_applied.fetch_add(n, std::memory_order_relaxed);
+    stats_.bytes_applied.fetch_add(n * kPageSize, std::memory_order_relaxed);
+    off = hole;
+  }
+  return OkStatus();
+}
+
 Status PageStore::PunchAll() {
   written_.assign(blocks_.size(), {});
   for (size_t i = 0; i < maps_.size(); ++i) {

@@ -137,6 +137,14 @@ class PageStore {
   // misaligned offset; nothing is written then. FailedPrecondition once the
   // store holds a committed image (use Commit, or BeginInitialSync first).
   Status ApplyPage(uint32_t block, uint64_t offset, const uint8_t* data);
+  // Delta resync: during the initial sync, makes pages [first_page,
+  // first_page + count) of block `block` equal to the same pages of block
+  // src_block of `src` (an older store of the domain, not modified). Holes in
+  // src are zero pages and are not read; data is copied in the kernel
+  // (copy_file_range) where it can be, else through the mappings.
+  // REQUIRES: src_block has this block's used_length. OutOfRange for a range
+  // outside either block; FailedPrecondition outside the initial sync.
+  Status CopyPagesFrom(const PageStore& src, size_t src_block, uint32_t block, uint64_t first_page, uint64_t count);
   // Discards the image (all pages become zero holes) and marks the store
   // invalid so a new initial sync can fill it (e.g. after a torn commit, or
   // when the primary restarts protection).

@@ -5,7 +5,9 @@
 #include "common/log.h"
 #include "diskmirror/disk_replica.h"
 #include "replicator/backup/records.h"
+#include "replicator/backup/store_hash.h"
 #include "replicator/link/page_batch.h"
+#include "replicator/link/resync.h"
 
 namespace remus {
 
@@ -27,6 +29,7 @@ Session::~Session() = default;
 
 SessionOutcome Session::Run(wire::Link& link) {
   wire::Link* l = &link;
+  link_ = l;
   std::thread acker([this, l] { AckLoop(l); });
   std::thread beat([this, l] { HeartbeatLoop(l); });
   SessionOutcome out;
@@ -185,6 +188,7 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
         if (!syncing_) return FailedPrecondition("PAGES for the initial copy before SYNC_BEGIN");
         RETURN_IF_ERROR(wire::ForEachPageRecord(f.payload, [&](uint32_t b, uint64_t o, const uint8_t* d) {
           stats_->sync_done += wire::kPageSize;
+          stats_->initial_received_pages++;
           return syncing_->ApplyPage(b, o, d);
         }));
         staged_page_bytes_ += f.payload.size();
@@ -214,6 +218,14 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
         case wire::DiskOp::kTrim: ds = disks_->Trim(r.disk, f.epoch, r.offset, r.length); break;
       }
       return DiskError(ds, f.epoch);
+    }
+    case MsgType::kKeep: {
+      Status k = HandleKeep(f);
+      if (!k.ok() && base_) {
+        host_->DropResyncBase(k.message());
+        base_ = nullptr;
+      }
+      return k;
     }
     case MsgType::kDiskSynced:
       if (!disks_) return FailedPrecondition("DISK_SYNCED for a domain without mirrored disks");
@@ -281,7 +293,88 @@ Status Session::HandleConfig(const std::string& payload) {
   if (c.heartbeat_interval_ms > 0 && c.heartbeat_timeout_ms > c.heartbeat_interval_ms)
     hb_.Reconfigure({std::chrono::milliseconds(c.heartbeat_interval_ms), std::chrono::milliseconds(c.heartbeat_timeout_ms)});
   config_seen_ = true;
-  return host_->AcceptConfig(std::move(c));
+  stats_->initial_offered_pages = 0;
+  stats_->initial_kept_pages = 0;
+  stats_->initial_received_pages = 0;
+  stats_->initial_verified = -1;
+  const bool delta = c.delta_resync;
+  RETURN_IF_ERROR(host_->AcceptConfig(std::move(c)));
+  return delta ? SendOffer() : OkStatus();
+}
+
+Status Session::SendOffer() {
+  std::string why;
+  const PageStore* base = host_->ResyncBase(&why);
+  wire::ResyncOfferMsg offer;
+  if (base) {
+    offer.blocks = base->blocks();
+    offer.epoch = base->committed_epoch();
+  } else {
+    offer.reason = why;
+  }
+  RETURN_IF_ERROR(link_->Send(MsgType::kResyncOffer, 0, wire::EncodeResyncOffer(offer)));
+  if (!base) {
+    LOG_INFO(tag_) << "delta resync: nothing to offer (" << why << "): the initial copy is full";
+    return OkStatus();
+  }
+  TimePoint t0 = clock_.Now();
+  uint64_t pages = 0;
+  // 64 Ki pages (1 MiB of hashes, 256 MiB of guest) per frame.
+  for (size_t i = 0; i < base->blocks().size(); i++) {
+    RETURN_IF_ERROR(HashStoreBlock(*base, i, 65536, [&](uint64_t first, const wire::PageHash* h, size_t n) {
+      pages += n;
+      return link_->Send(MsgType::kResyncHashes, 0, wire::EncodeResyncHashes(static_cast<uint32_t>(i), first, h, n));
+    }));
+  }
+  offered_ = true;
+  stats_->initial_offered_pages = pages;
+  LOG_INFO(tag_) << "delta resync: offered the image of checkpoint " << base->committed_epoch() << " in "
+                 << base->dir() << " (" << pages << " pages, hashed in "
+                 << static_cast<int>(ToMillis(clock_.Now() - t0)) << " ms)";
+  return OkStatus();
+}
+
+Status Session::HandleKeep(const wire::Frame& f) {
+  if (f.epoch != 0 || !syncing_) return InvalidArgument("KEEP outside the initial copy");
+  if (!base_) return InvalidArgument("KEEP, but this backup offered no image to keep pages from");
+  ASSIGN_OR_RETURN(std::vector<wire::KeepRun> runs, wire::DecodeKeep(f.payload));
+  for (const wire::KeepRun& r : runs) {
+    if (r.block >= base_block_.size() || base_block_[r.block] < 0)
+      return DataLoss("KEEP names block " + std::to_string(r.block) +
+                      ", which has no block of the same id and length in the offered image");
+    const size_t src = static_cast<size_t>(base_block_[r.block]);
+    const uint64_t pages = base_->blocks()[src].used_length / wire::kPageSize;
+    if (r.first_page >= pages || r.count > pages - r.first_page)
+      return DataLoss("KEEP run of block " + std::to_string(r.block) + " (pages " + std::to_string(r.first_page) +
+                      "+" + std::to_string(r.count) + ") runs past its " + std::to_string(pages) + " pages");
+    RETURN_IF_ERROR(syncing_->CopyPagesFrom(*base_, src, r.block, r.first_page, r.count));
+    kept_pages_ += r.count;
+    stats_->initial_kept_pages += r.count;
+    stats_->sync_done += static_cast<uint64_t>(r.count) * wire::kPageSize;
+  }
+  return OkStatus();
+}
+
+Status Session::VerifyInitial(const wire::CommitInfo& ci) {
+  if (ci.kept_pages != kept_pages_)
+    return DataLoss("delta resync: the primary kept " + std::to_string(ci.kept_pages) + " pages, this backup " +
+                    std::to_string(kept_pages_));
+  if (ci.image_digest.empty()) {
+    if (kept_pages_ > 0) return DataLoss("delta resync: pages were kept but the primary sent no image digest");
+    return OkStatus();
+  }
+  TimePoint t0 = clock_.Now();
+  ASSIGN_OR_RETURN(wire::PageHash d, StoreDigest(*syncing_));
+  if (wire::PageHashHex(d) != ci.image_digest) {
+    stats_->initial_verified = 0;
+    return DataLoss("delta resync: the image after the initial copy does not match the primary's (digest " +
+                    wire::PageHashHex(d) + ", the primary's " + ci.image_digest +
+                    "); not committing it. The offered image is discarded: the next protection makes a full copy");
+  }
+  stats_->initial_verified = 1;
+  LOG_INFO(tag_) << "delta resync: the new image matches the primary's digest (checked in "
+                 << static_cast<int>(ToMillis(clock_.Now() - t0)) << " ms)";
+  return OkStatus();
 }
 
 Status Session::HandleSyncBegin(const std::string& payload) {
@@ -290,6 +383,14 @@ Status Session::HandleSyncBegin(const std::string& payload) {
   ASSIGN_OR_RETURN(SessionHost::SyncTarget t, host_->BeginSync(b));
   syncing_ = t.store;
   disks_ = std::move(t.disks);
+  base_ = offered_ ? t.base : nullptr;
+  base_block_.assign(b.blocks.size(), -1);
+  if (base_) {
+    for (size_t i = 0; i < b.blocks.size(); i++)
+      for (size_t j = 0; j < base_->blocks().size(); j++)
+        if (base_->blocks()[j] == b.blocks[i]) base_block_[i] = static_cast<long>(j);
+  }
+  kept_pages_ = 0;
   disk_synced_ = -1;
   stats_->sync_total = b.total_bytes;
   stats_->sync_done = 0;
@@ -321,7 +422,13 @@ Status Session::CommitEpoch(uint64_t epoch, const std::string& payload) {
   if (opts_.before_commit_for_test) opts_.before_commit_for_test(epoch);
   if (epoch == 0) {
     if (!syncing_) return FailedPrecondition("COMMIT of the initial copy without SYNC_BEGIN");
+    if (Status v = VerifyInitial(ci); !v.ok()) {
+      if (base_) host_->DropResyncBase(v.message());
+      base_ = nullptr;
+      return v;
+    }
     RETURN_IF_ERROR(host_->CommitInitial(blob, ci.page_count));
+    base_ = nullptr;  // CommitInitial retired it
     syncing_ = nullptr;
   } else {
     Staging st = std::move(staging_);

@@ -56,6 +56,9 @@ class SessionHost {
   struct SyncTarget {
     PageStore* store = nullptr;
     std::shared_ptr<DiskReplicaSet> disks;
+    // The image offered for a delta resync (ResyncBase), if one was; KEEP
+    // copies its pages. Valid until the session ends.
+    const PageStore* base = nullptr;
   };
   virtual StatusOr<SyncTarget> BeginSync(const wire::SyncBeginMsg& begin) = 0;
   // COMMIT 0: the session's store becomes the committed one.
@@ -70,6 +73,14 @@ class SessionHost {
   // checkpoint `epoch`. OK: accepted (the domain is switching-over and will
   // promote from `epoch`); an error: refused (the session ends with ERROR).
   virtual Status AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg& msg) = 0;
+  // Delta resync: the image this domain can offer (a retired or kept
+  // committed store of an earlier session; never the restorable one), or
+  // nullptr with *why saying why not. Called after AcceptConfig. The store
+  // stays valid and unchanged until the session ends.
+  virtual const PageStore* ResyncBase(std::string* why) = 0;
+  // The offered image proved unusable (a digest mismatch, a bad KEEP): it is
+  // removed, so the next protection makes a full copy.
+  virtual void DropResyncBase(const std::string& why) = 0;
 };
 
 // Counters that outlive sessions (status and metrics). Written by the
@@ -81,6 +92,12 @@ struct IngestStats {
   std::atomic<double> apply_mb_s{0};
   Histogram apply_hist{Histogram::LatencySeconds()};  // seconds per commit
   std::atomic<uint64_t> checkpoints_total{0};         // committed epochs after the initial copy
+  // The last initial copy (delta resync): pages the backup offered, pages
+  // the primary kept from that image instead of sending them, pages it sent
+  // (data and zero records); verified: -1 not a delta (or not finished),
+  // 1 the digest matched, 0 it did not.
+  std::atomic<uint64_t> initial_offered_pages{0}, initial_kept_pages{0}, initial_received_pages{0};
+  std::atomic<int> initial_verified{-1};
 };
 
 struct SessionOptions {
@@ -115,6 +132,11 @@ class Session {
   Status HandleFrame(wire::Frame& f, SessionOutcome* outcome);
   Status HandleConfig(const std::string& payload);
   Status HandleSyncBegin(const std::string& payload);
+  // Delta resync: RESYNC_OFFER and RESYNC_HASHES to the primary.
+  Status SendOffer();
+  Status HandleKeep(const wire::Frame& f);
+  // COMMIT 0 of a delta resync: the new image against the primary's digest.
+  Status VerifyInitial(const wire::CommitInfo& ci);
   Status CommitEpoch(uint64_t epoch, const std::string& payload);
   Status HandleSwitchover(uint64_t epoch, const std::string& payload);
   void AckLoop(wire::Link* link) EXCLUDES(sess_mu_);
@@ -138,7 +160,12 @@ class Session {
   bool over_ GUARDED_BY(sess_mu_) = false;
 
   // Run's thread only.
+  wire::Link* link_ = nullptr;  // during Run
   bool config_seen_ = false;
+  bool offered_ = false;             // a RESYNC_OFFER with blocks went out
+  const PageStore* base_ = nullptr;  // the offered image, from SYNC_BEGIN on
+  std::vector<long> base_block_;     // per SYNC_BEGIN block: base_'s block of the same layout, or -1
+  uint64_t kept_pages_ = 0;          // pages KEEP copied in this initial copy
   PageStore* syncing_ = nullptr;  // the initial copy's store, until COMMIT 0
   bool committed_initial_ = false;
   Staging staging_;

@@ -6,6 +6,7 @@
 
 #include "common/hex.h"
 #include "common/io.h"
+#include "replicator/link/page_batch.h"
 
 namespace remus::wire {
 
@@ -150,6 +151,7 @@ std::string EncodeConfig(const ConfigMsg& m) {
   if (!m.netbuf.empty()) j["netbuf"] = m.netbuf;
   if (m.compress) j["compress"] = true;
   if (!m.disks_option.empty()) j["disks_option"] = m.disks_option;
+  if (m.delta_resync) j["delta_resync"] = true;
   return Dump(j);
 }
 
@@ -185,6 +187,10 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
   if (m.disks_option.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") !=
       std::string::npos)
     return w.Error("disks_option", "is not all, none, or a comma-separated list of drive ids");
+  if (const json* d = Find(j, "delta_resync")) {
+    if (!d->is_boolean()) return w.Error("delta_resync", "is not a boolean");
+    m.delta_resync = d->get<bool>();
+  }
 
   if (const json* lv = Find(j, "libvirt")) {
     const Where lw{w.msg, "libvirt."};
@@ -274,6 +280,98 @@ StatusOr<SyncBeginMsg> DecodeSyncBegin(std::string_view payload) {
   m.configuration = std::move(*config);
   RETURN_IF_ERROR(GetUint(j, w, "total_bytes", &m.total_bytes));
   return m;
+}
+
+// ---- RESYNC_OFFER, RESYNC_HASHES, KEEP -----------------------------------------
+
+std::string EncodeResyncOffer(const ResyncOfferMsg& m) {
+  json blocks = json::array();
+  for (const auto& b : m.blocks) blocks.push_back({{"id", b.id}, {"used_length", b.used_length}});
+  json j = {{"blocks", std::move(blocks)}, {"epoch", m.epoch}};
+  if (!m.reason.empty()) j["reason"] = m.reason;
+  return Dump(j);
+}
+
+StatusOr<ResyncOfferMsg> DecodeResyncOffer(std::string_view payload) {
+  const Where w{"RESYNC_OFFER"};
+  ASSIGN_OR_RETURN(json j, ParseObject(payload, w.msg));
+  ResyncOfferMsg m;
+  RETURN_IF_ERROR(GetUint(j, w, "epoch", &m.epoch));
+  RETURN_IF_ERROR(GetString(j, w, "reason", &m.reason, 4096));
+  if (const json* blocks = Find(j, "blocks")) {
+    if (!blocks->is_array()) return w.Error("blocks", "is not an array");
+    if (blocks->size() > kMaxSyncBlocks)
+      return w.Error("blocks", "has " + std::to_string(blocks->size()) + " entries, more than " +
+                                   std::to_string(kMaxSyncBlocks));
+    std::set<std::string> ids;
+    uint64_t total = 0;
+    for (size_t i = 0; i < blocks->size(); i++) {
+      const json& b = (*blocks)[i];
+      const Where bw{w.msg, "blocks[" + std::to_string(i) + "]."};
+      if (!b.is_object()) return bw.Error("is not an object");
+      qemu::RamBlock rb;
+      RETURN_IF_ERROR(Require(b, bw, "id"));
+      RETURN_IF_ERROR(GetString(b, bw, "id", &rb.id, kMaxBlockIdLen));
+      if (rb.id.empty()) return bw.Error("id", "is empty");
+      if (!ids.insert(rb.id).second) return bw.Error("id", "'" + rb.id + "' appears twice");
+      RETURN_IF_ERROR(Require(b, bw, "used_length"));
+      RETURN_IF_ERROR(GetUint(b, bw, "used_length", &rb.used_length));
+      if (rb.used_length == 0 || rb.used_length % kPageSize != 0)
+        return bw.Error("used_length", "is not a non-zero multiple of " + std::to_string(kPageSize));
+      if (rb.used_length > kMaxResyncBytes - total)
+        return w.Error("blocks", "add up to more than " + std::to_string(kMaxResyncBytes >> 40) + " TiB");
+      total += rb.used_length;
+      m.blocks.push_back(std::move(rb));
+    }
+  }
+  return m;
+}
+
+std::string EncodeResyncHashes(uint32_t block, uint64_t first_page, const PageHash* hashes, size_t count) {
+  std::string out;
+  out.reserve(kResyncHashesHeader + count * kPageHashSize);
+  PutU32(&out, block);
+  PutU64(&out, first_page);
+  for (size_t i = 0; i < count; i++) AppendPageHash(&out, hashes[i]);
+  return out;
+}
+
+StatusOr<ResyncHashesMsg> DecodeResyncHashes(std::string_view payload) {
+  if (payload.size() < kResyncHashesHeader + kPageHashSize || (payload.size() - kResyncHashesHeader) % kPageHashSize != 0)
+    return DataLoss("RESYNC_HASHES of " + std::to_string(payload.size()) +
+                    " bytes: expected a 12-byte header and whole 16-byte hashes, at least one");
+  const auto* p = reinterpret_cast<const uint8_t*>(payload.data());
+  ResyncHashesMsg m;
+  m.block = LoadU32(p);
+  m.first_page = LoadU64(p + 4);
+  size_t n = (payload.size() - kResyncHashesHeader) / kPageHashSize;
+  if (m.first_page > (kMaxResyncBytes / kPageSize))
+    return DataLoss("RESYNC_HASHES: first page " + std::to_string(m.first_page) + " is beyond any guest");
+  m.hashes.reserve(n);
+  for (size_t i = 0; i < n; i++) m.hashes.push_back(LoadPageHash(p + kResyncHashesHeader + i * kPageHashSize));
+  return m;
+}
+
+void AppendKeepRun(std::string* out, const KeepRun& r) {
+  PutU32(out, r.block);
+  PutU64(out, r.first_page);
+  PutU32(out, r.count);
+}
+
+StatusOr<std::vector<KeepRun>> DecodeKeep(std::string_view payload) {
+  if (payload.empty() || payload.size() % kKeepRunSize != 0)
+    return DataLoss("KEEP of " + std::to_string(payload.size()) + " bytes: expected whole 16-byte runs, at least one");
+  const auto* p = reinterpret_cast<const uint8_t*>(payload.data());
+  std::vector<KeepRun> runs;
+  runs.reserve(payload.size() / kKeepRunSize);
+  for (size_t pos = 0; pos < payload.size(); pos += kKeepRunSize) {
+    KeepRun r{LoadU32(p + pos), LoadU64(p + pos + 4), LoadU32(p + pos + 12)};
+    if (r.count == 0) return DataLoss("KEEP run " + std::to_string(pos / kKeepRunSize) + " has no pages");
+    if (r.first_page > kMaxResyncBytes / kPageSize)
+      return DataLoss("KEEP run " + std::to_string(pos / kKeepRunSize) + " starts beyond any guest");
+    runs.push_back(r);
+  }
+  return runs;
 }
 
 // ---- FAILOVER, GOODBYE -------------------------------------------------------

@@ -1,5 +1,6 @@
 // Typed codecs for the link's JSON messages: CONFIG, SYNC_BEGIN, FAILOVER and
-// GOODBYE (docs/formats/replication-link.md lists every field, its type and
+// GOODBYE, and the delta resync's RESYNC_OFFER (JSON), RESYNC_HASHES and KEEP
+// (binary) (docs/formats/replication-link.md lists every field, its type and
 // its bounds). The primary encodes with these; the backup decodes with them,
 // so a peer's payload is checked in exactly one place.
 //
@@ -30,6 +31,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "common/status.h"
+#include "replicator/link/page_hash.h"
 #include "replicator/qemu/qemu_stream.h"
 
 namespace remus::wire {
@@ -96,6 +98,8 @@ struct ConfigMsg {
   std::string netbuf;
   bool compress = false;
   std::string disks_option;  // <= 1024 of [A-Za-z0-9_.,-]
+  // The primary takes a RESYNC_OFFER: the backup answers CONFIG with one.
+  bool delta_resync = false;
   bool operator==(const ConfigMsg&) const = default;
 };
 std::string EncodeConfig(const ConfigMsg& m);
@@ -133,5 +137,54 @@ struct SwitchoverMsg {
 };
 std::string EncodeSwitchover(const SwitchoverMsg& m);
 StatusOr<SwitchoverMsg> DecodeSwitchover(std::string_view payload);
+// ---- delta resync (docs/formats/replication-link.md, "Delta resync") ----
+
+// Sum of an offer's used_length (the page store's own limit).
+inline constexpr uint64_t kMaxResyncBytes = 16ull << 40;
+inline constexpr size_t kResyncHashesHeader = 12;  // be32 block, be64 first page
+inline constexpr size_t kKeepRunSize = 16;         // be32 block, be64 first page, be32 count
+
+// RESYNC_OFFER (backup -> primary, after CONFIG with delta_resync): the
+// layout of the image the backup offers. No blocks: nothing is offered and
+// `reason` says why (the copy is full).
+struct ResyncOfferMsg {
+  std::vector<qemu::RamBlock> blocks;  // <= kMaxSyncBlocks; ids unique, 1..255 bytes;
+                                       // used_length a non-zero multiple of kPageSize
+  uint64_t epoch = 0;                  // the offered image's committed epoch (informational)
+  std::string reason;                  // why nothing is offered
+  bool operator==(const ResyncOfferMsg&) const = default;
+};
+std::string EncodeResyncOffer(const ResyncOfferMsg& m);
+StatusOr<ResyncOfferMsg> DecodeResyncOffer(std::string_view payload);
+
+// RESYNC_HASHES (backup -> primary): the hashes of `count` consecutive pages
+// of one offered block, from page index first_page. Binary: be32 block,
+// be64 first_page, then count x 16 bytes (count >= 1).
+struct ResyncHashesMsg {
+  uint32_t block = 0;       // index into the offer's blocks
+  uint64_t first_page = 0;  // page index (offset / kPageSize)
+  std::vector<PageHash> hashes;
+  bool operator==(const ResyncHashesMsg&) const = default;
+};
+std::string EncodeResyncHashes(uint32_t block, uint64_t first_page, const PageHash* hashes, size_t count);
+// DataLoss for a payload shorter than the header plus one hash or whose
+// hashes are not whole. Ranges against the offer are the receiver's check
+// (ResyncOfferAssembler).
+StatusOr<ResyncHashesMsg> DecodeResyncHashes(std::string_view payload);
+
+// KEEP (primary -> backup, epoch 0): runs of pages of the initial copy whose
+// content is the offered image's page at the same block and offset. Binary:
+// a sequence of (be32 block, be64 first_page, be32 count >= 1); `block`
+// indexes SYNC_BEGIN's blocks.
+struct KeepRun {
+  uint32_t block = 0;
+  uint64_t first_page = 0;
+  uint32_t count = 0;
+  bool operator==(const KeepRun&) const = default;
+};
+void AppendKeepRun(std::string* out, const KeepRun& r);
+// DataLoss for an empty payload, one that is not whole runs, a run of 0
+// pages or one whose end overflows. Ranges are the receiver's check.
+StatusOr<std::vector<KeepRun>> DecodeKeep(std::string_view payload);
 
 }  // namespace remus::wire

@@ -114,6 +114,9 @@ std::string MsgTypeName(uint16_t t) {
     case MsgType::kProgress: return "PROGRESS";
     case MsgType::kDisk: return "DISK";
     case MsgType::kDiskSynced: return "DISK_SYNCED";
+    case MsgType::kResyncOffer: return "RESYNC_OFFER";
+    case MsgType::kResyncHashes: return "RESYNC_HASHES";
+    case MsgType::kKeep: return "KEEP";
     case MsgType::kSwitchover: return "SWITCHOVER";
   }
   return "TYPE_" + std::to_string(t);
@@ -597,6 +600,8 @@ std::string KeyFingerprint(const Key& key) {
 std::string EncodeCommit(const CommitInfo& c) {
   json j{{"page_count", c.page_count}, {"page_bytes", c.page_bytes}, {"device_bytes", c.device_bytes}};
   if (c.disk_records > 0) j["disk_records"] = c.disk_records;
+  if (c.kept_pages > 0) j["kept_pages"] = c.kept_pages;
+  if (!c.image_digest.empty()) j["image_digest"] = c.image_digest;
   return j.dump();
 }
 
@@ -615,6 +620,15 @@ StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
                     " bytes): expected {page_count, page_bytes, device_bytes}");
   if (j->contains("disk_records") && !get("disk_records", &c.disk_records))
     return DataLoss("malformed COMMIT payload: disk_records is not a count");
+  if (j->contains("kept_pages") && !get("kept_pages", &c.kept_pages))
+    return DataLoss("malformed COMMIT payload: kept_pages is not a count");
+  if (j->contains("image_digest")) {
+    const auto& d = (*j)["image_digest"];
+    if (!d.is_string() || d.get_ref<const std::string&>().size() != 32 ||
+        d.get_ref<const std::string&>().find_first_not_of("0123456789abcdef") != std::string::npos)
+      return DataLoss("malformed COMMIT payload: image_digest is not 32 lowercase hex digits");
+    c.image_digest = d.get<std::string>();
+  }
   return c;
 }
 

@@ -79,11 +79,14 @@ enum class MsgType : uint16_t {
   kProgress = 15,   // primary -> backup: initial sync progress (JSON)
   kDisk = 16,       // primary -> backup: one disk write of epoch `epoch` (DiskRecord)
   kDiskSynced = 17, // primary -> backup: every disk copy is complete as of checkpoint `epoch`
-  kSwitchover = 18, // primary -> backup: planned switchover from final checkpoint `epoch`;
-                    // backup -> primary: accepted, it promotes from `epoch`
+  kResyncOffer = 18,   // backup -> primary: the image it offers for a delta resync (ResyncOfferMsg)
+  kResyncHashes = 19,  // backup -> primary: page hashes of the offered image (ResyncHashesMsg)
+  kKeep = 20,          // primary -> backup: initial-copy pages kept from the offered image (KeepRun)
+  kSwitchover = 21,    // primary -> backup: planned switchover from final checkpoint `epoch`;
+                       // backup -> primary: accepted, it promotes from `epoch`
 };
 inline constexpr uint16_t kMinMsgType = 1;
-inline constexpr uint16_t kMaxMsgType = 18;
+inline constexpr uint16_t kMaxMsgType = 21;
 
 // "HELLO", "PAGES", ...; "TYPE_<n>" for values outside the enum.
 std::string MsgTypeName(MsgType t);
@@ -269,6 +272,10 @@ struct CommitInfo {
   uint64_t page_bytes = 0;    // sum of those frames' payload sizes
   uint64_t device_bytes = 0;  // size of the reassembled kDevice blob
   uint64_t disk_records = 0;  // kDisk frames of this epoch (absent: 0)
+  // Epoch 0 of a delta resync: pages kept (KEEP), and the digest of the
+  // image the initial copy must give (page_hash.h; 32 hex digits, "" absent).
+  uint64_t kept_pages = 0;
+  std::string image_digest;
   bool operator==(const CommitInfo&) const = default;
 };
 std::string EncodeCommit(const CommitInfo& c);

@@ -17,15 +17,34 @@ namespace {
 
 constexpr size_t kBatchBytes = PrimaryLifecycle::kBatchBytes;
 
-// Collects page records into PAGES payloads of about kBatchBytes.
+// Collects page records into PAGES payloads of about kBatchBytes. With a
+// delta filter, pages the backup's image holds become KEEP runs instead.
+// Order: a KEEP and a PAGES frame are applied in the order they are sent, and
+// a page sent twice must end as its last copy says. Within one pass of QEMU
+// over the blocks (positions rising) no page comes twice, so the sink flushes
+// both (KEEP first) whenever the position goes back, and at the end.
 class BatchingSink final : public qemu::PageSink {
  public:
   using Flush = std::function<void(std::string&&)>;
-  explicit BatchingSink(Flush flush) : flush_(std::move(flush)) { cur_.reserve(kBatchBytes + 8192); }
+  BatchingSink(Flush flush, Flush flush_keep, wire::DeltaFilter* delta)
+      : flush_(std::move(flush)), flush_keep_(std::move(flush_keep)), delta_(delta) {
+    cur_.reserve(kBatchBytes + 8192);
+  }
   Status OnPage(uint32_t block, uint64_t offset, const uint8_t* data) override {
     if (first_page_) {
       first_page_();
       first_page_ = nullptr;
+    }
+    if (delta_) {
+      if (seen_ && (block < last_block_ || (block == last_block_ && offset <= last_offset_))) Drain();
+      seen_ = true;
+      last_block_ = block;
+      last_offset_ = offset;
+      if (delta_->Decide(block, offset, data)) {
+        keep_.Add(block, offset / wire::kPageSize);
+        if (keep_.size() >= kMaxKeepBytes) Drain();
+        return OkStatus();
+      }
     }
     wire::AppendPageRecord(&cur_, block, offset, data);
     pages_++;
@@ -34,6 +53,7 @@ class BatchingSink final : public qemu::PageSink {
     return OkStatus();
   }
   void Drain() {
+    if (!keep_.empty()) flush_keep_(keep_.Take());
     if (cur_.empty()) return;
     bytes_ += cur_.size();
     flush_(std::move(cur_));
@@ -46,7 +66,14 @@ class BatchingSink final : public qemu::PageSink {
   uint64_t bytes() const { return bytes_; }
 
  private:
+  static constexpr size_t kMaxKeepBytes = 1u << 20;
   Flush flush_;
+  Flush flush_keep_;
+  wire::DeltaFilter* delta_;
+  wire::KeepRunBuilder keep_;
+  bool seen_ = false;
+  uint32_t last_block_ = 0;
+  uint64_t last_offset_ = 0;
   std::function<void()> first_page_;
   std::string cur_;
   uint64_t pages_ = 0, zero_pages_ = 0, bytes_ = 0;
@@ -91,12 +118,18 @@ void PrimaryLifecycle::EpochLoop() {
 Status PrimaryLifecycle::RunInitialSync() {
   qemu::InitialInfo info;
   Status disk_start;
-  BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); });
+  BatchingSink sink([this](std::string&& b) { Enqueue({MsgType::kPages, 0, std::move(b)}); },
+                    [this](std::string&& k) { Enqueue({MsgType::kKeep, 0, std::move(k)}); }, delta_.get());
   sink.OnFirstPage([&] {
     wire::SyncBeginMsg begin{source_->blocks(), info.configuration, 0};
     for (const auto& b : begin.blocks) begin.total_bytes += b.used_length;
     sync_total_bytes_ = begin.total_bytes;
     Enqueue({MsgType::kSyncBegin, 0, wire::EncodeSyncBegin(begin)});
+    if (delta_) {
+      size_t matched = delta_->Bind(begin.blocks);
+      LOG_INFO(Tag()) << "delta resync: " << matched << " of " << begin.blocks.size()
+                      << " RAM blocks match the backup's image (" << delta_->offered_pages() << " pages to compare)";
+    }
     // The disks' background copy runs alongside the memory copy and on into
     // the first checkpoints; every write is tagged with its epoch. It starts
     // after SYNC_BEGIN, which opens the backup's journals.
@@ -129,6 +162,19 @@ Status PrimaryLifecycle::RunInitialSync() {
   // QEMU stopped the guest for the device state; let it run again right away.
   Enqueue({MsgType::kDevice, 0, info.device_state});
   wire::CommitInfo ci{sink.pages(), sink.bytes(), info.device_state.size()};
+  initial_sent_pages_ = sink.pages();
+  if (delta_) {
+    // The backup checks its image against this before it commits it.
+    ci.kept_pages = delta_->kept();
+    ci.image_digest = wire::PageHashHex(delta_->Digest());
+    initial_kept_pages_ = delta_->kept();
+    uint64_t all = delta_->kept() + delta_->sent();
+    std::string note = "delta resync: kept " + std::to_string(delta_->kept()) + " of " + std::to_string(all) +
+                       " pages (" + std::to_string((delta_->kept() * wire::kPageSize) >> 20) + " MiB not sent)";
+    LOG_INFO(Tag()) << note;
+    MutexLock l(mu_);
+    resync_note_ = note;
+  }
   {
     MutexLock l(mu_);
     cv_.Wait(mu_, [&]() REQUIRES(mu_) { return stopping_ || queued_bytes_ < kInitialQueueBound; });

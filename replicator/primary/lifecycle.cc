@@ -131,6 +131,12 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
   end_qemu_ = std::move(deps.end_qemu);
   monitor_connected_ = std::move(deps.monitor_connected);
   lease_ = deps.lease;
+  delta_ = std::move(deps.delta);
+  delta_offered_ = delta_ != nullptr;
+  {
+    MutexLock l(mu_);
+    resync_note_ = std::move(deps.resync_note);
+  }
   if (deps.make_disks)
     disks_ = deps.make_disks([this](uint32_t i, wire::DiskOp op, uint64_t off, uint64_t len,
                                     std::span<const uint8_t> data) { OnDiskWrite(i, op, off, len, data); });
@@ -609,6 +615,14 @@ void PrimaryLifecycle::FillStatus(json* out) const {
     j["unacked_epochs"] = unacked_.size();
     j["unacked_bytes"] = unacked_bytes_;
     j["error"] = error_;
+    // The initial copy: what the delta resync kept of the backup's image.
+    uint64_t kept = initial_kept_pages_;
+    j["initial_copy"] = {{"mode", delta_offered_ ? "delta" : "full"},
+                         {"pages_sent", initial_sent_pages_.load()},
+                         {"pages_kept", kept},
+                         {"bytes_saved", kept * wire::kPageSize},
+                         {"wire_bytes", initial_wire_bytes_.load()},
+                         {"note", resync_note_}};
   }
   if (attached && disks_) {
     json dj = disks_->Progress();

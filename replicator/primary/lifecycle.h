@@ -87,6 +87,7 @@
 #include "netbuf/netbuf.h"
 #include "replicator/link/messages.h"
 #include "replicator/link/page_batch.h"
+#include "replicator/link/resync.h"
 #include "replicator/link/wire.h"
 #include "replicator/primary/disk_source.h"
 #include "replicator/qemu/checkpoint_stream.h"
@@ -156,6 +157,10 @@ struct LifecycleDeps {
   // Arbitration: this host's lease on the domain (outlives this object,
   // started). Null: --arbiter none.
   DomainLease* lease = nullptr;
+  // Delta resync: the backup's offer (complete). Null: the initial copy is
+  // full, and resync_note says why.
+  std::unique_ptr<wire::DeltaFilter> delta;
+  std::string resync_note;
 };
 
 class PrimaryLifecycle {
@@ -300,6 +305,11 @@ class PrimaryLifecycle {
   // initial copy; others read netbuf_.
   std::unique_ptr<OutputBuffer> netbuf_owner_;
   std::atomic<OutputBuffer*> netbuf_{nullptr};
+  // Delta resync (epoch thread only, set by Attach), and what the status
+  // says about the initial copy.
+  std::unique_ptr<wire::DeltaFilter> delta_;
+  std::atomic<bool> delta_offered_{false};
+  std::atomic<uint64_t> initial_sent_pages_{0}, initial_kept_pages_{0}, initial_wire_bytes_{0};
 
   // Set by Attach once the fields above are: monitor events (which may
   // arrive before Attach returns) read disks_ only then.
@@ -343,6 +353,7 @@ class PrimaryLifecycle {
   bool switch_kick_ GUARDED_BY(mu_) = false;  // wakes the lifecycle thread for StepSwitchover
   Status switch_status_ GUARDED_BY(mu_);  // how the switchover ended
   wire::SwitchoverMsg switch_msg_ GUARDED_BY(mu_);
+  std::string resync_note_ GUARDED_BY(mu_);  // why the initial copy was full, or what the delta kept
 
   std::deque<OutFrame> queue_ GUARDED_BY(mu_);
   uint64_t queued_bytes_ GUARDED_BY(mu_) = 0;

@@ -44,6 +44,53 @@ Status CheckInterval(const std::string& domain, int ms) {
   return InvalidArgument("domain " + domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
 }
 
+// Delta resync: the backup's answer to CONFIG (RESYNC_OFFER, then the
+// hashes of every offered page). Null with *note saying why the copy is full;
+// an ERROR from the backup (it refused CONFIG) is returned as the error.
+StatusOr<std::unique_ptr<wire::DeltaFilter>> ReceiveResyncOffer(wire::Link& link, const std::string& domain,
+                                                                Nanos first_wait, Nanos silence, std::string* note) {
+  wire::ResyncOfferAssembler offer;
+  auto deadline = std::chrono::steady_clock::now() + first_wait;
+  while (!offer.complete()) {
+    auto f = link.RecvUntil(deadline);
+    if (!f.ok()) {
+      if (f.status().code() == Code::kDeadlineExceeded && !offer.begun()) {
+        *note = "full copy: the backup sent no resync offer (a release without delta resync?)";
+        return std::unique_ptr<wire::DeltaFilter>();
+      }
+      return Status(f.status().code(), "domain " + domain + ": receiving the backup's resync offer: " + f.status().message());
+    }
+    if (offer.begun()) deadline = std::chrono::steady_clock::now() + silence;  // the backup is hashing: keep waiting while it talks
+    switch (f->type) {
+      case MsgType::kHeartbeat:
+        break;
+      case MsgType::kError:
+        return wire::DecodeError(f->payload).Annotate("domain " + domain + ": the backup refused the stream");
+      case MsgType::kResyncOffer: {
+        ASSIGN_OR_RETURN(wire::ResyncOfferMsg m, wire::DecodeResyncOffer(f->payload));
+        RETURN_IF_ERROR(offer.Begin(std::move(m)));
+        deadline = std::chrono::steady_clock::now() + silence;
+        break;
+      }
+      case MsgType::kResyncHashes: {
+        ASSIGN_OR_RETURN(wire::ResyncHashesMsg m, wire::DecodeResyncHashes(f->payload));
+        RETURN_IF_ERROR(offer.Add(m));
+        break;
+      }
+      default:
+        return InvalidArgument("domain " + domain + ": unexpected " + wire::MsgTypeName(f->type) +
+                               " from the backup before the initial copy");
+    }
+  }
+  if (offer.offer().blocks.empty()) {
+    *note = "full copy: " + (offer.offer().reason.empty() ? std::string("the backup offered no image") : offer.offer().reason);
+    return std::unique_ptr<wire::DeltaFilter>();
+  }
+  *note = "delta resync: the backup offered its image of checkpoint " + std::to_string(offer.offer().epoch);
+  std::vector<qemu::RamBlock> blocks = offer.offer().blocks;
+  return std::make_unique<wire::DeltaFilter>(std::move(blocks), offer.TakeHashes());
+}
+
 LifecycleOptions ToLifecycleOptions(const PrimaryOptions& o) {
   LifecycleOptions lo;
   lo.domain = o.domain;
@@ -256,7 +303,15 @@ Status PrimaryReplicator::Connect() {
   for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.
   if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};
+  config.delta_resync = opts_.delta_resync;
   RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, wire::EncodeConfig(config)).Annotate("domain " + d + ": sending configuration"));
+  std::unique_ptr<wire::DeltaFilter> delta;
+  std::string resync_note = "full copy: delta resync is off on this primary";
+  if (opts_.delta_resync) {
+    ASSIGN_OR_RETURN(delta, ReceiveResyncOffer(*link_, d, std::chrono::milliseconds(opts_.resync_offer_timeout_ms),
+                                               opts_.heartbeat.timeout, &resync_note));
+    LOG_INFO(tag) << resync_note;
+  }
 
   // libvirt's QEMU may not open a path of ours (its own user, AppArmor): the
   // COLO stream and the disks' NBD sockets reach it as passed fds.
@@ -295,6 +350,8 @@ Status PrimaryReplicator::Connect() {
   };
   if (libvirt_) deps.monitor_connected = [lv = libvirt_] { return lv->connected(); };
   if (owned_) deps.lease = &owned_->lease();
+  deps.delta = std::move(delta);
+  deps.resync_note = std::move(resync_note);
   CheckpointSourceOptions so{d, opts_.run_dir + "/" + d + ".migrate.sock", opts_.interval_ms, 10000};
   so.pass_fd = pass_fd;  // a socketpair end instead of our listening socket
   deps.source = std::make_unique<CheckpointSource>(monitor_.get(), std::move(so));

@@ -89,6 +89,12 @@ struct PrimaryOptions {
   // Disks to mirror: "all" writable -drive disks, "none", or drive ids "a,b".
   std::string disks = "all";
   bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
+  // Delta resync: ask the backup for the image it holds of this domain and
+  // send only the pages it lacks (docs/formats/replication-link.md).
+  bool delta_resync = true;
+  // How long to wait for the backup's RESYNC_OFFER to begin (a backup that
+  // sends none, an older release, gets a full copy after this).
+  int resync_offer_timeout_ms = 5000;
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
   int connect_timeout_ms = 5000;

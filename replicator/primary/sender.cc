@@ -129,6 +129,9 @@ void PrimaryLifecycle::AckLoop() {
         break;
       case MsgType::kHeartbeat:
         break;
+      case MsgType::kResyncOffer:
+      case MsgType::kResyncHashes:
+        break;  // an offer that came after Connect stopped waiting: the copy is full
       case MsgType::kError:
         // After SWITCHOVER went out, an ERROR is the backup's refusal: it
         // never promotes this session, so our guest may resume.
@@ -156,6 +159,8 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
   bool complete;
   {
     MutexLock l(mu_);
+    // What the initial copy took on the link (with the device state).
+    if (last_acked_epoch_ < 0) initial_wire_bytes_ = link_->bytes_sent();
     if (static_cast<int64_t>(e) > last_acked_epoch_) last_acked_epoch_ = static_cast<int64_t>(e);
     while (!unacked_.empty() && unacked_.front().first <= e) {
       unacked_bytes_ -= unacked_.front().second;

@@ -275,6 +275,18 @@ def test_hook_script_alone(tmp_path):
     r = run("<domain")
     assert r.returncode == 0 and "cannot parse" in r.stderr, r.stderr
 
+    # The request the metadata's attributes make (the hook as a module).
+    import importlib.machinery
+    import importlib.util
+    import xml.etree.ElementTree as ET
+    loader = importlib.machinery.SourceFileLoader("remus_hook", str(HOOK))
+    hook = importlib.util.module_from_spec(importlib.util.spec_from_loader("remus_hook", loader))
+    loader.exec_module(hook)
+    el = ET.fromstring("<protect backup='h:1' interval='50' netbuf='nfqueue' reprotect-to='self'/>")
+    req = hook.request_for("x", "started", el, {})
+    assert req == {"command": "protect", "domain": "x", "backup": "h:1", "async": True, "interval_ms": 50,
+                   "netbuf": "nfqueue", "reprotect_to": "self"}, req
+
     # Installing next to another program's qemu hook goes to qemu.d/, twice is a no-op.
     d = tmp_path / "hooks"
     d.mkdir()

@@ -337,6 +337,14 @@ def messages_seeds():
     put("fuzz_messages", "config", b"\x00" + CONFIG)
     put("fuzz_messages", "sync-begin", b"\x01" + SYNC)
     put("fuzz_messages", "reason", b"\x02" + b'{"reason":"QEMU exited"}')
+    put("fuzz_messages", "resync-offer", b"\x03" + b'{"blocks":[{"id":"pc.ram","used_length":32768},'
+        b'{"id":"rom","used_length":8192}],"epoch":7}')
+    h = bytes(range(16))
+    put("fuzz_messages", "resync-hashes", b"\x04" + struct.pack(">IQ", 0, 2) + h * 3)
+    put("fuzz_messages", "keep", b"\x05" + struct.pack(">IQI", 0, 0, 5) + struct.pack(">IQI", 1, 9, 1))
+    # Cut 2 (12 + 32 bytes): block 0 in 4 frames of 2 hashes, then block 1.
+    frames = b"".join(struct.pack(">IQ", 0, i) + h * 2 for i in (0, 2, 4, 6)) + struct.pack(">IQ", 1, 0) + h * 2
+    put("fuzz_messages", "resync-assemble", b"\x06\x01" + frames)
 
 
 if __name__ == "__main__":

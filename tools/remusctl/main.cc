@@ -387,6 +387,11 @@ int main(int argc, char** argv) {
   auto* status = app.add_subcommand("status", "show protected domains");
   status->add_option("domain", domain, "only this domain");
   status->add_flag("--json", json_out, "machine-readable output");
+  std::string status_role;
+  status->add_option("--role", status_role,
+                     "only this side's records, unmerged: primary (what this host protects) or backup (what it "
+                     "backs up or promoted)")
+      ->check(CLI::IsMember({"primary", "backup"}));
 
   auto* failover = app.add_subcommand("failover", "on the backup: start the guest here from the last checkpoint");
   failover->add_option("domain", domain, "domain name")->required();
@@ -466,6 +471,7 @@ int main(int argc, char** argv) {
   if (*status) {
     json req = {{"command", "status"}};
     if (!domain.empty()) req["domain"] = domain;
+    if (!status_role.empty()) req["role"] = status_role;
     auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
     if (json_out) std::cout << (*r)["domains"].dump(2) << "\n";

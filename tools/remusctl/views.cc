@@ -222,6 +222,15 @@ std::string StatsText(const json& d, bool histograms) {
   };
   auto count = [&](double v) { return Fmt("%.0f", v); };
   line("checkpoints", count(Num(d, "checkpoints_total")));
+  if (d.contains("initial_copy") && d["initial_copy"].is_object()) {
+    // The last initial copy: a delta resync keeps what the backup's image had.
+    const json& ic = d["initial_copy"];
+    double kept = Num(ic, p ? "pages_kept" : "kept_pages"), sent = Num(ic, p ? "pages_sent" : "received_pages");
+    std::string mode = ic.value("mode", std::string("?"));
+    line("initial copy", mode + ": " + count(sent) + " pages sent" +
+                             (mode == "delta" ? ", " + count(kept) + " kept (" + Bytes(Num(ic, "bytes_saved")) + " not sent)"
+                                              : std::string()));
+  }
   if (p) {
     double pages = Num(d, "dirty_pages_total");
     line("last acked epoch", count(Num(d, "last_acked_epoch", -1)));

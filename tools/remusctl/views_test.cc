@@ -106,6 +106,9 @@ TEST(Stats, TextAndJson) {
   EXPECT_NE(t.find("ack latency"), std::string::npos) << t;
   EXPECT_NE(t.find("held 7, released 3, dropped 0"), std::string::npos) << t;
   EXPECT_EQ(StatsText(d, false).find("guest pause"), std::string::npos);
+  d["initial_copy"] = {{"mode", "delta"}, {"pages_sent", 655}, {"pages_kept", 65290}, {"bytes_saved", 65290 * 4096}};
+  EXPECT_NE(StatsText(d, false).find("initial copy           delta: 655 pages sent, 65290 kept ("), std::string::npos)
+      << StatsText(d, false);
 
   json j = StatsJson(d, true);
   EXPECT_EQ(j["counters"]["checkpoints_total"], 120);
