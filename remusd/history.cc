@@ -108,6 +108,7 @@ std::string DomainHistory::PrimaryText(const std::string& to, const std::string&
   if (to == "failed-over") return "the guest's QEMU died here; failed over to " + peer + reason;
   if (to == "unprotected") return "protection to " + peer + " lost; the guest runs on here unprotected" + reason;
   if (to == "stopped") return "protection to " + peer + " ended" + reason;
+  if (to == "switched-over") return "switched over to " + peer + ": the guest runs there from the final checkpoint";
   if (to == "fenced") return "fenced: another host owns the guest; the copy here was destroyed" + reason;
   return "";
 }

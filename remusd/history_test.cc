@@ -57,6 +57,8 @@ TEST(DomainHistory, KeepsTheLastEntriesOnly) {
 TEST(DomainHistory, Sentences) {
   EXPECT_EQ(DomainHistory::PrimaryText("protected", "b:7788", ""), "protected to b:7788");
   EXPECT_EQ(DomainHistory::PrimaryText("syncing", "b:7788", ""), "");
+  EXPECT_EQ(DomainHistory::PrimaryText("switched-over", "b:7788", ""),
+            "switched over to b:7788: the guest runs there from the final checkpoint");
   EXPECT_NE(DomainHistory::PrimaryText("failed-over", "b:7788", "QEMU exited").find("failed over to b:7788: QEMU exited"),
             std::string::npos);
   EXPECT_EQ(DomainHistory::BackupText("failed-over", "a:1", {{"epoch", 812}, {"token", 4711}}),

@@ -3,7 +3,9 @@
 # loopback with output commit (--netbuf nfqueue), watch checkpoints flow and a
 # client's TCP connection to the guest, kill the primary QEMU, and watch the
 # guest and the same connection carry on on the backup from the last committed
-# checkpoint.
+# checkpoint; then protection comes back on its own (the backup protects the
+# guest to the primary host), and a planned switchover moves it back, the
+# same connection still open.
 # Network (as tests/e2e/test_netbuf.py): namespace H holds etcd, both remusd,
 # the guest's QEMU (virtio-net on a persistent tap in bridge br0) and the QEMU
 # the backup restores (it opens the same tap); namespace C holds the client
@@ -36,7 +38,9 @@ PIDS=()
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$D/b/domains/demo/run/qemu.pid" ] && kill "$(cat "$D/b/domains/demo/run/qemu.pid")" 2>/dev/null || true
+  for h in a b; do
+    [ -f "$D/$h/domains/demo/run/qemu.pid" ] && kill "$(cat "$D/$h/domains/demo/run/qemu.pid")" 2>/dev/null || true
+  done
   for p in "${PIDS[@]}"; do
     for _ in $(seq 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
@@ -231,14 +235,32 @@ if grep -q 'CHECKER FAIL' "$D/b/domains/demo/run/serial.log"; then
   echo "demo: the consistency checker failed on the backup" >&2; exit 1
 fi
 
-say "the client's connection across the failover"
+# Planned: move the guest back to the primary host with nothing lost. The
+# final checkpoint is acked, the primary host's remusd promotes from exactly
+# it, the QEMU here ends, and the primary host protects the guest back here.
+sleep 3
+say "remusctl switchover demo (on the backup host, which runs the guest now): back to the primary host"
+T_SWITCH=$(date +%s.%N)
+"$REMUSCTL" --socket "$D/b.sock" switchover demo
+"$REMUSCTL" --socket "$D/a.sock" status
+"$REMUSCTL" --socket "$D/b.sock" status
+sleep 2
+client_progress
+client_socket
+say "the guest's console on the primary host after the switchover"
+tail -n 3 "$D/a/domains/demo/run/serial.log"
+if grep -q 'CHECKER FAIL' "$D/a/domains/demo/run/serial.log"; then
+  echo "demo: the consistency checker failed after the switchover" >&2; exit 1
+fi
+
+say "the client's connection across the failover, the re-protection and the switchover"
 ALIVE=1
 kill -0 "$CPID" 2>/dev/null || ALIVE=0
 kill "$CPID" 2>/dev/null || true
 wait "$CPID" 2>/dev/null || true
-python3 - "$CLIENT_LOG" "$T_KILL" "$ALIVE" <<'EOF' || { echo "demo: the client's TCP connection did not survive the failover" >&2; exit 1; }
+python3 - "$CLIENT_LOG" "$T_KILL" "$ALIVE" "$T_SWITCH" <<'EOF' || { echo "demo: the client's TCP connection did not survive" >&2; exit 1; }
 import json, sys
-path, t_kill, alive = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+path, t_kill, alive, t_switch = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4])
 ev = [json.loads(l) for l in open(path) if l.strip().startswith("{")]
 conns = [e for e in ev if e["ev"] == "connected"]
 resp = [e for e in ev if e["ev"] == "resp"]
@@ -251,11 +273,13 @@ print(f"connection:              {c['local']} -> {c['peer']} (connected {len(con
 print(f"answers before the kill: {len(before)}" + (f" (last: seq={before[-1]['seq']} counter={before[-1]['counter']})" if before else ""))
 print(f"answers after the kill:  {len(after)}" + (f" (first: seq={after[0]['seq']} counter={after[0]['counter']}, "
       f"{after[0]['t_recv'] - before[-1]['t_recv']:.1f} s after the last one from the primary)" if after and before else ""))
+after_switch = [r for r in resp if r["t_recv"] > t_switch]
+print(f"answers after the switchover: {len(after_switch)}")
 print(f"sequence numbers:        {'1..%d, no gap, none repeated' % len(resp) if seq_ok else 'BROKEN'}")
 print(f"errors:                  {len(errs)}" + "".join(f"\n  {e['what']}" for e in errs))
 print(f"client still connected:  {'yes' if alive else 'NO'}")
-ok = alive and not errs and len(conns) == 1 and before and after and seq_ok
-print("RESULT: the connection " + ("continued on the backup" if ok else "BROKE"))
+ok = alive and not errs and len(conns) == 1 and before and after and after_switch and seq_ok
+print("RESULT: the connection " + ("continued through the failover and the switchover back" if ok else "BROKE"))
 sys.exit(0 if ok else 1)
 EOF
 say "demo done"
