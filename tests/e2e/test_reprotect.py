@@ -148,27 +148,6 @@ def test_reprotect_with_etcd_moves_ownership_and_fails_back(world, arbiter_net, 
            failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"])
 
 
-def test_automatic_reprotection_both_ways(world, request):
-    """--reprotect-to self on both hosts: after each failover the promoted
-    guest is protected back with no command, and fails back."""
-    guest = world.start_guest(wait_boot=False)
-    b = world.start_backup("B", extra=("--reprotect-to", "self"))
-    a = world.start_backup("A", extra=("--reprotect-to", "self"))
-    world.wait_booted(guest)
-    world.protect(a, b, guest)
-    m1, g_b = _cycle(world, a, b, guest)
-    st = world.wait_status(b, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
-                           "B to protect the promoted guest again on its own")
-    assert st["backup"] == a.listen, st
-    assert st["reprotect"]["state"] == "done" and st["reprotect"]["to"] == a.listen, st["reprotect"]
-    assert any("re-protecting automatically to " + a.listen in h["text"] for h in st["history"]), st["history"]
-    m2, g_a = _cycle(world, b, a, g_b)
-    st = world.wait_status(a, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
-                           "A to protect the guest again on its own")
-    assert st["backup"] == b.listen, st
-    record(request, failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"])
-
-
 def test_automatic_reprotection_waits_for_the_lost_host(world, request):
     """A dies whole (its remusd and its QEMU): B promotes and keeps trying to
     protect the guest back to A, saying so in status, until A's remusd is
@@ -201,7 +180,8 @@ def test_automatic_reprotection_waits_for_the_lost_host(world, request):
 
 def test_ten_alternating_failovers(world, request):
     """Ten failovers in a row, A -> B -> A -> ..., each followed by the
-    automatic re-protection to the host that lost the guest. At every step:
+    automatic re-protection to the host that lost the guest (both remusd run
+    --reprotect-to self: no command after the first protect). At every step:
     nothing acked is lost, nothing after the kill is restored, the checker
     passes, and exactly one copy of the guest runs."""
     from conftest import live_qemus
@@ -215,8 +195,11 @@ def test_ten_alternating_failovers(world, request):
     for i in range(10):
         src, dst = hosts[i % 2], hosts[(i + 1) % 2]
         if i > 0:
-            world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
-                              f"cycle {i}: the automatic re-protection from {src.name}")
+            st = world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                                   f"cycle {i}: the automatic re-protection from {src.name}")
+            assert st["backup"] == dst.listen, st
+            assert st["reprotect"]["state"] == "done" and st["reprotect"]["to"] == dst.listen, st["reprotect"]
+            assert any("re-protecting automatically to " + dst.listen in h["text"] for h in st["history"]), st
         copies = live_qemus(world.dir)
         assert len(copies) == 1, f"cycle {i}: {len(copies)} copies of the guest run: {copies}"
         pr = Protected(world, src, dst, g)
