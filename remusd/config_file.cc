@@ -122,9 +122,8 @@ std::string DescribeConfigError(const CLI::ParseError& e, const std::string& con
 
 namespace {
 
-// Parses text into *f through app (AddRemusdFlags'd to f).
+// Parses text into *f through app (AddRemusdFlags'd to f, parse state clear).
 Status ParseInto(std::string_view text, CLI::App* app, RemusdFlags* f) {
-  AddRemusdFlags(app, f);
   try {
     std::istringstream in{std::string(text)};
     app->parse_from_stream(in);
@@ -140,8 +139,19 @@ Status ParseInto(std::string_view text, CLI::App* app, RemusdFlags* f) {
 StatusOr<RemusdFlags> ParseRemusdConfig(std::string_view text) {
   RemusdFlags f;
   CLI::App app;
+  AddRemusdFlags(&app, &f);
   RETURN_IF_ERROR(ParseInto(text, &app, &f));
   return f;
+}
+
+RemusdConfigParser::RemusdConfigParser() { AddRemusdFlags(&app_, &flags_); }
+
+StatusOr<RemusdFlags> RemusdConfigParser::Parse(std::string_view text) {
+  // The options hold references into flags_: assign the defaults in place.
+  flags_ = RemusdFlags{};
+  app_.clear();  // the counts and results of the last parse (excludes, config extras)
+  RETURN_IF_ERROR(ParseInto(text, &app_, &flags_));
+  return flags_;
 }
 
 }  // namespace remus
