@@ -497,10 +497,19 @@ Status CheckSpeaksTls(Link& link, const std::string& peer, SteadyTime deadline, 
                               " ms handshake timeout");
     }
     // Once something came, the rest of the 4 bytes is waited for in steps
-    // (the socket stays readable, so poll would not wait).
-    pollfd pfd{link.fd(), POLLIN, 0};
+    // (the socket stays readable, so poll would not wait), unless the peer
+    // already closed its side: then what came is all there is.
+    pollfd pfd{link.fd(), POLLIN | POLLRDHUP, 0};
     int pr = got > 0 ? ::poll(nullptr, 0, std::min(left, 10)) : ::poll(&pfd, 1, left);
     if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
+    if (got > 0) {
+      pfd.revents = 0;
+      if (::poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP))) {
+        ssize_t r = ::recv(link.fd(), head, sizeof head, MSG_PEEK | MSG_DONTWAIT);
+        if (r > 0) got = r;
+        break;  // judge what came
+      }
+    }
     ssize_t r = ::recv(link.fd(), head, sizeof head, MSG_PEEK | MSG_DONTWAIT);
     if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (r < 0) return ErrnoStatus("recv", errno);

@@ -263,6 +263,20 @@ TEST_F(TlsTest, BackupRefusesAnythingElseByItsFirstBytes) {
   EXPECT_THAT(server.status().message(), HasSubstr("does not speak TLS (its first bytes are 47 45 54 20)"));
 }
 
+// A peer that sends fewer than the 4 bytes judged and hangs up is judged at
+// once, not after the handshake timeout.
+TEST_F(TlsTest, BackupJudgesAShortOpeningWhenThePeerHangsUp) {
+  auto [raw, s] = SocketPair();
+  auto sc = Ctx(Psk('k'), TlsRole::kBackup);
+  ASSERT_TRUE(WriteFull(raw->fd(), "ab", 2).ok());
+  ::shutdown(raw->fd(), SHUT_WR);
+  auto start = std::chrono::steady_clock::now();
+  auto r = ServerHandshake(*s, *sc, 5000);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(1000));
+  EXPECT_CODE(r.status(), Code::kUnauthenticated);
+  EXPECT_THAT(r.status().message(), HasSubstr("does not speak TLS (its first bytes are 61 62 00 00)"));
+}
+
 TEST_F(TlsTest, PrimaryRefusesABackupThatDoesNotSpeakTls) {
   auto [c, raw] = SocketPair();
   auto cc = Ctx(Psk('k'), TlsRole::kPrimary);
