@@ -7,7 +7,6 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -15,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
@@ -212,6 +212,162 @@ struct TlsInternals {
   static SSL_CTX* Ctx(const TlsContext& c) { return c.ctx_; }
 };
 
+// ---- The socket BIO --------------------------------------------------------------
+
+namespace {
+
+// OpenSSL's own socket BIO writes each record with its own write(2) (one
+// syscall and, over TCP, one small segment per 16 KiB) and with write(2),
+// not send(MSG_NOSIGNAL), so a peer that hung up raises SIGPIPE. This BIO
+// (OpenSSL has no buffering socket BIO that works on a non-blocking socket:
+// BIO_f_buffer's flush semantics do not report partial progress) keeps the
+// encrypted records of a frame in memory and hands them to the kernel in
+// large send(MSG_NOSIGNAL) calls: when kFlushAt bytes are waiting, and at
+// the end of every frame (TlsChannel::Flush). It reads with recv(2) into a
+// buffer of its own, kReadChunk at a time, and hands OpenSSL each record's
+// header and body from there. (OpenSSL's read-ahead would read as much
+// itself, but before every record it moves all the buffered bytes after it
+// to the front of its buffer, to align the payload: with a large buffer
+// that copies each byte many times over; bench/bench_link measured it.)
+constexpr size_t kFlushAt = 256 << 10;
+constexpr size_t kReadChunk = 256 << 10;
+// Beyond this much unsent, writes wait (SSL_ERROR_WANT_WRITE, then poll):
+// what a stalled peer can make us hold, over the socket buffer.
+constexpr size_t kMaxBuffered = 1 << 20;
+
+struct SocketBio {
+  int fd = -1;
+  bool eof = false;
+  std::string out;  // encrypted bytes not yet on the socket, from out_off
+  size_t out_off = 0;
+  std::unique_ptr<char[]> in;  // received, not yet handed to OpenSSL: [in_off, in_end)
+  size_t in_off = 0, in_end = 0;
+
+  size_t pending() const { return out.size() - out_off; }
+  // Sends what it can without waiting. Returns the bytes sent, or -1 with
+  // errno (EAGAIN: nothing could be sent now).
+  ssize_t Send() {
+    size_t sent = 0;
+    while (pending() > 0) {
+      ssize_t r = ::send(fd, out.data() + out_off, pending(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        if (sent > 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        return -1;
+      }
+      out_off += static_cast<size_t>(r);
+      sent += static_cast<size_t>(r);
+    }
+    if (out_off == out.size()) {
+      out.clear();
+      out_off = 0;
+    } else if (out_off >= kFlushAt) {
+      out.erase(0, out_off);  // keep the buffer from growing with a slow peer
+      out_off = 0;
+    }
+    return static_cast<ssize_t>(sent);
+  }
+};
+
+SocketBio* BioState(BIO* b) { return static_cast<SocketBio*>(BIO_get_data(b)); }
+
+bool WouldBlock(int e) { return e == EAGAIN || e == EWOULDBLOCK; }
+
+int BioWrite(BIO* b, const char* in, size_t n, size_t* written) {
+  SocketBio* s = BioState(b);
+  BIO_clear_retry_flags(b);
+  *written = 0;
+  if (s->pending() >= kFlushAt && s->Send() < 0 && !WouldBlock(errno)) return 0;  // errno says why
+  if (s->pending() >= kMaxBuffered) {
+    BIO_set_retry_write(b);
+    return 0;
+  }
+  s->out.append(in, n);
+  *written = n;
+  return 1;
+}
+
+int BioRead(BIO* b, char* buf, size_t n, size_t* got) {
+  SocketBio* s = BioState(b);
+  BIO_clear_retry_flags(b);
+  *got = 0;
+  if (s->in_off == s->in_end) {
+    if (!s->in) s->in = std::make_unique<char[]>(kReadChunk);
+    s->in_off = s->in_end = 0;
+    for (;;) {
+      ssize_t r = ::recv(s->fd, s->in.get(), kReadChunk, MSG_DONTWAIT);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        if (WouldBlock(errno)) BIO_set_retry_read(b);
+        return 0;
+      }
+      if (r == 0) {
+        s->eof = true;
+        return 0;
+      }
+      s->in_end = static_cast<size_t>(r);
+      break;
+    }
+  }
+  size_t take = std::min(n, s->in_end - s->in_off);
+  std::memcpy(buf, s->in.get() + s->in_off, take);
+  s->in_off += take;
+  *got = take;
+  return 1;
+}
+
+long BioCtrl(BIO* b, int cmd, long, void*) {
+  SocketBio* s = BioState(b);
+  switch (cmd) {
+    case BIO_CTRL_FLUSH:
+      // OpenSSL flushes after each handshake flight and alert.
+      BIO_clear_retry_flags(b);
+      if (s->pending() > 0 && s->Send() < 0 && !WouldBlock(errno)) return 0;
+      if (s->pending() == 0) return 1;
+      BIO_set_retry_write(b);
+      return 0;
+    case BIO_CTRL_EOF:
+      return s->eof ? 1 : 0;
+    case BIO_CTRL_WPENDING:
+      return static_cast<long>(s->pending());
+    case BIO_CTRL_PENDING:
+      return static_cast<long>(s->in_end - s->in_off);
+    default:
+      return 0;  // no kTLS, no dup, no fd queries
+  }
+}
+
+int BioCreate(BIO* b) {
+  BIO_set_data(b, new SocketBio());
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+int BioDestroy(BIO* b) {
+  delete BioState(b);
+  BIO_set_data(b, nullptr);
+  return 1;
+}
+
+// A BIO of that kind over fd (not owned), or null.
+BIO* NewSocketBio(int fd) {
+  static BIO_METHOD* const method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "remus link socket");
+    if (m && (BIO_meth_set_write_ex(m, BioWrite) != 1 || BIO_meth_set_read_ex(m, BioRead) != 1 ||
+              BIO_meth_set_ctrl(m, BioCtrl) != 1 || BIO_meth_set_create(m, BioCreate) != 1 ||
+              BIO_meth_set_destroy(m, BioDestroy) != 1)) {
+      BIO_meth_free(m);
+      m = nullptr;
+    }
+    return m;
+  }();
+  BIO* b = method ? BIO_new(method) : nullptr;
+  if (b) BioState(b)->fd = fd;
+  return b;
+}
+
+}  // namespace
+
 // ---- TlsChannel ---------------------------------------------------------------
 
 TlsChannel::TlsChannel(SSL* ssl) : ssl_(ssl) {}
@@ -279,6 +435,19 @@ StatusOr<TlsChannel::Step> TlsChannel::WriteSome(const void* buf, size_t n) {
   return Outcome(r, "write");
 }
 
+StatusOr<TlsChannel::Step> TlsChannel::Flush() {
+  MutexLock g(mu_);
+  SocketBio* s = BioState(SSL_get_wbio(ssl_));
+  if (s->pending() == 0) return Step{0, 0};
+  ssize_t r = s->Send();
+  if (r < 0 && !WouldBlock(errno)) {
+    const int e = errno;
+    if (e == EPIPE || e == ECONNRESET) return Unavailable("peer closed the connection");
+    return ErrnoStatus("write", e);
+  }
+  return Step{r > 0 ? static_cast<size_t>(r) : 0, static_cast<short>(s->pending() > 0 ? POLLOUT : 0)};
+}
+
 void TlsChannel::CloseNotify() {
   MutexLock g(mu_);
   ERR_clear_error();
@@ -307,12 +476,6 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Create(const LinkSecurit
   if (certs && (sec.cert_file.empty() || sec.key_file.empty() || sec.ca_file.empty()))
     return InvalidArgument("certificate mode needs all three of --tls-cert, --tls-key and --tls-ca");
 
-  // OpenSSL writes with write(2), not send(MSG_NOSIGNAL): a peer that hung
-  // up would kill the process with SIGPIPE instead of failing the write.
-  // remusd ignores it anyway; any process with a TLS link must too.
-  static const bool sigpipe_ignored = (::signal(SIGPIPE, SIG_IGN), true);
-  (void)sigpipe_ignored;
-
   std::shared_ptr<TlsContext> c(new TlsContext());
   c->role_ = role;
   c->peer_name_ = sec.peer_name;
@@ -326,10 +489,8 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Create(const LinkSecurit
   // lengths, so a cut stream is a truncated frame, never a short one.
   SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_TICKET);
   SSL_CTX_set_num_tickets(ctx, 0);  // links are long-lived; nothing to resume
-  // Read many records per read(2), not a header and a body each: a
-  // checkpoint is thousands of 16 KiB records (bench/bench_link).
-  SSL_CTX_set_read_ahead(ctx, 1);
-  SSL_CTX_set_default_read_buffer_len(ctx, 256 << 10);
+  // No read-ahead: the link's BIO reads many records per recv(2) itself
+  // (NewSocketBio says why).
   if (SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256") != 1)
     return Internal("OpenSSL: cannot set the TLS 1.3 cipher suites: " + TakeSslError());
 
@@ -551,7 +712,9 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
   Notes notes;
   notes.ctx = &ctx;
   SSL_set_ex_data(ssl, NotesIndex(), &notes);
-  if (SSL_set_fd(ssl, link.fd()) != 1) return Internal("OpenSSL: SSL_set_fd: " + TakeSslError());
+  BIO* bio = NewSocketBio(link.fd());
+  if (!bio) return Internal("OpenSSL: cannot create the link's BIO: " + TakeSslError());
+  SSL_set_bio(ssl, bio, bio);  // one reference, owned by ssl
   if (!ctx.psk()) {
     // Certificate mode: whose name the peer's certificate must carry.
     std::string name = TlsInternals::PeerName(ctx);
