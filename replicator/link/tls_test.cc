@@ -9,6 +9,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -674,6 +675,22 @@ TEST_F(TlsTest, ASendTimeoutBreaksALinkWhosePeerStoppedReading) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
   EXPECT_TRUE(c->broken());
   EXPECT_CODE(c->Send(MsgType::kHeartbeat, 0, ""), Code::kUnavailable);
+}
+
+// The link never raises SIGPIPE (its writes are send(MSG_NOSIGNAL)), so a
+// process need not ignore it, and creating a context leaves it alone.
+TEST_F(TlsTest, AWriteToAPeerThatHungUpFailsWithoutSigpipe) {
+  auto [c, s] = SocketPair();
+  auto r = Handshake(*c, *s, Psk('k'), Psk('k'));
+  ASSERT_TRUE(r.client.ok() && r.server.ok());
+  struct sigaction now {};
+  ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &now), 0);
+  ASSERT_EQ(now.sa_handler, SIG_DFL);  // a SIGPIPE would end this test process
+  s.reset();                           // the peer hangs up
+  Status st;
+  for (int i = 0; i < 8 && st.ok(); i++) st = c->Send(MsgType::kPages, 1, std::string(1 << 20, 'p'));
+  EXPECT_CODE(st, Code::kUnavailable);
+  EXPECT_THAT(st.message(), HasSubstr("peer closed the connection"));
 }
 
 }  // namespace
