@@ -18,6 +18,8 @@
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
+#include "replicator/link/json_object.h"
+#include "replicator/link/messages.h"
 #include "replicator/link/tls_channel.h"
 
 namespace remus::wire {
@@ -397,6 +399,7 @@ StatusOr<TlsChannel::Step> TlsChannel::Outcome(int ret, const char* op) {
       const unsigned long e = ERR_peek_error();
       const bool mac = ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC;
       const int alert = ReceivedAlert(e);
+      if (alert >= 0) peer_alert_ = alert;
       std::string why = TakeSslError();
       if (mac)
         return DataLoss("a TLS record failed authentication (" + why +
@@ -453,6 +456,11 @@ void TlsChannel::CloseNotify() {
   ERR_clear_error();
   (void)SSL_shutdown(ssl_);
   ERR_clear_error();
+}
+
+int TlsChannel::peer_alert() const {
+  MutexLock g(mu_);
+  return peer_alert_;
 }
 
 std::string TlsChannel::Describe() const {
@@ -739,19 +747,6 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
   return OkStatus();
 }
 
-bool ValidDomain(std::string_view d) {
-  if (d.empty() || d.size() > 255) return false;
-  for (unsigned char c : d)
-    if (c < 0x20 || c == 0x7f) return false;
-  return true;
-}
-
-StatusOr<json> ParseObject(std::string_view payload) {
-  json j = json::parse(payload, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return InvalidArgument("not a JSON object");
-  return j;
-}
-
 StatusOr<Frame> RecvHandshake(Link& link, SteadyTime deadline, int timeout_ms, const std::string& peer,
                               std::string_view waiting_for) {
   auto f = link.RecvUntil(deadline, kMaxHandshakePayload);
@@ -784,8 +779,9 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
   const std::string peer = "backup at " + link.PeerName();
   const std::string dom(domain);
   if (ctx.role() != TlsRole::kPrimary) return Internal("ClientHandshake needs a primary's TLS context");
-  if (!ValidDomain(domain))
-    return InvalidArgument("domain name '" + dom + "' is empty, too long or has control characters");
+  if (!ValidName(domain))
+    return InvalidArgument("domain name '" + dom.substr(0, 64) + "' is not a usable name (letters, digits, '.', "
+                           "'-', '_'; 1..64 bytes; not starting with '.' or '-')");
   RETURN_IF_ERROR(StartTls(link, ctx, std::string(host), peer, deadline, timeout_ms));
 
   json hello = {{"version", kProtocolVersion}, {"domain", dom}};
@@ -795,13 +791,14 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
   const SteadyTime recv_deadline =
       sent.ok() ? deadline : std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1));
   auto got = RecvHandshake(link, recv_deadline, timeout_ms, peer, "AUTH_OK");
-  if (!got.ok() && got.status().code() == Code::kUnauthenticated) {
+  if (!got.ok()) {
     // TLS 1.3: the backup checks our certificate after our handshake ended,
-    // and its refusal is the first thing we read.
-    const std::string& m = got.status().message();
-    size_t at = m.find("refused this host's certificate");
-    return Unauthenticated(peer + " " + (at == std::string::npos ? m : m.substr(at)) +
-                           "; its log says why. This host presents " + ctx.description());
+    // and its refusal (an alert) is the first thing we read.
+    const int alert = link.PeerTlsAlert();
+    if (IsCertificateAlert(alert))
+      return Unauthenticated(peer + " refused this host's certificate (TLS alert \"" +
+                             SSL_alert_desc_string_long(alert) + "\"); its log says why. This host presents " +
+                             ctx.description());
   }
   if (!sent.ok()) return sent;
   ASSIGN_OR_RETURN(Frame ok, std::move(got));
@@ -826,9 +823,9 @@ StatusOr<std::string> ServerHandshake(Link& link, const TlsContext& ctx, int tim
   if (hello.type != MsgType::kHello)
     return SendErrorAndFail(link, InvalidArgument(peer + " sent " + MsgTypeName(hello.type) + " instead of HELLO"),
                             InvalidArgument("expected HELLO"));
-  auto j = ParseObject(hello.payload);
-  auto v = j.ok() ? j->find("version") : json::iterator{};
-  if (!j.ok() || v == j->end() || !v->is_number_integer())
+  auto j = ParseJsonObject(hello.payload);
+  auto v = j ? j->find("version") : json::iterator{};
+  if (!j || v == j->end() || !v->is_number_integer())
     return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"), InvalidArgument("malformed HELLO"));
   if (v->get<int64_t>() != kProtocolVersion) {
     Status s = FailedPrecondition("protocol version mismatch: " + peer + " speaks version " +
@@ -837,9 +834,15 @@ StatusOr<std::string> ServerHandshake(Link& link, const TlsContext& ctx, int tim
     return SendErrorAndFail(link, s, s);
   }
   auto d = j->find("domain");
-  if (d == j->end() || !d->is_string() || !ValidDomain(d->get<std::string>()))
+  if (d == j->end() || !d->is_string())
     return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"), InvalidArgument("malformed HELLO"));
   std::string dom = d->get<std::string>();
+  // Before AUTH_OK: the name becomes a directory here.
+  if (!ValidName(dom)) {
+    const std::string shown = json(dom.substr(0, 64)).dump(-1, ' ', false, json::error_handler_t::replace);
+    return SendErrorAndFail(link, InvalidArgument(peer + " asked for domain " + shown + ", not a usable name"),
+                            InvalidArgument("invalid domain name " + shown));
+  }
   RETURN_IF_ERROR(link.Send(MsgType::kAuthOk, 0, ""));
   LOG_INFO(kTag) << "[" << dom << "] link from " << peer << " authenticated (" << ctx.description() << ")";
   return dom;

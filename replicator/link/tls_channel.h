@@ -54,6 +54,11 @@ class TlsChannel {
   void CloseNotify();
   // "TLS_AES_128_GCM_SHA256 (TLSv1.3)": for logs and status.
   std::string Describe() const;
+  // The fatal alert the peer sent (RFC 8446 section 6: 42 bad_certificate,
+  // 48 unknown_ca, ...), once a read or write failed with one; else -1. In
+  // TLS 1.3 a backup refuses the primary's certificate after the primary's
+  // handshake ended, so the primary learns it here (tls.h's ClientHandshake).
+  int peer_alert() const;
 
  private:
   // Turns a failed SSL call's result into a Step to wait for or an error.
@@ -61,6 +66,7 @@ class TlsChannel {
 
   mutable Mutex mu_;
   SSL* ssl_ GUARDED_BY(mu_);
+  int peer_alert_ GUARDED_BY(mu_) = -1;
 };
 
 }  // namespace remus::wire

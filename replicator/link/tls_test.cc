@@ -365,6 +365,32 @@ TEST_F(TlsTest, VersionMismatchInsideTlsNamesBothVersions) {
   EXPECT_CODE(DecodeError(err->payload), Code::kFailedPrecondition);
 }
 
+// A domain name the backup would not use (it names a directory there) is
+// refused in answer to HELLO, never after AUTH_OK; the primary checks the
+// same rule before it connects.
+TEST_F(TlsTest, ADomainNameOutsideTheNameRuleIsRefusedBeforeAuthOk) {
+  for (const std::string& bad : std::vector<std::string>{"../etc", "", "web 1", std::string(65, 'a'), "-x"}) {
+    auto [c, s] = SocketPair();
+    auto cc = Ctx(Psk('k'), TlsRole::kPrimary);
+    auto sc = Ctx(Psk('k'), TlsRole::kBackup);
+    StatusOr<std::string> server = Internal("not run");
+    std::thread st([&, &s = s] { server = ServerHandshake(*s, *sc, 5000); });
+    ASSERT_TRUE(StartTls(*c, *cc, "localhost", 5000).ok());
+    ASSERT_TRUE(c->Send(MsgType::kHello, 0, json{{"version", kProtocolVersion}, {"domain", bad}}.dump()).ok());
+    auto answer = c->Recv();
+    st.join();
+    EXPECT_CODE(server.status(), Code::kInvalidArgument) << bad;
+    EXPECT_THAT(server.status().message(), HasSubstr("not a usable name")) << bad;
+    ASSERT_TRUE(answer.ok()) << answer.status().ToString();
+    EXPECT_EQ(answer->type, MsgType::kError) << bad;  // not AUTH_OK
+    EXPECT_THAT(DecodeError(answer->payload).message(), HasSubstr("invalid domain name")) << bad;
+    auto [c2, s2] = SocketPair();
+    Status local = ClientHandshake(*c2, *cc, "localhost", bad, 5000);
+    EXPECT_CODE(local, Code::kInvalidArgument) << bad;
+    EXPECT_THAT(local.message(), HasSubstr("not a usable name")) << bad;
+  }
+}
+
 TEST_F(TlsTest, FramesOtherThanHelloAreRefused) {
   for (MsgType t : {MsgType::kConfig, MsgType::kFailover, MsgType::kPages}) {
     auto [c, s] = SocketPair();
@@ -435,7 +461,13 @@ TEST_F(TlsTest, TheBackupChecksThePrimarysNameWhenTold) {
   EXPECT_CODE(r.server.status(), Code::kUnauthenticated);
   EXPECT_THAT(r.server.status().message(), HasSubstr("hostname mismatch (expected z.example)"));
   EXPECT_CODE(r.client, Code::kUnauthenticated);
-  EXPECT_THAT(r.client.message(), HasSubstr("refused this host's certificate"));
+  // One sentence from the alert itself (Link::PeerTlsAlert), not the read
+  // error annotated: who refused, which alert, what this host presents.
+  EXPECT_THAT(r.client.message(), ::testing::StartsWith("backup at "));
+  EXPECT_THAT(r.client.message(), HasSubstr("refused this host's certificate (TLS alert"));
+  EXPECT_THAT(r.client.message(), HasSubstr("This host presents certificate CN=a.example"));
+  EXPECT_THAT(r.client.message(), ::testing::Not(HasSubstr("waiting for AUTH_OK")));
+  EXPECT_GE(c->PeerTlsAlert(), 0);
 }
 
 TEST_F(TlsTest, ACertificateFromAnotherCaIsRefusedOnBothSides) {

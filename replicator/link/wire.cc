@@ -24,6 +24,7 @@
 #include "common/crc32c.h"
 #include "common/hex.h"
 #include "common/log.h"
+#include "replicator/link/json_object.h"
 #include "replicator/link/tls_channel.h"
 
 namespace remus::wire {
@@ -80,18 +81,13 @@ std::optional<std::string> JsonString(const json& j, const char* field) {
   return it->get<std::string>();
 }
 
-// Parses a JSON object; nullopt if the payload is not one.
-std::optional<json> ParseObject(std::string_view payload) {
+}  // namespace
+
+std::optional<json> ParseJsonObject(std::string_view payload) {
   json j = json::parse(payload, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return std::nullopt;
   return j;
 }
-
-
-
-
-
-}  // namespace
 
 // ---- Frames -----------------------------------------------------------------
 
@@ -150,6 +146,8 @@ Link::~Link() = default;
 void Link::UseTls(std::unique_ptr<TlsChannel> tls) { tls_ = std::move(tls); }
 
 std::string Link::Cipher() const { return tls_ ? tls_->Describe() : std::string(); }
+
+int Link::PeerTlsAlert() const { return tls_ ? tls_->peer_alert() : -1; }
 
 Status Link::Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
   return SendV(type, epoch, {payload}, flags);
@@ -498,7 +496,7 @@ std::string EncodeError(const Status& s) {
 }
 
 Status DecodeError(std::string_view payload) {
-  auto j = ParseObject(payload);
+  auto j = ParseJsonObject(payload);
   auto msg = j ? JsonString(*j, "message") : std::nullopt;
   if (!msg)
     return Unavailable("peer sent a malformed ERROR frame (" + std::to_string(payload.size()) +
@@ -632,7 +630,7 @@ std::string EncodeCommit(const CommitInfo& c) {
 }
 
 StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
-  auto j = ParseObject(payload);
+  auto j = ParseJsonObject(payload);
   CommitInfo c;
   auto get = [&](const char* field, uint64_t* out) {
     auto it = j->find(field);

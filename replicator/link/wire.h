@@ -120,6 +120,9 @@ class Link {
   // (TLSv1.3)", or "" for a plain link.
   bool encrypted() const { return tls_ != nullptr; }
   std::string Cipher() const;
+  // The fatal TLS alert the peer sent, once a read or write failed with one
+  // (TlsChannel::peer_alert); -1 for none or a plain link.
+  int PeerTlsAlert() const;
 
   // REQUIRES: payload.size() <= kMaxPayload (else InvalidArgument, nothing sent).
   Status Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
