@@ -25,6 +25,8 @@
 #include <thread>
 
 #include "common/io.h"
+#include "tests/fakes/loopback_link.h"
+#include "tests/fakes/status_matchers.h"
 
 namespace remus::wire {
 namespace {
@@ -32,21 +34,9 @@ namespace {
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-::testing::AssertionResult HasCode(const Status& s, Code want) {
-  if (s.code() == want) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "want " << CodeName(want) << ", got " << s.ToString();
-}
-#define EXPECT_CODE(expr, want) EXPECT_TRUE(HasCode((expr), (want)))
-
-struct Pair {
-  std::unique_ptr<Link> a, b;
-};
-
-Pair SocketPair() {
-  int sv[2];
-  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-  return {std::make_unique<Link>(Fd(sv[0])), std::make_unique<Link>(Fd(sv[1]))};
-}
+// Both ends of a link over a socketpair (tests/fakes/loopback_link.h).
+using Pair = remus::testing::LinkPair;
+Pair SocketPair(int buffer_bytes = 0) { return remus::testing::MakeLoopbackLinks(buffer_bytes); }
 
 Key TestKey(char fill) { return Key(std::string(32, fill)); }
 
