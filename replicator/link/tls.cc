@@ -218,14 +218,15 @@ struct TlsInternals {
 
 namespace {
 
-// OpenSSL's own socket BIO writes each record with its own write(2) (one
-// syscall and, over TCP, one small segment per 16 KiB) and with write(2),
-// not send(MSG_NOSIGNAL), so a peer that hung up raises SIGPIPE. This BIO
-// (OpenSSL has no buffering socket BIO that works on a non-blocking socket:
-// BIO_f_buffer's flush semantics do not report partial progress) keeps the
-// encrypted records of a frame in memory and hands them to the kernel in
-// large send(MSG_NOSIGNAL) calls: when kFlushAt bytes are waiting, and at
-// the end of every frame (TlsChannel::Flush). It reads with recv(2) into a
+// Written here because OpenSSL's socket BIO writes each record with its own
+// write(2) (one syscall and, over TCP, one small segment per 16 KiB), and
+// with write(2), not send(MSG_NOSIGNAL), so a peer that hung up raises
+// SIGPIPE; a BIO_f_buffer in front of it would batch the writes but keep
+// write(2). This BIO keeps the encrypted records of a frame in memory and
+// hands them to the kernel in large send(MSG_NOSIGNAL) calls: when kFlushAt
+// bytes are waiting, and at the end of every frame (TlsChannel::Flush);
+// beyond kMaxBuffered unsent, it takes no more until the socket takes some
+// (the writer polls, as on any full socket). It reads with recv(2) into a
 // buffer of its own, kReadChunk at a time, and hands OpenSSL each record's
 // header and body from there. (OpenSSL's read-ahead would read as much
 // itself, but before every record it moves all the buffered bytes after it
