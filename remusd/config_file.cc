@@ -1,6 +1,7 @@
 #include "remusd/config_file.h"
 
 #include <sstream>
+#include <stdexcept>
 
 namespace remus {
 
@@ -120,6 +121,8 @@ std::string DescribeConfigError(const CLI::ParseError& e, const std::string& con
   return "";
 }
 
+const char kValueTooLarge[] = "a flag's value is a number too large for it (a flag takes true, false or a small count)";
+
 namespace {
 
 // Parses text into *f through app (AddRemusdFlags'd to f, parse state clear).
@@ -130,6 +133,10 @@ Status ParseInto(std::string_view text, CLI::App* app, RemusdFlags* f) {
   } catch (const CLI::ParseError& e) {
     std::string m = DescribeConfigError(e, "<text>");
     return InvalidArgument(m.empty() ? "--config <text>: " + std::string(e.what()) : m);
+  } catch (const std::out_of_range&) {
+    // CLI11 2.1 reads a flag's number with std::stoll and lets its
+    // out_of_range through (no-auto-promote = 99999999999999999999).
+    return InvalidArgument(std::string("--config <text>: ") + kValueTooLarge);
   }
   return FinishRemusdFlags(f);
 }

@@ -48,6 +48,10 @@ Status FinishRemusdFlags(RemusdFlags* f);
 // file (then CLI11's own message and exit code apply).
 std::string DescribeConfigError(const CLI::ParseError& e, const std::string& config_path);
 
+// What remusd says when CLI11 throws std::out_of_range for a flag's
+// number (CLI11 2.1 does not turn that into a ParseError).
+extern const char kValueTooLarge[];
+
 // Parses the text of a config file, with no command line, then
 // FinishRemusdFlags. InvalidArgument with DescribeConfigError's sentence (or
 // CLI11's message) for a file remusd refuses. Never throws.

@@ -58,6 +58,20 @@ TEST(RemusdConfig, ErrorsNameTheProblem) {
   EXPECT_EQ(ParseRemusdConfig("cleanup-netbuf = true\n").status().code(), Code::kInvalidArgument);
 }
 
+// fuzz_config found it (tests/fuzz/regressions/fuzz_config/): CLI11 2.1 let
+// std::stoll's out_of_range escape for a flag given a huge number.
+TEST(RemusdConfig, AHugeNumberForAFlagIsAnErrorNotAThrow) {
+  for (const char* text : {"no-auto-promote = 22222222222222222222222\n", "no-auto-promote = -99999999999999999999\n"}) {
+    StatusOr<RemusdFlags> f = InvalidArgument("not run");
+    EXPECT_NO_THROW(f = ParseRemusdConfig(text)) << text;
+    EXPECT_EQ(f.status().code(), Code::kInvalidArgument) << text;
+    EXPECT_NE(f.status().message().find("too large"), std::string::npos) << f.status().message();
+    RemusdConfigParser parser;
+    EXPECT_NO_THROW(f = parser.Parse(text)) << text;
+    EXPECT_EQ(f.status().code(), Code::kInvalidArgument) << text;
+  }
+}
+
 TEST(RemusdConfig, ValuesAreCheckedAsOnTheCommandLine) {
   EXPECT_EQ(ParseRemusdConfig("arbiter = \"zookeeper\"\n").status().code(), Code::kInvalidArgument);
   EXPECT_EQ(ParseRemusdConfig("log-level = \"loud\"\n").status().code(), Code::kInvalidArgument);
