@@ -1,6 +1,7 @@
 #include "remusd/config_file.h"
 
 #include <sstream>
+#include <stdexcept>
 
 namespace remus {
 
@@ -126,17 +127,22 @@ std::string DescribeConfigError(const CLI::ParseError& e, const std::string& con
   return "";
 }
 
+const char kValueTooLarge[] = "a flag's value is a number too large for it (a flag takes true, false or a small count)";
+
 namespace {
 
-// Parses text into *f through app (AddRemusdFlags'd to f).
+// Parses text into *f through app (AddRemusdFlags'd to f, parse state clear).
 Status ParseInto(std::string_view text, CLI::App* app, RemusdFlags* f) {
-  AddRemusdFlags(app, f);
   try {
     std::istringstream in{std::string(text)};
     app->parse_from_stream(in);
   } catch (const CLI::ParseError& e) {
     std::string m = DescribeConfigError(e, "<text>");
     return InvalidArgument(m.empty() ? "--config <text>: " + std::string(e.what()) : m);
+  } catch (const std::out_of_range&) {
+    // CLI11 2.1 reads a flag's number with std::stoll and lets its
+    // out_of_range through (no-auto-promote = 99999999999999999999).
+    return InvalidArgument(std::string("--config <text>: ") + kValueTooLarge);
   }
   return FinishRemusdFlags(f);
 }
@@ -146,8 +152,19 @@ Status ParseInto(std::string_view text, CLI::App* app, RemusdFlags* f) {
 StatusOr<RemusdFlags> ParseRemusdConfig(std::string_view text) {
   RemusdFlags f;
   CLI::App app;
+  AddRemusdFlags(&app, &f);
   RETURN_IF_ERROR(ParseInto(text, &app, &f));
   return f;
+}
+
+RemusdConfigParser::RemusdConfigParser() { AddRemusdFlags(&app_, &flags_); }
+
+StatusOr<RemusdFlags> RemusdConfigParser::Parse(std::string_view text) {
+  // The options hold references into flags_: assign the defaults in place.
+  flags_ = RemusdFlags{};
+  app_.clear();  // the counts and results of the last parse (excludes, config extras)
+  RETURN_IF_ERROR(ParseInto(text, &app_, &flags_));
+  return flags_;
 }
 
 }  // namespace remus

@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <stdexcept>
 #include <thread>
 
 #include "common/log.h"
@@ -24,6 +25,9 @@ int main(int argc, char** argv) {
     if (why.empty()) return app.exit(e);
     std::fprintf(stderr, "remusd: %s\n", why.c_str());
     return e.get_exit_code();
+  } catch (const std::out_of_range&) {
+    std::fprintf(stderr, "remusd: %s\n", remus::kValueTooLarge);
+    return 2;
   }
   if (remus::Status fin = remus::FinishRemusdFlags(&f); !fin.ok()) {
     std::fprintf(stderr, "remusd: %s\n", fin.message().c_str());

@@ -136,7 +136,9 @@ for t in $TARGETS; do
     for f in "$merged"/*; do
       [ -e "$f" ] || continue
       h=$(sha1sum "$f" | cut -c1-40)
-      seed=$(cd "$corpus" && for s in seed-*; do [ -e "$s" ] && [ "$(sha1sum "$s" | cut -c1-40)" = "$h" ] && echo "$s"; done | head -n1)
+      seed=$(cd "$corpus" && for s in seed-*; do
+        if [ -e "$s" ] && [ "$(sha1sum "$s" | cut -c1-40)" = "$h" ]; then echo "$s"; fi
+      done | head -n1)
       [ -n "$seed" ] || cp "$f" "$corpus/$h"
     done
     echo "fuzz.sh: $t corpus merged: $(find "$corpus" -type f | wc -l) inputs, $(du -sk "$corpus" | cut -f1) KiB"

@@ -27,7 +27,7 @@ using wire::MsgType;
 
 // A domain name and a disk id both name a directory or file on the backup:
 // one rule for both (replicator/link/messages.h).
-bool ValidDomainName(std::string_view d) { return wire::ValidDiskId(d); }
+bool ValidDomainName(std::string_view d) { return wire::ValidName(d); }
 
 BackupDomain::BackupDomain(std::string name, const BackupOptions& opts, const Clock& clock, Arbiter* arbiter,
                            ProcessLauncher* launcher)

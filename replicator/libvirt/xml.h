@@ -60,7 +60,8 @@ bool HasProp(const xmlNode* n, const char* name);
 void SetProp(xmlNode* n, const char* name, const std::string& value);
 // The text of an element: its text and CDATA, comments left out.
 std::string Text(const xmlNode* n);
-// Replaces an element's children with the plain text text.
+// Replaces an element's children with the plain text text (none when
+// text is empty: the element becomes <n/>).
 void SetText(xmlNode* n, const std::string& text);
 // n's first child element called name; nullptr if none.
 xmlNode* Child(const xmlNode* n, const char* name);

@@ -98,7 +98,7 @@ StatusOr<DiskSpec> DecodeDisk(const json& j, const Where& w) {
   DiskSpec d;
   RETURN_IF_ERROR(Require(j, w, "id"));
   RETURN_IF_ERROR(GetString(j, w, "id", &d.id));
-  if (!ValidDiskId(d.id))
+  if (!ValidName(d.id))
     return w.Error("id", "'" + d.id.substr(0, 64) +
                              "' is not a usable name (letters, digits, '.', '-', '_'; 1..64 bytes; "
                              "not starting with '.' or '-')");
@@ -112,7 +112,7 @@ StatusOr<DiskSpec> DecodeDisk(const json& j, const Where& w) {
 
 }  // namespace
 
-bool ValidDiskId(std::string_view id) {
+bool ValidName(std::string_view id) {
   if (id.empty() || id.size() > 64 || id[0] == '.' || id[0] == '-') return false;
   for (char c : id) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||

@@ -46,7 +46,7 @@ inline constexpr size_t kMaxBlockIdLen = 255;          // SYNC_BEGIN blocks[].id
 
 // One mirrored disk as CONFIG carries it (and as the backup's disks.json
 // keeps it): {"id","node","format","file","size"}. `id` must be a usable
-// name (ValidDiskId); `size` is the virtual size in bytes.
+// name (ValidName); `size` is the virtual size in bytes.
 struct DiskSpec {
   std::string id;
   std::string node;
@@ -56,9 +56,11 @@ struct DiskSpec {
   bool operator==(const DiskSpec&) const = default;
 };
 
-// Letters, digits, '.', '-', '_'; 1..64 bytes; not starting with '.' or '-'
-// (the id names files on the backup).
-bool ValidDiskId(std::string_view id);
+// The one rule for a domain name and a disk id, both of which name files
+// and directories on the backup: letters, digits, '.', '-', '_'; 1..64
+// bytes; not starting with '.' or '-'. (remusd refuses to protect a domain
+// named otherwise; a backup refuses such a name in HELLO, before AUTH_OK.)
+bool ValidName(std::string_view id);
 
 // The JSON object form of one disk, for callers that embed it elsewhere.
 nlohmann::json DiskSpecToJson(const DiskSpec& d);

@@ -242,10 +242,10 @@ TEST(Messages, Bounds) {
 
 TEST(Messages, DiskIds) {
   for (const std::string& ok : std::vector<std::string>{"drive0", "vda", "a", "A.b-c_d", "0disk", std::string(64, 'x')})
-    EXPECT_TRUE(ValidDiskId(ok)) << ok;
+    EXPECT_TRUE(ValidName(ok)) << ok;
   for (const std::string& bad : std::vector<std::string>{"", ".hidden", "-x", "..", "a/b", "a b", "x\xc3\xa9", std::string(65, 'x'),
                           std::string("a\0b", 3), "../etc"})
-    EXPECT_FALSE(ValidDiskId(bad)) << bad;
+    EXPECT_FALSE(ValidName(bad)) << bad;
   auto c = DecodeConfig(R"({"argv":["q"],"disks":[{"id":"../x","size":1}]})");
   EXPECT_EQ(c.status().code(), Code::kInvalidArgument);
   EXPECT_NE(c.status().message().find("CONFIG: disks[0].id '../x' is not a usable name"), std::string::npos)

@@ -7,7 +7,6 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -15,9 +14,12 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
+#include "replicator/link/json_object.h"
+#include "replicator/link/messages.h"
 #include "replicator/link/tls_channel.h"
 
 namespace remus::wire {
@@ -212,6 +214,163 @@ struct TlsInternals {
   static SSL_CTX* Ctx(const TlsContext& c) { return c.ctx_; }
 };
 
+// ---- The socket BIO --------------------------------------------------------------
+
+namespace {
+
+// Written here because OpenSSL's socket BIO writes each record with its own
+// write(2) (one syscall and, over TCP, one small segment per 16 KiB), and
+// with write(2), not send(MSG_NOSIGNAL), so a peer that hung up raises
+// SIGPIPE; a BIO_f_buffer in front of it would batch the writes but keep
+// write(2). This BIO keeps the encrypted records of a frame in memory and
+// hands them to the kernel in large send(MSG_NOSIGNAL) calls: when kFlushAt
+// bytes are waiting, and at the end of every frame (TlsChannel::Flush);
+// beyond kMaxBuffered unsent, it takes no more until the socket takes some
+// (the writer polls, as on any full socket). It reads with recv(2) into a
+// buffer of its own, kReadChunk at a time, and hands OpenSSL each record's
+// header and body from there. (OpenSSL's read-ahead would read as much
+// itself, but before every record it moves all the buffered bytes after it
+// to the front of its buffer, to align the payload: with a large buffer
+// that copies each byte many times over; bench/bench_link measured it.)
+constexpr size_t kFlushAt = 256 << 10;
+constexpr size_t kReadChunk = 256 << 10;
+// Beyond this much unsent, writes wait (SSL_ERROR_WANT_WRITE, then poll):
+// what a stalled peer can make us hold, over the socket buffer.
+constexpr size_t kMaxBuffered = 1 << 20;
+
+struct SocketBio {
+  int fd = -1;
+  bool eof = false;
+  std::string out;  // encrypted bytes not yet on the socket, from out_off
+  size_t out_off = 0;
+  std::unique_ptr<char[]> in;  // received, not yet handed to OpenSSL: [in_off, in_end)
+  size_t in_off = 0, in_end = 0;
+
+  size_t pending() const { return out.size() - out_off; }
+  // Sends what it can without waiting. Returns the bytes sent, or -1 with
+  // errno (EAGAIN: nothing could be sent now).
+  ssize_t Send() {
+    size_t sent = 0;
+    while (pending() > 0) {
+      ssize_t r = ::send(fd, out.data() + out_off, pending(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        if (sent > 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        return -1;
+      }
+      out_off += static_cast<size_t>(r);
+      sent += static_cast<size_t>(r);
+    }
+    if (out_off == out.size()) {
+      out.clear();
+      out_off = 0;
+    } else if (out_off >= kFlushAt) {
+      out.erase(0, out_off);  // keep the buffer from growing with a slow peer
+      out_off = 0;
+    }
+    return static_cast<ssize_t>(sent);
+  }
+};
+
+SocketBio* BioState(BIO* b) { return static_cast<SocketBio*>(BIO_get_data(b)); }
+
+bool WouldBlock(int e) { return e == EAGAIN || e == EWOULDBLOCK; }
+
+int BioWrite(BIO* b, const char* in, size_t n, size_t* written) {
+  SocketBio* s = BioState(b);
+  BIO_clear_retry_flags(b);
+  *written = 0;
+  if (s->pending() >= kFlushAt && s->Send() < 0 && !WouldBlock(errno)) return 0;  // errno says why
+  if (s->pending() >= kMaxBuffered) {
+    BIO_set_retry_write(b);
+    return 0;
+  }
+  s->out.append(in, n);
+  *written = n;
+  return 1;
+}
+
+int BioRead(BIO* b, char* buf, size_t n, size_t* got) {
+  SocketBio* s = BioState(b);
+  BIO_clear_retry_flags(b);
+  *got = 0;
+  if (s->in_off == s->in_end) {
+    if (!s->in) s->in = std::make_unique<char[]>(kReadChunk);
+    s->in_off = s->in_end = 0;
+    for (;;) {
+      ssize_t r = ::recv(s->fd, s->in.get(), kReadChunk, MSG_DONTWAIT);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        if (WouldBlock(errno)) BIO_set_retry_read(b);
+        return 0;
+      }
+      if (r == 0) {
+        s->eof = true;
+        return 0;
+      }
+      s->in_end = static_cast<size_t>(r);
+      break;
+    }
+  }
+  size_t take = std::min(n, s->in_end - s->in_off);
+  std::memcpy(buf, s->in.get() + s->in_off, take);
+  s->in_off += take;
+  *got = take;
+  return 1;
+}
+
+long BioCtrl(BIO* b, int cmd, long, void*) {
+  SocketBio* s = BioState(b);
+  switch (cmd) {
+    case BIO_CTRL_FLUSH:
+      // OpenSSL flushes after each handshake flight and alert.
+      BIO_clear_retry_flags(b);
+      if (s->pending() > 0 && s->Send() < 0 && !WouldBlock(errno)) return 0;
+      if (s->pending() == 0) return 1;
+      BIO_set_retry_write(b);
+      return 0;
+    case BIO_CTRL_EOF:
+      return s->eof ? 1 : 0;
+    case BIO_CTRL_WPENDING:
+      return static_cast<long>(s->pending());
+    case BIO_CTRL_PENDING:
+      return static_cast<long>(s->in_end - s->in_off);
+    default:
+      return 0;  // no kTLS, no dup, no fd queries
+  }
+}
+
+int BioCreate(BIO* b) {
+  BIO_set_data(b, new SocketBio());
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+int BioDestroy(BIO* b) {
+  delete BioState(b);
+  BIO_set_data(b, nullptr);
+  return 1;
+}
+
+// A BIO of that kind over fd (not owned), or null.
+BIO* NewSocketBio(int fd) {
+  static BIO_METHOD* const method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "remus link socket");
+    if (m && (BIO_meth_set_write_ex(m, BioWrite) != 1 || BIO_meth_set_read_ex(m, BioRead) != 1 ||
+              BIO_meth_set_ctrl(m, BioCtrl) != 1 || BIO_meth_set_create(m, BioCreate) != 1 ||
+              BIO_meth_set_destroy(m, BioDestroy) != 1)) {
+      BIO_meth_free(m);
+      m = nullptr;
+    }
+    return m;
+  }();
+  BIO* b = method ? BIO_new(method) : nullptr;
+  if (b) BioState(b)->fd = fd;
+  return b;
+}
+
+}  // namespace
+
 // ---- TlsChannel ---------------------------------------------------------------
 
 TlsChannel::TlsChannel(SSL* ssl) : ssl_(ssl) {}
@@ -241,6 +400,7 @@ StatusOr<TlsChannel::Step> TlsChannel::Outcome(int ret, const char* op) {
       const unsigned long e = ERR_peek_error();
       const bool mac = ERR_GET_LIB(e) == ERR_LIB_SSL && ERR_GET_REASON(e) == SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC;
       const int alert = ReceivedAlert(e);
+      if (alert >= 0) peer_alert_ = alert;
       std::string why = TakeSslError();
       if (mac)
         return DataLoss("a TLS record failed authentication (" + why +
@@ -279,11 +439,29 @@ StatusOr<TlsChannel::Step> TlsChannel::WriteSome(const void* buf, size_t n) {
   return Outcome(r, "write");
 }
 
+StatusOr<TlsChannel::Step> TlsChannel::Flush() {
+  MutexLock g(mu_);
+  SocketBio* s = BioState(SSL_get_wbio(ssl_));
+  if (s->pending() == 0) return Step{0, 0};
+  ssize_t r = s->Send();
+  if (r < 0 && !WouldBlock(errno)) {
+    const int e = errno;
+    if (e == EPIPE || e == ECONNRESET) return Unavailable("peer closed the connection");
+    return ErrnoStatus("write", e);
+  }
+  return Step{r > 0 ? static_cast<size_t>(r) : 0, static_cast<short>(s->pending() > 0 ? POLLOUT : 0)};
+}
+
 void TlsChannel::CloseNotify() {
   MutexLock g(mu_);
   ERR_clear_error();
   (void)SSL_shutdown(ssl_);
   ERR_clear_error();
+}
+
+int TlsChannel::peer_alert() const {
+  MutexLock g(mu_);
+  return peer_alert_;
 }
 
 std::string TlsChannel::Describe() const {
@@ -307,12 +485,6 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Create(const LinkSecurit
   if (certs && (sec.cert_file.empty() || sec.key_file.empty() || sec.ca_file.empty()))
     return InvalidArgument("certificate mode needs all three of --tls-cert, --tls-key and --tls-ca");
 
-  // OpenSSL writes with write(2), not send(MSG_NOSIGNAL): a peer that hung
-  // up would kill the process with SIGPIPE instead of failing the write.
-  // remusd ignores it anyway; any process with a TLS link must too.
-  static const bool sigpipe_ignored = (::signal(SIGPIPE, SIG_IGN), true);
-  (void)sigpipe_ignored;
-
   std::shared_ptr<TlsContext> c(new TlsContext());
   c->role_ = role;
   c->peer_name_ = sec.peer_name;
@@ -326,10 +498,8 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Create(const LinkSecurit
   // lengths, so a cut stream is a truncated frame, never a short one.
   SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_TICKET);
   SSL_CTX_set_num_tickets(ctx, 0);  // links are long-lived; nothing to resume
-  // Read many records per read(2), not a header and a body each: a
-  // checkpoint is thousands of 16 KiB records (bench/bench_link).
-  SSL_CTX_set_read_ahead(ctx, 1);
-  SSL_CTX_set_default_read_buffer_len(ctx, 256 << 10);
+  // No read-ahead: the link's BIO reads many records per recv(2) itself
+  // (NewSocketBio says why).
   if (SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256") != 1)
     return Internal("OpenSSL: cannot set the TLS 1.3 cipher suites: " + TakeSslError());
 
@@ -497,10 +667,19 @@ Status CheckSpeaksTls(Link& link, const std::string& peer, SteadyTime deadline, 
                               " ms handshake timeout");
     }
     // Once something came, the rest of the 4 bytes is waited for in steps
-    // (the socket stays readable, so poll would not wait).
-    pollfd pfd{link.fd(), POLLIN, 0};
+    // (the socket stays readable, so poll would not wait), unless the peer
+    // already closed its side: then what came is all there is.
+    pollfd pfd{link.fd(), POLLIN | POLLRDHUP, 0};
     int pr = got > 0 ? ::poll(nullptr, 0, std::min(left, 10)) : ::poll(&pfd, 1, left);
     if (pr < 0 && errno != EINTR) return ErrnoStatus("poll", errno);
+    if (got > 0) {
+      pfd.revents = 0;
+      if (::poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP))) {
+        ssize_t r = ::recv(link.fd(), head, sizeof head, MSG_PEEK | MSG_DONTWAIT);
+        if (r > 0) got = r;
+        break;  // judge what came
+      }
+    }
     ssize_t r = ::recv(link.fd(), head, sizeof head, MSG_PEEK | MSG_DONTWAIT);
     if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
     if (r < 0) return ErrnoStatus("recv", errno);
@@ -542,7 +721,9 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
   Notes notes;
   notes.ctx = &ctx;
   SSL_set_ex_data(ssl, NotesIndex(), &notes);
-  if (SSL_set_fd(ssl, link.fd()) != 1) return Internal("OpenSSL: SSL_set_fd: " + TakeSslError());
+  BIO* bio = NewSocketBio(link.fd());
+  if (!bio) return Internal("OpenSSL: cannot create the link's BIO: " + TakeSslError());
+  SSL_set_bio(ssl, bio, bio);  // one reference, owned by ssl
   if (!ctx.psk()) {
     // Certificate mode: whose name the peer's certificate must carry.
     std::string name = TlsInternals::PeerName(ctx);
@@ -565,19 +746,6 @@ Status StartTls(Link& link, const TlsContext& ctx, const std::string& host, cons
   LOG_DEBUG(kTag) << "TLS with " << peer << ": " << channel->Describe() << ", " << ctx.description();
   link.UseTls(std::move(channel));
   return OkStatus();
-}
-
-bool ValidDomain(std::string_view d) {
-  if (d.empty() || d.size() > 255) return false;
-  for (unsigned char c : d)
-    if (c < 0x20 || c == 0x7f) return false;
-  return true;
-}
-
-StatusOr<json> ParseObject(std::string_view payload) {
-  json j = json::parse(payload, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return InvalidArgument("not a JSON object");
-  return j;
 }
 
 StatusOr<Frame> RecvHandshake(Link& link, SteadyTime deadline, int timeout_ms, const std::string& peer,
@@ -612,8 +780,9 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
   const std::string peer = "backup at " + link.PeerName();
   const std::string dom(domain);
   if (ctx.role() != TlsRole::kPrimary) return Internal("ClientHandshake needs a primary's TLS context");
-  if (!ValidDomain(domain))
-    return InvalidArgument("domain name '" + dom + "' is empty, too long or has control characters");
+  if (!ValidName(domain))
+    return InvalidArgument("domain name '" + dom.substr(0, 64) + "' is not a usable name (letters, digits, '.', "
+                           "'-', '_'; 1..64 bytes; not starting with '.' or '-')");
   RETURN_IF_ERROR(StartTls(link, ctx, std::string(host), peer, deadline, timeout_ms));
 
   json hello = {{"version", kProtocolVersion}, {"domain", dom}};
@@ -623,13 +792,14 @@ Status ClientHandshake(Link& link, const TlsContext& ctx, std::string_view host,
   const SteadyTime recv_deadline =
       sent.ok() ? deadline : std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(1));
   auto got = RecvHandshake(link, recv_deadline, timeout_ms, peer, "AUTH_OK");
-  if (!got.ok() && got.status().code() == Code::kUnauthenticated) {
+  if (!got.ok()) {
     // TLS 1.3: the backup checks our certificate after our handshake ended,
-    // and its refusal is the first thing we read.
-    const std::string& m = got.status().message();
-    size_t at = m.find("refused this host's certificate");
-    return Unauthenticated(peer + " " + (at == std::string::npos ? m : m.substr(at)) +
-                           "; its log says why. This host presents " + ctx.description());
+    // and its refusal (an alert) is the first thing we read.
+    const int alert = link.PeerTlsAlert();
+    if (IsCertificateAlert(alert))
+      return Unauthenticated(peer + " refused this host's certificate (TLS alert \"" +
+                             SSL_alert_desc_string_long(alert) + "\"); its log says why. This host presents " +
+                             ctx.description());
   }
   if (!sent.ok()) return sent;
   ASSIGN_OR_RETURN(Frame ok, std::move(got));
@@ -654,9 +824,9 @@ StatusOr<std::string> ServerHandshake(Link& link, const TlsContext& ctx, int tim
   if (hello.type != MsgType::kHello)
     return SendErrorAndFail(link, InvalidArgument(peer + " sent " + MsgTypeName(hello.type) + " instead of HELLO"),
                             InvalidArgument("expected HELLO"));
-  auto j = ParseObject(hello.payload);
-  auto v = j.ok() ? j->find("version") : json::iterator{};
-  if (!j.ok() || v == j->end() || !v->is_number_integer())
+  auto j = ParseJsonObject(hello.payload);
+  auto v = j ? j->find("version") : json::iterator{};
+  if (!j || v == j->end() || !v->is_number_integer())
     return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"), InvalidArgument("malformed HELLO"));
   if (v->get<int64_t>() != kProtocolVersion) {
     Status s = FailedPrecondition("protocol version mismatch: " + peer + " speaks version " +
@@ -665,9 +835,15 @@ StatusOr<std::string> ServerHandshake(Link& link, const TlsContext& ctx, int tim
     return SendErrorAndFail(link, s, s);
   }
   auto d = j->find("domain");
-  if (d == j->end() || !d->is_string() || !ValidDomain(d->get<std::string>()))
+  if (d == j->end() || !d->is_string())
     return SendErrorAndFail(link, InvalidArgument(peer + " sent a malformed HELLO"), InvalidArgument("malformed HELLO"));
   std::string dom = d->get<std::string>();
+  // Before AUTH_OK: the name becomes a directory here.
+  if (!ValidName(dom)) {
+    const std::string shown = json(dom.substr(0, 64)).dump(-1, ' ', false, json::error_handler_t::replace);
+    return SendErrorAndFail(link, InvalidArgument(peer + " asked for domain " + shown + ", not a usable name"),
+                            InvalidArgument("invalid domain name " + shown));
+  }
   RETURN_IF_ERROR(link.Send(MsgType::kAuthOk, 0, ""));
   LOG_INFO(kTag) << "[" << dom << "] link from " << peer << " authenticated (" << ctx.description() << ")";
   return dom;

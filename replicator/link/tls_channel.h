@@ -8,7 +8,9 @@
 // OpenSSL, and the waiting (poll) happens in wire::Link without the lock.
 // A write hands OpenSSL one record's worth at a time
 // (SSL_MODE_ENABLE_PARTIAL_WRITE), so a reader never waits behind more than
-// one record's encryption.
+// one record's encryption. The encrypted records collect in the channel's
+// socket BIO and go to the kernel in large send(MSG_NOSIGNAL) calls, at the
+// latest when the writer calls Flush at the end of its frame.
 #pragma once
 
 #include <cstddef>
@@ -43,10 +45,20 @@ class TlsChannel {
   // Encrypts and writes at most one record of buf. After a step that moved
   // nothing, the next call must pass the same bytes (OpenSSL's retry rule).
   StatusOr<Step> WriteSome(const void* buf, size_t n);
+  // Sends what WriteSome left in the channel's buffer, without waiting: `n`
+  // bytes went to the socket; `wait` is POLLOUT while some remain, 0 once
+  // all are on the socket. Errors: Unavailable when the peer closed the
+  // connection, the errno otherwise.
+  StatusOr<Step> Flush();
   // Best effort, never waits: tells the peer we send no more (close_notify).
   void CloseNotify();
   // "TLS_AES_128_GCM_SHA256 (TLSv1.3)": for logs and status.
   std::string Describe() const;
+  // The fatal alert the peer sent (RFC 8446 section 6: 42 bad_certificate,
+  // 48 unknown_ca, ...), once a read or write failed with one; else -1. In
+  // TLS 1.3 a backup refuses the primary's certificate after the primary's
+  // handshake ended, so the primary learns it here (tls.h's ClientHandshake).
+  int peer_alert() const;
 
  private:
   // Turns a failed SSL call's result into a Step to wait for or an error.
@@ -54,6 +66,7 @@ class TlsChannel {
 
   mutable Mutex mu_;
   SSL* ssl_ GUARDED_BY(mu_);
+  int peer_alert_ GUARDED_BY(mu_) = -1;
 };
 
 }  // namespace remus::wire

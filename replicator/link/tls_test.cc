@@ -9,6 +9,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -24,6 +25,8 @@
 #include <thread>
 
 #include "common/io.h"
+#include "tests/fakes/loopback_link.h"
+#include "tests/fakes/status_matchers.h"
 
 namespace remus::wire {
 namespace {
@@ -31,21 +34,9 @@ namespace {
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-::testing::AssertionResult HasCode(const Status& s, Code want) {
-  if (s.code() == want) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "want " << CodeName(want) << ", got " << s.ToString();
-}
-#define EXPECT_CODE(expr, want) EXPECT_TRUE(HasCode((expr), (want)))
-
-struct Pair {
-  std::unique_ptr<Link> a, b;
-};
-
-Pair SocketPair() {
-  int sv[2];
-  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-  return {std::make_unique<Link>(Fd(sv[0])), std::make_unique<Link>(Fd(sv[1]))};
-}
+// Both ends of a link over a socketpair (tests/fakes/loopback_link.h).
+using Pair = remus::testing::LinkPair;
+Pair SocketPair(int buffer_bytes = 0) { return remus::testing::MakeLoopbackLinks(buffer_bytes); }
 
 Key TestKey(char fill) { return Key(std::string(32, fill)); }
 
@@ -263,6 +254,20 @@ TEST_F(TlsTest, BackupRefusesAnythingElseByItsFirstBytes) {
   EXPECT_THAT(server.status().message(), HasSubstr("does not speak TLS (its first bytes are 47 45 54 20)"));
 }
 
+// A peer that sends fewer than the 4 bytes judged and hangs up is judged at
+// once, not after the handshake timeout.
+TEST_F(TlsTest, BackupJudgesAShortOpeningWhenThePeerHangsUp) {
+  auto [raw, s] = SocketPair();
+  auto sc = Ctx(Psk('k'), TlsRole::kBackup);
+  ASSERT_TRUE(WriteFull(raw->fd(), "ab", 2).ok());
+  ::shutdown(raw->fd(), SHUT_WR);
+  auto start = std::chrono::steady_clock::now();
+  auto r = ServerHandshake(*s, *sc, 5000);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(1000));
+  EXPECT_CODE(r.status(), Code::kUnauthenticated);
+  EXPECT_THAT(r.status().message(), HasSubstr("does not speak TLS (its first bytes are 61 62 00 00)"));
+}
+
 TEST_F(TlsTest, PrimaryRefusesABackupThatDoesNotSpeakTls) {
   auto [c, raw] = SocketPair();
   auto cc = Ctx(Psk('k'), TlsRole::kPrimary);
@@ -350,6 +355,32 @@ TEST_F(TlsTest, VersionMismatchInsideTlsNamesBothVersions) {
   EXPECT_CODE(DecodeError(err->payload), Code::kFailedPrecondition);
 }
 
+// A domain name the backup would not use (it names a directory there) is
+// refused in answer to HELLO, never after AUTH_OK; the primary checks the
+// same rule before it connects.
+TEST_F(TlsTest, ADomainNameOutsideTheNameRuleIsRefusedBeforeAuthOk) {
+  for (const std::string& bad : std::vector<std::string>{"../etc", "", "web 1", std::string(65, 'a'), "-x"}) {
+    auto [c, s] = SocketPair();
+    auto cc = Ctx(Psk('k'), TlsRole::kPrimary);
+    auto sc = Ctx(Psk('k'), TlsRole::kBackup);
+    StatusOr<std::string> server = Internal("not run");
+    std::thread st([&, &s = s] { server = ServerHandshake(*s, *sc, 5000); });
+    ASSERT_TRUE(StartTls(*c, *cc, "localhost", 5000).ok());
+    ASSERT_TRUE(c->Send(MsgType::kHello, 0, json{{"version", kProtocolVersion}, {"domain", bad}}.dump()).ok());
+    auto answer = c->Recv();
+    st.join();
+    EXPECT_CODE(server.status(), Code::kInvalidArgument) << bad;
+    EXPECT_THAT(server.status().message(), HasSubstr("not a usable name")) << bad;
+    ASSERT_TRUE(answer.ok()) << answer.status().ToString();
+    EXPECT_EQ(answer->type, MsgType::kError) << bad;  // not AUTH_OK
+    EXPECT_THAT(DecodeError(answer->payload).message(), HasSubstr("invalid domain name")) << bad;
+    auto [c2, s2] = SocketPair();
+    Status local = ClientHandshake(*c2, *cc, "localhost", bad, 5000);
+    EXPECT_CODE(local, Code::kInvalidArgument) << bad;
+    EXPECT_THAT(local.message(), HasSubstr("not a usable name")) << bad;
+  }
+}
+
 TEST_F(TlsTest, FramesOtherThanHelloAreRefused) {
   for (MsgType t : {MsgType::kConfig, MsgType::kFailover, MsgType::kPages}) {
     auto [c, s] = SocketPair();
@@ -420,7 +451,13 @@ TEST_F(TlsTest, TheBackupChecksThePrimarysNameWhenTold) {
   EXPECT_CODE(r.server.status(), Code::kUnauthenticated);
   EXPECT_THAT(r.server.status().message(), HasSubstr("hostname mismatch (expected z.example)"));
   EXPECT_CODE(r.client, Code::kUnauthenticated);
-  EXPECT_THAT(r.client.message(), HasSubstr("refused this host's certificate"));
+  // One sentence from the alert itself (Link::PeerTlsAlert), not the read
+  // error annotated: who refused, which alert, what this host presents.
+  EXPECT_THAT(r.client.message(), ::testing::StartsWith("backup at "));
+  EXPECT_THAT(r.client.message(), HasSubstr("refused this host's certificate (TLS alert"));
+  EXPECT_THAT(r.client.message(), HasSubstr("This host presents certificate CN=a.example"));
+  EXPECT_THAT(r.client.message(), ::testing::Not(HasSubstr("waiting for AUTH_OK")));
+  EXPECT_GE(c->PeerTlsAlert(), 0);
 }
 
 TEST_F(TlsTest, ACertificateFromAnotherCaIsRefusedOnBothSides) {
@@ -660,6 +697,22 @@ TEST_F(TlsTest, ASendTimeoutBreaksALinkWhosePeerStoppedReading) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
   EXPECT_TRUE(c->broken());
   EXPECT_CODE(c->Send(MsgType::kHeartbeat, 0, ""), Code::kUnavailable);
+}
+
+// The link never raises SIGPIPE (its writes are send(MSG_NOSIGNAL)), so a
+// process need not ignore it, and creating a context leaves it alone.
+TEST_F(TlsTest, AWriteToAPeerThatHungUpFailsWithoutSigpipe) {
+  auto [c, s] = SocketPair();
+  auto r = Handshake(*c, *s, Psk('k'), Psk('k'));
+  ASSERT_TRUE(r.client.ok() && r.server.ok());
+  struct sigaction now {};
+  ASSERT_EQ(::sigaction(SIGPIPE, nullptr, &now), 0);
+  ASSERT_EQ(now.sa_handler, SIG_DFL);  // a SIGPIPE would end this test process
+  s.reset();                           // the peer hangs up
+  Status st;
+  for (int i = 0; i < 8 && st.ok(); i++) st = c->Send(MsgType::kPages, 1, std::string(1 << 20, 'p'));
+  EXPECT_CODE(st, Code::kUnavailable);
+  EXPECT_THAT(st.message(), HasSubstr("peer closed the connection"));
 }
 
 }  // namespace

@@ -24,6 +24,7 @@
 #include "common/crc32c.h"
 #include "common/hex.h"
 #include "common/log.h"
+#include "replicator/link/json_object.h"
 #include "replicator/link/tls_channel.h"
 
 namespace remus::wire {
@@ -80,18 +81,13 @@ std::optional<std::string> JsonString(const json& j, const char* field) {
   return it->get<std::string>();
 }
 
-// Parses a JSON object; nullopt if the payload is not one.
-std::optional<json> ParseObject(std::string_view payload) {
+}  // namespace
+
+std::optional<json> ParseJsonObject(std::string_view payload) {
   json j = json::parse(payload, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return std::nullopt;
   return j;
 }
-
-
-
-
-
-}  // namespace
 
 // ---- Frames -----------------------------------------------------------------
 
@@ -154,6 +150,8 @@ Link::~Link() = default;
 void Link::UseTls(std::unique_ptr<TlsChannel> tls) { tls_ = std::move(tls); }
 
 std::string Link::Cipher() const { return tls_ ? tls_->Describe() : std::string(); }
+
+int Link::PeerTlsAlert() const { return tls_ ? tls_->peer_alert() : -1; }
 
 Status Link::Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags) {
   return SendV(type, epoch, {payload}, flags);
@@ -264,25 +262,19 @@ Status Link::WriteAll(struct iovec* iov, int iovcnt, std::optional<SteadyTime> d
 
 Status Link::WriteAllTls(struct iovec* iov, int iovcnt, std::optional<SteadyTime> deadline,
                          const std::function<bool()>* abandon) {
-  // 256 KiB: 16 records per fill, few enough copies to stay out of the way.
+  // Small parts (the header, page-record headers, 4 KiB pages) are gathered
+  // into tls_out_ and encrypted from there, 256 KiB at a time; a part of at
+  // least one record is encrypted where it lies, after topping tls_out_ up
+  // to a whole record from its start (so a frame's header shares a record
+  // with its payload).
   constexpr size_t kChunk = 256 << 10;
+  constexpr size_t kRecord = 16 << 10;  // TLS's largest record
   auto last_progress = std::chrono::steady_clock::now();
   bool wrote_some = false;
-  while (iovcnt > 0) {
-    tls_out_.clear();
-    while (iovcnt > 0 && tls_out_.size() < kChunk) {
-      size_t take = std::min(iov->iov_len, kChunk - tls_out_.size());
-      tls_out_.append(static_cast<const char*>(iov->iov_base), take);
-      iov->iov_base = static_cast<char*>(iov->iov_base) + take;
-      iov->iov_len -= take;
-      if (iov->iov_len == 0) {
-        iov++;
-        iovcnt--;
-      }
-    }
+  auto put = [&](const char* p, size_t n) -> Status {
     size_t off = 0;
-    while (off < tls_out_.size()) {
-      auto step = tls_->WriteSome(tls_out_.data() + off, tls_out_.size() - off);
+    while (off < n) {
+      auto step = tls_->WriteSome(p + off, n - off);
       if (!step.ok()) {
         if (wrote_some) Break();
         return step.status();
@@ -297,8 +289,46 @@ Status Link::WriteAllTls(struct iovec* iov, int iovcnt, std::optional<SteadyTime
       }
       RETURN_IF_ERROR(WaitToWrite(step->wait, deadline, last_progress, wrote_some, abandon));
     }
+    return OkStatus();
+  };
+  tls_out_.clear();
+  for (int i = 0; i < iovcnt; i++) {
+    const char* p = static_cast<const char*>(iov[i].iov_base);
+    size_t n = iov[i].iov_len;
+    if (n >= kRecord) {
+      if (!tls_out_.empty()) {
+        size_t take = std::min(n, kRecord - tls_out_.size() % kRecord);
+        tls_out_.append(p, take);
+        p += take;
+        n -= take;
+        RETURN_IF_ERROR(put(tls_out_.data(), tls_out_.size()));
+        tls_out_.clear();
+      }
+      RETURN_IF_ERROR(put(p, n));
+      continue;
+    }
+    tls_out_.append(p, n);
+    if (tls_out_.size() >= kChunk) {
+      RETURN_IF_ERROR(put(tls_out_.data(), tls_out_.size()));
+      tls_out_.clear();
+    }
   }
-  return OkStatus();
+  if (!tls_out_.empty()) RETURN_IF_ERROR(put(tls_out_.data(), tls_out_.size()));
+  // The frame's last records are still in the channel's buffer: a frame is
+  // sent when it is wholly on the socket.
+  for (;;) {
+    auto step = tls_->Flush();
+    if (!step.ok()) {
+      if (wrote_some) Break();
+      return step.status();
+    }
+    if (step->wait == 0) return OkStatus();
+    if (step->n > 0) {
+      last_progress = std::chrono::steady_clock::now();
+      continue;
+    }
+    RETURN_IF_ERROR(WaitToWrite(step->wait, deadline, last_progress, wrote_some, abandon));
+  }
 }
 
 Status Link::WaitToWrite(short events, std::optional<SteadyTime> deadline, SteadyTime last_progress,
@@ -470,7 +500,7 @@ std::string EncodeError(const Status& s) {
 }
 
 Status DecodeError(std::string_view payload) {
-  auto j = ParseObject(payload);
+  auto j = ParseJsonObject(payload);
   auto msg = j ? JsonString(*j, "message") : std::nullopt;
   if (!msg)
     return Unavailable("peer sent a malformed ERROR frame (" + std::to_string(payload.size()) +
@@ -606,7 +636,7 @@ std::string EncodeCommit(const CommitInfo& c) {
 }
 
 StatusOr<CommitInfo> DecodeCommit(std::string_view payload) {
-  auto j = ParseObject(payload);
+  auto j = ParseJsonObject(payload);
   CommitInfo c;
   auto get = [&](const char* field, uint64_t* out) {
     auto it = j->find(field);

@@ -125,6 +125,9 @@ class Link {
   // (TLSv1.3)", or "" for a plain link.
   bool encrypted() const { return tls_ != nullptr; }
   std::string Cipher() const;
+  // The fatal TLS alert the peer sent, once a read or write failed with one
+  // (TlsChannel::peer_alert); -1 for none or a plain link.
+  int PeerTlsAlert() const;
 
   // REQUIRES: payload.size() <= kMaxPayload (else InvalidArgument, nothing sent).
   Status Send(MsgType type, uint64_t epoch, std::string_view payload, uint16_t flags = 0);
@@ -196,8 +199,9 @@ class Link {
   // shutdown or the deadline/send timeout ends the wait.
   Status WriteAll(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
                   const std::function<bool()>* abandon) REQUIRES(send_mu_);
-  // WriteAll through TLS: the frame is copied into tls_out_ a chunk at a
-  // time (encryption needs a copy anyway) and handed to OpenSSL from there.
+  // WriteAll through TLS: small parts are gathered in tls_out_ (a record
+  // needs contiguous bytes), large ones encrypted in place; the frame is
+  // sent when the channel's buffer is flushed onto the socket.
   Status WriteAllTls(struct iovec* iov, int iovcnt, std::optional<std::chrono::steady_clock::time_point> deadline,
                      const std::function<bool()>* abandon) REQUIRES(send_mu_);
   // Waits for room to write (events), in slices, until the deadline, the

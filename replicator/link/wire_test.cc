@@ -18,6 +18,8 @@
 
 #include "common/crc32c.h"
 #include "common/io.h"
+#include "tests/fakes/loopback_link.h"
+#include "tests/fakes/status_matchers.h"
 
 namespace remus::wire {
 namespace {
@@ -25,22 +27,9 @@ namespace {
 using ::testing::HasSubstr;
 using json = nlohmann::json;
 
-::testing::AssertionResult HasCode(const Status& s, Code want) {
-  if (s.code() == want) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "want " << CodeName(want) << ", got " << s.ToString();
-}
-// Checks the specific error code; the message is printed on failure.
-#define EXPECT_CODE(expr, want) EXPECT_TRUE(HasCode((expr), (want)))
-
-struct Pair {
-  std::unique_ptr<Link> a, b;
-};
-
-Pair SocketPair() {
-  int sv[2];
-  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-  return {std::make_unique<Link>(Fd(sv[0])), std::make_unique<Link>(Fd(sv[1]))};
-}
+// Both ends of a link over a socketpair (tests/fakes/loopback_link.h).
+using Pair = remus::testing::LinkPair;
+Pair SocketPair(int buffer_bytes = 0) { return remus::testing::MakeLoopbackLinks(buffer_bytes); }
 
 // A raw socket pair: one side a Link, the other a plain fd the test writes
 // arbitrary bytes to.
@@ -536,13 +525,7 @@ TEST(WireCommit, MalformedIsDataLoss) {
 
 // A pair whose side b never reads, with small buffers so a few hundred KiB
 // fill them.
-Pair SilentPeerPair() {
-  Pair p = SocketPair();
-  int small = 16 * 1024;
-  ::setsockopt(p.a->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
-  ::setsockopt(p.b->fd(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-  return p;
-}
+Pair SilentPeerPair() { return SocketPair(16 * 1024); }
 
 using Steady = std::chrono::steady_clock;
 int64_t MsSince(Steady::time_point t) {
