@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from conftest import DOMAIN, Protected, check_promoted, record
+from conftest import DOMAIN, Protected, check_promoted, read_store_counter, record
 
 
 class PromotedGuest:
@@ -214,3 +214,64 @@ def test_ten_alternating_failovers(world, request):
         copies = live_qemus(world.dir)
         assert copies == [m["pid"]], f"cycle {i}: copies {copies}, promoted {m['pid']}"
     record(request, failover_ms=times, epochs=epochs)
+
+
+def test_failover_reprotect_failback_with_disk_and_tcp(world, request):
+    """The whole round with every checker: a mirrored disk (the guest's disk
+    writer keeps a record of what is durable in memory and verifies it after
+    each restore), the memory checker and counter, and one TCP client
+    connection through output commit (nfqueue) on every step: A -> B
+    failover, automatic re-protection to A, fail back to A."""
+    from test_disk import DISK_GPA, NONE, _disk_guest, _disk_lines, _last_ok, _wait_disk_ok
+    from test_netbuf import Net, events
+    net = Net(world)
+    try:
+        img, disk_kw = _disk_guest(world)
+        nkw = net.guest_kw()
+        guest = world.start_guest(wait_boot=False, dirty=2000, extra_args=[*disk_kw["extra_args"], *nkw["extra_args"]],
+                                  extra_append=disk_kw["extra_append"] + " " + nkw["extra_append"])
+        b = world.start_backup("B", extra=("--reprotect-to", "self"))
+        a = world.start_backup("A", extra=("--reprotect-to", "self"))
+        world.wait_booted(guest)
+        world.protect(a, b, guest, extra=["--netbuf", "nfqueue"])
+        world.wait_status(a, lambda s: s["last_acked_epoch"] >= 20 and s["disks"][0]["ready"], 120,
+                          "20 acks with the disk copy complete")
+        _wait_disk_ok(world, guest.serial, 3)
+        client, out = net.client(duration=300, name="client")
+        world.wait_for(lambda: sum(e["ev"] == "resp" for e in events(out)) >= 20, 60, "20 answers")
+
+        def step(src, dst, g, serial):
+            pr = Protected(world, src, dst, g)
+            c0 = pr.acked_reference()
+            time.sleep(1)  # disk writes in flight at the kill
+            p_kill = g.counter()
+            answers = sum(e["ev"] == "resp" for e in events(out))
+            t_kill = time.time()
+            g.kill()
+            m = check_promoted(world, dst, c0, p_kill, window_s=5)
+            st = dst.status(role="backup")
+            believed = read_store_counter(st["store"], DISK_GPA)
+            assert believed != NONE and believed >= 0, f"no durable disk record in the committed memory"
+            rserial = dst.domain_dir() / "run" / "serial.log"
+            _wait_disk_ok(world, rserial, 2, timeout=60)
+            good, bad = _disk_lines(rserial)
+            assert not bad and _last_ok(good) >= believed, (good[-2:], bad, believed)
+            world.wait_for(lambda: any(e["ev"] == "resp" and e["t_recv"] > t_kill for e in events(out)), 60,
+                           "answers from the restored guest on the same connection")
+            return m, PromotedGuest(m), answers
+
+        m1, g_b, n1 = step(a, b, guest, guest.serial)
+        world.wait_status(b, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                          and s["disks"][0]["ready"], 120, "B's automatic re-protection with its disk")
+        m2, _, n2 = step(b, a, g_b, None)
+        client.kill()
+        client.wait()
+        ev = events(out)
+        assert not [e for e in ev if e["ev"] == "error"], [e for e in ev if e["ev"] == "error"]
+        assert sum(e["ev"] == "connected" for e in ev) == 1, "the client reconnected"
+        seqs = [e["seq"] for e in ev if e["ev"] == "resp"]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > n2 > n1, (len(seqs), n1, n2)
+        record(request, failover1_ms=m1["failover_ms"], failover2_ms=m2["failover_ms"], answers=len(seqs))
+    finally:
+        world.cleanup()
+        net.close()
