@@ -57,10 +57,11 @@ E2E_DEFAULT=(
   "$E2E/test_failover.py::test_failover_after_checkpoints"
   # unprotect: GOODBYE, the backup retires its checkpoint
   "$E2E/test_daemons.py::test_unprotect"
-  # the link's authentication refusing a peer with another key
-  "$E2E/test_daemons.py::test_wrong_key"
-  # remusctl's errors against both daemons; watch/stats/metrics (the HTTP endpoint)
-  "$E2E/test_cli.py::test_cli_errors"
+  # re-protection after a failover and fail back: status rows, history, the
+  # backup's ended state; a delta resync (offer, KEEP, verified commit)
+  "$E2E/test_reprotect.py::test_failover_then_reprotect_then_fail_back"
+  "$E2E/test_delta_resync.py::test_unprotect_then_protect_sends_a_delta"
+  # watch/stats/metrics (the HTTP endpoint)
   "$E2E/test_cli_watch.py::test_watch_stats_metrics"
   # faults: a tampered TLS record; a kill between LOADED and ACK
   "$E2E/test_faults.py::test_tampered_link_stops_protection_and_backup_does_not_promote[alter]"

@@ -34,6 +34,6 @@ python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU" --count 1000
 say "end-to-end tests"
 REMUS_BUILD_DIR="$BUILD" /usr/bin/python3 -m pytest -v -p no:cacheprovider --durations=15 "$ROOT/tests/e2e"
 say "fuzz targets (libFuzzer): regressions, then each target on its corpus for a bounded time"
-"$ROOT/scripts/fuzz.sh" --budget 180  # build included
+"$ROOT/scripts/fuzz.sh" --budget 120  # build included
 say "sanitizers (ASan+UBSan: unit tests + e2e subset; TSan: unit tests)"
 REMUS_BUILD_DIR="$BUILD" "$ROOT/scripts/sanitize.sh" all
