@@ -28,6 +28,17 @@ namespace {
 json Error(const Status& s) { return {{"ok", false}, {"code", std::string(CodeName(s.code()))}, {"error", s.message()}}; }
 json Ok(json result = json::object()) { return {{"ok", true}, {"result", std::move(result)}}; }
 
+// A --listen address other hosts can reach: a host that is no wildcard, and
+// a port (what --reprotect-to self and a switchover's reverse protection name).
+bool ReachableListen(const std::optional<HostPort>& l) {
+  return l && l->port != 0 && !l->host.empty() && l->host != "0.0.0.0" && l->host != "::";
+}
+
+// A protection from here that is starting or running (a second one is refused).
+bool ProtectionActive(PrimaryState s) {
+  return s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting;
+}
+
 StatusOr<std::string> DomainArg(const RequestReader& req) {
   if (!req.Has("domain")) return InvalidArgument("missing domain name");
   ASSIGN_OR_RETURN(std::string d, req.String("domain", ""));
@@ -108,8 +119,7 @@ Status Daemon::Start() {
   size_t slash = opts_.control_socket.rfind('/');
   if (slash != std::string::npos && slash > 0) RETURN_IF_ERROR(MakeDirs(opts_.control_socket.substr(0, slash), 0755));
   if (opts_.reprotect_to == "self") {
-    if (!opts_.listen || opts_.listen->port == 0 || opts_.listen->host.empty() || opts_.listen->host == "0.0.0.0" ||
-        opts_.listen->host == "::")
+    if (!ReachableListen(opts_.listen))
       return InvalidArgument("--reprotect-to self names this host's --listen address, so --listen must give a "
                              "host other hosts reach it by and a port (not 0.0.0.0 or ::); or give --reprotect-to "
                              "HOST:PORT");
@@ -483,10 +493,7 @@ json Daemon::Protect(const RequestReader& req) {
   const bool async = *async_or;
   auto po = ProtectOptions(*d, req);
   if (!po.ok()) return Error(po.status());
-  auto active = [](const PrimaryReplicator& p) {
-    PrimaryState s = p.state();
-    return s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting;
-  };
+  auto active = [](const PrimaryReplicator& p) { return ProtectionActive(p.state()); };
   auto already = [&](const PrimaryReplicator& p) {
     return AlreadyExists("domain " + *d + " is already protected (" + std::string(PrimaryStateName(p.state())) +
                          "); run `remusctl unprotect " + *d + "` first");
@@ -638,8 +645,7 @@ bool Daemon::ReprotectWanted(const std::string& d) {
   MutexLock g(mu_);
   auto it = primaries_.find(d);
   if (it == primaries_.end()) return true;
-  PrimaryState s = it->second->state();
-  return !(s == PrimaryState::kStarting || s == PrimaryState::kSyncing || s == PrimaryState::kProtected);
+  return !ProtectionActive(it->second->state());
 }
 
 json Daemon::Failover(const RequestReader& req) {
@@ -686,8 +692,7 @@ json Daemon::Switchover(const RequestReader& req) {
   wire::SwitchoverMsg msg;
   auto to = req.In("domain " + *d).String("reprotect_to", "");
   if (!to.ok()) return Error(to.status());
-  if (to->empty() && opts_.listen && opts_.listen->host != "0.0.0.0" && opts_.listen->host != "::" &&
-      !opts_.listen->host.empty())
+  if (to->empty() && ReachableListen(opts_.listen))
     msg.reprotect_to = opts_.listen->ToString();
   else if (*to != "none" && !to->empty()) {
     if (!opts_.listen)
