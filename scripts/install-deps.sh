@@ -31,6 +31,8 @@ PKGS=(
   dpkg-dev meson libglib2.0-dev libpixman-1-dev zlib1g-dev flex bison libfdt-dev libslirp-dev
   # end-to-end tests
   python3 python3-pytest python3-cryptography
+  # test_qemu_colo_timer.py holds QEMU threads with gdb to force a race
+  gdb
   # arbiter tests start their own etcd clusters (/usr/bin/etcd); etcdctl for debugging them
   etcd-server etcd-client
   # NBD clients for diskmirror's interoperability tests (nbdinfo, nbdcopy)

@@ -224,8 +224,7 @@ Status PrimaryReplicator::Connect() {
   std::string tag = "primary[" + d + "]";
   RETURN_IF_ERROR(ConnectMonitor());
   RETURN_IF_ERROR(CheckColoSupported(probe_, d));
-  if (!IsColoVersionTested(probe_))
-    LOG_WARN(tag) << "QEMU " << probe_.version << " is untested with remus; COLO entry is verified after the initial copy";
+  if (std::string w = ColoWarning(probe_); !w.empty()) LOG_WARN(tag) << "domain " << d << ": " << w;
   ASSIGN_OR_RETURN(json st, monitor_->Execute("query-migrate"));
   std::string mstatus = st.value("status", "none");
   if (mstatus == "active" || mstatus == "colo" || mstatus == "setup")

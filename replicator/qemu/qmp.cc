@@ -323,10 +323,19 @@ Status CheckColoSupported(const ColoProbe& p, const std::string& domain) {
                               " cannot be used: QEMU 10.0/10.1 never enter COLO (the migration "
                               "completes instead); use QEMU 7.2 with KVM, or the patched QEMU from "
                               "scripts/build-qemu.sh");
-  return OkStatus();  // untested version: the caller warns (IsColoVersionTested)
+  return OkStatus();  // untested version: the caller warns (ColoWarning)
 }
 
-bool IsColoVersionTested(const ColoProbe& p) { return p.major == 7 && p.minor == 2; }
+std::string ColoWarning(const ColoProbe& p) {
+  if (p.major == 7 && p.minor == 2) {
+    if (p.patched_tcg_fix) return "";
+    return "QEMU " + p.version +
+           " without remus's patches can abort when a protection ends while its checkpoint timer "
+           "fires (the timer is freed without the BQL; scripts/qemu-patches/0003); use the patched "
+           "QEMU from scripts/build-qemu.sh";
+  }
+  return "QEMU " + p.version + " is untested with remus; COLO entry is verified after the initial copy";
+}
 
 // ---- the guest's network backends -----------------------------------------
 

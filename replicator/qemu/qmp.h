@@ -155,8 +155,10 @@ StatusOr<ColoProbe> ProbeColo(QemuMonitor& monitor);
 //   QEMU                 accel  x-colo  result
 //   -------------------  -----  ------  ------------------------------------------
 //   any                  any    no      refused: no COLO support
-//   7.2                  kvm    yes     supported
-//   7.2 (remus patches) tcg   yes     supported (patched build, scripts/build-qemu.sh)
+//   7.2 (remus patches)  any    yes     supported (patched build, scripts/build-qemu.sh)
+//   7.2 (stock)          kvm    yes     supported with a warning: the primary QEMU can
+//                                       abort when a session ends (checkpoint timer
+//                                       freed without the BQL; scripts/qemu-patches/0003)
 //   7.2 (stock)          tcg    yes     refused: deadlocks after the first checkpoint
 //                                       (BQL not held around qemu_savevm_live_state)
 //   10.0, 10.1           any    yes     refused: never enters COLO (migration completes)
@@ -167,9 +169,10 @@ StatusOr<ColoProbe> ProbeColo(QemuMonitor& monitor);
 // problem and what to do.
 Status CheckColoSupported(const ColoProbe& probe, const std::string& domain);
 
-// True for the versions the table above lists as measured (7.2); false for the
-// "allowed, untested" rows, where the caller should log a warning.
-bool IsColoVersionTested(const ColoProbe& probe);
+// The warning the caller logs for a QEMU that CheckColoSupported allows: the
+// stock 7.2 under KVM and the "allowed, untested" rows of the table above.
+// Empty for the patched 7.2.
+std::string ColoWarning(const ColoProbe& probe);
 
 // ---- the guest's network backends (for netbuf) ------------------------------
 
