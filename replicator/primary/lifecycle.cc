@@ -129,6 +129,7 @@ Status PrimaryLifecycle::Attach(LifecycleDeps deps) {
   make_netbuf_ = std::move(deps.make_netbuf);
   qemu_running_ = std::move(deps.qemu_running);
   end_qemu_ = std::move(deps.end_qemu);
+  forget_qemu_ = std::move(deps.forget_qemu);
   monitor_connected_ = std::move(deps.monitor_connected);
   lease_ = deps.lease;
   delta_ = std::move(deps.delta);
@@ -341,13 +342,20 @@ void PrimaryLifecycle::EndSwitchover(const Status& why, bool qemu_dead) {
   if (hb_.PeerLost()) link_->Shutdown();
   else link_->ShutdownWrite();
   source_->Abort();
-  MutexLock l(mu_);
-  switch_took_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
-  switch_phase_ = why.ok() && k.ok() ? "done" : "failed";
-  switch_result_ = why.ok() && k.ok()
-                       ? "the backup runs the guest from " + at + "; QEMU here ended"
-                       : (why.ok() ? k.message() : why.message()) + "; the backup takes over from " + at;
-  switch_status_ = why.ok() ? k : why;
+  {
+    MutexLock l(mu_);
+    switch_took_ms_ = static_cast<int64_t>(ToMillis(clock_.Now() - switch_started_));
+    switch_phase_ = why.ok() && k.ok() ? "done" : "failed";
+    switch_result_ = why.ok() && k.ok()
+                         ? "the backup runs the guest from " + at + "; QEMU here ended"
+                         : (why.ok() ? k.message() : why.message()) + "; the backup takes over from " + at;
+    switch_status_ = why.ok() ? k : why;
+  }
+  // The backup runs the guest; tidying up here is no longer on its path.
+  if (k.ok() && forget_qemu_) {
+    if (Status g = forget_qemu_(); !g.ok())
+      LOG_WARN(Tag()) << "switchover: QEMU ended, but " << g.message() << "; the domain may still show as running";
+  }
 }
 
 void PrimaryLifecycle::OnQemuEvent(const json& ev) {

@@ -151,6 +151,11 @@ struct LifecycleDeps {
   // Ends QEMU for good (a planned switchover: the backup runs the guest
   // now) and returns once it is gone. Null: switchover is refused.
   std::function<Status()> end_qemu;
+  // Called after end_qemu succeeded and the backup was told (FAILOVER), off
+  // the switchover's critical path: libvirt's destroy, so that libvirt knows
+  // the domain is off (it takes up to seconds to reap a killed QEMU). Null:
+  // nothing to do.
+  std::function<Status()> forget_qemu;
   // libvirt mode: whether the monitor is reachable. Set, a GiveUp that
   // failed with Unavailable is retried once it is back.
   std::function<bool()> monitor_connected;
@@ -299,6 +304,7 @@ class PrimaryLifecycle {
   std::function<StatusOr<std::unique_ptr<OutputBuffer>>()> make_netbuf_;
   std::function<bool()> qemu_running_;
   std::function<Status()> end_qemu_;
+  std::function<Status()> forget_qemu_;
   std::function<bool()> monitor_connected_;
   DomainLease* lease_ = nullptr;
   // Made by the epoch thread while the guest is paused at the end of the

@@ -346,42 +346,56 @@ def test_reprotect_after_failover_and_fail_back_through_libvirt(lvworlds, world,
     record(request, failover1_ms=st1["promotion"]["failover_ms"], failover2_ms=st2["promotion"]["failover_ms"])
 
 
-def test_switchover_through_libvirt(lvworlds, world, request):
-    """`remusctl switchover` of a libvirt domain: the final checkpoint is the
-    one B restores into its libvirt, A's domain is destroyed through A's
-    libvirt (it never runs again), and the guest counts on in B from there."""
+def test_switchover_there_and_back_through_libvirt(lvworlds, world, request):
+    """`remusctl switchover` of a libvirt domain, A -> B and back: each hop's
+    final checkpoint is the one the other side restores into its libvirt, the
+    old side's domain is destroyed through its libvirt (it never runs again),
+    the new side protects the guest back (reverse protection, into the old
+    side's libvirt), and the guest counts on with its memory checker passing."""
     a = lvworlds.start("A")
     b = lvworlds.start("B")
-    primary, backup = libvirt_daemons(world, a, b)
+    # Both remusds listen and know their libvirt: each is the other's backup in turn.
+    db = world.start_backup("B", extra=["--libvirt-uri", b.uri, "--libvirt-pid-dir", str(b.pid_dir)])
+    da = world.start_backup("A", extra=["--libvirt-uri", a.uri, "--libvirt-pid-dir", str(a.pid_dir)])
     a.define(domain_xml(a))
     a.start_domain(DOMAIN)
     wait_booted(world, a)
-    r = primary.ctl("protect", DOMAIN, "--backup", backup.listen, "--connect", a.uri, "--interval", "100",
-                    "--netbuf", "none", "--disks", "none")
+    r = da.ctl("protect", DOMAIN, "--backup", db.listen, "--interval", "100", "--netbuf", "none", "--disks", "none")
     assert r.returncode == 0, f"protect: {r.stdout}{r.stderr}" + world.diagnostics()
-    world.wait_status(primary, lambda s: s["state"] == "protected" and s["last_acked_epoch"] >= 20, 120,
-                      "20 acked checkpoints")
-    c0 = counter(a)
-    e0 = primary.status()["last_staged_epoch"]
-    world.wait_status(primary, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond epoch {e0}")
-    r = primary.ctl("switchover", DOMAIN, timeout=120)
-    assert r.returncode == 0, f"switchover: rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
-    pst = primary.status()
-    final = pst["switchover"]["final_epoch"]
-    assert pst["state"] == "switched-over" and pst["switchover"]["phase"] == "done", pst["switchover"]
-    # A's domain was destroyed through A's libvirt.
-    assert a.domstate(DOMAIN)[0] == "shut off", a.domstate(DOMAIN)
-    bst = world.wait_status(backup, lambda s: s["state"] in ("failed-over", "failed"), 60, "promotion")
-    assert bst["state"] == "failed-over", json.dumps(bst, indent=1) + world.diagnostics()
-    assert bst["last_committed_epoch"] == final and bst["promotion"]["switchover_epoch"] == final, bst
-    assert bst["libvirt"] == {"uri": b.uri, "domain": DOMAIN} and b.domstate(DOMAIN)[0] == "running", bst
-    c1 = counter(b)
-    assert c1 >= c0, (c0, c1)
-    world.wait_for(lambda: counter(b) > c1 + 500, 30, "the restored counter to advance", interval=0.5)
-    serial_b = backup.domain_dir() / "run" / "serial.log"
-    before = read_text(serial_b).count(CHECK_OK)
-    world.wait_for(lambda: read_text(serial_b).count(CHECK_OK) >= before + 3, 30,
-                   "three more 'check ok' lines from the restored guest", interval=0.5)
-    assert "CHECKER FAIL" not in read_text(serial_b)
-    record(request, final_epoch=final, took_ms=pst["switchover"]["took_ms"],
-           failover_ms=bst["promotion"]["failover_ms"])
+    hops = []
+    for hop, (src, sw, dst, dw) in enumerate([(da, a, db, b), (db, b, da, a)]):
+        world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                          and s["last_acked_epoch"] >= 20, 120, f"hop {hop}: 20 acked checkpoints")
+        c0 = counter(sw)
+        e0 = src.status(role="primary")["last_staged_epoch"]
+        world.wait_status(src, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond epoch {e0}")
+        r = src.ctl("switchover", DOMAIN, timeout=180)
+        assert r.returncode == 0, f"hop {hop}: switchover rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
+        assert "protected again, from" in r.stdout, r.stdout
+        pst = src.call({"command": "status", "domain": DOMAIN, "role": "primary"})["result"]["domains"][0]
+        final = pst["switchover"]["final_epoch"]
+        assert pst["state"] == "switched-over" and pst["switchover"]["phase"] == "done", pst["switchover"]
+        # The old side's domain was destroyed through its libvirt: A's defined
+        # domain is left shut off, B's restored (transient) one is gone.
+        # (libvirt's destroy comes after the backup was told, off the critical path.)
+        world.wait_for(lambda: sw.domstate(DOMAIN)[0] == ("shut off" if hop == 0 else ""), 30,
+                       f"hop {hop}: the old side's domain off in its libvirt", interval=0.2)
+        bst = dst.call({"command": "status", "domain": DOMAIN, "role": "backup"})["result"]["domains"][0]
+        assert bst["last_committed_epoch"] == final and bst["promotion"]["switchover_epoch"] == final, bst
+        assert bst["libvirt"] == {"uri": dw.uri, "domain": DOMAIN} and dw.domstate(DOMAIN)[0] == "running", bst
+        c1 = counter(dw)
+        assert c1 >= c0, (c0, c1)
+        world.wait_for(lambda: counter(dw) > c1 + 500, 30, "the restored counter to advance", interval=0.5)
+        serial = dst.domain_dir() / "run" / "serial.log"
+        before = read_text(serial).count(CHECK_OK)
+        world.wait_for(lambda: read_text(serial).count(CHECK_OK) >= before + 2, 30,
+                       "more 'check ok' lines from the restored guest", interval=0.5)
+        assert "CHECKER FAIL" not in read_text(serial)
+        # The reverse protection runs from dst's libvirt to src's.
+        st = world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected", 120,
+                               f"hop {hop}: the reverse protection")
+        assert st["libvirt"]["uri"] == dw.uri, st
+        hops.append({"final_epoch": final, "took_ms": pst["switchover"]["took_ms"],
+                     "failover_ms": bst["promotion"]["failover_ms"]})
+    assert a.domstate(DOMAIN)[0] == "running" and b.running_domains() == [], (a.domstate(DOMAIN), b.running_domains())
+    record(request, hops=hops)
