@@ -260,13 +260,21 @@ class QmpCounter:
 
 def test_switchover_there_and_back_with_reverse_protection(world, net, request):
     """A -> B, B protects the guest back to A (both remusds listen), then
-    B -> A the same way: one TCP connection through both, nothing lost."""
-    guest = world.start_guest(wait_boot=False, **net.guest_kw())
+    B -> A the same way, with every checker: one TCP connection through both,
+    the memory checker, and a mirrored disk whose writer verifies after each
+    promotion that the disk holds every record the memory believes durable."""
+    from test_disk import DISK_GPA, NONE, _disk_guest, _disk_lines, _last_ok, _wait_disk_ok
+    img, disk_kw = _disk_guest(world)
+    nkw = net.guest_kw()
+    guest = world.start_guest(wait_boot=False, extra_args=[*disk_kw["extra_args"], *nkw["extra_args"]],
+                              extra_append=disk_kw["extra_append"] + " " + nkw["extra_append"])
     b = world.start_backup("B")
     a = world.start_backup("A")  # listens: it becomes B's backup
     world.wait_booted(guest)
     world.protect(a, b, guest, interval_ms=100, extra=["--netbuf", "nfqueue"])
-    world.wait_status(a, lambda s: s["last_acked_epoch"] >= 20, 60, "20 acks")
+    world.wait_status(a, lambda s: s["last_acked_epoch"] >= 20 and s["disks"][0]["ready"], 120,
+                      "20 acks with the disk copy complete")
+    _wait_disk_ok(world, guest.serial, 3)
     p, out = net.client(duration=180, name="client")
     world.wait_for(lambda: len([e for e in events(out) if e["ev"] == "resp"]) >= 30, 30, "30 answers")
     results = []
@@ -286,9 +294,16 @@ def test_switchover_there_and_back_with_reverse_protection(world, net, request):
         assert seen and max(seen) <= read_store_counter(dst.status(role="backup")["store"]), seen[-3:]
         # check_promoted follows dst's backup-side record (its promotion).
         m = check_promoted(world, dst, c0, max(seen), window_s=5, exact_epoch=final)
-        # dst protects the guest back to src: dst's row is its protection now.
-        world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected", 60,
-                          "the reverse protection")
+        # The disk: every record the final checkpoint's memory believes durable is on it.
+        believed = read_store_counter(dst.status(role="backup")["store"], DISK_GPA)
+        assert believed != NONE and believed >= 0, f"hop {hop}: no durable disk record in the final checkpoint"
+        rserial = dst.domain_dir() / "run" / "serial.log"
+        _wait_disk_ok(world, rserial, 2, timeout=60)
+        good, bad = _disk_lines(rserial)
+        assert not bad and _last_ok(good) >= believed, (hop, good[-2:], bad, believed)
+        # dst protects the guest back to src (its disk too): dst's row is its protection now.
+        world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                          and s["disks"] and s["disks"][0]["ready"], 120, "the reverse protection with its disk")
         world.wait_status(dst, lambda s: s["last_acked_epoch"] >= 10, 60, "acks of the reverse protection")
         results.append((final, m["failover_ms"], pst["switchover"]["took_ms"]))
         src_guest = QmpCounter(m["qmp"])
