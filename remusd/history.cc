@@ -119,6 +119,8 @@ std::string DomainHistory::BackupText(const std::string& to, const std::string& 
   if (to == "protected") return "backing up for primary " + peer;
   if (to == "primary-lost") return "lost primary " + peer;
   if (to == "unprotected") return "primary " + peer + " ended protection";
+  if (to == "failed-over" && detail.value("switchover", false))
+    return "switched over from " + peer + ": the guest runs here from its final checkpoint " + num("epoch") + token;
   if (to == "failed-over")
     return "failed over from " + peer + ": the guest runs here from checkpoint " + num("epoch") + token;
   if (to == "failed") return "promotion failed: " + detail.value("error", std::string());

@@ -65,6 +65,8 @@ TEST(DomainHistory, Sentences) {
             "failed over from a:1: the guest runs here from checkpoint 812, token 4711");
   EXPECT_EQ(DomainHistory::BackupText("failed-over", "a:1", {{"epoch", 3}, {"token", 0}}),
             "failed over from a:1: the guest runs here from checkpoint 3");
+  EXPECT_EQ(DomainHistory::BackupText("failed-over", "a:1", {{"epoch", 40}, {"token", 0}, {"switchover", true}}),
+            "switched over from a:1: the guest runs here from its final checkpoint 40");
   EXPECT_EQ(DomainHistory::BackupText("waiting", "a:1", json::object()), "");
 }
 

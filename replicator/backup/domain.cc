@@ -62,6 +62,7 @@ bool BackupDomain::Transition(DomainEvent e) {
                    {{"primary", primary_},
                     {"epoch", stats_.last_committed.load()},
                     {"token", promotion_token_},
+                    {"switchover", switchover_epoch_ >= 0},
                     {"error", promote_error_.empty() ? error_ : promote_error_},
                     // What a re-protection after this promotion reuses.
                     {"reprotect_to", config_.reprotect_to},
