@@ -34,6 +34,25 @@ bool ReachableListen(const std::optional<HostPort>& l) {
   return l && l->port != 0 && !l->host.empty() && l->host != "0.0.0.0" && l->host != "::";
 }
 
+// A --reprotect-to value, wherever it is given (remusd's flag, protect,
+// switchover; each has its own default for an empty value): "none" gives "",
+// "self" this host's --listen address (one other hosts reach), HOST:PORT
+// itself. `what` prefixes errors.
+StatusOr<std::string> ResolveReprotectTo(const std::string& value, const std::optional<HostPort>& listen,
+                                         const std::string& what) {
+  if (value == "none") return std::string();
+  if (value == "self") {
+    if (!ReachableListen(listen))
+      return InvalidArgument(what + "--reprotect-to self names this host's --listen address, so --listen must give a "
+                                    "host other hosts reach it by and a port (not 0.0.0.0 or ::); or give "
+                                    "--reprotect-to HOST:PORT");
+    return listen->ToString();
+  }
+  auto hp = ParseHostPort(value, 7788);
+  if (!hp.ok()) return hp.status().Annotate(what + "--reprotect-to");
+  return hp->ToString();
+}
+
 // A protection from here that is starting or running (a second one is refused).
 bool ProtectionActive(PrimaryState s) {
   return s == PrimaryState::kSyncing || s == PrimaryState::kProtected || s == PrimaryState::kStarting;
@@ -118,16 +137,8 @@ Status Daemon::Start() {
   RETURN_IF_ERROR(MakeDirs(opts_.state_dir + "/run", 0700));
   size_t slash = opts_.control_socket.rfind('/');
   if (slash != std::string::npos && slash > 0) RETURN_IF_ERROR(MakeDirs(opts_.control_socket.substr(0, slash), 0755));
-  if (opts_.reprotect_to == "self") {
-    if (!ReachableListen(opts_.listen))
-      return InvalidArgument("--reprotect-to self names this host's --listen address, so --listen must give a "
-                             "host other hosts reach it by and a port (not 0.0.0.0 or ::); or give --reprotect-to "
-                             "HOST:PORT");
-    reprotect_to_ = opts_.listen->ToString();
-  } else if (opts_.reprotect_to != "none" && !opts_.reprotect_to.empty()) {
-    auto hp = ParseHostPort(opts_.reprotect_to, 7788);
-    if (!hp.ok()) return hp.status().Annotate("--reprotect-to");
-    reprotect_to_ = hp->ToString();
+  if (!opts_.reprotect_to.empty()) {
+    ASSIGN_OR_RETURN(reprotect_to_, ResolveReprotectTo(opts_.reprotect_to, opts_.listen, ""));
   }
   reprotector_ = std::make_unique<Reprotector>(Reprotector::Deps{
       .protect = [this](const json& r) { return ProtectForReprotector(r); },
@@ -457,15 +468,9 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.fault = opts_.fault;
   ASSIGN_OR_RETURN(std::string reprotect, req.String("reprotect_to", ""));
   if (reprotect.empty()) {
-    po.reprotect_to = reprotect_to_;
-  } else if (reprotect == "self") {
-    if (!opts_.listen || reprotect_to_.empty() || opts_.reprotect_to != "self")
-      return InvalidArgument("domain " + d + ": --reprotect-to self needs remusd --reprotect-to self (and --listen)");
-    po.reprotect_to = reprotect_to_;
-  } else if (reprotect != "none") {
-    auto rp = ParseHostPort(reprotect, 7788);
-    if (!rp.ok()) return rp.status().Annotate("domain " + d + ": --reprotect-to");
-    po.reprotect_to = rp->ToString();
+    po.reprotect_to = reprotect_to_;  // remusd's --reprotect-to
+  } else {
+    ASSIGN_OR_RETURN(po.reprotect_to, ResolveReprotectTo(reprotect, opts_.listen, "domain " + d + ": "));
   }
   // A protection that never started (the backup unreachable, QEMU refused)
   // is the protect request's error, not history.
@@ -692,15 +697,15 @@ json Daemon::Switchover(const RequestReader& req) {
   wire::SwitchoverMsg msg;
   auto to = req.In("domain " + *d).String("reprotect_to", "");
   if (!to.ok()) return Error(to.status());
-  if (to->empty() && ReachableListen(opts_.listen))
-    msg.reprotect_to = opts_.listen->ToString();
-  else if (*to != "none" && !to->empty()) {
-    if (!opts_.listen)
-      return Error(FailedPrecondition("domain " + *d + ": --reprotect-to needs this remusd to run with --listen "
-                                      "(it becomes the guest's backup)"));
-    auto hp = ParseHostPort(*to, 7788);
-    if (!hp.ok()) return Error(hp.status().Annotate("domain " + *d + ": --reprotect-to"));
-    msg.reprotect_to = hp->ToString();
+  if (to->empty()) {
+    if (ReachableListen(opts_.listen)) msg.reprotect_to = opts_.listen->ToString();
+  } else if (*to != "none" && !opts_.listen) {
+    return Error(FailedPrecondition("domain " + *d + ": --reprotect-to needs this remusd to run with --listen "
+                                    "(it becomes the guest's backup)"));
+  } else {
+    auto rp = ResolveReprotectTo(*to, opts_.listen, "domain " + *d + ": ");
+    if (!rp.ok()) return Error(rp.status());
+    msg.reprotect_to = *rp;
   }
   // Returns when the switchover ended (seconds: a checkpoint, its ACK, the
   // backup's answer); `status` shows its progress meanwhile.
