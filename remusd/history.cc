@@ -65,6 +65,7 @@ void DomainHistory::Record(const std::string& domain, json event) {
   line.update(event);
   const std::string s = line.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
   MutexLock l(mu_);
+  std::deque<json>& cached = Cached(domain);  // before the append: the file without this line
   ::mkdir(dir_.c_str(), 0700);
   int fd = ::open(Path(domain).c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0 || !WriteAllFd(fd, s)) {
@@ -74,6 +75,8 @@ void DomainHistory::Record(const std::string& domain, json event) {
     return;
   }
   ::close(fd);
+  cached.push_back(std::move(line));
+  while (cached.size() > kMaxKept) cached.pop_front();
   auto it = lines_.find(domain);
   if (it == lines_.end()) it = lines_.emplace(domain, ReadAll(Path(domain)).size()).first;
   else it->second++;
@@ -94,11 +97,20 @@ void DomainHistory::Compact(const std::string& domain) {
   else ::unlink(tmp.c_str());
 }
 
+std::deque<json>& DomainHistory::Cached(const std::string& domain) const {
+  auto it = recent_.find(domain);
+  if (it != recent_.end()) return it->second;
+  std::vector<json> all = ReadAll(Path(domain));
+  std::deque<json> d;
+  for (size_t i = all.size() > kMaxKept ? all.size() - kMaxKept : 0; i < all.size(); i++) d.push_back(std::move(all[i]));
+  return recent_.emplace(domain, std::move(d)).first->second;
+}
+
 json DomainHistory::Recent(const std::string& domain, size_t n) const {
   MutexLock l(mu_);
-  std::vector<json> all = ReadAll(Path(domain));
+  const std::deque<json>& all = Cached(domain);
   json out = json::array();
-  for (size_t i = all.size() > n ? all.size() - n : 0; i < all.size(); i++) out.push_back(std::move(all[i]));
+  for (size_t i = all.size() > n ? all.size() - n : 0; i < all.size(); i++) out.push_back(all[i]);
   return out;
 }
 

@@ -16,6 +16,7 @@
 // a lifecycle's own lock held: this class calls nothing back.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <string>
 
@@ -45,10 +46,14 @@ class DomainHistory {
  private:
   std::string Path(const std::string& domain) const;
   void Compact(const std::string& domain) REQUIRES(mu_);
+  // The domain's last kMaxKept entries, read from its file on first use.
+  std::deque<nlohmann::json>& Cached(const std::string& domain) const REQUIRES(mu_);
 
   const std::string dir_;
   mutable Mutex mu_;
   std::map<std::string, size_t> lines_ GUARDED_BY(mu_);  // lines in each file, once counted
+  // What Recent answers from (status asks often; the file is read once).
+  mutable std::map<std::string, std::deque<nlohmann::json>> recent_ GUARDED_BY(mu_);
 };
 
 }  // namespace remus

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <fstream>
 
 #include "tests/fakes/temp_dir.h"
@@ -38,9 +40,26 @@ TEST(DomainHistory, SkipsATornLastLine) {
   DomainHistory h(dir);
   h.Record("web1", {{"text", "one"}});
   { std::ofstream(dir + "/web1.jsonl", std::ios::app) << "{\"at\":\"2026-12-06T1"; }
-  json r = h.Recent("web1", 10);
+  json r = DomainHistory(dir).Recent("web1", 10);  // a restarted remusd reads the file
   ASSERT_EQ(r.size(), 1u);
   EXPECT_EQ(r[0]["text"], "one");
+}
+
+TEST(DomainHistory, RecentIsAnsweredFromMemoryAfterTheFirstRead) {
+  // status asks for every domain's history on every call: the file is read once.
+  const std::string dir = testing::MakeTempDir("history");
+  {
+    DomainHistory before(dir);
+    before.Record("web1", {{"text", "one"}});
+  }
+  DomainHistory h(dir);
+  EXPECT_EQ(h.Recent("web1", 10).size(), 1u);
+  ASSERT_EQ(::unlink((dir + "/web1.jsonl").c_str()), 0);
+  h.Record("web1", {{"text", "two"}});
+  json r = h.Recent("web1", 10);
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0]["text"], "one");
+  EXPECT_EQ(r[1]["text"], "two");
 }
 
 TEST(DomainHistory, KeepsTheLastEntriesOnly) {
