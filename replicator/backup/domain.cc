@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <sstream>
 #include <thread>
 
 #include "common/hex.h"
@@ -34,7 +35,19 @@ BackupDomain::BackupDomain(std::string name, const BackupOptions& opts, const Cl
     : name_(std::move(name)), opts_(opts), clock_(clock), arbiter_(arbiter), launcher_(launcher),
       dir_(opts.state_dir + "/domains/" + name_), tag_("backup[" + name_ + "]") {}
 
-BackupDomain::~BackupDomain() = default;
+namespace {
+// In the domain's directory while a switchover accepted here has not been
+// promoted: "EPOCH STORE\n", written durably before the primary hears the
+// acceptance. The primary ends its QEMU once it told us, so a restart of this
+// remusd must promote that checkpoint by itself (Recover), or the guest would
+// stay down until an operator ran `remusctl failover`.
+constexpr char kSwitchoverFile[] = "switchover-accepted";
+}  // namespace
+
+BackupDomain::~BackupDomain() {
+  Stop();
+  if (recovered_promotion_.joinable()) recovered_promotion_.join();
+}
 
 void BackupDomain::Stop() {
   MutexLock l(mu_);
@@ -103,6 +116,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     gen = ++generation_;  // an older session's pending automatic promotion is off
     switchover_epoch_ = -1;
     switchover_msg_ = wire::SwitchoverMsg();
+    ::unlink((dir_ + "/" + kSwitchoverFile).c_str());  // a new session: no earlier acceptance stands
     session_running_ = true;
     error_.clear();
     primary_ = link->PeerName();
@@ -233,8 +247,13 @@ Status BackupDomain::AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg&
                               (committed_ ? std::to_string(committed_->committed_epoch()) : std::string("none")) +
                               "; refusing the switchover");
   RETURN_IF_ERROR(Restorable().Annotate("refusing the switchover at checkpoint " + e));
-  if (!Transition(DomainEvent::kSwitchover))
+  if (!NextState(state_, DomainEvent::kSwitchover))
     return FailedPrecondition("domain " + name_ + ": cannot switch over now");
+  RETURN_IF_ERROR(WriteDurable(dir_, kSwitchoverFile,
+                               e + " " + std::filesystem::path(committed_->dir()).filename().string() + "\n")
+                      .Annotate("domain " + name_ + ": refusing the switchover at checkpoint " + e +
+                                ": cannot record its acceptance"));
+  Transition(DomainEvent::kSwitchover);
   switchover_epoch_ = static_cast<int64_t>(epoch);
   switchover_msg_ = msg;
   cv_.NotifyAll();
@@ -768,6 +787,19 @@ Status BackupDomain::Recover() {
     std::string n = e.path().filename().string();
     if (n.rfind("store-", 0) == 0 && n != k->store_name && n != base) std::filesystem::remove_all(e.path(), ec);
   }
+  // A switchover accepted at exactly this checkpoint: the primary ended (or
+  // is ending) its QEMU for good.
+  int64_t accepted = -1;
+  if (auto t = ReadFileToString(dir_ + "/" + kSwitchoverFile); t.ok()) {
+    std::istringstream in(*t);
+    int64_t e = -1;
+    std::string store_name;
+    if (in >> e >> store_name && e == static_cast<int64_t>(store.committed_epoch()) && store_name == k->store_name)
+      accepted = e;
+    else
+      LOG_WARN(tag_) << "ignoring " << kSwitchoverFile << " (\"" << t->substr(0, 64)
+                     << "\"): it does not name the kept checkpoint";
+  }
   MutexLock g(mu_);
   config_ = std::move(k->config);
   committed_configuration_ = std::move(k->configuration);
@@ -776,9 +808,21 @@ Status BackupDomain::Recover() {
   committed_disks_ = std::move(disks);
   disk_synced_epoch_ = synced;
   Transition(DomainEvent::kRecoveredCheckpoint);
-  error_ = "remusd restarted; checkpoint " + std::to_string(stats_.last_committed.load()) +
-           " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
+  if (accepted < 0) {
+    error_ = "remusd restarted; checkpoint " + std::to_string(stats_.last_committed.load()) +
+             " is kept: run `remusctl failover " + name_ + "` if the primary is gone, or protect again from the primary";
+    LOG_WARN(tag_) << error_;
+    return OkStatus();
+  }
+  // Promote it as the session would have: after the heartbeat timeout (the
+  // primary may still be ending its QEMU), arbitrated like any promotion.
+  switchover_epoch_ = accepted;
+  const Nanos wait = std::max<Nanos>(opts_.heartbeat.timeout, std::chrono::milliseconds(config_.heartbeat_timeout_ms));
+  const std::string reason = "planned switchover at checkpoint " + std::to_string(accepted) +
+                             ", accepted before remusd restarted";
+  error_ = reason + ": promoting it in " + std::to_string(static_cast<int64_t>(ToMillis(wait))) + " ms (the primary ended its QEMU)";
   LOG_WARN(tag_) << error_;
+  recovered_promotion_ = std::thread([this, gen = generation_, wait, reason] { AutoPromoteAfter(gen, wait, reason); });
   return OkStatus();
 }
 

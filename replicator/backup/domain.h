@@ -47,6 +47,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -260,6 +261,9 @@ class BackupDomain final : private SessionHost {
   std::string promote_error_ GUARDED_BY(mu_);
   bool promotion_tried_ GUARDED_BY(mu_) = false;
   int64_t switchover_epoch_ GUARDED_BY(mu_) = -1;  // the accepted switchover's final epoch
+  // Recover: a switchover accepted before a restart is promoted on this thread
+  // (after the heartbeat timeout); joined by the destructor.
+  std::thread recovered_promotion_;
   wire::SwitchoverMsg switchover_msg_ GUARDED_BY(mu_);
   // Arbitration: the fencing token this node won (0: none), and why an
   // automatic promotion is waiting or was refused.
