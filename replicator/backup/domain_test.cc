@@ -265,6 +265,65 @@ TEST_F(DomainTest, AcceptedSwitchoverWhoseLinkEndsPromotesAfterTheTimeout) {
   EXPECT_EQ(Status()["last_committed_epoch"], 1);
 }
 
+// Accepted, then this remusd died before the primary heard of it: the primary
+// ends its QEMU all the same (it told us), so the restarted backup promotes
+// the final checkpoint by itself after the heartbeat timeout, even with
+// --no-auto-promote, from the durable record of its acceptance.
+TEST_F(DomainTest, SwitchoverAcceptedBeforeARestartIsPromotedAfterIt) {
+  opts_.auto_promote = false;
+  NewDomain();
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+    testing::ExpectAck(l, 1);
+    ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, "").ok());
+    WaitState(DomainState::kSwitchingOver);
+  }
+  auto rec = ReadFileToString(dir() + "/switchover-accepted");
+  ASSERT_TRUE(rec.ok());
+  EXPECT_EQ(rec->rfind("1 store-", 0), 0u) << *rec;
+  NewDomain();  // the old object stops without promoting: a crash, as far as the state dir knows
+  EXPECT_EQ(launcher_.spawns(), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(domain_->Recover().ok());
+  EXPECT_EQ(domain_->state(), DomainState::kPrimaryLost);
+  WaitState(DomainState::kFailedOver);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(350));  // the heartbeat timeout
+  EXPECT_EQ(launcher_.spawns(), 1);
+  json st = Status();
+  EXPECT_EQ(st["last_committed_epoch"], 1);
+  EXPECT_EQ(st["promotion"]["switchover_epoch"], 1);
+  EXPECT_NE(st["promotion"]["reason"].get<std::string>().find("accepted before remusd restarted"), std::string::npos)
+      << st.dump();
+}
+
+// A record that does not name the kept checkpoint (another epoch) promotes
+// nothing: the restarted backup waits for an operator as after any restart.
+TEST_F(DomainTest, ASwitchoverRecordForAnotherCheckpointIsIgnored) {
+  opts_.auto_promote = false;
+  NewDomain();
+  {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+    testing::ExpectAck(l, 1);
+    l.Shutdown();
+  }
+  WaitState(DomainState::kPrimaryLost);
+  std::string store = std::filesystem::path(Status()["store"].get<std::string>()).filename().string();
+  ASSERT_TRUE(WriteDurable(dir(), "switchover-accepted", "7 " + store + "\n").ok());
+  NewDomain();
+  ASSERT_TRUE(domain_->Recover().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  EXPECT_EQ(domain_->state(), DomainState::kPrimaryLost);
+  EXPECT_EQ(launcher_.spawns(), 0);
+  // A new session removes the record.
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/switchover-accepted"));
+}
+
 // Defect 6: the primary came back within the timeout; the old session's
 // pending promotion must not end the new session.
 TEST_F(DomainTest, NewSessionCancelsTheOldSessionsPromotion) {
