@@ -61,6 +61,15 @@ class DomainTest : public ::testing::Test {
     return *primaries_.back();
   }
 
+  // A primary connected, with its initial copy and checkpoint 1 committed and acked.
+  wire::Link& ProtectedAt1() {
+    wire::Link& l = Connect();
+    testing::InitialSync(l, Config());
+    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
+    testing::ExpectAck(l, 1);
+    return l;
+  }
+
   json Status() { return domain_->StatusJson(); }
   // The primary's CONFIG, with the heartbeat timeout the waits below assume.
   static json Config(const std::string& argv0 = "qemu-system-x86_64") { return testing::TestConfig(argv0, 400); }
@@ -149,10 +158,7 @@ TEST_F(DomainTest, ErrorFromThePrimaryNeverPromotes) {
 
 // A primary lost for good is promoted after the heartbeat timeout.
 TEST_F(DomainTest, LostPrimaryIsPromotedAfterTheTimeout) {
-  wire::Link& l = Connect();
-  testing::InitialSync(l, Config());
-  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-  testing::ExpectAck(l, 1);
+  wire::Link& l = ProtectedAt1();
   l.Shutdown();
   WaitState(DomainState::kFailedOver);
   EXPECT_EQ(launcher_.spawns(), 1);
@@ -177,10 +183,7 @@ TEST_F(DomainTest, AcceptedSwitchoverPromotesFromTheFinalEpochAtOnce) {
     hooked.emplace_back(d, m);
   };
   NewDomain();
-  wire::Link& l = Connect();
-  testing::InitialSync(l, Config());
-  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-  testing::ExpectAck(l, 1);
+  wire::Link& l = ProtectedAt1();
   const wire::SwitchoverMsg asked{"planned switchover", "10.0.0.1:7788", 100, "nfqueue"};
   ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, wire::EncodeSwitchover(asked)).ok());
   auto f = testing::NextNonHeartbeat(l);
@@ -228,10 +231,7 @@ TEST_F(DomainTest, AcceptedSwitchoverPromotesFromTheFinalEpochAtOnce) {
 // The primary names an epoch that is not the committed one: refused with
 // ERROR, and the session ends as the backup's own refusal (no promotion).
 TEST_F(DomainTest, SwitchoverNamingAnotherEpochIsRefusedAndNeverPromotes) {
-  wire::Link& l = Connect();
-  testing::InitialSync(l, Config());
-  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-  testing::ExpectAck(l, 1);
+  wire::Link& l = ProtectedAt1();
   ASSERT_TRUE(l.Send(MsgType::kSwitchover, 2, "").ok());
   auto f = testing::NextNonHeartbeat(l);
   ASSERT_TRUE(f.ok()) << f.status().ToString();
@@ -251,10 +251,7 @@ TEST_F(DomainTest, SwitchoverNamingAnotherEpochIsRefusedAndNeverPromotes) {
 TEST_F(DomainTest, AcceptedSwitchoverWhoseLinkEndsPromotesAfterTheTimeout) {
   opts_.auto_promote = false;
   NewDomain();
-  wire::Link& l = Connect();
-  testing::InitialSync(l, Config());
-  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-  testing::ExpectAck(l, 1);
+  wire::Link& l = ProtectedAt1();
   ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, "").ok());
   auto f = testing::NextNonHeartbeat(l);
   ASSERT_TRUE(f.ok());
@@ -273,10 +270,7 @@ TEST_F(DomainTest, SwitchoverAcceptedBeforeARestartIsPromotedAfterIt) {
   opts_.auto_promote = false;
   NewDomain();
   {
-    wire::Link& l = Connect();
-    testing::InitialSync(l, Config());
-    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-    testing::ExpectAck(l, 1);
+    wire::Link& l = ProtectedAt1();
     ASSERT_TRUE(l.Send(MsgType::kSwitchover, 1, "").ok());
     WaitState(DomainState::kSwitchingOver);
   }
@@ -304,10 +298,7 @@ TEST_F(DomainTest, ASwitchoverRecordForAnotherCheckpointIsIgnored) {
   opts_.auto_promote = false;
   NewDomain();
   {
-    wire::Link& l = Connect();
-    testing::InitialSync(l, Config());
-    testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-    testing::ExpectAck(l, 1);
+    wire::Link& l = ProtectedAt1();
     l.Shutdown();
   }
   WaitState(DomainState::kPrimaryLost);
@@ -1087,10 +1078,7 @@ namespace {
 // promoted guest runs here, accepted once it is gone (ended), and the
 // checkpoint it ran from is never promoted again.
 TEST_F(DomainTest, APromotedGuestHoldsTheDomainUntilItIsGone) {
-  wire::Link& l = Connect();
-  testing::InitialSync(l, Config());
-  testing::SendCheckpoint(l, 1, testing::CheckpointPages(1, 'R'));
-  testing::ExpectAck(l, 1);
+  wire::Link& l = ProtectedAt1();
   l.Shutdown();
   WaitState(DomainState::kFailedOver);
   auto guest = domain_->RunningGuest();

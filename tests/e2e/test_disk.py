@@ -48,6 +48,19 @@ def _disk_guest(world, fmt="raw", fs=False, rate=50):
     }
 
 
+def check_restored_disk(world, dst, what):
+    """dst promoted the guest: its disk holds every record that dst's
+    committed memory believes durable (the disk writer's checker, run by the
+    restored guest, found nothing missing or wrong). Returns that record."""
+    believed = read_store_counter(dst.status(role="backup")["store"], DISK_GPA)
+    assert believed != NONE and believed >= 0, f"{what}: no durable disk record in the committed memory"
+    rserial = dst.domain_dir() / "run" / "serial.log"
+    _wait_disk_ok(world, rserial, 2, timeout=60)
+    good, bad = _disk_lines(rserial)
+    assert not bad and _last_ok(good) >= believed, (what, good[-2:], bad, believed)
+    return believed
+
+
 def _disk_lines(serial):
     text = read_text(serial)
     return ([l for l in text.splitlines() if "remus-guest: DISK OK" in l],

@@ -190,7 +190,7 @@ def test_ten_alternating_failovers(world, request):
     restored memory believes durable, the connection carries on, and exactly
     one copy of the guest runs."""
     from conftest import live_qemus
-    from test_disk import DISK_GPA, NONE, _disk_guest, _disk_lines, _last_ok, _wait_disk_ok
+    from test_disk import _disk_guest, _wait_disk_ok, check_restored_disk
     from test_netbuf import Net, events
     net = Net(world)
     try:
@@ -231,12 +231,7 @@ def test_ten_alternating_failovers(world, request):
             m = check_promoted(world, dst, c0, p_kill, window_s=5)
             copies = live_qemus(world.dir)
             assert copies == [m["pid"]], f"cycle {i}: copies {copies}, promoted {m['pid']}"
-            believed = read_store_counter(dst.status(role="backup")["store"], DISK_GPA)
-            assert believed != NONE and believed >= 0, f"cycle {i}: no durable disk record in the committed memory"
-            rserial = dst.domain_dir() / "run" / "serial.log"
-            _wait_disk_ok(world, rserial, 2, timeout=60)
-            good, bad = _disk_lines(rserial)
-            assert not bad and _last_ok(good) >= believed, (i, good[-2:], bad, believed)
+            check_restored_disk(world, dst, f"cycle {i}")
             world.wait_for(lambda: any(e["ev"] == "resp" and e["t_recv"] > t_kill for e in events(out)), 60,
                            f"cycle {i}: answers from the restored guest on the same connection")
             g = PromotedGuest(m)

@@ -268,7 +268,7 @@ def test_switchover_there_and_back_with_reverse_protection(world, net, request):
     B -> A the same way, with every checker: one TCP connection through both,
     the memory checker, and a mirrored disk whose writer verifies after each
     promotion that the disk holds every record the memory believes durable."""
-    from test_disk import DISK_GPA, NONE, _disk_guest, _disk_lines, _last_ok, _wait_disk_ok
+    from test_disk import _disk_guest, _wait_disk_ok, check_restored_disk
     img, disk_kw = _disk_guest(world)
     nkw = net.guest_kw()
     guest = world.start_guest(wait_boot=False, extra_args=[*disk_kw["extra_args"], *nkw["extra_args"]],
@@ -300,12 +300,7 @@ def test_switchover_there_and_back_with_reverse_protection(world, net, request):
         # check_promoted follows dst's backup-side record (its promotion).
         m = check_promoted(world, dst, c0, max(seen), window_s=5, exact_epoch=final)
         # The disk: every record the final checkpoint's memory believes durable is on it.
-        believed = read_store_counter(dst.status(role="backup")["store"], DISK_GPA)
-        assert believed != NONE and believed >= 0, f"hop {hop}: no durable disk record in the final checkpoint"
-        rserial = dst.domain_dir() / "run" / "serial.log"
-        _wait_disk_ok(world, rserial, 2, timeout=60)
-        good, bad = _disk_lines(rserial)
-        assert not bad and _last_ok(good) >= believed, (hop, good[-2:], bad, believed)
+        check_restored_disk(world, dst, f"hop {hop}")
         # dst protects the guest back to src (its disk too): dst's row is its protection now.
         world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected"
                           and s["disks"] and s["disks"][0]["ready"], 120, "the reverse protection with its disk")
