@@ -22,7 +22,7 @@ import pytest
 
 from conftest import QEMU, REPO, read_store_counter, read_text, record, tail
 from libvirt_world import finish_worlds, LibvirtWorlds, guest_files, skip_reason
-from test_libvirt_mode import PROBE, counter, libvirt_daemons, probe, wait_booted
+from test_libvirt_mode import CHECK_OK, PROBE, counter, libvirt_daemons, probe, wait_booted
 
 sys.path.insert(0, str(REPO / "tests" / "guest"))
 import diskcheck  # noqa: E402
@@ -216,3 +216,74 @@ def test_libvirt_unprotect_cancels_the_mirror_and_the_guest_keeps_its_disk(lvwor
     before = len(_disk_lines(serial_a)[0])
     _wait_disk_ok(world, serial_a, before + 3, timeout=30)
     assert a.domstate(DOMAIN)[0] == "running"
+
+
+def test_libvirt_switchover_there_and_back_with_disk(lvworlds, world, request):
+    """`remusctl switchover` of a libvirt domain with a mirrored disk, A -> B
+    and back: each hop's final checkpoint is restored into the other side's
+    libvirt on that side's copy of vda; the old side's domain is destroyed
+    through its libvirt; the new side protects the guest back, its disk too
+    (reverse protection into the old side's libvirt); the restored guest's
+    memory checker passes and its disk holds every record its memory believes
+    written, on both hops."""
+    a = lvworlds.start("A")
+    b = lvworlds.start("B")
+    # Both remusds listen and know their libvirt: each is the other's backup in turn.
+    db = world.start_backup("B", extra=["--libvirt-uri", b.uri, "--libvirt-pid-dir", str(b.pid_dir)])
+    da = world.start_backup("A", extra=["--libvirt-uri", a.uri, "--libvirt-pid-dir", str(a.pid_dir)])
+    img = _make_image(a.dir, "raw")
+    a.define(_disk_domain_xml(a, img, "raw"))
+    a.start_domain(DOMAIN)
+    serial_a = wait_booted(world, a)
+    r = da.ctl("protect", DOMAIN, "--backup", db.listen, "--interval", "100", "--netbuf", "none")
+    assert r.returncode == 0, f"protect: {r.stdout}{r.stderr}" + world.diagnostics()
+    _wait_disk_ok(world, serial_a, 3)
+    hops = []
+    for hop, (src, sw, dst, dw) in enumerate([(da, a, db, b), (db, b, da, a)]):
+        world.wait_status(src, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                          and s["last_acked_epoch"] >= 20 and s["disks"] and all(d["ready"] for d in s["disks"]),
+                          120, f"hop {hop}: 20 acked checkpoints with the disk copy complete")
+        c0 = counter(sw)
+        e0 = src.status(role="primary")["last_staged_epoch"]
+        world.wait_status(src, lambda s: s["last_acked_epoch"] > e0, 30, f"an ack beyond epoch {e0}")
+        r = src.ctl("switchover", DOMAIN, timeout=180)
+        assert r.returncode == 0, f"hop {hop}: switchover rc {r.returncode}\n{r.stdout}{r.stderr}" + world.diagnostics()
+        assert "protected again, from" in r.stdout, r.stdout
+        pst = src.call({"command": "status", "domain": DOMAIN, "role": "primary"})["result"]["domains"][0]
+        final = pst["switchover"]["final_epoch"]
+        assert pst["state"] == "switched-over" and pst["switchover"]["phase"] == "done", pst["switchover"]
+        # The old side's domain was destroyed through its libvirt (after the
+        # backup was told): A's defined domain is left shut off, B's restored
+        # (transient) one is gone.
+        world.wait_for(lambda: sw.domstate(DOMAIN)[0] == ("shut off" if hop == 0 else ""), 30,
+                       f"hop {hop}: the old side's domain off in its libvirt", interval=0.2)
+        bst = dst.call({"command": "status", "domain": DOMAIN, "role": "backup"})["result"]["domains"][0]
+        assert bst["last_committed_epoch"] == final and bst["promotion"]["switchover_epoch"] == final, bst
+        assert bst["libvirt"] == {"uri": dw.uri, "domain": DOMAIN} and dw.domstate(DOMAIN)[0] == "running", bst
+        # dw's libvirt runs it on dst's own copy of vda.
+        image = Path(bst["disks"]["images"][0]["image"])
+        assert image == dst.domain_dir() / "disks" / "vda.img", bst
+        assert str(image) in dw.virsh("domblklist", DOMAIN).stdout
+        c1 = counter(dw)
+        assert c1 >= c0, (c0, c1)
+        world.wait_for(lambda: counter(dw) > c1 + 500, 30, "the restored counter to advance", interval=0.5)
+        serial = dst.domain_dir() / "run" / "serial.log"
+        before = read_text(serial).count(CHECK_OK)
+        world.wait_for(lambda: read_text(serial).count(CHECK_OK) >= before + 2, 30,
+                       "more 'check ok' lines from the restored guest", interval=0.5)
+        assert "CHECKER FAIL" not in read_text(serial)
+        # The disk: every record the final checkpoint's memory believes durable is on it.
+        believed = read_store_counter(bst["store"], DISK_GPA)
+        assert believed != NONE and believed >= 0, f"hop {hop}: no durable disk record in the final checkpoint"
+        _wait_disk_ok(world, serial, 2, timeout=60)
+        good, bad = _disk_lines(serial)
+        assert not bad and _last_ok(good) >= believed, (hop, good[-2:], bad, believed)
+        # The reverse protection runs from dst's libvirt to src's, with the disk.
+        st = world.wait_status(dst, lambda s: s["role"] == "primary" and s["state"] == "protected"
+                               and s["disks"] and all(d["ready"] for d in s["disks"]), 120,
+                               f"hop {hop}: the reverse protection with its disk")
+        assert st["libvirt"]["uri"] == dw.uri, st
+        hops.append({"final_epoch": final, "took_ms": pst["switchover"]["took_ms"],
+                     "failover_ms": bst["promotion"]["failover_ms"], "disk_record": believed})
+    assert a.domstate(DOMAIN)[0] == "running" and b.running_domains() == [], (a.domstate(DOMAIN), b.running_domains())
+    record(request, hops=hops)
