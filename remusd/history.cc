@@ -77,23 +77,20 @@ void DomainHistory::Record(const std::string& domain, json event) {
   ::close(fd);
   cached.push_back(std::move(line));
   while (cached.size() > kMaxKept) cached.pop_front();
-  auto it = lines_.find(domain);
-  if (it == lines_.end()) it = lines_.emplace(domain, ReadAll(Path(domain)).size()).first;
-  else it->second++;
-  if (it->second > 2 * kMaxKept) Compact(domain);
+  if (++lines_[domain] > 2 * kMaxKept) Compact(domain);  // Cached counted the file's lines
 }
 
 void DomainHistory::Compact(const std::string& domain) {
-  std::vector<json> all = ReadAll(Path(domain));
-  size_t from = all.size() > kMaxKept ? all.size() - kMaxKept : 0;
+  // The cache holds exactly what is kept: the file's last kMaxKept entries.
+  const std::deque<json>& kept = Cached(domain);
   std::string s;
-  for (size_t i = from; i < all.size(); i++) s += all[i].dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  for (const json& e : kept) s += e.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
   const std::string tmp = Path(domain) + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return;
   bool ok = WriteAllFd(fd, s);
   ::close(fd);
-  if (ok && ::rename(tmp.c_str(), Path(domain).c_str()) == 0) lines_[domain] = all.size() - from;
+  if (ok && ::rename(tmp.c_str(), Path(domain).c_str()) == 0) lines_[domain] = kept.size();
   else ::unlink(tmp.c_str());
 }
 
@@ -101,6 +98,7 @@ std::deque<json>& DomainHistory::Cached(const std::string& domain) const {
   auto it = recent_.find(domain);
   if (it != recent_.end()) return it->second;
   std::vector<json> all = ReadAll(Path(domain));
+  lines_[domain] = all.size();
   std::deque<json> d;
   for (size_t i = all.size() > kMaxKept ? all.size() - kMaxKept : 0; i < all.size(); i++) d.push_back(std::move(all[i]));
   return recent_.emplace(domain, std::move(d)).first->second;

@@ -46,12 +46,14 @@ class DomainHistory {
  private:
   std::string Path(const std::string& domain) const;
   void Compact(const std::string& domain) REQUIRES(mu_);
-  // The domain's last kMaxKept entries, read from its file on first use.
+  // The domain's last kMaxKept entries, read from its file on first use
+  // (which also counts the file's lines into lines_).
   std::deque<nlohmann::json>& Cached(const std::string& domain) const REQUIRES(mu_);
 
   const std::string dir_;
   mutable Mutex mu_;
-  std::map<std::string, size_t> lines_ GUARDED_BY(mu_);  // lines in each file, once counted
+  // Lines in each file, counted when Cached first reads it (Compact's trigger).
+  mutable std::map<std::string, size_t> lines_ GUARDED_BY(mu_);
   // What Recent answers from (status asks often; the file is read once).
   mutable std::map<std::string, std::deque<nlohmann::json>> recent_ GUARDED_BY(mu_);
 };
