@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Build a QEMU 7.2 (x86_64-softmmu only) whose COLO primary works under TCG.
+# Builds the test QEMUs from Debian's own source packages, qemu-system-x86_64
+# only, each cached in its own directory outside the repository:
 #
-# Debian 12's qemu-system-x86 (1:7.2+dfsg) has two defects that break a COLO
-# primary under -accel tcg (see ARCHITECTURE.md, "Known QEMU defects"):
+#   scripts/build-qemu.sh [7.2]   Debian 12's 1:7.2+dfsg with our patches
+#                                 (scripts/qemu-patches/), whose COLO primary works
+#                                 under TCG      -> /var/cache/remus/qemu-7.2-colo
+#   scripts/build-qemu.sh 10.0    Debian 13's 1:10.0.x+ds: the QEMU a Debian 13
+#                                 user runs, plus only the patches its COLO
+#                                 primary needs under TCG (scripts/qemu-patches-10.0/:
+#                                 the BQL fix, and the timer fix that KVM needs
+#                                 too; no upstream release has either)
+#                                 -> /var/cache/remus/qemu-10.0-colo
+#   scripts/build-qemu.sh 10.0-stock   the same source with no patch at all, for
+#                                 measuring what stock does (not used by the tests)
+#                                 -> /var/cache/remus/qemu-10.0-stock
+#
+# Debian 12's qemu-system-x86 (1:7.2+dfsg) has defects that break a COLO
+# primary under -accel tcg (see docs/architecture.md, "Known QEMU defects"):
 #   0001  the COLO thread saves the live state without the BQL and deadlocks on
 #         it after the first checkpoint;
 #   0002  TCG dirty tracking stops logging writes through already-dirty TLB
-#         entries after the first migration bitmap sync, so checkpoints miss pages.
-# This script takes Debian's own source package (apt-get source qemu, unpacked
-# by dpkg-source, which applies Debian's patch series), applies our patches from
-# scripts/qemu-patches/ in name order, builds only qemu-system-x86_64 and
-# installs it into a cache directory outside the repository:
-#
-#   $REMUS_QEMU_CACHE/bin/qemu-system-x86_64   (default /var/cache/remus/qemu-7.2-colo)
+#         entries after the first migration bitmap sync, so checkpoints miss pages;
+#   0003  the checkpoint timer is freed without the BQL while the main loop
+#         may re-arm it (use-after-free at the end of a session).
+# The source comes from `apt-get source qemu/<suite>` (bookworm for 7.2,
+# trixie for 10.0: install-deps.sh adds deb-src entries for both; no trixie
+# binary package is installed). dpkg-source unpacks it and applies Debian's
+# patch series, then ours are applied in name order.
+# QEMU 10.0 needs meson >= 1.5 and Debian 12 has 1.0: the script unpacks
+# bookworm-backports' meson 1.7 .deb into the work directory and uses it for
+# this build only (the system's meson is not touched).
 #
 # The binary finds BIOS and option ROMs in Debian's /usr/share/qemu,
 # /usr/share/seabios and /usr/lib/ipxe/qemu (packages qemu-system-data, seabios,
@@ -23,11 +40,11 @@
 # The last line printed on success is always the binary's path.
 #
 # Environment:
-#   REMUS_QEMU_CACHE        install dir        (default /var/cache/remus/qemu-7.2-colo)
+#   REMUS_QEMU_CACHE        install dir        (default per version, above)
 #   REMUS_QEMU_WORK         build tree         (default $REMUS_QEMU_CACHE.work)
 #   REMUS_QEMU_JOBS         ninja -j           (default 2)
 #   REMUS_QEMU_DEB_VERSION  pin the Debian source version, e.g. 1:7.2+dfsg-7+deb12u18
-#                           (default: whatever `apt-get source qemu` gives; must be 7.2)
+#                           (default: the suite's current one; must match the version)
 #   REMUS_QEMU_KEEP_WORK    1 keeps the build tree after success (default 1)
 #   REMUS_QEMU_FORCE        1 rebuilds even if the stamp matches
 set -euo pipefail
@@ -37,8 +54,19 @@ die() { log "ERROR: $*"; exit 1; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRIPT_PATH="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
-PATCH_DIR="$SCRIPT_DIR/qemu-patches"
-CACHE=${REMUS_QEMU_CACHE:-/var/cache/remus/qemu-7.2-colo}
+VERSION=${1:-7.2}
+case "$VERSION" in
+    7.2)  SUITE=bookworm; DEB_GLOB='1:7.2+dfsg-*'; PATCH_DIR="$SCRIPT_DIR/qemu-patches"
+          DEFAULT_CACHE=/var/cache/remus/qemu-7.2-colo; PKG_SUFFIX=" + remus colo patches" ;;
+    10.0) SUITE=trixie; DEB_GLOB='1:10.0.*'; PATCH_DIR="$SCRIPT_DIR/qemu-patches-10.0"
+          DEFAULT_CACHE=/var/cache/remus/qemu-10.0-colo; PKG_SUFFIX=" + remus colo patches" ;;
+    10.0-stock)
+          SUITE=trixie; DEB_GLOB='1:10.0.*'; PATCH_DIR=/nonexistent
+          DEFAULT_CACHE=/var/cache/remus/qemu-10.0-stock; PKG_SUFFIX="" ;;
+    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+    *) echo "build-qemu.sh: unknown QEMU version '$VERSION' (7.2, 10.0 or 10.0-stock)" >&2; exit 2 ;;
+esac
+CACHE=${REMUS_QEMU_CACHE:-$DEFAULT_CACHE}
 CACHE=${CACHE%/}
 WORK=${REMUS_QEMU_WORK:-$CACHE.work}
 JOBS=${REMUS_QEMU_JOBS:-2}
@@ -49,7 +77,7 @@ FIRMWAREPATH=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
 shopt -s nullglob
 PATCHES=("$PATCH_DIR"/*.patch)
 shopt -u nullglob
-[ ${#PATCHES[@]} -gt 0 ] || die "no patches found in $PATCH_DIR"
+[ "$VERSION" = 10.0-stock ] || [ ${#PATCHES[@]} -gt 0 ] || die "no patches found in $PATCH_DIR"
 
 # Hash of everything that determines the result: this script and the patches
 # (names and contents, in apply order).
@@ -115,6 +143,7 @@ DL="$WORK/download"
 SRC="$WORK/src"
 mkdir -p "$DL"
 want="qemu${REMUS_QEMU_DEB_VERSION:+=$REMUS_QEMU_DEB_VERSION}"
+[ -n "${REMUS_QEMU_DEB_VERSION:-}" ] || want="qemu/$SUITE"
 shopt -s nullglob
 dscs=("$DL"/qemu_*.dsc)
 shopt -u nullglob
@@ -130,15 +159,16 @@ if [ ${#dscs[@]} -eq 0 ]; then
     shopt -s nullglob
     dscs=("$DL"/qemu_*.dsc)
     shopt -u nullglob
-    [ ${#dscs[@]} -gt 0 ] || die "apt-get source $want failed (deb-src for bookworm configured?)"
+    [ ${#dscs[@]} -gt 0 ] || die "apt-get source $want failed (deb-src for $SUITE configured? scripts/install-deps.sh adds it)"
 else
     log "using downloaded source ${dscs[-1]##*/}"
 fi
 DSC=${dscs[-1]}
 DEBVER=$(sed -n 's/^Version: //p' "$DSC")
+# shellcheck disable=SC2254
 case "$DEBVER" in
-    1:7.2+dfsg-*) ;;
-    *) die "source package is qemu $DEBVER, this script and its patches are for 1:7.2+dfsg-*" ;;
+    $DEB_GLOB) ;;
+    *) die "source package is qemu $DEBVER; QEMU $VERSION needs $DEB_GLOB" ;;
 esac
 log "unpacking qemu $DEBVER with dpkg-source (applies Debian's patch series)"
 rm -rf "$SRC"
@@ -181,9 +211,30 @@ CONFIGURE_FLAGS=(
     --disable-xen --disable-curses --disable-virglrenderer
     --audio-drv-list=
     --firmwarepath="$FIRMWAREPATH"
-    --with-git-submodules=ignore
-    --with-pkgversion="Debian $DEBVER + remus colo patches"
+    --with-pkgversion="Debian $DEBVER$PKG_SUFFIX"
 )
+if [ "$VERSION" = 7.2 ]; then
+    CONFIGURE_FLAGS+=(--with-git-submodules=ignore)
+else
+    # No network at build time: the source package carries the subprojects it needs.
+    CONFIGURE_FLAGS+=(--disable-download)
+fi
+if [ "$VERSION" != 7.2 ]; then
+    # meson >= 1.5 from bookworm-backports, unpacked for this build only.
+    MESON_DIR="$WORK/meson"
+    if ! PYTHONPATH="$MESON_DIR/usr/lib/python3/dist-packages" python3 -c \
+            'import sys, mesonbuild.coredata as c; sys.exit(tuple(map(int, c.version.split(".")[:2])) < (1, 5))' 2>/dev/null; then
+        log "fetching meson from bookworm-backports (QEMU $VERSION needs meson >= 1.5; the system's is not changed)"
+        rm -rf "$MESON_DIR" "$WORK"/meson_*.deb
+        (cd "$WORK" && apt-get download -qq meson/bookworm-backports 2>&1 \
+            | grep -v 'Download is performed unsandboxed' >&2) || true
+        debs=("$WORK"/meson_*.deb)
+        [ -f "${debs[0]}" ] || die "apt-get download meson/bookworm-backports failed (is bookworm-backports configured? scripts/install-deps.sh adds it)"
+        dpkg-deb -x "${debs[0]}" "$MESON_DIR"
+    fi
+    export PYTHONPATH="$MESON_DIR/usr/lib/python3/dist-packages${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$MESON_DIR/usr/bin:$PATH"
+fi
 BUILD="$SRC/build"
 mkdir -p "$BUILD"
 log "configure: ${CONFIGURE_FLAGS[*]}"

@@ -12,6 +12,7 @@ docs/design qemu-colo-stream.md:
                   framing 00 06 <be32 L> <L bytes JSON>)
   we send checkpoint-ready (0)
   per checkpoint: <- request (1), -> reply (2), <- vmstate-send (3),
+                  [<- COMMAND SWITCHOVER_START (QEMU >= 10.0)]
                   <- END ram page records, EOS, footer, 00,
                   <- vmstate-size (4) be64 N, <- N bytes of device state,
                   -> received (5), -> loaded (6)
@@ -68,6 +69,7 @@ SEC_COMMAND = 0x08
 SEC_FOOTER = 0x7E
 
 CMD_ENABLE_COLO = 8
+CMD_SWITCHOVER_START = 11      # QEMU >= 10.0: empty, before device state (initial) and per checkpoint
 
 COLO_CHECKPOINT_READY = 0
 COLO_CHECKPOINT_REQUEST = 1
@@ -387,9 +389,11 @@ class ColoReceiver:
                 rd.skip(length)
                 if cmd == CMD_ENABLE_COLO:
                     colo_enabled = True
+                elif cmd == CMD_SWITCHOVER_START and length == 0:
+                    info["switchover_start"] = True
                 else:
                     raise SelftestError(f"unexpected command {cmd} in initial stream "
-                                        "(return-path on? QEMU >= 10?)")
+                                        "(return-path on?)")
             elif t == SEC_START:
                 sid = rd.be32()
                 name = rd.idstr()
@@ -459,6 +463,11 @@ class ColoReceiver:
         self.expect_msg(COLO_VMSTATE_SEND, "vmstate-send")
         rd.step = "ram END section"
         t = rd.u8()
+        if t == SEC_COMMAND:           # QEMU >= 10.0: SWITCHOVER_START first
+            cmd, length = rd.be16(), rd.be16()
+            if cmd != CMD_SWITCHOVER_START or length != 0:
+                raise SelftestError(f"checkpoint: unexpected command {cmd} ({length} bytes)")
+            t = rd.u8()
         if t != SEC_END:
             raise SelftestError(f"checkpoint: expected ram END section, got type {t:#x}")
         sid = rd.be32()
@@ -540,8 +549,8 @@ def verify_image(qmp, rx, tmp, number):
         qmp.cmd("pmemsave", val=COUNTER_GPA, size=COUNTER_END - COUNTER_GPA, filename=path)
     except Stalled:
         raise Stalled(f"checkpoint {number}: QMP unresponsive while the guest is stopped for the "
-                      "checkpoint: the main loop cannot take the BQL (the known QEMU 7.2 TCG "
-                      "COLO deadlock)") from None
+                      "checkpoint: the main loop cannot take the BQL (the known TCG COLO deadlock "
+                      "of QEMU 7.2-10.x: BQL not held around qemu_savevm_live_state)") from None
     with open(path, "rb") as f:
         mem = f.read()
     bad = []
@@ -782,7 +791,7 @@ def main():
                 print(f"{kind}: QMP still answers, status {st.get('status')}", file=sys.stderr)
             except SelftestError as e2:
                 print(f"{kind}: QMP unresponsive ({e2}): main loop cannot take the BQL "
-                      "(the known QEMU 7.2 TCG COLO deadlock)", file=sys.stderr)
+                      "(the known TCG COLO deadlock of QEMU 7.2-10.x, scripts/qemu-patches*/)", file=sys.stderr)
         print(json.dumps({"result": "fail", "checkpoints": seen,
                           "elapsed_s": round(elapsed, 2), "stage": stage,
                           "error": str(e), "qemu": args.qemu}))

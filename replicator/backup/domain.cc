@@ -260,6 +260,30 @@ Status BackupDomain::AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg&
   return OkStatus();
 }
 
+Status BackupDomain::CheckQemuRelease(const wire::ConfigMsg& c) const {
+  // The version rule (replicator/qemu/version.h), checked now rather than
+  // found out when a promotion's restore is refused.
+  if (c.qemu_version.empty()) {
+    LOG_WARN(tag_) << "domain " << name_ << ": the primary did not say its QEMU version; the version rule "
+                   << "(same QEMU release on both hosts) is not checked";
+    return OkStatus();
+  }
+  auto primary = qemu::ParseQemuRelease(c.qemu_version);
+  if (!primary.ok())
+    return InvalidArgument("domain " + name_ + ": CONFIG's qemu_version: " + primary.status().message());
+  auto to_run = QemuToRun(c);
+  if (!to_run.ok())
+    return Status(to_run.status().code(), "domain " + name_ + ": no QEMU here to restore it with: " +
+                                              to_run.status().message() + "; this backup refuses to protect it");
+  const std::string& binary = *to_run;
+  if (binary.empty()) return OkStatus();  // libvirt's default emulator: libvirt checks on restore
+  auto mine = opts_.qemu_release ? opts_.qemu_release(binary) : qemu::QemuBinaryVersion(binary);
+  if (!mine.ok())
+    return FailedPrecondition("domain " + name_ + ": cannot tell which QEMU " + binary +
+                              " is (" + mine.status().message() + "); this backup refuses to protect it");
+  return qemu::CheckSameRelease(name_, *primary, *mine, binary);
+}
+
 Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
   // Both hosts must arbitrate the same way: a backup without an arbiter
   // would promote behind an etcd primary's back, and an etcd backup could
@@ -273,6 +297,7 @@ Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
   // the primary's guest running unprotected.
   if (Status p = CheckPeerConfig(c, opts_.peer_policy, !opts_.qemu_binary.empty()); !p.ok())
     return Status(p.code(), "domain " + name_ + ": " + p.message() + "; this backup refuses to protect it");
+  RETURN_IF_ERROR(CheckQemuRelease(c));
   RETURN_IF_ERROR(MakeDirs(dir_ + "/run", 0700));
   MutexLock g(mu_);
   session_config_ = std::move(c);
@@ -639,6 +664,19 @@ Status BackupDomain::PromoteImpl(const std::string& reason, std::optional<uint64
   return OkStatus();
 }
 
+StatusOr<std::string> BackupDomain::QemuToRun(const wire::ConfigMsg& config) const {
+  // Ours, never a path the primary chose.
+  if (!opts_.qemu_binary.empty()) return opts_.qemu_binary;
+  if (config.libvirt) {
+    std::string emulator = DomainXmlEmulator(config.libvirt->xml);
+    if (emulator.empty()) return std::string();
+    return ResolveQemuBinary("", emulator);
+  }
+  if (config.argv.empty()) return std::string();
+  // Checked to be qemu-system-ARCH (CheckPeerConfig): found in our PATH.
+  return ResolveQemuBinary("", config.argv[0]);
+}
+
 Status BackupDomain::DoPromote(const PromoteInput& in) {
   // Defence in depth: the config.json a restart read back is peer input too,
   // and the policy may have changed since it was accepted.
@@ -646,17 +684,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   RETURN_IF_ERROR(CheckPeerConfig(in.config, opts_.peer_policy, !opts_.qemu_binary.empty())
                       .Annotate("domain " + name_ + ": the stored configuration of checkpoint " +
                                 std::to_string(in.epoch) + " is refused"));
-  // The QEMU to run: ours, never a path the primary chose.
-  std::string qemu = opts_.qemu_binary;
-  if (qemu.empty() && via_libvirt) {
-    std::string emulator = DomainXmlEmulator(in.config.libvirt->xml);
-    if (!emulator.empty()) {
-      ASSIGN_OR_RETURN(qemu, ResolveQemuBinary("", emulator));
-    }
-  } else if (qemu.empty() && !in.config.argv.empty()) {
-    // Checked to be qemu-system-ARCH: posix_spawnp finds it in our PATH.
-    qemu = std::filesystem::path(in.config.argv[0]).filename().string();
-  }
+  ASSIGN_OR_RETURN(std::string qemu, QemuToRun(in.config));
   RestoreRequest req;
   req.domain = name_;
   req.store = in.store;

@@ -66,6 +66,7 @@
 #include "replicator/link/wire.h"
 #include "replicator/qemu/argv_policy.h"
 #include "replicator/qemu/launcher.h"
+#include "replicator/qemu/version.h"
 
 namespace remus {
 
@@ -121,6 +122,9 @@ struct BackupOptions {
   // detail: as on_state's for failed-over, with the switchover's
   // reprotect_to (and its interval and netbuf, when it names them).
   std::function<void(const std::string& domain, const nlohmann::json& detail)> on_switched_over;
+  // Which QEMU release a binary is (the version rule, replicator/qemu/version.h).
+  // Null: run it with -version (qemu::QemuBinaryVersion). Unit tests inject.
+  std::function<StatusOr<qemu::QemuRelease>(const std::string& binary)> qemu_release;
 };
 
 // A domain name remus accepts (it names a directory in the state dir):
@@ -189,6 +193,11 @@ class BackupDomain final : private SessionHost {
   Status Restorable() const REQUIRES(mu_);
   // Restores the guest through promoter.h and records what runs.
   Status DoPromote(const PromoteInput& in) EXCLUDES(mu_);
+  // The QEMU a restore of `config` runs: --qemu, else <emulator> (libvirt)
+  // or argv[0]'s name from this host's PATH. Empty: libvirt's default.
+  StatusOr<std::string> QemuToRun(const wire::ConfigMsg& config) const;
+  // The version rule between the primary's QEMU and QemuToRun's.
+  Status CheckQemuRelease(const wire::ConfigMsg& config) const;
   void AutoPromoteAfter(uint64_t generation, Nanos wait, const std::string& reason) EXCLUDES(mu_);
 
   // SessionHost: what the live session hands over (session thread).

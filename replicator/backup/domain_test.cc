@@ -692,6 +692,40 @@ TEST_F(DomainTest, HostileConfigIsRefusedBeforeAnythingIsWritten) {
   EXPECT_EQ(domain_->state(), DomainState::kProtected);
 }
 
+// Issue 15, the version rule: the backup restores with its own QEMU, which
+// must be the primary's release (major.minor). Refused at CONFIG, before
+// anything is written, not found out when a promotion's restore fails.
+TEST_F(DomainTest, AnotherQemuReleaseIsRefusedAtConfig) {
+  std::vector<std::string> asked;
+  opts_.qemu_release = [&](const std::string& binary) -> StatusOr<qemu::QemuRelease> {
+    asked.push_back(binary);
+    return qemu::QemuRelease{10, 0, 13};
+  };
+  NewDomain();
+  json c = Config();
+  c["qemu_version"] = "7.2.22";
+  wire::Link& l = Connect();
+  ASSERT_TRUE(l.Send(MsgType::kConfig, 0, c.dump()).ok());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  remus::Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kFailedPrecondition) << e.ToString();
+  EXPECT_EQ(e.message(),
+            "domain vm1: the primary runs QEMU 7.2.22 but this backup would restore it with QEMU 10.0.13 "
+            "(/usr/bin/qemu-system-x86_64); a checkpoint is restored only by the same QEMU release "
+            "(major.minor), so install the same QEMU release on both hosts");
+  EXPECT_EQ(asked, std::vector<std::string>{"/usr/bin/qemu-system-x86_64"});  // --qemu, not the peer's argv[0]
+  l.Shutdown();
+  WaitState(DomainState::kUnprotected);
+  EXPECT_FALSE(std::filesystem::exists(dir())) << dir();
+  // Another micro version of the same release is accepted.
+  c["qemu_version"] = "10.0.7";
+  wire::Link& l2 = Connect();
+  testing::InitialSync(l2, c);
+  EXPECT_EQ(domain_->state(), DomainState::kProtected);
+}
+
 // Issue 13, defence in depth: the config.json a restart reads back is checked
 // again before QEMU starts; a refused one starts nothing and records no
 // promotion (promoting.json), so a retry under a fixed policy is possible.

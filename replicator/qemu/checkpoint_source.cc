@@ -126,7 +126,8 @@ Status CheckpointSource::CheckInColo() {
   if (status != "colo")
     return FailedPrecondition("domain " + opts_.domain + ": QEMU reports migration state '" + status +
                               "' instead of 'colo' after the initial copy; this QEMU does not enter COLO "
-                              "(QEMU 10.0/10.1 are known to); use QEMU 7.2");
+                              "(QEMU 10.0.0-10.0.6 and 10.1.0-10.1.2 are known not to; 10.0.7, 10.1.3 "
+                              "and 10.2 fix it)");
   return OkStatus();
 }
 
@@ -170,7 +171,8 @@ Status CheckpointSource::GiveUp() {
       // QEMU's COLO thread has finished.
       auto mig = monitor_->Execute("query-migrate", json::object(), 2000);
       std::string ms = mig.ok() ? mig->value("status", "") : "";
-      if (ms != "colo" && ms != "active") {
+      // "device": QEMU 10.0+ saving the device state (between active and colo).
+      if (ms != "colo" && ms != "active" && ms != "device") {
         Status c = monitor_->Execute("cont").status();
         if (c.ok()) {
           LOG_INFO(tag) << "resumed the guest after leaving COLO (it was " << status << ")";

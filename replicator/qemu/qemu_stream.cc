@@ -275,6 +275,16 @@ Status StreamParser::ExpectColoMessage(ColoMessage want) {
 StatusOr<uint64_t> StreamParser::ReadCheckpointRam(PageSink* sink) {
   uint64_t at = in_->offset();
   ASSIGN_OR_RETURN(uint8_t type, in_->U8());
+  if (type == kSecCommand) {
+    // QEMU 10.0+: SWITCHOVER_START (empty) between vmstate-send and the RAM.
+    ASSIGN_OR_RETURN(uint16_t cmd, in_->U16());
+    ASSIGN_OR_RETURN(uint16_t len, in_->U16());
+    if (cmd != kCmdSwitchoverStart || len != 0)
+      return DataLoss("checkpoint: unexpected command " + std::to_string(cmd) + " of " + std::to_string(len) +
+                      " bytes at offset " + std::to_string(at));
+    at = in_->offset();
+    ASSIGN_OR_RETURN(type, in_->U8());
+  }
   if (type != kSecEnd) return DataLoss("checkpoint: expected ram END section at offset " + std::to_string(at) + ", found type " + Hex(type));
   ASSIGN_OR_RETURN(uint32_t id, in_->U32());
   if (id != ram_section_id_)

@@ -1,5 +1,6 @@
 // Codec for the subset of QEMU's migration stream that a COLO receiver sees
-// (QEMU 7.2; byte layout in docs/formats/qemu-colo-stream.md).
+// (QEMU 7.2 and 10.0; byte layout and the differences between the two in
+// docs/formats/qemu-colo-stream.md).
 //
 // Parsing is streaming: pages are handed to a PageSink one at a time straight
 // out of the reader's buffer, so memory stays bounded whatever the guest size.
@@ -50,6 +51,10 @@ std::string_view ColoMessageName(uint32_t m);
 inline constexpr uint16_t kCmdOpenReturnPath = 1;
 inline constexpr uint16_t kCmdPing = 2;
 inline constexpr uint16_t kCmdEnableColo = 8;
+// QEMU 10.0+ (migration parameter send-switchover-start, on for machine types
+// 10.0 and later): empty, sent before the device state of the initial stream
+// and, in COLO, after vmstate-send of every checkpoint.
+inline constexpr uint16_t kCmdSwitchoverStart = 11;
 
 inline constexpr uint64_t kRamFlagZero = 0x02;
 inline constexpr uint64_t kRamFlagMemSize = 0x04;
@@ -109,8 +114,8 @@ class StreamParser {
   // Reads a COLO message and checks it is `want`.
   Status ExpectColoMessage(ColoMessage want);
 
-  // After vmstate-send: the ram END section with the epoch's dirty pages, its
-  // footer and the EOF byte. Returns the number of page records.
+  // After vmstate-send: QEMU 10.0's SWITCHOVER_START command if present, the
+  // ram END section with the epoch's dirty pages, its footer and the EOF byte. Returns the number of page records.
   StatusOr<uint64_t> ReadCheckpointRam(PageSink* sink);
 
   // vmstate-size then the device blob.

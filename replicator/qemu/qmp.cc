@@ -306,33 +306,47 @@ StatusOr<ColoProbe> ProbeColo(QemuMonitor& monitor) {
 }
 
 // Keep in step with the table in qmp.h (and the README).
+namespace {
+// QEMU 10.0.0-10.0.6 and 10.1.0-10.1.2: upstream 48814111366b made the
+// source pass through the "device" state, and migration_completion() still
+// tested for "active" before entering COLO, so the migration completed.
+// Fixed by upstream 0b5bf4ea76, in 10.0.7, 10.1.3 and 10.2.0.
+bool NeverEntersColo(const ColoProbe& p) {
+  return p.major == 10 && ((p.minor == 0 && p.micro < 7) || (p.minor == 1 && p.micro < 3));
+}
+// The releases whose COLO primary drops the BQL around qemu_savevm_live_state
+// (deadlock under TCG) and frees its checkpoint timer without it: measured
+// on 7.2 and 10.0.13, the same code in between.
+bool HasColoBqlBugs(const ColoProbe& p) { return (p.major == 7 && p.minor >= 2) || (p.major >= 8 && p.major <= 10); }
+}  // namespace
+
 Status CheckColoSupported(const ColoProbe& p, const std::string& domain) {
   const std::string d = "domain " + domain + ": ";
   if (!p.has_x_colo)
     return FailedPrecondition(d + "QEMU " + p.version +
-                              " has no COLO support (migration capability x-colo missing); use QEMU "
-                              "7.2 with KVM, or the patched build from scripts/build-qemu.sh");
-  if (p.major == 7 && p.minor == 2) {
-    if (p.accelerator == "kvm" || p.patched_tcg_fix) return OkStatus();
-    return FailedPrecondition(d + "QEMU 7.2 under TCG deadlocks after the first COLO checkpoint "
+                              " has no COLO support (migration capability x-colo missing; a build "
+                              "needs --enable-replication); use QEMU 7.2 or 10.0.7+ built with it");
+  if (NeverEntersColo(p))
+    return FailedPrecondition(d + "QEMU " + p.version +
+                              " never enters COLO (its migration completes instead); the fix (upstream "
+                              "0b5bf4ea76) is in QEMU 10.0.7, 10.1.3 and 10.2.0, so upgrade QEMU "
+                              "(Debian 13's 1:10.0.13 has it)");
+  if (HasColoBqlBugs(p) && p.accelerator != "kvm" && !p.patched_tcg_fix)
+    return FailedPrecondition(d + "QEMU " + p.version + " under TCG deadlocks after the first COLO checkpoint "
                                   "(BQL not held around qemu_savevm_live_state); run the guest with "
                                   "KVM, or use the patched QEMU from scripts/build-qemu.sh");
-  }
-  if (p.major == 10 && (p.minor == 0 || p.minor == 1))
-    return FailedPrecondition(d + "QEMU " + p.version +
-                              " cannot be used: QEMU 10.0/10.1 never enter COLO (the migration "
-                              "completes instead); use QEMU 7.2 with KVM, or the patched QEMU from "
-                              "scripts/build-qemu.sh");
-  return OkStatus();  // untested version: the caller warns (ColoWarning)
+  return OkStatus();  // an untested version: the caller warns (ColoWarning)
 }
 
 std::string ColoWarning(const ColoProbe& p) {
-  if (p.major == 7 && p.minor == 2) {
-    if (p.patched_tcg_fix) return "";
-    return "QEMU " + p.version +
-           " without remus's patches can abort when a protection ends while its checkpoint timer "
-           "fires (the timer is freed without the BQL; scripts/qemu-patches/0003); use the patched "
-           "QEMU from scripts/build-qemu.sh";
+  if (p.patched_tcg_fix) return "";
+  if (HasColoBqlBugs(p) && p.accelerator == "kvm") {
+    std::string w = "QEMU " + p.version +
+                    " without remus's patches can abort when a protection ends while its checkpoint timer "
+                    "fires (the timer is freed without the BQL; scripts/qemu-patches*/ carry the fix)";
+    bool tested = (p.major == 7 && p.minor == 2) || (p.major == 10 && p.minor == 0);
+    if (!tested) w += "; QEMU " + p.version + " is also untested with remus, and COLO entry is verified after the initial copy";
+    return w;
   }
   return "QEMU " + p.version + " is untested with remus; COLO entry is verified after the initial copy";
 }

@@ -130,8 +130,8 @@ class QmpClient final : public QemuMonitor {
 // ---- COLO support probe ----------------------------------------------------
 
 // query-version's "package" of a QEMU built by scripts/build-qemu.sh, which
-// configures it with --with-pkgversion containing this marker. That build
-// carries the fix that takes the BQL around qemu_savevm_live_state().
+// configures it with --with-pkgversion containing this marker (7.2 and 10.0).
+// That build carries the fix that takes the BQL around qemu_savevm_live_state().
 inline constexpr char kPatchedMarker[] = "remus colo patches";
 
 struct ColoProbe {
@@ -150,28 +150,32 @@ StatusOr<ColoProbe> ProbeColo(QemuMonitor& monitor);
 
 // Whether this QEMU's COLO primary can be used to protect `domain`.
 //
-// Support table (measured; also in the README):
+// Support table (the README and docs/operator-guide.md carry it per
+// distribution; "patched" = scripts/build-qemu.sh, package has kPatchedMarker):
 //
-//   QEMU                 accel  x-colo  result
-//   -------------------  -----  ------  ------------------------------------------
-//   any                  any    no      refused: no COLO support
-//   7.2 (remus patches)  any    yes     supported (patched build, scripts/build-qemu.sh)
-//   7.2 (stock)          kvm    yes     supported with a warning: the primary QEMU can
-//                                       abort when a session ends (checkpoint timer
-//                                       freed without the BQL; scripts/qemu-patches/0003)
-//   7.2 (stock)          tcg    yes     refused: deadlocks after the first checkpoint
-//                                       (BQL not held around qemu_savevm_live_state)
-//   10.0, 10.1           any    yes     refused: never enters COLO (migration completes)
-//   < 7.2, 8.x, 9.x,     any    yes     allowed, untested: the caller warns; COLO entry
-//   >= 10.2                             is verified after the initial sync anyway
+//   QEMU                      accel  result
+//   ------------------------  -----  ---------------------------------------------
+//   no x-colo capability      any    refused: no COLO support
+//   10.0.0-10.0.6,            any    refused: never enters COLO (the migration
+//   10.1.0-10.1.2                    completes); fixed in 10.0.7, 10.1.3, 10.2.0
+//   7.2 or 10.0.7+, patched   any    supported (tested: 7.2 and 10.0.13 under TCG)
+//   7.2 .. 10.x, stock        tcg    refused: deadlocks after the first checkpoint
+//                                    (BQL not held around qemu_savevm_live_state;
+//                                    measured on 7.2 and 10.0.13)
+//   7.2 .. 10.x, stock        kvm    allowed with a warning: the primary QEMU can
+//                                    abort when a session ends (checkpoint timer
+//                                    freed without the BQL); untested beyond
+//                                    7.2 and 10.0
+//   < 7.2, >= 11              any    allowed, untested: the caller warns; COLO entry
+//                                    is verified after the initial sync anyway
 //
 // Refusals are FailedPrecondition with one sentence naming the domain, the
 // problem and what to do.
 Status CheckColoSupported(const ColoProbe& probe, const std::string& domain);
 
-// The warning the caller logs for a QEMU that CheckColoSupported allows: the
-// stock 7.2 under KVM and the "allowed, untested" rows of the table above.
-// Empty for the patched 7.2.
+// The warning the caller logs for a QEMU that CheckColoSupported allows: a
+// stock QEMU under KVM and the "allowed, untested" rows of the table above.
+// Empty for a patched build.
 std::string ColoWarning(const ColoProbe& probe);
 
 // ---- the guest's network backends (for netbuf) ------------------------------
