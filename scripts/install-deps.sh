@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs every package remus needs from Debian 12's archive, and enables
-# deb-src (scripts/build-qemu.sh builds QEMU from Debian's source package).
+# deb-src for bookworm and trixie and the bookworm-backports archive
+# (scripts/build-qemu.sh builds the test QEMUs from Debian 12's and Debian
+# 13's source packages).
 # Idempotent: does nothing when everything is present. Needs root.
 set -euo pipefail
 
@@ -56,6 +58,35 @@ if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-s
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
+  need_update=1
+fi
+# The second test QEMU is Debian 13's (scripts/build-qemu.sh 10.0): its
+# source only (deb-src: no trixie binary package can be installed from it),
+# and bookworm-backports for the meson 1.7 it needs, which build-qemu.sh
+# downloads and unpacks for that build alone (backports' pin priority 100
+# keeps every installed package on bookworm's versions).
+TRIXIE_SRC=/etc/apt/sources.list.d/remus-trixie-src.sources
+if ! grep -rqs '^Suites:.*trixie' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src .* trixie' /etc/apt/sources.list; then
+  log "enabling deb-src for trixie (Debian 13's QEMU source) in $TRIXIE_SRC"
+  cat > "$TRIXIE_SRC" <<'EOS'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
+  need_update=1
+fi
+BPO=/etc/apt/sources.list.d/remus-bookworm-backports.sources
+if ! grep -rqs '^Suites:.*bookworm-backports\|^deb .* bookworm-backports' /etc/apt/sources.list.d/ /etc/apt/sources.list; then
+  log "enabling bookworm-backports (meson for the QEMU 10.0 build) in $BPO"
+  cat > "$BPO" <<'EOS'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOS

@@ -3,8 +3,8 @@
 # thread-safety check, the end-to-end tests against a real QEMU (tests/e2e,
 # pytest), the libFuzzer targets for a bounded time (scripts/fuzz.sh), and
 # the unit tests plus an e2e subset under ASan+UBSan and the unit tests under
-# TSan (scripts/sanitize.sh). Sets everything up first:
-# packages, the patched QEMU (cached in /var/cache/remus), the test guest.
+# TSan (scripts/sanitize.sh). Sets everything up first: packages, the two
+# test QEMUs (7.2 and 10.0, cached in /var/cache/remus), the test guest.
 # Idempotent. Needs root (packages, QEMU processes, network namespaces).
 #
 #   scripts/test.sh            everything
@@ -24,13 +24,15 @@ say "thread-safety annotations (clang -Wthread-safety)"
 "$ROOT/scripts/check-thread-safety.sh" "$BUILD"
 [ "${1:-}" = "--unit" ] && exit 0
 
-say "patched QEMU (COLO under TCG)"
-REMUS_QEMU=$("$ROOT/scripts/build-qemu.sh" | tail -n1)
-export REMUS_QEMU
+say "test QEMUs: Debian 12's 7.2 and Debian 13's 10.0, with the COLO patches TCG needs"
+REMUS_QEMU=$("$ROOT/scripts/build-qemu.sh" 7.2 | tail -n1)
+REMUS_QEMU_10=$("$ROOT/scripts/build-qemu.sh" 10.0 | tail -n1)
+export REMUS_QEMU REMUS_QEMU_10
 say "test guest"
 "$ROOT/scripts/build-guest.sh" "$BUILD/guest"
-say "QEMU COLO self-test (1000 checkpoints)"
+say "QEMU COLO self-test (1000 checkpoints each)"
 python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU" --count 1000
+python3 "$ROOT/scripts/qemu-colo-selftest.py" --qemu "$REMUS_QEMU_10" --count 1000
 say "end-to-end tests"
 REMUS_BUILD_DIR="$BUILD" /usr/bin/python3 -m pytest -v -p no:cacheprovider --durations=15 "$ROOT/tests/e2e"
 say "fuzz targets (libFuzzer): regressions, then each target on its corpus for a bounded time"

@@ -24,10 +24,22 @@ struct RecordingSink : PageSink {
   }
 };
 
-// The initial stream captured from Debian's QEMU 7.2 (16 MiB pc guest, x-colo on),
-// by tests/tools/capture_colo_stream.py.
-TEST(QemuStream, ParsesRealInitialStream) {
-  std::string data = LoadData("qemu72-pc-16m.initial");
+// Streams captured from Debian's QEMU 7.2 and Debian 13's QEMU 10.0 (16 MiB
+// pc guest, x-colo on) by tests/tools/capture_colo_stream.py. 10.0 adds the
+// SWITCHOVER_START command: in the initial stream before the device state,
+// and in every checkpoint between vmstate-send and the RAM.
+struct Capture {
+  const char* name;     // tests/data/<name>.initial and .checkpoint
+  const char* machine;  // the resolved machine type in CONFIGURATION
+};
+class RealStream : public ::testing::TestWithParam<Capture> {};
+INSTANTIATE_TEST_SUITE_P(Qemu, RealStream,
+                         ::testing::Values(Capture{"qemu72-pc-16m", "pc-i440fx-7.2"},
+                                           Capture{"qemu100-pc-16m", "pc-i440fx-10.0"}),
+                         [](const auto& info) { std::string n = info.param.name; return n.substr(0, n.find('-')); });
+
+TEST_P(RealStream, ParsesTheInitialStream) {
+  std::string data = LoadData(std::string(GetParam().name) + ".initial");
   MemorySource src(data, 4093);  // odd chunking exercises buffer refills
   BufferedReader in(&src);
   StreamParser p(&in);
@@ -36,7 +48,7 @@ TEST(QemuStream, ParsesRealInitialStream) {
   Status s = p.ReadInitial(&sink, &info);
   ASSERT_TRUE(s.ok()) << s.ToString();
   EXPECT_TRUE(info.colo_enabled);
-  EXPECT_NE(info.configuration.find("pc-i440fx-7.2"), std::string::npos);
+  EXPECT_NE(info.configuration.find(GetParam().machine), std::string::npos);
   ASSERT_FALSE(info.blocks.empty());
   EXPECT_EQ(info.blocks[0].id, "pc.ram");
   EXPECT_EQ(info.blocks[0].used_length, 16u << 20);
@@ -52,8 +64,9 @@ TEST(QemuStream, ParsesRealInitialStream) {
   EXPECT_EQ(in.offset(), data.size());  // consumed exactly the initial stream
 }
 
-TEST(QemuStream, ParsesRealCheckpoint) {
-  std::string data = LoadData("qemu72-pc-16m.initial") + LoadData("qemu72-pc-16m.checkpoint");
+TEST_P(RealStream, ParsesACheckpoint) {
+  std::string data = LoadData(std::string(GetParam().name) + ".initial") +
+                     LoadData(std::string(GetParam().name) + ".checkpoint");
   MemorySource src(data);
   BufferedReader in(&src);
   StreamParser p(&in);
@@ -72,8 +85,8 @@ TEST(QemuStream, ParsesRealCheckpoint) {
   EXPECT_EQ(in.offset(), data.size());
 }
 
-TEST(QemuStream, EveryTruncationIsAClearErrorNotACrash) {
-  std::string data = LoadData("qemu72-pc-16m.initial");
+TEST_P(RealStream, EveryTruncationIsAClearErrorNotACrash) {
+  std::string data = LoadData(std::string(GetParam().name) + ".initial");
   // Cut points across the header, configuration, block list, pages and tail.
   for (size_t cut : {size_t{0}, size_t{3}, size_t{8}, size_t{12}, size_t{30}, size_t{60}, size_t{100},
                      size_t{5000}, data.size() / 2, data.size() - 200, data.size() - 1}) {
@@ -86,6 +99,36 @@ TEST(QemuStream, EveryTruncationIsAClearErrorNotACrash) {
     EXPECT_EQ(s.code(), Code::kUnavailable) << "cut " << cut << ": " << s.ToString();
     EXPECT_NE(s.message().find("stream ended"), std::string::npos) << s.message();
   }
+}
+
+// A checkpoint may open with SWITCHOVER_START (QEMU 10.0) and nothing else.
+TEST_P(RealStream, OnlyAnEmptySwitchoverStartMayPrecedeTheCheckpointRam) {
+  std::string initial = LoadData(std::string(GetParam().name) + ".initial");
+  std::string ck = LoadData(std::string(GetParam().name) + ".checkpoint");
+  // Past request and vmstate-send; drop 10.0's command so each case adds its own.
+  std::string body = ck.substr(8);
+  if (static_cast<uint8_t>(body[0]) == kSecCommand) body = body.substr(5);
+  auto read = [&](std::string_view prefix) {
+    std::string data = initial + ck.substr(0, 8) + std::string(prefix) + body;
+    MemorySource src(data);
+    BufferedReader in(&src);
+    StreamParser p(&in);
+    RecordingSink sink;
+    InitialInfo info;
+    EXPECT_TRUE(p.ReadInitial(&sink, &info).ok());
+    EXPECT_TRUE(p.ExpectColoMessage(ColoMessage::kCheckpointRequest).ok());
+    EXPECT_TRUE(p.ExpectColoMessage(ColoMessage::kVmstateSend).ok());
+    RecordingSink pages;
+    return p.ReadCheckpointRam(&pages).status();
+  };
+  EXPECT_TRUE(read("").ok());
+  EXPECT_TRUE(read(std::string("\x08\x00\x0b\x00\x00", 5)).ok());
+  Status enable_colo = read(std::string("\x08\x00\x08\x00\x00", 5));
+  EXPECT_EQ(enable_colo.code(), Code::kDataLoss);
+  EXPECT_NE(enable_colo.message().find("unexpected command 8"), std::string::npos) << enable_colo.ToString();
+  EXPECT_EQ(read(std::string("\x08\x00\x0b\x00\x01\x00", 6)).code(), Code::kDataLoss);
+  // Two in a row: the second is where the END section should be.
+  EXPECT_EQ(read(std::string("\x08\x00\x0b\x00\x00\x08\x00\x0b\x00\x00", 10)).code(), Code::kDataLoss);
 }
 
 // Hand-built streams.

@@ -35,6 +35,11 @@ BUILD = Path(os.environ.get("REMUS_BUILD_DIR") or os.environ.get("REMUS_BUILD") 
 REMUSD = Path(os.environ.get("REMUSD", BUILD / "remusd" / "remusd"))
 REMUSCTL = Path(os.environ.get("REMUSCTL", BUILD / "tools" / "remusctl" / "remusctl"))
 QEMU = Path(os.environ.get("REMUS_QEMU", "/var/cache/remus/qemu-7.2-colo/bin/qemu-system-x86_64"))
+# The test QEMUs by release (scripts/build-qemu.sh 7.2 / 10.0). Tests marked
+# both_qemus run once per entry, with ids [qemu7.2] and [qemu10.0], so a
+# failure says which QEMU; every other test runs on QEMU (7.2).
+QEMU_10 = Path(os.environ.get("REMUS_QEMU_10", "/var/cache/remus/qemu-10.0-colo/bin/qemu-system-x86_64"))
+QEMUS = {"qemu7.2": QEMU, "qemu10.0": QEMU_10}
 KERNEL = Path(os.environ.get("REMUS_GUEST_KERNEL", BUILD / "guest" / "vmlinuz"))
 INITRD = Path(os.environ.get("REMUS_GUEST_INITRD", BUILD / "guest" / "initrd.img"))
 
@@ -73,6 +78,18 @@ def _missing_requirements(needs_build=True, needs_qemu=True):
         if not p.is_file():
             return f"the test guest is not built ({what} {p} missing; run scripts/build-guest.sh)"
     return None
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_qemus") is not None:
+        metafunc.parametrize("qemu_under_test", list(QEMUS.values()), ids=list(QEMUS.keys()))
+
+
+@pytest.fixture
+def qemu_under_test():
+    """The QEMU a test's guests, backups and libvirt domains run (World.qemu):
+    QEMU unless the test is marked both_qemus (pytest_generate_tests)."""
+    return QEMU
 
 
 def pytest_collection_modifyitems(config, items):
@@ -347,8 +364,14 @@ class World:
     """Per-test sandbox: a short temp dir (unix socket paths are limited to 108
     bytes), a shared key, and every process started, killed at the end."""
 
-    def __init__(self, request):
+    def __init__(self, request, qemu=QEMU):
         self.request = request
+        # The QEMU this test runs (both_qemus tests: per parameter). A missing
+        # one fails the test: CI must not pass by skipping QEMU 10.0.
+        self.qemu = Path(qemu)
+        if self.qemu != QEMU and not (self.qemu.is_file() and os.access(self.qemu, os.X_OK)):
+            pytest.fail(f"no COLO-capable QEMU at {self.qemu} (scripts/build-qemu.sh "
+                        f"{'10.0' if self.qemu == QEMU_10 else '7.2'} builds it)")
         self.dir = Path(tempfile.mkdtemp(prefix="remus-e2e-", dir="/tmp"))
         self.procs = []          # (name, Popen)
         self.logs = []           # (name, path) shown on failures
@@ -405,7 +428,7 @@ class World:
         addr = None
         if listen:
             addr = f"{listen_host}:{listen_port or free_port()}"
-            argv += ["--listen", addr, "--qemu", str(qemu or QEMU)]
+            argv += ["--listen", addr, "--qemu", str(qemu or self.qemu)]
             # The test guest boots from files a restored guest reads on this
             # host: the backup must allow their directory (its peer policy).
             for d in sorted({str(KERNEL.parent), str(INITRD.parent)}):
@@ -458,7 +481,7 @@ class World:
         append = (f"console=ttyS0 memmap=64K${COUNTER_GPA:#x} remus.counter={COUNTER_GPA:#x} "
                   f"remus.dirty={dirty} remus.wss={wss_mib} remus.check={1 if check else 0} quiet"
                   + (" " + extra_append if extra_append else ""))
-        argv = [str(qemu or QEMU), "-machine", "pc", "-accel", "tcg", "-m", str(mem_mb), "-nodefaults",
+        argv = [str(qemu or self.qemu), "-machine", "pc", "-accel", "tcg", "-m", str(mem_mb), "-nodefaults",
                 "-nographic", "-vga", "none", "-serial", f"file:{serial}",
                 "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", append,
                 "-qmp", f"unix:{qmp_sock},server=on,wait=off",
@@ -610,8 +633,8 @@ class World:
 
 
 @pytest.fixture
-def world(request):
-    w = World(request)
+def world(request, qemu_under_test):
+    w = World(request, qemu_under_test)
     try:
         yield w
     finally:

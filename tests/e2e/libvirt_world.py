@@ -316,6 +316,9 @@ class LibvirtWorld:
             f"    <initrd>{escape(str(initrd))}</initrd>",
             f"    <cmdline>{escape(cmdline)}</cmdline>",
             "  </os>",
+            # ACPI on, as QMP-mode test guests have it: without <acpi/> libvirt 9.0
+            # passes -no-acpi, which QEMU 9.0 and later no longer accept.
+            "  <features><acpi/></features>",
             "  <on_poweroff>destroy</on_poweroff>",
             "  <on_reboot>destroy</on_reboot>",
             "  <on_crash>destroy</on_crash>",

@@ -87,6 +87,7 @@ def _protected_with_disk(world, fmt="raw", fs=False, wait_epochs=30, **kw):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.both_qemus
 def test_disk_failover_memory_and_disk_agree(world, request, fmt):
     pr, img = _protected_with_disk(world, fmt)
     st = pr.pstatus()

@@ -5,9 +5,12 @@ newer than the kill, and that the restored guest is consistent."""
 import re
 import time
 
+import pytest
+
 from conftest import DEFAULT_HB_TIMEOUT_MS, DOMAIN, check_promoted, read_text, record, setup_protected
 
 
+@pytest.mark.both_qemus
 def test_failover_after_checkpoints(world, request):
     pr = setup_protected(world, interval_ms=100, wait_epochs=50)
     c0 = pr.acked_reference()

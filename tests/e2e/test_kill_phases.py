@@ -18,6 +18,7 @@ from conftest import COUNTER_MAX_RATE, check_promoted, pid_cmdline, read_text, r
 CHECK_WINDOW_S = 10
 
 
+@pytest.mark.both_qemus
 def test_kill_during_initial_sync(world, request):
     backup = world.start_backup()
     primary = world.start_primary()
@@ -113,6 +114,7 @@ def _stall_mid_checkpoint(world):
     return pr, c0, p_kill, evidence
 
 
+@pytest.mark.both_qemus
 def test_kill_between_request_and_loaded(world, request):
     pr, c0, p_kill, evidence = _stall_mid_checkpoint(world)
     pr.guest.kill()
@@ -121,6 +123,7 @@ def test_kill_between_request_and_loaded(world, request):
            committed=m["committed_counter"], p_kill=p_kill, detect_s=round(m["detect_s"], 2))
 
 
+@pytest.mark.both_qemus
 def test_kill_host_between_request_and_loaded(world, request):
     """The same phase, but the whole primary host dies (QEMU and remusd): the
     backup must promote from epoch 59 after the heartbeat timeout.  This covers
@@ -133,6 +136,7 @@ def test_kill_host_between_request_and_loaded(world, request):
            committed=m["committed_counter"], p_kill=p_kill, detect_s=round(m["detect_s"], 2))
 
 
+@pytest.mark.both_qemus
 def test_kill_between_loaded_and_ack(world, request):
     # The backup commits at once but holds each ACK for 1.5 s, so the newest
     # checkpoints are committed on the backup and not yet acked on the primary.
@@ -156,6 +160,7 @@ def test_kill_between_loaded_and_ack(world, request):
            committed=m["committed_counter"], p_kill=p_kill)
 
 
+@pytest.mark.both_qemus
 def test_kill_idle_after_ack(world, request):
     pr = setup_protected(world, interval_ms=2000, wait_epochs=1)
     # Read the counter (then the newest staged epoch e0), and kill right after

@@ -65,9 +65,11 @@ def counter(world, domain=DOMAIN):
     return int(m.group(1), 16)
 
 
-def domain_xml(world, name=DOMAIN, metadata="", disks=()):
+def domain_xml(world, name=DOMAIN, metadata="", disks=(), emulator=QEMU):
+    """world: the LibvirtWorld the domain is defined in; emulator: the QEMU
+    it runs (the e2e world's, World.qemu, for both_qemus tests)."""
     return world.guest_xml(name, GUEST_KERNEL, GUEST_INITRD, CMDLINE, world.dir / f"{name}.serial",
-                           emulator=QEMU, metadata=metadata, disks=disks)
+                           emulator=emulator, metadata=metadata, disks=disks)
 
 
 def wait_booted(world, lvw, name=DOMAIN):
@@ -93,6 +95,7 @@ def libvirt_daemons(world, a=None, b=None, auto_promote=True, primary_extra=()):
 
 # -------------------------------------------------------------------- tests
 
+@pytest.mark.both_qemus
 def test_protect_and_failover_through_libvirt(lvworlds, world, request):
     """protect with --connect (no --qmp); `virsh destroy` on A is QEMU's death,
     so the backup restores the guest into B's libvirt, where it runs on from
@@ -100,7 +103,7 @@ def test_protect_and_failover_through_libvirt(lvworlds, world, request):
     a = lvworlds.start("A")
     b = lvworlds.start("B")
     primary, backup = libvirt_daemons(world, a, b)
-    a.define(domain_xml(a))
+    a.define(domain_xml(a, emulator=world.qemu))
     a.start_domain(DOMAIN)
     wait_booted(world, a)
 

@@ -206,6 +206,7 @@ def test_plug_no_answer_before_its_epoch_is_acked(world, net, request):
     _latency_bound(world, net, request, "plug")
 
 
+@pytest.mark.both_qemus
 def test_tcp_connection_survives_failover_without_unsent_output(world, net, request):
     guest, backup, primary = start_guest_and_daemons(world, net)
     world.protect(primary, backup, guest, interval_ms=100, extra=["--netbuf", "nfqueue"])

@@ -151,6 +151,14 @@ def qemu_seeds():
     put("fuzz_qemu_stream", "checkpoint-two", b"\x09" + checkpoint(records(ck, q + 5, 3, 0), small_blob) +
         checkpoint(b"", u8(4) + u8(0)))
     put("fuzz_qemu_stream", "checkpoint-head", b"\x01" + ck[:3000])
+    # QEMU 10.0's SWITCHOVER_START (command 11, empty): before the initial
+    # stream's ram END, and between vmstate-send and a checkpoint's RAM
+    # (tests/data/qemu100-pc-16m.*).
+    switchover = u8(0x08) + u16(11) + u16(0)
+    put("fuzz_qemu_stream", "initial-switchover", b"\x00" + initial(recs, small_device, json_desc).replace(
+        head + u8(0x03), head + switchover + u8(0x03), 1))
+    put("fuzz_qemu_stream", "checkpoint-switchover", b"\x01" + u32(1) + u32(3) + switchover +
+        checkpoint(ck_recs, small_blob)[8:])
 
 
 # ---- link frames --------------------------------------------------------------
