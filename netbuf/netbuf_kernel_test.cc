@@ -36,7 +36,7 @@
 #include <vector>
 
 #include "common/io.h"
-#include "netbuf/command.h"
+#include "common/command.h"
 #include "netbuf/firewall.h"
 #include "netbuf/naming.h"
 #include "netbuf/netbuf.h"

@@ -22,7 +22,7 @@
 #include "common/io.h"
 #include "common/log.h"
 #include "common/thread_annotations.h"
-#include "netbuf/command.h"
+#include "common/command.h"
 #include "netbuf/firewall.h"
 #include "netbuf/naming.h"
 #include "netbuf/rtnl.h"

@@ -13,7 +13,7 @@
 #
 # --unit skips the end-to-end subset (then no QEMU or test guest is needed).
 # The e2e subset needs what scripts/test.sh sets up first: root, the patched
-# QEMU (REMUS_QEMU, default: scripts/build-qemu.sh's cached binary) and the test
+# QEMUs (REMUS_QEMU and REMUS_QEMU_10, default: scripts/build-qemu.sh's cached 7.2 and 10.0) and the test
 # guest (REMUS_GUEST_KERNEL/REMUS_GUEST_INITRD, default: $REMUS_BUILD_DIR/guest
 # or build/guest, as scripts/build-guest.sh makes it).
 #
@@ -53,8 +53,9 @@ now() { date +%s; }
 # on the 2-core machine (node ids; REMUS_SAN_E2E replaces them).
 E2E=tests/e2e
 E2E_DEFAULT=(
-  # protect, checkpoints, automatic failover: page store, restore, restored QEMU
-  "$E2E/test_failover.py::test_failover_after_checkpoints"
+  # protect, checkpoints, automatic failover: page store, restore, restored QEMU;
+  # on QEMU 10.0, so its stream (SWITCHOVER_START) is parsed under ASan too
+  "$E2E/test_failover.py::test_failover_after_checkpoints[qemu10.0]"
   # unprotect: GOODBYE, the backup retires its checkpoint
   "$E2E/test_daemons.py::test_unprotect"
   # re-protection after a failover and fail back: status rows, history, the
@@ -68,9 +69,9 @@ E2E_DEFAULT=(
   # link security: certificates (OpenSSL paths), refusals; a hostile CONFIG from an authenticated peer
   "$E2E/test_link_security.py::test_certificates_protect_and_refuse_strangers_expired_and_other_modes"
   "$E2E/test_peer_policy.py::test_hostile_config_is_refused_before_anything_is_written[qemu-commandline]"
-  "$E2E/test_kill_phases.py::test_kill_between_loaded_and_ack"
+  "$E2E/test_kill_phases.py::test_kill_between_loaded_and_ack[qemu7.2]"
   # disk mirroring (NBD server, journal) through a failover
-  "$E2E/test_disk.py::test_disk_failover_memory_and_disk_agree[raw]"
+  "$E2E/test_disk.py::test_disk_failover_memory_and_disk_agree[qemu7.2-raw]"
   # network buffering (nfqueue)
   "$E2E/test_netbuf.py::test_no_answer_before_its_epoch_is_acked"
   # arbitration over etcd (libcurl), lease and fencing token on promotion
@@ -120,7 +121,10 @@ do_asan() {
   local logs=${REMUS_SAN_LOG_DIR:-$ASAN_BUILD/san-logs} t0 rc=0
   rm -rf "$logs"; mkdir -p "$logs"
   if [ -z "${REMUS_QEMU:-}" ]; then  # scripts/test.sh exports it
-    REMUS_QEMU=$("$ROOT/scripts/build-qemu.sh" | tail -n1)
+    REMUS_QEMU=$("$ROOT/scripts/build-qemu.sh" 7.2 | tail -n1)
+  fi
+  if [ -z "${REMUS_QEMU_10:-}" ]; then  # likewise (the subset's [qemu10.0] test)
+    REMUS_QEMU_10=$("$ROOT/scripts/build-qemu.sh" 10.0 | tail -n1)
   fi
   # The guest is the normal build's (it does not depend on the sanitizer).
   local guest=${REMUS_BUILD_DIR:-$ROOT/build}/guest
@@ -128,7 +132,7 @@ do_asan() {
   t0=$(now)
   (
     asan_env "$logs"
-    export REMUS_QEMU REMUS_BUILD_DIR="$ASAN_BUILD"
+    export REMUS_QEMU REMUS_QEMU_10 REMUS_BUILD_DIR="$ASAN_BUILD"
     export REMUS_GUEST_KERNEL=${REMUS_GUEST_KERNEL:-$guest/vmlinuz}
     export REMUS_GUEST_INITRD=${REMUS_GUEST_INITRD:-$guest/initrd.img}
     # Each test ends with SIGTERM to its live remusds (up to 30 s to shut

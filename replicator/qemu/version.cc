@@ -1,23 +1,15 @@
 #include "replicator/qemu/version.h"
 
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <charconv>
+#include <chrono>
 #include <map>
 #include <utility>
 
-#include "common/io.h"
+#include "common/command.h"
 #include "common/thread_annotations.h"
-
-extern char** environ;
 
 namespace remus::qemu {
 
@@ -56,63 +48,6 @@ StatusOr<QemuRelease> ParseVersionOutput(std::string_view out) {
 
 namespace {
 
-// A child of its own, reaped here (ProcessLauncher's reaper only reaps the
-// pids it spawned). posix_spawn: remusd is multithreaded.
-StatusOr<std::string> RunForOutput(const std::string& binary, std::chrono::milliseconds timeout) {
-  int p[2];
-  if (::pipe2(p, O_CLOEXEC) != 0) return ErrnoStatus("pipe", errno);
-  Fd rd(p[0]), wr(p[1]);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&fa, wr.get(), 1);
-  posix_spawn_file_actions_adddup2(&fa, wr.get(), 2);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  std::string a0 = binary, a1 = "-version";
-  char* argv[] = {a0.data(), a1.data(), nullptr};
-  pid_t pid = -1;
-  int rc = ::posix_spawn(&pid, binary.c_str(), &fa, &attr, argv, environ);
-  posix_spawn_file_actions_destroy(&fa);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) return ErrnoStatus("running " + binary + " -version", rc);
-  wr.Reset();
-  std::string out;
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  bool timed_out = false;
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) {
-      timed_out = true;
-      break;
-    }
-    pollfd pfd{rd.get(), POLLIN, 0};
-    int n = ::poll(&pfd, 1, static_cast<int>(left.count()));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) continue;
-    char buf[4096];
-    ssize_t got = ::read(rd.get(), buf, sizeof buf);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) break;
-    if (out.size() < 65536) out.append(buf, static_cast<size_t>(got));
-  }
-  if (timed_out) ::kill(pid, SIGKILL);
-  int st = 0;
-  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-  }
-  if (timed_out) return DeadlineExceeded(binary + " -version did not answer within " +
-                                         std::to_string(timeout.count()) + " ms");
-  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-    return FailedPrecondition(binary + " -version failed: " + out.substr(0, 200));
-  return out;
-}
-
 Mutex cache_mu;
 std::map<std::pair<std::string, int64_t>, QemuRelease> cache GUARDED_BY(cache_mu);
 
@@ -126,8 +61,11 @@ StatusOr<QemuRelease> QemuBinaryVersion(const std::string& binary) {
     MutexLock g(cache_mu);
     if (auto it = cache.find(key); it != cache.end()) return it->second;
   }
-  ASSIGN_OR_RETURN(std::string out, RunForOutput(binary, std::chrono::seconds(5)));
-  ASSIGN_OR_RETURN(QemuRelease r, ParseVersionOutput(out));
+  ASSIGN_OR_RETURN(CommandResult run, RunCommand({binary, "-version"}, std::chrono::seconds(5)));
+  if (run.exit_code != 0)
+    return FailedPrecondition(binary + " -version failed (exit " + std::to_string(run.exit_code) +
+                              "): " + (run.err.empty() ? run.out : run.err).substr(0, 200));
+  ASSIGN_OR_RETURN(QemuRelease r, ParseVersionOutput(run.out));
   MutexLock g(cache_mu);
   cache[key] = r;
   return r;

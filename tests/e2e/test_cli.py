@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DOMAIN, free_port, record, setup_protected
+from conftest import DOMAIN, QEMU, QEMU_10, free_port, record, setup_protected
 
 DEBIAN_QEMU = Path("/usr/bin/qemu-system-x86_64")
 
@@ -123,3 +123,28 @@ def test_cli_refuses_unreachable_backup_and_broken_qemu(world, request):
     assert old.qmp.execute("query-migrate").get("status") in (None, "none"), "a migration was started"
     assert backup.status("web9") is None, "the backup got state for a refused domain"
     record(request, colo_broken=r.stderr.strip())
+
+
+def test_protect_refuses_another_qemu_release_on_the_backup(world, request):
+    """The version rule: a guest on QEMU 10.0 cannot be protected to a backup
+    that would restore it with QEMU 7.2 (its --qemu). The backup refuses when
+    CONFIG arrives, before any copy, naming both releases and the fix; the
+    guest runs on untouched and the backup keeps nothing."""
+    backup = world.start_backup(qemu=QEMU)  # 7.2
+    primary = world.start_primary()
+    guest = world.start_guest(check=False, qemu=QEMU_10)
+    r = primary.ctl("protect", DOMAIN, "--qmp", str(guest.qmp_sock), "--backup", backup.listen, "--netbuf", "none")
+    out = _out(r)
+    assert r.returncode != 0, out
+    assert f"domain {DOMAIN}: the primary runs QEMU 10.0." in out, out
+    assert "but this backup would restore it with QEMU 7.2." in out and f"({QEMU})" in out, out
+    assert "install the same QEMU release on both hosts" in out, out
+    assert guest.qmp.status() == "running", "the refused protect left the guest stopped"
+    assert guest.qmp.execute("query-migrate").get("status") in (None, "none", "cancelled", "completed"), \
+        guest.qmp.execute("query-migrate")
+    st = backup.status(DOMAIN)
+    assert st is None or st["state"] == "unprotected", st
+    assert not any(backup.domain_dir().glob("store-*")), "the backup created a page store"
+    pst = primary.status()
+    assert pst is None or pst["state"] != "protected", pst
+    record(request, version_refusal=out.splitlines()[-1])

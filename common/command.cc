@@ -1,4 +1,4 @@
-#include "netbuf/command.h"
+#include "common/command.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -9,13 +9,14 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 
 #include "common/io.h"
 
 extern char** environ;
 
-namespace remus::netbuf {
+namespace remus {
 namespace {
 
 std::string FindProgram(const std::string& name) {
@@ -49,7 +50,7 @@ std::string CommandLine(const std::vector<std::string>& argv) {
   return s;
 }
 
-StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv) {
+StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, std::chrono::milliseconds timeout) {
   if (argv.empty()) return InvalidArgument("empty command");
   std::string prog = FindProgram(argv[0]);
   if (prog.empty()) return NotFound(argv[0] + " is not installed");
@@ -90,11 +91,25 @@ StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv) {
   struct pollfd p[2] = {{out_r.get(), POLLIN, 0}, {err_r.get(), POLLIN, 0}};
   std::string* sink[2] = {&res.out, &res.err};
   int open = 2;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  bool timed_out = false;
   while (open > 0) {
-    if (::poll(p, 2, -1) < 0) {
+    int wait_ms = -1;
+    if (timeout.count() > 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        timed_out = true;
+        ::kill(pid, SIGKILL);  // not reaped yet: the pid is still ours
+        break;
+      }
+      wait_ms = static_cast<int>(left.count());
+    }
+    int n = ::poll(p, 2, wait_ms);
+    if (n < 0) {
       if (errno == EINTR) continue;
       break;
     }
+    if (n == 0) continue;
     for (int i = 0; i < 2; i++) {
       if (p[i].fd < 0 || p[i].revents == 0) continue;
       char buf[4096];
@@ -111,6 +126,8 @@ StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv) {
   while (::waitpid(pid, &wst, 0) < 0) {
     if (errno != EINTR) return ErrnoStatus("waitpid " + prog, errno);
   }
+  if (timed_out)
+    return DeadlineExceeded(CommandLine(argv) + " did not finish within " + std::to_string(timeout.count()) + " ms");
   res.exit_code = WIFEXITED(wst) ? WEXITSTATUS(wst) : 128 + WTERMSIG(wst);
   return res;
 }
@@ -124,4 +141,4 @@ Status RunChecked(const std::vector<std::string>& argv) {
   return Internal(CommandLine(argv) + ": " + msg);
 }
 
-}  // namespace remus::netbuf
+}  // namespace remus

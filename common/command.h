@@ -1,16 +1,18 @@
-// Running a host tool (iptables, ip6tables, iptables-save) with an argv, no
-// shell: the process boundary of netbuf. posix_spawn, so it is safe to call
-// from a multithreaded daemon; stdout and stderr are captured.
+// Running a host tool with an argv, no shell: iptables and friends (netbuf),
+// `qemu-system-* -version` (the QEMU version rule). posix_spawn, so it is
+// safe to call from a multithreaded daemon; stdout and stderr are captured.
+// The child is reaped here (ProcessLauncher reaps only the pids it spawned).
 //
 // Thread-safety: free functions; callable from any thread.
 #pragma once
 
+#include <chrono>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
 
-namespace remus::netbuf {
+namespace remus {
 
 struct CommandResult {
   int exit_code = -1;  // 128+N if killed by signal N
@@ -20,7 +22,10 @@ struct CommandResult {
 
 // Runs argv (argv[0] is looked up in PATH, then /usr/sbin, /sbin, /usr/bin,
 // /bin). NotFound if the program does not exist; any exit code is a result.
-StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv);
+// timeout > 0: a child still running then is SIGKILLed and reaped, and the
+// call returns DeadlineExceeded.
+StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                   std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
 
 // Runs argv and requires exit code 0. The error is Internal with the
 // command line and the tool's own stderr, e.g.
@@ -30,4 +35,4 @@ Status RunChecked(const std::vector<std::string>& argv);
 // "a b 'c d'" for messages.
 std::string CommandLine(const std::vector<std::string>& argv);
 
-}  // namespace remus::netbuf
+}  // namespace remus
