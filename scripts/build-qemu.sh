@@ -9,7 +9,7 @@
 #                                 user runs, plus only the patches its COLO
 #                                 primary needs under TCG (scripts/qemu-patches-10.0/:
 #                                 the BQL fix, and the timer fix that KVM needs
-#                                 too; no upstream release has either)
+#                                 too; we found no upstream fix for either)
 #                                 -> /var/cache/remus/qemu-10.0-colo
 #   scripts/build-qemu.sh 10.0-stock   the same source with no patch at all, for
 #                                 measuring what stock does (not used by the tests)
