@@ -371,8 +371,15 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string&
   if (s->tls()) cb.external_ssl_ctx = &MetricsServer::ExternalSslCtx;
   mg_init_data init_data{&cb, s.get(), options};
   char err[256] = "";
+  mg_error_data error{};
+#if CIVETWEB_VERSION_MAJOR == 1 && CIVETWEB_VERSION_MINOR < 16
+  // civetweb 1.15 (Debian 12) reports the code through a pointer; 1.16
+  // (Debian 13) holds it in the struct.
   unsigned code = 0;
-  mg_error_data error{&code, err, sizeof err};
+  error.code = &code;
+#endif
+  error.text = err;
+  error.text_buffer_size = sizeof err;
   s->ctx_ = mg_start2(&init_data, &error);
   if (s->ctx_ == nullptr && !s->tls_error_.empty()) return FailedPrecondition(s->tls_error_);
   if (s->ctx_ == nullptr)

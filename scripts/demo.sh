@@ -12,6 +12,8 @@
 # (tests/e2e/netclient.py) on a veth into br0. The guest answers on TCP 7000.
 # Sets everything up itself (packages, build, patched QEMU, test guest).
 # Idempotent; cleans up after itself. Needs root.
+# REMUS_DEMO_QEMU=10.0 runs it on Debian 13's QEMU 10.0 (scripts/build-qemu.sh
+# 10.0) instead of Debian 12's 7.2, the default.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${REMUS_BUILD_DIR:-$ROOT/build}
@@ -20,7 +22,7 @@ say() { printf '\n\033[1m==== %s\033[0m\n' "$*"; }
 say "setting up (packages, build, patched QEMU, test guest)"
 "$ROOT/scripts/install-deps.sh"
 "$ROOT/scripts/build.sh" >/dev/null
-QEMU=$("$ROOT/scripts/build-qemu.sh" | tail -n1)
+QEMU=$("$ROOT/scripts/build-qemu.sh" "${REMUS_DEMO_QEMU:-7.2}" | tail -n1)
 "$ROOT/scripts/build-guest.sh" "$BUILD/guest" >/dev/null
 
 REMUSD=$BUILD/remusd/remusd

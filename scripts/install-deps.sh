@@ -10,8 +10,9 @@ PKGS=(
   # build
   build-essential cmake ninja-build pkg-config
   # scripts/check-thread-safety.sh: clang's -Wthread-safety over the sources;
-  # scripts/sanitize.sh: clang's ASan/UBSan/TSan builds (runtimes: libclang-rt-14-dev)
-  clang libclang-rt-14-dev
+  # scripts/sanitize.sh: clang's ASan/UBSan/TSan builds (runtimes: libclang-rt-dev,
+  # the default clang's: 14 on Debian 12, 19 on Debian 13)
+  clang libclang-rt-dev
   # libraries
   libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libssl-dev liblz4-dev
   liburing-dev libnl-route-3-dev libnetfilter-queue-dev libmnl-dev libvirt-dev libxml2-dev

@@ -808,6 +808,9 @@ class ArbitratedDomainTest : public ::testing::Test {
   void SetUp() override {
     opts_.state_dir = remus::testing::MakeTempDir("remus-arbitrated-domain-test");
     opts_.auto_promote = true;
+    // The backup's own QEMU (the fake launcher starts none), so the test does
+    // not depend on a qemu-system-x86_64 in this host's PATH.
+    opts_.qemu_binary = "/usr/bin/qemu-system-x86_64";
     opts_.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(400)};
     opts_.qemu_start_timeout_ms = 300;
     opts_.arbitration_retry = std::chrono::milliseconds(20);
