@@ -51,48 +51,42 @@ if [ "$(id -u)" != 0 ]; then
   log "must run as root (it installs packages with apt-get)"; exit 1
 fi
 
-SRC=/etc/apt/sources.list.d/remus-debian-src.sources
-need_update=0
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  log "enabling deb-src for bookworm in $SRC"
-  cat > "$SRC" <<'EOS'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOS
+# has_source TYPE SUITE: whether apt already has a TYPE ("deb" or "deb-src")
+# entry for SUITE, one-line (.list) or deb822 (.sources) style.
+has_source() {
+  local type=$1 suite=$2
+  grep -hqsE "^${type}( +\[[^]]*\])? +[^ ]+ +${suite}( |$)" /etc/apt/sources.list /etc/apt/sources.list.d/*.list && return 0
+  awk -v t="$type" -v s="$suite" '
+    BEGIN { RS = ""; found = 0 }
+    { types = 0; suites = 0; n = split($0, line, "\n")
+      for (i = 1; i <= n; i++) {
+        if (line[i] ~ /^Types:/ && (" " substr(line[i], 7) " ") ~ (" " t " ")) types = 1
+        if (line[i] ~ /^Suites:/ && (" " substr(line[i], 8) " ") ~ (" " s " ")) suites = 1
+      }
+      if (types && suites) found = 1 }
+    END { exit !found }' /etc/apt/sources.list.d/*.sources 2>/dev/null
+}
+# add_source FILE TYPE SUITES WHY: a deb822 entry of ours, unless apt has one.
+add_source() {
+  local file=$1 type=$2 suites=$3 why=$4
+  has_source "$type" "${suites%% *}" && return 0
+  log "enabling $type for $suites ($why) in $file"
+  printf 'Types: %s\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
+    "$type" "$suites" /usr/share/keyrings/debian-archive-keyring.gpg > "$file"
   need_update=1
-fi
+}
+need_update=0
+add_source /etc/apt/sources.list.d/remus-debian-src.sources deb-src "bookworm bookworm-updates" \
+  "Debian 12's QEMU source, scripts/build-qemu.sh 7.2"
 # The second test QEMU is Debian 13's (scripts/build-qemu.sh 10.0): its
 # source only (deb-src: no trixie binary package can be installed from it),
 # and bookworm-backports for the meson 1.7 it needs, which build-qemu.sh
 # downloads and unpacks for that build alone (backports' pin priority 100
 # keeps every installed package on bookworm's versions).
-TRIXIE_SRC=/etc/apt/sources.list.d/remus-trixie-src.sources
-if ! grep -rqs '^Suites:.*trixie' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src .* trixie' /etc/apt/sources.list; then
-  log "enabling deb-src for trixie (Debian 13's QEMU source) in $TRIXIE_SRC"
-  cat > "$TRIXIE_SRC" <<'EOS'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie trixie-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOS
-  need_update=1
-fi
-BPO=/etc/apt/sources.list.d/remus-bookworm-backports.sources
-if ! grep -rqs '^Suites:.*bookworm-backports\|^deb .* bookworm-backports' /etc/apt/sources.list.d/ /etc/apt/sources.list; then
-  log "enabling bookworm-backports (meson for the QEMU 10.0 build) in $BPO"
-  cat > "$BPO" <<'EOS'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOS
-  need_update=1
-fi
+add_source /etc/apt/sources.list.d/remus-trixie-src.sources deb-src "trixie trixie-updates" \
+  "Debian 13's QEMU source, scripts/build-qemu.sh 10.0"
+add_source /etc/apt/sources.list.d/remus-bookworm-backports.sources deb "bookworm-backports" \
+  "meson for the QEMU 10.0 build"
 
 # Debian's etcd-server starts a system etcd on 127.0.0.1:2379/2380 at install.
 # The tests start their own clusters, and a remus node must not talk to an
