@@ -17,18 +17,16 @@
 extern char** environ;
 
 namespace remus {
-namespace {
-
-std::string FindProgram(const std::string& name) {
+std::string FindProgram(const std::string& name, const std::string& extra_dirs) {
   if (name.find('/') != std::string::npos) return name;
-  std::string path = std::getenv("PATH") ? std::getenv("PATH") : "";
-  path += ":/usr/sbin:/sbin:/usr/bin:/bin";
+  const char* env = std::getenv("PATH");
+  std::string path = (env && *env ? std::string(env) : std::string("/usr/local/bin:/usr/bin:/bin")) + ":" + extra_dirs;
   size_t i = 0;
   while (i <= path.size()) {
     size_t j = path.find(':', i);
     if (j == std::string::npos) j = path.size();
     std::string dir = path.substr(i, j - i);
-    if (!dir.empty()) {
+    if (!dir.empty() && dir[0] == '/') {  // never a relative PATH entry
       std::string full = dir + "/" + name;
       struct stat st {};
       if (::stat(full.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(full.c_str(), X_OK) == 0) return full;
@@ -37,8 +35,6 @@ std::string FindProgram(const std::string& name) {
   }
   return "";
 }
-
-}  // namespace
 
 std::string CommandLine(const std::vector<std::string>& argv) {
   std::string s;
@@ -52,7 +48,7 @@ std::string CommandLine(const std::vector<std::string>& argv) {
 
 StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, std::chrono::milliseconds timeout) {
   if (argv.empty()) return InvalidArgument("empty command");
-  std::string prog = FindProgram(argv[0]);
+  std::string prog = FindProgram(argv[0], "/usr/sbin:/sbin:/usr/bin:/bin");
   if (prog.empty()) return NotFound(argv[0] + " is not installed");
 
   int outp[2], errp[2];

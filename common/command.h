@@ -32,6 +32,12 @@ StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
 //   "iptables -t mangle -N REMUS-web1: iptables: Chain already exists."
 Status RunChecked(const std::vector<std::string>& argv);
 
+// The executable regular file `name` in $PATH's directories (or, without a
+// PATH, /usr/local/bin:/usr/bin:/bin), then in `extra_dirs` (':'-separated);
+// relative entries are skipped. A name with a '/' is returned as it is.
+// Empty when there is none.
+std::string FindProgram(const std::string& name, const std::string& extra_dirs);
+
 // "a b 'c d'" for messages.
 std::string CommandLine(const std::vector<std::string>& argv);
 

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <map>
 
+#include "common/command.h"
+
 namespace remus {
 
 namespace {
@@ -527,20 +529,7 @@ StatusOr<std::string> ResolveQemuBinary(const std::string& configured, const std
   if (!IsQemuBinaryName(name))
     return PermissionDenied("the peer's QEMU binary '" + Shorten(peer_binary) +
                             "' is not named qemu-system-ARCH, and this backup has no --qemu of its own");
-  const char* env = std::getenv("PATH");
-  std::string path = env && *env ? env : "/usr/local/bin:/usr/bin:/bin";
-  path += ":/usr/libexec";
-  size_t i = 0;
-  while (i <= path.size()) {
-    size_t j = path.find(':', i);
-    if (j == std::string::npos) j = path.size();
-    std::string dir = path.substr(i, j - i);
-    if (!dir.empty() && dir[0] == '/') {  // never a relative PATH entry
-      std::string cand = dir + "/" + name;
-      if (::access(cand.c_str(), X_OK) == 0) return cand;
-    }
-    i = j + 1;
-  }
+  if (std::string found = FindProgram(name, "/usr/libexec"); !found.empty()) return found;
   return NotFound("no " + name + " in this backup's PATH; install it or start remusd with --qemu PATH");
 }
 
