@@ -286,9 +286,11 @@ def test_kill_during_resync_restores_no_stale_checkpoint(world, request):
 def _wrapper(world):
     """A --qemu for B whose first QEMU hides its monitor (so the promotion
     fails with that QEMU running, -incoming defer) and whose later ones are
-    the real thing."""
+    the real thing. `-version` (the backup's version rule, when protection
+    starts) is passed through and does not count as the first."""
     w = world.dir / "qemu-wrapper"
     w.write_text(f"""#!/bin/bash
+[ "$1" = -version ] && exec {QEMU} -version
 marker="{world.dir}/qemu-wrapper.first"
 if [ ! -e "$marker" ]; then
   : > "$marker"
