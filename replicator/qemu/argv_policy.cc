@@ -1,9 +1,6 @@
 #include "replicator/qemu/argv_policy.h"
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdlib>
 #include <filesystem>
 #include <map>
 
