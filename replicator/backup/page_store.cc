@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/crc32c.h"
 #include "common/io.h"
 #include "common/log.h"
 
@@ -22,6 +24,90 @@ using qemu::kPageSize;
 constexpr char kTag[] = "pagestore";
 constexpr char kManifest[] = "manifest.json";
 constexpr char kMeta[] = "meta.json";
+
+// The redo record (docs/formats/page-store-redo.md), big-endian:
+//   0 8 bytes magic "RMPSREDO", 8 u32 version, 12 u32 batch count n,
+//   16 u64 epoch, 24 u64 device blob length, 32 u32 device blob crc32c,
+//   36 u32 reserved (0), 40 n x u64 batch length, then the batches back to
+//   back, then u32 crc32c of everything before it.
+constexpr char kRedoMagic[8] = {'R', 'M', 'P', 'S', 'R', 'E', 'D', 'O'};
+constexpr uint32_t kRedoVersion = 1;
+constexpr size_t kRedoFixedHeader = 40;
+constexpr size_t kRedoTrailer = 4;
+// More batches than any checkpoint has (a batch is up to a few MiB).
+constexpr uint64_t kRedoMaxBatches = 1u << 24;
+
+std::string EpochFile(const char* prefix, uint64_t epoch, const char* suffix) {
+  return prefix + std::to_string(epoch) + suffix;
+}
+
+bool EndsWith(const std::string& s, std::string_view tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+std::string Hex32(uint32_t v) {
+  char b[16];
+  std::snprintf(b, sizeof(b), "0x%08x", v);
+  return b;
+}
+
+struct RedoRecord {
+  uint64_t epoch = 0;
+  uint64_t blob_length = 0;
+  uint32_t blob_crc = 0;
+  std::vector<std::string_view> batches;  // into the mapped file
+};
+
+// Checks a redo record's framing and CRC. Messages name the problem only (the
+// caller adds the file).
+StatusOr<RedoRecord> ParseRedo(const uint8_t* p, size_t n, uint64_t want_epoch) {
+  const size_t min = kRedoFixedHeader + kRedoTrailer;
+  if (n < min)
+    return DataLoss("short: " + std::to_string(n) + " bytes, less than the smallest record (" +
+                    std::to_string(min) + ")");
+  if (std::memcmp(p, kRedoMagic, sizeof(kRedoMagic)) != 0) return DataLoss("bad magic (not a redo record)");
+  if (uint32_t v = LoadU32(p + 8); v != kRedoVersion) return DataLoss("unsupported version " + std::to_string(v));
+  const uint64_t count = LoadU32(p + 12);
+  if (count > kRedoMaxBatches || count > (n - min) / 8)
+    return DataLoss("short or damaged: " + std::to_string(n) + " bytes cannot hold the lengths of the " +
+                    std::to_string(count) + " batches its header lists");
+  const size_t header = kRedoFixedHeader + 8 * count;
+  uint64_t payload = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    uint64_t len = LoadU64(p + kRedoFixedHeader + 8 * i);
+    if (len > kMaxGuestRam)
+      return DataLoss("damaged: batch " + std::to_string(i) + " has an impossible length " + std::to_string(len));
+    payload += len;  // no overflow: payload <= n before, len <= kMaxGuestRam
+    if (payload > n)
+      return DataLoss("short: " + std::to_string(n) + " bytes, less than the first " + std::to_string(i + 1) +
+                      " batches its header lists (truncated)");
+  }
+  const uint64_t want = header + payload + kRedoTrailer;
+  if (n < want)
+    return DataLoss("short: " + std::to_string(n) + " bytes of the " + std::to_string(want) +
+                    " its header describes (truncated)");
+  if (n > want)
+    return DataLoss(std::to_string(n) + " bytes, " + std::to_string(want) + " expected (trailing bytes)");
+  const uint32_t stored = LoadU32(p + n - kRedoTrailer);
+  const uint32_t computed = crc32c::Value(p, n - kRedoTrailer);
+  if (stored != computed)
+    return DataLoss("CRC-32C mismatch (stored " + Hex32(stored) + ", computed " + Hex32(computed) + ")");
+  if (uint32_t r = LoadU32(p + 36); r != 0) return DataLoss("reserved header field is " + std::to_string(r));
+  RedoRecord r;
+  r.epoch = LoadU64(p + 16);
+  if (r.epoch != want_epoch)
+    return DataLoss("record of epoch " + std::to_string(r.epoch) + ", the marker names epoch " +
+                    std::to_string(want_epoch));
+  r.blob_length = LoadU64(p + 24);
+  r.blob_crc = LoadU32(p + 32);
+  size_t pos = header;
+  for (uint64_t i = 0; i < count; ++i) {
+    size_t len = static_cast<size_t>(LoadU64(p + kRedoFixedHeader + 8 * i));
+    r.batches.emplace_back(reinterpret_cast<const char*>(p + pos), len);
+    pos += len;
+  }
+  return r;
+}
 
 std::string Join(const std::string& dir, const std::string& name) { return dir + "/" + name; }
 
@@ -59,7 +145,10 @@ Status WriteFileReplace(const std::string& path, std::string_view data) {
   std::string tmp = path + ".tmp";
   Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (!fd.valid()) return ErrnoStatus("open " + tmp, errno);
-  RETURN_IF_ERROR(WriteFull(fd.get(), data.data(), data.size()).Annotate(tmp));
+  if (Status st = WriteFull(fd.get(), data.data(), data.size()); !st.ok()) {
+    ::unlink(tmp.c_str());  // e.g. ENOSPC: give the space back
+    return st.Annotate(tmp);
+  }
   fd.Reset();
   if (::rename(tmp.c_str(), path.c_str()) < 0) return ErrnoStatus("rename " + path, errno);
   return OkStatus();
@@ -182,7 +271,10 @@ Status PageStore::WriteMeta(const Meta& m, bool durable) {
       {"boot_id", m.boot_id},
       {"synced", m.synced},
   };
-  if (m.applying) j["applying"] = m.applying_epoch;
+  if (m.applying) {
+    j["applying"] = m.applying_epoch;
+    if (!m.redo_file.empty()) j["redo"] = m.redo_file;
+  }
   std::string path = Join(dir_, kMeta);
   std::string data = j.dump() + "\n";
   return durable ? WriteFileAtomic(path, data) : WriteFileReplace(path, data);
@@ -267,6 +359,7 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Open(const std::string& dir) {
     if (j.contains("applying")) {
       meta.applying = true;
       meta.applying_epoch = j.at("applying").get<uint64_t>();
+      meta.redo_file = j.value("redo", "");
     }
   } catch (const nlohmann::json::exception& e) {
     return unreadable(e.what());
@@ -274,11 +367,28 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Open(const std::string& dir) {
 
   s->committed_epoch_ = meta.committed_epoch;
   s->state_ = State::kTorn;
+  // A torn commit's files stay for inspection; otherwise files of epochs meta
+  // does not name (a crash before the marker) are removed below.
+  bool keep_files = false;
   if (meta.applying) {
-    s->invalid_reason_ = "a commit of epoch " + std::to_string(meta.applying_epoch) +
-                         " was interrupted; the memory image mixes epochs " +
-                         std::to_string(meta.committed_epoch) + " and " +
-                         std::to_string(meta.applying_epoch) + " and cannot be restored";
+    keep_files = true;
+    const std::string e = std::to_string(meta.applying_epoch);
+    const std::string mixed = "the memory image may mix epochs " + std::to_string(meta.committed_epoch) +
+                              " and " + e + " and cannot be restored";
+    if (meta.boot_id != s->boot_id_) {
+      s->invalid_reason_ = "the host rebooted during the commit of epoch " + e +
+                           " (its redo record and the memory image were never synced); " + mixed;
+    } else if (meta.redo_file.empty() || !meta.initial_sync_complete) {
+      s->invalid_reason_ = "a commit of epoch " + e + " was interrupted; the memory image mixes epochs " +
+                           std::to_string(meta.committed_epoch) + " and " + e + " and cannot be restored";
+    } else if (!SafeFileName(meta.redo_file)) {
+      s->invalid_reason_ = "a commit of epoch " + e + " was interrupted and meta names no valid redo record; " + mixed;
+    } else if (Status st = s->FinishInterruptedCommit(meta); !st.ok()) {
+      s->invalid_reason_ = "a commit of epoch " + e + " was interrupted and cannot be finished: " + st.message() +
+                           "; " + mixed;
+    } else {
+      keep_files = false;
+    }
   } else if (!meta.initial_sync_complete) {
     s->state_ = State::kSyncing;
     s->invalid_reason_ = "the initial sync has not completed";
@@ -302,6 +412,15 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Open(const std::string& dir) {
       s->device_blob_ = std::move(*blob);
       s->device_blob_file_ = meta.device_blob_file;
       s->synced_ = meta.synced && meta.boot_id == s->boot_id_;
+    }
+  }
+  if (!keep_files) {
+    std::vector<std::string> gone =
+        s->RemoveStaleBlobs(s->has_committed() ? s->device_blob_file_ : meta.device_blob_file);
+    if (!gone.empty()) {
+      std::string names;
+      for (const auto& g : gone) names += " " + g;
+      LOG_INFO(kTag) << "store " << dir << ": removed files no commit needs (left by a crash):" << names;
     }
   }
   if (s->has_committed()) {
@@ -517,15 +636,52 @@ Status PageStore::Commit(uint64_t epoch, Staging&& staging) {
   }
 
   // New blob under a new name: the committed one stays intact until meta moves.
-  std::string file = "device-" + std::to_string(epoch) + ".bin";
-  RETURN_IF_ERROR(WriteFileReplace(Join(dir_, file), blob));
+  const std::string file = EpochFile("device-", epoch, ".bin");
+  const std::string redo = EpochFile("redo-", epoch, ".log");
+  const std::string file_path = Join(dir_, file), redo_path = Join(dir_, redo);
+  // Until the marker is written nothing is decided: a failure removes the new
+  // epoch's files and the store stays where it was, in memory and on disk.
+  auto abandon = [&](const Status& st) {
+    ::unlink(redo_path.c_str());
+    ::unlink(file_path.c_str());
+    LOG_WARN(kTag) << "store " << dir_ << ": checkpoint " << epoch << " not committed, the store stays at epoch "
+                   << committed_epoch_ << ": " << st.ToString();
+    return st;
+  };
+  if (Status st = WriteFileReplace(file_path, blob); !st.ok()) return abandon(st);
+  if (Status st = CallHook(CommitStep::kBlobWritten, 0); !st.ok()) return abandon(st);
+  if (Status st = WriteRedo(redo_path, epoch, s); !st.ok()) return abandon(st);
+  if (Status st = CallHook(CommitStep::kRedoWritten, 0); !st.ok()) return abandon(st);
   Meta marker = CurrentMeta();
   marker.applying = true;
   marker.applying_epoch = epoch;
+  marker.redo_file = redo;
   marker.synced = false;
-  RETURN_IF_ERROR(WriteMeta(marker, false));
+  if (Status st = WriteMeta(marker, false); !st.ok()) return abandon(st);  // meta.json.tmp never renamed
+  if (Status st = CallHook(CommitStep::kMarkerWritten, 0); !st.ok()) {
+    // Nothing applied yet: take the marker back.
+    if (Status r = WriteMeta(CurrentMeta(), false); !r.ok()) {
+      state_ = State::kTorn;
+      invalid_reason_ = "the commit of epoch " + std::to_string(epoch) + " failed after its marker was written (" +
+                        st.message() + ") and the marker could not be taken back (" + r.message() +
+                        "); reopening the store finishes the commit from " + redo;
+      return st;
+    }
+    return abandon(st);
+  }
 
-  for (const auto& b : s.batches()) ApplyBatch(b);
+  // From here on the commit is decided: a crash is finished by Open() from
+  // the redo record.
+  for (size_t i = 0; i < s.batches().size(); ++i) {
+    ApplyBatch(s.batches()[i]);
+    if (Status st = CallHook(CommitStep::kBatchApplied, i); !st.ok()) {
+      state_ = State::kTorn;
+      invalid_reason_ = "the commit of epoch " + std::to_string(epoch) + " stopped after batch " + std::to_string(i) +
+                        " of " + std::to_string(s.batches().size()) + " (" + st.message() +
+                        "); reopening the store finishes it from " + redo;
+      return st;
+    }
+  }
 
   Meta m = CurrentMeta();
   m.committed_epoch = epoch;
@@ -536,17 +692,139 @@ Status PageStore::Commit(uint64_t epoch, Staging&& staging) {
   // either (Open checks the boot id).
   if (Status st = WriteMeta(m, false); !st.ok()) {
     state_ = State::kTorn;
-    invalid_reason_ = "epoch " + std::to_string(epoch) +
-                      " was applied but its commit record could not be written: " + st.message();
+    invalid_reason_ = "epoch " + std::to_string(epoch) + " was applied but its commit record could not be written (" +
+                      st.message() + "); reopening the store finishes the commit from " + redo;
     return st;
   }
+  Status hook = CallHook(CommitStep::kCommitRecordWritten, 0);  // committed either way
   std::string old = device_blob_file_;
   committed_epoch_ = epoch;
   device_blob_ = s.TakeDeviceBlob();
   device_blob_file_ = file;
   synced_ = false;
+  ::unlink(redo_path.c_str());
   if (!old.empty() && old != file) ::unlink(Join(dir_, old).c_str());
   stats_.commits.fetch_add(1, std::memory_order_relaxed);
+  return hook;
+}
+
+Status PageStore::WriteRedo(const std::string& path, uint64_t epoch, const Staging& s) {
+  const std::vector<std::string>& batches = s.batches();
+  if (batches.size() > kRedoMaxBatches)
+    return InvalidArgument("checkpoint " + std::to_string(epoch) + " has " + std::to_string(batches.size()) +
+                           " page batches, more than a redo record holds");
+  const std::string& blob = s.device_blob();
+  std::string header(kRedoMagic, sizeof(kRedoMagic));
+  header.reserve(kRedoFixedHeader + 8 * batches.size());
+  PutU32(&header, kRedoVersion);
+  PutU32(&header, static_cast<uint32_t>(batches.size()));
+  PutU64(&header, epoch);
+  PutU64(&header, blob.size());
+  PutU32(&header, crc32c::Value(blob.data(), blob.size()));
+  PutU32(&header, 0);
+  for (const auto& b : batches) PutU64(&header, b.size());
+  uint32_t crc = crc32c::Value(header.data(), header.size());
+  for (const auto& b : batches) crc = crc32c::Extend(crc, b.data(), b.size());
+  uint8_t trailer[kRedoTrailer];
+  StoreU32(trailer, crc);
+
+  // Gathered, not copied: header, every batch, trailer. Written in two parts
+  // (the header and the first half of the batches, then the rest) so a test
+  // hook can stop between them; a crash can tear the record anywhere anyway.
+  std::vector<struct iovec> iov;
+  iov.reserve(batches.size() + 2);
+  iov.push_back({header.data(), header.size()});
+  for (const auto& b : batches)
+    if (!b.empty()) iov.push_back({const_cast<char*>(b.data()), b.size()});
+  iov.push_back({trailer, sizeof(trailer)});
+  const size_t split = 1 + (iov.size() - 2) / 2;
+  size_t first_bytes = 0;
+  for (size_t i = 0; i < split; ++i) first_bytes += iov[i].iov_len;
+
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd.valid()) return ErrnoStatus("creating the redo record " + path, errno);
+  Status st = WriteVecFull(fd.get(), iov.data(), static_cast<int>(split));
+  if (st.ok()) {
+    st = CallHook(CommitStep::kRedoWriting, first_bytes);
+  } else {
+    st = st.Annotate("writing the redo record " + path);
+  }
+  if (st.ok()) {
+    st = WriteVecFull(fd.get(), iov.data() + split, static_cast<int>(iov.size() - split))
+             .Annotate("writing the redo record " + path);
+  }
+  if (!st.ok()) ::unlink(path.c_str());
+  return st;
+}
+
+Status PageStore::FinishInterruptedCommit(const Meta& meta) {
+  const uint64_t epoch = meta.applying_epoch;
+  const std::string path = Join(dir_, meta.redo_file);
+  if (epoch <= meta.committed_epoch)
+    return DataLoss("the marker's epoch " + std::to_string(epoch) + " is not after the committed epoch " +
+                    std::to_string(meta.committed_epoch));
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT) return DataLoss("redo record " + path + " is missing");
+    return ErrnoStatus("open " + path, errno);
+  }
+  struct stat st;
+  if (::fstat(fd.get(), &st) < 0) return ErrnoStatus("fstat " + path, errno);
+  const size_t n = static_cast<size_t>(st.st_size);
+  if (n < kRedoFixedHeader + kRedoTrailer)
+    return DataLoss("redo record " + path + ": short: " + std::to_string(n) +
+                    " bytes, less than the smallest record (" + std::to_string(kRedoFixedHeader + kRedoTrailer) + ")");
+  void* addr = ::mmap(nullptr, n, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (addr == MAP_FAILED) return ErrnoStatus("mmap " + path, errno);
+  struct Unmap {
+    void* a;
+    size_t n;
+    ~Unmap() { ::munmap(a, n); }
+  } unmap{addr, n};
+  ::madvise(addr, n, MADV_SEQUENTIAL);
+  StatusOr<RedoRecord> rec = ParseRedo(static_cast<const uint8_t*>(addr), n, epoch);
+  if (!rec.ok()) return DataLoss("redo record " + path + ": " + rec.status().message());
+  const std::vector<std::string_view>& batches = rec->batches;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    if (Status v = ValidateBatch(batches[i], i); !v.ok()) return DataLoss("redo record " + path + ": " + v.message());
+  }
+  const std::string file = EpochFile("device-", epoch, ".bin");
+  auto blob = ReadFileToString(Join(dir_, file));
+  if (!blob.ok())
+    return DataLoss("device state of epoch " + std::to_string(epoch) + " unreadable: " + blob.status().message());
+  if (blob->size() != rec->blob_length || crc32c::Value(blob->data(), blob->size()) != rec->blob_crc)
+    return DataLoss(file + " (" + std::to_string(blob->size()) + " bytes) is not the device state redo record " +
+                    path + " describes (" + std::to_string(rec->blob_length) + " bytes, CRC-32C " +
+                    Hex32(rec->blob_crc) + ")");
+  if (blob->empty() || blob->back() != 0) return DataLoss(file + " is not terminated by EOF");
+
+  const uint64_t pages0 = stats_.pages_applied.load(), zeros0 = stats_.zero_pages_applied.load();
+  for (std::string_view b : batches) ApplyBatch(b);
+  Meta m = meta;
+  m.applying = false;
+  m.applying_epoch = 0;
+  m.redo_file.clear();
+  m.committed_epoch = epoch;
+  m.device_blob_file = file;
+  m.boot_id = boot_id_;
+  m.synced = false;
+  // Memory holds epoch `epoch` now; if this fails the marker stays and the
+  // next Open applies the record again.
+  RETURN_IF_ERROR(WriteMeta(m, false).Annotate("applied redo record " + path + " but writing the commit record"));
+  state_ = State::kCommitted;
+  invalid_reason_.clear();
+  committed_epoch_ = epoch;
+  device_blob_ = std::move(*blob);
+  device_blob_file_ = file;
+  synced_ = false;
+  stats_.commits.fetch_add(1, std::memory_order_relaxed);
+  ::unlink(path.c_str());
+  if (SafeFileName(meta.device_blob_file) && meta.device_blob_file != file)
+    ::unlink(Join(dir_, meta.device_blob_file).c_str());
+  LOG_INFO(kTag) << "store " << dir_ << ": finished the interrupted commit of epoch " << epoch << " from "
+                 << meta.redo_file << " (" << batches.size() << " batches, " << (stats_.pages_applied.load() - pages0)
+                 << " pages, " << (stats_.zero_pages_applied.load() - zeros0) << " zero pages, " << n
+                 << " bytes); it replaces epoch " << meta.committed_epoch;
   return OkStatus();
 }
 
@@ -590,16 +868,19 @@ StatusOr<uint64_t> PageStore::NextHole(size_t i, uint64_t from) const {
   return std::min<uint64_t>(static_cast<uint64_t>(r), m.len);
 }
 
-void PageStore::RemoveStaleBlobs(const std::string& keep) {
+std::vector<std::string> PageStore::RemoveStaleBlobs(const std::string& keep) {
+  std::vector<std::string> removed;
   DIR* d = ::opendir(dir_.c_str());
-  if (!d) return;
+  if (!d) return removed;
   while (struct dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
-    bool blob = name.rfind("device-", 0) == 0;
-    bool tmp = name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0;
-    if ((blob && name != keep) || tmp) ::unlink(Join(dir_, name).c_str());
+    bool blob = name.rfind("device-", 0) == 0 && EndsWith(name, ".bin") && name != keep;
+    bool redo = name.rfind("redo-", 0) == 0 && EndsWith(name, ".log");
+    bool tmp = name.size() > 4 && EndsWith(name, ".tmp");
+    if ((blob || redo || tmp) && ::unlink(Join(dir_, name).c_str()) == 0 && !tmp) removed.push_back(name);
   }
   ::closedir(d);
+  return removed;
 }
 
 }  // namespace remus

@@ -15,18 +15,55 @@
 //   meta.json       committed epoch, initial sync done, device blob file,
 //                   "applying" marker, boot id, synced flag; replaced atomically
 //   ram-NNN-<id>.img  one sparse file per block (id sanitized; NNN makes it unique)
-//   device-<epoch>.bin  the device blob of the committed epoch
+//   device-<epoch>.bin  the device blob of the committed epoch (and, during a
+//                   Commit, of the epoch being committed)
+//   redo-<epoch>.log  only during a Commit (or after a crash in one): the
+//                   checkpoint's page batches as received, with a header and a
+//                   CRC-32C (docs/formats/page-store-redo.md)
 //
-// Crash consistency: Commit validates the whole checkpoint before touching
-// memory, writes the new device blob to a new file, writes meta with an
-// "applying" marker, applies, then replaces meta again without the marker
-// (each meta write is write-temp + rename, so readers see old or new). A crash
-// in between leaves the marker, and Open() reports the image as torn
-// (has_committed() false, invalid_reason() says why).
-// Nothing is fsynced per epoch: pages live in the page cache, which survives a
-// daemon crash but not a host crash, so meta records the kernel boot id and
-// Open() refuses an image from an earlier boot unless Sync() ran after its last
-// commit. (Create, BeginInitialSync, CompleteInitialSync and Sync do fsync meta.)
+// Crash consistency (against a crash of the process, e.g. kill -9): Commit
+//   1. validates the whole checkpoint before touching anything;
+//   2. writes the new device blob to device-<epoch>.bin (a new name: the
+//      committed blob stays intact);
+//   3. writes the redo record redo-<epoch>.log: the page batches exactly as
+//      received, a header (magic, version, epoch, the blob's length and CRC,
+//      each batch's length) and a CRC-32C of all of it in a trailer, in one
+//      writev sequence (the batches are not copied into one buffer);
+//   4. replaces meta with an "applying" marker naming the epoch and the redo
+//      file: from here on the commit is decided;
+//   5. applies the batches to the mapped block files;
+//   6. replaces meta again, committed at the new epoch, without the marker;
+//   7. unlinks the redo record and the previous epoch's device blob.
+// Each meta write is write-temp + rename, so readers see old or new. A crash
+// before 4 leaves meta at the previous epoch: Open() removes the new epoch's
+// stray files (device-*.bin, redo-*.log, *.tmp not named by meta). A crash
+// after 4 leaves the marker: Open() checks the redo record (magic, version,
+// epoch, lengths, CRC, every batch as Commit does, the device blob's length
+// and CRC), applies all of it again (idempotent: a page record overwrites its
+// page, a zero record zeroes it, in the order received), writes meta committed
+// at the new epoch and removes the record, so has_committed() is true at the
+// NEW epoch. (The disk journal made epoch N+1 durable before the page store
+// commit started, and recovery drops disk epochs after the page store's
+// committed epoch, so N and N+1 are both consistent; N+1 is the newer.) If the
+// marker's redo record is missing, short or fails a check, the image mixes two
+// epochs: Open() reports it torn (has_committed() false, invalid_reason()
+// names the file and the problem) and leaves the files for inspection.
+// A failure before 4 (ENOSPC writing the record, ...) returns the error
+// (ResourceExhausted for ENOSPC/EDQUOT) and leaves the store at the previous
+// epoch, in memory and on disk, with the new epoch's files removed.
+// Nothing is fsynced per epoch, deliberately, not even the redo record: pages
+// live in the page cache, which survives a daemon crash but not a host crash,
+// so meta records the kernel boot id and Open() refuses an image from an
+// earlier boot unless Sync() ran after its last commit (a marker from an
+// earlier boot is refused too). Consistency is therefore only needed against
+// a process crash, where the page cache (and with it the unsynced redo record
+// and metas) survives; an fsync of the record would cost ~10 ms per epoch on
+// the ack path and buy nothing, since the pages it protects are not durable
+// across a host crash either. (Create, BeginInitialSync, CompleteInitialSync
+// and Sync do fsync meta.)
+// Cost: the record is one more copy of the checkpoint's page bytes into the
+// page cache plus a CRC-32C pass over them; the file is unlinked before the
+// kernel writes it back, so normally no disk I/O.
 // Performance: applying is a memcpy into the mapping. Rewriting resident pages
 // runs at memory speed; the first write to a page that is a hole costs a page
 // fault plus the filesystem's block reservation (~10-30 us on ext4, ~5 us on
@@ -45,6 +82,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -156,11 +194,34 @@ class PageStore {
   // Applies one complete checkpoint. Everything is validated first; on a bad
   // record or blob nothing is applied and DataLoss is returned (the store
   // stays at the previous epoch). FailedPrecondition if the store holds no
-  // committed image or epoch <= committed_epoch(). The staging is consumed.
+  // committed image or epoch <= committed_epoch(). A failure to write the
+  // device blob, the redo record or the "applying" marker (ENOSPC: Resource-
+  // Exhausted) also leaves the store at the previous epoch, files removed.
+  // A failure after the marker (the commit record cannot be written) leaves
+  // has_committed() false here; reopening the store finishes the commit from
+  // its redo record. The staging is consumed.
   // On return (either way) `staging` still holds its page batches, so the
   // caller can reuse their buffers (Staging::TakeBatches); the device blob is
   // taken on success.
   Status Commit(uint64_t epoch, Staging&& staging);
+
+  // Test seam: the points of Commit a hook can interrupt, in order.
+  enum class CommitStep {
+    kBlobWritten,          // device-<epoch>.bin written
+    kRedoWriting,          // between the two parts of the redo record (arg: bytes written)
+    kRedoWritten,          // redo-<epoch>.log complete
+    kMarkerWritten,        // meta has the "applying" marker
+    kBatchApplied,         // batch `arg` applied (not called for a checkpoint without batches)
+    kCommitRecordWritten,  // meta committed at the new epoch (redo not yet removed)
+  };
+  // Commit calls hook(step, arg) at each step. The hook may kill the process
+  // (a crash there) or return an error, which Commit returns as if that step
+  // had failed: up to kMarkerWritten the store stays at the previous epoch
+  // (the marker is rolled back); at kBatchApplied it is torn in memory until
+  // reopened (the redo record finishes it); at kCommitRecordWritten the new
+  // epoch is committed anyway. An empty function removes the hook.
+  using CommitHook = std::function<Status(CommitStep step, size_t arg)>;
+  void SetCommitHookForTest(CommitHook hook) { commit_hook_ = std::move(hook); }
 
   // Makes the committed image durable across a host reboot (msync + fsync),
   // e.g. on clean shutdown. Costly for a big guest; not needed per epoch.
@@ -177,6 +238,8 @@ class PageStore {
   const std::string& dir() const { return dir_; }
   const std::vector<qemu::RamBlock>& blocks() const { return blocks_; }
   const uint8_t* BlockData(size_t i) const { return maps_[i].addr; }
+  // The file holding block i (a restored QEMU may map it: restore by mapping).
+  std::string BlockPath(size_t i) const { return dir_ + "/" + maps_[i].file; }
   uint64_t total_bytes() const { return total_bytes_; }
   const PageStoreStats& stats() const { return stats_; }
 
@@ -199,6 +262,7 @@ class PageStore {
     std::string device_blob_file;
     bool applying = false;
     uint64_t applying_epoch = 0;
+    std::string redo_file;  // with applying: the redo record ("" in stores from before it)
     std::string boot_id;
     bool synced = false;
   };
@@ -211,7 +275,19 @@ class PageStore {
   // Checks a batch without applying; counts its pages.
   Status ValidateBatch(std::string_view batch, size_t batch_index) const;
   void ApplyBatch(std::string_view batch);
-  void RemoveStaleBlobs(const std::string& keep);
+  // Writes redo-<epoch>.log (see the header comment); removes it on failure.
+  Status WriteRedo(const std::string& path, uint64_t epoch, const Staging& s);
+  // Open() found an "applying" marker with a redo record: checks it and
+  // re-applies it. On success the store is committed at meta.applying_epoch;
+  // on error nothing was applied (or the commit record could not be written)
+  // and the caller reports the store torn with the message.
+  Status FinishInterruptedCommit(const Meta& meta);
+  Status CallHook(CommitStep step, size_t arg) {
+    return commit_hook_ ? commit_hook_(step, arg) : OkStatus();
+  }
+  // Removes device-*.bin except `keep`, every redo-*.log and every *.tmp;
+  // returns the names of the device and redo files it removed.
+  std::vector<std::string> RemoveStaleBlobs(const std::string& keep);
   Status PunchAll();
   Status Reserve(int fd, uint64_t len, const std::string& path);
 
@@ -232,6 +308,7 @@ class PageStore {
   std::string boot_id_;
   bool synced_ = false;
   PageStoreStats stats_;
+  CommitHook commit_hook_;
 };
 
 }  // namespace remus
