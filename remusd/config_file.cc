@@ -63,6 +63,12 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
       ->capture_default_str();
   app->add_option("--libvirt-pid-dir", o.libvirt_pid_dir, "where that libvirt keeps its <domain>.pid files")
       ->capture_default_str();
+  app->add_option("--restore", o.restore,
+                  "backup: how a failover restores a guest: map (its main RAM becomes the page store's own file, so "
+                  "promotion time does not grow with the guest; falls back to stream where the command line does not "
+                  "allow it) or stream (every page through QEMU's migration stream)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"map", "stream"}));
   app->add_option("--ack-delay-ms", o.ack_delay_ms, "backup: hold each ACK this long (tests and benchmarks)")
       ->check(CLI::Range(0, 60000));
   app->add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");

@@ -152,6 +152,7 @@ Status Daemon::Start() {
     bo.tls = tls_backup_;
     bo.heartbeat = opts_.heartbeat;
     bo.ack_delay_ms = opts_.ack_delay_ms;
+    bo.restore_by_mapping = opts_.restore != "stream";
     bo.qemu_binary = opts_.qemu_binary;
     bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;

@@ -40,6 +40,9 @@ struct DaemonOptions {
   std::optional<HostPort> listen;  // backup role
   HeartbeatConfig heartbeat;
   int ack_delay_ms = 0;
+  // Backup: how a promotion restores the guest: "map" (main RAM mapped from
+  // the page store where the command line allows it) or "stream".
+  std::string restore = "map";
   std::string qemu_binary;
   // Backup: what a primary's CONFIG may make this host run beyond the
   // built-in allow-lists (replicator/backup/peer_policy.h).

@@ -210,6 +210,10 @@ class FakeLauncher final : public ProcessLauncher {
     std::lock_guard<std::mutex> g(mu_);
     return static_cast<int>(specs_.size());
   }
+  std::vector<SpawnSpec> specs() {
+    std::lock_guard<std::mutex> g(mu_);
+    return specs_;
+  }
   std::vector<int> killed() {
     std::lock_guard<std::mutex> g(mu_);
     return killed_;

@@ -694,6 +694,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   req.epoch = in.epoch;
   req.progress = &restore_progress_;
   req.phase = &promote_phase_;
+  req.map_ram = opts_.restore_by_mapping;
   if (in.disks) {
     MutexLock dg(disk_mu_);
     promote_phase_ = "applying disk writes";
@@ -714,6 +715,7 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
     qemu_pid_ = pid;
     qemu_ours_ = true;
   };
+
   std::unique_ptr<Promoter> promoter;
   if (via_libvirt)
     promoter = std::make_unique<LibvirtPromoter>(
@@ -729,6 +731,13 @@ Status BackupDomain::DoPromote(const PromoteInput& in) {
   }
   qemu_pid_ = g->pid;
   qemu_ours_ = g->ours;
+  restore_result_ = {{"mode", g->restore_mode},
+                     {"stream_bytes", g->streamed_bytes},
+                     {"mapped_bytes", g->mapped_bytes}};
+  if (!g->stream_reason.empty()) restore_result_["reason"] = g->stream_reason;
+  LOG_INFO(tag_) << "checkpoint " << in.epoch << " restored "
+                 << (g->restore_mode == "mapped" ? "by mapping main RAM from the page store"
+                                                 : "by streaming every page (" + g->stream_reason + ")");
   qmp_socket_ = g->qmp_socket;
   remus_qmp_socket_ = g->remus_qmp_socket;
   libvirt_uri_ = g->libvirt_uri;
@@ -917,6 +926,7 @@ json BackupDomain::StatusJson() const {
                     {"failover_ms", failover_ms_.load()}, {"token", promotion_token_}};
   if (!arbitration_.empty()) j["promotion"]["arbitration"] = arbitration_;
   if (switchover_epoch_ >= 0) j["promotion"]["switchover_epoch"] = switchover_epoch_;
+  if (!restore_result_.is_null()) j["promotion"]["restored_by"] = restore_result_;
   j["arbiter"] = arbiter_->StatusJson(name_);
   if (st == DomainState::kPromoting) {
     const char* phase = promote_phase_.load();
@@ -930,6 +940,14 @@ json BackupDomain::StatusJson() const {
   Status restorable = Restorable();
   j["restorable"] = restorable.ok() && st != DomainState::kPromoting && st != DomainState::kFailedOver;
   if (!restorable.ok()) j["no_checkpoint_reason"] = restorable.message();
+  if (j["restorable"].get<bool>() && committed_) {
+    // What a failover would do now (the log says it again when it happens).
+    RestorePlanInfo plan = PlanRestore(config_, *committed_, opts_.restore_by_mapping);
+    j["restore_plan"] = {{"mode", plan.mode},
+                         {"mapped_bytes", plan.mapped_bytes},
+                         {"streamed_ram_bytes", plan.streamed_ram_bytes}};
+    if (!plan.reason.empty()) j["restore_plan"]["reason"] = plan.reason;
+  }
   j["session"] = generation_;
   j["ack_delay_ms"] = opts_.ack_delay_ms;
   j["checkpoints_total"] = stats_.checkpoints_total.load();

@@ -105,6 +105,10 @@ struct BackupOptions {
   uint64_t max_staged_bytes = 2ull << 30;
   // How long a restored QEMU may take to open its monitor.
   int qemu_start_timeout_ms = 5000;
+  // Restore by mapping (promoter.h): a restored QEMU's main RAM is the page
+  // store's own file. False (remusd --restore stream): every page is
+  // streamed, as before issue 16.
+  bool restore_by_mapping = true;
   // Told every state change of a domain (remusd's history), with what the
   // sentence needs: {"primary","epoch","token","error"}. Called with the
   // domain's lock held: it must not call back into the backup.
@@ -268,6 +272,8 @@ class BackupDomain final : private SessionHost {
   // The promotion: why it began, how it failed, what runs.
   std::string promote_reason_ GUARDED_BY(mu_);
   std::string promote_error_ GUARDED_BY(mu_);
+  // The last promotion's restore: "mapped"/"streamed", why streamed, bytes.
+  nlohmann::json restore_result_ GUARDED_BY(mu_);
   bool promotion_tried_ GUARDED_BY(mu_) = false;
   int64_t switchover_epoch_ GUARDED_BY(mu_) = -1;  // the accepted switchover's final epoch
   // Recover: a switchover accepted before a restart is promoted on this thread

@@ -450,13 +450,80 @@ TEST_F(DomainTest, RetryAfterAFailedPromotionKillsTheFirstAttempt) {
   launcher_.mode = FakeLauncher::Mode::kExitAtStart;
   s = domain_->Promote("operator requested failover");
   EXPECT_NE(s.message().find("exited at start"), std::string::npos) << s.ToString();
+  // A QEMU that exits at start may have refused the mapping: that attempt
+  // streamed next (a third QEMU), which exited too.
+  EXPECT_EQ(launcher_.spawns(), 3);
   launcher_.mode = FakeLauncher::Mode::kQemu;
   s = domain_->Promote("operator requested failover");
   ASSERT_TRUE(s.ok()) << s.ToString();
-  EXPECT_EQ(launcher_.spawns(), 3);
+  EXPECT_EQ(launcher_.spawns(), 4);
   EXPECT_EQ(domain_->state(), DomainState::kFailedOver);
-  EXPECT_EQ(Status()["qemu"]["pid"], 900002);
+  EXPECT_EQ(Status()["qemu"]["pid"], 900003);
   EXPECT_EQ(domain_->Promote("again").code(), Code::kFailedPrecondition);  // never twice
+}
+
+// Restore by mapping: the restored QEMU's pc.ram is a private file mapping
+// of the store's own block file; status says so before and after.
+TEST_F(DomainTest, PromotionMapsMainRamFromTheStore) {
+  opts_.auto_promote = false;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  l.Shutdown();
+  WaitState(DomainState::kPrimaryLost);
+  json before = Status();
+  EXPECT_EQ(before["restore_plan"]["mode"], "mapped") << before.dump();
+  EXPECT_EQ(before["restore_plan"]["mapped_bytes"], 4 * 4096);
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  auto specs = launcher_.specs();
+  ASSERT_EQ(specs.size(), 1u);
+  const auto& argv = specs[0].argv;
+  auto obj = std::find_if(argv.begin(), argv.end(),
+                          [](const std::string& a) { return a.rfind("memory-backend-file,id=pc.ram,", 0) == 0; });
+  ASSERT_NE(obj, argv.end()) << ::testing::PrintToString(argv);
+  EXPECT_NE(obj->find("/ram-000-pc.ram.img,size=16384,share=off"), std::string::npos) << *obj;
+  EXPECT_NE(std::find(argv.begin(), argv.end(), "memory-backend=pc.ram"), argv.end());
+  json after = Status();
+  EXPECT_EQ(after["promotion"]["restored_by"]["mode"], "mapped") << after.dump();
+  EXPECT_EQ(after["promotion"]["restored_by"]["mapped_bytes"], 4 * 4096);
+  EXPECT_FALSE(after.contains("restore_plan"));  // nothing to restore any more
+}
+
+TEST_F(DomainTest, RestoreStreamOptionStreamsEverything) {
+  opts_.auto_promote = false;
+  opts_.restore_by_mapping = false;
+  NewDomain();
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  l.Shutdown();
+  WaitState(DomainState::kPrimaryLost);
+  EXPECT_EQ(Status()["restore_plan"]["mode"], "streamed");
+  EXPECT_NE(Status()["restore_plan"]["reason"].get<std::string>().find("--restore stream"), std::string::npos);
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  auto specs = launcher_.specs();
+  ASSERT_EQ(specs.size(), 1u);
+  for (const auto& a : specs[0].argv) EXPECT_EQ(a.find("memory-backend"), std::string::npos) << a;
+  EXPECT_EQ(Status()["promotion"]["restored_by"]["mode"], "streamed");
+}
+
+// A QEMU that refuses the mapped backend exits at start; the promotion then
+// streams the checkpoint into a second QEMU and says why.
+TEST_F(DomainTest, MappingRefusedAtStartFallsBackToStreaming) {
+  opts_.auto_promote = false;
+  wire::Link& l = Connect();
+  testing::InitialSync(l, Config());
+  l.Shutdown();
+  WaitState(DomainState::kPrimaryLost);
+  launcher_.on_spawn = [&](const SpawnSpec& spec) {
+    bool mapped = false;
+    for (const auto& a : spec.argv) mapped = mapped || a.rfind("memory-backend-file", 0) == 0;
+    launcher_.mode = mapped ? FakeLauncher::Mode::kExitAtStart : FakeLauncher::Mode::kQemu;
+  };
+  ASSERT_TRUE(domain_->Promote("operator requested failover").ok());
+  EXPECT_EQ(launcher_.spawns(), 2);
+  json st = Status();
+  EXPECT_EQ(st["promotion"]["restored_by"]["mode"], "streamed") << st.dump();
+  EXPECT_NE(st["promotion"]["restored_by"]["reason"].get<std::string>().find("exited at start"), std::string::npos);
+  EXPECT_EQ(st["qemu"]["pid"], 900001);
 }
 
 // Defect 7: the promotion is on disk before QEMU starts.

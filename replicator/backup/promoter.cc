@@ -21,17 +21,67 @@ namespace {
 void SetPhase(const RestoreRequest& r, const char* p) {
   if (r.phase) *r.phase = p;
 }
+
+RamMappingPlan PlanFor(const wire::ConfigMsg& config, const PageStore& store, bool map_ram) {
+  RamMappingPlan plan;
+  if (!map_ram) plan.reason = "restore by mapping is off (remusd --restore stream)";
+  else if (config.libvirt)
+    plan.reason = "libvirt mode: libvirt cannot back a domain's memory with a given file, so the checkpoint is streamed";
+  else plan = PlanRamMapping(config.argv, store.blocks());
+  return plan;
+}
 }  // namespace
+
+RestorePlanInfo PlanRestore(const wire::ConfigMsg& config, const PageStore& store, bool map_ram) {
+  RamMappingPlan plan = PlanFor(config, store, map_ram);
+  RestorePlanInfo info;
+  info.mode = plan.map ? "mapped" : "streamed";
+  info.reason = plan.reason;
+  for (size_t b = 0; b < store.blocks().size(); b++) {
+    if (plan.map && b == plan.block) info.mapped_bytes += store.blocks()[b].used_length;
+    else info.streamed_ram_bytes += store.blocks()[b].used_length;
+  }
+  return info;
+}
 
 StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
   const std::string tag = "backup[" + req.domain + "]";
+  RamMappingPlan plan = PlanFor(req.config, *req.store, req.map_ram);
+  if (plan.map) {
+    bool exited_at_start = false;
+    StatusOr<RestoredGuest> g = Attempt(req, plan, &exited_at_start);
+    // A QEMU that refuses the mapping (an old machine type, a backend it
+    // cannot open) exits at start: stream instead. Nothing ran, and the
+    // mapping is private anyway, so the store still holds the checkpoint.
+    // Other failures are the promotion's, as with streaming.
+    if (g.ok() || !exited_at_start) return g;
+    LOG_WARN(tag) << "restore by mapping failed (" << g.status().message() << "); streaming the checkpoint instead";
+    plan = RamMappingPlan{};
+    plan.reason = "restore by mapping failed: " + g.status().message();
+  } else {
+    LOG_INFO(tag) << "streaming the whole checkpoint: " << plan.reason;
+  }
+  return Attempt(req, plan, nullptr);
+}
+
+StatusOr<RestoredGuest> QemuPromoter::Attempt(const RestoreRequest& req, const RamMappingPlan& plan,
+                                              bool* exited_at_start) {
+  const std::string tag = "backup[" + req.domain + "]";
   const std::string& run = req.run_dir;
+  const auto& blocks = req.store->blocks();
   std::vector<std::string> argv = req.config.argv;
   for (std::string f : {std::string(kRestoredQmpSocket), std::string(kRestoredRemusdQmpSocket),
                         std::string("incoming.sock"), std::string("qemu.pid")})
     ::unlink((run + "/" + f).c_str());
   argv = RewriteArgvForRestore(argv, run, opts_.qemu_binary, req.drive_images);
-  LOG_INFO(tag) << "restoring epoch " << req.epoch << " into a new QEMU";
+  std::vector<bool> mapped;
+  if (plan.map) {
+    argv = AddMappedRam(argv, plan.id, req.store->BlockPath(plan.block), blocks[plan.block].used_length);
+    mapped.assign(blocks.size(), false);
+    mapped[plan.block] = true;
+  }
+  LOG_INFO(tag) << "restoring epoch " << req.epoch << " into a new QEMU"
+                << (plan.map ? " that maps " + plan.id + " from the page store" : std::string());
   std::string log = run + "/qemu.log";
   SetPhase(req, "starting QEMU");
   ASSIGN_OR_RETURN(int pid, launcher_->Spawn({argv, log}));
@@ -54,7 +104,10 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
   std::unique_ptr<QmpClient> qmp;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(opts_.start_timeout_ms);
   while (!qmp) {
-    if (!launcher_->Running(pid)) return qemu_failed("the restored QEMU exited at start");
+    if (!launcher_->Running(pid)) {
+      if (exited_at_start) *exited_at_start = true;
+      return qemu_failed("the restored QEMU exited at start");
+    }
     if (std::chrono::steady_clock::now() > deadline) return qemu_failed("the restored QEMU's monitor did not come up");
     auto c = QmpClient::Connect(qmp_path, 2000);
     if (c.ok()) qmp = std::move(c).value();
@@ -72,8 +125,8 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
   if (!fd.valid()) return qemu_failed("the restored QEMU did not open its incoming socket");
   RestoreStats rs;
   rs.progress = req.progress;
-  SetPhase(req, "streaming the checkpoint");
-  Status ws = WriteRestoreStream(*req.store, req.configuration, fd.get(), &rs);
+  SetPhase(req, plan.map ? "loading the device state (RAM mapped)" : "streaming the checkpoint");
+  Status ws = WriteRestoreStream(*req.store, req.configuration, fd.get(), &rs, mapped);
   if (!ws.ok()) return fail(ws.Annotate("restore stream"));
   ::shutdown(fd.get(), SHUT_WR);
   SetPhase(req, "waiting for the guest to run");
@@ -81,13 +134,18 @@ StatusOr<RestoredGuest> QemuPromoter::Restore(const RestoreRequest& req) {
     auto st = qmp->Execute("query-status", json::object(), 2000);
     if (!st.ok()) return qemu_failed("the restored QEMU failed while loading: " + st.status().message());
     if (st->is_object() && st->value("status", "") == "running") {
-      LOG_INFO(tag) << "restored " << rs.pages << " pages + " << rs.zero_pages << " zero pages; guest running (pid "
-                    << pid << ", QMP " << qmp_path << ")";
+      LOG_INFO(tag) << "restored " << rs.pages << " pages + " << rs.zero_pages << " zero pages"
+                    << (plan.map ? ", " + std::to_string(rs.mapped_bytes) + " bytes mapped" : std::string())
+                    << "; guest running (pid " << pid << ", QMP " << qmp_path << ")";
       RestoredGuest g;
       g.pid = pid;
       g.ours = true;
       g.qmp_socket = run + "/" + kRestoredQmpSocket;
       g.remus_qmp_socket = qmp_path;
+      g.restore_mode = plan.map ? "mapped" : "streamed";
+      g.stream_reason = plan.reason;
+      g.streamed_bytes = rs.bytes;
+      g.mapped_bytes = rs.mapped_bytes;
       return g;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -126,6 +184,9 @@ StatusOr<RestoredGuest> LibvirtPromoter::Restore(const RestoreRequest& req) {
   RestoredGuest g;
   g.pid = res->qemu_pid;
   g.ours = false;
+  g.restore_mode = "streamed";
+  g.stream_reason = PlanFor(req.config, *req.store, req.map_ram).reason;
+  g.streamed_bytes = rs.bytes;
   g.libvirt_uri = opts_.uri;
   g.libvirt_domain = res->domain;
   return g;

@@ -20,6 +20,7 @@
 #include "replicator/backup/page_store.h"
 #include "replicator/backup/restore.h"
 #include "replicator/link/messages.h"
+#include "replicator/qemu/argv_rewrite.h"
 #include "replicator/qemu/launcher.h"
 
 namespace remus {
@@ -37,6 +38,10 @@ struct RestoreRequest {
   // Called with the QEMU's pid as soon as it started (QemuPromoter only), so
   // the caller can record it before anything can go wrong.
   std::function<void(int pid)> started;
+  // Restore by mapping (QemuPromoter): main RAM becomes a memory-backend-file
+  // on the store's own file where PlanRamMapping allows it. False: stream
+  // everything (remusd --restore stream).
+  bool map_ram = true;
 };
 
 struct RestoredGuest {
@@ -46,7 +51,23 @@ struct RestoredGuest {
   std::string remus_qmp_socket;  // and remusd's own
   std::string libvirt_uri;  // LibvirtPromoter
   std::string libvirt_domain;
+  // How the checkpoint got into the guest: "mapped" (main RAM is the store's
+  // file) or "streamed" (every page through the migration stream); and why
+  // not mapped, when streamed.
+  std::string restore_mode;
+  std::string stream_reason;
+  uint64_t streamed_bytes = 0;  // restore stream bytes
+  uint64_t mapped_bytes = 0;    // guest RAM mapped instead
 };
+
+// What a promotion of this checkpoint would do (status while standing by).
+struct RestorePlanInfo {
+  std::string mode;       // "mapped" or "streamed"
+  std::string reason;     // why streamed
+  uint64_t mapped_bytes = 0;
+  uint64_t streamed_ram_bytes = 0;
+};
+RestorePlanInfo PlanRestore(const wire::ConfigMsg& config, const PageStore& store, bool map_ram);
 
 class Promoter {
  public:
@@ -66,6 +87,11 @@ class QemuPromoter final : public Promoter {
   StatusOr<RestoredGuest> Restore(const RestoreRequest& req) override;
 
  private:
+  // One QEMU started and fed the checkpoint, mapping main RAM when plan.map.
+  // *exited_at_start (when not null): that QEMU exited before its monitor
+  // came up.
+  StatusOr<RestoredGuest> Attempt(const RestoreRequest& req, const RamMappingPlan& plan, bool* exited_at_start);
+
   ProcessLauncher* const launcher_;
   const QemuPromoterOptions opts_;
 };

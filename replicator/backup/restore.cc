@@ -10,7 +10,7 @@ using qemu::kPageSize;
 
 Status GenerateRestoreStream(const PageStore& store, std::string_view configuration_section,
                              const std::function<Status(std::string_view)>& emit,
-                             RestoreStats* stats) {
+                             RestoreStats* stats, const std::vector<bool>& mapped) {
   if (!store.has_committed())
     return FailedPrecondition("cannot restore from page store " + store.dir() + ": " +
                               store.invalid_reason());
@@ -20,13 +20,22 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
   if (blob.empty() || blob.back() != qemu::kSecEof)
     return FailedPrecondition("restore: the committed device state does not end in EOF");
 
+  const auto& blocks = store.blocks();
+  if (!mapped.empty() && mapped.size() != blocks.size())
+    return InvalidArgument("restore: " + std::to_string(mapped.size()) + " mapping flags for " +
+                           std::to_string(blocks.size()) + " RAM blocks");
+  auto is_mapped = [&mapped](size_t b) { return !mapped.empty() && mapped[b]; };
+  bool any_mapped = false;
+  for (size_t b = 0; b < blocks.size(); ++b) any_mapped = any_mapped || is_mapped(b);
+
   RestoreStats st;
   RestoreProgress* progress = stats ? stats->progress : nullptr;
   st.progress = progress;
   uint64_t ram_before = 0;  // used_length of the blocks already streamed
   if (progress) {
     uint64_t total = 0;
-    for (const auto& b : store.blocks()) total += b.used_length;
+    for (size_t b = 0; b < blocks.size(); ++b)
+      if (!is_mapped(b)) total += blocks[b].used_length;
     progress->ram_done = 0;
     progress->ram_total = total;
   }
@@ -45,11 +54,14 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
     return s;
   };
 
-  const auto& blocks = store.blocks();
   w.Header();
   w.Raw(configuration_section);
   w.RamStart(kRestoreRamSectionId, blocks);
   for (size_t b = 0; b < blocks.size(); ++b) {
+    if (is_mapped(b)) {
+      st.mapped_bytes += blocks[b].used_length;
+      continue;
+    }
     const uint8_t* base = store.BlockData(b);
     const uint64_t len = blocks[b].used_length;
     uint64_t off = 0;
@@ -99,24 +111,25 @@ Status GenerateRestoreStream(const PageStore& store, std::string_view configurat
   RETURN_IF_ERROR(flush(true));
   LOG_INFO("restore") << "restore stream for " << store.dir() << " epoch "
                       << store.committed_epoch() << ": " << st.pages << " pages, "
-                      << st.zero_pages << " zero pages, " << st.bytes << " bytes";
+                      << st.zero_pages << " zero pages, " << st.bytes << " bytes"
+                      << (any_mapped ? ", " + std::to_string(st.mapped_bytes) + " bytes of RAM mapped instead" : "");
   if (stats) *stats = st;
   return OkStatus();
 }
 
 Status WriteRestoreStream(const PageStore& store, std::string_view configuration_section, int fd,
-                          RestoreStats* stats) {
+                          RestoreStats* stats, const std::vector<bool>& mapped) {
   return GenerateRestoreStream(
       store, configuration_section,
       [fd](std::string_view chunk) {
         return WriteFull(fd, chunk.data(), chunk.size()).Annotate("writing restore stream");
       },
-      stats);
+      stats, mapped);
 }
 
 StatusOr<std::string> RestoreStreamToString(const PageStore& store,
                                             std::string_view configuration_section,
-                                            RestoreStats* stats) {
+                                            RestoreStats* stats, const std::vector<bool>& mapped) {
   std::string out;
   RETURN_IF_ERROR(GenerateRestoreStream(
       store, configuration_section,
@@ -124,7 +137,7 @@ StatusOr<std::string> RestoreStreamToString(const PageStore& store,
         out.append(chunk);
         return OkStatus();
       },
-      stats));
+      stats, mapped));
   return out;
 }
 

@@ -8,6 +8,13 @@
 //   the committed device blob as is (FULL sections + footers + EOF 0x00),
 //   06 00000000 (an empty VMDESCRIPTION).
 //
+// Restore by mapping: blocks marked in `mapped` are memory-backend-files
+// (share=off: a private, copy-on-write mapping) on the store's own block
+// files in the restored QEMU, so they already hold the committed image. The
+// stream still lists them in the block list (QEMU checks names and lengths)
+// but carries none of their pages: QEMU's loader leaves a page it is not
+// sent as it is.
+//
 // The stream is produced in bounded chunks (kRestoreChunk), never whole in
 // memory. Holes in the store's sparse files become ZERO records without
 // touching their pages.
@@ -20,6 +27,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 #include "replicator/backup/page_store.h"
@@ -43,24 +51,26 @@ struct RestoreStats {
   uint64_t pages = 0;       // PAGE records
   uint64_t zero_pages = 0;  // ZERO records
   uint64_t bytes = 0;       // stream bytes
+  uint64_t mapped_bytes = 0;  // guest RAM the restored QEMU maps instead
   RestoreProgress* progress = nullptr;  // optional, set by the caller: updated per chunk
 };
 
 // Streams the restore image to fd (a socket to QEMU or a file).
 // FailedPrecondition if the store has no committed image; InvalidArgument if
-// configuration_section is not a CONFIGURATION section (type byte 0x07 first).
+// configuration_section is not a CONFIGURATION section (type byte 0x07 first)
+// or `mapped` is not empty and not one flag per block.
 Status WriteRestoreStream(const PageStore& store, std::string_view configuration_section, int fd,
-                          RestoreStats* stats = nullptr);
+                          RestoreStats* stats = nullptr, const std::vector<bool>& mapped = {});
 
 // Same stream into memory (tests, small guests).
 StatusOr<std::string> RestoreStreamToString(const PageStore& store,
                                             std::string_view configuration_section,
-                                            RestoreStats* stats = nullptr);
+                                            RestoreStats* stats = nullptr, const std::vector<bool>& mapped = {});
 
 // The generator both use: emit is called with chunks of at most about
 // kRestoreChunk bytes, in order.
 Status GenerateRestoreStream(const PageStore& store, std::string_view configuration_section,
                              const std::function<Status(std::string_view)>& emit,
-                             RestoreStats* stats = nullptr);
+                             RestoreStats* stats = nullptr, const std::vector<bool>& mapped = {});
 
 }  // namespace remus

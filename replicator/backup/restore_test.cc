@@ -254,5 +254,66 @@ TEST(Restore, RefusesWithoutCommittedImage) {
   ::close(fds[1]);
 }
 
+// Restore by mapping: pc.ram is the restored QEMU's memory-backend-file, so
+// the stream lists it but carries only the other block's pages.
+TEST(Restore, MappedBlockIsLeftOutOfTheStream) {
+  std::string dir = TempDir();
+  std::vector<RamBlock> blocks = {{"pc.ram", 4 * kPageSize}, {"vga.vram", 2 * kPageSize}};
+  auto c = PageStore::Create(dir, blocks);
+  ASSERT_TRUE(c.ok());
+  PageStore& s = **c;
+  auto p1 = Pattern(1), p2 = Pattern(2);
+  ASSERT_TRUE(s.ApplyPage(0, kPageSize, p1.data()).ok());
+  ASSERT_TRUE(s.ApplyPage(1, kPageSize, p2.data()).ok());
+  ASSERT_TRUE(s.CompleteInitialSync(Blob()).ok());
+  EXPECT_EQ(s.BlockPath(0), dir + "/ram-000-pc.ram.img");
+
+  std::string config = qemu::MakeConfigurationSection("pc-i440fx-7.2");
+  RestoreStats rs;
+  RestoreProgress progress;
+  rs.progress = &progress;
+  auto out = RestoreStreamToString(s, config, &rs, {true, false});
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_EQ(rs.pages, 1u);
+  EXPECT_EQ(rs.zero_pages, 1u);
+  EXPECT_EQ(rs.mapped_bytes, 4 * kPageSize);
+  EXPECT_EQ(progress.ram_total.load(), 2 * kPageSize);  // what is streamed
+  EXPECT_EQ(progress.ram_done.load(), 2 * kPageSize);
+
+  Cursor r{*out};
+  EXPECT_EQ(r.U32(), qemu::kFileMagic);
+  EXPECT_EQ(r.U32(), 3u);
+  EXPECT_EQ(r.Bytes(config.size()), config);
+  EXPECT_EQ(r.U8(), qemu::kSecStart);
+  EXPECT_EQ(r.U32(), kRestoreRamSectionId);
+  EXPECT_EQ(r.Idstr(), "ram");
+  EXPECT_EQ(r.U32(), 0u);
+  EXPECT_EQ(r.U32(), 4u);
+  EXPECT_EQ(r.U64(), (6 * kPageSize) | qemu::kRamFlagMemSize);
+  EXPECT_EQ(r.Idstr(), "pc.ram");
+  EXPECT_EQ(r.U64(), 4 * kPageSize);
+  EXPECT_EQ(r.Idstr(), "vga.vram");
+  EXPECT_EQ(r.U64(), 2 * kPageSize);
+  // Only vga.vram's two pages.
+  uint64_t v = r.U64();
+  EXPECT_EQ(v & ~qemu::kRamFlagMask, 0u);
+  EXPECT_EQ(v & qemu::kRamFlagMask, qemu::kRamFlagZero);
+  EXPECT_EQ(r.Idstr(), "vga.vram");
+  EXPECT_EQ(r.U8(), 0u);
+  v = r.U64();
+  EXPECT_EQ(v & ~qemu::kRamFlagMask, kPageSize);
+  EXPECT_EQ(v & qemu::kRamFlagMask, qemu::kRamFlagPage | qemu::kRamFlagContinue);
+  EXPECT_EQ(r.Bytes(kPageSize), std::string(p2.begin(), p2.end()));
+  EXPECT_EQ(r.U64(), qemu::kRamFlagEos);
+
+  // One flag per block, or none.
+  EXPECT_EQ(RestoreStreamToString(s, config, nullptr, {true}).status().code(), Code::kInvalidArgument);
+  // Nothing mapped: the plain stream, unchanged.
+  auto plain = RestoreStreamToString(s, config, nullptr, {false, false});
+  auto plain2 = RestoreStreamToString(s, config);
+  ASSERT_TRUE(plain.ok() && plain2.ok());
+  EXPECT_EQ(*plain, *plain2);
+}
+
 }  // namespace
 }  // namespace remus

@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "replicator/libvirt/interfaces.h"
 #include "replicator/libvirt/restore.h"
+#include "replicator/qemu/argv_rewrite.h"
 
 namespace remus {
 
@@ -235,6 +236,9 @@ Status PrimaryReplicator::Connect() {
     ASSIGN_OR_RETURN(domain_xml_, libvirt_->MigratableXml());
   } else {
     ASSIGN_OR_RETURN(qemu_argv_, qmp_->QemuArgv());
+    // A guest restored here by mapping runs on this host's page store file;
+    // its backup gets the plain command line.
+    qemu_argv_ = StripMappedRam(qemu_argv_);
   }
   RETURN_IF_ERROR(ResolveNetbuf());
   // libvirt attaches disks with -blockdev: each is named by its <target

@@ -40,11 +40,13 @@ std::string OptValue(const std::string& opts, const std::string& key) {
 
 }  // namespace
 
-std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& argv, const std::string& run_dir,
+std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& argv_in, const std::string& run_dir,
                                                const std::string& qemu_binary,
                                                const std::map<std::string, std::string>& drive_images) {
   std::vector<std::string> out;
-  if (argv.empty()) return out;
+  if (argv_in.empty()) return out;
+  // A guest restored by mapping before: its backend is re-made per restore.
+  const std::vector<std::string> argv = StripMappedRam(argv_in);
   out.push_back(qemu_binary.empty() ? argv[0] : qemu_binary);
   // Chardevs that serve a monitor are dropped with their -mon.
   std::vector<std::string> monitor_chardevs;
@@ -106,6 +108,95 @@ std::vector<std::string> RewriteArgvForRestore(const std::vector<std::string>& a
   out.insert(out.end(), {"-qmp", "unix:" + run_dir + "/" + kRestoredRemusdQmpSocket + ",server=on,wait=off"});
   if (!have_pidfile) out.insert(out.end(), {"-pidfile", run_dir + "/qemu.pid"});
   out.insert(out.end(), {"-incoming", "defer"});
+  return out;
+}
+
+namespace {
+// QEMU's option syntax doubles a comma inside a value.
+std::string EscapeOptValue(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    out.push_back(c);
+    if (c == ',') out.push_back(',');
+  }
+  return out;
+}
+}  // namespace
+
+bool IsDefaultRamId(const std::string& id) {
+  for (const char* d : {"pc.ram", "mach-virt.ram", "s390.ram", "ppc_spapr.ram", "riscv_virt_board.ram"})
+    if (id == d) return true;
+  return false;
+}
+
+RamMappingPlan PlanRamMapping(const std::vector<std::string>& argv, const std::vector<qemu::RamBlock>& blocks) {
+  RamMappingPlan plan;
+  for (size_t i = 1; i < argv.size(); i++) {
+    std::string o = argv[i].rfind("--", 0) == 0 ? argv[i].substr(1) : argv[i];
+    const std::string v = i + 1 < argv.size() ? argv[i + 1] : "";
+    std::string why;
+    if (o == "-mem-path" || o == "-mem-prealloc") why = "the guest's command line uses " + o;
+    else if (o == "-numa") why = "the guest has NUMA nodes (-numa), whose memory has backends of its own";
+    else if (o == "-object" && v.rfind("memory-backend", 0) == 0)
+      why = "the guest's command line defines a memory backend (" + v.substr(0, v.find(',')) + ")";
+    else if ((o == "-machine" || o == "-M") && (v.find("memory-backend=") != std::string::npos))
+      why = "the guest's machine names a memory backend of its own";
+    if (!why.empty()) {
+      plan.reason = why + "; only a default main RAM is mapped";
+      return plan;
+    }
+  }
+  for (size_t b = 0; b < blocks.size(); b++) {
+    if (IsDefaultRamId(blocks[b].id)) {
+      plan.map = true;
+      plan.block = b;
+      plan.id = blocks[b].id;
+      return plan;
+    }
+  }
+  plan.reason = "no RAM block carries a machine's default main RAM id (pc.ram, mach-virt.ram, ...)";
+  return plan;
+}
+
+std::vector<std::string> AddMappedRam(std::vector<std::string> argv, const std::string& id, const std::string& path,
+                                      uint64_t size) {
+  argv.insert(argv.end(), {"-object", "memory-backend-file,id=" + id + ",mem-path=" + EscapeOptValue(path) +
+                                          ",size=" + std::to_string(size) + ",share=off"});
+  argv.insert(argv.end(), {"-machine", "memory-backend=" + id});
+  return argv;
+}
+
+std::vector<std::string> StripMappedRam(const std::vector<std::string>& argv) {
+  // Which backend ids AddMappedRam made: the id is a default RAM id and the
+  // file a page store's block file.
+  std::vector<std::string> ours;
+  for (size_t i = 1; i + 1 < argv.size(); i++) {
+    if (argv[i] != "-object" || argv[i + 1].rfind("memory-backend-file,", 0) != 0) continue;
+    const std::string& v = argv[i + 1];
+    std::string id = OptValue(v, "id"), path = OptValue(v, "mem-path");
+    std::string base = path.substr(path.rfind('/') + 1);
+    if (IsDefaultRamId(id) && base.rfind("ram-", 0) == 0 && base.size() > 8 &&
+        base.compare(base.size() - 4, 4, ".img") == 0 && v.find(",share=off") != std::string::npos)
+      ours.push_back(id);
+  }
+  if (ours.empty()) return argv;
+  auto is_ours = [&](const std::string& id) { return std::find(ours.begin(), ours.end(), id) != ours.end(); };
+  std::vector<std::string> out;
+  for (size_t i = 0; i < argv.size(); i++) {
+    if (i > 0 && i + 1 < argv.size()) {
+      const std::string& v = argv[i + 1];
+      if (argv[i] == "-object" && v.rfind("memory-backend-file,", 0) == 0 && is_ours(OptValue(v, "id"))) {
+        i++;
+        continue;
+      }
+      if (argv[i] == "-machine" && v.rfind("memory-backend=", 0) == 0 && v.find(',') == std::string::npos &&
+          is_ours(v.substr(15))) {
+        i++;
+        continue;
+      }
+    }
+    out.push_back(argv[i]);
+  }
   return out;
 }
 

@@ -506,6 +506,15 @@ int main(int argc, char** argv) {
                                                           : "no monitor reported";
     std::printf("%s: running here (%s) after %lld ms\n", domain.c_str(), where.c_str(),
                 static_cast<long long>(d["promotion"].value("failover_ms", int64_t{-1})));
+    const json rb = d["promotion"].value("restored_by", json::object());
+    if (rb.value("mode", "") == "mapped")
+      std::printf("%s: main RAM mapped from the page store (%.0f MiB); %.1f MiB streamed\n", domain.c_str(),
+                  static_cast<double>(rb.value("mapped_bytes", uint64_t{0})) / 1048576.0,
+                  static_cast<double>(rb.value("stream_bytes", uint64_t{0})) / 1048576.0);
+    else if (rb.value("mode", "") == "streamed")
+      std::printf("%s: checkpoint streamed (%.1f MiB): %s\n", domain.c_str(),
+                  static_cast<double>(rb.value("stream_bytes", uint64_t{0})) / 1048576.0,
+                  rb.value("reason", "").c_str());
     return 0;
   }
   if (*switchover) {
