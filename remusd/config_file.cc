@@ -69,6 +69,11 @@ void AddRemusdFlags(CLI::App* app, RemusdFlags* f) {
                   "allow it) or stream (every page through QEMU's migration stream)")
       ->capture_default_str()
       ->check(CLI::IsMember({"map", "stream"}));
+  app->add_option("--hot-headroom-mib", o.hot_headroom_mib,
+                  "backup: a domain protected with --residency hot is admitted only while MemAvailable covers its "
+                  "guest RAM plus this many MiB")
+      ->capture_default_str()
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30));
   app->add_option("--ack-delay-ms", o.ack_delay_ms, "backup: hold each ACK this long (tests and benchmarks)")
       ->check(CLI::Range(0, 60000));
   app->add_option("--fault", o.fault, "test-only fault injection, e.g. stall-after-reply@60");

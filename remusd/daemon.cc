@@ -153,6 +153,7 @@ Status Daemon::Start() {
     bo.heartbeat = opts_.heartbeat;
     bo.ack_delay_ms = opts_.ack_delay_ms;
     bo.restore_by_mapping = opts_.restore != "stream";
+    bo.hot_headroom_bytes = opts_.hot_headroom_mib << 20;
     bo.qemu_binary = opts_.qemu_binary;
     bo.peer_policy = opts_.peer_policy;
     bo.auto_promote = opts_.auto_promote;
@@ -461,6 +462,10 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   if (compress != "none" && compress != "lz4")
     return InvalidArgument("domain " + d + ": unknown --compress '" + compress.substr(0, 64) + "'; expected lz4 or none");
   po.compress = compress == "lz4";
+  ASSIGN_OR_RETURN(po.residency, req.String("residency", "hot"));
+  if (po.residency != "hot" && po.residency != "paged")
+    return InvalidArgument("domain " + d + ": unknown --residency '" + po.residency.substr(0, 64) +
+                           "'; expected hot or paged");
   ASSIGN_OR_RETURN(po.disks, req.String("disks", "all"));
   if (po.disks.empty() || po.disks.find_first_not_of(
                               "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") != std::string::npos)
@@ -637,6 +642,7 @@ void Daemon::MaybeReprotect(const std::string& d, const json& detail) {
               {"compress", detail.value("compress", false) ? "lz4" : "none"}};
   if (std::string nb = detail.value("netbuf", std::string()); !nb.empty()) req["netbuf"] = nb;
   if (std::string dk = detail.value("disks", std::string()); !dk.empty()) req["disks"] = dk;
+  if (std::string rs = detail.value("residency", std::string()); !rs.empty()) req["residency"] = rs;
   reprotector_->Request({d, to, std::move(req)});
 }
 

@@ -43,6 +43,8 @@ struct DaemonOptions {
   // Backup: how a promotion restores the guest: "map" (main RAM mapped from
   // the page store where the command line allows it) or "stream".
   std::string restore = "map";
+  // Backup: memory kept free beyond a hot domain's RAM when admitting it.
+  uint64_t hot_headroom_mib = 512;
   std::string qemu_binary;
   // Backup: what a primary's CONFIG may make this host run beyond the
   // built-in allow-lists (replicator/backup/peer_policy.h).

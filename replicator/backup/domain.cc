@@ -82,7 +82,8 @@ bool BackupDomain::Transition(DomainEvent e) {
                     {"interval_ms", config_.interval_ms},
                     {"netbuf", config_.netbuf},
                     {"compress", config_.compress},
-                    {"disks", config_.disks_option}});
+                    {"disks", config_.disks_option},
+                    {"residency", config_.residency}});
   return true;
 }
 
@@ -138,6 +139,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   {
     MutexLock l(mu_);
     syncing_.reset();  // an initial copy cut short is of no use
+    syncing_pin_.reset();
     syncing_disks_.reset();
     bytes_received_done_ += link->bytes_received();
     link_ = nullptr;
@@ -176,7 +178,8 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
                   {"interval_ms", m.interval_ms > 0 ? m.interval_ms : config_.interval_ms},
                   {"netbuf", m.netbuf.empty() ? config_.netbuf : m.netbuf},
                   {"compress", config_.compress},
-                  {"disks", config_.disks_option}};
+                  {"disks", config_.disks_option},
+                  {"residency", config_.residency}};
       }
       if (opts_.on_switched_over) {
         LOG_INFO(tag_) << "switchover done; protecting the guest back to " << detail["reprotect_to"].get<std::string>();
@@ -307,6 +310,16 @@ Status BackupDomain::AcceptConfig(wire::ConfigMsg c) {
                           " began, and its initial copy has not committed yet");
 }
 
+namespace {
+bool WantsHot(const wire::ConfigMsg& c) { return c.residency != "paged"; }
+
+std::vector<std::string> StoreFiles(const PageStore& s) {
+  std::vector<std::string> files;
+  for (size_t i = 0; i < s.blocks().size(); i++) files.push_back(s.BlockPath(i));
+  return files;
+}
+}  // namespace
+
 StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginMsg& b) {
   wire::ConfigMsg config;
   std::string store_dir;
@@ -318,7 +331,24 @@ StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginM
     store_dir = dir_ + "/store-" + std::to_string(seq);
     config = session_config_;
   }
+  // Residency "hot": admitted only if this host can keep the whole guest RAM
+  // resident, and refused before the initial copy sends a page.
+  const bool hot = WantsHot(config);
+  if (hot) {
+    ASSIGN_OR_RETURN(MemInfo mi, ReadMemInfo(opts_.meminfo_path));
+    if (Status a = CheckHotAdmission(b.total_bytes, 0, mi, opts_.hot_headroom_bytes); !a.ok())
+      return Status(a.code(), "domain " + name_ + ": " + a.message());
+  }
   ASSIGN_OR_RETURN(auto store, PageStore::Create(store_dir, b.blocks));
+  std::unique_ptr<ResidencyPin> pin;
+  if (hot) {
+    TimePoint t0 = clock_.Now();
+    auto p = ResidencyPin::Pin(StoreFiles(*store));
+    if (!p.ok()) return Status(p.status().code(), "domain " + name_ + ": " + p.status().message());
+    pin = std::move(p).value();
+    LOG_INFO(tag_) << "residency hot: " << pin->locked_bytes() << " bytes of page store locked in memory in "
+                   << static_cast<int64_t>(ToMillis(clock_.Now() - t0)) << " ms";
+  }
   RETURN_IF_ERROR(WriteFileAtomic(store->dir() + "/configuration.bin", b.configuration));
   // The CONFIG belongs with the store it describes: it becomes the restorable
   // one only when this store does.
@@ -334,6 +364,7 @@ StatusOr<SessionHost::SyncTarget> BackupDomain::BeginSync(const wire::SyncBeginM
   MutexLock g(mu_);
   configuration_section_ = b.configuration;
   syncing_ = std::move(store);
+  syncing_pin_ = std::move(pin);
   syncing_disks_ = disks;
   Transition(DomainEvent::kSyncBegin);
   return SyncTarget{syncing_.get(), std::move(disks), base_.get()};
@@ -351,6 +382,12 @@ Status BackupDomain::CommitInitial(std::string_view blob, uint64_t page_count) {
   ::unlink((dir_ + "/promoted.json").c_str());  // a new session replaces an old promotion
   ::unlink((dir_ + "/promoting.json").c_str());
   committed_ = std::move(syncing_);
+  pin_ = std::move(syncing_pin_);
+  if (pin_) {
+    // Pages the copy wrote are locked too (cheap when all are resident).
+    Status r = pin_->Refresh();
+    if (!r.ok()) LOG_WARN(tag_) << "residency hot: " << r.ToString();
+  }
   committed_configuration_ = configuration_section_;
   config_ = session_config_;
   committed_disks_ = std::move(syncing_disks_);
@@ -414,6 +451,7 @@ Status BackupDomain::RetireCheckpoint(const std::string& why) {
     }
   }
   committed_.reset();
+  pin_.reset();  // a resync base need not be resident
   committed_configuration_.clear();
   config_ = wire::ConfigMsg();
   stats_.last_committed = -1;
@@ -837,7 +875,14 @@ Status BackupDomain::Recover() {
       LOG_WARN(tag_) << "ignoring " << kSwitchoverFile << " (\"" << t->substr(0, 64)
                      << "\"): it does not name the kept checkpoint";
   }
+  std::unique_ptr<ResidencyPin> pin;
+  if (WantsHot(k->config)) {
+    auto p = ResidencyPin::Pin(StoreFiles(store));
+    if (p.ok()) pin = std::move(p).value();
+    else LOG_WARN(tag_) << "residency hot: cannot lock the kept checkpoint in memory: " << p.status().ToString();
+  }
   MutexLock g(mu_);
+  pin_ = std::move(pin);
   config_ = std::move(k->config);
   committed_configuration_ = std::move(k->configuration);
   stats_.last_committed = static_cast<int64_t>(store.committed_epoch());
@@ -947,6 +992,26 @@ json BackupDomain::StatusJson() const {
                          {"mapped_bytes", plan.mapped_bytes},
                          {"streamed_ram_bytes", plan.streamed_ram_bytes}};
     if (!plan.reason.empty()) j["restore_plan"]["reason"] = plan.reason;
+  }
+  if (const PageStore* store = committed_ ? committed_.get() : syncing_.get()) {
+    // How much of the guest's memory a failover would find in RAM here.
+    const bool hot = WantsHot(committed_ ? config_ : session_config_);
+    const ResidencyPin* pin = committed_ ? pin_.get() : syncing_pin_.get();
+    json r = {{"policy", hot ? "hot" : "paged"}, {"locked_bytes", pin ? pin->locked_bytes() : 0}};
+    auto m = MeasureResidency(StoreFiles(*store));
+    if (m.ok()) {
+      double pct = m->total_bytes ? 100.0 * static_cast<double>(m->resident_bytes) / static_cast<double>(m->total_bytes)
+                                  : 100.0;
+      r["resident_bytes"] = m->resident_bytes;
+      r["total_bytes"] = m->total_bytes;
+      r["resident_percent"] = pct;
+      if (hot && m->resident_bytes < m->total_bytes)
+        r["warning"] = "residency hot, but only " + std::to_string(static_cast<int>(pct)) +
+                       "% of the page store is in memory: a failover now would read the rest from disk";
+    } else {
+      r["error"] = m.status().message();
+    }
+    j["residency"] = std::move(r);
   }
   j["session"] = generation_;
   j["ack_delay_ms"] = opts_.ack_delay_ms;

@@ -59,6 +59,7 @@
 #include "heartbeat/promotion.h"
 #include "replicator/backup/domain_state.h"
 #include "replicator/backup/page_store.h"
+#include "replicator/backup/residency.h"
 #include "replicator/backup/session.h"
 #include "replicator/backup/restore.h"
 #include "replicator/link/messages.h"
@@ -109,6 +110,11 @@ struct BackupOptions {
   // store's own file. False (remusd --restore stream): every page is
   // streamed, as before issue 16.
   bool restore_by_mapping = true;
+  // A hot domain (residency.h) is admitted only while MemAvailable covers its
+  // guest RAM plus this much.
+  uint64_t hot_headroom_bytes = 512ull << 20;
+  // Where admission reads the host's memory (tests inject).
+  std::string meminfo_path = "/proc/meminfo";
   // Told every state change of a domain (remusd's history), with what the
   // sentence needs: {"primary","epoch","token","error"}. Called with the
   // domain's lock held: it must not call back into the backup.
@@ -263,6 +269,10 @@ class BackupDomain final : private SessionHost {
   std::string committed_configuration_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> committed_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> syncing_ GUARDED_BY(mu_);                // the live session's, until COMMIT 0
+  // Residency "hot": the committed store's (and the syncing store's) files
+  // locked in memory (residency.h). Null for "paged".
+  std::unique_ptr<ResidencyPin> pin_ GUARDED_BY(mu_);
+  std::unique_ptr<ResidencyPin> syncing_pin_ GUARDED_BY(mu_);
   std::unique_ptr<PageStore> base_ GUARDED_BY(mu_);  // the delta resync's base (`base`), never restorable
   std::shared_ptr<DiskReplicaSet> syncing_disks_ GUARDED_BY(mu_);  // its disks, likewise
   int session_seq_ GUARDED_BY(mu_) = 0;

@@ -526,6 +526,55 @@ TEST_F(DomainTest, MappingRefusedAtStartFallsBackToStreaming) {
   EXPECT_EQ(st["qemu"]["pid"], 900001);
 }
 
+// Residency hot (the default): the store is locked in memory from
+// SYNC_BEGIN on, and status shows it; paged locks nothing.
+TEST_F(DomainTest, HotStoreIsLockedAndPagedIsNot) {
+  wire::Link& l = ProtectedAt1();
+  json r = Status()["residency"];
+  EXPECT_EQ(r["policy"], "hot") << r.dump();
+  EXPECT_EQ(r["locked_bytes"], 4 * 4096);
+  EXPECT_EQ(r["resident_bytes"], 4 * 4096);
+  EXPECT_EQ(r["resident_percent"], 100.0);
+  EXPECT_FALSE(r.contains("warning")) << r.dump();
+  l.Shutdown();
+  EndAll();
+  NewDomain();
+  wire::Link& l2 = Connect();
+  json config = Config();
+  config["residency"] = "paged";
+  testing::InitialSync(l2, config);
+  r = Status()["residency"];
+  EXPECT_EQ(r["policy"], "paged") << r.dump();
+  EXPECT_EQ(r["locked_bytes"], 0);
+}
+
+// A hot domain the backup lacks the memory for is refused at SYNC_BEGIN,
+// before any page arrives, with the fix in the message; paged is admitted.
+TEST_F(DomainTest, HotDomainWithoutTheMemoryIsRefusedBeforeTheCopy) {
+  std::string mi = opts_.state_dir + "/meminfo";
+  ASSERT_TRUE(WriteFileAtomic(mi, "MemTotal:  1048576 kB\nMemFree: 1000 kB\nMemAvailable:  1000 kB\n").ok());
+  opts_.meminfo_path = mi;
+  NewDomain();
+  wire::Link& l = Connect();
+  testing::SendInitialSync(l, Config());
+  auto f = testing::NextNonHeartbeat(l);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  ASSERT_EQ(f->type, MsgType::kError);
+  remus::Status e = wire::DecodeError(f->payload);
+  EXPECT_EQ(e.code(), Code::kResourceExhausted) << e.ToString();
+  EXPECT_NE(e.message().find("domain vm1"), std::string::npos) << e.message();
+  EXPECT_NE(e.message().find("--residency paged"), std::string::npos) << e.message();
+  EXPECT_FALSE(std::filesystem::exists(dir() + "/store-1")) << "a store was made for a refused domain";
+  l.Shutdown();
+  EndAll();
+  NewDomain();
+  wire::Link& l2 = Connect();
+  json config = Config();
+  config["residency"] = "paged";
+  testing::InitialSync(l2, config);
+  EXPECT_EQ(Status()["residency"]["policy"], "paged");
+}
+
 // Defect 7: the promotion is on disk before QEMU starts.
 TEST_F(DomainTest, PromotingRecordIsDurableBeforeQemuStarts) {
   opts_.auto_promote = false;

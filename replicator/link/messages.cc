@@ -152,6 +152,7 @@ std::string EncodeConfig(const ConfigMsg& m) {
   if (m.compress) j["compress"] = true;
   if (!m.disks_option.empty()) j["disks_option"] = m.disks_option;
   if (m.delta_resync) j["delta_resync"] = true;
+  if (!m.residency.empty()) j["residency"] = m.residency;
   return Dump(j);
 }
 
@@ -191,6 +192,9 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
     if (!d->is_boolean()) return w.Error("delta_resync", "is not a boolean");
     m.delta_resync = d->get<bool>();
   }
+  RETURN_IF_ERROR(GetString(j, w, "residency", &m.residency));
+  if (!m.residency.empty() && m.residency != "hot" && m.residency != "paged")
+    return w.Error("residency", "is not \"hot\" or \"paged\"");
 
   if (const json* lv = Find(j, "libvirt")) {
     const Where lw{w.msg, "libvirt."};

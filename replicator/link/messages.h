@@ -102,6 +102,10 @@ struct ConfigMsg {
   std::string disks_option;  // <= 1024 of [A-Za-z0-9_.,-]
   // The primary takes a RESYNC_OFFER: the backup answers CONFIG with one.
   bool delta_resync = false;
+  // How the backup keeps this domain's page store (residency.h): "hot"
+  // (locked in memory; the backup admits it only if it has the memory) or
+  // "paged". Empty from older primaries: hot.
+  std::string residency;
   bool operator==(const ConfigMsg&) const = default;
 };
 std::string EncodeConfig(const ConfigMsg& m);

@@ -183,16 +183,18 @@ TEST(Messages, ConfigReprotection) {
   m.netbuf = "nfqueue";
   m.compress = true;
   m.disks_option = "vda,vdb";
+  m.residency = "paged";
   auto back = DecodeConfig(EncodeConfig(m));
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(*back, m);
   // An older primary's CONFIG: no policy.
   back = DecodeConfig(R"({"argv":["qemu"]})");
   ASSERT_TRUE(back.ok());
-  EXPECT_TRUE(back->reprotect_to.empty() && back->netbuf.empty() && !back->compress && back->disks_option.empty());
+  EXPECT_TRUE(back->reprotect_to.empty() && back->netbuf.empty() && !back->compress && back->disks_option.empty() &&
+              back->residency.empty());
   for (const char* bad : {R"({"argv":["q"],"reprotect_to":"host:99999"})", R"({"argv":["q"],"reprotect_to":7})",
                           R"({"argv":["q"],"netbuf":"tc"})", R"({"argv":["q"],"compress":"yes"})",
-                          R"({"argv":["q"],"disks_option":"a b"})"}) {
+                          R"({"argv":["q"],"disks_option":"a b"})", R"({"argv":["q"],"residency":"warm"})"}) {
     auto r = DecodeConfig(bad);
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
   }

@@ -307,6 +307,7 @@ Status PrimaryReplicator::Connect() {
   // The backup restores a libvirt domain through its own libvirt, from this XML.
   if (libvirt_) config.libvirt = wire::LibvirtConfig{domain_xml_, d, opts_.libvirt_uri};
   config.delta_resync = opts_.delta_resync;
+  config.residency = opts_.residency;
   RETURN_IF_ERROR(link_->Send(MsgType::kConfig, 0, wire::EncodeConfig(config)).Annotate("domain " + d + ": sending configuration"));
   std::unique_ptr<wire::DeltaFilter> delta;
   std::string resync_note = "full copy: delta resync is off on this primary";

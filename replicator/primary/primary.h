@@ -89,6 +89,9 @@ struct PrimaryOptions {
   // Disks to mirror: "all" writable -drive disks, "none", or drive ids "a,b".
   std::string disks = "all";
   bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
+  // How the backup keeps the page store: "hot" (locked in memory) or "paged"
+  // (sent in CONFIG; replicator/backup/residency.h).
+  std::string residency = "hot";
   // Delta resync: ask the backup for the image it holds of this domain and
   // send only the pages it lacks (docs/formats/replication-link.md).
   bool delta_resync = true;

@@ -345,6 +345,7 @@ int main(int argc, char** argv) {
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
   std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out, reprotect_to;
+  std::string residency = "hot";
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600;
   uint32_t queue_len = 65536;
@@ -373,6 +374,11 @@ int main(int argc, char** argv) {
                       "--listen address), HOST:PORT, or none (default: remusd's --reprotect-to)");
   protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
       ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
+  protect->add_option("--residency", residency,
+                      "how the backup keeps the guest's memory: hot (locked in its RAM, so a failover starts with "
+                      "the guest's memory resident; refused when the backup lacks the memory) or paged (the kernel "
+                      "may page it out: for many guests on one backup)")
+      ->capture_default_str()->check(CLI::IsMember({"hot", "paged"}));
   protect->add_option("--disks", disks,
                       "disks to mirror to the backup: all (every writable -drive; with --connect every "
                       "writable <disk>), none (shared storage), or drive ids a,b (with --connect: targets "
@@ -450,7 +456,7 @@ int main(int argc, char** argv) {
     json req = {{"command", "protect"}, {"domain", domain}, {"qmp", qmp}, {"backup", backup},
                 {"interval_ms", interval}, {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
                 {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress},
-                {"disks", disks}};
+                {"disks", disks}, {"residency", residency}};
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     if (!connect.empty()) req["libvirt_uri"] = connect;
     if (!reprotect_to.empty()) req["reprotect_to"] = reprotect_to;
