@@ -86,10 +86,11 @@ def test_no_auto_promote_when_primary_qemu_dies(world, request):
 def test_manual_failover_shows_progress(world, request):
     """remusctl failover reports the promotion's phase and how much guest
     memory has been streamed into the new QEMU while it runs (plain lines when
-    stdout is not a terminal). A 1 GiB guest takes long enough to restore here
-    for the 150 ms polls to see it."""
-    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=5,
-                         guest_kw={"mem_mb": 1024, "wss_mib": 640, "dirty": 20000})
+    stdout is not a terminal). A 1 GiB guest streamed (--restore stream) takes
+    long enough to restore here for the 150 ms polls to see it."""
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False, "extra": ["--restore", "stream"]},
+                         wait_epochs=5, guest_kw={"mem_mb": 1024, "wss_mib": 640, "dirty": 20000})
+    assert pr.bstatus()["restore_plan"]["mode"] == "streamed", pr.bstatus()
     c0 = pr.acked_reference()
     p_kill = pr.guest.counter()
     pr.primary.kill()
@@ -104,6 +105,35 @@ def test_manual_failover_shows_progress(world, request):
     for l in lines:
         done, total = (int(x) for x in re.search(r"(\d+) of (\d+) MiB", l).groups())
         assert 1024 <= total < 1200 and 0 <= done <= total, l
+    assert "checkpoint streamed" in out and "--restore stream" in out, out
     m = check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=10)
     assert pr.backup.status()["promotion"].get("phase") is None, "a finished promotion still reports a phase"
     record(request, failover_ms=m["failover_ms"], progress_lines=lines, output=out)
+
+
+def test_failover_maps_main_ram_from_the_hot_store(world, request):
+    """The default: the backup keeps the store locked in memory (residency
+    hot) and a failover maps the guest's main RAM from it (restore by
+    mapping). Only device state and the small RAM blocks are streamed; the
+    store still holds the committed checkpoint afterwards (check_promoted
+    reads the committed counter from it), and the guest runs on."""
+    pr = setup_protected(world, interval_ms=100, backup_kw={"auto_promote": False}, wait_epochs=5,
+                         guest_kw={"mem_mb": 1024, "wss_mib": 640, "dirty": 20000})
+    b = pr.bstatus()
+    res = b["residency"]
+    assert res["policy"] == "hot" and res["resident_percent"] == 100.0, res
+    assert res["locked_bytes"] == res["total_bytes"] >= 1024 << 20, res
+    plan = b["restore_plan"]
+    assert plan["mode"] == "mapped" and plan["mapped_bytes"] == 1024 << 20, plan
+    c0 = pr.acked_reference()
+    p_kill = pr.guest.counter()
+    pr.primary.kill()
+    world.wait_status(pr.backup, lambda s: s["state"] == "primary-lost", 15, "the backup to notice the loss")
+    out = _manual_failover(world, pr.backup)
+    assert "main RAM mapped from the page store (1024 MiB)" in out, out
+    m = check_promoted(world, pr.backup, c0, p_kill, window_s=5, timeout=10)
+    rb = pr.backup.status()["promotion"]["restored_by"]
+    assert rb["mode"] == "mapped" and rb["mapped_bytes"] == 1024 << 20, rb
+    # Device state plus firmware and video RAM: far below the guest's size.
+    assert rb["stream_bytes"] < 64 << 20, rb
+    record(request, failover_ms=m["failover_ms"], stream_bytes=rb["stream_bytes"], output=out)
