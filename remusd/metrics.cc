@@ -184,6 +184,16 @@ void AddDomain(Families& f, const json& d) {
                 Field(hist, "apply_seconds"));
     f.Gauge("remus_promotion_token", "Fencing token of this backup's promotion (0: none, or no arbiter)", l,
             Num(Field(d, "promotion"), "token"));
+    if (d.contains("residency")) {
+      const json& r = Field(d, "residency");
+      const json& res = Field(d, "resources");
+      f.Gauge("remus_store_bytes", "Guest RAM held in this domain's page store", l, Num(r, "total_bytes"));
+      f.Gauge("remus_store_resident_bytes", "Bytes of the page store in the page cache", l, Num(r, "resident_bytes"));
+      f.Gauge("remus_store_locked_bytes", "Bytes of the page store locked in memory (residency hot)", l,
+              Num(r, "locked_bytes"));
+      f.Gauge("remus_store_allocated_bytes", "Disk blocks the page store's files take", l,
+              Num(Field(res, "disk"), "store_allocated_bytes"));
+    }
   }
 }
 

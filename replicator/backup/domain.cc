@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -1012,6 +1013,19 @@ json BackupDomain::StatusJson() const {
       r["error"] = m.status().message();
     }
     j["residency"] = std::move(r);
+    // What this domain takes from the backup (N-to-1: each is bounded by the
+    // guest's size and max_staged_bytes, and one session's threads).
+    uint64_t allocated = 0;
+    for (const auto& f : StoreFiles(*store)) {
+      struct stat sb;
+      if (::stat(f.c_str(), &sb) == 0) allocated += static_cast<uint64_t>(sb.st_blocks) * 512;
+    }
+    const bool live = session_running_;
+    j["resources"] = {
+        {"memory", {{"locked_bytes", pin ? pin->locked_bytes() : 0}, {"staged_limit_bytes", opts_.max_staged_bytes}}},
+        {"disk", {{"store_bytes", store->total_bytes()}, {"store_allocated_bytes", allocated}}},
+        // Per session: one receives and applies, one acks, one sends heartbeats.
+        {"threads", {{"session", live ? 3 : 0}, {"apply", live ? 1 : 0}}}};
   }
   j["session"] = generation_;
   j["ack_delay_ms"] = opts_.ack_delay_ms;

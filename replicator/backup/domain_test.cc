@@ -536,6 +536,12 @@ TEST_F(DomainTest, HotStoreIsLockedAndPagedIsNot) {
   EXPECT_EQ(r["resident_bytes"], 4 * 4096);
   EXPECT_EQ(r["resident_percent"], 100.0);
   EXPECT_FALSE(r.contains("warning")) << r.dump();
+  json res = Status()["resources"];
+  EXPECT_EQ(res["memory"]["locked_bytes"], 4 * 4096) << res.dump();
+  EXPECT_EQ(res["disk"]["store_bytes"], 4 * 4096);
+  EXPECT_GE(res["disk"]["store_allocated_bytes"].get<uint64_t>(), 4096u);
+  EXPECT_EQ(res["threads"]["apply"], 1);
+  EXPECT_EQ(res["threads"]["session"], 3);
   l.Shutdown();
   EndAll();
   NewDomain();
