@@ -71,6 +71,15 @@ class DomainTest : public ::testing::Test {
   }
 
   json Status() { return domain_->StatusJson(); }
+  // A restarted domain protected with residency paged; returns its status's residency.
+  json ProtectPagedOnANewDomain() {
+    EndAll();
+    NewDomain();
+    json config = Config();
+    config["residency"] = "paged";
+    testing::InitialSync(Connect(), config);
+    return Status()["residency"];
+  }
   // The primary's CONFIG, with the heartbeat timeout the waits below assume.
   static json Config(const std::string& argv0 = "qemu-system-x86_64") { return testing::TestConfig(argv0, 400); }
   std::string dir() { return opts_.state_dir + "/domains/vm1"; }
@@ -543,13 +552,7 @@ TEST_F(DomainTest, HotStoreIsLockedAndPagedIsNot) {
   EXPECT_EQ(res["threads"]["apply"], 1);
   EXPECT_EQ(res["threads"]["session"], 3);
   l.Shutdown();
-  EndAll();
-  NewDomain();
-  wire::Link& l2 = Connect();
-  json config = Config();
-  config["residency"] = "paged";
-  testing::InitialSync(l2, config);
-  r = Status()["residency"];
+  r = ProtectPagedOnANewDomain();
   EXPECT_EQ(r["policy"], "paged") << r.dump();
   EXPECT_EQ(r["locked_bytes"], 0);
 }
@@ -572,13 +575,7 @@ TEST_F(DomainTest, HotDomainWithoutTheMemoryIsRefusedBeforeTheCopy) {
   EXPECT_NE(e.message().find("--residency paged"), std::string::npos) << e.message();
   EXPECT_FALSE(std::filesystem::exists(dir() + "/store-1")) << "a store was made for a refused domain";
   l.Shutdown();
-  EndAll();
-  NewDomain();
-  wire::Link& l2 = Connect();
-  json config = Config();
-  config["residency"] = "paged";
-  testing::InitialSync(l2, config);
-  EXPECT_EQ(Status()["residency"]["policy"], "paged");
+  EXPECT_EQ(ProtectPagedOnANewDomain()["policy"], "paged");
 }
 
 // Defect 7: the promotion is on disk before QEMU starts.
