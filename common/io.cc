@@ -9,11 +9,13 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <utility>
 
@@ -56,6 +58,35 @@ Status WriteFull(int fd, const void* buf, size_t n) {
   return OkStatus();
 }
 
+namespace {
+// Drops the first n bytes of the iovec array (what one write call took).
+void AdvanceIov(struct iovec*& iov, int& iovcnt, size_t n) {
+  while (iovcnt > 0 && n >= iov->iov_len) {
+    n -= iov->iov_len;
+    iov++;
+    iovcnt--;
+  }
+  if (iovcnt > 0) {
+    iov->iov_base = static_cast<char*>(iov->iov_base) + n;
+    iov->iov_len -= n;
+  }
+}
+}  // namespace
+
+Status PwriteVecFull(int fd, struct iovec* iov, int iovcnt, uint64_t off) {
+  while (iovcnt > 0) {
+    ssize_t r = ::pwritev(fd, iov, std::min(iovcnt, IOV_MAX), static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("write", errno);
+    }
+    if (r == 0) return ErrnoStatus("write", EIO);  // cannot happen for a non-empty iov
+    off += static_cast<uint64_t>(r);
+    AdvanceIov(iov, iovcnt, static_cast<size_t>(r));
+  }
+  return OkStatus();
+}
+
 Status WriteVecFull(int fd, struct iovec* iov, int iovcnt) {
   while (iovcnt > 0) {
     struct msghdr mh {};
@@ -67,16 +98,7 @@ Status WriteVecFull(int fd, struct iovec* iov, int iovcnt) {
       if (errno == EINTR) continue;
       return ErrnoStatus("write", errno);
     }
-    auto left = static_cast<size_t>(r);
-    while (iovcnt > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      iov++;
-      iovcnt--;
-    }
-    if (iovcnt > 0) {
-      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
+    AdvanceIov(iov, iovcnt, static_cast<size_t>(r));
   }
   return OkStatus();
 }

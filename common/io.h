@@ -46,6 +46,8 @@ Status ReadFull(int fd, void* buf, size_t n);
 Status WriteFull(int fd, const void* buf, size_t n);
 // Writes all iovecs (modifies the array).
 Status WriteVecFull(int fd, struct iovec* iov, int iovcnt);
+// pwritev(2) until all of iov is written at offset off (iov is consumed).
+Status PwriteVecFull(int fd, struct iovec* iov, int iovcnt, uint64_t off);
 
 struct HostPort {
   std::string host;

@@ -7,7 +7,9 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <set>
 
@@ -29,13 +31,25 @@ constexpr char kMeta[] = "meta.json";
 //   0 8 bytes magic "RMPSREDO", 8 u32 version, 12 u32 batch count n,
 //   16 u64 epoch, 24 u64 device blob length, 32 u32 device blob crc32c,
 //   36 u32 reserved (0), 40 n x u64 batch length, then the batches back to
-//   back, then u32 crc32c of everything before it.
+//   back, then u32 crc32c of everything before it. The record starts at
+//   offset 0 of the file; bytes after it (an older, longer record) are stale.
 constexpr char kRedoMagic[8] = {'R', 'M', 'P', 'S', 'R', 'E', 'D', 'O'};
 constexpr uint32_t kRedoVersion = 1;
 constexpr size_t kRedoFixedHeader = 40;
 constexpr size_t kRedoTrailer = 4;
 // More batches than any checkpoint has (a batch is up to a few MiB).
 constexpr uint64_t kRedoMaxBatches = 1u << 24;
+// The one record file of a store, overwritten in place by every Commit.
+constexpr char kRedoFile[] = "redo.log";
+// It grows (fallocate) in steps of this, to the size of the largest record.
+constexpr uint64_t kRedoGrowStep = 4u << 20;
+// After this many commits in a row whose records each used at most a quarter
+// of the file, the next one shrinks it to twice the largest of them.
+constexpr uint64_t kRedoShrinkAfter = 1000;
+// The CRC is computed over this much just before it is written (cache-warm).
+constexpr uint64_t kRedoWriteChunk = 4u << 20;
+
+uint64_t RoundUp(uint64_t n, uint64_t step) { return (n + step - 1) / step * step; }
 
 std::string EpochFile(const char* prefix, uint64_t epoch, const char* suffix) {
   return prefix + std::to_string(epoch) + suffix;
@@ -52,14 +66,16 @@ std::string Hex32(uint32_t v) {
 }
 
 struct RedoRecord {
+  uint64_t length = 0;  // bytes from offset 0 to the end of the trailer
   uint64_t epoch = 0;
   uint64_t blob_length = 0;
   uint32_t blob_crc = 0;
   std::vector<std::string_view> batches;  // into the mapped file
 };
 
-// Checks a redo record's framing and CRC. Messages name the problem only (the
-// caller adds the file).
+// Checks a redo record's framing and CRC; n is the file's size, the record
+// may be shorter (the bytes after it are ignored). Messages name the problem
+// only (the caller adds the file).
 StatusOr<RedoRecord> ParseRedo(const uint8_t* p, size_t n, uint64_t want_epoch) {
   const size_t min = kRedoFixedHeader + kRedoTrailer;
   if (n < min)
@@ -86,14 +102,13 @@ StatusOr<RedoRecord> ParseRedo(const uint8_t* p, size_t n, uint64_t want_epoch) 
   if (n < want)
     return DataLoss("short: " + std::to_string(n) + " bytes of the " + std::to_string(want) +
                     " its header describes (truncated)");
-  if (n > want)
-    return DataLoss(std::to_string(n) + " bytes, " + std::to_string(want) + " expected (trailing bytes)");
-  const uint32_t stored = LoadU32(p + n - kRedoTrailer);
-  const uint32_t computed = crc32c::Value(p, n - kRedoTrailer);
+  const uint32_t stored = LoadU32(p + want - kRedoTrailer);
+  const uint32_t computed = crc32c::Value(p, want - kRedoTrailer);
   if (stored != computed)
     return DataLoss("CRC-32C mismatch (stored " + Hex32(stored) + ", computed " + Hex32(computed) + ")");
   if (uint32_t r = LoadU32(p + 36); r != 0) return DataLoss("reserved header field is " + std::to_string(r));
   RedoRecord r;
+  r.length = want;
   r.epoch = LoadU64(p + 16);
   if (r.epoch != want_epoch)
     return DataLoss("record of epoch " + std::to_string(r.epoch) + ", the marker names epoch " +
@@ -305,7 +320,7 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const std::string& dir,
   RETURN_IF_ERROR(s->PunchAll());
   nlohmann::json manifest = {{"version", 1}, {"blocks", jb}};
   RETURN_IF_ERROR(WriteFileAtomic(Join(dir, kManifest), manifest.dump(1) + "\n"));
-  s->RemoveStaleBlobs("");
+  s->RemoveStaleBlobs("", true);
   LOG_INFO(kTag) << "created store " << dir << ": " << blocks.size() << " blocks, "
                  << (s->total_bytes_ >> 20) << " MiB";
   return s;
@@ -416,7 +431,7 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Open(const std::string& dir) {
   }
   if (!keep_files) {
     std::vector<std::string> gone =
-        s->RemoveStaleBlobs(s->has_committed() ? s->device_blob_file_ : meta.device_blob_file);
+        s->RemoveStaleBlobs(s->has_committed() ? s->device_blob_file_ : meta.device_blob_file, false);
     if (!gone.empty()) {
       std::string names;
       for (const auto& g : gone) names += " " + g;
@@ -555,7 +570,8 @@ Status PageStore::CompleteInitialSync(std::string_view device_blob, uint64_t epo
   device_blob_file_ = file;
   synced_ = false;
   stats_.commits.fetch_add(1, std::memory_order_relaxed);
-  RemoveStaleBlobs(file);
+  // A new image: the record file is sized again by the checkpoints from here.
+  RemoveStaleBlobs(file, true);
   LOG_INFO(kTag) << "initial sync complete for " << dir_ << " (epoch " << epoch << ")";
   return OkStatus();
 }
@@ -637,12 +653,13 @@ Status PageStore::Commit(uint64_t epoch, Staging&& staging) {
 
   // New blob under a new name: the committed one stays intact until meta moves.
   const std::string file = EpochFile("device-", epoch, ".bin");
-  const std::string redo = EpochFile("redo-", epoch, ".log");
+  const std::string redo = kRedoFile;
   const std::string file_path = Join(dir_, file), redo_path = Join(dir_, redo);
   // Until the marker is written nothing is decided: a failure removes the new
-  // epoch's files and the store stays where it was, in memory and on disk.
+  // epoch's device blob and the store stays where it was, in memory and on
+  // disk. (The record file stays: no marker names it, so whatever it holds is
+  // never read; WriteRedo removes it itself when writing it failed.)
   auto abandon = [&](const Status& st) {
-    ::unlink(redo_path.c_str());
     ::unlink(file_path.c_str());
     LOG_WARN(kTag) << "store " << dir_ << ": checkpoint " << epoch << " not committed, the store stays at epoch "
                    << committed_epoch_ << ": " << st.ToString();
@@ -702,7 +719,7 @@ Status PageStore::Commit(uint64_t epoch, Staging&& staging) {
   device_blob_ = s.TakeDeviceBlob();
   device_blob_file_ = file;
   synced_ = false;
-  ::unlink(redo_path.c_str());
+  // The record file is kept for the next commit (overwritten in place).
   if (!old.empty() && old != file) ::unlink(Join(dir_, old).c_str());
   stats_.commits.fetch_add(1, std::memory_order_relaxed);
   return hook;
@@ -722,39 +739,98 @@ Status PageStore::WriteRedo(const std::string& path, uint64_t epoch, const Stagi
   PutU64(&header, blob.size());
   PutU32(&header, crc32c::Value(blob.data(), blob.size()));
   PutU32(&header, 0);
-  for (const auto& b : batches) PutU64(&header, b.size());
-  uint32_t crc = crc32c::Value(header.data(), header.size());
-  for (const auto& b : batches) crc = crc32c::Extend(crc, b.data(), b.size());
-  uint8_t trailer[kRedoTrailer];
-  StoreU32(trailer, crc);
+  uint64_t total = header.size() + kRedoTrailer;
+  for (const auto& b : batches) {
+    PutU64(&header, b.size());
+    total += 8 + b.size();
+  }
 
-  // Gathered, not copied: header, every batch, trailer. Written in two parts
-  // (the header and the first half of the batches, then the rest) so a test
-  // hook can stop between them; a crash can tear the record anywhere anyway.
+  // Gathered, not copied: header, every batch, then the trailer. Written in
+  // two parts (the header and the first half of the batches, then the rest)
+  // so a test hook can stop between them; a crash can tear the record
+  // anywhere anyway.
   std::vector<struct iovec> iov;
-  iov.reserve(batches.size() + 2);
+  iov.reserve(batches.size() + 1);
   iov.push_back({header.data(), header.size()});
   for (const auto& b : batches)
     if (!b.empty()) iov.push_back({const_cast<char*>(b.data()), b.size()});
-  iov.push_back({trailer, sizeof(trailer)});
-  const size_t split = 1 + (iov.size() - 2) / 2;
-  size_t first_bytes = 0;
-  for (size_t i = 0; i < split; ++i) first_bytes += iov[i].iov_len;
+  const size_t split = 1 + (iov.size() - 1) / 2;
 
-  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!fd.valid()) return ErrnoStatus("creating the redo record " + path, errno);
-  Status st = WriteVecFull(fd.get(), iov.data(), static_cast<int>(split));
-  if (st.ok()) {
-    st = CallHook(CommitStep::kRedoWriting, first_bytes);
+  // The one record file, overwritten in place from offset 0: its page cache
+  // and disk blocks are reused, where a new file per commit paid for fresh
+  // page cache, block reservation and the unlink (docs/architecture.md,
+  // "Crash-safe store commit"). Opened by name every time, so the marker
+  // always names the file written.
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd.valid()) return ErrnoStatus("opening the redo record " + path, errno);
+  // A failed write leaves no usable record; removing the file also gives its
+  // space back (ENOSPC). The next commit creates it again.
+  auto fail = [&](const Status& st) {
+    ::unlink(path.c_str());
+    redo_small_run_ = 0;
+    return st;
+  };
+  auto failed_write = [&](const Status& st) { return fail(st.Annotate("writing the redo record " + path)); };
+  struct stat sb;
+  if (::fstat(fd.get(), &sb) < 0) return failed_write(ErrnoStatus("fstat", errno));
+  const bool regular = S_ISREG(sb.st_mode);
+  uint64_t size = regular ? static_cast<uint64_t>(sb.st_size) : 0;
+  if (regular && redo_small_run_ >= kRedoShrinkAfter) {
+    const uint64_t target = RoundUp(std::max(2 * redo_small_max_, total), kRedoGrowStep);
+    if (target < size && ::ftruncate(fd.get(), static_cast<off_t>(target)) == 0) {
+      LOG_INFO(kTag) << "store " << dir_ << ": " << kRedoFile << " shrunk from " << size << " to " << target
+                     << " bytes (the last " << redo_small_run_ << " records were at most " << redo_small_max_
+                     << " bytes)";
+      size = target;
+    }
+    redo_small_run_ = 0;
+  }
+  if (regular && size < total) {
+    // Reserve the blocks before writing: a full disk fails here, cleanly.
+    const uint64_t grow = RoundUp(total, kRedoGrowStep);
+    if (::fallocate(fd.get(), 0, 0, static_cast<off_t>(grow)) == 0) {
+      size = grow;
+    } else if (errno != EOPNOTSUPP && errno != EINVAL) {  // else: no fallocate, the writes extend it
+      return failed_write(ErrnoStatus("growing it to " + std::to_string(grow) + " bytes", errno));
+    }
+  }
+
+  // The CRC of each piece is computed right before the piece is written, so
+  // the copy into the page cache reads it from the cache, not from memory.
+  uint32_t crc = 0;
+  uint64_t off = 0;
+  size_t next = 0;
+  auto write_to = [&](size_t end) -> Status {
+    while (next < end) {
+      size_t j = next;
+      uint64_t bytes = 0;
+      do {
+        crc = crc32c::Extend(crc, iov[j].iov_base, iov[j].iov_len);
+        bytes += iov[j].iov_len;
+        ++j;
+      } while (j < end && bytes < kRedoWriteChunk && j - next < IOV_MAX);
+      RETURN_IF_ERROR(PwriteVecFull(fd.get(), iov.data() + next, static_cast<int>(j - next), off));
+      off += bytes;
+      next = j;
+    }
+    return OkStatus();
+  };
+  if (Status st = write_to(split); !st.ok()) return failed_write(st);
+  if (Status st = CallHook(CommitStep::kRedoWriting, off); !st.ok()) return fail(st);
+  if (Status st = write_to(iov.size()); !st.ok()) return failed_write(st);
+  uint8_t trailer[kRedoTrailer];
+  StoreU32(trailer, crc);
+  struct iovec t = {trailer, sizeof(trailer)};
+  if (Status st = PwriteVecFull(fd.get(), &t, 1, off); !st.ok()) return failed_write(st);
+
+  size = std::max(size, total);
+  if (total <= size / 4) {
+    redo_small_max_ = redo_small_run_ == 0 ? total : std::max(redo_small_max_, total);
+    ++redo_small_run_;
   } else {
-    st = st.Annotate("writing the redo record " + path);
+    redo_small_run_ = 0;
   }
-  if (st.ok()) {
-    st = WriteVecFull(fd.get(), iov.data() + split, static_cast<int>(iov.size() - split))
-             .Annotate("writing the redo record " + path);
-  }
-  if (!st.ok()) ::unlink(path.c_str());
-  return st;
+  return OkStatus();
 }
 
 Status PageStore::FinishInterruptedCommit(const Meta& meta) {
@@ -818,13 +894,15 @@ Status PageStore::FinishInterruptedCommit(const Meta& meta) {
   device_blob_file_ = file;
   synced_ = false;
   stats_.commits.fetch_add(1, std::memory_order_relaxed);
-  ::unlink(path.c_str());
+  // redo.log stays for the next commit; a redo-<epoch>.log (a store from
+  // before the record file was kept) goes.
+  if (meta.redo_file != kRedoFile) ::unlink(path.c_str());
   if (SafeFileName(meta.device_blob_file) && meta.device_blob_file != file)
     ::unlink(Join(dir_, meta.device_blob_file).c_str());
   LOG_INFO(kTag) << "store " << dir_ << ": finished the interrupted commit of epoch " << epoch << " from "
                  << meta.redo_file << " (" << batches.size() << " batches, " << (stats_.pages_applied.load() - pages0)
-                 << " pages, " << (stats_.zero_pages_applied.load() - zeros0) << " zero pages, " << n
-                 << " bytes); it replaces epoch " << meta.committed_epoch;
+                 << " pages, " << (stats_.zero_pages_applied.load() - zeros0) << " zero pages, a record of "
+                 << rec->length << " bytes); it replaces epoch " << meta.committed_epoch;
   return OkStatus();
 }
 
@@ -868,14 +946,14 @@ StatusOr<uint64_t> PageStore::NextHole(size_t i, uint64_t from) const {
   return std::min<uint64_t>(static_cast<uint64_t>(r), m.len);
 }
 
-std::vector<std::string> PageStore::RemoveStaleBlobs(const std::string& keep) {
+std::vector<std::string> PageStore::RemoveStaleBlobs(const std::string& keep, bool record_file) {
   std::vector<std::string> removed;
   DIR* d = ::opendir(dir_.c_str());
   if (!d) return removed;
   while (struct dirent* e = ::readdir(d)) {
     std::string name = e->d_name;
     bool blob = name.rfind("device-", 0) == 0 && EndsWith(name, ".bin") && name != keep;
-    bool redo = name.rfind("redo-", 0) == 0 && EndsWith(name, ".log");
+    bool redo = (name.rfind("redo-", 0) == 0 && EndsWith(name, ".log")) || (record_file && name == kRedoFile);
     bool tmp = name.size() > 4 && EndsWith(name, ".tmp");
     if ((blob || redo || tmp) && ::unlink(Join(dir_, name).c_str()) == 0 && !tmp) removed.push_back(name);
   }

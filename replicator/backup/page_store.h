@@ -17,40 +17,50 @@
 //   ram-NNN-<id>.img  one sparse file per block (id sanitized; NNN makes it unique)
 //   device-<epoch>.bin  the device blob of the committed epoch (and, during a
 //                   Commit, of the epoch being committed)
-//   redo-<epoch>.log  only during a Commit (or after a crash in one): the
-//                   checkpoint's page batches as received, with a header and a
-//                   CRC-32C (docs/formats/page-store-redo.md)
+//   redo.log        the redo record of the latest Commit: the checkpoint's
+//                   page batches as received, with a header and a CRC-32C
+//                   (docs/formats/page-store-redo.md). One file, kept and
+//                   overwritten in place from offset 0 by every Commit; it is
+//                   as long as the largest recent record, so bytes after the
+//                   current record are stale.
 //
 // Crash consistency (against a crash of the process, e.g. kill -9): Commit
 //   1. validates the whole checkpoint before touching anything;
 //   2. writes the new device blob to device-<epoch>.bin (a new name: the
 //      committed blob stays intact);
-//   3. writes the redo record redo-<epoch>.log: the page batches exactly as
-//      received, a header (magic, version, epoch, the blob's length and CRC,
-//      each batch's length) and a CRC-32C of all of it in a trailer, in one
-//      writev sequence (the batches are not copied into one buffer);
+//   3. writes the redo record at offset 0 of redo.log: the page batches
+//      exactly as received, a header (magic, version, epoch, the blob's length
+//      and CRC, each batch's length) and a CRC-32C of all of it in a trailer,
+//      in pwritev calls that point at the received buffers (not copied into
+//      one buffer); the file is grown (fallocate) only when the record is
+//      longer than it, never truncated to the record;
 //   4. replaces meta with an "applying" marker naming the epoch and the redo
 //      file: from here on the commit is decided;
 //   5. applies the batches to the mapped block files;
 //   6. replaces meta again, committed at the new epoch, without the marker;
-//   7. unlinks the redo record and the previous epoch's device blob.
+//   7. unlinks the previous epoch's device blob (redo.log stays).
 // Each meta write is write-temp + rename, so readers see old or new. A crash
 // before 4 leaves meta at the previous epoch: Open() removes the new epoch's
-// stray files (device-*.bin, redo-*.log, *.tmp not named by meta). A crash
-// after 4 leaves the marker: Open() checks the redo record (magic, version,
-// epoch, lengths, CRC, every batch as Commit does, the device blob's length
-// and CRC), applies all of it again (idempotent: a page record overwrites its
-// page, a zero record zeroes it, in the order received), writes meta committed
-// at the new epoch and removes the record, so has_committed() is true at the
-// NEW epoch. (The disk journal made epoch N+1 durable before the page store
-// commit started, and recovery drops disk epochs after the page store's
-// committed epoch, so N and N+1 are both consistent; N+1 is the newer.) If the
+// stray files (device-*.bin and *.tmp not named by meta); whatever redo.log
+// holds then (a torn record, an older one) is never read, since no marker
+// names it. A crash after 4 leaves the marker: Open() checks the redo record
+// (magic, version, lengths, CRC, the epoch against the marker's, every batch
+// as Commit does, the device blob's length and CRC; the stale bytes after the
+// record are ignored), applies all of it again (idempotent: a page record
+// overwrites its page, a zero record zeroes it, in the order received) and
+// writes meta committed at the new epoch, so has_committed() is true at the
+// NEW epoch. A record of an older epoch (the marker names another) or a torn
+// one (its trailer is then an old byte sequence: CRC mismatch) is refused.
+// (The disk journal made epoch N+1 durable before the page store commit
+// started, and recovery drops disk epochs after the page store's committed
+// epoch, so N and N+1 are both consistent; N+1 is the newer.) If the
 // marker's redo record is missing, short or fails a check, the image mixes two
 // epochs: Open() reports it torn (has_committed() false, invalid_reason()
 // names the file and the problem) and leaves the files for inspection.
-// A failure before 4 (ENOSPC writing the record, ...) returns the error
-// (ResourceExhausted for ENOSPC/EDQUOT) and leaves the store at the previous
-// epoch, in memory and on disk, with the new epoch's files removed.
+// A failure before 4 (ENOSPC growing or writing the record, ...) returns the
+// error (ResourceExhausted for ENOSPC/EDQUOT) and leaves the store at the
+// previous epoch, in memory and on disk, with the new epoch's device blob
+// removed (and redo.log, if writing it failed: the next Commit recreates it).
 // Nothing is fsynced per epoch, deliberately, not even the redo record: pages
 // live in the page cache, which survives a daemon crash but not a host crash,
 // so meta records the kernel boot id and Open() refuses an image from an
@@ -62,8 +72,16 @@
 // across a host crash either. (Create, BeginInitialSync, CompleteInitialSync
 // and Sync do fsync meta.)
 // Cost: the record is one more copy of the checkpoint's page bytes into the
-// page cache plus a CRC-32C pass over them; the file is unlinked before the
-// kernel writes it back, so normally no disk I/O.
+// page cache of redo.log, whose pages and blocks already exist (no
+// allocation, no unlink), plus a CRC-32C pass over them right before each
+// ~4 MiB piece is written. The kernel writes the dirty file back (~30 s after
+// it was first dirtied), i.e. at most one record's size per ~30 s however
+// many commits overwrote it, less than the block files' own writeback of the
+// same pages. Size: redo.log keeps the size of the largest record; after
+// 1000 commits in a row whose records used at most a quarter of it, the next
+// Commit truncates it to twice the largest of those (4 MiB steps). A new
+// initial sync (and Create) removes it. Measured: docs/architecture.md,
+// "Crash-safe store commit".
 // Performance: applying is a memcpy into the mapping. Rewriting resident pages
 // runs at memory speed; the first write to a page that is a hole costs a page
 // fault plus the filesystem's block reservation (~10-30 us on ext4, ~5 us on
@@ -196,7 +214,8 @@ class PageStore {
   // stays at the previous epoch). FailedPrecondition if the store holds no
   // committed image or epoch <= committed_epoch(). A failure to write the
   // device blob, the redo record or the "applying" marker (ENOSPC: Resource-
-  // Exhausted) also leaves the store at the previous epoch, files removed.
+  // Exhausted) also leaves the store at the previous epoch, its device blob
+  // removed.
   // A failure after the marker (the commit record cannot be written) leaves
   // has_committed() false here; reopening the store finishes the commit from
   // its redo record. The staging is consumed.
@@ -209,10 +228,10 @@ class PageStore {
   enum class CommitStep {
     kBlobWritten,          // device-<epoch>.bin written
     kRedoWriting,          // between the two parts of the redo record (arg: bytes written)
-    kRedoWritten,          // redo-<epoch>.log complete
+    kRedoWritten,          // the record complete in redo.log
     kMarkerWritten,        // meta has the "applying" marker
     kBatchApplied,         // batch `arg` applied (not called for a checkpoint without batches)
-    kCommitRecordWritten,  // meta committed at the new epoch (redo not yet removed)
+    kCommitRecordWritten,  // meta committed at the new epoch (old device blob not yet removed)
   };
   // Commit calls hook(step, arg) at each step. The hook may kill the process
   // (a crash there) or return an error, which Commit returns as if that step
@@ -275,7 +294,8 @@ class PageStore {
   // Checks a batch without applying; counts its pages.
   Status ValidateBatch(std::string_view batch, size_t batch_index) const;
   void ApplyBatch(std::string_view batch);
-  // Writes redo-<epoch>.log (see the header comment); removes it on failure.
+  // Writes the record at offset 0 of redo.log (path), growing or shrinking
+  // the file (see the header comment); removes the file on failure.
   Status WriteRedo(const std::string& path, uint64_t epoch, const Staging& s);
   // Open() found an "applying" marker with a redo record: checks it and
   // re-applies it. On success the store is committed at meta.applying_epoch;
@@ -285,9 +305,10 @@ class PageStore {
   Status CallHook(CommitStep step, size_t arg) {
     return commit_hook_ ? commit_hook_(step, arg) : OkStatus();
   }
-  // Removes device-*.bin except `keep`, every redo-*.log and every *.tmp;
-  // returns the names of the device and redo files it removed.
-  std::vector<std::string> RemoveStaleBlobs(const std::string& keep);
+  // Removes device-*.bin except `keep`, every redo-*.log (left by an older
+  // version), redo.log if record_file, and every *.tmp; returns the names of
+  // the device and redo files it removed.
+  std::vector<std::string> RemoveStaleBlobs(const std::string& keep, bool record_file);
   Status PunchAll();
   Status Reserve(int fd, uint64_t len, const std::string& path);
 
@@ -309,6 +330,10 @@ class PageStore {
   bool synced_ = false;
   PageStoreStats stats_;
   CommitHook commit_hook_;
+  // Commits in a row whose record used at most a quarter of redo.log, and
+  // the largest of those records (WriteRedo's shrink rule).
+  uint64_t redo_small_run_ = 0;
+  uint64_t redo_small_max_ = 0;
 };
 
 }  // namespace remus
