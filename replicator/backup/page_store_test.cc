@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -497,23 +498,37 @@ std::set<std::string> Files(const std::string& dir) {
   for (const auto& e : std::filesystem::directory_iterator(dir)) out.insert(e.path().filename().string());
   return out;
 }
-// What a clean store at an epoch holds.
-std::set<std::string> CleanFiles(uint64_t epoch) {
-  return {"manifest.json", "meta.json", "ram-000-pc.ram.img", "ram-001-_rom_etc_acpi_tables.img",
-          "ram-002-0000_00_02.0_vga.vram.img", "device-" + std::to_string(epoch) + ".bin"};
+// What a clean store at an epoch holds: after its first Commit, the record
+// file too (kept from commit to commit).
+std::set<std::string> CleanFiles(uint64_t epoch, bool record_file = true) {
+  std::set<std::string> f = {"manifest.json", "meta.json", "ram-000-pc.ram.img", "ram-001-_rom_etc_acpi_tables.img",
+                             "ram-002-0000_00_02.0_vga.vram.img", "device-" + std::to_string(epoch) + ".bin"};
+  if (record_file) f.insert("redo.log");
+  return f;
 }
+const char kRecordFile[] = "/redo.log";
+constexpr uint64_t kRecordFileStep = 4u << 20;  // the file grows in these steps
 
 uint64_t FileSize(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
 }
 
-// The size of epoch 2's complete redo record (docs/formats/page-store-redo.md).
-uint64_t RedoSizeOfEpochTwo() {
-  Staging st = Checkpoint(EpochTwo(), Blob("dev2"));
+// The size of a checkpoint's complete redo record (docs/formats/page-store-redo.md).
+uint64_t RedoSize(const Batches& batches) {
+  Staging st = Checkpoint(batches, Blob("dev"));
   uint64_t n = 40 + 8 * st.batches().size() + 4;
   for (const auto& b : st.batches()) n += b.size();
   return n;
+}
+uint64_t RedoSizeOfEpochTwo() { return RedoSize(EpochTwo()); }
+
+// Whether the first `len` bytes of s are a complete record of `epoch`
+// (epoch field and trailer CRC).
+bool HoldsRecord(const std::string& s, uint64_t len, uint64_t epoch) {
+  if (s.size() < len || len < 44) return false;
+  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
+  return LoadU64(p + 16) == epoch && LoadU32(p + len - 4) == crc32c::Value(p, len - 4);
 }
 
 // A store committed at epoch 1 (image ImageOne(), blob "dev1").
@@ -527,26 +542,30 @@ bool Matches(Step step, size_t arg, Step at, size_t at_arg) {
   return step == at && (step != Step::kBatchApplied || arg == at_arg);
 }
 
-// A child process opens the store and commits epoch 2, and is killed
-// (SIGKILL, no cleanup of any kind) at the step.
-void CrashDuringCommitOfEpochTwo(const std::string& dir, Step at, size_t at_arg) {
+// A child process opens the store (committed at epoch - 1) and commits
+// `epoch`, and is killed (SIGKILL, no cleanup of any kind) at the step.
+void CrashDuringCommit(const std::string& dir, uint64_t epoch, const Batches& batches, const std::string& blob,
+                       Step at, size_t at_arg) {
   pid_t pid = ::fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     // No gtest in here, and _exit: the parent owns the temp dirs.
     auto s = PageStore::Open(dir);
-    if (!s.ok() || !(*s)->has_committed() || (*s)->committed_epoch() != 1) ::_exit(2);
+    if (!s.ok() || !(*s)->has_committed() || (*s)->committed_epoch() != epoch - 1) ::_exit(2);
     (*s)->SetCommitHookForTest([&](Step step, size_t arg) {
       if (Matches(step, arg, at, at_arg)) ::raise(SIGKILL);
       return OkStatus();
     });
-    Status c = (*s)->Commit(2, Checkpoint(EpochTwo(), Blob("dev2")));
+    Status c = (*s)->Commit(epoch, Checkpoint(batches, blob));
     ::_exit(c.ok() ? 0 : 3);
   }
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
       << "the child was not killed at the step: status " << status;
+}
+void CrashDuringCommitOfEpochTwo(const std::string& dir, Step at, size_t at_arg) {
+  CrashDuringCommit(dir, 2, EpochTwo(), Blob("dev2"), at, at_arg);
 }
 
 struct CrashPoint {
@@ -578,17 +597,20 @@ TEST(PageStoreCrash, KillAtEveryCommitStepReopensAtOneEpochOrTheNext) {
     // What the crash left, before Open tidies it.
     std::set<std::string> left = Files(dir);
     auto meta = nlohmann::json::parse(*ReadFileToString(dir + "/meta.json"));
-    if (c.step == Step::kRedoWriting) {
-      ASSERT_TRUE(left.count("redo-2.log"));
-      EXPECT_LT(FileSize(dir + "/redo-2.log"), RedoSizeOfEpochTwo()) << "a partial record";
-      EXPECT_GT(FileSize(dir + "/redo-2.log"), 0u);
-    }
-    if (c.step == Step::kRedoWritten) {
-      EXPECT_EQ(FileSize(dir + "/redo-2.log"), RedoSizeOfEpochTwo());
+    ASSERT_TRUE(left.count("redo.log"));
+    const std::string record = *ReadFileToString(dir + kRecordFile);
+    EXPECT_EQ(record.size(), kRecordFileStep) << "grown once, kept";
+    if (c.step == Step::kBlobWritten) {
+      EXPECT_TRUE(HoldsRecord(record, RedoSize(EpochOne()), 1)) << "still epoch 1's record";
+    } else if (c.step == Step::kRedoWriting) {
+      EXPECT_EQ(LoadU64(reinterpret_cast<const uint8_t*>(record.data()) + 16), 2u) << "epoch 2's header";
+      EXPECT_FALSE(HoldsRecord(record, RedoSizeOfEpochTwo(), 2)) << "a partial record: no valid trailer";
+    } else {
+      EXPECT_TRUE(HoldsRecord(record, RedoSizeOfEpochTwo(), 2));
     }
     if (c.after_marker && c.step != Step::kCommitRecordWritten) {
       EXPECT_EQ(meta.value("applying", 0), 2) << meta.dump();
-      EXPECT_EQ(meta.value("redo", ""), "redo-2.log") << meta.dump();
+      EXPECT_EQ(meta.value("redo", ""), "redo.log") << meta.dump();
     } else {
       EXPECT_FALSE(meta.contains("applying")) << meta.dump();
     }
@@ -630,7 +652,7 @@ TEST(PageStoreCrash, RecoveryAppliesTheWholeRecordAgain) {
   CrashDuringCommitOfEpochTwo(dir, Step::kBatchApplied, 1);
   ASSERT_FALSE(HasFatalFailure());
   std::string meta = *ReadFileToString(dir + "/meta.json");
-  std::string redo = *ReadFileToString(dir + "/redo-2.log");
+  std::string redo = *ReadFileToString(dir + kRecordFile);
   {
     auto s = PageStore::Open(dir);
     ASSERT_TRUE(s.ok());
@@ -640,7 +662,7 @@ TEST(PageStoreCrash, RecoveryAppliesTheWholeRecordAgain) {
   // Put the marker and the record back, as if that Open had died before its
   // commit record.
   ASSERT_TRUE(WriteFileAtomic(dir + "/meta.json", meta).ok());
-  ASSERT_TRUE(WriteFileAtomic(dir + "/redo-2.log", redo).ok());
+  ASSERT_TRUE(WriteFileAtomic(dir + kRecordFile, redo).ok());
   auto s = PageStore::Open(dir);
   ASSERT_TRUE(s.ok());
   ASSERT_TRUE((*s)->has_committed()) << (*s)->invalid_reason();
@@ -655,19 +677,26 @@ TEST(PageStoreCrash, DamagedRedoRecordLeavesTheStoreTorn) {
     std::function<void(const std::string& dir)> damage;
     const char* reason;  // invalid_reason() must contain it
   };
-  const std::string kRedo = "/redo-2.log";
+  const std::string kRedo = kRecordFile;
   std::vector<Case> cases = {
       {"a payload byte flipped",
        [&](const std::string& dir) {
          std::string r = *ReadFileToString(dir + kRedo);
-         r[r.size() / 2] ^= 0x40;
+         r[RedoSizeOfEpochTwo() / 2] ^= 0x40;
          ASSERT_TRUE(WriteFileAtomic(dir + kRedo, r).ok());
        },
        "CRC-32C mismatch"},
       {"the trailer flipped",
        [&](const std::string& dir) {
          std::string r = *ReadFileToString(dir + kRedo);
-         r.back() ^= 1;
+         r[RedoSizeOfEpochTwo() - 1] ^= 1;
+         ASSERT_TRUE(WriteFileAtomic(dir + kRedo, r).ok());
+       },
+       "CRC-32C mismatch"},
+      {"a batch length changed (the record ends elsewhere in the file)",
+       [&](const std::string& dir) {
+         std::string r = *ReadFileToString(dir + kRedo);
+         r[40 + 7] ^= 0x10;  // batch 0's length, low byte: +-16 bytes
          ASSERT_TRUE(WriteFileAtomic(dir + kRedo, r).ok());
        },
        "CRC-32C mismatch"},
@@ -721,7 +750,7 @@ TEST(PageStoreCrash, DamagedRedoRecordLeavesTheStoreTorn) {
     EXPECT_NE(why.find(c.reason), std::string::npos) << why;
     EXPECT_NE(why.find("epoch 2"), std::string::npos) << why;
     if (std::string(c.name) != "the host rebooted" && std::string(c.name).find("device blob") == std::string::npos) {
-      EXPECT_NE(why.find("redo-2.log"), std::string::npos) << why;
+      EXPECT_NE(why.find("redo.log"), std::string::npos) << why;
     }
     EXPECT_EQ(Files(dir), before) << "a torn commit's files stay for inspection";
     Staging st;
@@ -730,7 +759,7 @@ TEST(PageStoreCrash, DamagedRedoRecordLeavesTheStoreTorn) {
     // A new initial sync starts over and clears them.
     ASSERT_TRUE((*s)->BeginInitialSync().ok());
     ASSERT_TRUE((*s)->CompleteInitialSync(Blob("dev10"), 10).ok());
-    EXPECT_EQ(Files(dir), CleanFiles(10));
+    EXPECT_EQ(Files(dir), CleanFiles(10, false)) << "the record file too";
   }
 }
 
@@ -752,10 +781,13 @@ TEST(PageStoreCrash, FailureAtEveryStepLeavesARestorableStore) {
     (*s)->SetCommitHookForTest(nullptr);
 
     uint64_t want = 1;
+    // A failed write of the record removes the file (the next commit makes
+    // it again); any other failure leaves it, unnamed by meta.
+    const bool record_file = c.step != Step::kRedoWriting;
     if (c.step == Step::kBatchApplied) {
       // Torn here (memory mixes epochs) until reopened.
       EXPECT_FALSE((*s)->has_committed());
-      EXPECT_NE((*s)->invalid_reason().find("redo-2.log"), std::string::npos) << (*s)->invalid_reason();
+      EXPECT_NE((*s)->invalid_reason().find("redo.log"), std::string::npos) << (*s)->invalid_reason();
       want = 2;
     } else if (c.step == Step::kCommitRecordWritten) {
       ASSERT_TRUE((*s)->has_committed());
@@ -768,7 +800,7 @@ TEST(PageStoreCrash, FailureAtEveryStepLeavesARestorableStore) {
       EXPECT_EQ((*s)->committed_epoch(), 1u);
       EXPECT_TRUE(ImageIs(**s, ImageOne()));
       EXPECT_EQ((*s)->device_blob(), Blob("dev1"));
-      EXPECT_EQ(Files(dir), CleanFiles(1)) << "the new epoch's files removed";
+      EXPECT_EQ(Files(dir), CleanFiles(1, record_file)) << "the new epoch's device blob removed";
     }
     s->reset();
     auto o = PageStore::Open(dir);
@@ -776,7 +808,7 @@ TEST(PageStoreCrash, FailureAtEveryStepLeavesARestorableStore) {
     ASSERT_TRUE((*o)->has_committed()) << (*o)->invalid_reason();
     EXPECT_EQ((*o)->committed_epoch(), want);
     EXPECT_TRUE(ImageIs(**o, want == 2 ? ImageTwo() : ImageOne()));
-    EXPECT_EQ(Files(dir), CleanFiles(want));
+    EXPECT_EQ(Files(dir), CleanFiles(want, record_file));
     if (want == 1) {  // the same checkpoint again, now without a failure
       ASSERT_TRUE((*o)->Commit(2, Checkpoint(EpochTwo(), Blob("dev2"))).ok());
       EXPECT_TRUE(ImageIs(**o, ImageTwo()));
@@ -787,7 +819,7 @@ TEST(PageStoreCrash, FailureAtEveryStepLeavesARestorableStore) {
   }
 }
 
-// A real ENOSPC from write(2): the redo record's name is a symlink to
+// A real ENOSPC from write(2): the record file's name is a symlink to
 // /dev/full, whose writes fail with ENOSPC (no root, no small filesystem).
 TEST(PageStoreCrash, NoSpaceForTheRedoRecordKeepsThePreviousEpoch) {
   if (::access("/dev/full", W_OK) != 0) GTEST_SKIP() << "no writable /dev/full";
@@ -795,15 +827,16 @@ TEST(PageStoreCrash, NoSpaceForTheRedoRecordKeepsThePreviousEpoch) {
   StoreAtEpochOne(dir);
   auto s = PageStore::Open(dir);
   ASSERT_TRUE(s.ok());
-  ASSERT_EQ(::symlink("/dev/full", (dir + "/redo-2.log").c_str()), 0);
+  ASSERT_EQ(::unlink((dir + kRecordFile).c_str()), 0);
+  ASSERT_EQ(::symlink("/dev/full", (dir + kRecordFile).c_str()), 0);
   Status r = (*s)->Commit(2, Checkpoint(EpochTwo(), Blob("dev2")));
   EXPECT_EQ(r.code(), Code::kResourceExhausted) << r.ToString();
-  EXPECT_NE(r.message().find("redo-2.log"), std::string::npos) << r.message();
+  EXPECT_NE(r.message().find("redo.log"), std::string::npos) << r.message();
   ASSERT_TRUE((*s)->has_committed());
   EXPECT_EQ((*s)->committed_epoch(), 1u);
   EXPECT_TRUE(ImageIs(**s, ImageOne()));
   EXPECT_EQ((*s)->device_blob(), Blob("dev1"));
-  EXPECT_EQ(Files(dir), CleanFiles(1)) << "no redo record, no device-2.bin";
+  EXPECT_EQ(Files(dir), CleanFiles(1, false)) << "no record file, no device-2.bin";
   EXPECT_EQ(::access("/dev/full", F_OK), 0);
   {
     auto o = PageStore::Open(dir);
@@ -824,10 +857,11 @@ TEST(PageStoreCrash, RedoRecordLayout) {
   StoreAtEpochOne(dir);
   CrashDuringCommitOfEpochTwo(dir, Step::kRedoWritten, 0);
   ASSERT_FALSE(HasFatalFailure());
-  std::string r = *ReadFileToString(dir + "/redo-2.log");
+  std::string r = *ReadFileToString(dir + kRecordFile);
   Staging want = Checkpoint(EpochTwo(), Blob("dev2"));
   const auto* p = reinterpret_cast<const uint8_t*>(r.data());
-  ASSERT_EQ(r.size(), RedoSizeOfEpochTwo());
+  ASSERT_EQ(r.size(), kRecordFileStep) << "the file: the record, then stale bytes";
+  r.resize(RedoSizeOfEpochTwo());
   EXPECT_EQ(r.substr(0, 8), "RMPSREDO");
   EXPECT_EQ(LoadU32(p + 8), 1u);                                  // version
   EXPECT_EQ(LoadU32(p + 12), want.batches().size());              // batch count
@@ -843,6 +877,190 @@ TEST(PageStoreCrash, RedoRecordLayout) {
   }
   EXPECT_EQ(pos + 4, r.size());
   EXPECT_EQ(LoadU32(p + pos), crc32c::Value(p, pos));
+}
+
+// ---- The kept record file (redo.log, overwritten in place) ----
+
+// A checkpoint whose record is longer than one growth step of the file: the
+// store's pages written over and over (a page may come twice in a checkpoint;
+// the later content wins). `seed` varies the content.
+Batches BigCheckpoint(int seed, size_t pages) {
+  Batches b(4);
+  for (size_t i = 0; i < pages; ++i) {
+    uint32_t block = static_cast<uint32_t>(i % 3);
+    uint64_t page = (i / 3) % (block == 0 ? 16 : block == 1 ? 2 : 4);
+    b[i % 4].push_back({block, page, static_cast<int>((seed + i) % 200) + 1});
+  }
+  return b;
+}
+
+// A complete record of an older epoch in the kept file is never replayed for
+// a marker that names a newer one (it can only be there if the newer record
+// was never written; the marker is written after it, so this is damage).
+TEST(PageStoreRecordFile, StaleRecordOfAnOlderEpochIsNotReplayed) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  ASSERT_TRUE(HoldsRecord(*ReadFileToString(dir + kRecordFile), RedoSize(EpochOne()), 1));
+  // As if epoch 2's commit had reached its marker without writing a record.
+  ASSERT_TRUE(WriteFileAtomic(dir + "/device-2.bin", Blob("dev2")).ok());
+  ASSERT_TRUE(EditMeta(dir, [](nlohmann::json& j) {
+                j["applying"] = 2;
+                j["redo"] = "redo.log";
+              }).ok());
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE((*s)->has_committed());
+  EXPECT_NE((*s)->invalid_reason().find("record of epoch 1, the marker names epoch 2"), std::string::npos)
+      << (*s)->invalid_reason();
+  EXPECT_TRUE(ImageIs(**s, ImageOne())) << "nothing applied";
+}
+
+// A record of the marker's epoch torn over an older one (its header and first
+// half written, the rest the older record's bytes) fails the CRC.
+TEST(PageStoreRecordFile, TornRecordOverAnOlderOneIsNotReplayed) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  CrashDuringCommitOfEpochTwo(dir, Step::kRedoWriting, 0);
+  ASSERT_FALSE(HasFatalFailure());
+  {
+    // No marker: the torn record is never read; the store is at epoch 1.
+    auto s = PageStore::Open(dir);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->has_committed()) << (*s)->invalid_reason();
+    EXPECT_EQ((*s)->committed_epoch(), 1u);
+    EXPECT_TRUE(ImageIs(**s, ImageOne()));
+  }
+  // A marker naming it (damage: Commit writes the marker after the record).
+  ASSERT_TRUE(WriteFileAtomic(dir + "/device-2.bin", Blob("dev2")).ok());
+  ASSERT_TRUE(EditMeta(dir, [](nlohmann::json& j) {
+                j["applying"] = 2;
+                j["redo"] = "redo.log";
+              }).ok());
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  EXPECT_FALSE((*s)->has_committed());
+  EXPECT_NE((*s)->invalid_reason().find("CRC-32C mismatch"), std::string::npos) << (*s)->invalid_reason();
+  EXPECT_TRUE(ImageIs(**s, ImageOne())) << "nothing applied";
+}
+
+// A record shorter than the one before it leaves the older record's tail in
+// the file; recovery reads the new record only.
+TEST(PageStoreRecordFile, ShorterRecordLeavesTheOldTailHarmless) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  const Batches big = BigCheckpoint(7, 1500);  // ~6 MiB of records
+  const uint64_t big_size = RedoSize(big);
+  ASSERT_GT(big_size, kRecordFileStep);
+  Image two = Applied(ImageOne(), big);
+  {
+    auto s = PageStore::Open(dir);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Commit(2, Checkpoint(big, Blob("dev2"))).ok());
+    ASSERT_TRUE(ImageIs(**s, two));
+  }
+  const std::string after_big = *ReadFileToString(dir + kRecordFile);
+  ASSERT_EQ(after_big.size(), 2 * kRecordFileStep) << "grown to the record, in steps";
+  ASSERT_TRUE(HoldsRecord(after_big, big_size, 2));
+
+  // Epoch 3 (short) crashes after its marker; its record lies over epoch 2's.
+  CrashDuringCommit(dir, 3, EpochThree(), Blob("dev3"), Step::kBatchApplied, 0);
+  ASSERT_FALSE(HasFatalFailure());
+  const uint64_t small = RedoSize(EpochThree());
+  const std::string after_small = *ReadFileToString(dir + kRecordFile);
+  ASSERT_EQ(after_small.size(), after_big.size()) << "the file keeps its size";
+  EXPECT_TRUE(HoldsRecord(after_small, small, 3));
+  EXPECT_EQ(after_small.substr(small), after_big.substr(small)) << "epoch 2's bytes after the record";
+
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->has_committed()) << (*s)->invalid_reason();
+  EXPECT_EQ((*s)->committed_epoch(), 3u);
+  Image three = Applied(two, EpochThree());
+  EXPECT_TRUE(ImageIs(**s, three));
+  EXPECT_EQ((*s)->device_blob(), Blob("dev3"));
+  EXPECT_EQ(Files(dir), CleanFiles(3));
+  // And the next, longer-again commit works from there.
+  ASSERT_TRUE((*s)->Commit(4, Checkpoint(big, Blob("dev4"))).ok());
+  EXPECT_TRUE(ImageIs(**s, Applied(three, big)));
+  EXPECT_EQ(FileSize(dir + kRecordFile), 2 * kRecordFileStep);
+}
+
+// A record file from before it was kept (redo-<epoch>.log, exactly one record
+// long) is still finished, and removed afterwards.
+TEST(PageStoreRecordFile, MarkerNamingAPerEpochRecordIsFinished) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  CrashDuringCommitOfEpochTwo(dir, Step::kMarkerWritten, 0);
+  ASSERT_FALSE(HasFatalFailure());
+  ASSERT_EQ(::rename((dir + kRecordFile).c_str(), (dir + "/redo-2.log").c_str()), 0);
+  ASSERT_EQ(::truncate((dir + "/redo-2.log").c_str(), static_cast<off_t>(RedoSizeOfEpochTwo())), 0);
+  ASSERT_TRUE(EditMeta(dir, [](nlohmann::json& j) { j["redo"] = "redo-2.log"; }).ok());
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->has_committed()) << (*s)->invalid_reason();
+  EXPECT_EQ((*s)->committed_epoch(), 2u);
+  EXPECT_TRUE(ImageIs(**s, ImageTwo()));
+  EXPECT_EQ(Files(dir), CleanFiles(2, false));
+}
+
+// The file shrinks after a long run of records much smaller than it.
+TEST(PageStoreRecordFile, ShrinksAfterAThousandSmallRecords) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  const Batches big = BigCheckpoint(3, 4500);  // ~18 MiB of records: a 20 MiB file
+  uint64_t epoch = 2;
+  ASSERT_TRUE((*s)->Commit(epoch++, Checkpoint(big, Blob("dev"))).ok());
+  ASSERT_EQ(FileSize(dir + kRecordFile), 5 * kRecordFileStep);
+  // 1000 records of at most a quarter of the file: kept at its size.
+  const Batches medium = BigCheckpoint(5, 1100);  // ~4.4 MiB <= 20 MiB / 4
+  ASSERT_GT(RedoSize(medium), kRecordFileStep);
+  ASSERT_TRUE((*s)->Commit(epoch++, Checkpoint(medium, Blob("dev"))).ok());
+  for (int i = 1; i < 1000; ++i) ASSERT_TRUE((*s)->Commit(epoch++, Checkpoint(EpochThree(), Blob("dev"))).ok());
+  EXPECT_EQ(FileSize(dir + kRecordFile), 5 * kRecordFileStep);
+  // The next one shrinks it to twice the largest of them, in 4 MiB steps.
+  ASSERT_TRUE((*s)->Commit(epoch, Checkpoint(EpochThree(), Blob("dev"))).ok());
+  EXPECT_EQ(FileSize(dir + kRecordFile), 3 * kRecordFileStep);  // 2 x ~4.4 MiB -> 12 MiB
+  EXPECT_TRUE(HoldsRecord(*ReadFileToString(dir + kRecordFile), RedoSize(EpochThree()), epoch));
+  // A big record grows it again.
+  ASSERT_TRUE((*s)->Commit(++epoch, Checkpoint(big, Blob("dev"))).ok());
+  EXPECT_EQ(FileSize(dir + kRecordFile), 5 * kRecordFileStep);
+  s->reset();
+  auto o = PageStore::Open(dir);
+  ASSERT_TRUE(o.ok());
+  ASSERT_TRUE((*o)->has_committed());
+  EXPECT_EQ((*o)->committed_epoch(), epoch);
+}
+
+// Growing the file can fail (here: RLIMIT_FSIZE makes fallocate fail with
+// EFBIG): the store stays at the previous epoch and the file is removed.
+TEST(PageStoreRecordFile, FailureToGrowKeepsThePreviousEpoch) {
+  std::string dir = TempDir();
+  StoreAtEpochOne(dir);
+  auto s = PageStore::Open(dir);
+  ASSERT_TRUE(s.ok());
+  const Batches big = BigCheckpoint(9, 1500);
+  struct rlimit old;
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct sigaction ign {}, old_act {};
+  ign.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &ign, &old_act), 0);
+  struct rlimit lim = old;
+  lim.rlim_cur = kRecordFileStep;  // the file is one step now
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+  Status r = (*s)->Commit(2, Checkpoint(big, Blob("dev2")));
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  ASSERT_EQ(::sigaction(SIGXFSZ, &old_act, nullptr), 0);
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.message().find("redo.log"), std::string::npos) << r.message();
+  ASSERT_TRUE((*s)->has_committed());
+  EXPECT_EQ((*s)->committed_epoch(), 1u);
+  EXPECT_TRUE(ImageIs(**s, ImageOne()));
+  EXPECT_EQ(Files(dir), CleanFiles(1, false));
+  ASSERT_TRUE((*s)->Commit(2, Checkpoint(big, Blob("dev2"))).ok());
+  EXPECT_TRUE(ImageIs(**s, Applied(ImageOne(), big)));
+  EXPECT_EQ(Files(dir), CleanFiles(2));
 }
 
 // Apply-rate micro-benchmark: prints MB/s of page data, asserts nothing about time.
