@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """remus benchmark driver (stdlib only). Not a test: it measures and reports.
 
-Three parts (see bench/README.md):
+Parts (see bench/README.md):
 
   pause     For each dirty rate, boots a fresh test guest per run and protects
             it with one of three receivers, interleaved round by round so that
@@ -25,6 +25,12 @@ Three parts (see bench/README.md):
             `remusctl failover`; reports promotion.failover_ms from the
             backup's status and the outside view (command issued -> restored
             QEMU's query-status says running).
+  failover-size  (only with --failover-sizes or --only failover-size)
+            Failover time against guest size: for each size, the backup
+            started with --restore map and --restore stream, the store
+            resident and evicted from the page cache, interleaved round by
+            round; failover_ms, outside view, promotion.restored_by, the
+            store's residency before the failover (measured, not assumed).
   apply     build/bench/bench_apply: PageStore::Commit throughput vs memcpy.
 
 Output: one JSON document on stdout and in bench/results/<timestamp>.json;
@@ -32,10 +38,15 @@ a human-readable summary on stderr.
 
 Usage: python3 bench/run_bench.py [--quick] [--skip-pause] [--skip-failover]
                                   [--skip-apply] [--rounds N] [--seconds S] ...
+       python3 bench/run_bench.py --only failover-size [--failover-sizes 256,1024,4096,8192]
 """
 
 import argparse
+import ctypes
 import datetime
+import errno
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -438,7 +449,7 @@ class Env:
 class RemusPair:
     """Two remusd on loopback: A (primary side) and B (backup, --listen)."""
 
-    def __init__(self, env, workdir, ack_delay_ms=0, auto_promote=False, etcd=None):
+    def __init__(self, env, workdir, ack_delay_ms=0, auto_promote=False, etcd=None, restore=None):
         self.env = env
         self.dir = workdir
         os.makedirs(workdir, exist_ok=True)
@@ -453,6 +464,9 @@ class RemusPair:
                   "--qemu", env.qemu]
         if ack_delay_ms:
             b_argv += ["--ack-delay-ms", str(ack_delay_ms)]
+        if restore:
+            # how a failover restores the guest: map (pc.ram is the store's file) or stream
+            b_argv += ["--restore", restore]
         if not auto_promote:
             b_argv += ["--no-auto-promote"]
         a_argv = [env.remusd, "--state-dir", os.path.join(workdir, "a"), "--key-file", env.key,
@@ -473,9 +487,10 @@ class RemusPair:
                 raise BenchError(f"remusd did not start; see {workdir}/a.log and b.log")
             time.sleep(0.05)
 
-    def protect(self, guest, interval_ms):
+    def protect(self, guest, interval_ms, timeout_s=120, extra=()):
         self.env.ctl("protect", DOMAIN, "--qmp", guest.qmp_receiver, "--backup", f"127.0.0.1:{self.port}",
-                     "--interval", str(interval_ms), "--timeout", "120", sock=self.a_sock, timeout=150)
+                     "--interval", str(interval_ms), "--timeout", str(timeout_s), *extra, sock=self.a_sock,
+                     timeout=timeout_s + 30)
 
     def stop(self):
         for p in (self.a, self.b):
@@ -662,19 +677,36 @@ def bench_pause(env, args):
 
 
 # --------------------------------------------------------- failover bench
-def run_failover_once(env, args, i):
-    workdir = os.path.join(env.tmp, f"failover-{i}")
+def run_failover_once(env, args, i, mem=None, wss=None, dirty=None, protected_s=None, restore=None,
+                      evict=None, name=None, protect_residency=None):
+    """One failover: a protected guest, the primary side killed, `remusctl
+    failover` on the backup. The failover part calls it with its own options;
+    the failover-size part passes the guest size, the backup's --restore mode,
+    protect --residency (hot|paged, where remusctl has it) and evict: False
+    (the store as the backup left it) or True (the store's block files
+    evicted from the page cache first); with evict None the store is not
+    looked at."""
+    mem = mem or args.failover_mem
+    wss = wss or args.failover_wss
+    dirty = dirty or args.failover_dirty
+    protected_s = protected_s if protected_s is not None else args.failover_protected_s
+    workdir = os.path.join(env.tmp, name or f"failover-{i}")
     res = {"repeat": i, "load_before": loadavg()}
-    guest = Guest(env, os.path.join(workdir, "guest"), args.failover_mem, args.failover_dirty, args.failover_wss)
+    guest = Guest(env, os.path.join(workdir, "guest"), mem, dirty, wss)
     pair = None
     rq = None
     restored_pid = None
+    files = []
     try:
-        guest.wait_workload()
+        # A big TCG guest boots and copies slower: more time for both.
+        res["boot_s"] = guest.wait_workload(timeout=90 + mem / 64)
         time.sleep(0.5)
-        pair = RemusPair(env, workdir, auto_promote=False)
-        pair.protect(guest, args.interval)
-        time.sleep(args.failover_protected_s)
+        pair = RemusPair(env, workdir, auto_promote=False, restore=restore)
+        t = time.monotonic()
+        pair.protect(guest, args.interval, timeout_s=120 + mem // 32,
+                     extra=["--residency", protect_residency] if protect_residency else [])
+        res["protect_s"] = time.monotonic() - t
+        time.sleep(protected_s)
         a = env.status(pair.a_sock) or {}
         res["epochs_before"] = a.get("last_acked_epoch")
         # Kill the primary side: remusd first (else it would tell the backup to
@@ -691,12 +723,18 @@ def run_failover_once(env, args, i):
             time.sleep(0.05)
         res["backup_state_before"] = b.get("state")
         res["last_committed_epoch"] = b.get("last_committed_epoch")
+        if evict is not None:
+            res["restore_plan"] = b.get("restore_plan")
+            res["backup_residency_status"] = b.get("residency")  # builds with protect --residency
+            files = store_block_files(b.get("store"))
+            res["store"] = prepare_store(files, evict, args.evict_steps, pair.b.pid)
         t0 = time.monotonic()
-        env.ctl("failover", DOMAIN, sock=pair.b_sock, timeout=120)
+        env.ctl("failover", DOMAIN, sock=pair.b_sock, timeout=300)
         t1 = time.monotonic()
         b = env.status(pair.b_sock) or {}
         prom = b.get("promotion", {})
         res["failover_ms"] = prom.get("failover_ms")
+        res["restored_by"] = prom.get("restored_by")
         res["command_ms"] = (t1 - t0) * 1000.0
         restored_pid = (b.get("qemu") or {}).get("pid")
         qsock = b.get("qmp_socket")
@@ -707,7 +745,7 @@ def run_failover_once(env, args, i):
             st = rq.cmd("query-status")
             if st.get("status") == "running":
                 break
-            if time.monotonic() - t0 > 60:
+            if time.monotonic() - t0 > 300:
                 raise BenchError(f"restored guest not running: {st}")
             time.sleep(0.002)
         t2 = time.monotonic()
@@ -727,6 +765,10 @@ def run_failover_once(env, args, i):
             time.sleep(0.1)
         res["restored_guest_check_ok"] = "check ok" in text
         res["restored_guest_checker_failures"] = text.count("CHECKER FAIL")
+        if files:
+            # What the restore and the first seconds of the restored guest
+            # brought (back) into the page cache.
+            res["store"]["resident_bytes_after_running"] = page_cache_bytes(files)
     except (BenchError, subprocess.SubprocessError, OSError) as e:
         res["error"] = str(e)
     finally:
@@ -757,8 +799,21 @@ def run_failover_once(env, args, i):
             guest.log.close()
         if pair:
             pair.stop()
-    log(f"  failover {i}: failover_ms {res.get('failover_ms')}  outside {res.get('outside_ms') or 0:.0f} ms  "
+        if evict is not None:
+            # Page stores of up to 8 GiB (fallocated) per run: gone after each
+            # run, even with --keep (which keeps the logs).
+            for d in glob.glob(os.path.join(workdir, "b", "domains", DOMAIN, "store-*")):
+                shutil.rmtree(d, ignore_errors=True)
+            res["promotion_phases_ms"] = promotion_phases(os.path.join(workdir, "b.log"))
+    rb = res.get("restored_by") or {}
+    st = res.get("store") or {}
+    log(f"  {name or f'failover {i}'}: failover_ms {res.get('failover_ms')}  outside {res.get('outside_ms') or 0:.0f} ms  "
         f"(remusctl {res.get('command_ms') or 0:.0f} ms) epoch {res.get('last_committed_epoch')}"
+        + (f"  restored {rb.get('mode')} stream {rb.get('stream_bytes')} B mapped {rb.get('mapped_bytes')} B"
+           if rb else "")
+        + (f"  store resident {mib(st.get('resident_bytes'))}/{mib(st.get('data_bytes'))} MiB of data"
+           f" (at start {mib(st.get('resident_bytes_at_start'))})" if st else "")
+        + (f"  guest ok {res.get('restored_guest_check_ok')}" if "restored_guest_check_ok" in res else "")
         + (f"  ERROR {res['error']}" if res.get("error") else ""))
     return res
 
@@ -779,6 +834,321 @@ def bench_failover(env, args):
         "all_restored_guests_ok": all(r.get("restored_guest_check_ok") and not r.get("restored_guest_checker_failures")
                                       for r in ok) if ok else None,
     }
+
+
+# ------------------------------------------- failover against guest size
+# The backup's page store: one sparse, fallocated file per RAM block
+# (<store>/ram-NNN-<id>.img), mapped MAP_SHARED by the backup remusd for as
+# long as it holds the store. "Evicted" below means: none of those files'
+# pages in the page cache when `remusctl failover` runs, as after a long
+# protection on a backup whose page cache went to other guests.
+
+MADV_PAGEOUT = 21
+SYS_PROCESS_MADVISE = 440  # the same number on x86_64 and aarch64
+EVICT_STEPS_ALL = ["fadvise", "dropcaches", "pageout"]
+
+
+def mib(b):
+    return None if b is None else round(b / 2**20, 1)
+
+
+def store_block_files(store_dir):
+    if not store_dir:
+        raise BenchError("the backup's status names no store")
+    files = sorted(glob.glob(os.path.join(store_dir, "ram-*.img")))
+    if not files:
+        raise BenchError(f"no ram-*.img in {store_dir}")
+    return files
+
+
+def page_cache_bytes(files):
+    """Bytes of the files in the page cache: util-linux fincore (mincore(2) on
+    a fresh mapping; faults nothing in)."""
+    try:
+        r = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *files],
+                           capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise BenchError(f"fincore: {e} (util-linux)")
+    if r.returncode != 0:
+        raise BenchError(f"fincore failed: {r.stderr.strip()}")
+    return sum(int(x) for x in r.stdout.split())
+
+
+def data_bytes(path):
+    """Bytes of the file that are data (SEEK_DATA/SEEK_HOLE): what the store
+    wrote. ext4 counts a fallocated, never written extent as a hole unless the
+    page cache holds pages of it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        off = total = 0
+        while off < size:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            total += h - d
+            off = h
+        return total
+    finally:
+        os.close(fd)
+
+
+def fsync_fadvise(files):
+    """fsync (the pages become clean), then POSIX_FADV_DONTNEED. The kernel
+    drops clean pages no process maps; the backup remusd maps the store."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def mapped_ranges(pid, files):
+    """[(start, end)] of pid's mappings of the files, from /proc/pid/maps."""
+    want = {os.path.realpath(f) for f in files}
+    out = []
+    with open(f"/proc/{pid}/maps") as m:
+        for line in m:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].rstrip("\n") in want:
+                s, e = parts[0].split("-")
+                out.append((int(s, 16), int(e, 16)))
+    return out
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def pageout(pid, ranges):
+    """process_madvise(MADV_PAGEOUT) on pid's ranges: the kernel unmaps the
+    pages from that process (if no other maps them) and reclaims them; clean
+    file pages are simply freed. Returns the bytes advised."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    pidfd = os.pidfd_open(pid)
+    done = 0
+    try:
+        for start, end in ranges:
+            off = start
+            while off < end:
+                n = min(end - off, 1 << 30)  # one call moves at most MAX_RW_COUNT
+                iov = _Iovec(off, n)
+                r = libc.syscall(ctypes.c_long(SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), ctypes.byref(iov),
+                                 ctypes.c_size_t(1), ctypes.c_int(MADV_PAGEOUT), ctypes.c_uint(0))
+                if r < 0:
+                    e = ctypes.get_errno()
+                    raise BenchError(f"process_madvise(MADV_PAGEOUT) pid {pid}: {os.strerror(e)}")
+                done += r
+                off += n
+    finally:
+        os.close(pidfd)
+    return done
+
+
+def evict_step(step, files, backup_pid):
+    if step == "fadvise":
+        fsync_fadvise(files)
+        return {}
+    if step == "dropcaches":
+        # Machine-wide: every clean, unmapped page-cache page.
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        with open("/proc/sys/vm/drop_caches", "w") as d:
+            d.write("1\n")
+        return {}
+    if step == "pageout":
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        ranges = mapped_ranges(backup_pid, files)
+        advised = pageout(backup_pid, ranges)
+        fsync_fadvise(files)  # whatever pageout left unmapped but cached
+        return {"backup_mapped_bytes": sum(e - s for s, e in ranges), "advised_bytes": advised}
+    raise BenchError(f"unknown eviction step {step}")
+
+
+def prepare_store(files, evict, steps, backup_pid):
+    """The store's residency right before the failover; with evict, the
+    eviction steps first, each followed by a measurement."""
+    out = {"dir": os.path.dirname(files[0]), "files": [os.path.basename(f) for f in files],
+           "file_bytes": sum(os.path.getsize(f) for f in files),
+           "data_bytes": sum(data_bytes(f) for f in files),
+           "resident_bytes_at_start": page_cache_bytes(files), "eviction": []}
+    resident = out["resident_bytes_at_start"]
+    if evict:
+        for step in steps:
+            t = time.monotonic()
+            r = evict_step(step, files, backup_pid)
+            ms = (time.monotonic() - t) * 1000.0
+            resident = page_cache_bytes(files)
+            out["eviction"].append({"step": step, "ms": round(ms, 1), "resident_bytes": resident, **r})
+    out["resident_bytes"] = resident
+    out["resident_fraction_of_data"] = resident / out["data_bytes"] if out["data_bytes"] else None
+    out["resident_fraction_of_file"] = resident / out["file_bytes"] if out["file_bytes"] else None
+    return out
+
+
+LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z ")
+
+
+def promotion_phases(b_log):
+    """Where the promotion's time went, from the backup remusd's log (ms
+    timestamps): prepare (decision -> the restore starts the new QEMU: checks,
+    the promoting.json marker written durably), qemu_start (-> its monitor
+    answers), load (-> the restore stream written: device state, plus every
+    page when streaming), running (-> promoted)."""
+    marks = {}
+    order = [("promoting", "promoting: "), ("restoring", "restoring epoch "), ("qmp", "qmp: connected to QEMU"),
+             ("stream", "restore: restore stream for "), ("promoted", "promoted in ")]
+    try:
+        with open(b_log, errors="replace") as f:
+            for line in f:
+                m = LOG_TS.match(line)
+                if not m:
+                    continue
+                for key, text in order:
+                    if text in line:
+                        # a fallback from mapping to streaming restarts QEMU: the last one counts
+                        marks[key] = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+    except OSError:
+        return None
+    out = {}
+    for (a, _), (b, _) in zip(order, order[1:]):
+        name = {"restoring": "prepare", "qmp": "qemu_start", "stream": "load", "promoted": "running"}[b]
+        if a in marks and b in marks:
+            out[name] = round((marks[b] - marks[a]) * 1000.0, 1)
+    return out or None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remusctl_has_residency(env):
+    """Whether this build's `remusctl protect` takes --residency hot|paged."""
+    if not hasattr(env, "_has_residency"):
+        r = subprocess.run([env.remusctl, "protect", "--help"], capture_output=True, text=True)
+        env._has_residency = "--residency" in (r.stdout + r.stderr)
+    return env._has_residency
+
+
+def spread(values):
+    """median (nearest rank, as everywhere here), min, max, n."""
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {"n": len(values), "median": pct(values, 0.5), "min": min(values), "max": max(values)}
+
+
+# issue 16: decision -> running
+FAILOVER_SIZE_TARGETS_MS = {256: 300, 8192: 500}
+
+
+def bench_failover_size(env, args):
+    """For each guest size: restore=map and restore=stream, store resident and
+    evicted, interleaved round by round (sizes alternate direction; the four
+    cases rotate each round)."""
+    cases = [(m, r) for r in args.failover_size_residency for m in args.failover_size_modes]
+    # resident and evicted differ only in the page cache: the store unlocked
+    # (protect --residency paged, where the build has it: its default, hot,
+    # locks the whole store, which nothing can evict). hot: the store locked.
+    has_res = remusctl_has_residency(env)
+    if "hot" in args.failover_size_residency and not has_res:
+        raise BenchError("residency case hot: this build's remusctl protect has no --residency")
+    policy = {"resident": "paged" if has_res else None, "evicted": "paged" if has_res else None, "hot": "hot"}
+    runs = []
+    idx = 0
+    for rnd in range(args.failover_size_rounds):
+        for size in (args.failover_sizes if rnd % 2 == 0 else args.failover_sizes[::-1]):
+            k = rnd % len(cases)
+            for mode, resid in cases[k:] + cases[:k]:
+                if (mode == "stream" and args.failover_size_stream_rounds is not None
+                        and size >= args.failover_size_stream_from and rnd >= args.failover_size_stream_rounds):
+                    continue
+                idx += 1
+                res = run_failover_once(env, args, idx, mem=size, wss=args.failover_size_wss,
+                                        dirty=args.failover_size_dirty,
+                                        protected_s=args.failover_size_protected_s, restore=mode,
+                                        evict=(resid == "evicted"), name=f"fsize-{idx:03d}-{size}-{mode}-{resid}",
+                                        protect_residency=policy[resid])
+                res.update({"round": rnd, "mem_mib": size, "restore": mode, "residency": resid,
+                            "protect_residency": policy[resid]})
+                runs.append(res)
+    summary_rows = []
+    for size in args.failover_sizes:
+        for resid in args.failover_size_residency:
+            for mode in args.failover_size_modes:
+                mine = [r for r in runs if (r["mem_mib"], r["restore"], r["residency"]) == (size, mode, resid)]
+                ok = [r for r in mine if not r.get("error")]
+                col = lambda f: [f(r) for r in ok if f(r) is not None]
+                rb = lambda r: r.get("restored_by") or {}
+                st = lambda r: r.get("store") or {}
+                summary_rows.append({
+                    "mem_mib": size, "restore": mode, "residency": resid,
+                    "runs": len(mine), "runs_ok": len(ok),
+                    "failover_ms": spread(col(lambda r: r.get("failover_ms"))),
+                    "outside_ms": spread(col(lambda r: r.get("outside_ms"))),
+                    "command_ms": spread(col(lambda r: r.get("command_ms"))),
+                    "restored_modes": sorted(set(col(lambda r: rb(r).get("mode")))),
+                    "stream_bytes": spread(col(lambda r: rb(r).get("stream_bytes"))),
+                    "mapped_bytes": spread(col(lambda r: rb(r).get("mapped_bytes"))),
+                    "store_data_bytes": spread(col(lambda r: st(r).get("data_bytes"))),
+                    "resident_bytes_before_failover": spread(col(lambda r: st(r).get("resident_bytes"))),
+                    "resident_fraction_of_data": spread(col(lambda r: st(r).get("resident_fraction_of_data"))),
+                    "resident_bytes_after_running": spread(col(lambda r: st(r).get("resident_bytes_after_running"))),
+                    "phases_ms_median": {k: pct(col(lambda r: (r.get("promotion_phases_ms") or {}).get(k)), 0.5)
+                                         for k in ("prepare", "qemu_start", "load", "running")},
+                    "protect_s": spread(col(lambda r: r.get("protect_s"))),
+                    "restored_guests_ok": sum(1 for r in ok if r.get("restored_guest_check_ok")
+                                              and not r.get("restored_guest_checker_failures")),
+                })
+    ratios = []
+    for size in args.failover_sizes:
+        for resid in args.failover_size_residency:
+            get = lambda mode: next((s for s in summary_rows if (s["mem_mib"], s["restore"], s["residency"])
+                                     == (size, mode, resid)), None)
+            m, s = get("map"), get("stream")
+            if not (m and s):
+                continue
+            # Per round too: map and stream of the same round ran back to back.
+            per_round = []
+            for rnd in range(args.failover_size_rounds):
+                pick = lambda mode: next((r.get("failover_ms") for r in runs if not r.get("error") and
+                                          (r["mem_mib"], r["restore"], r["residency"], r["round"]) ==
+                                          (size, mode, resid, rnd)), None)
+                rr = ratio(pick("map"), pick("stream"))
+                if rr is not None:
+                    per_round.append(round(rr, 3))
+            ratios.append({"mem_mib": size, "residency": resid,
+                           "map_over_stream_failover_ms": ratio(m["failover_ms"]["median"], s["failover_ms"]["median"]),
+                           "map_over_stream_outside_ms": ratio(m["outside_ms"]["median"], s["outside_ms"]["median"]),
+                           "map_over_stream_failover_ms_per_round": per_round})
+    targets = {}
+    for s in summary_rows:
+        limit = FAILOVER_SIZE_TARGETS_MS.get(s["mem_mib"])
+        if limit is not None and s["failover_ms"]["median"] is not None:
+            targets[f"failover_ms_le_{limit}@{s['mem_mib']}MiB/{s['restore']}/{s['residency']}"] = \
+                s["failover_ms"]["median"] <= limit
+    return {"sizes_mib": args.failover_sizes, "modes": args.failover_size_modes,
+            "residency": args.failover_size_residency, "rounds": args.failover_size_rounds,
+            "wss_mib": args.failover_size_wss, "dirty_rate": args.failover_size_dirty,
+            "protected_s": args.failover_size_protected_s, "evict_steps": args.evict_steps,
+            "protect_residency": {k: v for k, v in policy.items() if k in args.failover_size_residency},
+            "remusd_sha256": file_sha256(env.remusd),
+            "runs": runs, "summary": summary_rows, "ratios": ratios, "targets": targets}
 
 
 # ------------------------------------------------------------ apply bench
@@ -886,6 +1256,27 @@ def print_summary(doc):
         fmt0 = lambda x: "n/a" if x is None else f"{x:.0f}"
         log(f"failover ({f['guest_mem_mib']} MiB guest): median failover_ms {fmt0(f['median_failover_ms'])}, "
             f"outside {fmt0(f['median_outside_ms'])} ms, runs ok {f['runs_ok']}/{len(f['runs'])}")
+    fs = doc.get("failover_size")
+    if fs:
+        fmt0 = lambda x: "n/a" if x is None else f"{x:.0f}"
+        log("failover against guest size (failover_ms = the backup's decision -> running; outside = command "
+            "issued -> query-status running), median [min-max]:")
+        log(f"  {'MiB':>5} {'restore':7} {'store':8} {'failover_ms':>18} {'outside_ms':>18} {'stream MiB':>10} "
+            f"{'resident':>9} {'mode':9} {'ok':>5}")
+        rng = lambda d: f"{fmt0(d['median'])} [{fmt0(d['min'])}-{fmt0(d['max'])}]"
+        for row in fs["summary"]:
+            fr = row["resident_fraction_of_data"]["median"]
+            sb = row["stream_bytes"]["median"]
+            log(f"  {row['mem_mib']:>5} {row['restore']:7} {row['residency']:8} {rng(row['failover_ms']):>18} "
+                f"{rng(row['outside_ms']):>18} {'n/a' if sb is None else f'{mib(sb):.1f}':>10} "
+                f"{'n/a' if fr is None else f'{100 * fr:.0f}%':>9} {','.join(row['restored_modes']):9} "
+                f"{row['restored_guests_ok']}/{row['runs']}")
+        for r in fs["ratios"]:
+            x = r["map_over_stream_failover_ms"]
+            log(f"  map/stream {r['mem_mib']} MiB {r['residency']}: failover_ms "
+                f"{'n/a' if x is None else f'{x:.2f}'} (per round {r['map_over_stream_failover_ms_per_round']})")
+        for k, v in fs["targets"].items():
+            log(f"  target {k}: {'met' if v else 'MISSED'}")
     a = doc.get("apply")
     if a and a.get("ok"):
         log(f"apply: worst steady {a['worst_steady_gbps']:.2f} GB/s, worst any {a['worst_any_gbps']:.2f} GB/s "
@@ -918,6 +1309,26 @@ def main():
     ap.add_argument("--failover-wss", type=int, default=64)
     ap.add_argument("--failover-dirty", type=int, default=10000)
     ap.add_argument("--failover-protected-s", type=float, default=None, help="default 5; quick 3")
+    ap.add_argument("--failover-sizes", nargs="?", const="256,1024,4096,8192", default=None,
+                    help="run the failover-size part (off unless asked for, or with --only failover-size): "
+                         "guest sizes in MiB, comma separated (default 256,1024,4096,8192)")
+    ap.add_argument("--failover-size-modes", default="map,stream", help="the backup's --restore modes to compare")
+    ap.add_argument("--failover-size-residency", default="resident,evicted",
+                    help="the store's page-cache state at the failover: resident (as the backup left it), "
+                         "evicted (its block files dropped from the page cache first); both protect with "
+                         "--residency paged where remusctl has that option; hot: protect --residency hot "
+                         "(the store locked in memory)")
+    ap.add_argument("--failover-size-rounds", type=int, default=None, help="default --rounds (3; quick 1)")
+    ap.add_argument("--failover-size-stream-rounds", type=int, default=None,
+                    help="restore=stream only in this many rounds at sizes >= --failover-size-stream-from "
+                         "(when streaming a big guest takes too long); default: every round")
+    ap.add_argument("--failover-size-stream-from", type=int, default=8192)
+    ap.add_argument("--failover-size-wss", type=int, default=128, help="dirtier working set, MiB")
+    ap.add_argument("--failover-size-dirty", type=int, default=10000, help="dirty rate, pages/s")
+    ap.add_argument("--failover-size-protected-s", type=float, default=None, help="default 4; quick 3")
+    ap.add_argument("--evict-steps", default="fadvise,pageout",
+                    help=f"how 'evicted' evicts, in order, measuring after each ({','.join(EVICT_STEPS_ALL)}; "
+                         "dropcaches is machine-wide)")
     ap.add_argument("--apply-sizes", default=None, help="store sizes, MiB (default 256,1024; quick 256)")
     ap.add_argument("--apply-large", default=None, help="large store sizes, MiB, run with fewer reps "
                     "(default 4096; quick none; 0 for none)")
@@ -926,6 +1337,8 @@ def main():
     ap.add_argument("--skip-pause", action="store_true")
     ap.add_argument("--skip-failover", action="store_true")
     ap.add_argument("--skip-apply", action="store_true")
+    ap.add_argument("--only", choices=["pause", "failover", "failover-size", "apply"], default=None,
+                    help="run this part alone")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
     ap.add_argument("--keep-samples", action="store_true", help="include every pause sample in the JSON")
     ap.add_argument("--out", default=None, help="result file (default bench/results/<timestamp>.json)")
@@ -955,6 +1368,33 @@ def main():
     elif args.apply_large == "0":
         args.apply_large = ""
     args.apply_reps = args.apply_reps if args.apply_reps is not None else (3 if q else 10)
+    if args.only:
+        args.skip_pause = args.only != "pause"
+        args.skip_failover = args.only != "failover"
+        args.skip_apply = args.only != "apply"
+        if args.only == "failover-size" and args.failover_sizes is None:
+            args.failover_sizes = "256,1024,4096,8192"
+        elif args.only != "failover-size":
+            args.failover_sizes = None
+    if args.failover_sizes is not None:
+        try:
+            args.failover_sizes = [int(x) for x in args.failover_sizes.split(",") if x]
+        except ValueError:
+            ap.error("--failover-sizes: MiB,MiB,...")
+        args.failover_size_modes = [x for x in args.failover_size_modes.split(",") if x]
+        args.failover_size_residency = [x for x in args.failover_size_residency.split(",") if x]
+        args.evict_steps = [x for x in args.evict_steps.split(",") if x]
+        if not args.failover_size_modes or any(x not in ("map", "stream") for x in args.failover_size_modes):
+            ap.error("--failover-size-modes: map,stream")
+        if (not args.failover_size_residency
+                or any(x not in ("resident", "evicted", "hot") for x in args.failover_size_residency)):
+            ap.error("--failover-size-residency: resident,evicted,hot")
+        if any(x not in EVICT_STEPS_ALL for x in args.evict_steps):
+            ap.error(f"--evict-steps: choose from {','.join(EVICT_STEPS_ALL)}")
+        if args.failover_size_rounds is None:
+            args.failover_size_rounds = args.rounds
+        if args.failover_size_protected_s is None:
+            args.failover_size_protected_s = 3.0 if q else 4.0
 
     env = Env(args)
     t_start = time.monotonic()
@@ -973,6 +1413,11 @@ def main():
         if not args.skip_failover:
             log(f"failover: {args.failover_repeats} repeat(s), {args.failover_mem} MiB guest")
             doc["failover"] = bench_failover(env, args)
+        if args.failover_sizes:
+            log(f"failover-size: sizes {args.failover_sizes} MiB, {args.failover_size_rounds} round(s) x "
+                f"restore {'/'.join(args.failover_size_modes)} x store {'/'.join(args.failover_size_residency)}, "
+                f"wss {args.failover_size_wss} MiB, eviction {'+'.join(args.evict_steps)}")
+            doc["failover_size"] = bench_failover_size(env, args)
         if not args.skip_apply:
             doc["apply"] = bench_apply(env, args)
     except KeyboardInterrupt:
@@ -988,6 +1433,8 @@ def main():
             at = str(row["dirty_rate"]) + ("" if row["qemu"] == "default" else "/qemu" + row["qemu"])
             targets[f"pause_ours_over_null_le_1.10@{at}"] = row["target_ours_null_le_1_10"]
             targets[f"pause_delayed_eq_ours@{at}"] = row["target_delayed_eq_ours_within_10pct"]
+    if doc.get("failover_size"):
+        targets.update(doc["failover_size"]["targets"])
     if doc.get("apply", {}).get("ok"):
         targets["apply_steady_ge_1GBps"] = doc["apply"]["target_met_steady"]
         targets["apply_all_ge_1GBps"] = doc["apply"]["target_met_all"]
