@@ -952,24 +952,28 @@ def pageout(pid, ranges):
     return done
 
 
+def fsync_files(files):
+    """Writes the files' dirty pages back, so that eviction may drop them."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def evict_step(step, files, backup_pid):
     if step == "fadvise":
         fsync_fadvise(files)
         return {}
     if step == "dropcaches":
         # Machine-wide: every clean, unmapped page-cache page.
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        fsync_files(files)
         with open("/proc/sys/vm/drop_caches", "w") as d:
             d.write("1\n")
         return {}
     if step == "pageout":
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        fsync_files(files)
         ranges = mapped_ranges(backup_pid, files)
         advised = pageout(backup_pid, ranges)
         fsync_fadvise(files)  # whatever pageout left unmapped but cached
