@@ -999,7 +999,8 @@ json BackupDomain::StatusJson() const {
     const bool hot = WantsHot(committed_ ? config_ : session_config_);
     const ResidencyPin* pin = committed_ ? pin_.get() : syncing_pin_.get();
     json r = {{"policy", hot ? "hot" : "paged"}, {"locked_bytes", pin ? pin->locked_bytes() : 0}};
-    auto m = MeasureResidency(StoreFiles(*store));
+    const std::vector<std::string> files = StoreFiles(*store);
+    auto m = MeasureResidency(files);
     if (m.ok()) {
       double pct = m->total_bytes ? 100.0 * static_cast<double>(m->resident_bytes) / static_cast<double>(m->total_bytes)
                                   : 100.0;
@@ -1016,7 +1017,7 @@ json BackupDomain::StatusJson() const {
     // What this domain takes from the backup (N-to-1: each is bounded by the
     // guest's size and max_staged_bytes, and one session's threads).
     uint64_t allocated = 0;
-    for (const auto& f : StoreFiles(*store)) {
+    for (const auto& f : files) {
       struct stat sb;
       if (::stat(f.c_str(), &sb) == 0) allocated += static_cast<uint64_t>(sb.st_blocks) * 512;
     }
