@@ -142,6 +142,20 @@ class BackupServerTest : public ::testing::Test {
     FAIL() << "state never became " << want << ": " << (server_->HasDomain("vm1") ? DomainStatus().dump() : "no domain");
   }
 
+  // After a restart: the old port first; ctest runs tests in parallel and
+  // another fixture's probe may have taken it in the meantime, so any free
+  // port of the range will do (port_ follows).
+  bool ListenAgain() {
+    if (server_->Listen({"127.0.0.1", port_}).ok()) return true;
+    for (uint16_t port = 27000; port < 27100; port++) {
+      if (server_->Listen({"127.0.0.1", port}).ok()) {
+        port_ = port;
+        return true;
+      }
+    }
+    return false;
+  }
+
   std::string dir_;
   uint16_t port_ = 0;
   std::unique_ptr<BackupServer> server_;
@@ -324,7 +338,7 @@ TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
   o.auto_promote = false;
   o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
   server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
-  ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  ASSERT_TRUE(ListenAgain());
   ASSERT_TRUE(server_->HasDomain("vm1"));
   json st = DomainStatus();
   EXPECT_EQ(st["state"], "primary-lost") << st.dump();
@@ -377,7 +391,7 @@ class BackupRecoverTest : public BackupServerTest {
     o.tls = BackupTls('k');
     o.auto_promote = false;
     server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
-    ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+    ASSERT_TRUE(ListenAgain());
   }
 };
 
@@ -676,7 +690,7 @@ TEST_F(BackupServerTest, UncommittedResyncLeavesNoCheckpoint) {
   o.tls = BackupTls('k');
   o.auto_promote = false;
   server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
-  ASSERT_TRUE(server_->Listen({"127.0.0.1", port_}).ok());
+  ASSERT_TRUE(ListenAgain());
   ASSERT_TRUE(server_->HasDomain("vm1"));
   s = server_->Failover("vm1");
   EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
