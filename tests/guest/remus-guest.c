@@ -20,6 +20,16 @@
  *       if given, else an internal per-process request counter. <s> is a
  *       per-connection sequence number starting at 1.
  *
+ *   remus-guest kv PORT DEV VALUE_KIB [GPA]
+ *       The tcp service, plus a read-only key-value store whose data set is the
+ *       block device DEV, read with plain pread() through the guest's page
+ *       cache: value k is the VALUE_KIB KiB at byte k*VALUE_KIB*1024. A line
+ *       "GET <k>" is answered with "seq=<s> counter=<c> key=<k> crc=<crc32 of
+ *       the value, 8 hex digits>\n" (or "... key=<k> err=<reason>"); any
+ *       other line is echoed as by tcp. The failover-latency benchmark's
+ *       service: a data set larger than the guest's memory, so how warm the
+ *       guest's page cache is shows in the latency.
+ *
  *   remus-guest disk raw|fs DEV RATE VERIFY_SEC WINDOW SYNC [GPA]
  *       Disk record writer and verifier. raw: 4 KiB records written with
  *       O_DIRECT (+O_DSYNC if SYNC) to the block device DEV at seq*4096.
@@ -333,6 +343,73 @@ struct conn {
 	char buf[LBUF];
 };
 
+static uint32_t crc32_buf(const void *p, size_t n);
+static int wait_dev(const char *dev);
+
+/* The kv data set (remus-guest kv): fd < 0 when the service is plain tcp. */
+static struct {
+	int fd;
+	uint64_t nvals;
+	size_t vsz;
+	unsigned char *buf;
+} kv = { .fd = -1 };
+
+static int kv_open(const char *dev, unsigned long vkib)
+{
+	uint64_t size = 0;
+	if (wait_dev(dev) < 0)
+		return -1;
+	kv.fd = open(dev, O_RDONLY | O_CLOEXEC); /* buffered: the page cache */
+	if (kv.fd < 0 || ioctl(kv.fd, BLKGETSIZE64, &size) < 0 || !vkib) {
+		say("FATAL kv: %s: %s", dev, strerror(errno));
+		return -1;
+	}
+	kv.vsz = vkib * 1024;
+	kv.nvals = size / kv.vsz;
+	kv.buf = malloc(kv.vsz);
+	if (!kv.buf || !kv.nvals) {
+		say("FATAL kv: %s holds no %lu KiB value", dev, vkib);
+		return -1;
+	}
+	say("kv: %" PRIu64 " values of %lu KiB on %s", kv.nvals, vkib, dev);
+	return 0;
+}
+
+/* Formats the answer to a "GET <k>" line into out; returns its length. */
+static int kv_get(const char *line, size_t len, uint64_t seq, uint64_t val,
+		  char *out, size_t outsz)
+{
+	char num[32];
+	size_t nl = len - 4 < sizeof num - 1 ? len - 4 : sizeof num - 1;
+	memcpy(num, line + 4, nl);
+	num[nl] = 0;
+	char *end;
+	uint64_t k = strtoull(num, &end, 10);
+	const char *err = NULL;
+	if (end == num || *end)
+		err = "bad-key";
+	else if (k >= kv.nvals)
+		err = "out-of-range";
+	size_t got = 0;
+	while (!err && got < kv.vsz) {
+		ssize_t r = pread(kv.fd, kv.buf + got, kv.vsz - got,
+				  (off_t)(k * kv.vsz + got));
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			err = r < 0 ? "io-error" : "short-read";
+		else
+			got += r;
+	}
+	if (err)
+		return snprintf(out, outsz,
+				"seq=%" PRIu64 " counter=%" PRIu64 " key=%s err=%s\n",
+				seq, val, num, err);
+	return snprintf(out, outsz,
+			"seq=%" PRIu64 " counter=%" PRIu64 " key=%" PRIu64 " crc=%08x\n",
+			seq, val, k, crc32_buf(kv.buf, kv.vsz));
+}
+
 static _Noreturn void run_tcp(int port, uint64_t gpa, int have_gpa)
 {
 	volatile uint64_t *c = NULL;
@@ -427,9 +504,13 @@ static _Noreturn void run_tcp(int port, uint64_t gpa, int have_gpa)
 					el--;
 				uint64_t val = c ? *c : ++internal;
 				char out[LBUF + 96];
-				int on = snprintf(out, sizeof out,
-						  "seq=%" PRIu64 " counter=%" PRIu64 " echo=%.*s\n",
-						  ++k->seq, val, (int)el, k->buf);
+				int on;
+				if (kv.fd >= 0 && el > 4 && !memcmp(k->buf, "GET ", 4))
+					on = kv_get(k->buf, el, ++k->seq, val, out, sizeof out);
+				else
+					on = snprintf(out, sizeof out,
+						      "seq=%" PRIu64 " counter=%" PRIu64 " echo=%.*s\n",
+						      ++k->seq, val, (int)el, k->buf);
 				if (write(k->fd, out, on) != on)
 					dead = 1;
 				memmove(k->buf, nl + 1, k->len - ll - 1);
@@ -910,6 +991,7 @@ static _Noreturn void usage(void)
 		"usage: remus-guest counter GPA\n"
 		"       remus-guest dirty PAGES_PER_SEC WSS_MIB CHECK(0|1)\n"
 		"       remus-guest tcp PORT [GPA]\n"
+		"       remus-guest kv PORT DEV VALUE_KIB [GPA]\n"
 		"       remus-guest disk raw|fs DEV RATE VERIFY_SEC WINDOW SYNC(0|1) [GPA]\n");
 	exit(2);
 }
@@ -927,6 +1009,13 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "tcp") && (argc == 3 || argc == 4))
 		run_tcp(atoi(argv[2]), argc == 4 ? strtoull(argv[3], NULL, 0) : 0,
 			argc == 4);
+	if (!strcmp(argv[1], "kv") && (argc == 5 || argc == 6)) {
+		crc_init();
+		if (kv_open(argv[3], strtoul(argv[4], NULL, 0)) < 0)
+			park();
+		run_tcp(atoi(argv[2]), argc == 6 ? strtoull(argv[5], NULL, 0) : 0,
+			argc == 6);
+	}
 	if (!strcmp(argv[1], "disk") && (argc == 8 || argc == 9) &&
 	    (!strcmp(argv[2], "raw") || !strcmp(argv[2], "fs")))
 		run_disk(!strcmp(argv[2], "fs"), argv[3], strtod(argv[4], NULL),

@@ -3,13 +3,15 @@
 
     tests/guest/smoke-test.py [--outdir build/guest] [--kernel vmlinux|vmlinuz]
                               [--qemu qemu-system-x86_64] [--dirty 10000] [--wss 32]
-                              [--cases base,disk,qcow2,diskfs]
+                              [--cases base,kv,disk,qcow2,diskfs]
 
 Cases (each boots its own guest under TCG):
 
 * base: counter, dirtier+checker and TCP knobs with a virtio-net NIC (slirp
   with hostfwd): a `check ok` line appears, the counter read through QMP `xp`
   increases, a TCP request gets its answer.
+* kv: remus.kv on a small raw disk of random bytes: every GET's CRC is
+  zlib's CRC-32 of the value's bytes; out-of-range and bad keys get err=.
 * disk: remus.disk on a 64 MiB raw image (cache=none) with remus.diskgpa and a
   small remus.diskwindow (so the rolling verification runs): a few `DISK OK`
   lines, then QMP stop, last_durable read with `xp` at the GPA, QEMU killed
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 GPA = 0x8000000
 DISKGPA = GPA + 0x1000  # in the same memmap=64K region
@@ -230,6 +233,44 @@ def case_base(a, tmp):
     return g
 
 
+def case_kv(a, tmp):
+    """remus.kv: 64 values of 16 KiB on a raw disk of random bytes; each GET's
+    CRC is zlib's of the same bytes; past the end: err=out-of-range."""
+    img = os.path.join(tmp, "kv.img")
+    with open(img, "wb") as f:
+        f.write(os.urandom(64 * 16384))
+    data = open(img, "rb").read()
+    port = free_port()
+    append = "remus.ip=10.0.2.15/24 remus.tcp=7000 remus.kv=vda remus.kvval=16"
+    g = Guest(a, tmp, "kv", append,
+              ["-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:%d-:7000" % port,
+               "-device", "virtio-net-pci,netdev=n0,romfile=",
+               "-drive", "file=%s,if=none,format=raw,id=d0,readonly=on,cache=none" % img,
+               "-device", "virtio-blk-pci,drive=d0"])
+    try:
+        g.wait_for(r"remus-guest: kv: 64 values of 16 KiB on /dev/vda")
+        g.wait_for(r"remus-guest: tcp listening")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            f = s.makefile("rw")
+            for i, k in enumerate((0, 63, 17, 17, 64, "x"), 1):
+                f.write("GET %s\n" % k)
+                f.flush()
+                line = f.readline().strip()
+                print("smoke: kv reply: " + line)
+                if k == 64 or k == "x":
+                    want = "err=%s" % ("out-of-range" if k == 64 else "bad-key")
+                    ok = re.fullmatch(r"seq=%d counter=\d+ key=%s %s" % (i, k, want), line)
+                else:
+                    crc = zlib.crc32(data[k * 16384:(k + 1) * 16384])
+                    ok = re.fullmatch(r"seq=%d counter=\d+ key=%d crc=%08x" % (i, k, crc), line)
+                if not ok:
+                    raise RuntimeError("bad kv reply %r to GET %s" % (line, k))
+        g.no_bad_lines()
+    finally:
+        g.stop()
+    return g
+
+
 def case_disk(a, tmp):
     img = os.path.join(tmp, "disk.img")
     with open(img, "wb") as f:
@@ -333,7 +374,7 @@ def case_diskfs(a, tmp):
     return g
 
 
-CASES = {"base": case_base, "disk": case_disk, "qcow2": case_qcow2, "diskfs": case_diskfs}
+CASES = {"base": case_base, "kv": case_kv, "disk": case_disk, "qcow2": case_qcow2, "diskfs": case_diskfs}
 
 
 
