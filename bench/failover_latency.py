@@ -155,7 +155,7 @@ def wait_answers(path, n, timeout, what):
 
 
 def run_case(case, args, data, rnd):
-    from conftest import DOMAIN, World, read_text
+    from conftest import DOMAIN, World
     from run_bench import page_cache_bytes, prepare_store, store_block_files
     from test_netbuf import Net
 
@@ -218,7 +218,10 @@ def run_case(case, args, data, rnd):
             time.sleep(0.5)
         time.sleep(args.after)
         stop.touch()
-        client.wait(timeout=args.give_up + 30)
+        try:
+            client.wait(timeout=args.give_up + 30)
+        except subprocess.TimeoutExpired:
+            res["client_killed"] = True  # its events so far still count
         if case == "paged":
             # What the restored guest brought back into the page cache.
             res["store"]["resident_bytes_after"] = page_cache_bytes(files)

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -98,6 +99,9 @@ def connect(host, port, timeout):
     s = socket.create_connection((host, port), timeout=timeout)
     s.settimeout(None)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A send may not block the schedule: a peer that stopped acknowledging
+    # fills the send buffer, and the give-up check must still run.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
     return s
 
 

@@ -31,6 +31,14 @@ Parts (see bench/README.md):
             resident and evicted from the page cache, interleaved round by
             round; failover_ms, outside view, promotion.restored_by, the
             store's residency before the failover (measured, not assumed).
+  n-to-one  (only with --only n-to-one; issue 16) N light guests (8 x 256 MiB,
+            2000 pages/s, interval 200 ms) protected through one primary
+            remusd to one backup remusd: each guest's pause protected alone
+            (the others running unprotected) against all N protected at
+            once, alternating round by round; the backup's receive/commit
+            throughput and CPU. All N guests run throughout, so the CPU the
+            N guests take is the same in both conditions; what differs is
+            remus protecting one of them or all N at once.
   apply     build/bench/bench_apply: PageStore::Commit throughput vs memcpy.
 
 Output: one JSON document on stdout and in bench/results/<timestamp>.json;
@@ -39,6 +47,7 @@ a human-readable summary on stderr.
 Usage: python3 bench/run_bench.py [--quick] [--skip-pause] [--skip-failover]
                                   [--skip-apply] [--rounds N] [--seconds S] ...
        python3 bench/run_bench.py --only failover-size [--failover-sizes 256,1024,4096,8192]
+       python3 bench/run_bench.py --only n-to-one [--rounds 2] [--n-to-one-seconds 30]
 """
 
 import argparse
@@ -54,6 +63,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -424,8 +434,8 @@ class Env:
             raise BenchError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def status(self, sock):
-        r = self.ctl("status", DOMAIN, "--json", sock=sock, timeout=10, check=False)
+    def status(self, sock, domain=DOMAIN):
+        r = self.ctl("status", domain, "--json", sock=sock, timeout=10, check=False)
         if r.returncode != 0:
             return None
         try:
@@ -487,8 +497,8 @@ class RemusPair:
                 raise BenchError(f"remusd did not start; see {workdir}/a.log and b.log")
             time.sleep(0.05)
 
-    def protect(self, guest, interval_ms, timeout_s=120, extra=()):
-        self.env.ctl("protect", DOMAIN, "--qmp", guest.qmp_receiver, "--backup", f"127.0.0.1:{self.port}",
+    def protect(self, guest, interval_ms, timeout_s=120, extra=(), domain=DOMAIN):
+        self.env.ctl("protect", domain, "--qmp", guest.qmp_receiver, "--backup", f"127.0.0.1:{self.port}",
                      "--interval", str(interval_ms), "--timeout", str(timeout_s), *extra, sock=self.a_sock,
                      timeout=timeout_s + 30)
 
@@ -1155,6 +1165,210 @@ def bench_failover_size(env, args):
             "runs": runs, "summary": summary_rows, "ratios": ratios, "targets": targets}
 
 
+# ------------------------------------------------------ N-to-1 (issue 16)
+N_TO_ONE_TARGET = 1.2  # each guest's pause with all on one backup, over its pause alone
+
+
+def median(values):
+    """The median of a few values (windows, guests): of two, their mean."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def status_rows(env, sock):
+    """Every domain's status row on one remusd (one `remusctl status --json`),
+    by name, and the time it was taken (the middle of the call)."""
+    t = time.monotonic()
+    r = env.ctl("status", "--json", sock=sock, timeout=10, check=False)
+    try:
+        rows = json.loads(r.stdout) if r.returncode == 0 else []
+    except ValueError:
+        rows = []
+    return (t + time.monotonic()) / 2, {d.get("domain"): d for d in rows}
+
+
+def run_delay_s(pid):
+    """Seconds the threads of a process (those alive now) have spent runnable
+    but waiting for a CPU (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(f) as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
+def counter_delta(r0, r1, *path):
+    """r1 - r0 of a counter at path in two status rows (None where missing)."""
+    v = []
+    for r in (r0, r1):
+        for k in path:
+            r = r.get(k) if isinstance(r, dict) else None
+        v.append(r)
+    return None if None in v else v[1] - v[0]
+
+
+def hist_mean_ms(r0, r1, *path):
+    """The mean, in ms, of what a cumulative histogram (seconds) got between two status rows."""
+    n, s = counter_delta(r0, r1, *path, "count"), counter_delta(r0, r1, *path, "sum")
+    return 1000.0 * s / n if n else None
+
+
+def run_n_to_one_window(env, args, pair, guests, protect, cond, rnd):
+    """Protects the domains in `protect` (names in `guests`, a dict name ->
+    Guest, all running) to the one backup, records each one's pauses over a
+    window, and unprotects them. The CPU meter covers every guest's QEMU."""
+    res = {"condition": cond, "round": rnd, "domains": protect, "load_before": loadavg()}
+    try:
+        t = time.monotonic()
+        for d in protect:
+            pair.protect(guests[d], args.n_to_one_interval, timeout_s=300, domain=d)
+        res["protect_s"] = time.monotonic() - t
+        t_from = time.time() + args.warmup
+        t_to = t_from + args.n_to_one_seconds
+        pids = {"remusd_backup": pair.b.pid, "remusd_primary": pair.a.pid,
+                **{f"qemu_{d}": g.proc.pid for d, g in guests.items()}}
+        meter = CpuMeter(pids)
+        time.sleep(max(0.0, t_from - time.time()))
+        off = {d: guests[d].serial_size() for d in protect}
+        (_, a0), (tb, b0) = status_rows(env, pair.a_sock), status_rows(env, pair.b_sock)
+        w0, tw = {k: run_delay_s(p) for k, p in pids.items()}, time.monotonic()
+        meter.start()
+        time.sleep(max(0.0, t_to - time.time()))
+        cpu = meter.stop()
+        wait = {k: 100.0 * (run_delay_s(p) - w0[k]) / (time.monotonic() - tw) for k, p in pids.items()}
+        (_, a1), (tb1, b1) = status_rows(env, pair.a_sock), status_rows(env, pair.b_sock)
+        for m in (cpu, wait):
+            m["qemu_all"] = round(sum(m.pop(f"qemu_{d}", 0) for d in guests), 1)
+        res["cpu_percent"] = cpu
+        # Time runnable but not running, summed over threads (% of the window):
+        # how long the CPU kept each side waiting.
+        res["runqueue_wait_percent"] = {k: round(v, 1) for k, v in wait.items()}
+        # The backup counts no committed bytes: once the initial copies are
+        # done, every byte it receives belongs to a checkpoint it commits.
+        total = lambda *path: sum(counter_delta(b0.get(d), b1.get(d), *path) or 0 for d in protect)
+        res["backup"] = {"bytes_per_s": total("link", "bytes_received") / (tb1 - tb),
+                         "commits_per_s": total("checkpoints_total") / (tb1 - tb)}
+        time.sleep(0.3)  # the last RESUME of the window
+        res["guests"] = {}
+        for d in protect:
+            g = guests[d]
+            ms = [p for _, p in pauses_in_window(g.qmp.events_snapshot(), t_from, t_to)]
+            st, p0, q0, q1 = a1.get(d) or {}, a0.get(d), b0.get(d), b1.get(d)
+            res["guests"][d] = {"pause_samples_ms": [round(p, 3) for p in ms], "pause_ms": summary(ms),
+                                "guest_rate_pages_per_s": pct(guest_rates(g.serial_text(off[d])), 0.5),
+                                "pages_per_epoch_p50": (st.get("dirty_pages_per_epoch") or {}).get("p50"),
+                                # over the window: checkpoints that waited for the backup (the guest
+                                # paused), LOADED -> ACK, the backup's commit of a checkpoint
+                                "backpressure_waits": counter_delta(p0, st, "backpressure_waits"),
+                                "ack_ms_mean": hist_mean_ms(p0, st, "histograms", "ack_seconds"),
+                                "apply_ms_mean": hist_mean_ms(q0, q1, "histograms", "apply_seconds"),
+                                "state": st.get("state")}
+            if st.get("state") != "protected":
+                res["error"] = f"{d}: primary state {st.get('state')}: {st.get('error')}"
+    except (BenchError, subprocess.SubprocessError, OSError) as e:
+        res["error"] = str(e)
+    finally:
+        for d in protect:
+            env.ctl("unprotect", d, sock=pair.a_sock, timeout=60, check=False)
+        # unprotect returns before the backup has read the primary's GOODBYE
+        # (behind the checkpoints it has yet to apply); until it has, it
+        # refuses a new protect of the domain ("already has a primary connected").
+        t = time.monotonic()
+        while time.monotonic() - t < 60:
+            rows = status_rows(env, pair.b_sock)[1]
+            if not any((rows.get(d) or {}).get("connected") for d in protect):
+                break
+            time.sleep(0.1)
+        res["backup_release_s"] = time.monotonic() - t
+    res["load_after"] = loadavg()
+    p50 = {d: (g["pause_ms"].get("p50") or 0) for d, g in res.get("guests", {}).items()}
+    log(f"  {cond:6s} round {rnd} {','.join(protect)}: pause p50 "
+        + " ".join(f"{v:.1f}" for v in p50.values())
+        + f" ms  backup {mib((res.get('backup') or {}).get('bytes_per_s')) or 0:.1f} MiB/s  "
+          f"cpu% {res.get('cpu_percent')}  run-queue wait% {res.get('runqueue_wait_percent')}  "
+          f"released {res['backup_release_s']:.1f} s  load {res['load_after']}"
+        + (f"  ERROR {res['error']}" if res.get("error") else ""))
+    return res
+
+
+def bench_n_to_one(env, args):
+    """N light guests, all booted and running throughout (the CPU of N TCG
+    guests is the same in both conditions). Per round: 'alone', each guest in
+    turn protected by itself to the one backup; 'shared', all N protected at
+    once; the order of the two alternates round by round."""
+    names = [f"vm{i}" for i in range(args.n_to_one_guests)]
+    workdir = os.path.join(env.tmp, "n-to-one")
+    guests, runs, pair = {}, [], None
+    try:
+        for d in names:
+            guests[d] = Guest(env, os.path.join(workdir, d), args.n_to_one_mem, args.n_to_one_dirty,
+                              args.n_to_one_wss)
+        boot_s = {d: round(g.wait_workload(timeout=120 + 30 * len(names)), 1) for d, g in guests.items()}
+        log(f"n-to-one: {len(names)} guests running (boot {max(boot_s.values()):.0f} s), load {loadavg()}")
+        pair = RemusPair(env, workdir)
+        for rnd in range(args.n_to_one_rounds):
+            for cond in (("alone", "shared") if rnd % 2 == 0 else ("shared", "alone")):
+                if cond == "shared":
+                    runs.append(run_n_to_one_window(env, args, pair, guests, names, cond, rnd))
+                else:
+                    for d in (names if rnd % 2 == 0 else names[::-1]):
+                        runs.append(run_n_to_one_window(env, args, pair, guests, [d], cond, rnd))
+        checker = {d: g.serial_text().count("CHECKER FAIL") for d, g in guests.items()}
+    finally:
+        for g in guests.values():
+            g.stop()
+        if pair:
+            pair.stop()
+    rows = []
+    for d in names:
+        row = {"domain": d}
+        for cond in ("alone", "shared"):
+            mine = [r["guests"][d] for r in runs if r["condition"] == cond and d in r.get("guests", {})]
+            col = lambda k: [g[k] for g in mine if g.get(k) is not None]
+            row[cond] = {"pause_ms": summary([p for g in mine for p in g["pause_samples_ms"]]),
+                         "pause_p50_per_round": [g["pause_ms"].get("p50") for g in mine],
+                         "backpressure_waits": sum(col("backpressure_waits")),
+                         **{k: median(col(k)) for k in ("guest_rate_pages_per_s", "pages_per_epoch_p50",
+                                                        "ack_ms_mean", "apply_ms_mean")}}
+        row["ratio_shared_alone"] = {s: ratio(row["shared"]["pause_ms"].get(s), row["alone"]["pause_ms"].get(s))
+                                     for s in ("p50", "p99", "mean")}
+        row["checker_failures"] = checker.get(d)
+        rows.append(row)
+    if not args.keep_samples:
+        for r in runs:
+            for g in r.get("guests", {}).values():
+                g.pop("pause_samples_ms", None)
+    r50 = [r["ratio_shared_alone"]["p50"] for r in rows if r["ratio_shared_alone"]["p50"] is not None]
+    worst = max(rows, key=lambda r: r["ratio_shared_alone"]["p50"] or 0)
+    backup = {}
+    for cond in ("alone", "shared"):
+        mine = [r for r in runs if r["condition"] == cond and not r.get("error")]
+        col = lambda f: median([f(r) for r in mine])
+        backup[cond] = {"windows": len(mine),
+                        "bytes_per_s_median": col(lambda r: r["backup"]["bytes_per_s"]),
+                        "commits_per_s_median": col(lambda r: r["backup"]["commits_per_s"]),
+                        "cpu_percent_median": {k: col(lambda r, k=k: r["cpu_percent"].get(k)) for k in
+                                               ("remusd_backup", "remusd_primary", "qemu_all", "machine_busy",
+                                                "others")},
+                        "runqueue_wait_percent_median": {k: col(lambda r, k=k: r["runqueue_wait_percent"].get(k))
+                                                         for k in ("remusd_backup", "remusd_primary", "qemu_all")},
+                        "apply_ms_mean_median": median([g.get("apply_ms_mean") for r in mine
+                                                        for g in r["guests"].values()]),
+                        "backup_release_s_max": max((r["backup_release_s"] for r in mine), default=None)}
+    return {"guests": args.n_to_one_guests, "mem_mib": args.n_to_one_mem, "dirty_rate": args.n_to_one_dirty,
+            "wss_mib": args.n_to_one_wss, "interval_ms": args.n_to_one_interval, "rounds": args.n_to_one_rounds,
+            "seconds": args.n_to_one_seconds, "warmup_s": args.warmup, "boot_s": boot_s,
+            "note": "all guests run throughout in both conditions; what differs is remus (one primary remusd, "
+                    "one backup remusd) protecting one of them or all at once",
+            "runs": runs, "summary": rows, "backup": backup,
+            "median_ratio_p50": median(r50), "worst": {"domain": worst["domain"], **worst["ratio_shared_alone"]},
+            "targets": {f"n_to_one_pause_p50_within_{N_TO_ONE_TARGET}x_alone":
+                        bool(r50) and len(r50) == len(rows) and max(r50) <= N_TO_ONE_TARGET}}
+
+
 # ------------------------------------------------------------ apply bench
 def bench_apply(env, args):
     """Runs bench_apply once per size group and merges the results."""
@@ -1281,6 +1495,30 @@ def print_summary(doc):
                 f"{'n/a' if x is None else f'{x:.2f}'} (per round {r['map_over_stream_failover_ms_per_round']})")
         for k, v in fs["targets"].items():
             log(f"  target {k}: {'met' if v else 'MISSED'}")
+    n = doc.get("n_to_one")
+    if n:
+        fmt = lambda x, f=".2f": "n/a" if x is None else format(x, f)
+        log(f"n-to-one: {n['guests']} guests on one backup, pause (ms, QMP STOP->RESUME) alone vs shared; "
+            f"all {n['guests']} guests ran in both conditions:")
+        log(f"  {'domain':6} {'alone p50':>9} {'p99':>7} {'shared p50':>10} {'p99':>7} {'ratio p50':>9} {'p99':>6} "
+            f"{'pages/ep':>8} {'ack ms a/s':>11} {'waits':>5} {'n':>7}")
+        for r in n["summary"]:
+            a, s, x = r["alone"], r["shared"], r["ratio_shared_alone"]
+            log(f"  {r['domain']:6} {fmt(a['pause_ms'].get('p50')):>9} {fmt(a['pause_ms'].get('p99')):>7} "
+                f"{fmt(s['pause_ms'].get('p50')):>10} {fmt(s['pause_ms'].get('p99')):>7} {fmt(x['p50']):>9} "
+                f"{fmt(x['p99']):>6} {str(s['pages_per_epoch_p50']):>8} "
+                f"{fmt(a['ack_ms_mean'], '.0f') + '/' + fmt(s['ack_ms_mean'], '.0f'):>11} {s['backpressure_waits']:>5} "
+                f"{a['pause_ms'].get('n', 0):>3}/{s['pause_ms'].get('n', 0):<3}")
+        for cond, b in n["backup"].items():
+            log(f"  backup {cond:6}: {fmt(mib(b['bytes_per_s_median']), '.1f')} MiB/s received and committed, "
+                f"{fmt(b['commits_per_s_median'], '.1f')} commits/s, apply {fmt(b['apply_ms_mean_median'], '.1f')} ms "
+                f"per commit; cpu% (of one core, median) {b['cpu_percent_median']}; "
+                f"run-queue wait% {b['runqueue_wait_percent_median']}")
+        w = n["worst"]
+        log(f"  median ratio p50 {fmt(n['median_ratio_p50'])}, worst {w['domain']} p50 {fmt(w['p50'])} "
+            f"p99 {fmt(w['p99'])}")
+        for k, v in n["targets"].items():
+            log(f"  target {k}: {'met' if v else 'MISSED'}")
     a = doc.get("apply")
     if a and a.get("ok"):
         log(f"apply: worst steady {a['worst_steady_gbps']:.2f} GB/s, worst any {a['worst_any_gbps']:.2f} GB/s "
@@ -1330,6 +1568,16 @@ def main():
     ap.add_argument("--failover-size-wss", type=int, default=128, help="dirtier working set, MiB")
     ap.add_argument("--failover-size-dirty", type=int, default=10000, help="dirty rate, pages/s")
     ap.add_argument("--failover-size-protected-s", type=float, default=None, help="default 4; quick 3")
+    ap.add_argument("--n-to-one-guests", type=int, default=8, help="n-to-one: guests protected to one backup")
+    ap.add_argument("--n-to-one-mem", type=int, default=256, help="n-to-one: guest memory, MiB (256 at least: "
+                    "the counter page at GPA 64 MiB)")
+    ap.add_argument("--n-to-one-dirty", type=int, default=2000, help="n-to-one: dirty rate, pages/s")
+    ap.add_argument("--n-to-one-wss", type=int, default=16, help="n-to-one: dirtier working set, MiB")
+    ap.add_argument("--n-to-one-interval", type=int, default=200, help="n-to-one: checkpoint interval, ms")
+    ap.add_argument("--n-to-one-seconds", type=float, default=None, help="n-to-one: measured seconds per window "
+                    "(default 30; quick 5)")
+    ap.add_argument("--n-to-one-rounds", type=int, default=None, help="n-to-one: rounds of alone/shared "
+                    "(default --rounds if given, else 2; quick 1)")
     ap.add_argument("--evict-steps", default="fadvise,pageout",
                     help=f"how 'evicted' evicts, in order, measuring after each ({','.join(EVICT_STEPS_ALL)}; "
                          "dropcaches is machine-wide)")
@@ -1341,7 +1589,7 @@ def main():
     ap.add_argument("--skip-pause", action="store_true")
     ap.add_argument("--skip-failover", action="store_true")
     ap.add_argument("--skip-apply", action="store_true")
-    ap.add_argument("--only", choices=["pause", "failover", "failover-size", "apply"], default=None,
+    ap.add_argument("--only", choices=["pause", "failover", "failover-size", "apply", "n-to-one"], default=None,
                     help="run this part alone")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
     ap.add_argument("--keep-samples", action="store_true", help="include every pause sample in the JSON")
@@ -1361,6 +1609,9 @@ def main():
     args.receivers = [x for x in args.receivers.split(",") if x]
     if not args.receivers or any(x not in ALL_RECEIVERS + DIAGNOSTIC_RECEIVERS for x in args.receivers):
         ap.error(f"--receivers: choose from {','.join(ALL_RECEIVERS + DIAGNOSTIC_RECEIVERS)}")
+    if args.n_to_one_rounds is None:
+        args.n_to_one_rounds = args.rounds if args.rounds is not None else (1 if q else 2)
+    args.n_to_one_seconds = args.n_to_one_seconds if args.n_to_one_seconds is not None else (5.0 if q else 30.0)
     args.seconds = args.seconds if args.seconds is not None else (4.0 if q else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
     args.rounds = args.rounds if args.rounds is not None else (1 if q else 3)
@@ -1422,6 +1673,12 @@ def main():
                 f"restore {'/'.join(args.failover_size_modes)} x store {'/'.join(args.failover_size_residency)}, "
                 f"wss {args.failover_size_wss} MiB, eviction {'+'.join(args.evict_steps)}")
             doc["failover_size"] = bench_failover_size(env, args)
+        if args.only == "n-to-one":
+            log(f"n-to-one: {args.n_to_one_guests} guests x {args.n_to_one_mem} MiB (dirty "
+                f"{args.n_to_one_dirty}/s, wss {args.n_to_one_wss} MiB), interval {args.n_to_one_interval} ms, "
+                f"{args.n_to_one_rounds} round(s) of alone/shared, {args.n_to_one_seconds:g} s windows; "
+                f"all guests run throughout, so the CPU the guests take is the same in both conditions")
+            doc["n_to_one"] = bench_n_to_one(env, args)
         if not args.skip_apply:
             doc["apply"] = bench_apply(env, args)
     except KeyboardInterrupt:
@@ -1437,8 +1694,9 @@ def main():
             at = str(row["dirty_rate"]) + ("" if row["qemu"] == "default" else "/qemu" + row["qemu"])
             targets[f"pause_ours_over_null_le_1.10@{at}"] = row["target_ours_null_le_1_10"]
             targets[f"pause_delayed_eq_ours@{at}"] = row["target_delayed_eq_ours_within_10pct"]
-    if doc.get("failover_size"):
-        targets.update(doc["failover_size"]["targets"])
+    for part in ("failover_size", "n_to_one"):
+        if doc.get(part):
+            targets.update(doc[part]["targets"])
     if doc.get("apply", {}).get("ok"):
         targets["apply_steady_ge_1GBps"] = doc["apply"]["target_met_steady"]
         targets["apply_all_ge_1GBps"] = doc["apply"]["target_met_all"]
