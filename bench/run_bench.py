@@ -1498,6 +1498,7 @@ def print_summary(doc):
     n = doc.get("n_to_one")
     if n:
         fmt = lambda x, f=".2f": "n/a" if x is None else format(x, f)
+        r1 = lambda d: {k: None if v is None else round(v, 1) for k, v in d.items()}
         log(f"n-to-one: {n['guests']} guests on one backup, pause (ms, QMP STOP->RESUME) alone vs shared; "
             f"all {n['guests']} guests ran in both conditions:")
         log(f"  {'domain':6} {'alone p50':>9} {'p99':>7} {'shared p50':>10} {'p99':>7} {'ratio p50':>9} {'p99':>6} "
@@ -1512,8 +1513,8 @@ def print_summary(doc):
         for cond, b in n["backup"].items():
             log(f"  backup {cond:6}: {fmt(mib(b['bytes_per_s_median']), '.1f')} MiB/s received and committed, "
                 f"{fmt(b['commits_per_s_median'], '.1f')} commits/s, apply {fmt(b['apply_ms_mean_median'], '.1f')} ms "
-                f"per commit; cpu% (of one core, median) {b['cpu_percent_median']}; "
-                f"run-queue wait% {b['runqueue_wait_percent_median']}")
+                f"per commit; cpu% (of one core, median) {r1(b['cpu_percent_median'])}; "
+                f"run-queue wait% {r1(b['runqueue_wait_percent_median'])}")
         w = n["worst"]
         log(f"  median ratio p50 {fmt(n['median_ratio_p50'])}, worst {w['domain']} p50 {fmt(w['p50'])} "
             f"p99 {fmt(w['p99'])}")
