@@ -95,6 +95,19 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   {
     MutexLock l(mu_);
     Status refuse;
+    // A session still running may be this primary's previous one, applying
+    // the checkpoints queued before its GOODBYE (one thread receives and
+    // applies): `unprotect` returns when the GOODBYE is sent, so a `protect`
+    // right after it lands here while the backup is behind. Wait for that
+    // session to end rather than refuse; two heartbeat timeouts bound it (a
+    // session whose primary went silent ends after one). A second primary
+    // whose rival stays connected is refused after the wait, as before.
+    if (session_running_ && !stopping_) {
+      const auto handover = std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout);
+      LOG_INFO(tag_) << link->PeerName() << " connects while a session is still running; waiting up to "
+                     << handover.count() << " ms for it to end";
+      cv_.WaitFor(mu_, handover, [&]() NO_THREAD_SAFETY_ANALYSIS { return !session_running_ || stopping_; });
+    }
     NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
     if (stopping_)
       refuse = Unavailable("this backup is shutting down");

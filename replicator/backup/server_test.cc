@@ -275,13 +275,57 @@ TEST_F(BackupServerTest, SecondPrimaryForTheSameDomainRefused) {
   auto l = Connect(TestKey('k'), &hs);
   ASSERT_TRUE(hs.ok());
   InitialSync(*l);
+  // The first primary stays alive (heartbeats) while the second waits to be
+  // let in (up to two heartbeat timeouts): it is refused at the end.
+  std::atomic<bool> done{false};
+  std::thread beat([&] {
+    while (!done) {
+      if (!l->Send(MsgType::kHeartbeat, 0, "").ok()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
   remus::Status hs2;
   auto l2 = Connect(TestKey('k'), &hs2);
   ASSERT_TRUE(hs2.ok());
   auto f = NextNonHeartbeat(*l2);
+  done = true;
+  beat.join();
   ASSERT_TRUE(f.ok());
   ASSERT_EQ(f->type, MsgType::kError);
   EXPECT_EQ(wire::DecodeError(f->payload).code(), Code::kAlreadyExists);
+  EXPECT_EQ(DomainStatus()["state"], "protected") << DomainStatus().dump();
+}
+
+// `unprotect` returns once the primary sent GOODBYE; the backup reads it only
+// after applying what was queued before it. A `protect` in that gap is let in
+// once the old session ends, not refused as a second primary.
+TEST_F(BackupServerTest, ProtectRightAfterGoodbyeWaitsForTheOldSessionToEnd) {
+  server_.reset();
+  BackupOptions o;
+  o.state_dir = dir_;
+  o.tls = BackupTls('k');
+  o.auto_promote = false;
+  o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
+  std::atomic<bool> slow{false};
+  o.before_commit_for_test = [&](uint64_t) {
+    if (slow) std::this_thread::sleep_for(std::chrono::milliseconds(600));  // a backup far behind
+  };
+  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+  ASSERT_TRUE(ListenAgain());
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  InitialSync(*l);
+  slow = true;
+  SendCheckpoint(*l, 1, CheckpointPages(1, 'x'));
+  ASSERT_TRUE(l->Send(MsgType::kGoodbye, 0, R"({"reason":"unprotected by the operator"})").ok());
+  auto l2 = Connect(TestKey('k'), &hs);  // the old session is still applying epoch 1
+  ASSERT_TRUE(hs.ok());
+  EXPECT_EQ(DomainStatus()["state"], "protected") << DomainStatus().dump();
+  slow = false;
+  InitialSync(*l2);  // admitted: its initial copy commits and is acknowledged
+  EXPECT_EQ(DomainStatus()["state"], "protected") << DomainStatus().dump();
+  EXPECT_EQ(DomainStatus()["last_committed_epoch"], 0) << DomainStatus().dump();
 }
 
 TEST_F(BackupServerTest, FailoverWithoutCommittedStateFails) {
