@@ -106,7 +106,9 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
       const auto handover = std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout);
       LOG_INFO(tag_) << link->PeerName() << " connects while a session is still running; waiting up to "
                      << handover.count() << " ms for it to end";
-      cv_.WaitFor(mu_, handover, [&]() NO_THREAD_SAFETY_ANALYSIS { return !session_running_ || stopping_; });
+      const auto until = std::chrono::steady_clock::now() + handover;
+      while (session_running_ && !stopping_ && cv_.WaitUntil(mu_, until)) {
+      }
     }
     NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
     if (stopping_)
