@@ -97,7 +97,8 @@ class FakeRequest:
 def guest_kwargs(net, data, args):
     kw = net.guest_kw()
     kw["extra_args"] = kw["extra_args"] + [
-        "-drive", f"file={data},if=none,format=raw,id={DATA_ID},readonly=on,cache=none",
+        "-drive", f"file={data},if=none,format=raw,id={DATA_ID},readonly=on,cache=none"
+                  + (f",throttling.iops-total={args.data_iops}" if args.data_iops else ""),
         "-device", f"virtio-blk-pci,drive={DATA_ID}"]
     kw["extra_append"] += f" remus.kv=vda remus.kvval={args.value_kib}"
     return kw
@@ -314,7 +315,7 @@ def plot(doc, path):
     import matplotlib.pyplot as plt
     runs = [r for r in doc["runs"] if r.get("events") and r.get("t_fail")]
     cases = [c for c in CASES if any(r["case"] == c for r in runs)]
-    fig, axes = plt.subplots(len(cases), 1, figsize=(10, 2.8 * len(cases)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(cases), 1, figsize=(10, 2.8 * len(cases)), sharex=True, sharey=True, squeeze=False)
     titles = {"hot": "remus, hot store (mlocked), restore by mapping",
               "paged": "remus, paged store evicted before the failover, restore by mapping",
               "cold": "cold restart of the guest from its disk (no remus)"}
@@ -339,8 +340,10 @@ def plot(doc, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="upper left", fontsize=7)
     axes[-1, 0].set_xlabel("request sent at (s, 0 = the primary is killed)")
+    iops = doc["config"].get("data_iops")
     fig.suptitle(f"Request latency across a failover: {doc['config']['values']} x {doc['config']['value_kib']} KiB "
-                 f"values on disk, {doc['config']['mem']} MiB guest, Zipf s={doc['config']['zipf']}, "
+                 f"values on disk{f' ({iops} IOPS)' if iops else ''}, {doc['config']['mem']} MiB guest, "
+                 f"Zipf s={doc['config']['zipf']}, "
                  f"{doc['config']['rate']:g} req/s (TCG, 2 cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -361,10 +364,13 @@ def main():
     ap.add_argument("--values", type=int, default=16384, help="values in the data set")
     ap.add_argument("--value-kib", type=int, default=64)
     ap.add_argument("--zipf", type=float, default=0.99)
+    ap.add_argument("--data-iops", type=int, default=100,
+                    help="the data disk's I/O operations per second (QEMU throttling; 0: as fast as this "
+                         "host's disk): a networked volume's baseline, not this VM's cached virtual disk")
     ap.add_argument("--rate", type=float, default=50.0, help="requests per second")
     ap.add_argument("--dirty", type=int, default=1000, help="the guest's dirtier, pages/s")
     ap.add_argument("--interval", type=int, default=100, help="checkpoint interval (ms)")
-    ap.add_argument("--warm", type=float, default=45.0, help="s of requests before protection")
+    ap.add_argument("--warm", type=float, default=60.0, help="s of requests before protection")
     ap.add_argument("--protected", type=float, default=30.0, help="s protected before the failover")
     ap.add_argument("--after", type=float, default=60.0, help="s after the failover")
     ap.add_argument("--outage-limit", type=float, default=300.0,
@@ -390,7 +396,7 @@ def main():
     log(f"data set: {data} ({args.values * args.value_kib >> 10} MiB)")
     make_data(data, args.values, args.value_kib)
     doc = {"bench": "failover-latency", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "config": {k: getattr(args, k) for k in ("mem", "values", "value_kib", "zipf", "rate", "dirty", "interval",
+           "config": {k: getattr(args, k) for k in ("mem", "values", "value_kib", "zipf", "data_iops", "rate", "dirty", "interval",
                                                     "warm", "protected", "after", "give_up", "qemu")},
            "runs": []}
     for rnd in range(args.rounds):
