@@ -142,6 +142,21 @@ class BackupServerTest : public ::testing::Test {
     FAIL() << "state never became " << want << ": " << (server_->HasDomain("vm1") ? DomainStatus().dump() : "no domain");
   }
 
+  // A server's options on this test's state dir (no QEMU of its own).
+  BackupOptions RestartOptions() {
+    BackupOptions o;
+    o.state_dir = dir_;
+    o.tls = BackupTls('k');
+    o.auto_promote = false;
+    o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
+    return o;
+  }
+  // remusd restarts on the same state dir.
+  void Restart(const BackupOptions& o) {
+    server_.reset();
+    server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
+    ASSERT_TRUE(ListenAgain());
+  }
   // After a restart: the old port first; ctest runs tests in parallel and
   // another fixture's probe may have taken it in the meantime, so any free
   // port of the range will do (port_ follows).
@@ -300,18 +315,12 @@ TEST_F(BackupServerTest, SecondPrimaryForTheSameDomainRefused) {
 // after applying what was queued before it. A `protect` in that gap is let in
 // once the old session ends, not refused as a second primary.
 TEST_F(BackupServerTest, ProtectRightAfterGoodbyeWaitsForTheOldSessionToEnd) {
-  server_.reset();
-  BackupOptions o;
-  o.state_dir = dir_;
-  o.tls = BackupTls('k');
-  o.auto_promote = false;
-  o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
+  BackupOptions o = RestartOptions();
   std::atomic<bool> slow{false};
   o.before_commit_for_test = [&](uint64_t) {
     if (slow) std::this_thread::sleep_for(std::chrono::milliseconds(600));  // a backup far behind
   };
-  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
-  ASSERT_TRUE(ListenAgain());
+  Restart(o);
   remus::Status hs;
   auto l = Connect(TestKey('k'), &hs);
   ASSERT_TRUE(hs.ok());
@@ -374,15 +383,7 @@ TEST_F(BackupServerTest, RestartKeepsTheCommittedCheckpointRestorable) {
     ASSERT_TRUE(l->Send(MsgType::kPages, 2, CheckpointPages(1, 'X')).ok());
   }
   WaitState("primary-lost");
-  // remusd restarts on the same state dir.
-  server_.reset();
-  BackupOptions o;
-  o.state_dir = dir_;
-  o.tls = BackupTls('k');
-  o.auto_promote = false;
-  o.heartbeat = {std::chrono::milliseconds(50), std::chrono::milliseconds(2000)};
-  server_ = std::make_unique<BackupServer>(o, RealClock::Get(), std::make_unique<FailStopArbiter>());
-  ASSERT_TRUE(ListenAgain());
+  Restart(RestartOptions());
   ASSERT_TRUE(server_->HasDomain("vm1"));
   json st = DomainStatus();
   EXPECT_EQ(st["state"], "primary-lost") << st.dump();
