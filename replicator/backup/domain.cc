@@ -101,8 +101,10 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
     // right after it lands here while the backup is behind. Wait for that
     // session to end rather than refuse; two heartbeat timeouts bound it (a
     // session whose primary went silent ends after one). A second primary
-    // whose rival stays connected is refused after the wait, as before.
-    if (session_running_ && !stopping_) {
+    // whose rival stays connected is refused after the wait, as before. A
+    // domain switching over or promoting refuses at once (below).
+    if (session_running_ && !stopping_ && state_ != DomainState::kSwitchingOver &&
+        state_ != DomainState::kPromoting && state_ != DomainState::kFailedOver) {
       const auto handover = std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout);
       LOG_INFO(tag_) << link->PeerName() << " connects while a session is still running; waiting up to "
                      << handover.count() << " ms for it to end";
