@@ -489,13 +489,23 @@ class RemusPair:
             a_argv += ["--arbiter", "none"]
         self.b_log = open(os.path.join(workdir, "b.log"), "wb")
         self.a_log = open(os.path.join(workdir, "a.log"), "wb")
-        # --remusd-nice N: both daemons at that nice value (the guests' QEMUs
-        # stay at 0): does giving remus the CPU first shorten the pause?
-        nice = getattr(env.args, "remusd_nice", None)
-        if nice is not None:
-            b_argv, a_argv = (["nice", "-n", str(nice), *v] for v in (b_argv, a_argv))
         self.b = env.spawn(b_argv, stdout=self.b_log, stderr=subprocess.STDOUT)
         self.a = env.spawn(a_argv, stdout=self.a_log, stderr=subprocess.STDOUT)
+        # --remusd-nice N: both daemons at that nice value (the guests' QEMUs
+        # stay at 0): does giving remus the CPU first shorten the pause? Every
+        # process here starts its own session, and with the kernel's
+        # autogroups (sched_autogroup_enabled) the CPU is shared between
+        # sessions first: a process's own nice then only ranks it within its
+        # session. So the daemons' autogroups get the nice value.
+        nice = getattr(env.args, "remusd_nice", None)
+        if nice is not None:
+            for p in (self.a, self.b):
+                os.setpriority(os.PRIO_PROCESS, p.pid, nice)
+                try:
+                    with open(f"/proc/{p.pid}/autogroup", "w") as f:
+                        f.write(f"{nice}\n")
+                except OSError:
+                    pass  # no autogroups: the process's nice is what counts
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.a_sock) and os.path.exists(self.b_sock)):
             if time.monotonic() > deadline or self.a.poll() is not None or self.b.poll() is not None:
