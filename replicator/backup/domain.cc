@@ -90,41 +90,44 @@ bool BackupDomain::Transition(DomainEvent e) {
 
 // ---- sessions ----
 
+Status BackupDomain::AdmissionLocked() {
+  NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
+  if (stopping_) return Unavailable("this backup is shutting down");
+  if (state_ == DomainState::kFailedOver)
+    return FailedPrecondition("domain " + name_ + " was promoted on this host and runs here (pid " +
+                              std::to_string(qemu_pid_) +
+                              "): a host cannot be the backup of a guest it runs; protect it from here to another host");
+  if (state_ == DomainState::kPromoting)
+    return FailedPrecondition("domain " + name_ + " is being promoted on this host");
+  if (state_ == DomainState::kSwitchingOver)
+    return FailedPrecondition("domain " + name_ + " is switching over to this host; it runs here next");
+  if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
+    return AlreadyExists("domain " + name_ + " already has a primary connected");
+  return OkStatus();
+}
+
 void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
   uint64_t gen = 0;
   {
     MutexLock l(mu_);
-    Status refuse;
+    Status refuse = AdmissionLocked();
     // A session still running may be this primary's previous one, applying
     // the checkpoints queued before its GOODBYE (one thread receives and
     // applies): `unprotect` returns when the GOODBYE is sent, so a `protect`
     // right after it lands here while the backup is behind. Wait for that
     // session to end rather than refuse; two heartbeat timeouts bound it (a
     // session whose primary went silent ends after one). A second primary
-    // whose rival stays connected is refused after the wait, as before. A
-    // domain switching over or promoting refuses at once (below).
-    if (session_running_ && !stopping_ && state_ != DomainState::kSwitchingOver &&
-        state_ != DomainState::kPromoting && state_ != DomainState::kFailedOver) {
+    // whose rival stays connected is refused after the wait, as before; any
+    // other refusal (switching over, promoting, ...) comes at once.
+    if (refuse.code() == Code::kAlreadyExists && session_running_) {
       const auto handover = std::chrono::duration_cast<std::chrono::milliseconds>(2 * opts_.heartbeat.timeout);
       LOG_INFO(tag_) << link->PeerName() << " connects while a session is still running; waiting up to "
                      << handover.count() << " ms for it to end";
       const auto until = std::chrono::steady_clock::now() + handover;
       while (session_running_ && !stopping_ && cv_.WaitUntil(mu_, until)) {
       }
+      refuse = AdmissionLocked();
     }
-    NoticeGuestGoneLocked();  // a promoted guest that is gone lets a new session in
-    if (stopping_)
-      refuse = Unavailable("this backup is shutting down");
-    else if (state_ == DomainState::kFailedOver)
-      refuse = FailedPrecondition("domain " + name_ + " was promoted on this host and runs here (pid " +
-                                  std::to_string(qemu_pid_) +
-                                  "): a host cannot be the backup of a guest it runs; protect it from here to another host");
-    else if (state_ == DomainState::kPromoting)
-      refuse = FailedPrecondition("domain " + name_ + " is being promoted on this host");
-    else if (state_ == DomainState::kSwitchingOver)
-      refuse = FailedPrecondition("domain " + name_ + " is switching over to this host; it runs here next");
-    else if (session_running_ || !NextState(state_, DomainEvent::kSessionStart))
-      refuse = AlreadyExists("domain " + name_ + " already has a primary connected");
     if (!refuse.ok()) {
       l.Unlock();
       LOG_WARN(tag_) << "refused " << link->PeerName() << ": " << refuse.message();

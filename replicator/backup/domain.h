@@ -226,6 +226,9 @@ class BackupDomain final : private SessionHost {
   // The promoted guest's pid while it runs; -1 when it is gone.
   int LiveGuestPid() const REQUIRES(mu_);
   void NoticeGuestGoneLocked() REQUIRES(mu_);
+  // Whether a new session may start now: OK, or why not (ALREADY_EXISTS
+  // while another session runs).
+  Status AdmissionLocked() REQUIRES(mu_);
   const PageStore* ResyncBase(std::string* why) override EXCLUDES(mu_);
   void DropResyncBase(const std::string& why) override EXCLUDES(mu_);
   // Removes the base store and its `base` file.
