@@ -1289,8 +1289,10 @@ def run_n_to_one_window(env, args, pair, guests, protect, cond, rnd):
         for d in protect:
             env.ctl("unprotect", d, sock=pair.a_sock, timeout=60, check=False)
         # unprotect returns before the backup has read the primary's GOODBYE
-        # (behind the checkpoints it has yet to apply); until it has, it
-        # refuses a new protect of the domain ("already has a primary connected").
+        # (behind the checkpoints it has yet to apply). A new protect would
+        # wait for that (up to two heartbeat timeouts; before that fix it was
+        # refused); the bench waits here, so that no window overlaps the
+        # previous one's tail, and records how long the release took.
         t = time.monotonic()
         while time.monotonic() - t < 60:
             rows = status_rows(env, pair.b_sock)[1]
