@@ -18,7 +18,11 @@
 # or build/guest, as scripts/build-guest.sh makes it).
 #
 # Built with clang 14 (compiles this code ~1.6x faster than gcc 12 with the
-# same flags) at -O1 with line tables only, without the benchmarks.
+# same flags) at -O1 with line tables only, test code at -O0 (REMUS_TEST_COPTS
+# in cmake/RemusTargets.cmake). The ASan build includes the benchmarks: with
+# -Werror=thread-safety (every clang build has it) it is also the check of the
+# thread-safety annotations on every file, so scripts/test.sh runs no separate
+# pass. The TSan build leaves the benchmarks out.
 # Suppressions (each one justified) are in tests/sanitizers/. What was found
 # and fixed: docs/reliability.md, "Sanitizers".
 #
@@ -76,12 +80,12 @@ E2E_DEFAULT=(
   "$E2E/test_arbiter.py::test_qemu_death_backup_wins_etcd_and_promotes_with_a_token"
 )
 
-configure_build() {  # dir sanitizer
-  local dir=$1 san=$2 t0
+configure_build() {  # dir sanitizer bench(ON|OFF)
+  local dir=$1 san=$2 bench=$3 t0
   t0=$(now)
   if [ ! -f "$dir/build.ninja" ]; then
     CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S "$ROOT" -B "$dir" -G Ninja \
-      -DREMUS_SANITIZE="$san" -DREMUS_BENCH=OFF \
+      -DREMUS_SANITIZE="$san" -DREMUS_BENCH="$bench" \
       -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -gline-tables-only" \
       -DCMAKE_C_FLAGS_DEBUG="-O1 -gline-tables-only" \
       ${REMUS_SAN_CMAKE_ARGS:-} >/dev/null
@@ -110,7 +114,7 @@ asan_env() {
 
 do_asan() {
   say "ASan+UBSan build ($ASAN_BUILD)"
-  configure_build "$ASAN_BUILD" address
+  configure_build "$ASAN_BUILD" address ON
   say "unit tests under ASan+UBSan"
   ( asan_env ""; run_unit "$ASAN_BUILD" ) || fail "unit tests under ASan+UBSan"
   [ "$UNIT_ONLY" = 1 ] && return 0
@@ -157,7 +161,7 @@ do_asan() {
 
 do_tsan() {
   say "TSan build ($TSAN_BUILD)"
-  configure_build "$TSAN_BUILD" thread
+  configure_build "$TSAN_BUILD" thread OFF
   say "unit tests under TSan"
   (
     export TSAN_OPTIONS="second_deadlock_stack=1:suppressions=$SUPP/tsan.supp"
