@@ -34,8 +34,6 @@ using SteadyTime = std::chrono::steady_clock::time_point;
 
 namespace {
 
-constexpr char kTag[] = "wire";
-
 void StoreU16(uint8_t* p, uint16_t v) {
   p[0] = static_cast<uint8_t>(v >> 8);
   p[1] = static_cast<uint8_t>(v);
