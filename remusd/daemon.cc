@@ -28,6 +28,19 @@ namespace {
 json Error(const Status& s) { return {{"ok", false}, {"code", std::string(CodeName(s.code()))}, {"error", s.message()}}; }
 json Ok(json result = json::object()) { return {{"ok", true}, {"result", std::move(result)}}; }
 
+// protect --compress xor-lz4: the page versions kept on the primary
+// (page_version_cache.h), unless --xor-cache says otherwise. Measured on
+// real workloads in docs/performance.md, "Compression".
+constexpr int64_t kDefaultXorCacheMib = 64;
+
+// The backup reports the compression its CONFIG named: "none", "lz4" or
+// "xor-lz4" (older backups: a boolean for LZ4).
+std::string ReprotectCompression(const json& detail) {
+  const json c = detail.value("compress", json(false));
+  if (c.is_string()) return c.get<std::string>();
+  return c.is_boolean() && c.get<bool>() ? "lz4" : "none";
+}
+
 // A --listen address other hosts can reach: a host that is no wildcard, and
 // a port (what --reprotect-to self and a switchover's reverse protection name).
 bool ReachableListen(const std::optional<HostPort>& l) {
@@ -459,9 +472,12 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.netbuf.queue_maxlen = static_cast<uint32_t>(maxlen);
   ASSIGN_OR_RETURN(po.netbuf.fail_open, req.Bool("netbuf_fail_open", false));
   ASSIGN_OR_RETURN(std::string compress, req.String("compress", "none"));
-  if (compress != "none" && compress != "lz4")
-    return InvalidArgument("domain " + d + ": unknown --compress '" + compress.substr(0, 64) + "'; expected lz4 or none");
-  po.compress = compress == "lz4";
+  if (compress != "none" && compress != "lz4" && compress != "xor-lz4")
+    return InvalidArgument("domain " + d + ": unknown --compress '" + compress.substr(0, 64) +
+                           "'; expected none, lz4 or xor-lz4");
+  po.compress = compress != "none";
+  ASSIGN_OR_RETURN(int64_t xor_cache_mib, req.Int("xor_cache_mib", kDefaultXorCacheMib, 1, 1 << 20));
+  if (compress == "xor-lz4") po.xor_cache_bytes = static_cast<uint64_t>(xor_cache_mib) << 20;
   ASSIGN_OR_RETURN(po.residency, req.String("residency", "hot"));
   if (po.residency != "hot" && po.residency != "paged")
     return InvalidArgument("domain " + d + ": unknown --residency '" + po.residency.substr(0, 64) +
@@ -639,7 +655,7 @@ void Daemon::MaybeReprotect(const std::string& d, const json& detail) {
   }
   json req = {{"command", "protect"}, {"domain", d}, {"backup", to}, {"automatic", true},
               {"interval_ms", std::max<int64_t>(1, detail.value("interval_ms", int64_t{100}))},
-              {"compress", detail.value("compress", false) ? "lz4" : "none"}};
+              {"compress", ReprotectCompression(detail)}};
   if (std::string nb = detail.value("netbuf", std::string()); !nb.empty()) req["netbuf"] = nb;
   if (std::string dk = detail.value("disks", std::string()); !dk.empty()) req["disks"] = dk;
   if (std::string rs = detail.value("residency", std::string()); !rs.empty()) req["residency"] = rs;

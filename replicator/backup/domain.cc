@@ -82,7 +82,7 @@ bool BackupDomain::Transition(DomainEvent e) {
                     {"reprotect_to", config_.reprotect_to},
                     {"interval_ms", config_.interval_ms},
                     {"netbuf", config_.netbuf},
-                    {"compress", config_.compress},
+                    {"compress", wire::CompressionName(config_.compress, config_.page_delta == "xor")},
                     {"disks", config_.disks_option},
                     {"residency", config_.residency}});
   return true;
@@ -198,7 +198,7 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
         detail = {{"reprotect_to", m.reprotect_to},
                   {"interval_ms", m.interval_ms > 0 ? m.interval_ms : config_.interval_ms},
                   {"netbuf", m.netbuf.empty() ? config_.netbuf : m.netbuf},
-                  {"compress", config_.compress},
+                  {"compress", wire::CompressionName(config_.compress, config_.page_delta == "xor")},
                   {"disks", config_.disks_option},
                   {"residency", config_.residency}};
       }
@@ -425,6 +425,12 @@ Status BackupDomain::CommitCheckpoint(uint64_t epoch, Staging& st) {
   MutexLock g(mu_);
   if (!committed_) return FailedPrecondition("checkpoint " + std::to_string(epoch) + " before the initial copy");
   return committed_->Commit(epoch, std::move(st));
+}
+
+StatusOr<const uint8_t*> BackupDomain::CommittedPage(uint32_t block, uint64_t offset) {
+  MutexLock g(mu_);
+  if (!committed_) return FailedPrecondition("an XOR page record before the initial copy committed");
+  return committed_->Page(block, offset);
 }
 
 Status BackupDomain::DisksSynced(int64_t epoch) {
@@ -1068,6 +1074,8 @@ json BackupDomain::StatusJson() const {
   if (!libvirt_uri_.empty()) j["libvirt"] = {{"uri", libvirt_uri_}, {"domain", libvirt_domain_}};
   j["qemu"] = {{"pid", pid}};
   if (committed_) j["store"] = committed_->dir();
+  // The compression the committed session's primary uses on the link.
+  j["compress"] = wire::CompressionName(config_.compress, config_.page_delta == "xor");
   {
     // The last initial copy: how much of it the delta resync kept.
     uint64_t offered = stats_.initial_offered_pages, kept = stats_.initial_kept_pages;

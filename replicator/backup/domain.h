@@ -215,6 +215,7 @@ class BackupDomain final : private SessionHost {
   StatusOr<SyncTarget> BeginSync(const wire::SyncBeginMsg& begin) override EXCLUDES(mu_);
   Status CommitInitial(std::string_view device_blob, uint64_t page_count) override EXCLUDES(mu_);
   Status CommitCheckpoint(uint64_t epoch, Staging& staging) override EXCLUDES(mu_);
+  StatusOr<const uint8_t*> CommittedPage(uint32_t block, uint64_t offset) override EXCLUDES(mu_);
   Status DisksSynced(int64_t epoch) override EXCLUDES(mu_);
   bool Promoting() override EXCLUDES(mu_);
   Status AcceptSwitchover(uint64_t epoch, const wire::SwitchoverMsg& msg) override EXCLUDES(mu_);

@@ -447,6 +447,18 @@ StatusOr<std::unique_ptr<PageStore>> PageStore::Open(const std::string& dir) {
   return s;
 }
 
+StatusOr<const uint8_t*> PageStore::Page(uint32_t block, uint64_t offset) const {
+  if (block >= blocks_.size())
+    return OutOfRange("page store: block index " + std::to_string(block) + " of " + std::to_string(blocks_.size()));
+  if (offset % kPageSize != 0)
+    return DataLoss("page store: misaligned offset " + std::to_string(offset) + " in block '" + blocks_[block].id + "'");
+  const Mapping& m = maps_[block];
+  if (offset >= m.len || m.len - offset < kPageSize)
+    return OutOfRange("page store: offset " + std::to_string(offset) + " beyond block '" + blocks_[block].id +
+                      "' of " + std::to_string(m.len) + " bytes");
+  return static_cast<const uint8_t*>(m.addr + offset);
+}
+
 Status PageStore::ApplyPage(uint32_t block, uint64_t offset, const uint8_t* data) {
   if (state_ != State::kSyncing)
     return FailedPrecondition("page store " + dir_ +

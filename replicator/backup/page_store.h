@@ -257,6 +257,9 @@ class PageStore {
   const std::string& dir() const { return dir_; }
   const std::vector<qemu::RamBlock>& blocks() const { return blocks_; }
   const uint8_t* BlockData(size_t i) const { return maps_[i].addr; }
+  // One page of a block (kPageSize bytes in the mapping); InvalidArgument
+  // for a block or offset outside the store, or an unaligned offset.
+  StatusOr<const uint8_t*> Page(uint32_t block, uint64_t offset) const;
   // The file holding block i (a restored QEMU may map it: restore by mapping).
   std::string BlockPath(size_t i) const { return dir_ + "/" + maps_[i].file; }
   uint64_t total_bytes() const { return total_bytes_; }

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "common/io.h"
 #include "replicator/backup/backup.h"
 #include "replicator/link/wire.h"
 
@@ -67,9 +68,11 @@ class BackupServerTest : public ::testing::Test {
   }
 
   // CONFIG, SYNC_BEGIN, an initial copy of 4 pages and COMMIT(0).
-  void InitialSync(wire::Link& l) {
+  // extra: more CONFIG keys.
+  void InitialSync(wire::Link& l, const json& extra = json::object()) {
     json config = {{"domain", "vm1"}, {"argv", {"qemu-system-x86_64", "-m", "1"}},
                    {"heartbeat_interval_ms", 50}, {"heartbeat_timeout_ms", 2000}};
+    config.update(extra);
     ASSERT_TRUE(l.Send(MsgType::kConfig, 0, config.dump()).ok());
     json begin = {{"total_bytes", 4 * 4096}, {"blocks", {{{"id", "pc.ram"}, {"used_length", 4 * 4096}}}},
                   {"configuration", "0700000003616263"}};
@@ -206,6 +209,53 @@ TEST_F(BackupServerTest, AcceptsLz4CompressedPages) {
   ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
   ExpectAck(*l, 1);
   EXPECT_EQ(StoreByte(2), 'Q');
+}
+
+// Compression "xor-lz4": a record XOR-ed with the page's committed version
+// is resolved before staging; one without CONFIG's page_delta is refused.
+TEST_F(BackupServerTest, ResolvesXorRecordsAgainstTheCommittedPage) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  InitialSync(*l, {{"compress", true}, {"page_delta", "xor"}});
+  ASSERT_EQ(StoreByte(1), 'b');
+  auto xor_pages = [](uint64_t page, char committed, char now) {
+    std::string p = CheckpointPages(page, static_cast<char>(committed ^ now));
+    remus::StoreU64(p.data() + 4, page * 4096 | wire::kPageFlagXor);
+    return p;
+  };
+  std::string p = xor_pages(1, 'b', 'Q');
+  std::string z = wire::CompressBatch(p);
+  ASSERT_TRUE(l->Send(MsgType::kPages, 1, z, wire::kFlagLz4).ok());
+  ASSERT_TRUE(l->Send(MsgType::kDevice, 1, Blob()).ok());
+  ASSERT_TRUE(l->Send(MsgType::kCommit, 1, wire::EncodeCommit({1, p.size(), Blob().size()})).ok());
+  ExpectAck(*l, 1);
+  EXPECT_EQ(StoreByte(1), 'Q');
+  // Against checkpoint 1's version now.
+  SendCheckpoint(*l, 2, xor_pages(1, 'Q', 'R'));
+  ExpectAck(*l, 2);
+  EXPECT_EQ(StoreByte(1), 'R');
+  // An XOR record for a page outside the store ends the session.
+  SendCheckpoint(*l, 3, xor_pages(99, 'R', 'S'));
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->type, MsgType::kError);
+  WaitState("unprotected");
+}
+
+TEST_F(BackupServerTest, XorRecordsWithoutPageDeltaAreRefused) {
+  remus::Status hs;
+  auto l = Connect(TestKey('k'), &hs);
+  ASSERT_TRUE(hs.ok());
+  InitialSync(*l, {{"compress", true}});
+  std::string p = CheckpointPages(1, 'x');
+  remus::StoreU64(p.data() + 4, 4096 | wire::kPageFlagXor);
+  SendCheckpoint(*l, 1, p);
+  auto f = NextNonHeartbeat(*l);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ(f->type, MsgType::kError);
+  EXPECT_EQ(wire::DecodeError(f->payload).code(), Code::kDataLoss);
+  WaitState("unprotected");
 }
 
 TEST_F(BackupServerTest, CorruptCheckpointIsRefusedAndNotApplied) {

@@ -199,6 +199,14 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
                                  " stages more than " + std::to_string(opts_.max_staged_bytes >> 20) +
                                  " MiB in the backup's memory (its limit); lower the primary's max unacked bytes "
                                  "or raise the backup's limit, then protect again");
+      if (xor_records_) {
+        // Back to whole pages (in place, same size) before staging: the
+        // staging and the store's commit, its redo copy included, see plain
+        // records only. The versions XOR-ed against are committed here: the
+        // primary XORs only against pages of earlier checkpoints.
+        RETURN_IF_ERROR(wire::ResolveXorRecords(
+            &f.payload, [&](uint32_t b, uint64_t o) { return host_->CommittedPage(b, o); }));
+      }
       staged_page_bytes_ += f.payload.size();
       staging_.AddPageBatch(std::move(f.payload));
       return OkStatus();
@@ -293,6 +301,7 @@ Status Session::HandleConfig(const std::string& payload) {
   if (c.heartbeat_interval_ms > 0 && c.heartbeat_timeout_ms > c.heartbeat_interval_ms)
     hb_.Reconfigure({std::chrono::milliseconds(c.heartbeat_interval_ms), std::chrono::milliseconds(c.heartbeat_timeout_ms)});
   config_seen_ = true;
+  xor_records_ = c.page_delta == "xor";
   stats_->initial_offered_pages = 0;
   stats_->initial_kept_pages = 0;
   stats_->initial_received_pages = 0;

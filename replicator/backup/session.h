@@ -65,6 +65,10 @@ class SessionHost {
   virtual Status CommitInitial(std::string_view device_blob, uint64_t page_count) = 0;
   // COMMIT N >= 1 into the committed store. The batches stay in `staging`.
   virtual Status CommitCheckpoint(uint64_t epoch, Staging& staging) = 0;
+  // The committed version of a page (kPageSize bytes, valid until the next
+  // commit), against which an XOR record ("xor-lz4") is resolved. An error
+  // for a page outside the committed store's blocks, or before COMMIT 0.
+  virtual StatusOr<const uint8_t*> CommittedPage(uint32_t block, uint64_t offset) = 0;
   // The disks' background copy is committed as of `epoch`.
   virtual Status DisksSynced(int64_t epoch) = 0;
   // True once a promotion on this backup ended the session.
@@ -162,6 +166,7 @@ class Session {
   // Run's thread only.
   wire::Link* link_ = nullptr;  // during Run
   bool config_seen_ = false;
+  bool xor_records_ = false;  // CONFIG said page_delta "xor"
   bool offered_ = false;             // a RESYNC_OFFER with blocks went out
   const PageStore* base_ = nullptr;  // the offered image, from SYNC_BEGIN on
   std::vector<long> base_block_;     // per SYNC_BEGIN block: base_'s block of the same layout, or -1

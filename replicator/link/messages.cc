@@ -150,10 +150,16 @@ std::string EncodeConfig(const ConfigMsg& m) {
   if (!m.reprotect_to.empty()) j["reprotect_to"] = m.reprotect_to;
   if (!m.netbuf.empty()) j["netbuf"] = m.netbuf;
   if (m.compress) j["compress"] = true;
+  if (!m.page_delta.empty()) j["page_delta"] = m.page_delta;
   if (!m.disks_option.empty()) j["disks_option"] = m.disks_option;
   if (m.delta_resync) j["delta_resync"] = true;
   if (!m.residency.empty()) j["residency"] = m.residency;
   return Dump(j);
+}
+
+std::string CompressionName(bool compress, bool xor_delta) {
+  if (!compress) return "none";
+  return xor_delta ? "xor-lz4" : "lz4";
 }
 
 StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
@@ -184,6 +190,9 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
     if (!c->is_boolean()) return w.Error("compress", "is not a boolean");
     m.compress = c->get<bool>();
   }
+  RETURN_IF_ERROR(GetString(j, w, "page_delta", &m.page_delta));
+  if (!m.page_delta.empty() && m.page_delta != "xor") return w.Error("page_delta", "is not \"xor\"");
+  if (!m.page_delta.empty() && !m.compress) return w.Error("page_delta", "needs compress");
   RETURN_IF_ERROR(GetString(j, w, "disks_option", &m.disks_option, 1024));
   if (m.disks_option.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.,") !=
       std::string::npos)

@@ -99,6 +99,10 @@ struct ConfigMsg {
   std::string reprotect_to;
   std::string netbuf;
   bool compress = false;
+  // "xor": PAGES records may be XOR records (page_batch.h kPageFlagXor),
+  // compression "xor-lz4". Empty: never. A backup that does not know the
+  // key refuses the first XOR record (unknown flag bits).
+  std::string page_delta;
   std::string disks_option;  // <= 1024 of [A-Za-z0-9_.,-]
   // The primary takes a RESYNC_OFFER: the backup answers CONFIG with one.
   bool delta_resync = false;
@@ -109,6 +113,9 @@ struct ConfigMsg {
   bool operator==(const ConfigMsg&) const = default;
 };
 std::string EncodeConfig(const ConfigMsg& m);
+// The protect option --compress for a configuration: "none", "lz4" or
+// "xor-lz4" (compress with page_delta "xor").
+std::string CompressionName(bool compress, bool xor_delta);
 StatusOr<ConfigMsg> DecodeConfig(std::string_view payload);
 
 // SYNC_BEGIN (primary -> backup): an initial full copy starts.

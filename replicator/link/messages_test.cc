@@ -182,6 +182,7 @@ TEST(Messages, ConfigReprotection) {
   m.reprotect_to = "10.0.0.1:7788";
   m.netbuf = "nfqueue";
   m.compress = true;
+  m.page_delta = "xor";
   m.disks_option = "vda,vdb";
   m.residency = "paged";
   auto back = DecodeConfig(EncodeConfig(m));
@@ -191,10 +192,15 @@ TEST(Messages, ConfigReprotection) {
   back = DecodeConfig(R"({"argv":["qemu"]})");
   ASSERT_TRUE(back.ok());
   EXPECT_TRUE(back->reprotect_to.empty() && back->netbuf.empty() && !back->compress && back->disks_option.empty() &&
-              back->residency.empty());
+              back->residency.empty() && back->page_delta.empty());
+  EXPECT_EQ(CompressionName(false, false), "none");
+  EXPECT_EQ(CompressionName(true, false), "lz4");
+  EXPECT_EQ(CompressionName(true, true), "xor-lz4");
   for (const char* bad : {R"({"argv":["q"],"reprotect_to":"host:99999"})", R"({"argv":["q"],"reprotect_to":7})",
                           R"({"argv":["q"],"netbuf":"tc"})", R"({"argv":["q"],"compress":"yes"})",
-                          R"({"argv":["q"],"disks_option":"a b"})", R"({"argv":["q"],"residency":"warm"})"}) {
+                          R"({"argv":["q"],"disks_option":"a b"})", R"({"argv":["q"],"residency":"warm"})",
+                          R"({"argv":["q"],"compress":true,"page_delta":"rle"})",
+                          R"({"argv":["q"],"page_delta":"xor"})"}) {
     auto r = DecodeConfig(bad);
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
   }

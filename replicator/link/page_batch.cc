@@ -3,6 +3,7 @@
 #include <cassert>
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 #include <lz4.h>
 
@@ -99,6 +100,72 @@ Status ForEachPageRecord(
     RETURN_IF_ERROR(fn(block, offset, data));
   }
   return OkStatus();
+}
+
+void XorPage(uint8_t* dst, const uint8_t* src) {
+  // Word by word through memcpy (no alignment assumed); gcc and clang turn
+  // this into vector XORs.
+  for (size_t i = 0; i < kPageSize; i += 8) {
+    uint64_t a, b;
+    std::memcpy(&a, dst + i, 8);
+    std::memcpy(&b, src + i, 8);
+    a ^= b;
+    std::memcpy(dst + i, &a, 8);
+  }
+}
+
+Status ForEachPageRecordInPlace(
+    std::string* payload,
+    const std::function<Status(uint32_t block, uint64_t offset, uint64_t* flags, uint8_t* data_or_null)>& fn) {
+  size_t pos = 0;
+  const size_t size = payload->size();
+  char* const base = payload->data();
+  for (uint64_t n = 0; pos < size; n++) {
+    auto where = [&, at = pos] {
+      return "page record #" + std::to_string(n) + " at byte " + std::to_string(at) + " of a " +
+             std::to_string(size) + "-byte PAGES payload";
+    };
+    if (size - pos < kPageRecordHeader) return DataLoss(where() + " is truncated");
+    const uint32_t block = LoadU32(base + pos);
+    const uint64_t word = LoadU64(base + pos + 4);
+    const uint64_t known = kPageFlagZero | kPageFlagXor;
+    uint64_t flags = word & kPageFlagMask;
+    const uint64_t offset = word & ~kPageFlagMask;
+    if ((flags & ~known) || flags == known) {
+      char buf[40];
+      std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(word));
+      return DataLoss(where() + ": offset word " + buf + " has unknown or contradictory flag bits");
+    }
+    const size_t header_at = pos;
+    pos += kPageRecordHeader;
+    uint8_t* data = nullptr;
+    if (!(flags & kPageFlagZero)) {
+      if (size - pos < kPageSize) return DataLoss(where() + " is truncated (page data)");
+      data = reinterpret_cast<uint8_t*>(base + pos);
+      pos += kPageSize;
+    }
+    const uint64_t before = flags;
+    RETURN_IF_ERROR(fn(block, offset, &flags, data));
+    if (flags != before) {
+      // A record keeps its size: fn may only move between plain and XOR.
+      assert(data != nullptr && (flags & ~kPageFlagXor) == 0);
+      char word_be[8];
+      StoreU64(word_be, offset | flags);
+      std::memcpy(base + header_at + 4, word_be, 8);
+    }
+  }
+  return OkStatus();
+}
+
+Status ResolveXorRecords(std::string* payload,
+                         const std::function<StatusOr<const uint8_t*>(uint32_t block, uint64_t offset)>& base) {
+  return ForEachPageRecordInPlace(payload, [&](uint32_t block, uint64_t offset, uint64_t* flags, uint8_t* data) {
+    if (!(*flags & kPageFlagXor)) return OkStatus();
+    ASSIGN_OR_RETURN(const uint8_t* prev, base(block, offset));
+    XorPage(data, prev);
+    *flags &= ~kPageFlagXor;
+    return OkStatus();
+  });
 }
 
 std::string CompressBatch(std::string_view batch) {

@@ -20,6 +20,10 @@ namespace remus::wire {
 
 inline constexpr size_t kPageSize = 4096;
 inline constexpr uint64_t kPageFlagZero = 0x1;
+// The record's data is the page XOR its previous version: the version this
+// session sent in an earlier checkpoint, which the backup has committed
+// (compression "xor-lz4": CONFIG page_delta "xor"; ResolveXorRecords).
+inline constexpr uint64_t kPageFlagXor = 0x2;
 inline constexpr uint64_t kPageFlagMask = kPageSize - 1;  // low bits of the offset word
 inline constexpr size_t kPageRecordHeader = 12;           // be32 block + be64 offset|flags
 
@@ -36,6 +40,26 @@ inline size_t PageRecordSize(bool zero) { return kPageRecordHeader + (zero ? 0 :
 Status ForEachPageRecord(
     std::string_view payload,
     const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn);
+
+// dst ^= src over one page.
+void XorPage(uint8_t* dst, const uint8_t* src);
+
+// Calls fn for each record of a batch whose data fn may change in place:
+// *flags is the record's flag bits (kPageFlagZero, kPageFlagXor), which fn
+// may change too (within those two bits; written back into the record).
+// data is nullptr for a zero page. DataLoss as ForEachPageRecord, except
+// that kPageFlagXor is accepted (alone, not with kPageFlagZero).
+Status ForEachPageRecordInPlace(
+    std::string* payload,
+    const std::function<Status(uint32_t block, uint64_t offset, uint64_t* flags, uint8_t* data_or_null)>& fn);
+
+// The backup's half of "xor-lz4": turns each XOR record of a (decompressed)
+// batch back into the page, XOR-ing its data with the page's committed
+// version, which base returns (kPageSize bytes, or an error for a page that
+// is not in the store). The batch then holds plain records only, as the
+// staging and the store's commit expect.
+Status ResolveXorRecords(std::string* payload,
+                         const std::function<StatusOr<const uint8_t*>(uint32_t block, uint64_t offset)>& base);
 
 // The page records of one checkpoint whose data still lies in the buffers it
 // was read into (BufferedReader::StartRetaining). The epoch loop records them

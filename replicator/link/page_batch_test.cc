@@ -4,6 +4,8 @@
 
 #include <vector>
 
+#include "common/io.h"
+
 namespace remus::wire {
 namespace {
 
@@ -92,6 +94,66 @@ TEST(PageBatch, CorruptOrOversizedCompressedBatchRefused) {
   std::string lie = z;
   lie[3] = static_cast<char>(lie[3] + 1);  // wrong uncompressed size
   EXPECT_EQ(DecompressBatch(lie, 1 << 20).status().code(), Code::kDataLoss);
+}
+
+}  // namespace
+}  // namespace remus::wire
+
+namespace remus::wire {
+namespace {
+
+TEST(PageBatchXor, ResolveTurnsXorRecordsBackIntoPages) {
+  std::vector<uint8_t> prev(kPageSize, 0x5a), delta(kPageSize, 0), zero;
+  delta[7] = 0x01;
+  std::string b;
+  AppendPageRecord(&b, 2, 0x1000, delta.data());
+  AppendPageRecord(&b, 2, 0x2000, nullptr);
+  // Mark the first record XOR (its offset word is at byte 4).
+  StoreU64(b.data() + 4, 0x1000 | kPageFlagXor);
+  EXPECT_FALSE(ForEachPageRecord(b, [](uint32_t, uint64_t, const uint8_t*) { return OkStatus(); }).ok())
+      << "an unresolved XOR record never reaches the store";
+  int asked = 0;
+  ASSERT_TRUE(ResolveXorRecords(&b, [&](uint32_t blk, uint64_t off) -> StatusOr<const uint8_t*> {
+                asked++;
+                EXPECT_EQ(blk, 2u);
+                EXPECT_EQ(off, 0x1000u);
+                return prev.data();
+              }).ok());
+  EXPECT_EQ(asked, 1);
+  std::vector<uint8_t> want = prev;
+  want[7] ^= 0x01;
+  int n = 0;
+  ASSERT_TRUE(ForEachPageRecord(b, [&](uint32_t, uint64_t off, const uint8_t* d) {
+                if (n++ == 0) {
+                  EXPECT_EQ(off, 0x1000u);
+                  EXPECT_EQ(std::vector<uint8_t>(d, d + kPageSize), want);
+                } else {
+                  EXPECT_EQ(d, nullptr);
+                }
+                return OkStatus();
+              }).ok());
+}
+
+TEST(PageBatchXor, RefusesZeroAndXorTogetherUnknownBitsAndAMissingBase) {
+  std::vector<uint8_t> d(kPageSize, 1);
+  std::string b;
+  AppendPageRecord(&b, 0, 0, nullptr);
+  StoreU64(b.data() + 4, kPageFlagZero | kPageFlagXor);
+  auto base = [&](uint32_t, uint64_t) -> StatusOr<const uint8_t*> { return d.data(); };
+  EXPECT_EQ(ResolveXorRecords(&b, base).code(), Code::kDataLoss);
+  b.clear();
+  AppendPageRecord(&b, 0, 0, d.data());
+  StoreU64(b.data() + 4, 0x4);
+  EXPECT_EQ(ResolveXorRecords(&b, base).code(), Code::kDataLoss);
+  b.clear();
+  AppendPageRecord(&b, 0, 0, d.data());
+  StoreU64(b.data() + 4, kPageFlagXor);
+  Status s = ResolveXorRecords(&b, [](uint32_t, uint64_t) -> StatusOr<const uint8_t*> {
+    return OutOfRange("no such page");
+  });
+  EXPECT_EQ(s.code(), Code::kOutOfRange);
+  b.resize(b.size() - 1);  // truncated
+  EXPECT_EQ(ResolveXorRecords(&b, base).code(), Code::kDataLoss);
 }
 
 }  // namespace

@@ -58,6 +58,7 @@ PrimaryLifecycle::PrimaryLifecycle(LifecycleOptions opts, const Clock& clock)
       hb_(clock, opts_.heartbeat),
       interval_ms_(opts_.interval_ms),
       checkpoints_(clock, std::chrono::seconds(10)) {
+  if (opts_.compress && opts_.xor_cache_bytes > 0) xor_cache_ = std::make_unique<PageVersionCache>(opts_.xor_cache_bytes);
   lifecycle_thread_ = std::thread([this] { LifecycleLoop(); });
 }
 
@@ -639,7 +640,14 @@ void PrimaryLifecycle::FillStatus(json* out) const {
   }
   j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   j["interval_ms"] = interval_ms_.load();
-  j["compress"] = opts_.compress ? "lz4" : "none";
+  j["compress"] = wire::CompressionName(opts_.compress, xor_cache_ != nullptr);
+  if (xor_cache_) {
+    // The page versions "xor-lz4" keeps on this host, and how often a page
+    // went as an XOR record.
+    const PageVersionCache::Stats c = xor_cache_->stats();
+    j["xor_cache"] = {{"capacity_bytes", c.capacity_bytes}, {"bytes", c.bytes},     {"pages", c.pages},
+                      {"hits", c.hits},                     {"misses", c.misses}, {"evictions", c.evictions}};
+  }
   j["checkpoints_total"] = checkpoints_total_.load();
   j["checkpoints_per_sec"] = checkpoints_.PerSecond();
   j["pause_ms"] = {{"p50", pause_ms_.Quantile(0.5)}, {"p99", pause_ms_.Quantile(0.99)},

@@ -90,6 +90,7 @@
 #include "replicator/link/resync.h"
 #include "replicator/link/wire.h"
 #include "replicator/primary/disk_source.h"
+#include "replicator/primary/page_version_cache.h"
 #include "replicator/qemu/checkpoint_stream.h"
 #include "replicator/qemu/qmp.h"
 
@@ -120,6 +121,9 @@ struct LifecycleOptions {
   uint64_t max_unacked_epochs = 8;
   uint64_t max_unacked_bytes = 1ull << 30;
   bool compress = false;
+  // Compression "xor-lz4" (with compress): the bytes of page versions kept
+  // to send pages as XOR records (page_version_cache.h). 0: LZ4 alone.
+  uint64_t xor_cache_bytes = 0;
   int interval_ms = 100;
   // No write waits longer than this for the backup to take data (zero:
   // max(30 s, 4 x heartbeat timeout)), nor do GOODBYE/FAILOVER. A backstop:
@@ -314,6 +318,8 @@ class PrimaryLifecycle {
   // Delta resync (epoch thread only, set by Attach), and what the status
   // says about the initial copy.
   std::unique_ptr<wire::DeltaFilter> delta_;
+  // Compression "xor-lz4": the sender thread's page versions (null otherwise).
+  std::unique_ptr<PageVersionCache> xor_cache_;
   std::atomic<bool> delta_offered_{false};
   std::atomic<uint64_t> initial_sent_pages_{0}, initial_kept_pages_{0}, initial_wire_bytes_{0};
 

@@ -100,6 +100,7 @@ LifecycleOptions ToLifecycleOptions(const PrimaryOptions& o) {
   lo.max_unacked_epochs = o.max_unacked_epochs;
   lo.max_unacked_bytes = o.max_unacked_bytes;
   lo.compress = o.compress;
+  lo.xor_cache_bytes = o.compress ? o.xor_cache_bytes : 0;
   lo.interval_ms = o.interval_ms;
   lo.fault = o.fault;
   if (o.on_state)
@@ -302,6 +303,7 @@ Status PrimaryReplicator::Connect() {
   config.reprotect_to = opts_.reprotect_to;
   config.netbuf = opts_.netbuf.mode;
   config.compress = opts_.compress;
+  if (opts_.compress && opts_.xor_cache_bytes > 0) config.page_delta = "xor";
   config.disks_option = opts_.disks;
   for (const auto& g : disks) config.disks.push_back(g.Spec());
   // The backup restores a libvirt domain through its own libvirt, from this XML.

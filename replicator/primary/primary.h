@@ -89,6 +89,9 @@ struct PrimaryOptions {
   // Disks to mirror: "all" writable -drive disks, "none", or drive ids "a,b".
   std::string disks = "all";
   bool compress = false;  // LZ4 on PAGES frames (in the sender thread, off the pause path)
+  // With compress: XOR against the page's previous version first, keeping
+  // up to this many bytes of versions ("xor-lz4"; 0: LZ4 alone).
+  uint64_t xor_cache_bytes = 0;
   // How the backup keeps the page store: "hot" (locked in memory) or "paged"
   // (sent in CONFIG; replicator/backup/residency.h).
   std::string residency = "hot";

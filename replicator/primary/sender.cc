@@ -83,6 +83,9 @@ void PrimaryLifecycle::SenderLoop() {
 Status PrimaryLifecycle::SendPages(uint64_t epoch, std::string* payload) {
   uint16_t flags = 0;
   if (opts_.compress) {
+    // XOR against the versions sent before, then LZ4 (in this thread, after
+    // the guest resumed: off the pause path).
+    if (xor_cache_) RETURN_IF_ERROR(xor_cache_->EncodeBatch(epoch, payload));
     std::string z = wire::CompressBatch(*payload);
     if (z.size() < payload->size()) {
       *payload = std::move(z);

@@ -347,7 +347,7 @@ int main(int argc, char** argv) {
   std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out, reprotect_to;
   std::string residency = "hot";
   std::vector<std::string> netbuf_ifs;
-  int interval = 100, timeout_s = 600;
+  int interval = 100, timeout_s = 600, xor_cache_mib = 64;
   uint32_t queue_len = 65536;
   bool json_out = false, no_wait = false, netbuf_fallback = false, fail_open = false;
 
@@ -372,8 +372,12 @@ int main(int argc, char** argv) {
   protect->add_option("--reprotect-to", reprotect_to,
                       "after a failover, the backup protects the guest again to this remusd: self (this host's "
                       "--listen address), HOST:PORT, or none (default: remusd's --reprotect-to)");
-  protect->add_option("--compress", compress, "compress pages on the link: lz4 or none")
-      ->capture_default_str()->check(CLI::IsMember({"lz4", "none"}));
+  protect->add_option("--compress", compress,
+                      "compress pages on the link: none, lz4, or xor-lz4 (a page the primary sent before goes as "
+                      "its XOR with that version, then LZ4; the primary keeps --xor-cache MiB of versions)")
+      ->capture_default_str()->check(CLI::IsMember({"none", "lz4", "xor-lz4"}));
+  protect->add_option("--xor-cache", xor_cache_mib, "MiB of page versions the primary keeps for --compress xor-lz4")
+      ->capture_default_str()->check(CLI::Range(1, 1 << 20));
   protect->add_option("--residency", residency,
                       "how the backup keeps the guest's memory: hot (locked in its RAM, so a failover starts with "
                       "the guest's memory resident; refused when the backup lacks the memory) or paged (the kernel "
@@ -457,6 +461,7 @@ int main(int argc, char** argv) {
                 {"interval_ms", interval}, {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
                 {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress},
                 {"disks", disks}, {"residency", residency}};
+    if (compress == "xor-lz4") req["xor_cache_mib"] = xor_cache_mib;
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     if (!connect.empty()) req["libvirt_uri"] = connect;
     if (!reprotect_to.empty()) req["reprotect_to"] = reprotect_to;
