@@ -15,6 +15,8 @@
 #include "arbiter/etcd_http.h"
 #include "arbiter/fence_table.h"
 #include "arbiter/leftovers.h"
+#include "replicator/estimate/estimate.h"
+#include "replicator/libvirt/monitor.h"
 
 #include "common/log.h"
 #include "common/thread_annotations.h"
@@ -413,7 +415,7 @@ json Daemon::Handle(const json& req) {
 json Daemon::Dispatch(const json& j) {
   if (!j.is_object()) return Error(InvalidArgument("request is not a JSON object"));
   RequestReader req(j);
-  if (!req.Has("command")) return Error(InvalidArgument("request has no 'command' (protect, unprotect, status, failover, switchover, tune or ping)"));
+  if (!req.Has("command")) return Error(InvalidArgument("request has no 'command' (protect, unprotect, status, failover, switchover, tune, estimate or ping)"));
   auto c = req.String("command", "");
   if (!c.ok()) return Error(c.status());
   const std::string& cmd = *c;
@@ -423,6 +425,7 @@ json Daemon::Dispatch(const json& j) {
   if (cmd == "failover") return Failover(req);
   if (cmd == "tune") return Tune(req);
   if (cmd == "switchover") return Switchover(req);
+  if (cmd == "estimate") return Estimate(req);
   if (cmd == "ping") return Ok({{"version", "0.1.0"}, {"backup", backup_ != nullptr}});
   return Error(InvalidArgument("unknown command '" + cmd.substr(0, 64) + "'"));
 }
@@ -735,6 +738,88 @@ json Daemon::Switchover(const RequestReader& req) {
   Status s = p->Switchover(msg);
   if (!s.ok()) return Error(s);
   return Ok(p->StatusJson());
+}
+
+json Daemon::Estimate(const RequestReader& request) {
+  auto d = DomainArg(request);
+  if (!d.ok()) return Error(d.status());
+  const RequestReader req = request.In("domain " + *d);
+  std::vector<int64_t> intervals = estimate::DefaultIntervals();
+  // Each value is checked by CheckIntervals, with the interval's own words.
+  auto list = req.IntList("intervals_ms");
+  if (!list.ok()) return Error(list.status());
+  if (req.Has("intervals_ms")) intervals = std::move(list).value();
+  auto checked = estimate::CheckIntervals(std::move(intervals));
+  if (!checked.ok()) return Error(checked.status().Annotate("domain " + *d + ": --intervals"));
+  auto qmp = req.String("qmp", "");
+  if (!qmp.ok()) return Error(qmp.status());
+  auto uri = req.String("libvirt_uri", "");
+  if (!uri.ok()) return Error(uri.status());
+  if (!qmp->empty() && !uri->empty())
+    return Error(InvalidArgument("domain " + *d + ": give either --qmp (a QEMU's QMP socket) or --connect (libvirt), not both"));
+  {
+    MutexLock g(estimate_mu_);
+    if (!estimating_.insert(*d).second)
+      return Error(AlreadyExists("domain " + *d + ": an estimate of it is already running; wait a few seconds"));
+  }
+  struct Done {
+    Daemon* self;
+    std::string d;
+    ~Done() {
+      MutexLock g(self->estimate_mu_);
+      self->estimating_.erase(d);
+    }
+  } done{this, *d};
+  // Protected from here: the protection's monitor (QEMU serves one QMP
+  // client) and its own figures. Held by the shared_ptr, not under mu_.
+  std::shared_ptr<PrimaryReplicator> p;
+  {
+    MutexLock g(mu_);
+    if (auto it = primaries_.find(*d); it != primaries_.end() && it->second->monitor()) p = it->second;
+  }
+  std::unique_ptr<QemuMonitor> own;
+  QemuMonitor* monitor = nullptr;
+  std::optional<estimate::ProtectionFigures> figures;
+  if (p) {
+    monitor = p->monitor();
+    figures = estimate::FiguresFromStatus(p->StatusJson());
+  } else {
+    // Not protected from here: find QEMU's monitor as `protect` would.
+    std::string sock = *qmp, lv = *uri;
+    if (sock.empty() && lv.empty() && backup_) {
+      if (auto g = backup_->RunningGuest(*d)) sock = g->qmp_socket, lv = g->libvirt_uri;
+    }
+    if (!sock.empty()) {
+      auto c = QmpClient::Connect(sock);
+      if (!c.ok())
+        return Error(Status(c.status().code(), "domain " + *d + ": cannot reach QEMU's monitor at " + sock + ": " +
+                                                   c.status().message() +
+                                                   " (is QEMU running with -qmp, and no other client on that socket?)"));
+      own = std::move(c).value();
+    } else {
+      LibvirtMonitorOptions lo;
+      lo.uri = lv.empty() ? opts_.libvirt_uri : lv;
+      lo.domain = *d;
+      lo.pid_dir = opts_.libvirt_pid_dir;
+      auto c = LibvirtMonitor::Connect(lo);
+      if (!c.ok()) {
+        Status s = c.status();
+        if (s.code() == Code::kNotFound || s.code() == Code::kUnavailable)
+          s = Status(s.code(), "unknown domain " + *d + ": it is not protected from this host and libvirt (" + lo.uri +
+                                   ") could not provide it (" + s.message() +
+                                   "); for a QEMU libvirt does not run, give --qmp PATH");
+        return Error(s);
+      }
+      own = std::move(c).value();
+    }
+    monitor = own.get();
+  }
+  estimate::Estimator e(monitor, clock_, [](std::chrono::milliseconds ms) { std::this_thread::sleep_for(ms); });
+  auto r = e.Run(*d, *checked, figures);
+  if (!r.ok()) return Error(r.status());
+  (*r)["protected"] = p != nullptr && figures.has_value();
+  LOG_INFO("remusd") << "domain " << *d << ": estimate took " << (*r)["took_ms"].get<int64_t>() << " ms";
+  return Ok(std::move(r).value());
 }
 
 }  // namespace remus

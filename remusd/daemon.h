@@ -132,6 +132,10 @@ class Daemon {
   nlohmann::json Failover(const RequestReader& req);
   nlohmann::json Tune(const RequestReader& req);
   nlohmann::json Switchover(const RequestReader& req);
+  // `remusctl estimate`: measures the domain's dirty rate (through the
+  // protection's monitor, or a connection of its own made as `protect`
+  // would) on the control client's thread, never under mu_; a few seconds.
+  nlohmann::json Estimate(const RequestReader& req);
 
   // Entries of each domain's history a status row carries.
   static constexpr size_t kStatusHistory = 10;
@@ -176,6 +180,9 @@ class Daemon {
   std::vector<std::thread> workers_ GUARDED_BY(mu_);
   // Control connections being served (their threads are detached).
   std::set<int> client_fds_ GUARDED_BY(mu_);
+  // Domains an estimate is measuring (QEMU measures one window at a time).
+  Mutex estimate_mu_;
+  std::set<std::string> estimating_ GUARDED_BY(estimate_mu_);
 };
 
 }  // namespace remus

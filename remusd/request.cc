@@ -121,4 +121,18 @@ StatusOr<std::vector<std::string>> RequestReader::StringList(std::string_view fi
   return out;
 }
 
+StatusOr<std::vector<int64_t>> RequestReader::IntList(std::string_view field) const {
+  const json* f = Field(field);
+  std::vector<int64_t> out;
+  if (!f) return out;
+  if (!f->is_array()) return WrongType(field, "a list of integers", *f);
+  for (const json& e : *f) {
+    if (!e.is_number_integer() ||
+        (e.is_number_unsigned() && e.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())))
+      return Bad(field, "must be a list of integers; it holds " + TypeOf(e));
+    out.push_back(e.get<int64_t>());
+  }
+  return out;
+}
+
 }  // namespace remus

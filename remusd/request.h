@@ -53,6 +53,8 @@ class RequestReader {
   StatusOr<int64_t> Int(std::string_view field, int64_t def, int64_t min, int64_t max) const;
   // A list of strings; missing: empty.
   StatusOr<std::vector<std::string>> StringList(std::string_view field) const;
+  // A list of integers (int64 range); missing: empty.
+  StatusOr<std::vector<int64_t>> IntList(std::string_view field) const;
 
   // InvalidArgument "<context>: field 'f' <what>", for checks of the value.
   Status Bad(std::string_view field, std::string_view what) const;

@@ -662,6 +662,7 @@ void PrimaryLifecycle::FillStatus(json* out) const {
   j["releases_deferred"] = releases_deferred_.load();
   j["dirty_pages_total"] = dirty_pages_total_.load();
   j["epoch_bytes_total"] = epoch_bytes_total_.load();
+  j["checkpoint_page_bytes"] = {{"raw", ckpt_page_bytes_raw_.load()}, {"wire", ckpt_page_bytes_wire_.load()}};
   j["histograms"] = {{"pause_seconds", HistogramToJson(pause_hist_.Snapshot())},
                      {"ack_seconds", HistogramToJson(ack_hist_.Snapshot())},
                      {"dirty_pages", HistogramToJson(dirty_hist_.Snapshot())}};

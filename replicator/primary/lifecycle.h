@@ -389,7 +389,7 @@ class PrimaryLifecycle {
   SampleWindow ack_ms_;       // LOADED -> ACK
   SampleWindow stage_ms_;     // REPLY written -> LOADED written: remus's own part of the pause
   SampleWindow dirty_pages_;  // pages per epoch
-  SampleWindow epoch_bytes_;  // wire bytes per epoch
+  SampleWindow epoch_bytes_;  // bytes staged per epoch (pages + device state + disk), before compression
   RateMeter checkpoints_;
   Histogram pause_hist_{Histogram::LatencySeconds()};  // seconds
   Histogram ack_hist_{Histogram::LatencySeconds()};    // seconds
@@ -398,6 +398,9 @@ class PrimaryLifecycle {
   std::atomic<uint64_t> checkpoints_total_{0};
   std::atomic<uint64_t> dirty_pages_total_{0};
   std::atomic<uint64_t> epoch_bytes_total_{0};
+  // Checkpoints' (not the initial copy's) PAGES payloads before and after
+  // LZ4, for the compression ratio `remusctl estimate` uses.
+  std::atomic<uint64_t> ckpt_page_bytes_raw_{0}, ckpt_page_bytes_wire_{0};
   std::atomic<uint64_t> backpressure_waits_{0};
   std::atomic<uint64_t> releases_deferred_{0};  // ACKs whose output waited for a valid lease
 

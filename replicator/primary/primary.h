@@ -140,6 +140,10 @@ class PrimaryReplicator {
   Status Switchover(wire::SwitchoverMsg msg = {});
 
   PrimaryState state() const { return lifecycle_->state(); }
+  // QEMU's monitor once the start returned (null before, or when it could
+  // not connect), for read-only requests beside the checkpoints (`remusctl
+  // estimate`). Valid while this replicator lives.
+  QemuMonitor* monitor() const { return ready_ && monitor_ ? monitor_.get() : nullptr; }
   nlohmann::json StatusJson() const;
   const std::string& domain() const { return opts_.domain; }
 

@@ -82,6 +82,7 @@ void PrimaryLifecycle::SenderLoop() {
 
 Status PrimaryLifecycle::SendPages(uint64_t epoch, std::string* payload) {
   uint16_t flags = 0;
+  const size_t raw = payload->size();
   if (opts_.compress) {
     // XOR against the versions sent before, then LZ4 (in this thread, after
     // the guest resumed: off the pause path).
@@ -91,6 +92,10 @@ Status PrimaryLifecycle::SendPages(uint64_t epoch, std::string* payload) {
       *payload = std::move(z);
       flags |= wire::kFlagLz4;
     }
+  }
+  if (epoch > 0) {  // epoch 0 is the initial copy, whose zero pages compress far better
+    ckpt_page_bytes_raw_ += raw;
+    ckpt_page_bytes_wire_ += payload->size();
   }
   return link_->Send(MsgType::kPages, epoch, *payload, flags);
 }

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "common/thread_annotations.h"
+#include "replicator/estimate/estimate.h"
 #include "replicator/link/wire.h"
 #include "tools/remusctl/control_client.h"
 #include "tools/remusctl/views.h"
@@ -434,6 +435,19 @@ int main(int argc, char** argv) {
   stats->add_flag("--histogram", histogram, "also the distributions (cumulative since protection started)");
   stats->add_flag("--json", json_out, "machine-readable output");
 
+  std::vector<int64_t> est_intervals;
+  auto* estimate = app.add_subcommand(
+      "estimate", "measure a guest's dirty rate and show the link bandwidth each checkpoint interval needs");
+  estimate->add_option("domain", domain, "domain name")->required();
+  auto* est_qmp = estimate->add_option("--qmp", qmp,
+                                       "QEMU's QMP unix socket, for a guest not protected from this host and not run "
+                                       "by libvirt (a protected one is measured through its protection)");
+  estimate->add_option("--connect", connect, "libvirt URI of the domain (default: remusd's --libvirt-uri)")
+      ->excludes(est_qmp);
+  estimate->add_option("--intervals", est_intervals, "checkpoint intervals in ms, comma-separated (default 10,25,50,100,200)")
+      ->delimiter(',');
+  estimate->add_flag("--json", json_out, "machine-readable output");
+
   auto* keygen = app.add_subcommand("keygen", "write a new shared key (copy it to both hosts)");
   keygen->add_option("--out", out, "key file to create (mode 0600)")->required();
 
@@ -539,6 +553,20 @@ int main(int argc, char** argv) {
                 static_cast<long long>(sw.value("final_epoch", int64_t{-1})), sw.value("result", "").c_str());
     if (sw.value("reprotect_to", "").empty() || no_wait) return 0;
     return WaitReverseProtection(sock, domain, timeout_s);
+  }
+  if (*estimate) {
+    json req = {{"command", "estimate"}, {"domain", domain}};
+    if (!est_intervals.empty()) req["intervals_ms"] = est_intervals;
+    if (!qmp.empty()) req["qmp"] = qmp;
+    if (!connect.empty()) req["libvirt_uri"] = connect;
+    // Progress on stderr, so --json's stdout stays one document.
+    std::fprintf(stderr, "%s: measuring the dirty rate (a few seconds, at most %lld s)...\n", domain.c_str(),
+                 static_cast<long long>(remus::estimate::kMaxDurationMs / 1000));
+    auto r = remus::ControlCall(sock, req);
+    if (!r.ok()) return FailDomain(r.status());
+    if (json_out) std::cout << r->dump(2) << "\n";
+    else std::cout << remus::EstimateText(*r);
+    return 0;
   }
   if (*tune) {
     auto r = remus::ControlCall(sock, {{"command", "tune"}, {"domain", domain}, {"interval_ms", interval}});

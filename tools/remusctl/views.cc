@@ -292,4 +292,65 @@ std::string ArbiterLine(const json& d) {
   return out;
 }
 
+std::string EstimateText(const nlohmann::json& r) {
+  using nlohmann::json;
+  std::string out;
+  const json rows = r.value("rows", json::array());
+  bool compressed = false;
+  for (const auto& row : rows) compressed |= row.contains("compressed");
+  char line[256];
+  std::snprintf(line, sizeof line, "%-9s %-12s %10s %10s %9s", "INTERVAL", "DIRTY PAGES", "MiB/CKPT", "MB/s", "Gbit/s");
+  out += line;
+  if (compressed) {
+    std::snprintf(line, sizeof line, " %10s %9s", "lz4 MB/s", "lz4 Gb/s");
+    out += line;
+  }
+  out += "  BASIS\n";
+  for (const auto& row : rows) {
+    const std::string basis = row.value("basis", "");
+    const std::string method = row.value("method", "");
+    const bool sampled = method == "page-sampling";
+    std::string mark = basis == "lower-bound" ? ">=" : basis == "upper-bound" ? "<=" : sampled ? "~" : "=";
+    std::string pages = mark + " " + Fmt("%.0f", row.value("dirty_pages", 0.0));
+    std::string how = basis == "measured" ? "measured"
+                      : basis == "lower-bound" ? "at least"
+                                               : "at most";
+    how += std::string(" (") + (method == "checkpoints" ? "protection's checkpoints" : "QEMU " + method);
+    if (basis != "measured") how += ", " + std::to_string(row.value("from_window_ms", int64_t{0})) + " ms window";
+    if (basis == "lower-bound" && row.contains("dirty_pages_high") && !row["dirty_pages_high"].is_null())
+      how += "; at most " + Fmt("%.0f", row["dirty_pages_high"].get<double>()) + " pages";
+    how += ")";
+    std::snprintf(line, sizeof line, "%6lld ms %-12s %10s %10s %9s", static_cast<long long>(row.value("interval_ms", int64_t{0})),
+                  pages.c_str(), Fmt("%.2f", row.value("bytes_per_checkpoint", 0.0) / 1048576.0).c_str(),
+                  Fmt("%.1f", row.value("mb_per_s", 0.0)).c_str(), Fmt("%.3f", row.value("gbit_per_s", 0.0)).c_str());
+    out += line;
+    if (compressed) {
+      const json z = row.value("compressed", json::object());
+      std::snprintf(line, sizeof line, " %10s %9s", z.empty() ? "-" : Fmt("%.1f", z.value("mb_per_s", 0.0)).c_str(),
+                    z.empty() ? "-" : Fmt("%.3f", z.value("gbit_per_s", 0.0)).c_str());
+      out += line;
+    }
+    out += "  " + how + "\n";
+  }
+  const json q = r.value("qemu", json::object());
+  if (q.contains("windows")) {
+    out += "QEMU " + q.value("version", std::string()) + " (" + q.value("accelerator", std::string()) + "), mode " +
+           q.value("mode", std::string()) + ": windows";
+    for (const auto& w : q["windows"])
+      out += " " + std::to_string(w.value("window_ms", int64_t{0})) + " ms x" + std::to_string(w.value("reps", 1));
+    out += "\n";
+  }
+  const json p = r.value("protection", json());
+  if (p.is_object())
+    out += "protection: " + Fmt("%.0f", p.value("dirty_pages_per_checkpoint", 0.0)) + " pages per checkpoint at " +
+           std::to_string(p.value("interval_ms", int64_t{0})) + " ms over its last checkpoints" +
+           (p.value("compression_ratio", json()).is_number()
+                ? ", lz4 ratio " + Fmt("%.2f", p["compression_ratio"].get<double>())
+                : std::string()) +
+           "\n";
+  for (const auto& n : r.value("notes", json::array())) out += "note: " + n.get<std::string>() + "\n";
+  out += "measured in " + std::to_string(r.value("took_ms", int64_t{0})) + " ms\n";
+  return out;
+}
+
 }  // namespace remus

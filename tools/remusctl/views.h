@@ -1,4 +1,4 @@
-// What `remusctl watch` and `remusctl stats` print, computed from remusd's
+// What `remusctl watch`, `remusctl stats` and `remusctl estimate` print, computed from remusd's
 // status JSON (docs/formats/control.md). Pure functions: main.cc does the
 // control calls, the timing and the terminal.
 #pragma once
@@ -48,5 +48,11 @@ std::string StatsText(const nlohmann::json& status, bool histograms);
 // and a fence or a refused promotion in words.
 std::string ArbiterLine(const nlohmann::json& status);
 nlohmann::json StatsJson(const nlohmann::json& status, bool histograms);
+
+// `remusctl estimate`'s table from the estimate request's result
+// (replicator/estimate/estimate.h): one row per interval, the figure shown
+// marked "=" measured, ">=" a lower bound, "<=" an upper bound, "~" sampled;
+// then where the figures come from and the notes.
+std::string EstimateText(const nlohmann::json& result);
 
 }  // namespace remus

@@ -152,3 +152,35 @@ TEST(ArbiterLine, SaysOwnerTokenTimeLeftAndFences) {
 
 }  // namespace
 }  // namespace remus
+
+namespace remus {
+namespace {
+
+TEST(EstimateText, MarksEachRowsBasisAndShowsCompressionWhenMeasured) {
+  nlohmann::json r = {
+      {"rows",
+       {{{"interval_ms", 10}, {"dirty_pages", 40}, {"dirty_pages_high", 200}, {"basis", "lower-bound"},
+         {"method", "page-sampling"}, {"from_window_ms", 50}, {"bytes_per_checkpoint", 163840},
+         {"mb_per_s", 16.384}, {"gbit_per_s", 0.131}},
+        {{"interval_ms", 100}, {"dirty_pages", 400}, {"basis", "measured"}, {"method", "checkpoints"},
+         {"from_window_ms", 100}, {"bytes_per_checkpoint", 1638400}, {"mb_per_s", 16.384}, {"gbit_per_s", 0.131},
+         {"compressed", {{"mb_per_s", 4.1}, {"gbit_per_s", 0.033}}}}}},
+      {"protection", {{"interval_ms", 100}, {"dirty_pages_per_checkpoint", 400.0}, {"compression_ratio", 4.0}}},
+      {"notes", {"a note"}},
+      {"took_ms", 1234}};
+  std::string t = EstimateText(r);
+  EXPECT_NE(t.find(">= 40"), std::string::npos) << t;
+  EXPECT_NE(t.find("at least (QEMU page-sampling, 50 ms window; at most 200 pages)"), std::string::npos) << t;
+  EXPECT_NE(t.find("= 400"), std::string::npos) << t;
+  EXPECT_NE(t.find("measured (protection's checkpoints)"), std::string::npos) << t;
+  EXPECT_NE(t.find("lz4 MB/s"), std::string::npos) << t;
+  EXPECT_NE(t.find("4.1"), std::string::npos) << t;
+  EXPECT_NE(t.find("lz4 ratio 4.00"), std::string::npos) << t;
+  EXPECT_NE(t.find("note: a note"), std::string::npos) << t;
+  // Without a ratio, no compressed columns.
+  r["rows"][1].erase("compressed");
+  EXPECT_EQ(EstimateText(r).find("lz4 MB/s"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace remus
