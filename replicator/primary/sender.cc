@@ -111,8 +111,15 @@ Status PrimaryLifecycle::SendFrame(OutFrame& f) {
       // No copy in user space: the kernel gathers the pages from the
       // stream's buffers (measured: docs/performance.md section 1).
       std::vector<std::string_view> parts;
-      while (f.pages->NextBatchViews(kBatchBytes, &batch, &parts))
+      while (f.pages->NextBatchViews(kBatchBytes, &batch, &parts)) {
         RETURN_IF_ERROR(link_->SendV(MsgType::kPages, f.epoch, parts));
+        if (f.epoch > 0) {
+          uint64_t n = 0;
+          for (std::string_view p : parts) n += p.size();
+          ckpt_page_bytes_raw_ += n;
+          ckpt_page_bytes_wire_ += n;
+        }
+      }
     }
     f.pages.reset();
     return OkStatus();
