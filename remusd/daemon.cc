@@ -474,7 +474,7 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   ASSIGN_OR_RETURN(int64_t maxlen, req.Int("netbuf_queue_maxlen", po.netbuf.queue_maxlen, 1, UINT32_MAX));
   po.netbuf.queue_maxlen = static_cast<uint32_t>(maxlen);
   ASSIGN_OR_RETURN(po.netbuf.fail_open, req.Bool("netbuf_fail_open", false));
-  ASSIGN_OR_RETURN(std::string compress, req.String("compress", "none"));
+  ASSIGN_OR_RETURN(std::string compress, req.String("compress", "xor-lz4"));
   if (compress != "none" && compress != "lz4" && compress != "xor-lz4")
     return InvalidArgument("domain " + d + ": unknown --compress '" + compress.substr(0, 64) +
                            "'; expected none, lz4 or xor-lz4");

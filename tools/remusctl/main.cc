@@ -345,7 +345,7 @@ int main(int argc, char** argv) {
   if (const char* e = std::getenv("REMUS_SOCKET")) sock = e;
   app.add_option("--socket", sock, "remusd control socket (env REMUS_SOCKET)")->capture_default_str();
 
-  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "none", disks = "all", out, reprotect_to;
+  std::string domain, qmp, connect, backup, netbuf = "plug", compress = "xor-lz4", disks = "all", out, reprotect_to;
   std::string residency = "hot";
   std::vector<std::string> netbuf_ifs;
   int interval = 100, timeout_s = 600, xor_cache_mib = 64;
