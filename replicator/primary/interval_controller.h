@@ -31,6 +31,7 @@
 // Thread-safety: none; the caller serializes (PrimaryLifecycle holds its lock).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -88,6 +89,9 @@ class IntervalController {
   bool OnCheckpointAcked(const CheckpointSample& s);
 
   int interval_ms() const { return cur_; }
+  // The interval in effect is ms after all (the caller could not apply a
+  // change): the next samples move it from there.
+  void SetCurrent(int ms) { cur_ = std::clamp(ms, o_.min_ms, o_.max_ms); }
   Bound bound() const { return bound_; }
   // A short sentence for status: why the interval is what it is.
   std::string reason() const;

@@ -177,14 +177,25 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
     // What the initial copy took on the link (with the device state).
     if (last_acked_epoch_ < 0) initial_wire_bytes_ = link_->bytes_sent();
     if (static_cast<int64_t>(e) > last_acked_epoch_) last_acked_epoch_ = static_cast<int64_t>(e);
+    uint64_t epoch_bytes = 0;
     while (!unacked_.empty() && unacked_.front().first <= e) {
+      if (unacked_.front().first == e) epoch_bytes = unacked_.front().second;
       unacked_bytes_ -= unacked_.front().second;
       unacked_.pop_front();
     }
     while (!loaded_at_.empty() && loaded_at_.front().first <= e) {
       if (loaded_at_.front().first == e) {
-        ack_ms_.Add(ToMillis(now - loaded_at_.front().second));
-        ack_hist_.Observe(ToMillis(now - loaded_at_.front().second) / 1000.0);
+        const double ack = ToMillis(now - loaded_at_.front().second);
+        ack_ms_.Add(ack);
+        ack_hist_.Observe(ack / 1000.0);
+        // The automatic interval learns from protected checkpoints only
+        // (epoch 0 is the initial copy).
+        if (interval_auto_ && e > 0 && state_.load() == PrimaryState::kProtected &&
+            interval_auto_->OnCheckpointAcked({ack, epoch_bytes, last_pause_ms_.load()})) {
+          pending_interval_ = interval_auto_->interval_ms();
+          interval_kick_ = true;
+          ev_cv_.NotifyAll();
+        }
       }
       loaded_at_.pop_front();
     }
