@@ -539,6 +539,7 @@ TEST(PrimaryLifecycle, AutomaticIntervalFollowsTheAcksAndTuneFixesIt) {
   ASSERT_TRUE(w.lc->SetInterval(30).ok());
   w.backup->SetAckDelay(milliseconds(40));
   std::this_thread::sleep_for(milliseconds(500));
+  st = json::object();
   w.lc->FillStatus(&st);
   EXPECT_EQ(st["interval_mode"], "fixed");
   EXPECT_EQ(st["interval_ms"], 30);
