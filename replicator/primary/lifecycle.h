@@ -400,6 +400,9 @@ class PrimaryLifecycle {
   // waits in pending_interval_ (0: none) for the lifecycle thread.
   std::unique_ptr<IntervalController> interval_auto_ GUARDED_BY(mu_);
   int pending_interval_ GUARDED_BY(mu_) = 0;
+  // When protection began: checkpoints staged before (queued behind the
+  // initial copy, their acks late for that reason) teach it nothing.
+  TimePoint protected_since_ GUARDED_BY(mu_) = TimePoint::max();
   bool interval_kick_ GUARDED_BY(mu_) = false;  // wakes the lifecycle thread for it
   std::string interval_note_ GUARDED_BY(mu_);   // fixed mode: who set it; auto: a failed change
   std::atomic<uint64_t> interval_changes_{0};   // applied by the automatic interval

@@ -188,9 +188,9 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
         const double ack = ToMillis(now - loaded_at_.front().second);
         ack_ms_.Add(ack);
         ack_hist_.Observe(ack / 1000.0);
-        // The automatic interval learns from protected checkpoints only
-        // (epoch 0 is the initial copy).
-        if (interval_auto_ && e > 0 && state_.load() == PrimaryState::kProtected &&
+        // The automatic interval learns from checkpoints staged once
+        // protected only: the first ones wait behind the initial copy.
+        if (interval_auto_ && e > 0 && loaded_at_.front().second >= protected_since_ &&
             interval_auto_->OnCheckpointAcked({ack, epoch_bytes, last_pause_ms_.load()})) {
           pending_interval_ = interval_auto_->interval_ms();
           interval_kick_ = true;
@@ -222,9 +222,14 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
     switch_kick_ = true;
     ev_cv_.NotifyAll();  // the switchover's next step
   }
-  if (complete && Advance(PrimaryState::kSyncing, PrimaryState::kProtected))
+  if (complete && Advance(PrimaryState::kSyncing, PrimaryState::kProtected)) {
+    {
+      MutexLock l(mu_);
+      protected_since_ = clock_.Now();
+    }
     LOG_INFO(Tag()) << "protected: the backup committed checkpoint " << e
                     << (disks_ ? " with complete memory and disk copies" : " with the initial copy");
+  }
 }
 
 void PrimaryLifecycle::HeartbeatLoop() {

