@@ -9,7 +9,9 @@
 
 #include <cerrno>
 #include <chrono>
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <thread>
 
 #include "arbiter/etcd_http.h"
@@ -430,6 +432,33 @@ json Daemon::Dispatch(const json& j) {
   return Error(InvalidArgument("unknown command '" + cmd.substr(0, 64) + "'"));
 }
 
+// interval_mode "auto" (`--interval auto`) with its budget and bounds;
+// nullopt for a fixed interval. The bounds without "auto" are an error (the
+// operator meant something).
+static StatusOr<std::optional<IntervalControllerOptions>> AutoIntervalOptions(const std::string& d,
+                                                                       const RequestReader& req) {
+  using O = IntervalControllerOptions;
+  ASSIGN_OR_RETURN(std::string mode, req.String("interval_mode", "fixed"));
+  if (mode != "auto" && mode != "fixed")
+    return InvalidArgument("domain " + d + ": interval_mode '" + mode.substr(0, 64) + "' is not auto or fixed");
+  if (mode != "auto") {
+    for (const char* f : {"latency_budget_ms", "interval_min_ms", "interval_max_ms"})
+      if (req.Has(f))
+        return InvalidArgument("domain " + d + ": " + f + " needs --interval auto (a fixed interval has no bounds)");
+    return std::optional<O>();
+  }
+  O o;
+  // Types and int ranges here; ValidateIntervalOptions words the bounds as the options.
+  ASSIGN_OR_RETURN(int64_t budget, req.Int("latency_budget_ms", O::kDefaultBudgetMs, 0, 600000));
+  ASSIGN_OR_RETURN(int64_t lo, req.Int("interval_min_ms", O::kDefaultMinMs, 0, 600000));
+  ASSIGN_OR_RETURN(int64_t hi, req.Int("interval_max_ms", O::kDefaultMaxMs, 0, 600000));
+  o.latency_budget_ms = static_cast<int>(budget);
+  o.min_ms = static_cast<int>(lo);
+  o.max_ms = static_cast<int>(hi);
+  RETURN_IF_ERROR(ValidateIntervalOptions(d, o));
+  return std::optional<O>(o);
+}
+
 StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const RequestReader& request) const {
   const RequestReader req = request.In("domain " + d);
   PrimaryOptions po;
@@ -459,6 +488,13 @@ StatusOr<PrimaryOptions> Daemon::ProtectOptions(const std::string& d, const Requ
   po.run_dir = opts_.state_dir + "/run";
   ASSIGN_OR_RETURN(int64_t interval, req.Int("interval_ms", 100, 1, 600000));
   po.interval_ms = static_cast<int>(interval);
+  ASSIGN_OR_RETURN(std::optional<IntervalControllerOptions> automatic, AutoIntervalOptions(d, req));
+  if (automatic) {
+    po.interval_auto = true;
+    po.interval_auto_opts = *automatic;
+    // Starts within the bounds; the controller moves it from there.
+    po.interval_ms = std::clamp(po.interval_ms, automatic->min_ms, automatic->max_ms);
+  }
   po.tls = tls_primary_;
   po.heartbeat = opts_.heartbeat;
   po.arbiter = arbiter_.get();
@@ -659,6 +695,12 @@ void Daemon::MaybeReprotect(const std::string& d, const json& detail) {
   json req = {{"command", "protect"}, {"domain", d}, {"backup", to}, {"automatic", true},
               {"interval_ms", std::max<int64_t>(1, detail.value("interval_ms", int64_t{100}))},
               {"compress", ReprotectCompression(detail)}};
+  if (detail.value("interval_mode", std::string()) == "auto") {
+    // The automatic interval with the old primary's budget and bounds.
+    req["interval_mode"] = "auto";
+    for (const char* f : {"latency_budget_ms", "interval_min_ms", "interval_max_ms"})
+      if (int64_t v = detail.value(f, int64_t{0}); v > 0) req[f] = v;
+  }
   if (std::string nb = detail.value("netbuf", std::string()); !nb.empty()) req["netbuf"] = nb;
   if (std::string dk = detail.value("disks", std::string()); !dk.empty()) req["disks"] = dk;
   if (std::string rs = detail.value("residency", std::string()); !rs.empty()) req["residency"] = rs;
@@ -695,7 +737,14 @@ json Daemon::Tune(const RequestReader& req) {
   auto it = primaries_.find(*d);
   if (it == primaries_.end())
     return Error(NotFound("unknown domain " + *d + ": it is not protected from this host (see `remusctl status`)"));
-  if (!req.Has("interval_ms")) return Error(InvalidArgument("tune needs --interval MS"));
+  auto automatic = AutoIntervalOptions(*d, req.In("domain " + *d));
+  if (!automatic.ok()) return Error(automatic.status());
+  if (*automatic) {
+    Status s = it->second->SetAutoInterval(**automatic);
+    if (!s.ok()) return Error(s);
+    return Ok(it->second->StatusJson());
+  }
+  if (!req.Has("interval_ms")) return Error(InvalidArgument("tune needs --interval MS or --interval auto"));
   auto ms = req.In("domain " + *d).Int("interval_ms", 0, 1, 600000);
   if (!ms.ok()) return Error(ms.status());
   Status s = it->second->SetInterval(static_cast<int>(*ms));

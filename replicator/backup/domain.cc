@@ -81,6 +81,10 @@ bool BackupDomain::Transition(DomainEvent e) {
                     // What a re-protection after this promotion reuses.
                     {"reprotect_to", config_.reprotect_to},
                     {"interval_ms", config_.interval_ms},
+                    {"interval_mode", config_.interval_mode},
+                    {"latency_budget_ms", config_.latency_budget_ms},
+                    {"interval_min_ms", config_.interval_min_ms},
+                    {"interval_max_ms", config_.interval_max_ms},
                     {"netbuf", config_.netbuf},
                     {"compress", wire::CompressionName(config_.compress, config_.page_delta == "xor")},
                     {"disks", config_.disks_option},
@@ -197,6 +201,10 @@ void BackupDomain::Serve(std::unique_ptr<wire::Link> link) {
         const wire::SwitchoverMsg& m = switchover_msg_;
         detail = {{"reprotect_to", m.reprotect_to},
                   {"interval_ms", m.interval_ms > 0 ? m.interval_ms : config_.interval_ms},
+                  {"interval_mode", config_.interval_mode},
+                  {"latency_budget_ms", config_.latency_budget_ms},
+                  {"interval_min_ms", config_.interval_min_ms},
+                  {"interval_max_ms", config_.interval_max_ms},
                   {"netbuf", m.netbuf.empty() ? config_.netbuf : m.netbuf},
                   {"compress", wire::CompressionName(config_.compress, config_.page_delta == "xor")},
                   {"disks", config_.disks_option},

@@ -148,6 +148,12 @@ std::string EncodeConfig(const ConfigMsg& m) {
   if (!m.session.empty()) j["session"] = m.session;
   if (!m.arbiter.empty()) j["arbiter"] = m.arbiter;
   if (!m.reprotect_to.empty()) j["reprotect_to"] = m.reprotect_to;
+  if (!m.interval_mode.empty()) {
+    j["interval_mode"] = m.interval_mode;
+    j["latency_budget_ms"] = m.latency_budget_ms;
+    j["interval_min_ms"] = m.interval_min_ms;
+    j["interval_max_ms"] = m.interval_max_ms;
+  }
   if (!m.netbuf.empty()) j["netbuf"] = m.netbuf;
   if (m.compress) j["compress"] = true;
   if (!m.page_delta.empty()) j["page_delta"] = m.page_delta;
@@ -183,6 +189,12 @@ StatusOr<ConfigMsg> DecodeConfig(std::string_view payload) {
   RETURN_IF_ERROR(GetString(j, w, "reprotect_to", &m.reprotect_to, 255));
   if (!m.reprotect_to.empty() && !ParseHostPort(m.reprotect_to, 7788).ok())
     return w.Error("reprotect_to", "is not HOST:PORT");
+  RETURN_IF_ERROR(GetString(j, w, "interval_mode", &m.interval_mode));
+  if (!m.interval_mode.empty() && m.interval_mode != "auto" && m.interval_mode != "fixed")
+    return w.Error("interval_mode", "is not \"auto\" or \"fixed\"");
+  RETURN_IF_ERROR(GetInt(j, w, "latency_budget_ms", 0, kMaxIntervalMs, &m.latency_budget_ms));
+  RETURN_IF_ERROR(GetInt(j, w, "interval_min_ms", 0, kMaxIntervalMs, &m.interval_min_ms));
+  RETURN_IF_ERROR(GetInt(j, w, "interval_max_ms", 0, kMaxIntervalMs, &m.interval_max_ms));
   RETURN_IF_ERROR(GetString(j, w, "netbuf", &m.netbuf));
   if (!m.netbuf.empty() && m.netbuf != "plug" && m.netbuf != "nfqueue" && m.netbuf != "none")
     return w.Error("netbuf", "is not \"plug\", \"nfqueue\" or \"none\"");

@@ -97,6 +97,11 @@ struct ConfigMsg {
   // and the protect options it reuses (netbuf mode "", "plug", "nfqueue" or
   // "none"; LZ4; the disks "all", "none" or ids).
   std::string reprotect_to;
+  // The automatic interval (--interval auto) a re-protection reuses:
+  // interval_mode "auto" with its budget and bounds (1..kMaxIntervalMs);
+  // "" and zeros: a fixed interval.
+  std::string interval_mode;
+  int64_t latency_budget_ms = 0, interval_min_ms = 0, interval_max_ms = 0;
   std::string netbuf;
   bool compress = false;
   // "xor": PAGES records may be XOR records (page_batch.h kPageFlagXor),

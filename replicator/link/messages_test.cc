@@ -185,6 +185,10 @@ TEST(Messages, ConfigReprotection) {
   m.page_delta = "xor";
   m.disks_option = "vda,vdb";
   m.residency = "paged";
+  m.interval_mode = "auto";
+  m.latency_budget_ms = 250;
+  m.interval_min_ms = 20;
+  m.interval_max_ms = 2000;
   auto back = DecodeConfig(EncodeConfig(m));
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(*back, m);
@@ -192,7 +196,8 @@ TEST(Messages, ConfigReprotection) {
   back = DecodeConfig(R"({"argv":["qemu"]})");
   ASSERT_TRUE(back.ok());
   EXPECT_TRUE(back->reprotect_to.empty() && back->netbuf.empty() && !back->compress && back->disks_option.empty() &&
-              back->residency.empty() && back->page_delta.empty());
+              back->residency.empty() && back->page_delta.empty() && back->interval_mode.empty() &&
+              back->latency_budget_ms == 0);
   EXPECT_EQ(CompressionName(false, false), "none");
   EXPECT_EQ(CompressionName(true, false), "lz4");
   EXPECT_EQ(CompressionName(true, true), "xor-lz4");
@@ -200,7 +205,8 @@ TEST(Messages, ConfigReprotection) {
                           R"({"argv":["q"],"netbuf":"tc"})", R"({"argv":["q"],"compress":"yes"})",
                           R"({"argv":["q"],"disks_option":"a b"})", R"({"argv":["q"],"residency":"warm"})",
                           R"({"argv":["q"],"compress":true,"page_delta":"rle"})",
-                          R"({"argv":["q"],"page_delta":"xor"})"}) {
+                          R"({"argv":["q"],"page_delta":"xor"})", R"({"argv":["q"],"interval_mode":"fast"})",
+                          R"({"argv":["q"],"latency_budget_ms":-1})", R"({"argv":["q"],"interval_max_ms":600001})"}) {
     auto r = DecodeConfig(bad);
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
   }

@@ -59,6 +59,14 @@ PrimaryLifecycle::PrimaryLifecycle(LifecycleOptions opts, const Clock& clock)
       interval_ms_(opts_.interval_ms),
       checkpoints_(clock, std::chrono::seconds(10)) {
   if (opts_.compress && opts_.xor_cache_bytes > 0) xor_cache_ = std::make_unique<PageVersionCache>(opts_.xor_cache_bytes);
+  {
+    MutexLock l(mu_);
+    if (opts_.interval_auto) {
+      interval_auto_ = std::make_unique<IntervalController>(opts_.interval_auto_opts, opts_.interval_ms);
+    } else {
+      interval_note_ = "fixed by protect --interval";
+    }
+  }
   lifecycle_thread_ = std::thread([this] { LifecycleLoop(); });
 }
 
@@ -187,13 +195,65 @@ Status PrimaryLifecycle::Unprotect() {
 
 Status PrimaryLifecycle::SetInterval(int ms) {
   if (IsFinal(state_.load())) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  MutexLock a(interval_mu_);
   {
     MutexLock l(mu_);
     if (!attached_ || !source_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
   }
   RETURN_IF_ERROR(source_->SetInterval(ms));
   interval_ms_ = ms;
+  MutexLock l(mu_);
+  if (interval_auto_) LOG_INFO(Tag()) << "interval fixed at " << ms << " ms (was automatic)";
+  interval_auto_.reset();
+  pending_interval_ = 0;
+  interval_note_ = "fixed by remusctl tune";
   return OkStatus();
+}
+
+Status PrimaryLifecycle::SetAutoInterval(const IntervalControllerOptions& o) {
+  RETURN_IF_ERROR(ValidateIntervalOptions(opts_.domain, o));
+  if (IsFinal(state_.load())) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  MutexLock a(interval_mu_);
+  MutexLock l(mu_);
+  interval_auto_ = std::make_unique<IntervalController>(o, interval_ms_.load());
+  pending_interval_ = 0;
+  interval_note_.clear();
+  LOG_INFO(Tag()) << "interval automatic: latency budget " << o.latency_budget_ms << " ms, " << o.min_ms << ".."
+                  << o.max_ms << " ms";
+  return OkStatus();
+}
+
+void PrimaryLifecycle::ApplyAutoInterval() {
+  {
+    // The common case, without waiting behind a tune's QMP call.
+    MutexLock l(mu_);
+    if (!interval_kick_ && pending_interval_ == 0) return;
+  }
+  MutexLock a(interval_mu_);
+  int ms;
+  std::string why;
+  {
+    MutexLock l(mu_);
+    interval_kick_ = false;
+    ms = interval_auto_ ? pending_interval_ : 0;
+    pending_interval_ = 0;
+    if (interval_auto_) why = interval_auto_->reason();
+  }
+  if (ms <= 0 || ms == interval_ms_.load() || stopping_ || state_.load() != PrimaryState::kProtected) return;
+  // QEMU takes a checkpoint whenever the interval is set: the controller
+  // changes it at most every few checkpoints.
+  Status s = source_->SetInterval(ms);
+  MutexLock l(mu_);
+  if (!s.ok()) {
+    LOG_WARN(Tag()) << "automatic interval: could not set " << ms << " ms: " << s.message();
+    interval_note_ = "the last change (" + std::to_string(ms) + " ms) failed: " + s.message();
+    if (interval_auto_) interval_auto_->SetCurrent(interval_ms_.load());  // it tries again from there
+    return;
+  }
+  LOG_INFO(Tag()) << "interval " << interval_ms_.load() << " -> " << ms << " ms: " << why;
+  interval_ms_ = ms;
+  interval_changes_++;
+  interval_note_.clear();
 }
 
 Status PrimaryLifecycle::Switchover(wire::SwitchoverMsg msg) {
@@ -370,6 +430,7 @@ void PrimaryLifecycle::OnQemuEvent(const json& ev) {
   } else if (name == "RESUME") {
     int64_t s = stop_ts_us_.exchange(-1);
     if (s >= 0 && state_ == PrimaryState::kProtected) {
+      last_pause_ms_ = static_cast<double>(us - s) / 1000.0;
       pause_ms_.Add(static_cast<double>(us - s) / 1000.0);
       pause_hist_.Observe(static_cast<double>(us - s) / 1e6);
     }
@@ -411,7 +472,9 @@ void PrimaryLifecycle::LifecycleLoop() {
         nap = std::clamp<Nanos>(opts_.heartbeat.timeout - hb_.SinceLastReceived() + std::chrono::milliseconds(1),
                                 std::chrono::milliseconds(1), kMaxNap);
       ev_cv_.WaitFor(mu_, nap,
-                     [&]() REQUIRES(mu_) { return (!events_.empty() && !attaching_) || destroy_ || switch_kick_; });
+                     [&]() REQUIRES(mu_) {
+                       return (!events_.empty() && !attaching_) || destroy_ || switch_kick_ || interval_kick_;
+                     });
       switch_kick_ = false;
       if (!events_.empty() && !attaching_) {
         ev = std::move(events_.front());
@@ -426,6 +489,7 @@ void PrimaryLifecycle::LifecycleLoop() {
       return;
     }
     StepSwitchover();
+    ApplyAutoInterval();
     if (IsLive(state_.load()) && !stopping_ && hb_.PeerLost()) {
       Teardown(DeadlineExceeded("the backup " + opts_.backup + " has been silent for " +
                                 std::to_string(static_cast<int>(ToMillis(hb_.SinceLastReceived()))) +
@@ -640,6 +704,26 @@ void PrimaryLifecycle::FillStatus(json* out) const {
   }
   j["sync"] = {{"total_bytes", total}, {"done_bytes", done}, {"percent", pct}};
   j["interval_ms"] = interval_ms_.load();
+  {
+    MutexLock l(mu_);
+    if (interval_auto_) {
+      const IntervalController& c = *interval_auto_;
+      const IntervalControllerOptions& o = c.options();
+      j["interval_mode"] = "auto";
+      j["latency_budget_ms"] = o.latency_budget_ms;
+      j["interval_reason"] = interval_note_.empty() ? c.reason() : c.reason() + "; " + interval_note_;
+      j["interval_auto"] = {{"min_ms", o.min_ms},
+                            {"max_ms", o.max_ms},
+                            {"target_ms", c.interval_ms()},
+                            {"ack_estimate_ms", c.ack_estimate_ms() < 0 ? 0.0 : c.ack_estimate_ms()},
+                            {"saturated", c.saturated()},
+                            {"changes", interval_changes_.load()}};
+    } else {
+      j["interval_mode"] = "fixed";
+      j["latency_budget_ms"] = 0;
+      j["interval_reason"] = interval_note_;
+    }
+  }
   j["compress"] = wire::CompressionName(opts_.compress, xor_cache_ != nullptr);
   if (xor_cache_) {
     // The page versions "xor-lz4" keeps on this host, and how often a page

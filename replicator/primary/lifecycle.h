@@ -90,6 +90,7 @@
 #include "replicator/link/resync.h"
 #include "replicator/link/wire.h"
 #include "replicator/primary/disk_source.h"
+#include "replicator/primary/interval_controller.h"
 #include "replicator/primary/page_version_cache.h"
 #include "replicator/qemu/checkpoint_stream.h"
 #include "replicator/qemu/qmp.h"
@@ -125,6 +126,10 @@ struct LifecycleOptions {
   // to send pages as XOR records (page_version_cache.h). 0: LZ4 alone.
   uint64_t xor_cache_bytes = 0;
   int interval_ms = 100;
+  // --interval auto: the interval moves within interval_auto's bounds
+  // (interval_controller.h), starting from interval_ms.
+  bool interval_auto = false;
+  IntervalControllerOptions interval_auto_opts;
   // No write waits longer than this for the backup to take data (zero:
   // max(30 s, 4 x heartbeat timeout)), nor do GOODBYE/FAILOVER. A backstop:
   // the backup's loss is judged on receipt, within the heartbeat timeout.
@@ -201,7 +206,13 @@ class PrimaryLifecycle {
   // that already ended stays as it ended. The error is the reason
   // protection had been lost, if it had been.
   Status Unprotect();
-  Status SetInterval(int ms);
+  // A fixed interval (`remusctl tune --interval N`): ends an automatic one.
+  Status SetInterval(int ms) EXCLUDES(interval_mu_, mu_);
+  // The automatic interval (`--interval auto`): from the next acked
+  // checkpoints on, the controller moves it within o's bounds, through the
+  // same QMP call as SetInterval, from the lifecycle thread. InvalidArgument
+  // for bad bounds (ValidateIntervalOptions).
+  Status SetAutoInterval(const IntervalControllerOptions& o) EXCLUDES(interval_mu_, mu_);
   // Planned switchover to the backup (see the top of this file): protected
   // -> switching-over, then waits until the switchover ended. OK when the
   // backup accepted and our QEMU ended (switched-over); otherwise the error,
@@ -265,6 +276,9 @@ class PrimaryLifecycle {
   bool Advance(PrimaryState from, PrimaryState to) EXCLUDES(mu_);
   void EnterFinal(PrimaryState to) EXCLUDES(mu_);
   void SetError(const std::string& e) EXCLUDES(mu_);
+  // The automatic interval: applies the controller's last change (QMP).
+  // Lifecycle thread only.
+  void ApplyAutoInterval() EXCLUDES(interval_mu_, mu_);
   std::string Tag() const { return "primary[" + opts_.domain + "]"; }
   Nanos SendBackstop() const {
     return opts_.send_timeout.count() > 0 ? opts_.send_timeout
@@ -333,6 +347,9 @@ class PrimaryLifecycle {
   // QEMU reported a SHUTDOWN the host asked for (data.guest false): it exits next.
   std::atomic<bool> host_shutdown_{false};
   std::atomic<int> interval_ms_;
+  // Serializes setting QEMU's interval (tune, the automatic interval) so
+  // that the last mode chosen also sets the last value.
+  Mutex interval_mu_ ACQUIRED_BEFORE(mu_);
 
   // Switchover. requested: the epoch loop makes its next checkpoint the
   // final one. told: SWITCHOVER went out (or may have): our guest never
@@ -379,6 +396,17 @@ class PrimaryLifecycle {
   uint64_t unacked_bytes_ GUARDED_BY(mu_) = 0;
   std::deque<std::pair<uint64_t, TimePoint>> loaded_at_ GUARDED_BY(mu_);
   size_t last_epoch_pages_ = 0;  // epoch thread only
+  // The automatic interval (null: fixed), fed by OnAck; a change it wants
+  // waits in pending_interval_ (0: none) for the lifecycle thread.
+  std::unique_ptr<IntervalController> interval_auto_ GUARDED_BY(mu_);
+  int pending_interval_ GUARDED_BY(mu_) = 0;
+  // When protection began: checkpoints staged before (queued behind the
+  // initial copy, their acks late for that reason) teach it nothing.
+  TimePoint protected_since_ GUARDED_BY(mu_) = TimePoint::max();
+  bool interval_kick_ GUARDED_BY(mu_) = false;  // wakes the lifecycle thread for it
+  std::string interval_note_ GUARDED_BY(mu_);   // fixed mode: who set it; auto: a failed change
+  std::atomic<uint64_t> interval_changes_{0};   // applied by the automatic interval
+  std::atomic<double> last_pause_ms_{0};        // the last checkpoint's pause (STOP -> RESUME)
 
   // Initial sync progress.
   std::atomic<uint64_t> sync_total_bytes_{0};

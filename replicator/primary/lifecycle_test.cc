@@ -97,14 +97,16 @@ class FakeStream final : public CheckpointStream {
     cv_.notify_all();
     return OkStatus();
   }
-  Status SetInterval(int) override {
+  Status SetInterval(int ms) override {
     std::lock_guard<std::mutex> l(mu_);
     set_interval_calls_++;
+    interval = milliseconds(ms);  // auto_epochs follow it, as QEMU's timer
     if (!auto_epochs) fired_++;  // as QEMU: a new interval triggers a checkpoint
     cv_.notify_all();
     return OkStatus();
   }
   int set_interval_calls() const { std::lock_guard<std::mutex> l(mu_); return set_interval_calls_; }
+  int64_t interval_ms() const { std::lock_guard<std::mutex> l(mu_); return interval.count(); }
   Status CheckInColo() override { return OkStatus(); }
   const std::vector<qemu::RamBlock>& blocks() const override { return blocks_; }
   void Abort() override {
@@ -230,6 +232,12 @@ class FakeBackup {
     reader_.join();
     beater_.join();
   }
+  // Each ACK goes out this long after the COMMIT was read, one at a time: a
+  // backup that applies slowly.
+  void SetAckDelay(milliseconds d) {
+    std::lock_guard<std::mutex> l(mu_);
+    ack_delay_ = d;
+  }
   void HoldAcks(bool hold) {
     std::lock_guard<std::mutex> l(mu_);
     hold_acks_ = hold;
@@ -306,8 +314,16 @@ class FakeBackup {
       if (f->type != MsgType::kCommit || blackhole_) continue;
       commits_++;
       last_commit_ = static_cast<int64_t>(f->epoch);
-      if (hold_acks_) held_.push_back(f->epoch);
-      else (void)link_->Send(MsgType::kAck, f->epoch, "");
+      if (hold_acks_) {
+        held_.push_back(f->epoch);
+      } else if (ack_delay_.count() > 0) {
+        const milliseconds d = ack_delay_;
+        l.unlock();
+        std::this_thread::sleep_for(d);
+        (void)link_->Send(MsgType::kAck, f->epoch, "");
+      } else {
+        (void)link_->Send(MsgType::kAck, f->epoch, "");
+      }
     }
   }
   void BeatLoop() {
@@ -324,6 +340,7 @@ class FakeBackup {
   std::condition_variable cv_;
   bool closing_ = false, blackhole_ = false, not_reading_ = false, hold_acks_ = false;
   std::vector<uint64_t> held_;
+  milliseconds ack_delay_{0};
   std::vector<MsgType> types_;
   int64_t commits_ = 0, last_commit_ = -1, switchover_epoch_ = -1;
   OnSwitchover on_switchover_ = OnSwitchover::kAccept;
@@ -472,6 +489,76 @@ TEST(PrimaryLifecycle, BackpressureHoldsLoadedWhileTooManyEpochsAreUnacked) {
   ASSERT_TRUE(Eventually([&] { return w.stream->loaded() == 3; }));
   EXPECT_FALSE(w.stream->paused());
   EXPECT_EQ(w.lc->state(), PrimaryState::kProtected);
+}
+
+// --interval auto: slow acks raise the interval through the stream's
+// SetInterval (QEMU's x-checkpoint-delay), a recovery lowers it, and `tune`
+// fixes it again.
+TEST(PrimaryLifecycle, AutomaticIntervalFollowsTheAcksAndTuneFixesIt) {
+  World w;
+  LifecycleOptions o = Opts(milliseconds(20), milliseconds(2000));
+  o.interval_ms = 5;
+  o.interval_auto = true;
+  o.interval_auto_opts = {.latency_budget_ms = 1000, .min_ms = 5, .max_ms = 400};
+  w.Start(std::move(o), false, [](FakeStream* s) { s->interval = milliseconds(5); });
+  ASSERT_TRUE(Eventually([&] { return w.lc->state() == PrimaryState::kProtected; }));
+  json st;
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["interval_mode"], "auto");
+  EXPECT_EQ(st["latency_budget_ms"], 1000);
+  EXPECT_EQ(st["interval_auto"]["min_ms"], 5);
+  EXPECT_EQ(st["interval_auto"]["max_ms"], 400);
+
+  // The backup applies a checkpoint in 40 ms: keeping pace needs ~60 ms.
+  w.backup->SetAckDelay(milliseconds(40));
+  ASSERT_TRUE(Eventually([&] { return w.stream->interval_ms() >= 50; }, milliseconds(10000)))
+      << w.stream->interval_ms();
+  ASSERT_TRUE(Eventually([&] {
+    json s;
+    w.lc->FillStatus(&s);
+    return s["interval_ms"] == w.stream->interval_ms();
+  }));
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["interval_reason"].get<std::string>().rfind("keeping pace: acks take ", 0), 0u) << st.dump();
+  EXPECT_GE(st["interval_auto"]["changes"].get<int>(), 1);
+  EXPECT_LE(st["interval_ms"].get<int>(), 400);
+  const int calls = w.stream->set_interval_calls();
+  EXPECT_GE(calls, 1);
+
+  // Recovered: back down to the floor.
+  w.backup->SetAckDelay(milliseconds(0));
+  ASSERT_TRUE(Eventually([&] { return w.stream->interval_ms() <= 6; }, milliseconds(15000)))
+      << w.stream->interval_ms();
+  ASSERT_TRUE(Eventually([&] {
+    json s;
+    w.lc->FillStatus(&s);
+    return s["interval_reason"].get<std::string>().rfind("at the floor 5 ms", 0) == 0;
+  }));
+
+  // tune --interval 30: fixed from then on, whatever the acks say.
+  ASSERT_TRUE(w.lc->SetInterval(30).ok());
+  w.backup->SetAckDelay(milliseconds(40));
+  std::this_thread::sleep_for(milliseconds(500));
+  st = json::object();
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["interval_mode"], "fixed");
+  EXPECT_EQ(st["interval_ms"], 30);
+  EXPECT_EQ(st["latency_budget_ms"], 0);
+  EXPECT_EQ(st["interval_reason"], "fixed by remusctl tune");
+  EXPECT_EQ(w.stream->interval_ms(), 30);
+  EXPECT_FALSE(st.contains("interval_auto"));
+
+  // tune --interval auto with bounds that cannot work.
+  Status bad = w.lc->SetAutoInterval({.latency_budget_ms = 50, .min_ms = 60, .max_ms = 100});
+  EXPECT_EQ(bad.code(), Code::kInvalidArgument);
+  EXPECT_EQ(bad.message(),
+            "domain vm1: --interval-min 60 ms leaves nothing of the 50 ms latency budget: the floor must be below the "
+            "budget");
+  ASSERT_TRUE(w.lc->SetAutoInterval({.latency_budget_ms = 1000, .min_ms = 5, .max_ms = 400}).ok());
+  w.lc->FillStatus(&st);
+  EXPECT_EQ(st["interval_mode"], "auto");
+  ASSERT_TRUE(Eventually([&] { return w.stream->interval_ms() >= 50; }, milliseconds(10000)));
+  w.backup->SetAckDelay(milliseconds(0));
 }
 
 TEST(PrimaryLifecycle, BackpressureCountsUnackedBytes) {

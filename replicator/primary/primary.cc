@@ -45,6 +45,11 @@ Status CheckInterval(const std::string& domain, int ms) {
   return InvalidArgument("domain " + domain + ": interval " + std::to_string(ms) + " ms is out of range (1..600000)");
 }
 
+Status CheckIntervals(const PrimaryOptions& o) {
+  RETURN_IF_ERROR(CheckInterval(o.domain, o.interval_ms));
+  return o.interval_auto ? ValidateIntervalOptions(o.domain, o.interval_auto_opts) : OkStatus();
+}
+
 // Delta resync: the backup's answer to CONFIG (RESYNC_OFFER, then the
 // hashes of every offered page). Null with *note saying why the copy is full;
 // an ERROR from the backup (it refused CONFIG) is returned as the error.
@@ -102,6 +107,8 @@ LifecycleOptions ToLifecycleOptions(const PrimaryOptions& o) {
   lo.compress = o.compress;
   lo.xor_cache_bytes = o.compress ? o.xor_cache_bytes : 0;
   lo.interval_ms = o.interval_ms;
+  lo.interval_auto = o.interval_auto;
+  lo.interval_auto_opts = o.interval_auto_opts;
   lo.fault = o.fault;
   if (o.on_state)
     lo.on_state = [f = o.on_state](PrimaryState to, const std::string& why) { f(std::string(PrimaryStateName(to)), why); };
@@ -117,7 +124,7 @@ PrimaryReplicator::PrimaryReplicator(PrimaryOptions opts, const Clock& clock)
 }
 
 StatusOr<std::unique_ptr<PrimaryReplicator>> PrimaryReplicator::Start(PrimaryOptions opts, const Clock& clock) {
-  RETURN_IF_ERROR(CheckInterval(opts.domain, opts.interval_ms));
+  RETURN_IF_ERROR(CheckIntervals(opts));
   std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
   Status s = p->Connect();
   p->ready_ = true;
@@ -129,7 +136,7 @@ std::unique_ptr<PrimaryReplicator> PrimaryReplicator::StartAsync(PrimaryOptions 
   std::unique_ptr<PrimaryReplicator> p(new PrimaryReplicator(std::move(opts), clock));
   PrimaryReplicator* r = p.get();
   r->start_thread_ = std::thread([r] {
-    Status s = CheckInterval(r->opts_.domain, r->opts_.interval_ms);
+    Status s = CheckIntervals(r->opts_);
     if (s.ok()) s = r->Connect();
     r->ready_ = true;
     if (!s.ok()) {
@@ -301,6 +308,12 @@ Status PrimaryReplicator::Connect() {
   config.session = session;
   config.arbiter = opts_.arbiter ? "etcd" : "none";
   config.reprotect_to = opts_.reprotect_to;
+  if (opts_.interval_auto) {
+    config.interval_mode = "auto";
+    config.latency_budget_ms = opts_.interval_auto_opts.latency_budget_ms;
+    config.interval_min_ms = opts_.interval_auto_opts.min_ms;
+    config.interval_max_ms = opts_.interval_auto_opts.max_ms;
+  }
   config.netbuf = opts_.netbuf.mode;
   config.compress = opts_.compress;
   if (opts_.compress && opts_.xor_cache_bytes > 0) config.page_delta = "xor";
@@ -436,6 +449,13 @@ Status PrimaryReplicator::SetInterval(int ms) {
   if (IsFinal(lifecycle_->state())) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
   if (!ready_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
   return lifecycle_->SetInterval(ms);
+}
+
+Status PrimaryReplicator::SetAutoInterval(const IntervalControllerOptions& o) {
+  RETURN_IF_ERROR(ValidateIntervalOptions(opts_.domain, o));
+  if (IsFinal(lifecycle_->state())) return FailedPrecondition("domain " + opts_.domain + " is no longer protected");
+  if (!ready_) return FailedPrecondition("domain " + opts_.domain + ": protection is still starting");
+  return lifecycle_->SetAutoInterval(o);
 }
 
 json PrimaryReplicator::StatusJson() const {

@@ -78,6 +78,11 @@ struct PrimaryOptions {
   std::string reprotect_to;
   std::string run_dir;  // for the migration socket
   int interval_ms = 100;
+  // --interval auto: interval_ms is where it starts; the interval then
+  // moves within interval_auto_opts (interval_controller.h). Sent in CONFIG,
+  // so a re-protection after a failover is automatic too.
+  bool interval_auto = false;
+  IntervalControllerOptions interval_auto_opts;
   // How the link to the backup is authenticated and encrypted (tls.h).
   std::shared_ptr<const wire::TlsContext> tls;
   HeartbeatConfig heartbeat;
@@ -135,6 +140,7 @@ class PrimaryReplicator {
   // guest running. Idempotent. Cancels a start in progress (waits for it).
   Status Unprotect();
   Status SetInterval(int ms);
+  Status SetAutoInterval(const IntervalControllerOptions& o);
   // Planned switchover to the backup (PrimaryLifecycle::Switchover): returns
   // once it ended; our QEMU is gone then and the backup runs the guest.
   Status Switchover(wire::SwitchoverMsg msg = {});

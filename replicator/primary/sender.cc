@@ -177,14 +177,25 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
     // What the initial copy took on the link (with the device state).
     if (last_acked_epoch_ < 0) initial_wire_bytes_ = link_->bytes_sent();
     if (static_cast<int64_t>(e) > last_acked_epoch_) last_acked_epoch_ = static_cast<int64_t>(e);
+    uint64_t epoch_bytes = 0;
     while (!unacked_.empty() && unacked_.front().first <= e) {
+      if (unacked_.front().first == e) epoch_bytes = unacked_.front().second;
       unacked_bytes_ -= unacked_.front().second;
       unacked_.pop_front();
     }
     while (!loaded_at_.empty() && loaded_at_.front().first <= e) {
       if (loaded_at_.front().first == e) {
-        ack_ms_.Add(ToMillis(now - loaded_at_.front().second));
-        ack_hist_.Observe(ToMillis(now - loaded_at_.front().second) / 1000.0);
+        const double ack = ToMillis(now - loaded_at_.front().second);
+        ack_ms_.Add(ack);
+        ack_hist_.Observe(ack / 1000.0);
+        // The automatic interval learns from checkpoints staged once
+        // protected only: the first ones wait behind the initial copy.
+        if (interval_auto_ && e > 0 && loaded_at_.front().second >= protected_since_ &&
+            interval_auto_->OnCheckpointAcked({ack, epoch_bytes, last_pause_ms_.load()})) {
+          pending_interval_ = interval_auto_->interval_ms();
+          interval_kick_ = true;
+          ev_cv_.NotifyAll();
+        }
       }
       loaded_at_.pop_front();
     }
@@ -211,9 +222,14 @@ void PrimaryLifecycle::OnAck(uint64_t e) {
     switch_kick_ = true;
     ev_cv_.NotifyAll();  // the switchover's next step
   }
-  if (complete && Advance(PrimaryState::kSyncing, PrimaryState::kProtected))
+  if (complete && Advance(PrimaryState::kSyncing, PrimaryState::kProtected)) {
+    {
+      MutexLock l(mu_);
+      protected_since_ = clock_.Now();
+    }
     LOG_INFO(Tag()) << "protected: the backup committed checkpoint " << e
                     << (disks_ ? " with complete memory and disk copies" : " with the initial copy");
+  }
 }
 
 void PrimaryLifecycle::HeartbeatLoop() {

@@ -72,6 +72,7 @@ void PrintTable(const json& domains) {
                 rate.c_str(), p50.c_str(), p99.c_str(), dirty.c_str());
     std::string err = d.value("error", "");
     if (!err.empty()) std::printf("  error: %s\n", err.c_str());
+    if (std::string iv = remus::IntervalLine(d); !iv.empty()) std::printf("%s\n", iv.c_str());
     if (primary && d.contains("netbuf")) {
       const json& nb = d["netbuf"];
       std::string ifs;
@@ -127,8 +128,8 @@ int WaitProtected(const std::string& sock, const std::string& domain, int timeou
     int pct = static_cast<int>(d["sync"].value("percent", 0.0));
     if (st == "protected") {
       if (tty) std::printf("\r[%s] 100%%\n", Bar(100, 40).c_str());
-      std::printf("%s: protected (backup %s, interval %d ms)\n", domain.c_str(), d.value("backup", "").c_str(),
-                  d.value("interval_ms", 0));
+      std::printf("%s: protected (backup %s, interval %d ms%s)\n", domain.c_str(), d.value("backup", "").c_str(),
+                  d.value("interval_ms", 0), d.value("interval_mode", "") == "auto" ? ", auto" : "");
       return 0;
     }
     if (st != "syncing" && st != "starting") {
@@ -348,7 +349,42 @@ int main(int argc, char** argv) {
   std::string domain, qmp, connect, backup, netbuf = "plug", compress = "xor-lz4", disks = "all", out, reprotect_to;
   std::string residency = "hot";
   std::vector<std::string> netbuf_ifs;
-  int interval = 100, timeout_s = 600, xor_cache_mib = 64;
+  int timeout_s = 600, xor_cache_mib = 64;
+  // --interval MS or auto; with auto, the budget and bounds.
+  std::string interval = "100";
+  int latency_budget = 0, interval_min = 0, interval_max = 0;
+  auto add_interval_options = [&](CLI::App* c, bool required) {
+    auto* o = c->add_option("--interval", interval,
+                            "checkpoint interval in ms (1..600000), or auto: it moves between --interval-min and "
+                            "--interval-max to keep pace with the link within --latency-budget");
+    o->check(CLI::Validator(
+        [](std::string& v) -> std::string {
+          if (v == "auto") return "";
+          char* end = nullptr;
+          long n = std::strtol(v.c_str(), &end, 10);
+          if (v.empty() || *end != '\0' || n < 1 || n > 600000)
+            return "--interval must be auto or a number of ms in 1..600000, not '" + v + "'";
+          return "";
+        },
+        "MS|auto"));
+    if (required) o->required();
+    else o->capture_default_str();
+    c->add_option("--latency-budget", latency_budget,
+                  "with --interval auto: the output latency to stay within, in ms (default 200; 10..600000)");
+    c->add_option("--interval-min", interval_min, "with --interval auto: the shortest interval in ms (default 20)");
+    c->add_option("--interval-max", interval_max, "with --interval auto: the longest interval in ms (default 2000)");
+  };
+  // The request fields for the interval options (remusd checks the bounds).
+  auto interval_fields = [&](json* req) {
+    if (interval == "auto") {
+      (*req)["interval_mode"] = "auto";
+    } else {
+      (*req)["interval_ms"] = std::stoi(interval);
+    }
+    if (latency_budget) (*req)["latency_budget_ms"] = latency_budget;
+    if (interval_min) (*req)["interval_min_ms"] = interval_min;
+    if (interval_max) (*req)["interval_max_ms"] = interval_max;
+  };
   uint32_t queue_len = 65536;
   bool json_out = false, no_wait = false, netbuf_fallback = false, fail_open = false;
 
@@ -359,7 +395,7 @@ int main(int argc, char** argv) {
                       "libvirt URI of the domain (default: remusd's --libvirt-uri, qemu:///system)")
       ->excludes(qmp_opt);
   protect->add_option("--backup", backup, "backup remusd, HOST[:PORT] (port 7788 by default)")->required();
-  protect->add_option("--interval", interval, "checkpoint interval in ms")->capture_default_str()->check(CLI::Range(1, 600000));
+  add_interval_options(protect, false);
   protect->add_option("--netbuf", netbuf,
                       "output commit: plug (sch_plug qdisc), nfqueue (NFQUEUE), or none (packets not held)")
       ->capture_default_str()->check(CLI::IsMember({"plug", "nfqueue", "none"}));
@@ -418,7 +454,7 @@ int main(int argc, char** argv) {
 
   auto* tune = app.add_subcommand("tune", "change a protected domain's checkpoint interval");
   tune->add_option("domain", domain, "domain name")->required();
-  tune->add_option("--interval", interval, "checkpoint interval in ms")->required()->check(CLI::Range(1, 600000));
+  add_interval_options(tune, true);
 
   double watch_interval_s = 1.0;
   int watch_count = 0;
@@ -472,9 +508,10 @@ int main(int argc, char** argv) {
   }
   if (*protect) {
     json req = {{"command", "protect"}, {"domain", domain}, {"qmp", qmp}, {"backup", backup},
-                {"interval_ms", interval}, {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
+                {"netbuf", netbuf}, {"netbuf_fallback", netbuf_fallback},
                 {"netbuf_queue_maxlen", queue_len}, {"netbuf_fail_open", fail_open}, {"compress", compress},
                 {"disks", disks}, {"residency", residency}};
+    interval_fields(&req);
     if (compress == "xor-lz4") req["xor_cache_mib"] = xor_cache_mib;
     if (!netbuf_ifs.empty()) req["netbuf_interfaces"] = netbuf_ifs;
     if (!connect.empty()) req["libvirt_uri"] = connect;
@@ -569,9 +606,18 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (*tune) {
-    auto r = remus::ControlCall(sock, {{"command", "tune"}, {"domain", domain}, {"interval_ms", interval}});
+    json req = {{"command", "tune"}, {"domain", domain}};
+    interval_fields(&req);
+    auto r = remus::ControlCall(sock, req);
     if (!r.ok()) return Fail(r.status());
-    std::printf("%s: interval now %d ms\n", domain.c_str(), interval);
+    if (interval == "auto") {
+      const json& st = *r;
+      std::printf("%s: interval automatic (latency budget %lld ms), now %lld ms\n", domain.c_str(),
+                  static_cast<long long>(st.value("latency_budget_ms", int64_t{0})),
+                  static_cast<long long>(st.value("interval_ms", int64_t{0})));
+    } else {
+      std::printf("%s: interval now %s ms (fixed)\n", domain.c_str(), interval.c_str());
+    }
     return 0;
   }
   return 0;

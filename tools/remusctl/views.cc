@@ -105,6 +105,8 @@ std::vector<WatchRow> WatchRows(const json& prev, const json& cur, double dt_s) 
       r.pause_p99_ms = Num(Obj(d, "pause_ms"), "p99");
       r.unacked_epochs = static_cast<long long>(Num(d, "unacked_epochs"));
       r.buffered_packets = static_cast<long long>(Num(Obj(d, "netbuf"), "buffered_packets"));
+      r.interval_ms = static_cast<long long>(Num(d, "interval_ms"));
+      r.interval_mode = d.value("interval_mode", std::string("fixed"));
     }
     const json* p = FindDomain(prev, r.domain, r.role);
     if (p && dt_s > 0) {
@@ -123,8 +125,9 @@ std::vector<WatchRow> WatchRows(const json& prev, const json& cur, double dt_s) 
 
 std::string WatchHeader() {
   char b[256];
-  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s", "DOMAIN", "ROLE", "STATE", "EPOCH",
-                "EPOCHS/S", "PAUSE p50", "PAUSE p99", "DIRTY MB/s", "WIRE MB/s", "UNACKED", "BUFFERED");
+  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s %-12s", "DOMAIN", "ROLE", "STATE",
+                "EPOCH", "EPOCHS/S", "PAUSE p50", "PAUSE p99", "DIRTY MB/s", "WIRE MB/s", "UNACKED", "BUFFERED",
+                "INTERVAL");
   return b;
 }
 
@@ -136,11 +139,13 @@ std::string WatchLine(const WatchRow& r) {
   std::string dirty = r.primary ? rate(r.dirty_mb_per_s, "%.2f") : "-";
   std::string unacked = r.primary ? std::to_string(r.unacked_epochs) : "-";
   std::string buffered = r.primary ? std::to_string(r.buffered_packets) : "-";
+  // One token ("240ms/auto"), so scripts can split the line on blanks.
+  std::string interval = r.primary ? std::to_string(r.interval_ms) + "ms/" + r.interval_mode : "-";
   char b[512];
-  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s", r.domain.c_str(), role.c_str(),
+  std::snprintf(b, sizeof b, "%-16s %-8s %-13s %8s %9s %9s %9s %10s %9s %7s %8s %-12s", r.domain.c_str(), role.c_str(),
                 r.state.c_str(), r.epoch < 0 ? "-" : std::to_string(r.epoch).c_str(),
                 rate(r.epochs_per_s, "%.1f").c_str(), p50.c_str(), p99.c_str(), dirty.c_str(),
-                rate(r.wire_mb_per_s, "%.2f").c_str(), unacked.c_str(), buffered.c_str());
+                rate(r.wire_mb_per_s, "%.2f").c_str(), unacked.c_str(), buffered.c_str(), interval.c_str());
   return b;
 }
 
@@ -256,6 +261,19 @@ std::string StatsText(const json& d, bool histograms) {
     auto info = HistInfos().count(name) ? HistInfos().at(name) : HistInfo{name.c_str(), ""};
     out += "\n" + FormatHistogram(info.title, info.unit, *h);
   }
+  return out;
+}
+
+std::string IntervalLine(const json& d) {
+  if (!IsPrimary(d) || !d.contains("interval_ms")) return "";
+  std::string out = "  interval " + std::to_string(static_cast<long long>(Num(d, "interval_ms"))) + " ms";
+  const std::string mode = d.value("interval_mode", std::string("fixed"));
+  if (mode == "auto")
+    out += " (auto, latency budget " + std::to_string(static_cast<long long>(Num(d, "latency_budget_ms"))) + " ms)";
+  else
+    out += " (fixed)";
+  const std::string why = d.value("interval_reason", std::string());
+  if (!why.empty()) out += ": " + why;
   return out;
 }
 

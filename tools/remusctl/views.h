@@ -26,6 +26,8 @@ struct WatchRow {
   double pause_p50_ms = 0, pause_p99_ms = 0;  // primary: the status window (last 1024 pauses)
   long long unacked_epochs = 0;
   long long buffered_packets = 0;
+  long long interval_ms = 0;  // primary: the checkpoint interval now
+  std::string interval_mode;  // primary: "fixed" or "auto"
 };
 
 // Rows for every domain in `cur` (status arrays), rates against `prev`
@@ -33,6 +35,10 @@ struct WatchRow {
 std::vector<WatchRow> WatchRows(const nlohmann::json& prev, const nlohmann::json& cur, double dt_s);
 std::string WatchHeader();
 std::string WatchLine(const WatchRow& r);
+
+// `remusctl status`: the primary's interval line, "interval 240 ms (auto,
+// latency budget 200 ms): keeping pace: acks take 150 ms"; "" for a backup.
+std::string IntervalLine(const nlohmann::json& d);
 
 // A text histogram: one line per bucket with its own (not cumulative) count
 // and a bar scaled to the largest bucket. unit "seconds" prints bounds in

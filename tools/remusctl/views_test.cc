@@ -27,6 +27,7 @@ json Primary(double ckpts, double dirty_pages, double sent) {
           {"backpressure_waits", 0},
           {"pause_ms", {{"p50", 4.2}, {"p99", 30.5}}},
           {"link", {{"bytes_sent", sent}}},
+          {"interval_ms", 100},
           {"netbuf", {{"mode", "nfqueue"}, {"buffered_packets", 7}, {"dropped_packets", 0}, {"released_packets", 3}}},
           {"histograms",
            {{"pause_seconds", HistogramToJson(pause.Snapshot())}, {"ack_seconds", HistogramToJson(ack.Snapshot())}}}};
@@ -51,6 +52,20 @@ TEST(WatchRows, RatesComeFromTwoStatusCalls) {
   EXPECT_NE(line.find("4.2ms"), std::string::npos) << line;
   EXPECT_NE(line.find("30.5ms"), std::string::npos) << line;
   EXPECT_EQ(WatchHeader().find("DOMAIN"), 0u);
+  EXPECT_NE(WatchHeader().find("INTERVAL"), std::string::npos);
+  EXPECT_NE(line.find("100ms/fixed"), std::string::npos) << line;
+}
+
+TEST(IntervalLine, ShowsTheModeBudgetAndReason) {
+  json d = {{"domain", "web1"}, {"role", "primary"}, {"interval_ms", 240}, {"interval_mode", "auto"},
+            {"latency_budget_ms", 200}, {"interval_reason", "keeping pace: acks take 150 ms"}};
+  EXPECT_EQ(IntervalLine(d), "  interval 240 ms (auto, latency budget 200 ms): keeping pace: acks take 150 ms");
+  WatchRow r = WatchRows(json::array(), json::array({d}), 1.0)[0];
+  EXPECT_NE(WatchLine(r).find("240ms/auto"), std::string::npos) << WatchLine(r);
+  d = {{"domain", "web1"}, {"role", "primary"}, {"interval_ms", 100}, {"interval_mode", "fixed"},
+       {"interval_reason", "fixed by remusctl tune"}};
+  EXPECT_EQ(IntervalLine(d), "  interval 100 ms (fixed): fixed by remusctl tune");
+  EXPECT_EQ(IntervalLine({{"domain", "web1"}, {"role", "backup"}}), "");
 }
 
 TEST(WatchRows, NoRatesForANewDomainOrACounterReset) {
