@@ -259,7 +259,11 @@ def test_libvirt_switchover_there_and_back_with_disk(lvworlds, world, request):
                        f"hop {hop}: the old side's domain off in its libvirt", interval=0.2)
         bst = dst.call({"command": "status", "domain": DOMAIN, "role": "backup"})["result"]["domains"][0]
         assert bst["last_committed_epoch"] == final and bst["promotion"]["switchover_epoch"] == final, bst
-        assert bst["libvirt"] == {"uri": dw.uri, "domain": DOMAIN} and dw.domstate(DOMAIN)[0] == "running", bst
+        assert bst["libvirt"] == {"uri": dw.uri, "domain": DOMAIN}, bst
+        # Protected again in reverse: libvirt shows the guest "paused" during
+        # each checkpoint's pause, so running is what it comes back to.
+        world.wait_for(lambda: dw.domstate(DOMAIN)[0] == "running", 10,
+                       f"hop {hop}: the guest running in its new host's libvirt", interval=0.05)
         # dw's libvirt runs it on dst's own copy of vda.
         image = Path(bst["disks"]["images"][0]["image"])
         assert image == dst.domain_dir() / "disks" / "vda.img", bst
