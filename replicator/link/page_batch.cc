@@ -70,36 +70,53 @@ bool DeferredPages::NextBatchViews(size_t target, std::string* headers, std::vec
   return true;
 }
 
-Status ForEachPageRecord(
-    std::string_view payload,
-    const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn) {
+namespace {
+
+// One walk over a batch's records for both readers: Char is const char
+// (ForEachPageRecord) or char (in place). `allowed` are the flag bits the
+// caller accepts (kPageFlagZero and kPageFlagXor never together). fn gets
+// the record's header position too, to rewrite its flags.
+template <class Char, class Fn>
+Status WalkPageRecords(Char* base, size_t size, uint64_t allowed, Fn&& fn) {
   size_t pos = 0;
-  for (uint64_t n = 0; pos < payload.size(); n++) {
+  for (uint64_t n = 0; pos < size; n++) {
     // Built only on error: this loop runs once per page.
     auto where = [&, at = pos] {
       return "page record #" + std::to_string(n) + " at byte " + std::to_string(at) + " of a " +
-             std::to_string(payload.size()) + "-byte PAGES payload";
+             std::to_string(size) + "-byte PAGES payload";
     };
-    if (payload.size() - pos < kPageRecordHeader) return DataLoss(where() + " is truncated");
-    const uint32_t block = LoadU32(payload.data() + pos);
-    const uint64_t word = LoadU64(payload.data() + pos + 4);
-    pos += kPageRecordHeader;
+    if (size - pos < kPageRecordHeader) return DataLoss(where() + " is truncated");
+    const uint32_t block = LoadU32(base + pos);
+    const uint64_t word = LoadU64(base + pos + 4);
     const uint64_t flags = word & kPageFlagMask;
     const uint64_t offset = word & ~kPageFlagMask;
-    if (flags & ~kPageFlagZero) {
+    if ((flags & ~allowed) || flags == (kPageFlagZero | kPageFlagXor)) {
       char buf[40];
       std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(word));
-      return DataLoss(where() + ": offset word " + buf + " is not page-aligned (unknown flag bits)");
+      return DataLoss(where() + ": offset word " + buf + " is not page-aligned (unknown or contradictory flag bits)");
     }
-    const uint8_t* data = nullptr;
+    const size_t header_at = pos;
+    pos += kPageRecordHeader;
+    Char* data = nullptr;
     if (!(flags & kPageFlagZero)) {
-      if (payload.size() - pos < kPageSize) return DataLoss(where() + " is truncated (page data)");
-      data = reinterpret_cast<const uint8_t*>(payload.data() + pos);
+      if (size - pos < kPageSize) return DataLoss(where() + " is truncated (page data)");
+      data = base + pos;
       pos += kPageSize;
     }
-    RETURN_IF_ERROR(fn(block, offset, data));
+    RETURN_IF_ERROR(fn(block, offset, flags, data, header_at));
   }
   return OkStatus();
+}
+
+}  // namespace
+
+Status ForEachPageRecord(
+    std::string_view payload,
+    const std::function<Status(uint32_t block, uint64_t offset, const uint8_t* data_or_null)>& fn) {
+  return WalkPageRecords(payload.data(), payload.size(), kPageFlagZero,
+                         [&](uint32_t block, uint64_t offset, uint64_t, const char* data, size_t) {
+                           return fn(block, offset, reinterpret_cast<const uint8_t*>(data));
+                         });
 }
 
 void XorPage(uint8_t* dst, const uint8_t* src) {
@@ -117,44 +134,19 @@ void XorPage(uint8_t* dst, const uint8_t* src) {
 Status ForEachPageRecordInPlace(
     std::string* payload,
     const std::function<Status(uint32_t block, uint64_t offset, uint64_t* flags, uint8_t* data_or_null)>& fn) {
-  size_t pos = 0;
-  const size_t size = payload->size();
   char* const base = payload->data();
-  for (uint64_t n = 0; pos < size; n++) {
-    auto where = [&, at = pos] {
-      return "page record #" + std::to_string(n) + " at byte " + std::to_string(at) + " of a " +
-             std::to_string(size) + "-byte PAGES payload";
-    };
-    if (size - pos < kPageRecordHeader) return DataLoss(where() + " is truncated");
-    const uint32_t block = LoadU32(base + pos);
-    const uint64_t word = LoadU64(base + pos + 4);
-    const uint64_t known = kPageFlagZero | kPageFlagXor;
-    uint64_t flags = word & kPageFlagMask;
-    const uint64_t offset = word & ~kPageFlagMask;
-    if ((flags & ~known) || flags == known) {
-      char buf[40];
-      std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(word));
-      return DataLoss(where() + ": offset word " + buf + " has unknown or contradictory flag bits");
-    }
-    const size_t header_at = pos;
-    pos += kPageRecordHeader;
-    uint8_t* data = nullptr;
-    if (!(flags & kPageFlagZero)) {
-      if (size - pos < kPageSize) return DataLoss(where() + " is truncated (page data)");
-      data = reinterpret_cast<uint8_t*>(base + pos);
-      pos += kPageSize;
-    }
-    const uint64_t before = flags;
-    RETURN_IF_ERROR(fn(block, offset, &flags, data));
-    if (flags != before) {
-      // A record keeps its size: fn may only move between plain and XOR.
-      assert(data != nullptr && (flags & ~kPageFlagXor) == 0);
-      char word_be[8];
-      StoreU64(word_be, offset | flags);
-      std::memcpy(base + header_at + 4, word_be, 8);
-    }
-  }
-  return OkStatus();
+  return WalkPageRecords(
+      base, payload->size(), kPageFlagZero | kPageFlagXor,
+      [&](uint32_t block, uint64_t offset, uint64_t flags, char* data, size_t header_at) {
+        const uint64_t before = flags;
+        RETURN_IF_ERROR(fn(block, offset, &flags, reinterpret_cast<uint8_t*>(data)));
+        if (flags != before) {
+          // A record keeps its size: fn may only move between plain and XOR.
+          assert(data != nullptr && (flags & ~kPageFlagXor) == 0);
+          StoreU64(base + header_at + 4, offset | flags);
+        }
+        return OkStatus();
+      });
 }
 
 Status ResolveXorRecords(std::string* payload,
