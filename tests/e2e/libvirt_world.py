@@ -384,12 +384,9 @@ class LibvirtWorlds:
 
 def guest_files():
     """The test guest for libvirt domains: (kernel, initrd, counter GPA, kernel
-    command line). The fast PVH vmlinux next to the configured kernel if there
-    is one (its counter must sit above the kernel image: 0x8000000), else the
-    bzImage."""
-    from conftest import INITRD, KERNEL
-    vmlinux = Path(KERNEL).parent / "vmlinux"
-    kernel, gpa = (vmlinux, 0x8000000) if vmlinux.is_file() else (KERNEL, 0x4000000)
+    command line): the e2e tests' kernel and counter address (conftest.py)."""
+    from conftest import COUNTER_GPA, INITRD, KERNEL
+    kernel, gpa = KERNEL, COUNTER_GPA
     cmdline = (f"console=ttyS0 quiet memmap=64K${gpa:#x} remus.counter={gpa:#x} "
                "remus.dirty=10000 remus.wss=64 remus.check=1")
     return kernel, INITRD, gpa, cmdline

@@ -7,7 +7,7 @@ protected and keep committing checkpoints."""
 from conftest import check_promoted, record
 
 N = 8
-MEM_MB = 256  # the counter needs GPA 64 MiB reserved, which 128 MiB guests do not give it
+MEM_MB = 256  # the counter's reserved page is at 64 or 128 MiB (conftest.COUNTER_GPA)
 
 
 def test_one_backup_protects_eight_guests(world, request):
