@@ -25,6 +25,7 @@
 #include "common/command.h"
 #include "netbuf/firewall.h"
 #include "netbuf/naming.h"
+#include "netbuf/nfq_socket.h"
 #include "netbuf/rtnl.h"
 
 namespace remus::netbuf {
@@ -83,108 +84,7 @@ Status ParseNfqMessages(const void* buf, size_t len, NfqMessages* out) {
 
 namespace {
 
-constexpr int kRecvBatch = 64;
-constexpr size_t kRecvBufSize = 8192;  // a metadata-only packet message is a few hundred bytes
-constexpr int kRcvBufBytes = 16 << 20;
 const char* const kFamilies[] = {"iptables", "ip6tables"};
-
-// The NETLINK_NETFILTER socket bound to one queue.
-class NfqSocket {
- public:
-  static StatusOr<std::unique_ptr<NfqSocket>> Open() {
-    mnl_socket* nl = mnl_socket_open2(NETLINK_NETFILTER, SOCK_CLOEXEC);
-    if (!nl) return ErrnoStatus("opening a netfilter netlink socket", errno);
-    std::unique_ptr<NfqSocket> s(new NfqSocket(nl));
-    if (mnl_socket_bind(nl, 0, MNL_SOCKET_AUTOPID) < 0) return ErrnoStatus("binding the netlink socket", errno);
-    s->portid_ = mnl_socket_get_portid(nl);
-    int one = 1;
-    // Without it a full receive buffer makes recv fail with ENOBUFS; the
-    // kernel then drops (or, fail-open, accepts) the packet, counted in
-    // user_dropped either way.
-    (void)mnl_socket_setsockopt(nl, NETLINK_NO_ENOBUFS, &one, sizeof one);
-    int size = kRcvBufBytes;
-    if (::setsockopt(s->fd(), SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
-      (void)::setsockopt(s->fd(), SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-    return s;
-  }
-  ~NfqSocket() { mnl_socket_close(nl_); }
-
-  int fd() const { return mnl_socket_get_fd(nl_); }
-  uint32_t portid() const { return portid_; }
-  uint32_t NextSeq() { return ++seq_; }
-
-  Status Send(const nlmsghdr* nlh, std::string_view what) {
-    if (mnl_socket_sendto(nl_, nlh, nlh->nlmsg_len) < 0) return ErrnoStatus(what, errno);
-    return OkStatus();
-  }
-
-  // Sends a request carrying NLM_F_ACK and waits up to 2 s for its ack.
-  // Packet ids read meanwhile are kept for TakeEarlyIds.
-  // *err gets the kernel's errno (0 on success).
-  Status Request(const nlmsghdr* nlh, std::string_view what, int* err = nullptr) {
-    RETURN_IF_ERROR(Send(nlh, what));
-    for (int waited = 0; waited < 2000; waited += 100) {
-      ASSIGN_OR_RETURN(bool readable, WaitReadable(fd(), 100));
-      if (!readable) continue;
-      NfqMessages m;
-      RETURN_IF_ERROR(ReadBatch(&m).status());
-      early_.insert(early_.end(), m.ids.begin(), m.ids.end());
-      for (const NfqMessages::Error& e : m.errors)
-        if (e.seq == nlh->nlmsg_seq) {
-          if (err) *err = e.err;
-          return e.err == 0 ? OkStatus() : ErrnoStatus(what, e.err);
-        }
-    }
-    return DeadlineExceeded(std::string(what) + ": no answer from the kernel");
-  }
-
-  // One recvmmsg without blocking; returns the number of datagrams (0: none).
-  StatusOr<int> ReadBatch(NfqMessages* out) {
-    if (bufs_.empty()) bufs_.resize(kRecvBatch * kRecvBufSize);
-    mmsghdr msgs[kRecvBatch] = {};
-    iovec iov[kRecvBatch];
-    for (int i = 0; i < kRecvBatch; i++) {
-      iov[i] = {bufs_.data() + i * kRecvBufSize, kRecvBufSize};
-      msgs[i].msg_hdr.msg_iov = &iov[i];
-      msgs[i].msg_hdr.msg_iovlen = 1;
-    }
-    int n = ::recvmmsg(fd(), msgs, kRecvBatch, MSG_DONTWAIT, nullptr);
-    if (n < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 0;
-      return ErrnoStatus("reading the nfqueue socket", errno);
-    }
-    // A bad datagram does not hide the ids of the others: an id we miss is
-    // only held longer (the next batch covers it), but count what we can.
-    Status first;
-    for (int i = 0; i < n; i++) {
-      Status s = (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
-                     ? DataLoss("an nfqueue message did not fit the buffer")
-                     : ParseNfqMessages(iov[i].iov_base, msgs[i].msg_len, out);
-      if (!s.ok() && first.ok()) first = s;
-    }
-    if (!first.ok()) return first;
-    return n;
-  }
-
-  std::vector<uint32_t> TakeEarlyIds() { return std::move(early_); }
-
- private:
-  explicit NfqSocket(mnl_socket* nl) : nl_(nl) {}
-  mnl_socket* nl_;
-  uint32_t portid_ = 0;
-  uint32_t seq_ = 0;
-  std::vector<char> bufs_;
-  std::vector<uint32_t> early_;
-};
-
-// *taken: another process owns the queue (EPERM) or we bound it already (EBUSY).
-Status BindQueue(NfqSocket& s, uint16_t queue, bool* taken = nullptr) {
-  char buf[kNfqMsgBufSize];
-  int err = 0;
-  Status st = s.Request(BuildNfqBind(buf, queue, s.NextSeq()), "binding nfqueue " + std::to_string(queue), &err);
-  if (taken) *taken = err == EPERM || err == EBUSY;
-  return st;
-}
 
 std::string NfqueueProcText() {
   auto t = ReadFileToString("/proc/thread-self/net/netfilter/nfnetlink_queue");
@@ -380,7 +280,7 @@ class NfqueueOutputBuffer final : public OutputBuffer, private VerdictSink {
       for (const NfqMessages::Error& e : m.errors)
         if (e.err != 0 && e.err != ENOENT)
           LOG_WARN(tag_) << ErrnoStatus("nfqueue " + std::to_string(queue_), e.err).ToString();
-      if (*n < kRecvBatch) return;
+      if (*n < NfqSocket::kBatch) return;
     }
   }
 
