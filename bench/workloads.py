@@ -15,9 +15,15 @@ buffer; tests/guest/remus-batch.c). One boot serves every case:
           (redis-benchmark, the batch requests). The backup remusd runs in a
           third namespace B, joined to H by a veth pair (vA 10.79.1.1 in H,
           vB 10.79.1.2 in B) that carries only the replication link. The
-          link is shaped per case with tc netem on both ends (delay RTT/2
-          each way, `rate`): "10gbit", "1gbit", or "unshaped" (no qdisc: an
-          in-kernel veth, what loopback is).
+          link is shaped per case on both ends, to a rate ("10gbit",
+          "1gbit") with --rtt-ms of round trip (RTT/2 each way), or
+          "unshaped" (no qdisc, no delay: an in-kernel veth, what loopback
+          is). With tc netem where the kernel has it; where it does not (this
+          machine's kernel has neither sch_netem nor sch_fq), tbf for the
+          rate and build/bench/link_delay for the delay: iptables sends the
+          link's packets to an NFQUEUE, where each waits RTT/2 in the
+          kernel's queue before it is accepted, so TCP sees a real RTT. Each
+          case records link_delay's packets and how late its verdicts were.
   redis   prefill (unprotected, once): redis-benchmark -t set -r KEYS
           -n KEYS -d SIZE (about 60% of KEYS distinct keys, a few hundred
           MiB of the guest's memory); then each run is redis-benchmark -t
@@ -36,6 +42,10 @@ case is its own `protect` ... `unprotect` in the same boot):
   Px/<link>    the same with --compress xor-lz4 (--xor-cache MiB of versions)
   C/<link>     protect --interval I --netbuf nfqueue (output commit):
                redis latency against the floor interval/2 + ack p50
+  A/<link>     (only with --kinds ...A) protect --interval auto
+               --interval-min I --latency-budget B --compress xor-lz4: the
+               adaptive interval on the same workloads (where it settled
+               and why: interval_ms_end, interval_reason_end)
 
 Per protected window (status of the primary before and after, QMP STOP /
 RESUME events of the guest): achieved / configured checkpoint rate
@@ -97,7 +107,7 @@ def sh(*argv, check=True, timeout=60):
 class LinkNet:
     """Namespace B for the backup, a veth pair H:vA <-> B:vB, shaped per case."""
 
-    def __init__(self, h):
+    def __init__(self, h, build, tool_dir):
         self.h = h
         self.b = f"rwb{os.getpid() % 100000}"
         sh("ip", "netns", "del", self.b, check=False)
@@ -109,13 +119,22 @@ class LinkNet:
         sh("ip", "-n", h, "link", "set", "vA", "up")
         sh("ip", "-n", self.b, "link", "set", "vB", "up")
         self.current = "unshaped"
+        self.delays = []       # (ns, dev, queue, process, log) of the running link_delays
+        self.delay_stats = {}  # dev -> link_delay's final JSON, after _stop_delays
+        self.link_delay = Path(build) / "bench" / "link_delay"
+        self.tool_dir = tool_dir
 
     netem = None  # whether this kernel has sch_netem (probed on first use)
+    DELAY_QUEUES = {"vA": 31001, "vB": 31002}  # outside remusd's automatic 29000-29999
 
     def shape(self, link, rtt_ms):
-        """netem delay RTT/2 + rate on both ends; on a kernel without sch_netem
-        (CONFIG_NET_SCH_NETEM unset) tbf at the rate and no added delay."""
+        """netem delay RTT/2 + rate on both ends. On a kernel without sch_netem
+        (CONFIG_NET_SCH_NETEM unset, this one): tbf at the rate, and the delay
+        from build/bench/link_delay, one per end behind an iptables OUTPUT
+        NFQUEUE rule on the link's device (the packets wait in the kernel's
+        queue; TCP sees a real RTT). Its lateness is recorded per case."""
         rate = LINKS[link]
+        self._stop_delays()
         for ns, dev in ((self.h, "vA"), (self.b, "vB")):
             tc = ["ip", "netns", "exec", ns, "tc", "qdisc"]
             sh(*tc, "del", "dev", dev, "root", check=False)
@@ -129,25 +148,76 @@ class LinkNet:
                     continue
                 if LinkNet.netem is None and "unknown" in r.stderr:
                     LinkNet.netem = False
-                    log("this kernel has no sch_netem: shaping with tbf (rate only, no added delay)")
+                    log("this kernel has no sch_netem: the rate with tbf, the delay with link_delay (NFQUEUE)")
                 else:
                     raise RuntimeError(f"tc netem on {dev}: {r.stderr.strip()}")
             burst = "4mb" if rate == "10gbit" else "512kb"
             sh(*tc, "add", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "latency", "10ms")
+            if rtt_ms > 0:
+                self._start_delay(ns, dev, rtt_ms)
         self.current = link
+
+    def _start_delay(self, ns, dev, rtt_ms):
+        q = self.DELAY_QUEUES[dev]
+        log_path = Path(self.tool_dir) / f"link_delay-{dev}.json"
+        p = subprocess.Popen(["ip", "netns", "exec", ns, str(self.link_delay), "--queue", str(q),
+                              "--delay-us", str(int(rtt_ms * 500))],
+                             stdout=open(log_path, "w"), stderr=subprocess.DEVNULL)
+        time.sleep(0.2)  # bound before the rule sends packets to the queue (else they would be dropped)
+        if p.poll() is not None:
+            raise RuntimeError(f"link_delay on {dev} exited ({p.returncode})")
+        sh("ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-o", dev, "-j", "NFQUEUE", "--queue-num", str(q))
+        self.delays.append((ns, dev, q, p, log_path))
+
+    def _stop_delays(self):
+        """Removes the rules, then stops each link_delay (which accepts all it
+        holds); its JSON line (packets, lateness) goes to self.delay_stats."""
+        self.delay_stats = {}
+        for ns, dev, q, p, log_path in self.delays:
+            sh("ip", "netns", "exec", ns, "iptables", "-D", "OUTPUT", "-o", dev, "-j", "NFQUEUE",
+               "--queue-num", str(q), check=False)
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            try:
+                self.delay_stats[dev] = json.loads(log_path.read_text().strip().splitlines()[-1])
+            except (OSError, ValueError, IndexError):
+                self.delay_stats[dev] = None
+        self.delays = []
 
     def qdiscs(self):
         return {dev: sh("ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev, check=False).stdout.strip()
                 for ns, dev in ((self.h, "vA"), (self.b, "vB"))}
 
+    RTT_SERVER = ("import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); "
+                  "s.bind((sys.argv[1],7999)); s.listen(); c,_=s.accept(); "
+                  "c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n"
+                  "while (d:=c.recv(64)): c.sendall(d)")
+    RTT_CLIENT = ("import socket,sys,time\nfor i in range(50):\n  try: s=socket.create_connection((sys.argv[1],7999),1); break\n"
+                  "  except OSError: time.sleep(0.1)\n"
+                  "s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1); ts=[]\n"
+                  "for i in range(41):\n  t=time.perf_counter(); s.sendall(b'x'); s.recv(1); ts.append(time.perf_counter()-t)\n"
+                  "print(sorted(ts)[20]*1000)")
+
     def ping_rtt_ms(self):
-        r = sh("ip", "netns", "exec", self.h, "ping", "-c", "5", "-i", "0.2", "-q", LINK_B, check=False)
-        for line in r.stdout.splitlines():
-            if "min/avg/max" in line:
-                return float(line.split("=")[1].split("/")[1])
-        return None
+        """Median TCP round trip (1 byte each way, TCP_NODELAY) from H to B
+        over the link as shaped now: what the replication link's acks see
+        (no ping in these namespaces)."""
+        srv = subprocess.Popen(["ip", "netns", "exec", self.b, sys.executable, "-c", self.RTT_SERVER, LINK_B],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            r = sh("ip", "netns", "exec", self.h, sys.executable, "-c", self.RTT_CLIENT, LINK_B, check=False)
+            return round(float(r.stdout.strip()), 3) if r.returncode == 0 else None
+        except ValueError:
+            return None
+        finally:
+            srv.kill()
+            srv.wait()
 
     def close(self):
+        self._stop_delays()
         sh("ip", "netns", "del", self.b, check=False)
 
 
@@ -155,27 +225,64 @@ def in_client(net, *argv, timeout=600):
     return subprocess.run(["ip", "netns", "exec", net.c, *argv], capture_output=True, text=True, timeout=timeout)
 
 
+def random_value_command(size):
+    """A SET whose value is ceil(size/12) of redis-benchmark's __rand_int__
+    fields, each replaced per request by its own random number (12 decimal
+    digits, zero-padded, below -r). redis-benchmark's own -t set value is
+    `size` bytes of 'x', which any compressor shrinks to nothing; this is
+    closer to real data (LZ4 alone gets about 2x on it, as on text or JSON:
+    measured per run, in the JSON's value_lz4_ratio)."""
+    return ["SET", "key:__rand_int__", "__rand_int__" * max(1, -(-size // 12))]
+
+
 def redis_bench(net, args, tests, n, extra=()):
-    """One redis-benchmark run from C; {test: {rps, p50_ms, ...}} and its wall time."""
-    argv = ["redis-benchmark", "-h", GUEST_IP, "-p", str(REDIS_PORT), "-t", tests, "-P", str(args.pipeline),
-            "-c", str(args.conns), "-d", str(args.value_size), "-r", str(args.keys), "-n", str(n), "--csv", *extra]
-    t0 = time.monotonic()
-    r = in_client(net, *argv, timeout=max(600, args.seconds * 20))
-    dt = time.monotonic() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"redis-benchmark failed (rc {r.returncode}): {r.stderr[-500:]}")
-    out = {}
-    for line in r.stdout.splitlines():
-        f = [x.strip('"') for x in line.strip().split(",")]
-        if len(f) >= 8 and f[0] not in ("test",):
-            try:
-                out[f[0]] = {"rps": float(f[1]), "avg_ms": float(f[2]), "min_ms": float(f[3]), "p50_ms": float(f[4]),
-                             "p95_ms": float(f[5]), "p99_ms": float(f[6]), "max_ms": float(f[7])}
-            except ValueError:
-                pass
-    if not out:
-        raise RuntimeError(f"redis-benchmark printed no results: {r.stdout[-500:]} {r.stderr[-500:]}")
-    return out, dt
+    """redis-benchmark from C: {test: {rps, p50_ms, ...}} and the wall time.
+    With --redis-values digits (the default) a SET is random_value_command,
+    run on its own, then the other tests; 'x' is redis-benchmark's -t set."""
+    tests = tests.split(",")
+    runs = [tests]
+    if args.redis_values == "digits" and "set" in tests:
+        runs = [["SET*"]] + ([[t for t in tests if t != "set"]] if len(tests) > 1 else [])
+    out, wall = {}, 0.0
+    for run in runs:
+        argv = ["redis-benchmark", "-h", GUEST_IP, "-p", str(REDIS_PORT), "-P", str(args.pipeline),
+                "-c", str(args.conns), "-d", str(args.value_size), "-r", str(args.keys), "-n", str(n), "--csv",
+                *extra]
+        argv += random_value_command(args.value_size) if run == ["SET*"] else ["-t", ",".join(run)]
+        t0 = time.monotonic()
+        r = in_client(net, *argv, timeout=max(600, args.seconds * 20))
+        wall += time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"redis-benchmark failed (rc {r.returncode}): {r.stderr[-500:]}")
+        got = {}
+        for line in r.stdout.splitlines():
+            f = [x.strip('"') for x in line.strip().split(",")]
+            if len(f) >= 8 and f[0] not in ("test",):
+                try:
+                    got[f[0]] = {"rps": float(f[1]), "avg_ms": float(f[2]), "min_ms": float(f[3]),
+                                 "p50_ms": float(f[4]), "p95_ms": float(f[5]), "p99_ms": float(f[6]),
+                                 "max_ms": float(f[7])}
+                except ValueError:
+                    pass
+        if run == ["SET*"] and len(got) == 1:
+            got = {"SET": next(iter(got.values()))}  # its CSV title is the whole command line
+        if not got:
+            raise RuntimeError(f"redis-benchmark printed no results: {r.stdout[-500:]} {r.stderr[-500:]}")
+        out.update(got)
+    return out, wall
+
+
+def value_lz4_ratio(size, keys, samples=2000):
+    """LZ4's ratio (compressed/raw) on `samples` values as random_value_command
+    makes them, concatenated: how compressible the values themselves are."""
+    import random
+    try:
+        import lz4.block as lz4b
+    except ImportError:
+        return None
+    raw = b"".join(b"".join(b"%012d" % random.randrange(keys) for _ in range(max(1, -(-size // 12))))
+                   for _ in range(samples))
+    return round(len(lz4b.compress(raw, store_size=False)) / len(raw), 3)
 
 
 BATCH_CLIENT = r"""
@@ -241,7 +348,7 @@ class Bench:
         self.args = args
         self.world = World(FakeRequest(), Path(args.qemu))
         self.net = Net(self.world)
-        self.link = LinkNet(self.net.h)
+        self.link = LinkNet(self.net.h, conftest.BUILD, self.world.dir)
         self.guest = self.primary = self.backup = None
         self.events = None
         self.protected = False
@@ -283,11 +390,13 @@ class Bench:
         log(f"calibration: {n0} requests per test in {dt:.1f} s -> N={self.n}")
 
     # ------------------------------------------------------------- cases
-    def protect(self, netbuf, compress):
+    def protect(self, netbuf, compress, auto=False):
         a = self.args
         t = time.monotonic()
+        interval = (["--interval", "auto", "--latency-budget", str(a.latency_budget), "--interval-min", str(a.interval)]
+                    if auto else ["--interval", str(a.interval)])
         r = self.primary.ctl("protect", DOMAIN, "--qmp", str(self.guest.qmp_sock), "--backup", self.backup.listen,
-                             "--interval", str(a.interval), "--netbuf", netbuf, "--compress", compress,
+                             *interval, "--netbuf", netbuf, "--compress", compress,
                              "--disks", "none",
                              *(["--xor-cache", str(a.xor_cache)] if compress == "xor-lz4" else []), timeout=900)
         if r.returncode != 0:
@@ -361,6 +470,8 @@ class Bench:
                 "unacked_epochs_end": s1.get("unacked_epochs"),
                 "netbuf_dropped": delta(s0, s1, "netbuf", "dropped_packets"),
                 "state_end": s1.get("state"),
+                # --interval auto (kind A): where the controller ended and why
+                "interval_ms_end": s1.get("interval_ms"), "interval_reason_end": s1.get("interval_reason"),
             })
         return out, res
 
@@ -374,8 +485,8 @@ class Bench:
                 self.link.shape(link, a.rtt_ms)
                 res["qdisc"] = self.link.qdiscs()
                 netbuf = "nfqueue" if kind == "C" else "none"
-                compress = {"Pz": "lz4", "Px": "xor-lz4"}.get(kind, "none")
-                res["protect_s"], st = self.protect(netbuf, compress)
+                compress = {"Pz": "lz4", "Px": "xor-lz4", "A": "xor-lz4"}.get(kind, "none")
+                res["protect_s"], st = self.protect(netbuf, compress, auto=kind == "A")
                 res["initial_copy"] = st.get("initial_copy")
                 ic = g(st, "initial_copy", "wire_bytes")
                 res["initial_copy_mb_per_s"] = ic / res["protect_s"] / 1e6 if ic else None
@@ -388,7 +499,7 @@ class Bench:
                 lat, dt = redis_bench(self.net, a, "get", a.latency_requests,
                                       extra=["-c", str(a.latency_conns), "-P", "1"])
                 res["latency"] = {**lat["GET"], "wall_s": dt}
-            if kind != "C" and a.batch_mib > 0:
+            if kind != "C" and a.batch_mib > 0:  # P, Pz, Px, A and U
                 time.sleep(1)
                 b, w = self.window(lambda: batch_run(self.net, a.batch_mib))
                 res["batch"] = {**b, **w}
@@ -405,6 +516,8 @@ class Bench:
                 pass
         finally:
             self.link.shape("unshaped", a.rtt_ms)
+        if self.link.delay_stats:
+            res["link_delay"] = self.link.delay_stats  # the emulated RTT's packets and lateness
         self.runs.append(res)
         log("  " + one_line(res, a))
         return res
@@ -485,6 +598,10 @@ def summarize(runs, a):
         c["latency_added_p50_ms"] = (c["latency_get_p50_ms"] - base_probe
                                      if c["latency_get_p50_ms"] is not None and base_probe is not None else None)
         c["initial_copy_mb_per_s"] = med([r.get("initial_copy_mb_per_s") for r in rs])
+        if kind == "A":
+            for part in ("redis", "batch"):
+                c[f"{part}_interval_ms_end"] = med([g(r, part, "interval_ms_end") for r in rs])
+                c[f"{part}_interval_reasons_end"] = sorted({str(g(r, part, "interval_reason_end")) for r in rs})
         if kind == "C":
             floor = a.interval / 2 + (c["ack_p50_ms"] or 0)
             c["latency_floor_ms"] = floor
@@ -524,6 +641,10 @@ def print_summary(doc):
             f"({f(c['redis_page_wire_bytes_per_dirty_page'], '%.0f')} B/page), batch {f(c['batch_page_wire_over_raw'], '%.3f')}; "
             f"primary remusd CPU per dirty page: redis {f(c['redis_primary_cpu_us_per_dirty_page'], '%.1f')} us, "
             f"batch {f(c['batch_primary_cpu_us_per_dirty_page'], '%.1f')} us")
+        if "redis_interval_ms_end" in c:
+            log(f"{'':14s} --interval auto ended at: redis {f(c['redis_interval_ms_end'], '%.0f')} ms "
+                f"({', '.join(c['redis_interval_reasons_end'])}), batch {f(c['batch_interval_ms_end'], '%.0f')} ms "
+                f"({', '.join(c['batch_interval_reasons_end'])}); ckpt/cfg is against --interval (its minimum)")
         if "latency_floor_ms" in c:
             log(f"{'':14s} output commit: SET p50 {f(c['redis_set_p50_ms'], '%.1f')} ms p99 {f(c['redis_set_p99_ms'], '%.1f')}"
                 f" ms, GET p50 {f(c['redis_get_p50_ms'], '%.1f')} p99 {f(c['redis_get_p99_ms'], '%.1f')} ms; added p50 / "
@@ -543,13 +664,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--links", default=None, help="comma list of unshaped,10gbit,1gbit")
     ap.add_argument("--kinds", default="P,Pz,Px,C",
-                    help="protected kinds: P (no output commit), Pz (lz4), Px (xor-lz4), C (output commit)")
+                    help="protected kinds: P (no output commit), Pz (lz4), Px (xor-lz4), C (output commit), "
+                         "A (xor-lz4, --interval auto from --interval up, within --latency-budget)")
+    ap.add_argument("--latency-budget", type=int, default=100,
+                    help="kind A: protect --latency-budget MS (the interval may grow up to what it allows)")
     ap.add_argument("--xor-cache", type=int, default=64, help="MiB of page versions for Px (protect --xor-cache)")
-    ap.add_argument("--rtt-ms", type=float, default=0.2, help="RTT of a shaped link (netem delay RTT/2 each way)")
+    ap.add_argument("--rtt-ms", type=float, default=0.2, help="RTT of a shaped link, ms (RTT/2 each way: netem, or link_delay without it); "
+                    "0: the rate alone")
     ap.add_argument("--interval", type=int, default=25)
     ap.add_argument("--mem", type=int, default=1024, help="guest MiB")
     ap.add_argument("--keys", type=int, default=None, help="redis keyspace (-r); prefill sets this many")
     ap.add_argument("--value-size", type=int, default=256)
+    ap.add_argument("--redis-values", choices=["digits", "x"], default="digits",
+                    help="SET values: digits, random 12-digit fields (about 2x for LZ4, like text), or x, "
+                         "redis-benchmark's own constant 'xxx...' (compresses to nothing)")
     ap.add_argument("--pipeline", type=int, default=16)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=None, help="target length of an unprotected redis run")
@@ -589,7 +717,10 @@ def main():
     b = Bench(a)
     try:
         b.start()
-        doc["setup"] = {"boot_s": b.boot_s, "redis_keys": b.dbsize, "redis_used_memory": b.redis_mem, "n_per_test": b.n}
+        doc["setup"] = {"boot_s": b.boot_s, "redis_keys": b.dbsize, "redis_used_memory": b.redis_mem, "n_per_test": b.n,
+                        "redis_values": a.redis_values,
+                        "value_lz4_ratio": (value_lz4_ratio(a.value_size, a.keys) if a.redis_values == "digits"
+                                            else None)}
         for rnd in range(a.rounds):
             order = ["U"] + cases
             k = rnd % len(order)
@@ -606,7 +737,8 @@ def main():
                     doc["setup"][f"ping_rtt_ms_{l}"] = b.link.ping_rtt_ms()
             b.link.shape("unshaped", a.rtt_ms)
         doc["setup"]["ping_rtt_ms_unshaped"] = b.link.ping_rtt_ms()
-        doc["setup"]["shaper"] = {True: "netem", False: "tbf (no sch_netem: no added delay)", None: None}[LinkNet.netem]
+        doc["setup"]["shaper"] = {True: "netem", False: "tbf for the rate, link_delay (NFQUEUE) for the delay",
+                                  None: None}[LinkNet.netem]
     except Exception as e:
         doc["error"] = f"{type(e).__name__}: {e}"
         log(f"error: {doc['error']}")
