@@ -160,9 +160,9 @@ class LinkNet:
     def _start_delay(self, ns, dev, rtt_ms):
         q = self.DELAY_QUEUES[dev]
         log_path = Path(self.tool_dir) / f"link_delay-{dev}.json"
-        p = subprocess.Popen(["ip", "netns", "exec", ns, str(self.link_delay), "--queue", str(q),
-                              "--delay-us", str(int(rtt_ms * 500))],
-                             stdout=open(log_path, "w"), stderr=subprocess.DEVNULL)
+        with open(log_path, "w") as out:
+            p = subprocess.Popen(["ip", "netns", "exec", ns, str(self.link_delay), "--queue", str(q),
+                                  "--delay-us", str(int(rtt_ms * 500))], stdout=out, stderr=subprocess.DEVNULL)
         time.sleep(0.2)  # bound before the rule sends packets to the queue (else they would be dropped)
         if p.poll() is not None:
             raise RuntimeError(f"link_delay on {dev} exited ({p.returncode})")
