@@ -912,9 +912,9 @@ Status BackupDomain::Recover() {
   }
   std::unique_ptr<ResidencyPin> pin;
   if (WantsHot(k->config)) {
-    auto p = ResidencyPin::Pin(StoreFiles(store));
-    if (p.ok()) pin = std::move(p).value();
-    else LOG_WARN(tag_) << "residency hot: cannot lock the kept checkpoint in memory: " << p.status().ToString();
+    auto pinned = ResidencyPin::Pin(StoreFiles(store));
+    if (pinned.ok()) pin = std::move(pinned).value();
+    else LOG_WARN(tag_) << "residency hot: cannot lock the kept checkpoint in memory: " << pinned.status().ToString();
   }
   MutexLock g(mu_);
   pin_ = std::move(pin);
@@ -1036,13 +1036,14 @@ json BackupDomain::StatusJson() const {
     const std::vector<std::string> files = StoreFiles(*store);
     auto m = MeasureResidency(files);
     if (m.ok()) {
-      double pct = m->total_bytes ? 100.0 * static_cast<double>(m->resident_bytes) / static_cast<double>(m->total_bytes)
-                                  : 100.0;
+      double resident_pct =
+          m->total_bytes ? 100.0 * static_cast<double>(m->resident_bytes) / static_cast<double>(m->total_bytes)
+                         : 100.0;
       r["resident_bytes"] = m->resident_bytes;
       r["total_bytes"] = m->total_bytes;
-      r["resident_percent"] = pct;
+      r["resident_percent"] = resident_pct;
       if (hot && m->resident_bytes < m->total_bytes)
-        r["warning"] = "residency hot, but only " + std::to_string(static_cast<int>(pct)) +
+        r["warning"] = "residency hot, but only " + std::to_string(static_cast<int>(resident_pct)) +
                        "% of the page store is in memory: a failover now would read the rest from disk";
     } else {
       r["error"] = m.status().message();
