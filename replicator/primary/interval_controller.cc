@@ -90,9 +90,9 @@ std::string IntervalController::reason() const {
     case Bound::kFloor: return "at the floor " + Ms(o_.min_ms) + ": " + acks;
     case Bound::kPace: return "keeping pace: " + acks;
     case Bound::kBudget:
-      return "capped by the latency budget " + Ms(o_.latency_budget_ms) + ": the link is near saturation, " + acks;
+      return "capped by the latency budget " + Ms(o_.latency_budget_ms) + ": replication is near saturation (the link or the backup), " + acks;
     case Bound::kSaturated:
-      return "over the latency budget " + Ms(o_.latency_budget_ms) + ": the link is saturated, " + acks +
+      return "over the latency budget " + Ms(o_.latency_budget_ms) + ": replication is saturated (the link or the backup), " + acks +
              "; the interval keeps pace with them";
     case Bound::kCeiling:
       return "at the ceiling " + Ms(o_.max_ms) + ": " + acks + "; backpressure paces the guest";

@@ -204,7 +204,8 @@ TEST(IntervalControllerTest, TheBudgetCapsTheIntervalNearSaturation) {
   EXPECT_EQ(c.bound(), Bound::kBudget);
   EXPECT_EQ(c.interval_ms(), 100);
   EXPECT_TRUE(c.saturated());
-  EXPECT_EQ(c.reason(), "capped by the latency budget 200 ms: the link is near saturation, acks take 90 ms");
+  EXPECT_EQ(c.reason(), "capped by the latency budget 200 ms: replication is near saturation (the link or the backup), "
+            "acks take 90 ms");
 }
 
 TEST(IntervalControllerTest, SaturatedLinkFollowsTheAckTimeAndSaysSo) {
@@ -213,7 +214,8 @@ TEST(IntervalControllerTest, SaturatedLinkFollowsTheAckTimeAndSaysSo) {
   EXPECT_EQ(c.bound(), Bound::kSaturated);
   EXPECT_EQ(c.interval_ms(), 300);
   EXPECT_EQ(c.reason(),
-            "over the latency budget 200 ms: the link is saturated, acks take 300 ms; the interval keeps pace with them");
+            "over the latency budget 200 ms: replication is saturated (the link or the backup), acks take 300 ms; "
+            "the interval keeps pace with them");
   // In the model: a link that cannot carry the dirty rate at short
   // intervals. The interval stays within the bounds, and once it settled a
   // stall lasts less than one interval.
