@@ -627,7 +627,8 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
             env.ctl("unprotect", DOMAIN, sock=pair.a_sock, timeout=30, check=False)
         elif colo:
             # QEMU does not count checkpoints for us: the window's pauses are
-            # its checkpoints, and query-migrate's page counters its pages.
+            # its checkpoints. Its pages would come from query-migrate's
+            # counters, which QEMU 7.2 and 10.0 leave out while in COLO.
             res["pages_per_epoch_p50"] = (round((colo_pages1 - colo_pages0) / len(ms))
                                           if ms and colo_pages0 is not None and colo_pages1 is not None else None)
             res["colo_status"] = {"primary": colo_primary.cmd("query-migrate").get("status"),
@@ -666,8 +667,9 @@ def run_pause_once(env, args, receiver, rate, rnd, idx):
     # pause the receiver is in; the rest is QEMU stopping and resuming.
     stage = ((res.get("remus_status") or {}).get("stage_ms") or (res.get("sink") or {}).get("receiver_ms") or {})
     res["stage_ms_p50"] = stage.get("p50")
+    stage_p50 = "n/a" if stage.get("p50") is None else f"{stage['p50']:.2f}"
     log(f"  {receiver:8s} rate {rate:>7}/s round {rnd}: pause p50 {pm.get('p50') or 0:7.2f} ms  "
-        f"(REPLY->LOADED p50 {stage.get('p50') or 0:.2f})  "
+        f"(REPLY->LOADED p50 {stage_p50})  "
         f"p99 {pm.get('p99') or 0:7.2f}  mean {pm.get('mean') or 0:7.2f}  n={pm.get('n', 0):3d}  "
         f"pages/epoch p50 {res.get('pages_per_epoch_p50')}  cpu% {res.get('cpu_percent')}"
         + (f"  ERROR {res['error']}" if res.get("error") else ""))
