@@ -23,12 +23,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "netbuf/nfq_socket.h"
@@ -46,35 +46,6 @@ struct Args {
   long maxlen = 65536;
 };
 
-[[noreturn]] void Usage(const char* why) {
-  std::fprintf(stderr, "link_delay: %s\nusage: link_delay --queue N --delay-us US [--maxlen PACKETS]\n", why);
-  std::exit(2);
-}
-
-long Number(const char* flag, const char* v, long lo, long hi) {
-  char* end = nullptr;
-  errno = 0;
-  long x = std::strtol(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || x < lo || x > hi)
-    Usage((std::string(flag) + ": a number from " + std::to_string(lo) + " to " + std::to_string(hi)).c_str());
-  return x;
-}
-
-Args Parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; i++) {
-    std::string k = argv[i];
-    if (i + 1 >= argc) Usage(("missing value for " + k).c_str());
-    const char* v = argv[++i];
-    if (k == "--queue") a.queue = static_cast<int>(Number("--queue", v, 0, 65535));
-    else if (k == "--delay-us") a.delay_us = Number("--delay-us", v, 0, 10'000'000);
-    else if (k == "--maxlen") a.maxlen = Number("--maxlen", v, 1, 1 << 24);
-    else Usage(("unknown argument " + k).c_str());
-  }
-  if (a.queue < 0 || a.delay_us < 0) Usage("--queue and --delay-us are required");
-  return a;
-}
-
 int Fail(const std::string& what, const remus::Status& s) {
   std::fprintf(stderr, "link_delay: %s: %s\n", what.c_str(), s.ToString().c_str());
   return 1;
@@ -88,7 +59,14 @@ struct Held {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args a = Parse(argc, argv);
+  Args a;
+  CLI::App app{"Holds every packet of one NFQUEUE for a fixed time, then accepts it (bench/workloads.py)"};
+  app.add_option("--queue", a.queue, "the NFQUEUE number")->required()->check(CLI::Range(0, 65535));
+  app.add_option("--delay-us", a.delay_us, "how long each packet waits, microseconds")
+      ->required()
+      ->check(CLI::Range(0L, 10'000'000L));
+  app.add_option("--maxlen", a.maxlen, "the queue's length in packets (default 65536)")->check(CLI::Range(1L, 1L << 24));
+  CLI11_PARSE(app, argc, argv);
   const auto delay = std::chrono::microseconds(a.delay_us);
   const auto queue = static_cast<uint16_t>(a.queue);
 

@@ -61,7 +61,7 @@ class ColoSecondary:
         # QMP socket, and -incoming defer: x-colo must be on before the
         # incoming migration starts.
         argv, skip = [], 0
-        for i, a in enumerate(guest.proc.args):
+        for a in guest.proc.args:
             if skip:
                 skip -= 1
                 continue
@@ -96,17 +96,6 @@ class ColoSecondary:
             if time.monotonic() > deadline:
                 raise ColoError(f"COLO primary not in COLO after {timeout_s:g} s (status {st.get('status')})")
             time.sleep(0.05)
-
-    @staticmethod
-    def ram_pages(primary_qmp):
-        """Pages the primary has sent so far (normal + zero), or None: QEMU
-        7.2 and 10.0 report no ram counters while in COLO (query-migrate
-        says only {"status": "colo"}), so the pages per checkpoint of the
-        other receivers at the same dirty rate stand for COLO's."""
-        ram = primary_qmp.cmd("query-migrate").get("ram")
-        if not ram:
-            return None
-        return (ram.get("normal") or 0) + (ram.get("duplicate") or 0)
 
     def state(self):
         """The secondary's view at the end: its COLO mode and run state."""

@@ -232,7 +232,26 @@ def random_value_command(size):
     `size` bytes of 'x', which any compressor shrinks to nothing; this is
     closer to real data (LZ4 alone gets about 2x on it, as on text or JSON:
     measured per run, in the JSON's value_lz4_ratio)."""
-    return ["SET", "key:__rand_int__", "__rand_int__" * max(1, -(-size // 12))]
+    return ["SET", "key:__rand_int__", "__rand_int__" * value_fields(size)]
+
+
+def value_fields(size):
+    """12-digit fields in a value of about `size` bytes."""
+    return max(1, -(-size // 12))
+
+
+def parse_redis_csv(stdout):
+    """redis-benchmark --csv: {test: {rps, avg_ms, min_ms, p50_ms, p95_ms, p99_ms, max_ms}}."""
+    out = {}
+    keys = ("rps", "avg_ms", "min_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+    for line in stdout.splitlines():
+        f = [x.strip('"') for x in line.strip().split(",")]
+        if len(f) >= 8 and f[0] != "test":
+            try:
+                out[f[0]] = dict(zip(keys, map(float, f[1:8])))
+            except ValueError:
+                pass
+    return out
 
 
 def redis_bench(net, args, tests, n, extra=()):
@@ -254,16 +273,7 @@ def redis_bench(net, args, tests, n, extra=()):
         wall += time.monotonic() - t0
         if r.returncode != 0:
             raise RuntimeError(f"redis-benchmark failed (rc {r.returncode}): {r.stderr[-500:]}")
-        got = {}
-        for line in r.stdout.splitlines():
-            f = [x.strip('"') for x in line.strip().split(",")]
-            if len(f) >= 8 and f[0] not in ("test",):
-                try:
-                    got[f[0]] = {"rps": float(f[1]), "avg_ms": float(f[2]), "min_ms": float(f[3]),
-                                 "p50_ms": float(f[4]), "p95_ms": float(f[5]), "p99_ms": float(f[6]),
-                                 "max_ms": float(f[7])}
-                except ValueError:
-                    pass
+        got = parse_redis_csv(r.stdout)
         if run == ["SET*"] and len(got) == 1:
             got = {"SET": next(iter(got.values()))}  # its CSV title is the whole command line
         if not got:
@@ -280,7 +290,7 @@ def value_lz4_ratio(size, keys, samples=2000):
         import lz4.block as lz4b
     except ImportError:
         return None
-    raw = b"".join(b"".join(b"%012d" % random.randrange(keys) for _ in range(max(1, -(-size // 12))))
+    raw = b"".join(b"".join(b"%012d" % random.randrange(keys) for _ in range(value_fields(size)))
                    for _ in range(samples))
     return round(len(lz4b.compress(raw, store_size=False)) / len(raw), 3)
 
