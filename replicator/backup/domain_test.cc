@@ -411,7 +411,9 @@ TEST_F(DomainTest, OperatorFailoverRestoresMemoryAndDiskAtOneCheckpoint) {
     std::string pages = testing::CheckpointPages(0, fill);
     ASSERT_TRUE(l.Send(MsgType::kPages, epoch, pages).ok());
     ASSERT_TRUE(l.Send(MsgType::kDevice, epoch, testing::Blob()).ok());
-    if (synced) ASSERT_TRUE(l.Send(MsgType::kDiskSynced, epoch, "").ok());
+    if (synced) {
+      ASSERT_TRUE(l.Send(MsgType::kDiskSynced, epoch, "").ok());
+    }
     ASSERT_TRUE(l.Send(MsgType::kCommit, epoch, wire::EncodeCommit({1, pages.size(), testing::Blob().size(), 1})).ok());
   };
   checkpoint(0, 'C', false);

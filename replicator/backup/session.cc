@@ -182,7 +182,12 @@ Status Session::HandleFrame(wire::Frame& f, SessionOutcome* outcome) {
       return HandleSyncBegin(f.payload);
     case MsgType::kPages: {
       if (f.flags & wire::kFlagLz4) {
-        ASSIGN_OR_RETURN(f.payload, wire::DecompressBatch(f.payload, wire::kMaxPayload));
+        // Into a kept buffer (no fresh zero-filled 4 MiB per batch); the
+        // compressed bytes' buffer goes back to the spares.
+        std::string raw = TakeSpareBuffer();
+        RETURN_IF_ERROR(wire::DecompressBatch(f.payload, wire::kMaxPayload, &raw));
+        std::swap(f.payload, raw);
+        RecycleBuffer(std::move(raw));
       }
       if (f.epoch == 0) {
         if (!syncing_) return FailedPrecondition("PAGES for the initial copy before SYNC_BEGIN");

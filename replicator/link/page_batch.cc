@@ -160,26 +160,36 @@ Status ResolveXorRecords(std::string* payload,
   });
 }
 
-std::string CompressBatch(std::string_view batch) {
-  std::string out;
-  int bound = LZ4_compressBound(static_cast<int>(batch.size()));
-  out.resize(4 + static_cast<size_t>(bound));
-  StoreU32(out.data(), static_cast<uint32_t>(batch.size()));
-  int n = LZ4_compress_default(batch.data(), out.data() + 4, static_cast<int>(batch.size()), bound);
-  out.resize(4 + static_cast<size_t>(n > 0 ? n : 0));
-  return out;
+std::string_view CompressBatch(std::string_view batch, std::string* scratch) {
+  const int bound = LZ4_compressBound(static_cast<int>(batch.size()));
+  const size_t need = 4 + static_cast<size_t>(bound);
+  if (scratch->size() < need) scratch->resize(need);  // grows only: no zero fill per batch
+  StoreU32(scratch->data(), static_cast<uint32_t>(batch.size()));
+  const int n = LZ4_compress_default(batch.data(), scratch->data() + 4, static_cast<int>(batch.size()), bound);
+  return std::string_view(scratch->data(), 4 + static_cast<size_t>(n > 0 ? n : 0));
 }
 
-StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size) {
+Status DecompressBatch(std::string_view compressed, size_t max_size, std::string* out) {
   if (compressed.size() < 4) return DataLoss("compressed PAGES payload is truncated");
-  uint32_t raw = LoadU32(compressed.data());
+  const uint32_t raw = LoadU32(compressed.data());
   if (raw > max_size)
     return DataLoss("compressed PAGES payload claims " + std::to_string(raw) + " bytes, over the limit of " +
                     std::to_string(max_size));
-  std::string out(raw, '\0');
-  int n = LZ4_decompress_safe(compressed.data() + 4, out.data(), static_cast<int>(compressed.size() - 4),
-                              static_cast<int>(raw));
+  out->resize(raw);  // zero-fills only beyond the kept buffer's size
+  const int n = LZ4_decompress_safe(compressed.data() + 4, out->data(), static_cast<int>(compressed.size() - 4),
+                                    static_cast<int>(raw));
   if (n < 0 || static_cast<uint32_t>(n) != raw) return DataLoss("compressed PAGES payload is corrupt");
+  return OkStatus();
+}
+
+std::string CompressBatch(std::string_view batch) {
+  std::string scratch;
+  return std::string(CompressBatch(batch, &scratch));
+}
+
+StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size) {
+  std::string out;
+  RETURN_IF_ERROR(DecompressBatch(compressed, max_size, &out));
   return out;
 }
 

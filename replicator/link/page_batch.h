@@ -118,8 +118,18 @@ class DeferredPages {
 // be32 uncompressed size, then one LZ4 block. Guest memory is often highly
 // compressible (zeroed and repeated pages), and a replication network is the
 // bottleneck a backup shares with everything else.
-std::string CompressBatch(std::string_view batch);
+//
+// The hot paths pass a buffer they keep: CompressBatch writes into *scratch
+// and returns a view of the compressed bytes in it, and never shrinks its
+// size; DecompressBatch leaves exactly the batch in *out. std::string::resize
+// zero-fills what it grows, and a fresh 4 MiB buffer per batch cost as much
+// CPU as LZ4 itself on XOR-ed pages (perf, docs/performance.md section 16),
+// so a kept buffer is zero-filled once, not per batch.
+std::string_view CompressBatch(std::string_view batch, std::string* scratch);
 // DataLoss if the block is corrupt or claims more than max_size bytes.
+Status DecompressBatch(std::string_view compressed, size_t max_size, std::string* out);
+// The same with fresh buffers (tests, tools).
+std::string CompressBatch(std::string_view batch);
 StatusOr<std::string> DecompressBatch(std::string_view compressed, size_t max_size);
 
 }  // namespace remus::wire

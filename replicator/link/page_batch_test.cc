@@ -21,6 +21,30 @@ TEST(PageBatch, CompressRoundTrip) {
   EXPECT_EQ(*back, batch);
 }
 
+// The kept-buffer forms: the scratch only grows (a smaller batch after a
+// larger one leaves its size alone, so no zero fill is paid again), the
+// view holds exactly the block, and a kept output buffer ends at the batch.
+TEST(PageBatch, CompressIntoKeptBuffers) {
+  std::vector<uint8_t> page(kPageSize);
+  for (size_t i = 0; i < page.size(); i++) page[i] = static_cast<uint8_t>(i * 13 / 5);
+  std::string big, small;
+  for (uint64_t i = 0; i < 32; i++) AppendPageRecord(&big, 1, i * kPageSize, page.data());
+  AppendPageRecord(&small, 0, 7 * kPageSize, page.data());
+  std::string scratch, out(1 << 20, 'j');  // a kept buffer with someone else's bytes
+  std::string_view zb = CompressBatch(big, &scratch);
+  const size_t kept = scratch.size();
+  EXPECT_EQ(std::string(zb), CompressBatch(big));
+  ASSERT_TRUE(DecompressBatch(zb, 16u << 20, &out).ok());
+  EXPECT_EQ(out, big);
+  std::string_view zs = CompressBatch(small, &scratch);
+  EXPECT_EQ(scratch.size(), kept);
+  EXPECT_EQ(zs.data(), scratch.data());
+  EXPECT_EQ(std::string(zs), CompressBatch(small));
+  ASSERT_TRUE(DecompressBatch(zs, 16u << 20, &out).ok());
+  EXPECT_EQ(out, small);
+  EXPECT_EQ(DecompressBatch(zs.substr(0, zs.size() - 1), 16u << 20, &out).code(), Code::kDataLoss);
+}
+
 // Deferred batches are byte for byte what appending the records at once gives,
 // split at the target size, and the buffers go back on destruction.
 TEST(PageBatch, DeferredPagesBatchLikeDirectAppend) {

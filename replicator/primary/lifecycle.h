@@ -334,6 +334,10 @@ class PrimaryLifecycle {
   std::unique_ptr<wire::DeltaFilter> delta_;
   // Compression "xor-lz4": the sender thread's page versions (null otherwise).
   std::unique_ptr<PageVersionCache> xor_cache_;
+  // The sender thread's kept buffers for compressed batches: one batch and
+  // its LZ4 block, reused so that no batch pays a fresh 4 MiB allocation and
+  // its zero fill (wire::CompressBatch).
+  std::string batch_scratch_, lz4_scratch_;
   std::atomic<bool> delta_offered_{false};
   std::atomic<uint64_t> initial_sent_pages_{0}, initial_kept_pages_{0}, initial_wire_bytes_{0};
 

@@ -83,31 +83,32 @@ void PrimaryLifecycle::SenderLoop() {
 Status PrimaryLifecycle::SendPages(uint64_t epoch, std::string* payload) {
   uint16_t flags = 0;
   const size_t raw = payload->size();
+  std::string_view out = *payload;
   if (opts_.compress) {
     // XOR against the versions sent before, then LZ4 (in this thread, after
-    // the guest resumed: off the pause path).
+    // the guest resumed: off the pause path), into the kept buffer.
     if (xor_cache_) RETURN_IF_ERROR(xor_cache_->EncodeBatch(epoch, payload));
-    std::string z = wire::CompressBatch(*payload);
+    std::string_view z = wire::CompressBatch(*payload, &lz4_scratch_);
     if (z.size() < payload->size()) {
-      *payload = std::move(z);
+      out = z;
       flags |= wire::kFlagLz4;
     }
   }
   if (epoch > 0) {  // epoch 0 is the initial copy, whose zero pages compress far better
     ckpt_page_bytes_raw_ += raw;
-    ckpt_page_bytes_wire_ += payload->size();
+    ckpt_page_bytes_wire_ += out.size();
   }
-  return link_->Send(MsgType::kPages, epoch, *payload, flags);
+  return link_->Send(MsgType::kPages, epoch, out, flags);
 }
 
 Status PrimaryLifecycle::SendFrame(OutFrame& f) {
   if (f.pages) {
     // The pages leave QEMU's stream buffers here, after the guest resumed;
     // the buffers go back to the pool when f.pages is dropped.
-    std::string batch;
     if (opts_.compress) {
-      while (f.pages->NextBatch(kBatchBytes, &batch)) RETURN_IF_ERROR(SendPages(f.epoch, &batch));
+      while (f.pages->NextBatch(kBatchBytes, &batch_scratch_)) RETURN_IF_ERROR(SendPages(f.epoch, &batch_scratch_));
     } else {
+      std::string batch;  // the records' headers
       // No copy in user space: the kernel gathers the pages from the
       // stream's buffers (measured: docs/performance.md section 1).
       std::vector<std::string_view> parts;
