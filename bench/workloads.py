@@ -225,6 +225,21 @@ def in_client(net, *argv, timeout=600):
     return subprocess.run(["ip", "netns", "exec", net.c, *argv], capture_output=True, text=True, timeout=timeout)
 
 
+TCP_COUNTERS = ("RetransSegs", "TCPTimeouts", "TCPLossProbes", "TCPFastRetrans")
+
+
+def tcp_counters(net):
+    """The client namespace's TCP counters (/proc/net/snmp and netstat): its
+    retransmissions show requests the guest never received."""
+    r = in_client(net, "cat", "/proc/net/snmp", "/proc/net/netstat", timeout=30)
+    out, lines = {}, r.stdout.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        for k, v in zip(names.split()[1:], values.split()[1:]):
+            if k in TCP_COUNTERS:
+                out[k] = int(v)
+    return out
+
+
 def random_value_command(size):
     """A SET whose value is ceil(size/12) of redis-benchmark's __rand_int__
     fields, each replaced per request by its own random number (12 decimal
@@ -501,8 +516,12 @@ class Bench:
                 ic = g(st, "initial_copy", "wire_bytes")
                 res["initial_copy_mb_per_s"] = ic / res["protect_s"] / 1e6 if ic else None
                 time.sleep(a.settle)
+            t0 = tcp_counters(self.net)
             rb, w = self.window(lambda: redis_bench(self.net, a, "set,get", self.n))
-            res["redis"] = {"tests": rb[0], "wall_s": rb[1], **w}
+            t1 = tcp_counters(self.net)
+            res["redis"] = {"tests": rb[0], "wall_s": rb[1], **w,
+                            # the client's retransmissions in the window: requests lost on the way in
+                            "client_tcp": {k: t1.get(k, 0) - t0.get(k, 0) for k in TCP_COUNTERS}}
             if a.latency_requests and kind in ("U", "C", "P"):
                 # request/response latency at low load: --latency-conns
                 # connections, one GET outstanding on each (no pipelining)
@@ -544,7 +563,8 @@ def one_line(r, a):
     rd = r.get("redis", {})
     t = rd.get("tests", {})
     s = (f"{r['case']:14s} SET {g(t, 'SET', 'rps') or 0:9.0f}/s GET {g(t, 'GET', 'rps') or 0:9.0f}/s "
-         f"p50 {g(t, 'SET', 'p50_ms') or 0:.1f}/{g(t, 'GET', 'p50_ms') or 0:.1f} ms")
+         f"p50 {g(t, 'SET', 'p50_ms') or 0:.1f}/{g(t, 'GET', 'p50_ms') or 0:.1f} ms "
+         f"retrans {g(rd, 'client_tcp', 'RetransSegs')} (RTO {g(rd, 'client_tcp', 'TCPTimeouts')})")
     if r["kind"] != "U":
         s += (f"  ckpt {rd.get('checkpoints_per_s') or 0:.1f}/s ({rd.get('rate_ratio') or 0:.2f}) "
               f"dirty/ckpt {rd.get('dirty_pages_per_ckpt') or 0:.0f} wire/page {rd.get('wire_bytes_per_dirty_page') or 0:.0f} "
@@ -579,6 +599,7 @@ def summarize(runs, a):
     base_probe = med([g(r, "latency", "p50_ms") for r in u])
     base_batch_guest = med([g(r, "batch", "guest_s") for r in u])
     out = {"unprotected": {"redis_rps": base, "redis_p50_ms": base_lat, "latency_get_p50_ms": base_probe,
+                           "redis_client_tcp": {k: med([g(r, "redis", "client_tcp", k) for r in u]) for k in TCP_COUNTERS},
                            "latency_get_p99_ms": med([g(r, "latency", "p99_ms") for r in u]), "batch_host_s": base_batch,
                            "batch_guest_s": base_batch_guest, "runs": len(u)},
            "cases": {}}
@@ -600,6 +621,8 @@ def summarize(runs, a):
             c[f"{part}_pause_p50_ms"] = med([g(r, part, "pause_ms", "p50") for r in rs])
             c[f"{part}_pause_p99_ms"] = med([g(r, part, "pause_ms", "p99") for r in rs])
             c[f"{part}_share_paused"] = med([g(r, part, "pause_ms", "share_paused") for r in rs])
+        for k in TCP_COUNTERS:
+            c[f"redis_client_{k}"] = med([g(r, "redis", "client_tcp", k) for r in rs])
         c["ack_p50_ms"] = med([g(r, "redis", "ack_ms", "p50") for r in rs])
         c["ack_window_mean_ms"] = med([g(r, "redis", "ack_window", "mean_ms") for r in rs])
         c["ack_window_p99_le_ms"] = med([g(r, "redis", "ack_window", "p99_le_ms") for r in rs])
