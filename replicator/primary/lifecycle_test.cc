@@ -176,7 +176,6 @@ class FakeNetbuf final : public OutputBuffer {
   Status Release(uint64_t e) override { return Log("release", e); }
   Status Finish(bool primary_continues) override {
     Status s = Log(primary_continues ? "finish-release" : "finish-drop", 0);
-    std::lock_guard<std::mutex> l(mu_);
     finished_ = true;
     return s;
   }
@@ -192,7 +191,7 @@ class FakeNetbuf final : public OutputBuffer {
     return OkStatus();
   }
   mutable std::mutex mu_;
-  bool finished_ = false;
+  std::atomic<bool> finished_{false};  // set after Finish's own entry
   std::vector<std::pair<std::string, uint64_t>> log_;
 };
 
